@@ -1,0 +1,103 @@
+"""MemoryStore decisions beside the `limits` library, measured interleaved in one run.
+
+Run: `make bench-limiter` (or `.venv/bin/python -m benchmarks.limiter`). Prints ops/s for one hot
+key and for 100,000 distinct keys, the ratio to `limits`' FixedWindowRateLimiter on its
+MemoryStorage measured in the same rounds, and the peak memory per live key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import FixedWindowRateLimiter
+
+from convex_guard import MINUTE, FixedWindow, MemoryStore
+
+HUGE = 10**9  # a limit that never denies: we measure the decision, not the 429 path
+
+
+def bench_limits(keys: list[str], ops: int) -> float:
+    limiter = FixedWindowRateLimiter(MemoryStorage())
+    item = RateLimitItemPerMinute(HUGE)
+    n = len(keys)
+    started = time.perf_counter()
+    for i in range(ops):
+        limiter.hit(item, keys[i % n])
+    return ops / (time.perf_counter() - started)
+
+
+def bench_memory_store(keys: list[str], ops: int) -> float:
+    store = MemoryStore()
+    config = FixedWindow(rate=HUGE, period=MINUTE)
+    n = len(keys)
+
+    async def run() -> float:
+        started = time.perf_counter()
+        for i in range(ops):
+            await store.limit("bench", config, key=keys[i % n])
+        return ops / (time.perf_counter() - started)
+
+    return asyncio.run(run())
+
+
+def peak_bytes_per_key(keys: int) -> float:
+    """Peak traced memory of a MemoryStore holding `keys` live limit states, per key."""
+    store = MemoryStore()
+    # Windows aligned to now, so no state is full again (and forgotten) while we count.
+    config = FixedWindow(rate=HUGE, period=MINUTE, start=time.time() * 1000)
+    names = [f"k{i}" for i in range(keys)]
+
+    async def fill() -> None:
+        for name in names:
+            await store.limit("bench", config, key=name)
+
+    gc.collect()
+    tracemalloc.start()
+    asyncio.run(fill())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert store.limit_keys == keys
+    return peak / keys
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ops", type=int, default=300_000)
+    args = parser.parse_args(argv)
+
+    cases: dict[str, list[str]] = {
+        "1 key": ["hot"],
+        "100,000 keys": [f"client-{i}" for i in range(100_000)],
+    }
+    contenders: dict[str, Callable[[list[str], int], float]] = {
+        "limits FixedWindowRateLimiter": bench_limits,
+        "convex_guard MemoryStore": bench_memory_store,
+    }
+    print(f"{args.rounds} interleaved rounds of {args.ops:,} decisions each\n")
+    print(f"| case | {' | '.join(contenders)} | ratio (median of per-round ratios) |")
+    print(f"|---|{'---:|' * len(contenders)}---:|")
+    for case, keys in cases.items():
+        rates: dict[str, list[float]] = {name: [] for name in contenders}
+        ratios: list[float] = []
+        for _ in range(args.rounds):
+            for name, fn in contenders.items():
+                gc.collect()
+                rates[name].append(fn(keys, args.ops))
+            base, ours = (rates[name][-1] for name in contenders)
+            ratios.append(ours / base)
+        medians = " | ".join(f"{statistics.median(r):,.0f} ops/s" for r in rates.values())
+        print(f"| {case} | {medians} | {statistics.median(ratios):.2f}x |")
+    print(f"\npeak memory per live key (100,000 keys): {peak_bytes_per_key(100_000):.0f} bytes")
+
+
+if __name__ == "__main__":
+    main()

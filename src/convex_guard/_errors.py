@@ -1,0 +1,19 @@
+"""One exception hierarchy: every error the toolkit raises derives from `GuardError`."""
+
+from __future__ import annotations
+
+
+class GuardError(Exception):
+    """Base of every convex-guard error; catch this to catch them all."""
+
+
+class ConfigurationError(GuardError, ValueError):
+    """A setting or limit can never work; fix the configuration and restart."""
+
+
+class StoreError(GuardError):
+    """The store could not answer; the middleware applies its fail-open/fail-closed policy."""
+
+
+class StoreTimeoutError(StoreError, TimeoutError):
+    """The store did not answer within the configured timeout."""

@@ -1,0 +1,249 @@
+"""Limit algorithms: the sans-IO core, decided exactly as `@convex-dev/rate-limiter` does."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ._errors import ConfigurationError
+
+SECOND = 1000
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+
+
+#: A finite number above zero: an infinite rate or period would make every formula NaN.
+_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+#: What is stored per (name, key): (tokens left, the epoch ms they were counted at).
+#: A plain tuple because one is built for every admitted request.
+LimitState = tuple[float, float]
+
+#: `decider(state, now, count, reserve) -> (result, state to store)`; see `decide`.
+Decider = Callable[[LimitState, float, float, bool], "tuple[LimitResult, LimitState]"]
+
+
+class _LimitBase(BaseModel):
+    # Frozen and strict about unknown fields: a typo such as `capcity=5` must fail at start-up,
+    # not silently leave the default in force.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rate: _Positive
+    period: _Positive
+    capacity: _Positive | None = None
+    max_reserved: _Positive | None = None
+    shards: Annotated[int, Field(ge=1)] | None = None
+
+    @cached_property
+    def max(self) -> float:
+        """The most tokens the limit holds: `capacity`, else `rate` (as in the component).
+
+        Cached because it is read on every decision.
+        """
+        return self.capacity if self.capacity is not None else self.rate
+
+    @cached_property
+    def decider(self) -> Decider:
+        """This config's decision function, built once with its numbers bound as locals."""
+        return _compile(self)  # type: ignore[arg-type]
+
+    def to_convex(self) -> dict[str, object]:
+        """The component's own config object, so both stores are handed the same numbers."""
+        out: dict[str, object] = {
+            "kind": self.kind,  # type: ignore[attr-defined]
+            "rate": float(self.rate),
+            "period": float(self.period),
+        }
+        if self.capacity is not None:
+            out["capacity"] = float(self.capacity)
+        if self.max_reserved is not None:
+            out["maxReserved"] = float(self.max_reserved)
+        if self.shards is not None:
+            out["shards"] = float(self.shards)
+        return out
+
+
+class TokenBucket(_LimitBase):
+    """Tokens refill continuously at `rate` per `period` (ms), up to `capacity`."""
+
+    kind: Literal["token bucket"] = "token bucket"
+
+
+class FixedWindow(_LimitBase):
+    """`rate` tokens are added at the start of each `period` (ms) window, up to `capacity`.
+
+    Windows are aligned to `start` (epoch ms) when given; otherwise each key's first window
+    begins at a random point of the last period, so that keys do not all reset at once.
+    """
+
+    kind: Literal["fixed window"] = "fixed window"
+    start: float | None = None
+
+    @model_validator(mode="after")
+    def _start_is_finite(self) -> FixedWindow:
+        if self.start is not None and not math.isfinite(self.start):
+            raise ValueError("start must be a finite epoch time in milliseconds")
+        return self
+
+    def to_convex(self) -> dict[str, object]:
+        out = super().to_convex()
+        if self.start is not None:
+            out["start"] = float(self.start)
+        return out
+
+
+LimitConfig = TokenBucket | FixedWindow
+
+
+# Not frozen: a frozen dataclass costs three times as much to build, and one is built for every
+# limit of every request. Treat it as read-only all the same.
+@dataclass(slots=True)
+class LimitResult:
+    """The answer to one limit.
+
+    `retry_after` (ms) is set when the call was denied, or admitted against reserved tokens.
+    `remaining` and `reset_after` (ms until the limit is full again) feed the `RateLimit`
+    header; they are derived from the state, never stored.
+    """
+
+    ok: bool
+    retry_after: float | None
+    remaining: float
+    reset_after: float
+
+
+def check_count(name: str, config: LimitConfig, count: float, reserve: bool) -> None:
+    """Reject a request that no amount of waiting could satisfy, as the component does.
+
+    A silent deny would retry forever; a raise surfaces the misconfiguration at once.
+    """
+    if count < 0 or not math.isfinite(count):
+        raise ConfigurationError(f"Rate limit {name!r}: count must be a finite number >= 0")
+    cap = config.max
+    if reserve:
+        if config.max_reserved is not None and count > cap + config.max_reserved:
+            raise ConfigurationError(
+                f"Rate limit {name!r}: count {count:g} exceeds capacity plus max_reserved "
+                f"({cap + config.max_reserved:g}); it could never be admitted"
+            )
+    elif count > cap:
+        raise ConfigurationError(
+            f"Rate limit {name!r}: count {count:g} exceeds capacity {cap:g}; "
+            "it could never be admitted (use reserve=True to queue ahead)"
+        )
+
+
+def initial_state(config: LimitConfig, now: float, random: Callable[[], float]) -> LimitState:
+    """A full limit; a fixed window's phase is `start` or a random point of the last period."""
+    if config.kind == "token bucket":
+        return (config.max, now)
+    start = config.start
+    return (config.max, start if start is not None else now - random() * config.period)
+
+
+def decide(
+    config: LimitConfig,
+    state: LimitState,
+    now: float,
+    count: float = 1,
+    reserve: bool = False,
+) -> tuple[LimitResult, LimitState]:
+    """Decide one request against one limit (`calculateRateLimit` + `_checkRateLimitInternal`).
+
+    Returns the result and the state to store; on denial that is the state passed in, since a
+    denied call consumes nothing.
+    """
+    return config.decider(state, now, count, reserve)
+
+
+def _compile(config: LimitConfig) -> Decider:
+    # One closure per config, with its numbers as closure locals: this runs for every limit of
+    # every request, and reading fields off the model costs more than the arithmetic.
+    cap = config.max
+    rate = config.rate
+    period = config.period
+    max_reserved = config.max_reserved
+
+    def denied_or_reserved(
+        state: LimitState, available: float, value: float, ts: float, now: float, retry: float
+    ) -> tuple[LimitResult, LimitState]:
+        if reserve_ok(value):
+            return LimitResult(True, retry, 0.0, _until_full(config, value, ts, now)), (value, ts)
+        # Denied: report what the caller still has, the tokens available before this count.
+        still = available if available > 0 else 0.0
+        return LimitResult(False, retry, still, _until_full(config, still, ts, now)), state
+
+    def reserve_ok(value: float) -> bool:
+        return max_reserved is None or -value <= max_reserved
+
+    if config.kind == "token bucket":
+        per_ms = rate / period
+
+        def token_bucket(
+            state: LimitState, now: float, count: float, reserve: bool
+        ) -> tuple[LimitResult, LimitState]:
+            value, ts = state
+            available = value + (now - ts) * per_ms
+            if available > cap:
+                available = cap
+            value = available - count
+            if value >= 0:
+                return LimitResult(True, None, value, (cap - value) / per_ms), (value, now)
+            if reserve:
+                return denied_or_reserved(state, available, value, now, now, -value / per_ms)
+            still = available if available > 0 else 0.0
+            return LimitResult(False, -value / per_ms, still, (cap - still) / per_ms), state
+
+        return token_bucket
+
+    def fixed_window(
+        state: LimitState, now: float, count: float, reserve: bool
+    ) -> tuple[LimitResult, LimitState]:
+        value, ts = state
+        windows = (now - ts) // period
+        available = value + rate * windows
+        if available > cap:
+            available = cap
+        value = available - count
+        ts += windows * period
+        if value >= 0:
+            reset = ts + period * math.ceil((cap - value) / rate) - now if value < cap else 0.0
+            return LimitResult(True, None, value, reset), (value, ts)
+        retry = ts + period * math.ceil(-value / rate) - now
+        if reserve:
+            return denied_or_reserved(state, available, value, ts, now, retry)
+        still = available if available > 0 else 0.0
+        return LimitResult(False, retry, still, _until_full(config, still, ts, now)), state
+
+    return fixed_window
+
+
+def _until_full(config: LimitConfig, value: float, ts: float, now: float) -> float:
+    """Milliseconds until a limit holding `value` at `ts` is full again (the header's `t`)."""
+    missing = config.max - value
+    if missing <= 0:
+        return 0.0
+    if config.kind == "token bucket":
+        return missing * config.period / config.rate
+    return ts + config.period * math.ceil(missing / config.rate) - now
+
+
+def current(config: LimitConfig, state: LimitState, now: float) -> LimitState:
+    """The state at `now`: refilled, nothing consumed (the component's getValue)."""
+    value, ts = state
+    if config.kind == "token bucket":
+        return (min(value + (now - ts) * (config.rate / config.period), config.max), now)
+    windows = (now - ts) // config.period
+    return (min(value + config.rate * windows, config.max), ts + windows * config.period)
+
+
+def full_at(config: LimitConfig, state: LimitState) -> float:
+    """The epoch ms from which the limit is full again, so its state can be forgotten."""
+    value, ts = state
+    return ts + _until_full(config, value, ts, ts)

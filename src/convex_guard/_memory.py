@@ -1,0 +1,385 @@
+"""The embedded store: everything in this process's memory, decided on the event loop."""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import random as _random
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from ._limits import (
+    LimitConfig,
+    LimitResult,
+    LimitState,
+    check_count,
+    full_at,
+    initial_state,
+)
+from ._store import (
+    BLOCK_AFTER,
+    CHALLENGE_AFTER,
+    ESCALATION_WINDOW_MS,
+    AIRequestLog,
+    ApiKeyKind,
+    ApiKeyRecord,
+    AuthFailure,
+    BotAction,
+    BotCheck,
+    BotEvent,
+    BotVerdict,
+    CheckResult,
+    EmbeddingRequestLog,
+    EmbeddingUsage,
+    LimitRequest,
+    LogBatch,
+    NewApiKey,
+    ProviderStats,
+)
+
+Clock = Callable[[], float]
+Random = Callable[[], float]
+
+_SEVERITY: dict[BotAction, int] = {"allowed": 0, "challenged": 1, "blocked": 2}
+
+
+_time = time.time
+
+
+def _wall_clock_ms() -> float:
+    return _time() * 1000.0
+
+
+def escalate(policy: BotAction, previous_events: int) -> BotAction:
+    """The seed's escalation over a fingerprint's last hour, never milder than the policy."""
+    if previous_events > BLOCK_AFTER:
+        history: BotAction = "blocked"
+    elif previous_events > CHALLENGE_AFTER:
+        history = "challenged"
+    else:
+        history = "allowed"
+    return policy if _SEVERITY[policy] >= _SEVERITY[history] else history
+
+
+class MemoryStore:
+    """State for one process. Fast and dependency-free, but limits are per process.
+
+    `clock()` returns epoch milliseconds and `random()` a float in [0, 1) for the fixed-window
+    jitter; both are injectable so tests can drive time and phase exactly.
+
+    Rows (logs, events, auth failures) are kept up to `max_rows` per table, oldest dropped
+    first: this store is for one process and its demo, not for an audit trail.
+
+    Limit state that has fully refilled carries no information, so it is forgotten: every new
+    key sweeps the two oldest keys and drops those that are full again. Memory stays bounded by
+    the keys active within one refill time, with no periodic scan over all keys.
+    """
+
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        random: Random | None = None,
+        *,
+        max_rows: int = 100_000,
+    ) -> None:
+        if max_rows < 1:
+            raise ValueError("max_rows must be at least 1")
+        self._max_rows = max_rows
+        self._clock: Clock = clock or _wall_clock_ms
+        # The wall clock is read inline on the hot path: a call through `_clock` costs more
+        # than the rest of a token-bucket decision.
+        self._wall = clock is None
+        self._random: Random = random or _random.random
+        self._limits: dict[tuple[str, str | None], LimitState] = {}
+        # The config each name was last used with, so the sweep can tell when a state is full.
+        self._configs: dict[str, LimitConfig] = {}
+        self._sweep: deque[tuple[tuple[str, str | None], float]] = deque()
+        self._bot_events: list[BotEvent] = []  # in timestamp order
+        self._bot_by_fingerprint: dict[str, list[float]] = {}
+        self._keys: dict[str, ApiKeyRecord] = {}
+        self._key_ids: dict[str, str] = {}  # hash -> id
+        self._ids = itertools.count(1)
+        self._ai_logs: deque[AIRequestLog] = deque(maxlen=max_rows)
+        self._embedding_logs: deque[EmbeddingRequestLog] = deque(maxlen=max_rows)
+        self._auth_failures: deque[AuthFailure] = deque(maxlen=max_rows)
+        self._batches: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(limit_keys={len(self._limits)}, api_keys={len(self._keys)})"
+
+    # -- rate limits -------------------------------------------------------------------------
+    async def limit(
+        self,
+        name: str,
+        config: LimitConfig,
+        *,
+        key: str | None = None,
+        count: float = 1,
+        reserve: bool = False,
+    ) -> LimitResult:
+        if reserve or not 0 <= count <= config.max:
+            check_count(name, config, count, reserve)
+        now = _time() * 1000.0 if self._wall else self._clock()
+        slot = (name, key)
+        states = self._limits
+        state = states.get(slot)
+        if state is not None:
+            result, state = config.decider(state, now, count, reserve)
+            if result.ok:
+                states[slot] = state
+            return result
+        result, state = config.decider(
+            initial_state(config, now, self._random), now, count, reserve
+        )
+        if result.ok:
+            self._insert(slot, state, config, now)
+        return result
+
+    async def check(
+        self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
+    ) -> CheckResult:
+        for request in limits:
+            check_count(request.name, request.config, request.count, request.reserve)
+        now = self._clock()
+        verdict: BotVerdict | None = None
+        if bot is not None:
+            previous = self._count_events(bot.fingerprint, now - ESCALATION_WINDOW_MS)
+            action = escalate(bot.action, previous)
+            metadata = dict(bot.metadata or {})
+            metadata["previousAttempts"] = previous
+            self._add_event(
+                BotEvent(
+                    timestamp=now,
+                    fingerprint=bot.fingerprint,
+                    ip=bot.ip,
+                    user_agent=bot.user_agent,
+                    detection_type=bot.detection_type,
+                    action=action,
+                    metadata=metadata,
+                )
+            )
+            verdict = BotVerdict(action, previous)
+            if action != "allowed":
+                return CheckResult(False, (), verdict)
+        decided: list[tuple[LimitRequest, LimitResult, LimitState, bool]] = []
+        ok = True
+        # Two requests for the same (name, key) in one call must see each other's consumption.
+        pending: dict[tuple[str, str | None], LimitState] = {}
+        for request in limits:
+            slot = (request.name, request.key)
+            state = pending.get(slot)
+            fresh = False
+            if state is None:
+                state = self._limits.get(slot)
+                if state is None:
+                    state = initial_state(request.config, now, self._random)
+                    fresh = True
+            result, new_state = request.config.decider(state, now, request.count, request.reserve)
+            ok = ok and result.ok
+            pending[slot] = new_state
+            decided.append((request, result, new_state, fresh))
+        if ok:
+            for request, _, new_state, fresh in decided:
+                slot = (request.name, request.key)
+                if fresh:
+                    self._insert(slot, new_state, request.config, now)
+                else:
+                    self._limits[slot] = new_state
+        return CheckResult(ok, tuple(result for _, result, _, _ in decided), verdict)
+
+    def _insert(
+        self, slot: tuple[str, str | None], state: LimitState, config: LimitConfig, now: float
+    ) -> None:
+        """Store a new slot, and sweep two old ones so the sweep outruns growth.
+
+        A slot enters the sweep when its state is created and leaves when it is dropped, so the
+        sweep holds each live slot once (plus, briefly, slots that were reset). Sweeping two per
+        insertion bounds the states held to twice those not yet refilled. Each sweep entry
+        carries the earliest time its slot can be full: consuming only delays that, so an entry
+        whose time has not come is passed over without reading its state.
+        """
+        limits = self._limits
+        limits[slot] = state
+        self._configs[slot[0]] = config
+        sweep = self._sweep
+        sweep.append((slot, full_at(config, state)))
+        for _ in range(2):
+            entry = sweep.popleft()
+            if now < entry[1]:
+                sweep.append(entry)
+                continue
+            old = entry[0]
+            held = limits.get(old)
+            if held is None:
+                continue  # reset already dropped it
+            when = full_at(self._configs[old[0]], held)
+            if when <= now:
+                del limits[old]
+            else:
+                sweep.append((old, when))
+
+    async def reset(self, name: str, *, key: str | None = None) -> None:
+        # The sweep skips slots that are gone, so the deque needs no update here.
+        self._limits.pop((name, key), None)
+
+    async def peek(self, name: str, config: LimitConfig, *, key: str | None = None) -> LimitResult:
+        now = self._clock()
+        state = self._limits.get((name, key)) or initial_state(config, now, self._random)
+        return config.decider(state, now, 0, False)[0]
+
+    @property
+    def limit_keys(self) -> int:
+        """How many (name, key) states are held: what the sweep keeps bounded."""
+        return len(self._limits)
+
+    # -- bots ------------------------------------------------------------------------------
+    def _add_event(self, event: BotEvent) -> None:
+        events = self._bot_events
+        if events and events[-1].timestamp > event.timestamp:
+            bisect.insort(events, event, key=lambda e: e.timestamp)
+        else:
+            events.append(event)
+        bisect.insort(self._bot_by_fingerprint.setdefault(event.fingerprint, []), event.timestamp)
+        if len(events) > self._max_rows:
+            oldest = events.pop(0)
+            times = self._bot_by_fingerprint[oldest.fingerprint]
+            times.remove(oldest.timestamp)
+            if not times:
+                del self._bot_by_fingerprint[oldest.fingerprint]
+
+    def _count_events(self, fingerprint: str, since: float) -> int:
+        times = self._bot_by_fingerprint.get(fingerprint)
+        if not times:
+            return 0
+        return len(times) - bisect.bisect_left(times, since)
+
+    async def count_bot_events(self, fingerprint: str, since: float) -> int:
+        return self._count_events(fingerprint, since)
+
+    async def bot_events(self, *, since: float, limit: int = 100) -> list[BotEvent]:
+        events = self._bot_events
+        start = bisect.bisect_left(events, since, key=lambda e: e.timestamp)
+        return list(reversed(events[start:]))[:limit]
+
+    # -- API keys -----------------------------------------------------------------------------
+    async def create_api_key(self, key: NewApiKey) -> ApiKeyRecord:
+        record = ApiKeyRecord(
+            id=f"mem_{next(self._ids)}",
+            kind=key.kind,
+            key_hash=key.key_hash,
+            prefix=key.prefix,
+            name=key.name,
+            owner=key.owner,
+            scopes=tuple(key.scopes),
+            rate_limit=key.rate_limit,
+            created_at=key.created_at,
+            expires_at=key.expires_at,
+            last_used=None,
+            request_count=0,
+            active=True,
+        )
+        self._keys[record.id] = record
+        self._key_ids[record.key_hash] = record.id
+        return record
+
+    async def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        key_id = self._key_ids.get(key_hash)
+        return self._keys.get(key_id) if key_id is not None else None
+
+    async def list_api_keys(
+        self, *, kind: ApiKeyKind | None = None, owner: str | None = None
+    ) -> list[ApiKeyRecord]:
+        return [
+            record
+            for record in self._keys.values()
+            if (kind is None or record.kind == kind) and (owner is None or record.owner == owner)
+        ]
+
+    async def update_api_key(
+        self,
+        key_id: str,
+        *,
+        active: bool | None = None,
+        expires_at: float | None = None,
+    ) -> ApiKeyRecord | None:
+        record = self._keys.get(key_id)
+        if record is None:
+            return None
+        if active is not None:
+            record = replace(record, active=active)
+        if expires_at is not None:
+            record = replace(record, expires_at=expires_at)
+        self._keys[key_id] = record
+        return record
+
+    # -- logs and analytics ---------------------------------------------------------------------
+    async def write_logs(self, batch: LogBatch) -> None:
+        if batch.id in self._batches:
+            return
+        self._batches.add(batch.id)
+        self._ai_logs.extend(batch.ai_requests)
+        self._embedding_logs.extend(batch.embedding_requests)
+        self._auth_failures.extend(batch.auth_failures)
+        for event in batch.bot_events:
+            self._add_event(event)
+        for usage in batch.key_usage:
+            record = self._keys.get(usage.key_id)
+            if record is not None:
+                self._keys[usage.key_id] = replace(
+                    record,
+                    last_used=max(usage.last_used, record.last_used or 0.0),
+                    request_count=record.request_count + usage.requests,
+                )
+
+    async def provider_stats(self, provider: str, start: float, end: float) -> ProviderStats:
+        rows = [
+            row
+            for row in self._ai_logs
+            if row.provider == provider and start <= row.timestamp <= end
+        ]
+        total = len(rows)
+        if total == 0:
+            return ProviderStats(0, 0.0, 0.0, 0, 0.0)
+        return ProviderStats(
+            total_requests=total,
+            success_rate=sum(1 for row in rows if row.success) / total,
+            average_latency=sum(row.latency_ms for row in rows) / total,
+            total_tokens=sum(row.tokens_used or 0 for row in rows),
+            total_cost=sum(row.cost or 0.0 for row in rows),
+        )
+
+    async def embedding_usage(self, key_hash: str, start: float, end: float) -> EmbeddingUsage:
+        rows = [
+            row
+            for row in self._embedding_logs
+            if row.api_key_hash == key_hash and start <= row.timestamp <= end
+        ]
+        return EmbeddingUsage(
+            total_requests=len(rows),
+            successful_requests=sum(1 for row in rows if row.success),
+            total_tokens=sum(row.tokens_used for row in rows),
+            total_items=sum(row.batch_size for row in rows),
+        )
+
+    async def count_auth_failures(self, key_hash: str, since: float) -> int:
+        return sum(
+            1 for row in self._auth_failures if row.key_hash == key_hash and row.timestamp >= since
+        )
+
+    # -- inspection, for tests and the CLI ---------------------------------------------------
+    @property
+    def ai_logs(self) -> list[AIRequestLog]:
+        return list(self._ai_logs)
+
+    @property
+    def embedding_logs(self) -> list[EmbeddingRequestLog]:
+        return list(self._embedding_logs)
+
+    @property
+    def auth_failures(self) -> list[AuthFailure]:
+        return list(self._auth_failures)
+
+    async def close(self) -> None:
+        return None

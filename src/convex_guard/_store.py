@@ -1,0 +1,268 @@
+"""The one store protocol every middleware talks to, and the rows it keeps."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from ._limits import LimitConfig, LimitResult
+
+BotDetectionType = Literal["bot_useragent", "ai_scraper", "suspicious_pattern", "rate_limit"]
+BotAction = Literal["blocked", "challenged", "allowed"]
+ApiKeyKind = Literal["ai", "embedding"]
+
+#: JSON-like metadata, kept small: it is stored with every bot event.
+Metadata = Mapping[str, str | int | float | bool | None]
+
+#: Escalation thresholds over the last hour of events for one fingerprint (DESIGN.md §4).
+ESCALATION_WINDOW_MS = 3_600_000
+CHALLENGE_AFTER = 5
+BLOCK_AFTER = 10
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRequest:
+    """One limit to decide: `name` and `key` select the state, `config` says how it refills."""
+
+    name: str
+    config: LimitConfig
+    key: str | None = None
+    count: float = 1
+    reserve: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BotCheck:
+    """A flagged request whose fate also depends on its fingerprint's recent history.
+
+    `action` is what the category policy alone asks for; the store escalates it (more than
+    `CHALLENGE_AFTER` events in the last hour → challenged, more than `BLOCK_AFTER` → blocked)
+    and records the final decision as a `BotEvent`, in the same atomic call as the limits.
+    """
+
+    fingerprint: str
+    ip: str
+    user_agent: str
+    detection_type: BotDetectionType
+    action: BotAction
+    metadata: Metadata | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BotVerdict:
+    action: BotAction
+    previous_events: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The hot-path answer: the bot verdict (if asked) and every limit, decided together.
+
+    `ok` is true only when the bot was not blocked or challenged and every limit admitted the
+    request; when it is false nothing was consumed.
+    """
+
+    ok: bool
+    results: tuple[LimitResult, ...]
+    bot: BotVerdict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BotEvent:
+    timestamp: float
+    fingerprint: str
+    ip: str
+    user_agent: str
+    detection_type: BotDetectionType
+    action: BotAction
+    metadata: Metadata | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRateLimit:
+    """A key's own limit: `requests` per `period` milliseconds (a fixed window)."""
+
+    requests: int
+    period: float
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """A stored API key: only its SHA-256 hash, never the key itself."""
+
+    id: str
+    kind: ApiKeyKind
+    key_hash: str
+    prefix: str
+    name: str
+    owner: str | None
+    scopes: tuple[str, ...]
+    rate_limit: KeyRateLimit | None
+    created_at: float
+    expires_at: float | None
+    last_used: float | None
+    request_count: int
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NewApiKey:
+    kind: ApiKeyKind
+    key_hash: str
+    prefix: str
+    name: str
+    owner: str | None
+    scopes: tuple[str, ...]
+    rate_limit: KeyRateLimit | None
+    created_at: float
+    expires_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsage:
+    """Usage of one key since the last flush, written in batches (never a write per request)."""
+
+    key_id: str
+    last_used: float
+    requests: int
+
+
+@dataclass(frozen=True, slots=True)
+class AIRequestLog:
+    timestamp: float
+    provider: str
+    model: str
+    fingerprint: str
+    ip: str
+    success: bool
+    latency_ms: float
+    user_id: str | None = None
+    error: str | None = None
+    tokens_used: int | None = None
+    cost: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequestLog:
+    request_id: str
+    api_key_hash: str
+    timestamp: float
+    batch_size: int
+    latency_ms: float
+    tokens_used: int
+    success: bool
+    model: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailure:
+    """A failed authentication; `key_hash` is the hash of the presented key, or `NO_KEY`."""
+
+    key_hash: str
+    timestamp: float
+    ip: str | None = None
+    user_agent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderStats:
+    total_requests: int
+    success_rate: float
+    average_latency: float
+    total_tokens: int
+    total_cost: float
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingUsage:
+    total_requests: int
+    successful_requests: int
+    total_tokens: int
+    total_items: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogBatch:
+    """Rows buffered by the logger, written in one store call.
+
+    `id` makes the write idempotent: a batch retried after a lost answer lands once.
+    """
+
+    id: str
+    ai_requests: Sequence[AIRequestLog] = ()
+    embedding_requests: Sequence[EmbeddingRequestLog] = ()
+    auth_failures: Sequence[AuthFailure] = ()
+    bot_events: Sequence[BotEvent] = ()
+    key_usage: Sequence[KeyUsage] = field(default_factory=tuple)
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where shared state lives. Every method may raise `StoreError`; none blocks the loop."""
+
+    # -- rate limits -------------------------------------------------------------------------
+    async def limit(
+        self,
+        name: str,
+        config: LimitConfig,
+        *,
+        key: str | None = None,
+        count: float = 1,
+        reserve: bool = False,
+    ) -> LimitResult:
+        """Decide and consume one limit."""
+        ...
+
+    async def check(
+        self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
+    ) -> CheckResult:
+        """The hot path, atomically: escalate and record `bot`, then decide all `limits`.
+
+        All limits are consumed or none is; a blocked or challenged bot consumes none.
+        """
+        ...
+
+    async def reset(self, name: str, *, key: str | None = None) -> None: ...
+
+    async def peek(self, name: str, config: LimitConfig, *, key: str | None = None) -> LimitResult:
+        """What a request of count 0 would see now, consuming nothing."""
+        ...
+
+    # -- bots ------------------------------------------------------------------------------
+    async def count_bot_events(self, fingerprint: str, since: float) -> int: ...
+
+    async def bot_events(self, *, since: float, limit: int = 100) -> list[BotEvent]:
+        """Most recent first."""
+        ...
+
+    # -- API keys -----------------------------------------------------------------------------
+    async def create_api_key(self, key: NewApiKey) -> ApiKeyRecord: ...
+
+    async def find_api_key(self, key_hash: str) -> ApiKeyRecord | None: ...
+
+    async def list_api_keys(
+        self, *, kind: ApiKeyKind | None = None, owner: str | None = None
+    ) -> list[ApiKeyRecord]: ...
+
+    async def update_api_key(
+        self,
+        key_id: str,
+        *,
+        active: bool | None = None,
+        expires_at: float | None = None,
+    ) -> ApiKeyRecord | None: ...
+
+    # -- logs and analytics ---------------------------------------------------------------------
+    async def write_logs(self, batch: LogBatch) -> None:
+        """Write a batch of rows in one call; all rows land or none do (safe to retry)."""
+        ...
+
+    async def provider_stats(self, provider: str, start: float, end: float) -> ProviderStats: ...
+
+    async def embedding_usage(self, key_hash: str, start: float, end: float) -> EmbeddingUsage: ...
+
+    async def count_auth_failures(self, key_hash: str, since: float) -> int: ...
+
+    async def close(self) -> None: ...
