@@ -1,0 +1,172 @@
+// The seed's AI analytics: request logging, provider statistics and bot pattern detection,
+// with its flaws fixed (bounded reads, no NaN on empty ranges, no racy check-then-insert).
+import { v } from "convex/values";
+import { internalMutation, internalQuery, type QueryCtx } from "../_generated/server";
+import { recordBotEvent } from "../lib/bots";
+import { insertAIRequests, MINUTE } from "../lib/logs";
+import {
+  vBotAction,
+  vBotEvent,
+  vDetectionType,
+  vMetadata,
+  vProviderStats,
+  type BotEvent,
+  type ProviderStats,
+} from "../lib/validators";
+
+/** Raw rows read at each edge of a range (the partial minutes); rollups cover the rest. */
+export const EDGE_READ_CAP = 4000;
+/** The most events getBotEvents returns. */
+export const BOT_EVENTS_CAP = 1000;
+
+/** Log one AI request (the seed's function); `timestamp` defaults to now. */
+export const logAIRequest = internalMutation({
+  args: {
+    timestamp: v.optional(v.number()),
+    provider: v.string(),
+    model: v.string(),
+    userId: v.optional(v.string()),
+    fingerprint: v.string(),
+    ip: v.string(),
+    success: v.boolean(),
+    error: v.optional(v.string()),
+    tokensUsed: v.optional(v.number()),
+    latencyMs: v.number(),
+    cost: v.optional(v.number()),
+  },
+  returns: v.null(),
+  handler: async (ctx, args) => {
+    await insertAIRequests(ctx, [{ ...args, timestamp: args.timestamp ?? Date.now() }]);
+    return null;
+  },
+});
+
+type Totals = { requests: number; successes: number; latency: number; tokens: number; cost: number };
+
+async function addRawRows(
+  ctx: QueryCtx,
+  totals: Totals,
+  provider: string,
+  from: number,
+  to: number,
+  toInclusive: boolean,
+): Promise<void> {
+  if (to < from || (to === from && !toInclusive)) return;
+  const rows = await ctx.db
+    .query("aiRequestLogs")
+    .withIndex("by_provider", (q) => {
+      const lower = q.eq("provider", provider).gte("timestamp", from);
+      return toInclusive ? lower.lte("timestamp", to) : lower.lt("timestamp", to);
+    })
+    .take(EDGE_READ_CAP);
+  for (const row of rows) {
+    totals.requests += 1;
+    totals.successes += row.success ? 1 : 0;
+    totals.latency += row.latencyMs;
+    totals.tokens += row.tokensUsed ?? 0;
+    totals.cost += row.cost ?? 0;
+  }
+}
+
+/**
+ * Statistics of one provider over `[start, end]` (epoch ms, both inclusive): whole minutes
+ * come from the per-minute rollups, the partial minutes at the two edges from raw rows, so a
+ * day reads about 1440 rollups plus two minutes of rows. No requests: all zeros.
+ */
+export const getProviderStats = internalQuery({
+  args: {
+    provider: v.string(),
+    timeRange: v.object({ start: v.number(), end: v.number() }),
+  },
+  returns: vProviderStats,
+  handler: async (ctx, { provider, timeRange: { start, end } }): Promise<ProviderStats> => {
+    const totals: Totals = { requests: 0, successes: 0, latency: 0, tokens: 0, cost: 0 };
+    if (end >= start) {
+      // Minute m covers [m, m + MINUTE); it is whole inside the range when start <= m and
+      // m + MINUTE <= end, i.e. m in [firstWhole, endWhole).
+      const firstWhole = Math.ceil(start / MINUTE) * MINUTE;
+      const endWhole = Math.floor(end / MINUTE) * MINUTE;
+      if (firstWhole >= endWhole) {
+        await addRawRows(ctx, totals, provider, start, end, true);
+      } else {
+        await addRawRows(ctx, totals, provider, start, firstWhole, false);
+        const rollups = await ctx.db
+          .query("providerRollups")
+          .withIndex("by_provider_minute", (q) =>
+            q.eq("provider", provider).gte("minute", firstWhole).lt("minute", endWhole),
+          )
+          .take(Math.ceil((endWhole - firstWhole) / MINUTE));
+        for (const r of rollups) {
+          totals.requests += r.requests;
+          totals.successes += r.successes;
+          totals.latency += r.latencySum;
+          totals.tokens += r.tokens;
+          totals.cost += r.cost;
+        }
+        await addRawRows(ctx, totals, provider, endWhole, end, true);
+      }
+    }
+    if (totals.requests === 0) {
+      return { totalRequests: 0, successRate: 0, averageLatency: 0, totalTokens: 0, totalCost: 0 };
+    }
+    return {
+      totalRequests: totals.requests,
+      successRate: totals.successes / totals.requests,
+      averageLatency: totals.latency / totals.requests,
+      totalTokens: totals.tokens,
+      totalCost: totals.cost,
+    };
+  },
+});
+
+/**
+ * The seed's bot pattern detection: escalate on the fingerprint's last hour of events and
+ * record the decision. `action` is the policy's own action (default "allowed"); the result is
+ * never milder than it.
+ */
+export const detectBotPatterns = internalMutation({
+  args: {
+    fingerprint: v.string(),
+    ip: v.string(),
+    userAgent: v.string(),
+    detectionType: vDetectionType,
+    action: v.optional(vBotAction),
+    metadata: v.optional(vMetadata),
+  },
+  returns: v.object({ action: vBotAction, previousAttempts: v.number() }),
+  handler: async (ctx, args) => {
+    const { action, previousEvents } = await recordBotEvent(
+      ctx,
+      { ...args, action: args.action ?? "allowed" },
+      Date.now(),
+    );
+    return { action, previousAttempts: previousEvents };
+  },
+});
+
+/** Bot events since `since` (inclusive), newest first, at most `limit` (capped at 1000). */
+export const getBotEvents = internalQuery({
+  args: { limit: v.number(), since: v.number() },
+  returns: v.array(vBotEvent),
+  handler: async (ctx, { limit, since }): Promise<BotEvent[]> => {
+    const n = Math.max(0, Math.min(Math.floor(limit), BOT_EVENTS_CAP));
+    if (n === 0) return [];
+    const rows = await ctx.db
+      .query("botDetectionEvents")
+      .withIndex("by_timestamp", (q) => q.gte("timestamp", since))
+      .order("desc")
+      .take(n);
+    return rows.map((row) => {
+      const event: BotEvent = {
+        timestamp: row.timestamp,
+        fingerprint: row.fingerprint,
+        ip: row.ip,
+        userAgent: row.userAgent,
+        detectionType: row.detectionType,
+        action: row.action,
+      };
+      if (row.metadata !== undefined) event.metadata = row.metadata;
+      return event;
+    });
+  },
+});

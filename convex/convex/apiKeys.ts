@@ -1,0 +1,138 @@
+// API keys of both kinds ("ai" → apiKeys, "embedding" → embeddingApiKeys) as one record
+// shape. Only the SHA-256 hash of a key is ever stored.
+import { v } from "convex/values";
+import { internalMutation, internalQuery } from "./_generated/server";
+import { findKeyByHash, findKeyById, toRecord, type FoundKey } from "./lib/keys";
+import { applyKeyUsage } from "./lib/logs";
+import {
+  vApiKeyRecord,
+  vKeyRateLimit,
+  vKeyUsage,
+  vKind,
+  type ApiKeyRecord,
+} from "./lib/validators";
+
+/** The most records `list` returns per table. */
+export const LIST_CAP = 1000;
+
+/** Store a new key; the returned record's `id` is the document id. */
+export const create = internalMutation({
+  args: {
+    kind: vKind,
+    keyHash: v.string(),
+    prefix: v.string(),
+    name: v.string(),
+    owner: v.optional(v.string()),
+    scopes: v.array(v.string()),
+    rateLimit: v.optional(vKeyRateLimit),
+    createdAt: v.number(),
+    expiresAt: v.optional(v.number()),
+  },
+  returns: vApiKeyRecord,
+  handler: async (ctx, args): Promise<ApiKeyRecord> => {
+    const common = {
+      prefix: args.prefix,
+      name: args.name,
+      scopes: args.scopes,
+      createdAt: args.createdAt,
+      requestCount: 0,
+      active: true,
+      ...(args.owner === undefined ? {} : { userId: args.owner }),
+      ...(args.expiresAt === undefined ? {} : { expiresAt: args.expiresAt }),
+    };
+    let found: FoundKey | null;
+    if (args.kind === "ai") {
+      const id = await ctx.db.insert("apiKeys", {
+        ...common,
+        key: args.keyHash,
+        ...(args.rateLimit === undefined ? {} : { rateLimit: args.rateLimit }),
+      });
+      const doc = await ctx.db.get(id);
+      found = doc === null ? null : { kind: "ai", doc };
+    } else {
+      const id = await ctx.db.insert("embeddingApiKeys", {
+        ...common,
+        keyHash: args.keyHash,
+        ...(args.rateLimit === undefined
+          ? {}
+          : {
+              rateLimit: {
+                requests: args.rateLimit.requests,
+                windowSeconds: args.rateLimit.period / 1000,
+              },
+            }),
+      });
+      const doc = await ctx.db.get(id);
+      found = doc === null ? null : { kind: "embedding", doc };
+    }
+    if (found === null) throw new Error("inserted key vanished");
+    return toRecord(found);
+  },
+});
+
+/** The key with this hash, from either table, or null. */
+export const getByHash = internalQuery({
+  args: { keyHash: v.string() },
+  returns: v.union(vApiKeyRecord, v.null()),
+  handler: async (ctx, { keyHash }) => {
+    const found = await findKeyByHash(ctx, keyHash);
+    return found === null ? null : toRecord(found);
+  },
+});
+
+/** Keys of one kind or both, optionally of one owner; at most LIST_CAP per table. */
+export const list = internalQuery({
+  args: { kind: v.optional(vKind), owner: v.optional(v.string()) },
+  returns: v.array(vApiKeyRecord),
+  handler: async (ctx, { kind, owner }) => {
+    const out: ApiKeyRecord[] = [];
+    if (kind === undefined || kind === "ai") {
+      const docs =
+        owner === undefined
+          ? await ctx.db.query("apiKeys").take(LIST_CAP)
+          : await ctx.db
+              .query("apiKeys")
+              .withIndex("by_user", (q) => q.eq("userId", owner))
+              .take(LIST_CAP);
+      for (const doc of docs) out.push(toRecord({ kind: "ai", doc }));
+    }
+    if (kind === undefined || kind === "embedding") {
+      const docs =
+        owner === undefined
+          ? await ctx.db.query("embeddingApiKeys").take(LIST_CAP)
+          : await ctx.db
+              .query("embeddingApiKeys")
+              .withIndex("by_user", (q) => q.eq("userId", owner))
+              .take(LIST_CAP);
+      for (const doc of docs) out.push(toRecord({ kind: "embedding", doc }));
+    }
+    return out;
+  },
+});
+
+/** Change `active` and/or `expiresAt` (absent = unchanged); null when the id is unknown. */
+export const update = internalMutation({
+  args: { id: v.string(), active: v.optional(v.boolean()), expiresAt: v.optional(v.number()) },
+  returns: v.union(vApiKeyRecord, v.null()),
+  handler: async (ctx, { id, active, expiresAt }) => {
+    const found = await findKeyById(ctx, id);
+    if (found === null) return null;
+    const patch = {
+      ...(active === undefined ? {} : { active }),
+      ...(expiresAt === undefined ? {} : { expiresAt }),
+    };
+    await ctx.db.patch(found.doc._id, patch);
+    const again = await findKeyById(ctx, id);
+    return again === null ? null : toRecord(again);
+  },
+});
+
+/**
+ * Add batched usage (`requests` since the last flush, `lastUsed` the latest use) to keys.
+ * Unknown ids are skipped; returns how many keys were updated.
+ */
+export const recordUsage = internalMutation({
+  args: { usage: v.array(vKeyUsage) },
+  returns: v.number(),
+  handler: async (ctx, { usage }) => applyKeyUsage(ctx, usage),
+});

@@ -1,0 +1,89 @@
+// The hot path: one mutation per request decides the bot verdict and every limit together.
+import { ConvexError, v } from "convex/values";
+import { internal } from "./_generated/api";
+import { internalMutation } from "./_generated/server";
+import { recordBotEvent } from "./lib/bots";
+import { decideLimit } from "./lib/limits";
+import {
+  vBotCheck,
+  vBotVerdict,
+  vLimitRequest,
+  vLimitResult,
+  type LimitResult,
+} from "./lib/validators";
+
+/** The `kind` of the ConvexError that `consumeLimits` throws to roll back its writes. */
+export const LIMITS_DENIED = "LimitsDenied";
+
+/**
+ * Escalate and record `bot` (if given), then decide all `limits` all-or-nothing.
+ *
+ * A blocked or challenged bot consumes no limit (`results` is empty). Otherwise the limits
+ * are decided in a nested mutation that throws when any of them denies, so none is consumed,
+ * while this mutation still commits the bot event. `now` is this call's clock (epoch ms);
+ * each result carries the limit's state after the decision (`value` tokens at `ts`).
+ */
+export const check = internalMutation({
+  args: {
+    limits: v.array(vLimitRequest),
+    bot: v.optional(vBotCheck),
+  },
+  returns: v.object({
+    ok: v.boolean(),
+    now: v.number(),
+    results: v.array(vLimitResult),
+    bot: v.optional(vBotVerdict),
+  }),
+  handler: async (ctx, { limits, bot }) => {
+    const now = Date.now();
+    let verdict: { action: "blocked" | "challenged" | "allowed"; previousEvents: number } | undefined;
+    if (bot !== undefined) {
+      verdict = await recordBotEvent(ctx, bot, now);
+      if (verdict.action !== "allowed") {
+        return { ok: false, now, results: [], bot: verdict };
+      }
+    }
+    let ok = true;
+    let results: LimitResult[] = [];
+    if (limits.length > 0) {
+      try {
+        results = await ctx.runMutation(internal.guard.consumeLimits, { limits, now });
+      } catch (error) {
+        const data = error instanceof ConvexError ? (error.data as unknown) : undefined;
+        if (!isDenied(data)) throw error;
+        ok = false;
+        results = data.results;
+      }
+    }
+    return verdict === undefined ? { ok, now, results } : { ok, now, results, bot: verdict };
+  },
+});
+
+function isDenied(data: unknown): data is { kind: string; results: LimitResult[] } {
+  return (
+    typeof data === "object" &&
+    data !== null &&
+    (data as { kind?: unknown }).kind === LIMITS_DENIED &&
+    Array.isArray((data as { results?: unknown }).results)
+  );
+}
+
+/**
+ * Decide every limit in order (a limit named twice sees its own earlier consumption) and
+ * return the results when all admit; otherwise throw a ConvexError carrying the results, so
+ * this sub-transaction's writes are rolled back.
+ */
+export const consumeLimits = internalMutation({
+  args: { limits: v.array(vLimitRequest), now: v.number() },
+  returns: v.array(vLimitResult),
+  handler: async (ctx, { limits, now }) => {
+    const results: LimitResult[] = [];
+    for (const request of limits) {
+      results.push(await decideLimit(ctx, request, now));
+    }
+    if (results.some((r) => !r.ok)) {
+      throw new ConvexError({ kind: LIMITS_DENIED, results });
+    }
+    return results;
+  },
+});

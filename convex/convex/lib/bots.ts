@@ -1,0 +1,52 @@
+// Bot escalation over a fingerprint's last hour of events (DESIGN.md §4).
+import type { GenericMutationCtx } from "convex/server";
+import type { DataModel } from "../_generated/dataModel";
+import type { BotAction, BotCheck } from "./validators";
+
+export const ESCALATION_WINDOW_MS = 3_600_000;
+export const CHALLENGE_AFTER = 5;
+export const BLOCK_AFTER = 10;
+/** Reading BLOCK_AFTER + 1 events is enough to decide; the count saturates there. */
+export const ESCALATION_READ_CAP = BLOCK_AFTER + 1;
+
+const SEVERITY: Record<BotAction, number> = { allowed: 0, challenged: 1, blocked: 2 };
+
+/** The seed's escalation, never milder than the policy's own action. */
+export function escalate(policy: BotAction, previousEvents: number): BotAction {
+  const history: BotAction =
+    previousEvents > BLOCK_AFTER
+      ? "blocked"
+      : previousEvents > CHALLENGE_AFTER
+        ? "challenged"
+        : "allowed";
+  return SEVERITY[policy] >= SEVERITY[history] ? policy : history;
+}
+
+/**
+ * Count the fingerprint's events in the last hour (bounded), escalate, and store the final
+ * decision as a new event with `metadata.previousAttempts`.
+ */
+export async function recordBotEvent(
+  ctx: Pick<GenericMutationCtx<DataModel>, "db">,
+  bot: BotCheck,
+  now: number,
+): Promise<{ action: BotAction; previousEvents: number }> {
+  const recent = await ctx.db
+    .query("botDetectionEvents")
+    .withIndex("by_fingerprint", (q) =>
+      q.eq("fingerprint", bot.fingerprint).gte("timestamp", now - ESCALATION_WINDOW_MS),
+    )
+    .take(ESCALATION_READ_CAP);
+  const previousEvents = recent.length;
+  const action = escalate(bot.action, previousEvents);
+  await ctx.db.insert("botDetectionEvents", {
+    timestamp: now,
+    fingerprint: bot.fingerprint,
+    ip: bot.ip,
+    userAgent: bot.userAgent,
+    detectionType: bot.detectionType,
+    action,
+    metadata: { ...(bot.metadata ?? {}), previousAttempts: previousEvents },
+  });
+  return { action, previousEvents };
+}

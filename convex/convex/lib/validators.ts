@@ -1,0 +1,164 @@
+// Validators shared by the schema and the functions.
+import { v, type Infer } from "convex/values";
+
+export const vDetectionType = v.union(
+  v.literal("bot_useragent"),
+  v.literal("ai_scraper"),
+  v.literal("suspicious_pattern"),
+  v.literal("rate_limit"),
+);
+
+export const vBotAction = v.union(
+  v.literal("blocked"),
+  v.literal("challenged"),
+  v.literal("allowed"),
+);
+export type BotAction = Infer<typeof vBotAction>;
+
+/** Flat JSON-like metadata stored with a bot event. */
+export const vMetadata = v.record(
+  v.string(),
+  v.union(v.string(), v.number(), v.boolean(), v.null()),
+);
+
+export const vKind = v.union(v.literal("ai"), v.literal("embedding"));
+export type KeyKind = Infer<typeof vKind>;
+
+/**
+ * One rate limit's configuration, exactly the component's own config object
+ * (`@convex-dev/rate-limiter` `configValidator`) without `applyUpdates`: the hot path
+ * decides transactionally, never asynchronously.
+ */
+export const vTokenBucket = v.object({
+  kind: v.literal("token bucket"),
+  rate: v.number(),
+  period: v.number(),
+  capacity: v.optional(v.number()),
+  maxReserved: v.optional(v.number()),
+  shards: v.optional(v.number()),
+  start: v.optional(v.null()),
+});
+export const vFixedWindow = v.object({
+  kind: v.literal("fixed window"),
+  rate: v.number(),
+  period: v.number(),
+  capacity: v.optional(v.number()),
+  maxReserved: v.optional(v.number()),
+  shards: v.optional(v.number()),
+  start: v.optional(v.number()),
+});
+export const vLimitConfig = v.union(vTokenBucket, vFixedWindow);
+export type LimitConfig = Infer<typeof vLimitConfig>;
+
+export const vLimitRequest = v.object({
+  name: v.string(),
+  key: v.optional(v.string()),
+  count: v.optional(v.number()),
+  reserve: v.optional(v.boolean()),
+  config: vLimitConfig,
+});
+export type LimitRequest = Infer<typeof vLimitRequest>;
+
+/** A limit's answer: the decision and the limit's state (`value` tokens at `ts`) after it. */
+export const vLimitResult = v.object({
+  ok: v.boolean(),
+  retryAfter: v.optional(v.number()),
+  value: v.number(),
+  ts: v.number(),
+});
+export type LimitResult = Infer<typeof vLimitResult>;
+
+export const vBotCheck = v.object({
+  fingerprint: v.string(),
+  ip: v.string(),
+  userAgent: v.string(),
+  detectionType: vDetectionType,
+  action: vBotAction,
+  metadata: v.optional(vMetadata),
+});
+export type BotCheck = Infer<typeof vBotCheck>;
+
+export const vBotVerdict = v.object({ action: vBotAction, previousEvents: v.number() });
+
+export const vBotEvent = v.object({
+  timestamp: v.number(),
+  fingerprint: v.string(),
+  ip: v.string(),
+  userAgent: v.string(),
+  detectionType: vDetectionType,
+  action: vBotAction,
+  metadata: v.optional(vMetadata),
+});
+export type BotEvent = Infer<typeof vBotEvent>;
+
+export const vAIRequest = v.object({
+  timestamp: v.number(),
+  provider: v.string(),
+  model: v.string(),
+  userId: v.optional(v.string()),
+  fingerprint: v.string(),
+  ip: v.string(),
+  success: v.boolean(),
+  error: v.optional(v.string()),
+  tokensUsed: v.optional(v.number()),
+  latencyMs: v.number(),
+  cost: v.optional(v.number()),
+});
+export type AIRequest = Infer<typeof vAIRequest>;
+
+export const vEmbeddingRequest = v.object({
+  requestId: v.string(),
+  apiKeyHash: v.string(),
+  timestamp: v.number(),
+  batchSize: v.number(),
+  latencyMs: v.number(),
+  tokensUsed: v.number(),
+  success: v.boolean(),
+  error: v.optional(v.string()),
+  model: v.string(),
+});
+export type EmbeddingRequest = Infer<typeof vEmbeddingRequest>;
+
+export const vAuthFailure = v.object({
+  keyHash: v.string(),
+  timestamp: v.number(),
+  ip: v.optional(v.string()),
+  userAgent: v.optional(v.string()),
+});
+export type AuthFailure = Infer<typeof vAuthFailure>;
+
+export const vKeyUsage = v.object({
+  keyId: v.string(),
+  lastUsed: v.number(),
+  requests: v.number(),
+});
+export type KeyUsage = Infer<typeof vKeyUsage>;
+
+/** A key's own limit: `requests` per `period` milliseconds, as a fixed window. */
+export const vKeyRateLimit = v.object({ requests: v.number(), period: v.number() });
+
+export const vApiKeyRecord = v.object({
+  id: v.string(),
+  kind: vKind,
+  keyHash: v.string(),
+  prefix: v.string(),
+  name: v.string(),
+  owner: v.optional(v.string()),
+  scopes: v.array(v.string()),
+  rateLimit: v.optional(vKeyRateLimit),
+  createdAt: v.number(),
+  expiresAt: v.optional(v.number()),
+  lastUsed: v.optional(v.number()),
+  requestCount: v.number(),
+  active: v.boolean(),
+});
+export type ApiKeyRecord = Infer<typeof vApiKeyRecord>;
+
+export const vProviderStats = v.object({
+  totalRequests: v.number(),
+  successRate: v.number(),
+  averageLatency: v.number(),
+  totalTokens: v.number(),
+  totalCost: v.number(),
+});
+export type ProviderStats = Infer<typeof vProviderStats>;

@@ -1,0 +1,49 @@
+// Batched log writes: one mutation per flush of the Python logger, idempotent by batch id.
+import { v } from "convex/values";
+import { internalMutation } from "./_generated/server";
+import {
+  applyKeyUsage,
+  insertAIRequests,
+  insertAuthFailures,
+  insertBotEvents,
+  insertEmbeddingRequests,
+} from "./lib/logs";
+import {
+  vAIRequest,
+  vAuthFailure,
+  vBotEvent,
+  vEmbeddingRequest,
+  vKeyUsage,
+} from "./lib/validators";
+
+/**
+ * Insert every row of the batch, fold the AI rows into the provider rollups, apply the key
+ * usage and remember `batchId` — all in one transaction. A batch id seen before is skipped
+ * (`applied: false`), so a retry after a lost answer lands once. Keep batches to a few
+ * thousand rows: a mutation may write at most 8192 documents.
+ */
+export const writeBatch = internalMutation({
+  args: {
+    batchId: v.string(),
+    aiRequests: v.array(vAIRequest),
+    embeddingRequests: v.array(vEmbeddingRequest),
+    authFailures: v.array(vAuthFailure),
+    botEvents: v.array(vBotEvent),
+    keyUsage: v.array(vKeyUsage),
+  },
+  returns: v.object({ applied: v.boolean() }),
+  handler: async (ctx, args) => {
+    const seen = await ctx.db
+      .query("logBatches")
+      .withIndex("by_batch_id", (q) => q.eq("batchId", args.batchId))
+      .first();
+    if (seen !== null) return { applied: false };
+    await ctx.db.insert("logBatches", { batchId: args.batchId, processedAt: Date.now() });
+    await insertAIRequests(ctx, args.aiRequests);
+    await insertEmbeddingRequests(ctx, args.embeddingRequests);
+    await insertAuthFailures(ctx, args.authFailures);
+    await insertBotEvents(ctx, args.botEvents);
+    await applyKeyUsage(ctx, args.keyUsage);
+    return { applied: true };
+  },
+});

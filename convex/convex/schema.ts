@@ -1,0 +1,126 @@
+// The seed's six tables (docs/projects/structure/convex-database.md), plus the two this
+// project needs to scale: per-minute provider rollups and processed log-batch ids.
+// The rate limiter component keeps its own tables (see convex.config.ts).
+import { defineSchema, defineTable } from "convex/server";
+import { v } from "convex/values";
+import {
+  vBotAction,
+  vDetectionType,
+  vMetadata,
+} from "./lib/validators";
+
+export default defineSchema({
+  // ---- AI services ------------------------------------------------------------------------
+  aiRequestLogs: defineTable({
+    timestamp: v.number(),
+    provider: v.string(),
+    model: v.string(),
+    // The seed's v.id("users") names a table that does not exist: the app's user id, as is.
+    userId: v.optional(v.string()),
+    fingerprint: v.string(),
+    ip: v.string(),
+    success: v.boolean(),
+    error: v.optional(v.string()),
+    tokensUsed: v.optional(v.number()),
+    latencyMs: v.number(),
+    cost: v.optional(v.number()),
+  })
+    .index("by_timestamp", ["timestamp"])
+    .index("by_provider", ["provider", "timestamp"])
+    .index("by_fingerprint", ["fingerprint", "timestamp"]),
+
+  botDetectionEvents: defineTable({
+    timestamp: v.number(),
+    fingerprint: v.string(),
+    ip: v.string(),
+    userAgent: v.string(),
+    detectionType: vDetectionType,
+    action: vBotAction,
+    // The seed's v.any(), narrowed to flat JSON-like metadata (what the Python side sends).
+    metadata: v.optional(vMetadata),
+  })
+    .index("by_timestamp", ["timestamp"])
+    .index("by_fingerprint", ["fingerprint", "timestamp"]),
+
+  // AI API keys. `key` is the seed's name for the SHA-256 hash of the key (never the key).
+  apiKeys: defineTable({
+    key: v.string(),
+    prefix: v.string(),
+    name: v.string(),
+    userId: v.optional(v.string()),
+    scopes: v.array(v.string()),
+    // `period` in milliseconds (the rate limiter's unit; the seed's comment said seconds).
+    rateLimit: v.optional(v.object({ requests: v.number(), period: v.number() })),
+    createdAt: v.number(),
+    lastUsed: v.optional(v.number()),
+    expiresAt: v.optional(v.number()),
+    requestCount: v.number(),
+    active: v.boolean(),
+  })
+    .index("by_key", ["key"])
+    .index("by_user", ["userId"]),
+
+  // ---- Embeddings service -------------------------------------------------------------------
+  embeddingApiKeys: defineTable({
+    keyHash: v.string(), // SHA-256
+    prefix: v.string(),
+    name: v.string(),
+    userId: v.optional(v.string()),
+    scopes: v.array(v.string()),
+    createdAt: v.number(),
+    expiresAt: v.optional(v.number()),
+    lastUsed: v.optional(v.number()),
+    requestCount: v.number(),
+    active: v.boolean(),
+    rateLimit: v.optional(v.object({ requests: v.number(), windowSeconds: v.number() })),
+  })
+    .index("by_key_hash", ["keyHash"])
+    .index("by_user", ["userId"]),
+
+  embeddingRequests: defineTable({
+    requestId: v.string(),
+    apiKeyHash: v.string(),
+    timestamp: v.number(),
+    batchSize: v.number(),
+    latencyMs: v.number(),
+    tokensUsed: v.number(),
+    success: v.boolean(),
+    error: v.optional(v.string()),
+    model: v.string(),
+  })
+    .index("by_timestamp", ["timestamp"])
+    .index("by_api_key", ["apiKeyHash", "timestamp"]),
+
+  embeddingAuthFailures: defineTable({
+    keyHash: v.string(),
+    timestamp: v.number(),
+    ip: v.optional(v.string()),
+    userAgent: v.optional(v.string()),
+  })
+    .index("by_key", ["keyHash", "timestamp"])
+    // For retention: the seed's only index leads with the key.
+    .index("by_timestamp", ["timestamp"]),
+
+  // ---- Scale ----------------------------------------------------------------------------------
+  // One row per provider per minute (`minute` = epoch ms at the minute's start), kept up to
+  // date with every aiRequestLogs insert, so stats over a day read ~1440 rows, not every log.
+  providerRollups: defineTable({
+    provider: v.string(),
+    minute: v.number(),
+    requests: v.number(),
+    successes: v.number(),
+    latencySum: v.number(),
+    tokens: v.number(),
+    cost: v.number(),
+  })
+    .index("by_provider_minute", ["provider", "minute"])
+    .index("by_minute", ["minute"]),
+
+  // Ids of log batches already written: a batch retried after a lost answer lands once.
+  logBatches: defineTable({
+    batchId: v.string(),
+    processedAt: v.number(),
+  })
+    .index("by_batch_id", ["batchId"])
+    .index("by_processed_at", ["processedAt"]),
+});

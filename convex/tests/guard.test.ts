@@ -1,0 +1,223 @@
+import { afterEach, beforeEach, describe, expect, test, vi } from "vitest";
+import { internal } from "../convex/_generated/api";
+import { newDeployment, T0, type Deployment } from "./setup";
+
+const MINUTE = 60_000;
+const bucket = { kind: "token bucket", rate: 10, period: MINUTE, capacity: 3 } as const;
+const window = { kind: "fixed window", rate: 2, period: MINUTE, start: 0 } as const;
+const bot = {
+  fingerprint: "fp-1",
+  ip: "203.0.113.7",
+  userAgent: "curl/8.0",
+  detectionType: "bot_useragent",
+  action: "allowed",
+} as const;
+
+let t: Deployment;
+beforeEach(() => {
+  vi.useFakeTimers();
+  vi.setSystemTime(T0 + 10_000);
+  t = newDeployment();
+});
+afterEach(() => {
+  vi.useRealTimers();
+});
+
+describe("guard:check limits", () => {
+  test("token bucket admits up to capacity, then denies with retryAfter", async () => {
+    const limits = [{ name: "b", key: "k", config: bucket }];
+    for (const expected of [2, 1, 0]) {
+      const r = await t.mutation(internal.guard.check, { limits });
+      expect(r.ok).toBe(true);
+      expect(r.now).toBe(T0 + 10_000);
+      expect(r.results).toEqual([{ ok: true, value: expected, ts: T0 + 10_000 }]);
+    }
+    const denied = await t.mutation(internal.guard.check, { limits });
+    expect(denied.ok).toBe(false);
+    // One token takes period / rate = 6 s to refill; the state is left unchanged.
+    expect(denied.results).toEqual([{ ok: false, retryAfter: 6000, value: 0, ts: T0 + 10_000 }]);
+    vi.advanceTimersByTime(6000);
+    const again = await t.mutation(internal.guard.check, { limits });
+    expect(again.ok).toBe(true);
+    expect(again.results[0].value).toBeCloseTo(0);
+  });
+
+  test("fixed window admits rate per window, aligned to start", async () => {
+    const limits = [{ name: "w", config: window }];
+    const first = await t.mutation(internal.guard.check, { limits });
+    expect(first.results).toEqual([{ ok: true, value: 1, ts: T0 }]);
+    const second = await t.mutation(internal.guard.check, { limits });
+    expect(second.results).toEqual([{ ok: true, value: 0, ts: T0 }]);
+    const denied = await t.mutation(internal.guard.check, { limits });
+    expect(denied.ok).toBe(false);
+    expect(denied.results).toEqual([{ ok: false, retryAfter: 50_000, value: 0, ts: T0 }]);
+    vi.setSystemTime(T0 + MINUTE);
+    const next = await t.mutation(internal.guard.check, { limits });
+    expect(next.results).toEqual([{ ok: true, value: 1, ts: T0 + MINUTE }]);
+  });
+
+  test("count and keys are separate states", async () => {
+    const r = await t.mutation(internal.guard.check, {
+      limits: [
+        { name: "b", key: "a", count: 3, config: bucket },
+        { name: "b", key: "z", config: bucket },
+      ],
+    });
+    expect(r.ok).toBe(true);
+    expect(r.results.map((x) => x.value)).toEqual([0, 2]);
+  });
+
+  test("a limit named twice sees its own consumption", async () => {
+    const r = await t.mutation(internal.guard.check, {
+      limits: [
+        { name: "w", config: window },
+        { name: "w", config: window },
+        { name: "w", config: window },
+      ],
+    });
+    expect(r.ok).toBe(false);
+    expect(r.results.map((x) => x.ok)).toEqual([true, true, false]);
+    // Nothing was consumed.
+    const peek = await t.query(internal.limits.peek, { name: "w", config: window });
+    expect(peek.value).toBe(2);
+  });
+
+  test("all or nothing: a denied second limit leaves the first unconsumed", async () => {
+    const tight = { kind: "fixed window", rate: 1, period: MINUTE, start: 0 } as const;
+    const limits = [
+      { name: "b", key: "user", config: bucket },
+      { name: "tight", config: tight },
+    ];
+    const first = await t.mutation(internal.guard.check, { limits });
+    expect(first.ok).toBe(true);
+    expect(first.results.map((x) => x.value)).toEqual([2, 0]);
+
+    const second = await t.mutation(internal.guard.check, { limits });
+    expect(second.ok).toBe(false);
+    expect(second.results[0]).toMatchObject({ ok: true, value: 1 }); // decided, then rolled back
+    expect(second.results[1]).toMatchObject({ ok: false, retryAfter: 50_000 });
+
+    // The nested mutation's write to the first limit was rolled back.
+    const peek = await t.query(internal.limits.peek, { name: "b", key: "user", config: bucket });
+    expect(peek).toEqual({ value: 2, ts: T0 + 10_000, now: T0 + 10_000 });
+  });
+
+  test("reserve admits ahead of time with retryAfter, up to maxReserved", async () => {
+    const reserved = { ...bucket, maxReserved: 2 };
+    const limits = [{ name: "r", count: 3, reserve: true, config: reserved }];
+    const full = await t.mutation(internal.guard.check, { limits });
+    expect(full.results[0]).toEqual({ ok: true, value: 0, ts: T0 + 10_000 });
+    const one = await t.mutation(internal.guard.check, {
+      limits: [{ name: "r", count: 2, reserve: true, config: reserved }],
+    });
+    expect(one.results[0]).toEqual({ ok: true, retryAfter: 12_000, value: -2, ts: T0 + 10_000 });
+    const over = await t.mutation(internal.guard.check, {
+      limits: [{ name: "r", count: 1, reserve: true, config: reserved }],
+    });
+    expect(over.ok).toBe(false);
+    expect(over.results[0]).toMatchObject({ ok: false, retryAfter: 18_000, value: -2 });
+  });
+
+  test("a count no window could admit is a configuration error, not a deny", async () => {
+    await expect(
+      t.mutation(internal.guard.check, { limits: [{ name: "b", count: 4, config: bucket }] }),
+    ).rejects.toThrow(/exceeds/);
+  });
+
+  test("reset forgets the state; peek consumes nothing", async () => {
+    const limits = [{ name: "b", key: "k", count: 3, config: bucket }];
+    await t.mutation(internal.guard.check, { limits });
+    expect((await t.query(internal.limits.peek, { name: "b", key: "k", config: bucket })).value).toBe(0);
+    expect((await t.query(internal.limits.peek, { name: "b", key: "k", config: bucket })).value).toBe(0);
+    await t.mutation(internal.limits.reset, { name: "b", key: "k" });
+    expect(await t.query(internal.limits.peek, { name: "b", key: "k", config: bucket })).toEqual({
+      value: 3,
+      ts: T0 + 10_000,
+      now: T0 + 10_000,
+    });
+  });
+
+  test("no limits and no bot is ok", async () => {
+    expect(await t.mutation(internal.guard.check, { limits: [] })).toEqual({
+      ok: true,
+      now: T0 + 10_000,
+      results: [],
+    });
+  });
+});
+
+describe("guard:check bots", () => {
+  test("escalates past 5 and 10 events in the last hour", async () => {
+    const actions: string[] = [];
+    const previous: number[] = [];
+    for (let i = 0; i < 13; i++) {
+      const r = await t.mutation(internal.guard.check, { limits: [], bot });
+      actions.push(r.bot!.action);
+      previous.push(r.bot!.previousEvents);
+      vi.advanceTimersByTime(1000);
+    }
+    // The 7th call sees 6 earlier events (> 5): challenged; the 12th sees 11 (> 10): blocked.
+    expect(actions).toEqual([
+      ...Array(6).fill("allowed"),
+      ...Array(5).fill("challenged"),
+      "blocked",
+      "blocked",
+    ]);
+    // The count saturates at BLOCK_AFTER + 1: that is all the decision needs.
+    expect(previous).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11]);
+    const events = await t.query(internal.ai.analytics.getBotEvents, { limit: 100, since: 0 });
+    expect(events).toHaveLength(13);
+    expect(events[0].action).toBe("blocked");
+    expect(events[0].metadata).toEqual({ previousAttempts: 11 });
+    expect(events[12].metadata).toEqual({ previousAttempts: 0 });
+  });
+
+  test("events older than an hour do not count", async () => {
+    for (let i = 0; i < 11; i++) await t.mutation(internal.guard.check, { limits: [], bot });
+    vi.advanceTimersByTime(3_600_001);
+    const r = await t.mutation(internal.guard.check, { limits: [], bot });
+    expect(r.bot).toEqual({ action: "allowed", previousEvents: 0 });
+  });
+
+  test("the policy action is kept when it is more severe", async () => {
+    const r = await t.mutation(internal.guard.check, {
+      limits: [],
+      bot: { ...bot, action: "challenged", metadata: { category: "ai_crawler", score: 0.5 } },
+    });
+    expect(r.bot).toEqual({ action: "challenged", previousEvents: 0 });
+    const [event] = await t.query(internal.ai.analytics.getBotEvents, { limit: 1, since: 0 });
+    expect(event.metadata).toEqual({ category: "ai_crawler", score: 0.5, previousAttempts: 0 });
+  });
+
+  test("a blocked or challenged bot consumes no limit", async () => {
+    const limits = [{ name: "b", key: "k", config: bucket }];
+    const r = await t.mutation(internal.guard.check, { limits, bot: { ...bot, action: "blocked" } });
+    expect(r).toEqual({
+      ok: false,
+      now: T0 + 10_000,
+      results: [],
+      bot: { action: "blocked", previousEvents: 0 },
+    });
+    const peek = await t.query(internal.limits.peek, { name: "b", key: "k", config: bucket });
+    expect(peek.value).toBe(3);
+  });
+
+  test("an allowed bot with a denied limit still records its event", async () => {
+    const tight = { kind: "fixed window", rate: 1, period: MINUTE, start: 0 } as const;
+    await t.mutation(internal.guard.check, { limits: [{ name: "tight", config: tight }] });
+    const r = await t.mutation(internal.guard.check, {
+      limits: [{ name: "tight", config: tight }],
+      bot,
+    });
+    expect(r.ok).toBe(false);
+    expect(r.bot).toEqual({ action: "allowed", previousEvents: 0 });
+    expect(await t.query(internal.bots.countSince, { fingerprint: "fp-1", since: 0 })).toBe(1);
+  });
+
+  test("detectBotPatterns keeps the seed's behaviour", async () => {
+    const args = { fingerprint: "fp-2", ip: "198.51.100.1", userAgent: "x", detectionType: "ai_scraper" } as const;
+    let last = { action: "", previousAttempts: -1 };
+    for (let i = 0; i < 7; i++) last = await t.mutation(internal.ai.analytics.detectBotPatterns, args);
+    expect(last).toEqual({ action: "challenged", previousAttempts: 6 });
+  });
+});

@@ -1,0 +1,18 @@
+/// <reference types="vite/client" />
+// A fresh convex-test deployment of our functions with the rate limiter component.
+import { register } from "@convex-dev/rate-limiter/test";
+import { convexTest } from "convex-test";
+import schema from "../convex/schema";
+
+export const modules = import.meta.glob("../convex/**/*.*s");
+
+export function newDeployment() {
+  const t = convexTest(schema, modules);
+  register(t, "rateLimiter");
+  return t;
+}
+
+export type Deployment = ReturnType<typeof newDeployment>;
+
+/** A minute-aligned epoch time (ms) to start tests at. */
+export const T0 = 28_333_333 * 60_000;
