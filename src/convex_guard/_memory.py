@@ -206,6 +206,8 @@ class MemoryStore:
         sweep = self._sweep
         sweep.append((slot, full_at(config, state)))
         for _ in range(2):
+            if not sweep:
+                break
             entry = sweep.popleft()
             if now < entry[1]:
                 sweep.append(entry)

@@ -1,0 +1,57 @@
+"""The per-request guard context, kept in `scope["state"]` so `request.state` sees it too."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._limits import LimitResult
+from ._store import BotAction
+
+STATE_KEY = "convex_guard"
+
+
+@dataclass(slots=True)
+class Usage:
+    """What the app reports about an AI call, for the request log."""
+
+    model: str | None = None
+    tokens: int | None = None
+    cost: float | None = None
+
+
+@dataclass(slots=True)
+class GuardContext:
+    """Everything the middlewares learned about one request, for the next ones and the app.
+
+    Each middleware fills its own fields; one that needs a field another fills checks at
+    construction that the other runs first, so a missing field here is a bug, not a client error.
+    """
+
+    client_ip: str | None = None
+    fingerprint: str | None = None
+    user_agent: str | None = None
+    user_id: str | None = None
+    api_key_id: str | None = None
+    api_key_name: str | None = None
+    api_key_hash: str | None = None
+    scopes: tuple[str, ...] = ()
+    bot_category: str | None = None
+    bot_action: BotAction | None = None
+    limits: dict[str, LimitResult] = field(default_factory=dict)
+    #: Why the guard itself answered (e.g. "rate_limited:ipAIRequests"), for the request log.
+    rejected: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+def guard_context(scope: MutableMapping[str, Any]) -> GuardContext:
+    """The request's guard context, created on first use."""
+    state = scope.get("state")
+    if state is None:
+        state = scope["state"] = {}
+    ctx = state.get(STATE_KEY)
+    if ctx is None:
+        ctx = state[STATE_KEY] = GuardContext()
+    assert isinstance(ctx, GuardContext)
+    return ctx

@@ -1,0 +1,163 @@
+"""Rate-limit rules: which requests a limit applies to, keyed how, and what they cost."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Collection, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from starlette.requests import Request
+
+from ._context import GuardContext
+from ._errors import ConfigurationError
+from ._limits import LimitConfig, LimitResult, check_count
+from ._presets import AI_PROVIDERS, seed_limits
+from ._settings import GuardEnvironment
+
+KeyKind = Literal["global", "ip", "user", "api_key", "fingerprint"]
+#: A key function gets the request and returns the limit's key, or None to skip the rule.
+KeyFunction = Callable[[Request], str | None]
+CountFunction = Callable[[Request], float]
+FailPolicy = Literal["open", "closed"]
+
+_KEY_KINDS = frozenset(("global", "ip", "user", "api_key", "fingerprint"))
+
+
+def _path_matcher(path: str | re.Pattern[str] | None) -> Callable[[str], bool]:
+    if path is None:
+        return lambda _: True
+    if isinstance(path, re.Pattern):
+        return lambda candidate: path.match(candidate) is not None
+    if not path.startswith("/"):
+        raise ConfigurationError(f"Rule path {path!r} must start with '/'")
+    prefix = path.rstrip("/")
+    if not prefix:
+        return lambda _: True
+    boundary = prefix + "/"
+    # A prefix on a segment boundary: "/api/ai" covers "/api/ai/x" but not "/api/aix".
+    return lambda candidate: candidate == prefix or candidate.startswith(boundary)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One limit applied to matching requests.
+
+    - `path`: a prefix on a segment boundary (`"/api/ai"` matches `/api/ai` and `/api/ai/…`)
+      or a compiled regex matched at the start; `None` matches every path.
+    - `methods`: upper-case HTTP methods, `None` for all.
+    - `key`: `"global"` (one shared limit), `"ip"`, `"user"`, `"api_key"`, `"fingerprint"`, or
+      a function of the request. A key that resolves to `None` (an anonymous caller for
+      `"user"`) skips the rule for that request.
+    - `count`: the request's cost, a number or a function of the request.
+    - `fail`: what happens when the store errs or times out: `"open"` lets the request through,
+      `"closed"` answers 503.
+    """
+
+    name: str
+    config: LimitConfig
+    key: KeyKind | KeyFunction = "global"
+    path: str | re.Pattern[str] | None = None
+    methods: Collection[str] | None = None
+    count: float | CountFunction = 1
+    fail: FailPolicy = "open"
+    _matches_path: Callable[[str], bool] = field(init=False, repr=False, compare=False)
+    _methods: frozenset[str] | None = field(init=False, repr=False, compare=False)
+    policy_header: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise ConfigurationError("A rule needs a non-empty name")
+        if '"' in self.name or "\\" in self.name:
+            raise ConfigurationError(f"Rule name {self.name!r} cannot hold quotes or backslashes")
+        if not callable(self.key) and self.key not in _KEY_KINDS:
+            raise ConfigurationError(
+                f"Rule {self.name!r}: key must be one of {sorted(_KEY_KINDS)} or a function"
+            )
+        if self.fail not in ("open", "closed"):
+            raise ConfigurationError(f"Rule {self.name!r}: fail must be 'open' or 'closed'")
+        if not callable(self.count):
+            check_count(self.name, self.config, self.count, False)
+        methods = None if self.methods is None else frozenset(m.upper() for m in self.methods)
+        object.__setattr__(self, "_methods", methods)
+        object.__setattr__(self, "_matches_path", _path_matcher(self.path))
+        window = max(1, math.ceil(self.config.period / 1000))
+        object.__setattr__(
+            self,
+            "policy_header",
+            f'"{self.name}";q={math.floor(self.config.max)};w={window}',
+        )
+
+    def matches(self, path: str, method: str) -> bool:
+        return (self._methods is None or method in self._methods) and self._matches_path(path)
+
+    def resolve_key(
+        self, scope: MutableMapping[str, Any], ctx: GuardContext, request: Callable[[], Request]
+    ) -> tuple[bool, str | None]:
+        """(applies, key) for this request: a rule whose key is unknown does not apply."""
+        key = self.key
+        if key == "global":
+            return True, None
+        if key == "ip":
+            return True, ctx.client_ip or peer_ip(scope)
+        if key == "user":
+            user = ctx.user_id or authenticated_user(scope)
+            return user is not None, user
+        if key == "api_key":
+            return ctx.api_key_id is not None, ctx.api_key_id
+        if key == "fingerprint":
+            return ctx.fingerprint is not None, ctx.fingerprint
+        assert callable(key)
+        value = key(request())
+        return value is not None, value
+
+    def cost(self, request: Callable[[], Request]) -> float:
+        count = self.count
+        return count(request()) if callable(count) else count
+
+
+def peer_ip(scope: MutableMapping[str, Any]) -> str:
+    """The TCP peer, without trusting any header; used when no fingerprint middleware runs."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def authenticated_user(scope: MutableMapping[str, Any]) -> str | None:
+    """The user Starlette's AuthenticationMiddleware put in the scope, if authenticated."""
+    user = scope.get("user")
+    if user is not None and getattr(user, "is_authenticated", False):
+        identity = getattr(user, "identity", None) or getattr(user, "display_name", None)
+        return str(identity) if identity else None
+    return None
+
+
+def ratelimit_header(name: str, result: LimitResult) -> str:
+    """One item of the IETF `RateLimit` field (draft-ietf-httpapi-ratelimit-headers-11)."""
+    remaining = max(0, math.floor(result.remaining))
+    return f'"{name}";r={remaining};t={max(0, math.ceil(result.reset_after / 1000))}'
+
+
+def preset_rules(env: GuardEnvironment | None = None, *, prefix: str = "/api") -> list[Rule]:
+    """The seed's limits as rules over the example gateway's routes.
+
+    `/api/ai/…`: the global limit, per IP and per user; `/api/ai/<provider>/…`: the provider's
+    own limit; `/api/embeddings`: the self-hosted embeddings limit; `/api/search/<provider>`:
+    the search providers' limits.
+    """
+    limits = seed_limits(env)
+    ai = f"{prefix}/ai"
+    rules = [
+        Rule("globalAIRequests", limits["globalAIRequests"], path=ai),
+        Rule("ipAIRequests", limits["ipAIRequests"], key="ip", path=ai),
+        Rule("userAIRequests", limits["userAIRequests"], key="user", path=ai),
+    ]
+    rules += [Rule(f"{p}Requests", limits[f"{p}Requests"], path=f"{ai}/{p}") for p in AI_PROVIDERS]
+    rules.append(
+        Rule("selfHostedEmbeddings", limits["selfHostedEmbeddings"], path=f"{prefix}/embeddings")
+    )
+    rules += [
+        Rule(f"{p}Requests", limits[f"{p}Requests"], path=f"{prefix}/search/{s}")
+        for p, s in (("braveSearch", "brave"), ("serper", "serper"), ("duckduckgo", "duckduckgo"))
+    ]
+    return rules

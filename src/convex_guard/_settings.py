@@ -1,0 +1,48 @@
+"""Configuration from the environment, under the seed's variable names (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._errors import ConfigurationError
+
+
+class GuardEnvironment(BaseSettings):
+    """The seed's environment variables; field names are the variable names, lower-cased.
+
+    Secrets are `SecretStr`, so the admin key and a database URL with a password never show in
+    a repr, a log line or an error.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", frozen=True, case_sensitive=False)
+
+    convex_self_hosted_url: str | None = None
+    convex_url: str | None = None
+    convex_self_hosted_admin_key: SecretStr | None = None
+    convex_cloud_origin: str | None = None
+    convex_site_origin: str | None = None
+    convex_deployment_name: str | None = None
+    database_url: SecretStr | None = None
+    rate_limit_global_requests: Annotated[int, Field(gt=0)] = 10_000
+    rate_limit_window_hours: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
+    rate_limit_shards: Annotated[int, Field(ge=1)] | None = None
+
+    @property
+    def deployment_url(self) -> str | None:
+        """`CONVEX_SELF_HOSTED_URL`, else `CONVEX_URL`."""
+        return self.convex_self_hosted_url or self.convex_url
+
+
+def load_environment() -> GuardEnvironment:
+    """Read the environment, or fail naming each bad variable (never echoing its value)."""
+    try:
+        return GuardEnvironment()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+            for error in exc.errors(include_input=False)
+        )
+        raise ConfigurationError(f"Bad environment: {problems}") from None

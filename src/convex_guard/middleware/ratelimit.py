@@ -1,0 +1,169 @@
+"""Rate limiting: every rule matching a request is decided in one atomic store call."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Sequence
+
+from starlette.datastructures import MutableHeaders
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .._context import GuardContext, guard_context
+from .._errors import ConfigurationError
+from .._logging import ThrottledLog, logger
+from .._problem import QUOTA_EXCEEDED, problem
+from .._rules import Rule, ratelimit_header
+from .._store import LimitRequest, Store
+
+DEFAULT_TIMEOUT = 0.5
+
+
+class RateLimitMiddleware:
+    """Decide all matching `rules` together: all pass and are consumed, or none is consumed.
+
+    A denied request gets 429 with `Retry-After`, the IETF `RateLimit-Policy`/`RateLimit`
+    fields and a problem+json body naming the violated policies; an admitted one on a limited
+    route carries the two fields. A store error or a call slower than `timeout` seconds follows
+    each matching rule's fail policy: closed answers 503, open lets the request through.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store,
+        rules: Sequence[Rule],
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if not rules:
+            raise ConfigurationError("RateLimitMiddleware needs at least one rule")
+        names = [rule.name for rule in rules]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"Rule names must be unique: {names}")
+        if not 0 < timeout < math.inf:
+            raise ConfigurationError("timeout must be a positive number of seconds")
+        self.app = app
+        self.store = store
+        self.rules = tuple(rules)
+        self.timeout = timeout
+        self._store_trouble = ThrottledLog()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        matched = [rule for rule in self.rules if rule.matches(path, method)]
+        if not matched:
+            await self.app(scope, receive, send)
+            return
+
+        ctx = guard_context(scope)
+        request: Request | None = None
+
+        def get_request() -> Request:
+            nonlocal request
+            if request is None:
+                request = Request(scope, receive)
+            return request
+
+        rules: list[Rule] = []
+        limits: list[LimitRequest] = []
+        for rule in matched:
+            try:
+                applies, key = rule.resolve_key(scope, ctx, get_request)
+                count = rule.cost(get_request) if applies else 0.0
+            except Exception:
+                # A bug in the app's key or cost function: its fail policy decides.
+                logger.exception("Rate-limit rule %r: key or cost function failed", rule.name)
+                if rule.fail == "closed":
+                    await self._unavailable(scope, receive, send, ctx)
+                    return
+                continue
+            if applies:
+                rules.append(rule)
+                limits.append(LimitRequest(rule.name, rule.config, key, count))
+        if not rules:
+            await self.app(scope, receive, send)
+            return
+
+        try:
+            async with asyncio.timeout(self.timeout):
+                outcome = await self.store.check(limits)
+        except ConfigurationError as exc:
+            # Only a cost function can get here (constant costs are checked at start-up):
+            # a request costing more than a limit can ever hold is never admitted.
+            logger.warning("Rate limit: request cost refused: %s", exc)
+            ctx.rejected = "rate_limited:cost"
+            await problem(
+                429,
+                "Request cost exceeds what the quota can ever admit",
+                type=QUOTA_EXCEEDED,
+                extra={"violated-policies": [rule.name for rule in rules]},
+            )(scope, receive, send)
+            return
+        except Exception as exc:
+            self._store_trouble.warning("Rate-limit store unavailable (%s): %r", path, exc)
+            if any(rule.fail == "closed" for rule in rules):
+                await self._unavailable(scope, receive, send, ctx)
+            else:
+                await self.app(scope, receive, send)
+            return
+
+        policy = ", ".join(rule.policy_header for rule in rules)
+        for rule, result in zip(rules, outcome.results, strict=True):
+            ctx.limits[rule.name] = result
+        if not outcome.ok:
+            violated = [
+                (rule, result)
+                for rule, result in zip(rules, outcome.results, strict=True)
+                if not result.ok
+            ]
+            retry_ms = max(result.retry_after or 0.0 for _, result in violated)
+            retry = str(max(1, math.ceil(retry_ms / 1000)))
+            names = [rule.name for rule, _ in violated]
+            ctx.rejected = "rate_limited:" + ",".join(names)
+            await problem(
+                429,
+                "Request cannot be satisfied as assigned quota has been exceeded",
+                type=QUOTA_EXCEEDED,
+                detail=f"Quota exceeded for {', '.join(names)}; retry after {retry} s.",
+                headers=[
+                    ("Retry-After", retry),
+                    ("RateLimit-Policy", policy),
+                    (
+                        "RateLimit",
+                        ", ".join(ratelimit_header(rule.name, result) for rule, result in violated),
+                    ),
+                ],
+                extra={"violated-policies": names},
+            )(scope, receive, send)
+            return
+
+        current = ", ".join(
+            ratelimit_header(rule.name, result)
+            for rule, result in zip(rules, outcome.results, strict=True)
+        )
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.append("RateLimit-Policy", policy)
+                headers.append("RateLimit", current)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    async def _unavailable(
+        self, scope: Scope, receive: Receive, send: Send, ctx: GuardContext
+    ) -> None:
+        ctx.rejected = "rate_limit_unavailable"
+        await problem(
+            503,
+            "Rate limiting is unavailable",
+            detail="The rate-limit store did not answer in time; try again shortly.",
+            headers=[("Retry-After", "1")],
+        )(scope, receive, send)

@@ -1,0 +1,107 @@
+"""MemoryStore beyond the algorithm: bounded memory, reset, peek, and the hot-path check."""
+
+from __future__ import annotations
+
+import pytest
+
+from convex_guard import MINUTE, FixedWindow, LimitRequest, MemoryStore, TokenBucket
+from convex_guard._store import BotCheck
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_refilled_state_is_forgotten_without_a_full_scan() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    config = TokenBucket(rate=10, period=1_000)  # refills fully within a second
+    for i in range(1_000):
+        await store.limit("ip", config, key=f"10.0.{i // 256}.{i % 256}")
+    assert store.limit_keys == 1_000  # all partly used, nothing to forget yet
+    clock.now += 2_000  # every key is full again
+    for i in range(2_000):
+        await store.limit("ip", config, key=f"new-{i}")
+        # Each new key sweeps two of the oldest, which are full again and dropped.
+        assert store.limit_keys == max(1_000 - 2 * (i + 1), 0) + (i + 1)
+    assert store.limit_keys == 2_000
+    assert not any(k[1].startswith("10.0.") for k in store._limits)  # all old keys dropped
+
+
+async def test_memory_stays_bounded_under_a_stream_of_distinct_keys() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    config = TokenBucket(rate=1, period=100)  # one token; full again 100 ms after use
+    peak = 0
+    for i in range(50_000):
+        clock.now += 1  # 1 new key per ms: ~100 keys are live at any time
+        await store.limit("ip", config, key=str(i))
+        peak = max(peak, store.limit_keys)
+    assert peak <= 2 * 101 + 2
+
+
+async def test_reset_and_peek() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    config = FixedWindow(rate=3, period=MINUTE, start=0)
+    assert (await store.peek("a", config, key="k")).remaining == 3
+    for _ in range(3):
+        assert (await store.limit("a", config, key="k")).ok
+    denied = await store.limit("a", config, key="k")
+    assert not denied.ok and denied.retry_after is not None
+    peeked = await store.peek("a", config, key="k")
+    assert peeked.remaining == 0 and peeked.ok  # peeking consumes nothing and never denies
+    assert (await store.limit("a", config, key="other")).ok  # keys are independent
+    await store.reset("a", key="k")
+    assert (await store.peek("a", config, key="k")).remaining == 3
+    assert (await store.limit("a", config, key="k")).ok
+
+
+async def test_check_sees_its_own_consumption_for_repeated_slots() -> None:
+    store = MemoryStore(clock=Clock())
+    config = FixedWindow(rate=3, period=MINUTE, start=0)
+    twice = [LimitRequest("a", config, "k", 2), LimitRequest("a", config, "k", 2)]
+    outcome = await store.check(twice)
+    assert not outcome.ok  # 2 + 2 > 3, even though each alone fits
+    assert (await store.peek("a", config, key="k")).remaining == 3
+
+
+async def test_bot_escalation_and_no_consumption_when_blocked() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    config = FixedWindow(rate=100, period=MINUTE, start=0)
+    bot = BotCheck("fp", "1.2.3.4", "curl/8", "bot_useragent", "allowed")
+    actions = []
+    for _ in range(12):
+        clock.now += 1_000
+        outcome = await store.check([LimitRequest("ip", config, "1.2.3.4")], bot=bot)
+        assert outcome.bot is not None
+        actions.append(outcome.bot.action)
+        assert outcome.ok == (outcome.bot.action == "allowed")
+    # Seed rule: more than 5 previous events → challenged, more than 10 → blocked.
+    assert actions == ["allowed"] * 6 + ["challenged"] * 5 + ["blocked"]
+    # Only the 6 allowed requests consumed the limit.
+    assert (await store.peek("ip", config, key="1.2.3.4")).remaining == 94
+    events = await store.bot_events(since=0, limit=100)
+    assert len(events) == 12
+    assert events[0].metadata == {"previousAttempts": 11}  # newest first
+    assert await store.count_bot_events("fp", clock.now - 5_500) == 6
+    clock.now += 3_600_000  # an hour later the history no longer counts
+    outcome = await store.check([], bot=bot)
+    assert outcome.bot is not None and outcome.bot.action == "allowed"
+
+
+async def test_policy_action_is_never_softened_by_history() -> None:
+    store = MemoryStore(clock=Clock())
+    bot = BotCheck("fp", "ip", "GPTBot/1.0", "ai_scraper", "blocked")
+    outcome = await store.check([], bot=bot)
+    assert outcome.bot is not None and outcome.bot.action == "blocked" and not outcome.ok
+
+
+def test_max_rows_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_rows"):
+        MemoryStore(max_rows=0)
