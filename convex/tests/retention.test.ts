@@ -1,0 +1,74 @@
+import { afterEach, beforeEach, describe, expect, test, vi } from "vitest";
+import { internal } from "../convex/_generated/api";
+import { BATCH } from "../convex/retention";
+import { newDeployment, T0, type Deployment } from "./setup";
+
+const DAY = 86_400_000;
+const NOW = T0 + 100 * DAY;
+
+let t: Deployment;
+beforeEach(() => {
+  vi.useFakeTimers();
+  vi.setSystemTime(NOW);
+  t = newDeployment();
+});
+afterEach(() => {
+  vi.useRealTimers();
+  vi.unstubAllEnvs();
+});
+
+function batch(id: string, timestamp: number, n = 1) {
+  const ai = { provider: "openai", model: "m", fingerprint: "fp", ip: "192.0.2.1", success: true, latencyMs: 5 };
+  return {
+    batchId: id,
+    aiRequests: Array.from({ length: n }, (_, i) => ({ ...ai, timestamp: timestamp + i })),
+    embeddingRequests: [
+      { requestId: id, apiKeyHash: "e", timestamp, batchSize: 1, latencyMs: 1, tokensUsed: 1, success: true, model: "m" },
+    ],
+    authFailures: [{ keyHash: "k", timestamp }],
+    botEvents: [
+      { timestamp, fingerprint: "fp", ip: "192.0.2.1", userAgent: "bot", detectionType: "rate_limit" as const, action: "allowed" as const },
+    ],
+    keyUsage: [],
+  };
+}
+
+async function counts() {
+  return t.run(async (ctx) => ({
+    ai: (await ctx.db.query("aiRequestLogs").collect()).length,
+    bots: (await ctx.db.query("botDetectionEvents").collect()).length,
+    emb: (await ctx.db.query("embeddingRequests").collect()).length,
+    fail: (await ctx.db.query("embeddingAuthFailures").collect()).length,
+    rollups: (await ctx.db.query("providerRollups").collect()).length,
+  }));
+}
+
+describe("retention", () => {
+  test("deletes rows older than 30 days only", async () => {
+    await t.mutation(internal.logs.writeBatch, batch("old", NOW - 31 * DAY));
+    await t.mutation(internal.logs.writeBatch, batch("new", NOW - 29 * DAY));
+    expect(await counts()).toEqual({ ai: 2, bots: 2, emb: 2, fail: 2, rollups: 2 });
+    // Both batch ids were processed "now": they stay.
+    expect(await t.mutation(internal.retention.purge, {})).toEqual({ deleted: 5, more: false });
+    expect(await counts()).toEqual({ ai: 1, bots: 1, emb: 1, fail: 1, rollups: 1 });
+    const left = await t.run(async (ctx) => ctx.db.query("aiRequestLogs").first());
+    expect(left?.timestamp).toBe(NOW - 29 * DAY);
+  });
+
+  test("CONVEX_GUARD_RETENTION_DAYS overrides the retention", async () => {
+    vi.stubEnv("CONVEX_GUARD_RETENTION_DAYS", "7");
+    await t.mutation(internal.logs.writeBatch, batch("a", NOW - 8 * DAY));
+    await t.mutation(internal.logs.writeBatch, batch("b", NOW - 6 * DAY));
+    await t.mutation(internal.retention.purge, {});
+    expect((await counts()).ai).toBe(1);
+  });
+
+  test("deletes in bounded batches and reschedules itself while more remain", async () => {
+    await t.mutation(internal.logs.writeBatch, batch("old", NOW - 40 * DAY, BATCH + 20));
+    const first = await t.mutation(internal.retention.purge, {});
+    expect(first.more).toBe(true);
+    expect((await counts()).ai).toBe(20);
+    await t.finishAllScheduledFunctions(vi.runAllTimers);
+    expect(await counts()).toEqual({ ai: 0, bots: 0, emb: 0, fail: 0, rollups: 0 });
+  });
+});
