@@ -169,15 +169,17 @@ def _compile(config: LimitConfig) -> Decider:
     rate = config.rate
     period = config.period
     max_reserved = config.max_reserved
+    ceil = math.ceil
+    result = LimitResult
 
     def denied_or_reserved(
         state: LimitState, available: float, value: float, ts: float, now: float, retry: float
     ) -> tuple[LimitResult, LimitState]:
         if reserve_ok(value):
-            return LimitResult(True, retry, 0.0, _until_full(config, value, ts, now)), (value, ts)
+            return result(True, retry, 0.0, _until_full(config, value, ts, now)), (value, ts)
         # Denied: report what the caller still has, the tokens available before this count.
         still = available if available > 0 else 0.0
-        return LimitResult(False, retry, still, _until_full(config, still, ts, now)), state
+        return result(False, retry, still, _until_full(config, still, ts, now)), state
 
     def reserve_ok(value: float) -> bool:
         return max_reserved is None or -value <= max_reserved
@@ -194,11 +196,11 @@ def _compile(config: LimitConfig) -> Decider:
                 available = cap
             value = available - count
             if value >= 0:
-                return LimitResult(True, None, value, (cap - value) / per_ms), (value, now)
+                return result(True, None, value, (cap - value) / per_ms), (value, now)
             if reserve:
                 return denied_or_reserved(state, available, value, now, now, -value / per_ms)
             still = available if available > 0 else 0.0
-            return LimitResult(False, -value / per_ms, still, (cap - still) / per_ms), state
+            return result(False, -value / per_ms, still, (cap - still) / per_ms), state
 
         return token_bucket
 
@@ -213,13 +215,13 @@ def _compile(config: LimitConfig) -> Decider:
         value = available - count
         ts += windows * period
         if value >= 0:
-            reset = ts + period * math.ceil((cap - value) / rate) - now if value < cap else 0.0
-            return LimitResult(True, None, value, reset), (value, ts)
-        retry = ts + period * math.ceil(-value / rate) - now
+            reset = ts + period * ceil((cap - value) / rate) - now if value < cap else 0.0
+            return result(True, None, value, reset), (value, ts)
+        retry = ts + period * ceil(-value / rate) - now
         if reserve:
             return denied_or_reserved(state, available, value, ts, now, retry)
         still = available if available > 0 else 0.0
-        return LimitResult(False, retry, still, _until_full(config, still, ts, now)), state
+        return result(False, retry, still, _until_full(config, still, ts, now)), state
 
     return fixed_window
 

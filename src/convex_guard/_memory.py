@@ -134,7 +134,7 @@ class MemoryStore:
             initial_state(config, now, self._random), now, count, reserve
         )
         if result.ok:
-            self._insert(slot, state, config, now)
+            self._insert(slot, state, config, now, now + result.reset_after)
         return result
 
     async def check(
@@ -181,16 +181,21 @@ class MemoryStore:
             pending[slot] = new_state
             decided.append((request, result, new_state, fresh))
         if ok:
-            for request, _, new_state, fresh in decided:
+            for request, result, new_state, fresh in decided:
                 slot = (request.name, request.key)
                 if fresh:
-                    self._insert(slot, new_state, request.config, now)
+                    self._insert(slot, new_state, request.config, now, now + result.reset_after)
                 else:
                     self._limits[slot] = new_state
         return CheckResult(ok, tuple(result for _, result, _, _ in decided), verdict)
 
     def _insert(
-        self, slot: tuple[str, str | None], state: LimitState, config: LimitConfig, now: float
+        self,
+        slot: tuple[str, str | None],
+        state: LimitState,
+        config: LimitConfig,
+        now: float,
+        full: float,
     ) -> None:
         """Store a new slot, and sweep two old ones so the sweep outruns growth.
 
@@ -198,13 +203,14 @@ class MemoryStore:
         sweep holds each live slot once (plus, briefly, slots that were reset). Sweeping two per
         insertion bounds the states held to twice those not yet refilled. Each sweep entry
         carries the earliest time its slot can be full: consuming only delays that, so an entry
-        whose time has not come is passed over without reading its state.
+        whose time has not come is passed over without reading its state. `full` is that time
+        for the new slot (the decision's `now + reset_after`).
         """
         limits = self._limits
         limits[slot] = state
         self._configs[slot[0]] = config
         sweep = self._sweep
-        sweep.append((slot, full_at(config, state)))
+        sweep.append((slot, full))
         for _ in range(2):
             if not sweep:
                 break
