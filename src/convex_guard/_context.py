@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.types import ASGIApp
+
 from ._limits import LimitResult
-from ._store import BotAction
+from ._store import BotAction, BotCheck, BotVerdict
 
 STATE_KEY = "convex_guard"
 
@@ -19,6 +21,8 @@ class Usage:
     model: str | None = None
     tokens: int | None = None
     cost: float | None = None
+    #: Inputs in an embedding batch, for the embedding request log.
+    items: int | None = None
 
 
 @dataclass(slots=True)
@@ -29,7 +33,10 @@ class GuardContext:
     construction that the other runs first, so a missing field here is a bug, not a client error.
     """
 
+    #: The client's address as resolved (trusted proxies only), e.g. "2001:db8::7".
     client_ip: str | None = None
+    #: The key limits use for the client: the address, or its network for IPv6 (a /64).
+    client_key: str | None = None
     fingerprint: str | None = None
     user_agent: str | None = None
     user_id: str | None = None
@@ -39,10 +46,21 @@ class GuardContext:
     scopes: tuple[str, ...] = ()
     bot_category: str | None = None
     bot_action: BotAction | None = None
+    #: A flagged request's bot check, left for the rate-limit middleware to decide in the same
+    #: store call as the limits (set only when bot detection defers to it).
+    pending_bot: PendingBot | None = None
     limits: dict[str, LimitResult] = field(default_factory=dict)
     #: Why the guard itself answered (e.g. "rate_limited:ipAIRequests"), for the request log.
     rejected: str | None = None
     usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(slots=True)
+class PendingBot:
+    """A bot check deferred to the rate-limit middleware, and how to answer its verdict."""
+
+    check: BotCheck
+    respond: Callable[[BotVerdict], ASGIApp | None]
 
 
 def guard_context(scope: MutableMapping[str, Any]) -> GuardContext:

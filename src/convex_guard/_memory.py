@@ -142,26 +142,13 @@ class MemoryStore:
     ) -> CheckResult:
         for request in limits:
             check_count(request.name, request.config, request.count, request.reserve)
+        if bot is not None and bot.limit is not None:
+            check_count(bot.limit.name, bot.limit.config, bot.limit.count, bot.limit.reserve)
         now = self._clock()
         verdict: BotVerdict | None = None
         if bot is not None:
-            previous = self._count_events(bot.fingerprint, now - ESCALATION_WINDOW_MS)
-            action = escalate(bot.action, previous)
-            metadata = dict(bot.metadata or {})
-            metadata["previousAttempts"] = previous
-            self._add_event(
-                BotEvent(
-                    timestamp=now,
-                    fingerprint=bot.fingerprint,
-                    ip=bot.ip,
-                    user_agent=bot.user_agent,
-                    detection_type=bot.detection_type,
-                    action=action,
-                    metadata=metadata,
-                )
-            )
-            verdict = BotVerdict(action, previous)
-            if action != "allowed":
+            verdict = self._decide_bot(bot, now)
+            if verdict.action != "allowed":
                 return CheckResult(False, (), verdict)
         decided: list[tuple[LimitRequest, LimitResult, LimitState, bool]] = []
         ok = True
@@ -182,12 +169,55 @@ class MemoryStore:
             decided.append((request, result, new_state, fresh))
         if ok:
             for request, result, new_state, fresh in decided:
-                slot = (request.name, request.key)
-                if fresh:
-                    self._insert(slot, new_state, request.config, now, now + result.reset_after)
-                else:
-                    self._limits[slot] = new_state
+                self._save(
+                    (request.name, request.key), new_state, request.config, fresh, now, result
+                )
         return CheckResult(ok, tuple(result for _, result, _, _ in decided), verdict)
+
+    def _decide_bot(self, bot: BotCheck, now: float) -> BotVerdict:
+        """Escalate by history, then by the bot's own limit; record the final decision."""
+        previous = self._count_events(bot.fingerprint, now - ESCALATION_WINDOW_MS)
+        action = escalate(bot.action, previous)
+        if action == "allowed" and bot.limit is not None:
+            request = bot.limit
+            slot = (request.name, request.key)
+            state = self._limits.get(slot)
+            fresh = state is None
+            if state is None:
+                state = initial_state(request.config, now, self._random)
+            result, new_state = request.config.decider(state, now, request.count, request.reserve)
+            if result.ok:
+                self._save(slot, new_state, request.config, fresh, now, result)
+            else:
+                action = "challenged"
+        metadata = dict(bot.metadata or {})
+        metadata["previousAttempts"] = previous
+        self._add_event(
+            BotEvent(
+                timestamp=now,
+                fingerprint=bot.fingerprint,
+                ip=bot.ip,
+                user_agent=bot.user_agent,
+                detection_type=bot.detection_type,
+                action=action,
+                metadata=metadata,
+            )
+        )
+        return BotVerdict(action, previous)
+
+    def _save(
+        self,
+        slot: tuple[str, str | None],
+        state: LimitState,
+        config: LimitConfig,
+        fresh: bool,
+        now: float,
+        result: LimitResult,
+    ) -> None:
+        if fresh:
+            self._insert(slot, state, config, now, now + result.reset_after)
+        else:
+            self._limits[slot] = state
 
     def _insert(
         self,

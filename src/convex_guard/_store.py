@@ -37,8 +37,11 @@ class BotCheck:
     """A flagged request whose fate also depends on its fingerprint's recent history.
 
     `action` is what the category policy alone asks for; the store escalates it (more than
-    `CHALLENGE_AFTER` events in the last hour → challenged, more than `BLOCK_AFTER` → blocked)
-    and records the final decision as a `BotEvent`, in the same atomic call as the limits.
+    `CHALLENGE_AFTER` events in the last hour → challenged, more than `BLOCK_AFTER` → blocked),
+    then, if still allowed, consumes `limit` (the `suspiciousBehavior` limit per fingerprint):
+    denied → challenged. The final decision is recorded as a `BotEvent` with
+    `metadata.previousAttempts`, in the same atomic call as the request's limits; `limit` is
+    consumed whenever the bot is allowed, even if the request's own limits then deny.
     """
 
     fingerprint: str
@@ -47,6 +50,7 @@ class BotCheck:
     detection_type: BotDetectionType
     action: BotAction
     metadata: Metadata | None = None
+    limit: LimitRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)

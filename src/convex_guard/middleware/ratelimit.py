@@ -10,12 +10,12 @@ from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._context import GuardContext, guard_context
+from .._context import STATE_KEY, GuardContext, guard_context
 from .._errors import ConfigurationError
 from .._logging import ThrottledLog, logger
 from .._problem import QUOTA_EXCEEDED, problem
 from .._rules import Rule, ratelimit_header
-from .._store import LimitRequest, Store
+from .._store import BotVerdict, LimitRequest, Store
 
 DEFAULT_TIMEOUT = 0.5
 
@@ -27,6 +27,9 @@ class RateLimitMiddleware:
     fields and a problem+json body naming the violated policies; an admitted one on a limited
     route carries the two fields. A store error or a call slower than `timeout` seconds follows
     each matching rule's fail policy: closed answers 503, open lets the request through.
+
+    A bot check that `BotDetectionMiddleware(defer=True)` left in the guard context is decided
+    in the same store call, so a request costs one round trip whatever it triggers.
     """
 
     def __init__(
@@ -57,7 +60,10 @@ class RateLimitMiddleware:
         path: str = scope["path"]
         method: str = scope["method"]
         matched = [rule for rule in self.rules if rule.matches(path, method)]
-        if not matched:
+        state = scope.get("state")
+        ctx = state.get(STATE_KEY) if state else None
+        pending = ctx.pending_bot if ctx is not None else None
+        if not matched and pending is None:
             await self.app(scope, receive, send)
             return
 
@@ -86,13 +92,15 @@ class RateLimitMiddleware:
             if applies:
                 rules.append(rule)
                 limits.append(LimitRequest(rule.name, rule.config, key, count))
-        if not rules:
+        if not rules and pending is None:
             await self.app(scope, receive, send)
             return
 
         try:
             async with asyncio.timeout(self.timeout):
-                outcome = await self.store.check(limits)
+                outcome = await self.store.check(
+                    limits, bot=pending.check if pending is not None else None
+                )
         except ConfigurationError as exc:
             # Only a cost function can get here (constant costs are checked at start-up):
             # a request costing more than a limit can ever hold is never admitted.
@@ -107,12 +115,26 @@ class RateLimitMiddleware:
             return
         except Exception as exc:
             self._store_trouble.warning("Rate-limit store unavailable (%s): %r", path, exc)
+            if pending is not None and pending.check.action == "blocked":
+                # A category blocked by policy needs no store to be refused.
+                answer = pending.respond(BotVerdict("blocked", 0))
+                if answer is not None:
+                    await answer(scope, receive, send)
+                    return
             if any(rule.fail == "closed" for rule in rules):
                 await self._unavailable(scope, receive, send, ctx)
             else:
                 await self.app(scope, receive, send)
             return
 
+        if pending is not None and outcome.bot is not None:
+            answer = pending.respond(outcome.bot)
+            if answer is not None:
+                await answer(scope, receive, send)
+                return
+        if not rules:
+            await self.app(scope, receive, send)
+            return
         policy = ", ".join(rule.policy_header for rule in rules)
         for rule, result in zip(rules, outcome.results, strict=True):
             ctx.limits[rule.name] = result

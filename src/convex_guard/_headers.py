@@ -1,0 +1,26 @@
+"""Reading raw ASGI headers without ever raising on what a client sends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+#: Longest header value we keep for logs and stored rows; the rest is cut, never rejected.
+MAX_STORED = 512
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """All values of header `name` (lower-case) joined by ", ", decoded as latin-1.
+
+    Latin-1 maps every byte to a character, so no client bytes can make decoding fail.
+    """
+    found: list[bytes] = [value for key, value in headers if key.lower() == name]
+    if not found:
+        return None
+    return b", ".join(found).decode("latin-1")
+
+
+def bounded(value: str | None, limit: int = MAX_STORED) -> str:
+    """A value safe to store: at most `limit` characters."""
+    if not value:
+        return ""
+    return value if len(value) <= limit else value[:limit]
