@@ -1,0 +1,346 @@
+"""The buffered log writer every middleware shares: rows go to the store in batches, never one
+write per request, and survive a store outage in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._errors import ConfigurationError
+from ._logging import ThrottledLog, logger
+from ._store import (
+    AIRequestLog,
+    AuthFailure,
+    BotEvent,
+    EmbeddingRequestLog,
+    KeyUsage,
+    LogBatch,
+    Store,
+)
+
+Row = AIRequestLog | EmbeddingRequestLog | AuthFailure | BotEvent
+
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_INTERVAL = 1.0
+DEFAULT_MAX_BUFFER = 10_000
+DEFAULT_MAX_BACKOFF = 30.0
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0
+_FIRST_BACKOFF = 0.05
+
+
+class LogWriter:
+    """Buffers log rows and writes them as one `LogBatch` per flush.
+
+    Sharing: one writer per store. `LogWriter.for_store(store)` returns that writer (creating
+    it on first use), and every middleware given only a store uses it, so the request logger,
+    the API key middleware and the bot middleware fill the same batches. Pass an explicit
+    writer instead to choose its sizes.
+
+    Lifecycle: a background task flushes every `interval` seconds, or sooner when
+    `batch_size` rows wait. The middlewares start it at ASGI lifespan startup and `close()` it
+    at shutdown (flushing everything first); without lifespan it starts on the first row, and
+    the app must `await writer.close()` itself at exit, or up to `interval` seconds of rows
+    are lost with the process.
+
+    Failure: a batch the store refuses is retried, with the same `id` (the store dedupes, so a
+    retry after a lost answer lands once), with exponential backoff capped at `max_backoff`
+    seconds; later rows wait behind it, so order is kept. The buffer holds at most
+    `max_buffer` rows; rows that arrive when it is full are dropped, counted in `dropped`, and
+    reported by a throttled warning.
+
+    Not thread-safe: use it from one event loop at a time (the ASGI server's).
+    """
+
+    _shared: ClassVar[weakref.WeakKeyDictionary[Any, LogWriter]] = weakref.WeakKeyDictionary()
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        interval: float = DEFAULT_INTERVAL,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        max_backoff: float = DEFAULT_MAX_BACKOFF,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigurationError("batch_size must be at least 1")
+        if max_buffer < batch_size:
+            raise ConfigurationError("max_buffer must be at least batch_size")
+        for name, value in (
+            ("interval", interval),
+            ("max_backoff", max_backoff),
+            ("shutdown_timeout", shutdown_timeout),
+        ):
+            if not 0 < value < float("inf"):
+                raise ConfigurationError(f"{name} must be a positive number of seconds")
+        self.store = store
+        self.batch_size = batch_size
+        self.interval = interval
+        self.max_buffer = max_buffer
+        self.max_backoff = max_backoff
+        self.shutdown_timeout = shutdown_timeout
+        #: Rows dropped because the buffer was full (or still unwritten at a timed-out close).
+        self.dropped = 0
+        #: Batches the store accepted; for tests and health checks.
+        self.batches_written = 0
+        self._rows: deque[Row] = deque()
+        self._usage: dict[str, KeyUsage] = {}
+        self._pending: LogBatch | None = None  # taken from the buffer, not yet accepted
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False  # after close(), only an explicit start() restarts the flusher
+        self._overflow = ThrottledLog()
+        self._store_trouble = ThrottledLog()
+
+    @classmethod
+    def for_store(cls, store: Store) -> LogWriter:
+        """The one writer for `store`, so every middleware's rows share its batches."""
+        writer = cls._shared.get(store)
+        if writer is None:
+            writer = cls._shared[store] = cls(store)
+        return writer
+
+    def __repr__(self) -> str:
+        return f"LogWriter(buffered={self.buffered}, dropped={self.dropped})"
+
+    @property
+    def buffered(self) -> int:
+        """Rows waiting, including a batch being retried."""
+        pending = self._pending
+        in_pending = 0 if pending is None else _batch_rows(pending)
+        return len(self._rows) + len(self._usage) + in_pending
+
+    # -- adding rows (sync: called on the request path) --------------------------------------
+    def add(self, row: Row) -> None:
+        if self.buffered >= self.max_buffer:
+            self.dropped += 1
+            self._overflow.warning(
+                "Log buffer full (%d rows): dropped a %s row (%d dropped so far)",
+                self.max_buffer,
+                type(row).__name__,
+                self.dropped,
+            )
+            return
+        self._rows.append(row)
+        self._started()
+        if len(self._rows) >= self.batch_size and self._wake is not None:
+            self._wake.set()
+
+    def record_key_usage(self, key_id: str, when: float) -> None:
+        """Count one use of a key; uses are summed per key until the next flush."""
+        usage = self._usage.get(key_id)
+        if usage is None:
+            if self.buffered >= self.max_buffer:
+                self.dropped += 1
+                self._overflow.warning("Log buffer full: dropped a key usage update")
+                return
+            self._usage[key_id] = KeyUsage(key_id, when, 1)
+        else:
+            self._usage[key_id] = KeyUsage(key_id, max(when, usage.last_used), usage.requests + 1)
+        self._started()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def _started(self) -> None:
+        """Start the flusher lazily, in the running loop (for apps without lifespan)."""
+        task = self._task
+        if self._closed or (task is not None and not task.done()):
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: `start()` or the next row will do it
+        self.start_nowait()
+
+    def start_nowait(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = self._task
+        if task is not None and not task.done() and self._loop is loop:
+            return
+        self._loop = loop
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._task = loop.create_task(self._run(), name="convex-guard log writer")
+
+    async def start(self) -> None:
+        self._closed = False
+        self.start_nowait()
+
+    async def close(self) -> None:
+        """Stop the flusher and write everything buffered, within `shutdown_timeout` seconds.
+
+        Rows still unwritten when the time is up (the store is down) are counted as dropped
+        and reported, rather than holding the server's shutdown forever. Safe to call twice.
+        """
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._lock is None or self._loop is not asyncio.get_running_loop():
+            self._lock = asyncio.Lock()
+            self._loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.shutdown_timeout):
+                await self.flush()
+        except TimeoutError:
+            lost = self.buffered
+            self.dropped += lost
+            self._rows.clear()
+            self._usage.clear()
+            self._pending = None
+            logger.warning("Log writer: store unavailable at shutdown; %d rows lost", lost)
+
+    # -- flushing ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        wake = self._wake
+        assert wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await wake.wait()
+            wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write everything buffered now, retrying (in order) until the store accepts it."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            while True:
+                batch = self._pending or self._take()
+                if batch is None:
+                    return
+                self._pending = batch
+                await self._write(batch)
+                self._pending = None
+                self.batches_written += 1
+
+    def _take(self) -> LogBatch | None:
+        if not self._rows and not self._usage:
+            return None
+        ai: list[AIRequestLog] = []
+        embeddings: list[EmbeddingRequestLog] = []
+        failures: list[AuthFailure] = []
+        events: list[BotEvent] = []
+        rows = self._rows
+        for _ in range(min(self.batch_size, len(rows))):
+            row = rows.popleft()
+            if isinstance(row, AIRequestLog):
+                ai.append(row)
+            elif isinstance(row, EmbeddingRequestLog):
+                embeddings.append(row)
+            elif isinstance(row, AuthFailure):
+                failures.append(row)
+            else:
+                events.append(row)
+        usage = tuple(self._usage.values())
+        self._usage = {}
+        return LogBatch(
+            id=uuid.uuid4().hex,
+            ai_requests=tuple(ai),
+            embedding_requests=tuple(embeddings),
+            auth_failures=tuple(failures),
+            bot_events=tuple(events),
+            key_usage=usage,
+        )
+
+    async def _write(self, batch: LogBatch) -> None:
+        delay = _FIRST_BACKOFF
+        while True:
+            try:
+                await self.store.write_logs(batch)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._store_trouble.warning(
+                    "Log writer: store refused a batch of %d rows (%r); retrying in %.2f s",
+                    _batch_rows(batch),
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_backoff)
+
+
+def _batch_rows(batch: LogBatch) -> int:
+    return (
+        len(batch.ai_requests)
+        + len(batch.embedding_requests)
+        + len(batch.auth_failures)
+        + len(batch.bot_events)
+        + len(batch.key_usage)
+    )
+
+
+async def run_lifespan(
+    app: ASGIApp, writers: tuple[LogWriter, ...], scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Pass the lifespan to `app`, starting `writers` at startup and flushing them at shutdown.
+
+    An app without lifespan support (it raises before answering anything) is spoken for: the
+    startup and shutdown are answered here, so the writers still flush when the server stops.
+    """
+    answered = False
+    startup_seen = False
+
+    async def start_all() -> None:
+        for writer in writers:
+            await writer.start()
+
+    async def close_all() -> None:
+        for writer in writers:
+            await writer.close()
+
+    async def wrapped_receive() -> Message:
+        nonlocal startup_seen
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            startup_seen = True
+            await start_all()
+        return message
+
+    async def wrapped_send(message: Message) -> None:
+        nonlocal answered
+        answered = True
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            await close_all()
+        await send(message)
+
+    try:
+        await app(scope, wrapped_receive, wrapped_send)
+    except Exception:
+        if answered:
+            raise
+        logger.debug("The app does not support lifespan; the guard answers it to flush its logs")
+        if startup_seen:
+            await send({"type": "lifespan.startup.complete"})
+        await _answer_lifespan(receive, send, start_all, close_all)
+
+
+async def _answer_lifespan(
+    receive: Receive,
+    send: Send,
+    start_all: Callable[[], Awaitable[None]],
+    close_all: Callable[[], Awaitable[None]],
+) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await start_all()
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await close_all()
+            await send({"type": "lifespan.shutdown.complete"})
+            return

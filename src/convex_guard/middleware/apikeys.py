@@ -1,0 +1,407 @@
+"""API keys: `Authorization: Bearer …` or `X-API-Key`, verified by hash, scoped per route."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .._apikeys import NO_KEY, hash_key, is_well_formed, key_status
+from .._context import GuardContext, guard_context
+from .._errors import ConfigurationError
+from .._limits import FixedWindow, LimitConfig
+from .._logging import ThrottledLog
+from .._logwriter import LogWriter, run_lifespan
+from .._presets import seed_limits
+from .._problem import QUOTA_EXCEEDED, problem
+from .._rules import _path_matcher, peer_ip
+from .._store import ApiKeyKind, ApiKeyRecord, AuthFailure, BotEvent, Store
+
+DEFAULT_CACHE_TTL = 5.0
+DEFAULT_CACHE_SIZE = 10_000
+DEFAULT_TIMEOUT = 0.5
+#: Header values longer than this are refused before any parsing.
+MAX_HEADER_BYTES = 1024
+FAILED_AUTH = "failedAuth"
+REALM = 'Bearer realm="convex-guard"'
+
+Clock = Callable[[], float]
+
+
+def _wall_clock_ms() -> float:
+    return time.time() * 1000.0
+
+
+@dataclass(frozen=True)
+class KeyRoute:
+    """Which requests need (or may carry) an API key, of which kind, with which scopes.
+
+    - `path`: a prefix on a segment boundary (`"/api/ai"` covers `/api/ai/…`, not `/api/aix`).
+    - `methods`: upper-case HTTP methods, `None` for all.
+    - `scopes`: every one of them must be granted to the key (else 403).
+    - `kind`: the kind of key accepted here, `"ai"` or `"embedding"`.
+    - `required`: without a key the request is refused (401); when false, anonymous requests
+      pass, but a key that is presented must still be valid.
+    """
+
+    path: str
+    methods: Collection[str] | None = None
+    scopes: Collection[str] = ()
+    kind: ApiKeyKind = "ai"
+    required: bool = True
+    _matches_path: Callable[[str], bool] = field(init=False, repr=False, compare=False)
+    _methods: frozenset[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ai", "embedding"):
+            raise ConfigurationError(f"KeyRoute {self.path!r}: kind must be 'ai' or 'embedding'")
+        if isinstance(self.scopes, str):
+            raise ConfigurationError(f"KeyRoute {self.path!r}: scopes must be a list of names")
+        methods = None if self.methods is None else frozenset(m.upper() for m in self.methods)
+        object.__setattr__(self, "_methods", methods)
+        object.__setattr__(self, "_matches_path", _path_matcher(self.path))
+
+    def matches(self, path: str, method: str) -> bool:
+        return (self._methods is None or method in self._methods) and self._matches_path(path)
+
+
+class _Malformed(Exception):
+    """The credentials header cannot be a key; the request is refused without a lookup."""
+
+
+def _presented_key(scope: Scope) -> str | None:
+    """The key presented in `Authorization: Bearer` or `X-API-Key`, `None` if neither is.
+
+    Raises `_Malformed` for anything ambiguous or unparsable: several credentials headers,
+    two different keys, `Bearer` without a token, non-ASCII or oversized values.
+    """
+    bearer: list[bytes] = []
+    api_key: list[bytes] = []
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            if len(value) > MAX_HEADER_BYTES:
+                raise _Malformed("oversized Authorization header")
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer":
+                bearer.append(token.strip())
+        elif name == b"x-api-key":
+            if len(value) > MAX_HEADER_BYTES:
+                raise _Malformed("oversized X-API-Key header")
+            api_key.append(value.strip())
+    if len(bearer) > 1 or len(api_key) > 1:
+        raise _Malformed("several credentials headers")
+    found = set(bearer + api_key)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise _Malformed("two different keys")
+    raw = found.pop()
+    if not raw:
+        raise _Malformed("empty token")
+    try:
+        key = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise _Malformed("non-ASCII token") from None
+    if not is_well_formed(key):
+        raise _Malformed("malformed token")
+    return key
+
+
+@lru_cache(maxsize=256)
+def _key_limit(requests: int, period: float) -> LimitConfig:
+    # Built once per distinct limit: a config is a pydantic model, too slow to build per request.
+    return FixedWindow(rate=requests, period=period)
+
+
+class ApiKeyMiddleware:
+    """Verify API keys on the routes in `routes` (first match wins) and fill the guard context.
+
+    The key's hash is looked up in the store; positive lookups are cached in-process for
+    `cache_ttl` seconds (bounded LRU of `cache_size`), so a revoked key stops working within
+    `cache_ttl` seconds on every instance. Expiry is checked on every request, cached or not.
+
+    Failures get 401 (no key, or an invalid one: RFC 6750 `invalid_token`) or 403 (a valid key
+    without the route's scopes: `insufficient_scope`), each recorded as an auth failure and
+    charged to the client IP's `failed_auth` limit (the seed's `failedAuth`: 10 per hour).
+    Once that is spent the client gets 429 and a `rate_limit` bot event is recorded; the IP
+    is then refused locally, without a lookup, until the limit's retry time: guessing keys
+    costs the guesser, not the store.
+
+    A key's own rate limit (`requests` per `period`) is applied through the store under
+    `apiKey:<id>`. Auth failures, bot events and key usage go through `writer` (by default the
+    store's shared `LogWriter`), in batches. A store that cannot answer within `timeout`
+    seconds makes keyed requests fail closed with 503: a key that cannot be checked is not
+    trusted.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store,
+        routes: Sequence[KeyRoute],
+        writer: LogWriter | None = None,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        failed_auth: LimitConfig | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        clock: Clock | None = None,
+    ) -> None:
+        if not routes:
+            raise ConfigurationError("ApiKeyMiddleware needs at least one KeyRoute")
+        if not 0 <= cache_ttl < math.inf:
+            raise ConfigurationError("cache_ttl must be a non-negative number of seconds")
+        if cache_size < 1:
+            raise ConfigurationError("cache_size must be at least 1")
+        if not 0 < timeout < math.inf:
+            raise ConfigurationError("timeout must be a positive number of seconds")
+        self.app = app
+        self.store = store
+        self.routes = tuple(routes)
+        self.writer = writer if writer is not None else LogWriter.for_store(store)
+        self.cache_ttl = cache_ttl
+        self.cache_size = cache_size
+        self.failed_auth = failed_auth if failed_auth is not None else seed_limits()[FAILED_AUTH]
+        self.timeout = timeout
+        self.clock: Clock = clock or _wall_clock_ms
+        self._cache: OrderedDict[str, tuple[ApiKeyRecord, float]] = OrderedDict()
+        # IP -> epoch ms until which its failed-auth limit is known to be spent.
+        self._throttled: OrderedDict[str, float] = OrderedDict()
+        self._bad_input = ThrottledLog()
+        self._throttle_log = ThrottledLog()
+        self._store_trouble = ThrottledLog()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await run_lifespan(self.app, (self.writer,), scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        route = next((r for r in self.routes if r.matches(path, method)), None)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+
+        ctx = guard_context(scope)
+        now = self.clock()
+        ip = ctx.client_ip or peer_ip(scope)
+        try:
+            raw = _presented_key(scope)
+        except _Malformed as exc:
+            self._bad_input.warning("API key refused from %s on %s: %s", ip, path, exc)
+            await self._fail(scope, receive, send, ctx, ip, now, NO_KEY, 401, "invalid_token")
+            return
+        if raw is None:
+            if route.required:
+                await self._fail(scope, receive, send, ctx, ip, now, NO_KEY, 401, None)
+            else:
+                await self.app(scope, receive, send)
+            return
+
+        key_hash = hash_key(raw)
+        del raw  # from here on only the hash exists
+        if self._throttled_until(ip, now):
+            await self._throttle(scope, receive, send, ctx, ip, now, self._throttled[ip])
+            return
+        try:
+            record = await self._lookup(key_hash, now)
+        except Exception as exc:
+            self._store_trouble.warning("API key lookup failed (%s): %r", path, exc)
+            ctx.rejected = "api_key_unavailable"
+            await problem(
+                503,
+                "API key verification is unavailable",
+                detail="The key store did not answer in time; try again shortly.",
+                headers=[("Retry-After", "1")],
+            )(scope, receive, send)
+            return
+        status = key_status(record, now, route.kind)
+        if status != "valid" or record is None:
+            await self._fail(scope, receive, send, ctx, ip, now, key_hash, 401, "invalid_token")
+            return
+        missing = [s for s in route.scopes if s not in record.scopes]
+        if missing:
+            await self._fail(
+                scope, receive, send, ctx, ip, now, key_hash, 403, "insufficient_scope", missing
+            )
+            return
+
+        ctx.api_key_id = record.id
+        ctx.api_key_name = record.name
+        ctx.api_key_hash = key_hash
+        ctx.scopes = record.scopes
+        if record.owner is not None:
+            ctx.user_id = record.owner
+        if record.rate_limit is not None and not await self._within_key_limit(
+            scope, receive, send, ctx, record
+        ):
+            return
+        self.writer.record_key_usage(record.id, now)
+        await self.app(scope, receive, send)
+
+    # -- lookups ---------------------------------------------------------------------------
+    async def _lookup(self, key_hash: str, now: float) -> ApiKeyRecord | None:
+        cache = self._cache
+        hit = cache.get(key_hash)
+        if hit is not None:
+            record, cached_at = hit
+            if now - cached_at < self.cache_ttl * 1000:
+                cache.move_to_end(key_hash)
+                return record
+            del cache[key_hash]
+        async with asyncio.timeout(self.timeout):
+            found = await self.store.find_api_key(key_hash)
+        # Only usable keys are cached: a revoked or unknown key is looked up again each time,
+        # so a guesser gains nothing from the cache and a restored key works at once.
+        if found is not None and key_status(found, now, None) == "valid" and self.cache_ttl:
+            cache[key_hash] = (found, now)
+            if len(cache) > self.cache_size:
+                cache.popitem(last=False)
+        return found
+
+    def _throttled_until(self, ip: str, now: float) -> bool:
+        until = self._throttled.get(ip)
+        if until is None:
+            return False
+        if now < until:
+            return True
+        del self._throttled[ip]
+        return False
+
+    async def _within_key_limit(
+        self, scope: Scope, receive: Receive, send: Send, ctx: GuardContext, record: ApiKeyRecord
+    ) -> bool:
+        limit = record.rate_limit
+        assert limit is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await self.store.limit(
+                    f"apiKey:{record.id}", _key_limit(limit.requests, limit.period), key=record.id
+                )
+        except Exception as exc:
+            # The key is valid; only its own quota is unknown: let it through, and say so.
+            self._store_trouble.warning("API key rate limit unavailable: %r", exc)
+            return True
+        ctx.limits["apiKey"] = result
+        if result.ok:
+            return True
+        retry = str(max(1, math.ceil((result.retry_after or 0.0) / 1000)))
+        ctx.rejected = "rate_limited:apiKey"
+        await problem(
+            429,
+            "Request cannot be satisfied as assigned quota has been exceeded",
+            type=QUOTA_EXCEEDED,
+            detail=f"This API key's quota is spent; retry after {retry} s.",
+            headers=[("Retry-After", retry)],
+            extra={"violated-policies": ["apiKey"]},
+        )(scope, receive, send)
+        return False
+
+    # -- refusals ---------------------------------------------------------------------------
+    async def _fail(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        ctx: GuardContext,
+        ip: str,
+        now: float,
+        key_hash: str,
+        status: int,
+        error: str | None,
+        missing: Sequence[str] = (),
+    ) -> None:
+        """Record the failure, charge the IP's failed-auth limit, and answer 401/403 or 429."""
+        user_agent = _header(scope, b"user-agent")
+        self.writer.add(AuthFailure(key_hash=key_hash, timestamp=now, ip=ip, user_agent=user_agent))
+        try:
+            async with asyncio.timeout(self.timeout):
+                result = await self.store.limit(FAILED_AUTH, self.failed_auth, key=ip)
+        except Exception as exc:
+            self._store_trouble.warning("Failed-auth limit unavailable: %r", exc)
+        else:
+            if not result.ok:
+                until = now + (result.retry_after or 0.0)
+                self._throttled[ip] = until
+                self._throttled.move_to_end(ip)
+                if len(self._throttled) > self.cache_size:
+                    self._throttled.popitem(last=False)
+                await self._throttle(scope, receive, send, ctx, ip, now, until)
+                return
+
+        challenge = REALM
+        if error is not None:
+            challenge += f', error="{error}"'
+        if missing:
+            challenge += f', scope="{" ".join(missing)}"'
+        if status == 403:
+            ctx.rejected = "api_key_scope"
+            title, detail = "Forbidden", "The API key lacks a scope this route requires."
+        else:
+            ctx.rejected = "api_key_invalid" if error else "api_key_missing"
+            title = "Unauthorized"
+            detail = (
+                "The API key is invalid, revoked or expired."
+                if error
+                else "This route requires an API key (Authorization: Bearer, or X-API-Key)."
+            )
+        extra: dict[str, object] = {"required-scopes": list(missing)} if missing else {}
+        await problem(
+            status,
+            title,
+            detail=detail,
+            headers=[("WWW-Authenticate", challenge)],
+            extra=extra,
+        )(scope, receive, send)
+
+    async def _throttle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        ctx: GuardContext,
+        ip: str,
+        now: float,
+        until: float,
+    ) -> None:
+        user_agent = _header(scope, b"user-agent") or ""
+        self.writer.add(
+            BotEvent(
+                timestamp=now,
+                fingerprint=ctx.fingerprint or ip,
+                ip=ip,
+                user_agent=user_agent,
+                detection_type="rate_limit",
+                action="blocked",
+                metadata={"limit": FAILED_AUTH, "path": scope["path"]},
+            )
+        )
+        ctx.rejected = f"rate_limited:{FAILED_AUTH}"
+        retry = str(max(1, math.ceil((until - now) / 1000)))
+        self._throttle_log.warning(
+            "Too many failed API key attempts from %s: throttled for %s s", ip, retry
+        )
+        await problem(
+            429,
+            "Too many failed authentication attempts",
+            type=QUOTA_EXCEEDED,
+            detail=f"Too many failed API key attempts; retry after {retry} s.",
+            headers=[("Retry-After", retry)],
+            extra={"violated-policies": [FAILED_AUTH]},
+        )(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value[:512].decode("latin-1"))
+    return None

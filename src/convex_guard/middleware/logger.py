@@ -1,0 +1,203 @@
+"""Request logging: every AI and embedding request timed and recorded, rejected ones too."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from collections.abc import Callable, MutableMapping
+from typing import Any, Protocol
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .._apikeys import NO_KEY
+from .._context import GuardContext, guard_context
+from .._errors import ConfigurationError
+from .._logwriter import LogWriter, run_lifespan
+from .._rules import _path_matcher, peer_ip
+from .._store import AIRequestLog, EmbeddingRequestLog, Store
+
+DEFAULT_AI_PATH = "/api/ai"
+DEFAULT_EMBEDDINGS_PATH = "/api/embeddings"
+UNKNOWN_MODEL = "unknown"
+
+#: Gets the request's scope, returns its provider, or `None` to leave the request unlogged.
+ProviderResolver = Callable[[Scope], str | None]
+Clock = Callable[[], float]
+
+
+class _HasScope(Protocol):
+    @property
+    def scope(self) -> MutableMapping[str, Any]: ...
+
+
+def report_usage(
+    request_or_scope: _HasScope | MutableMapping[str, Any],
+    *,
+    model: str | None = None,
+    tokens: int | None = None,
+    cost: float | None = None,
+    items: int | None = None,
+) -> None:
+    """Tell the request logger what the AI call used: the model, tokens, cost, batch items.
+
+    Takes a Starlette/FastAPI `Request` (or `WebSocket`) or a raw ASGI scope; only the values
+    given are set, so the app may report them as it learns them. Bad values raise
+    `ValueError` in the app, where the bug is, rather than corrupt the log.
+    """
+    scope = (
+        request_or_scope if isinstance(request_or_scope, MutableMapping) else request_or_scope.scope
+    )
+    if tokens is not None and (isinstance(tokens, bool) or tokens < 0):
+        raise ValueError("tokens must be a non-negative int")
+    if items is not None and (isinstance(items, bool) or items < 0):
+        raise ValueError("items must be a non-negative int")
+    if cost is not None and not (0 <= cost < math.inf):
+        raise ValueError("cost must be a non-negative, finite number")
+    usage = guard_context(scope).usage
+    if model is not None:
+        usage.model = model
+    if tokens is not None:
+        usage.tokens = tokens
+    if cost is not None:
+        usage.cost = cost
+    if items is not None:
+        usage.items = items
+
+
+def provider_from_path(prefix: str = DEFAULT_AI_PATH) -> ProviderResolver:
+    """The default resolver: the segment after `prefix` (`/api/ai/{provider}/…`)."""
+    base = prefix.rstrip("/") + "/"
+
+    def resolve(scope: Scope) -> str | None:
+        path: str = scope["path"]
+        if not path.startswith(base):
+            return None
+        provider = path[len(base) :].split("/", 1)[0]
+        return provider or None
+
+    return resolve
+
+
+def _wall_clock_ms() -> float:
+    return time.time() * 1000.0
+
+
+class RequestLoggerMiddleware:
+    """Time each request and record it as an AI or embedding request log; run it outermost.
+
+    AI requests are those `provider` resolves a provider for (by default the `{provider}`
+    segment of `/api/ai/{provider}/…`); embedding requests are those under `embeddings_path`
+    (`None` to log none). The app reports model, tokens, cost and batch items with
+    `report_usage`. A request fails when the guard rejected it (`error` is the reason), when
+    it ended with a status of 400 or more (`http_<status>`), or when the app raised (the
+    exception's class name).
+
+    Rows go through `writer` (by default the store's shared `LogWriter`), which this
+    middleware starts at lifespan startup and flushes completely at shutdown; see `LogWriter`
+    for apps run without lifespan.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store,
+        writer: LogWriter | None = None,
+        provider: ProviderResolver | None = None,
+        embeddings_path: str | None = DEFAULT_EMBEDDINGS_PATH,
+        clock: Clock | None = None,
+    ) -> None:
+        if provider is not None and not callable(provider):
+            raise ConfigurationError("provider must be a function of the ASGI scope")
+        self.app = app
+        self.store = store
+        self.writer = writer if writer is not None else LogWriter.for_store(store)
+        self.provider: ProviderResolver = provider or provider_from_path()
+        self._is_embedding: Callable[[str], bool] = (
+            _path_matcher(embeddings_path) if embeddings_path is not None else lambda _: False
+        )
+        self.clock: Clock = clock or _wall_clock_ms
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await run_lifespan(self.app, (self.writer,), scope, receive, send)
+            return
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        embedding = self._is_embedding(scope["path"])
+        provider = None if embedding else self.provider(scope)
+        if not embedding and provider is None:
+            await self.app(scope, receive, send)
+            return
+
+        ctx = guard_context(scope)
+        timestamp = self.clock()
+        started = time.perf_counter()
+        status = 0
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        raised: str | None = None
+        try:
+            await self.app(scope, receive, send_status)
+        except asyncio.CancelledError:
+            raised = "cancelled"  # the client went away, or the server is stopping
+            raise
+        except Exception as exc:
+            raised = type(exc).__name__
+            raise
+        finally:
+            latency = (time.perf_counter() - started) * 1000.0
+            error = ctx.rejected or raised or (f"http_{status}" if status >= 400 else None)
+            if embedding:
+                self.writer.add(self._embedding_row(ctx, timestamp, latency, error))
+            else:
+                assert provider is not None
+                self.writer.add(self._ai_row(scope, ctx, provider, timestamp, latency, error))
+
+    def _ai_row(
+        self,
+        scope: Scope,
+        ctx: GuardContext,
+        provider: str,
+        timestamp: float,
+        latency: float,
+        error: str | None,
+    ) -> AIRequestLog:
+        usage = ctx.usage
+        return AIRequestLog(
+            timestamp=timestamp,
+            provider=provider,
+            model=usage.model or UNKNOWN_MODEL,
+            fingerprint=ctx.fingerprint or "",
+            ip=ctx.client_ip or peer_ip(scope),
+            success=error is None,
+            latency_ms=latency,
+            user_id=ctx.user_id,
+            error=error,
+            tokens_used=usage.tokens,
+            cost=usage.cost,
+        )
+
+    def _embedding_row(
+        self, ctx: GuardContext, timestamp: float, latency: float, error: str | None
+    ) -> EmbeddingRequestLog:
+        usage = ctx.usage
+        return EmbeddingRequestLog(
+            request_id=uuid.uuid4().hex,
+            api_key_hash=ctx.api_key_hash or NO_KEY,
+            timestamp=timestamp,
+            batch_size=usage.items or 0,
+            latency_ms=latency,
+            tokens_used=usage.tokens or 0,
+            success=error is None,
+            model=usage.model or UNKNOWN_MODEL,
+            error=error,
+        )
