@@ -20,7 +20,8 @@ export const LIMITS_DENIED = "LimitsDenied";
  *
  * A blocked or challenged bot consumes no limit (`results` is empty). Otherwise the limits
  * are decided in a nested mutation that throws when any of them denies, so none is consumed,
- * while this mutation still commits the bot event. `now` is this call's clock (epoch ms);
+ * while this mutation still commits the bot event. `now` is this call's clock (epoch ms, read
+ * after the decisions, so never earlier than a result's `ts`);
  * each result carries the limit's state after the decision (`value` tokens at `ts`).
  */
 export const check = internalMutation({
@@ -49,15 +50,32 @@ export const check = internalMutation({
       try {
         results = await ctx.runMutation(internal.guard.consumeLimits, { limits, now });
       } catch (error) {
-        const data = error instanceof ConvexError ? (error.data as unknown) : undefined;
+        const data = convexErrorData(error);
         if (!isDenied(data)) throw error;
         ok = false;
         results = data.results;
       }
     }
-    return verdict === undefined ? { ok, now, results } : { ok, now, results, bot: verdict };
+    // The component reads its own clock; answer with one no earlier than any result's `ts`.
+    const answeredAt = Math.max(now, Date.now());
+    return verdict === undefined
+      ? { ok, now: answeredAt, results }
+      : { ok, now: answeredAt, results, bot: verdict };
   },
 });
+
+/** The data of a ConvexError (recognised by its marker, as Convex does), else undefined. */
+function convexErrorData(error: unknown): unknown {
+  if (typeof error !== "object" || error === null) return undefined;
+  if (!(error instanceof ConvexError) && !(Symbol.for("ConvexError") in error)) return undefined;
+  const data = (error as { data?: unknown }).data;
+  if (typeof data !== "string") return data;
+  try {
+    return JSON.parse(data) as unknown; // serialized on its way out of the nested call
+  } catch {
+    return data;
+  }
+}
 
 function isDenied(data: unknown): data is { kind: string; results: LimitResult[] } {
   return (
