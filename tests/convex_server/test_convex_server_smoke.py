@@ -1,0 +1,141 @@
+"""The loopback Convex test server answers the official Python clients like a real backend.
+
+Skipped unless the Convex project's npm packages are installed (`cd convex && npm ci`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from convex import ConvexClient
+from convex.http_client import ConvexExecutionError, ConvexHttpClient
+
+ROOT = Path(__file__).resolve().parents[2]
+TSX = ROOT / "convex" / "node_modules" / ".bin" / "tsx"
+SERVER = ROOT / "tests" / "convex_server" / "server.ts"
+ADMIN_KEY = "test-admin-key"
+BUCKET = {"kind": "token bucket", "rate": 2, "period": 60_000}
+BOT = {
+    "fingerprint": "fp-smoke",
+    "ip": "192.0.2.1",
+    "userAgent": "curl/8.0",
+    "detectionType": "bot_useragent",
+    "action": "allowed",
+}
+
+pytestmark = pytest.mark.skipif(
+    not TSX.exists(), reason="convex/node_modules missing: run `cd convex && npm ci`"
+)
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    proc = subprocess.Popen(
+        [str(TSX), str(SERVER), "--port", "0", "--admin-key", ADMIN_KEY],
+        cwd=ROOT / "convex",
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), f"unexpected first line {line!r}"
+        yield f"http://127.0.0.1:{int(line.split()[-1])}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def admin(url: str) -> ConvexHttpClient:
+    client = ConvexHttpClient(url)
+    client.set_admin_auth(ADMIN_KEY)
+    request = urllib.request.Request(
+        f"{url}/_test/reset",
+        method="POST",
+        headers={"Authorization": f"Convex {ADMIN_KEY}"},
+    )
+    with urllib.request.urlopen(request) as response:
+        assert json.load(response) == {"ok": True}
+    return client
+
+
+def test_guard_check_and_provider_stats(admin: ConvexHttpClient) -> None:
+    limits = [{"name": "n", "key": "k", "config": BUCKET}]
+    first = admin.mutation("guard:check", {"limits": limits})
+    assert first["ok"] is True
+    assert first["results"][0]["value"] == 1.0
+    assert first["now"] >= first["results"][0]["ts"]
+    denied = admin.mutation("guard:check", {"limits": [{**limits[0], "count": 2}]})
+    assert denied["ok"] is False
+    assert denied["results"][0]["retryAfter"] > 0
+
+    now = time.time() * 1000
+    row = {
+        "timestamp": now,
+        "provider": "openai",
+        "model": "m",
+        "fingerprint": "f",
+        "ip": "192.0.2.1",
+        "success": True,
+        "latencyMs": 12,
+        "tokensUsed": 3,
+        "cost": 0.5,
+    }
+    batch = {
+        "batchId": "b1",
+        "aiRequests": [row, {**row, "success": False, "latencyMs": 8}],
+        "embeddingRequests": [],
+        "authFailures": [],
+        "botEvents": [],
+        "keyUsage": [],
+    }
+    assert admin.mutation("logs.js:writeBatch", batch) == {"applied": True}
+    assert admin.mutation("logs:writeBatch", batch) == {"applied": False}
+    stats = admin.query(
+        "ai/analytics:getProviderStats",
+        {"provider": "openai", "timeRange": {"start": now - 1, "end": now + 1}},
+    )
+    assert stats == {
+        "totalRequests": 2.0,
+        "successRate": 0.5,
+        "averageLatency": 10.0,
+        "totalTokens": 6.0,
+        "totalCost": 1.0,
+    }
+
+
+def test_function_errors_and_auth(url: str, admin: ConvexHttpClient) -> None:
+    with pytest.raises(ConvexExecutionError, match="exceeds"):
+        admin.mutation("guard:check", {"limits": [{"name": "n", "count": 5, "config": BUCKET}]})
+    with pytest.raises(ConvexExecutionError, match="Could not find"):
+        admin.query("guard:nothing")
+    anonymous = ConvexHttpClient(url)
+    with pytest.raises(Exception, match="401"):
+        anonymous.query("ai/analytics:getBotEvents", {"limit": 1, "since": 0})
+    wrong = ConvexHttpClient(url)
+    wrong.set_admin_auth("not-the-key")
+    with pytest.raises(Exception, match="401") as raised:
+        wrong.query("ai/analytics:getBotEvents", {"limit": 1, "since": 0})
+    assert "not-the-key" not in str(raised.value)
+
+
+async def test_subscription_sees_a_new_bot_event(url: str, admin: ConvexHttpClient) -> None:
+    client = ConvexClient(url)
+    client.set_admin_auth(ADMIN_KEY)
+    subscription = client.subscribe("ai/analytics:getBotEvents", {"limit": 10, "since": 0})
+    events = subscription.__aiter__()
+    assert await asyncio.wait_for(events.__anext__(), 10) == []
+    verdict = await asyncio.to_thread(client.mutation, "guard:check", {"limits": [], "bot": BOT})
+    assert verdict["bot"] == {"action": "allowed", "previousEvents": 0.0}
+    [event] = await asyncio.wait_for(events.__anext__(), 10)
+    assert event["fingerprint"] == "fp-smoke"
+    assert event["metadata"] == {"previousAttempts": 0.0}
+    subscription.unsubscribe()
