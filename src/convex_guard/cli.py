@@ -1,0 +1,422 @@
+"""The `convex-guard` command: manage API keys and read analytics from the deployment's store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import IO, Any, cast
+
+from ._apikeys import ApiKeys, CreatedKey, KeyNotFoundError
+from ._errors import ConfigurationError, GuardError
+from ._limits import DAY, HOUR, MINUTE, SECOND
+from ._presets import AI_PROVIDERS
+from ._settings import load_environment
+from ._store import ApiKeyRecord, BotEvent, KeyRateLimit, Store
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+NO_DEPLOYMENT = (
+    "convex-guard: no Convex deployment configured; set CONVEX_SELF_HOSTED_URL (or CONVEX_URL) "
+    "and CONVEX_SELF_HOSTED_ADMIN_KEY (the in-memory store does not outlive one process, so "
+    "the CLI has nothing to talk to)"
+)
+
+_UNITS = {"ms": 1, "s": SECOND, "m": MINUTE, "h": HOUR, "d": DAY, "w": 7 * DAY}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+
+Clock = Callable[[], float]
+
+
+class CliError(GuardError):
+    """A problem the user can fix; printed as one line, with exit status `status`."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `15m`, `1h`, `30d`, `1h30m` → milliseconds."""
+    text = text.strip().lower()
+    pos = 0
+    total = 0.0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text or total <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30s, 15m, 1h or 7d")
+    return total
+
+
+def parse_rate_limit(text: str) -> KeyRateLimit:
+    """`100/1m` → 100 requests per minute."""
+    requests, sep, period = text.partition("/")
+    if not sep or not requests.strip().isdigit() or int(requests) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate limit such as 100/1m")
+    return KeyRateLimit(requests=int(requests), period=parse_duration(period))
+
+
+def store_from_environment() -> Store:
+    """The deployment's store, from `CONVEX_SELF_HOSTED_URL`/`CONVEX_URL` and the admin key.
+
+    `ConvexStore` is imported only here, so the rest of the CLI (and its tests) need no Convex.
+    """
+    try:
+        env = load_environment()
+    except ConfigurationError as exc:
+        raise CliError(f"convex-guard: {exc}", EXIT_USAGE) from None
+    if env.deployment_url is None:
+        raise CliError(NO_DEPLOYMENT, EXIT_USAGE)
+    if env.convex_self_hosted_admin_key is None:
+        raise CliError(
+            "convex-guard: CONVEX_SELF_HOSTED_ADMIN_KEY is not set; the store's functions are "
+            "internal and need the admin key",
+            EXIT_USAGE,
+        )
+    try:
+        module = importlib.import_module("convex_guard._convex")
+        factory = module.ConvexStore
+    except (ImportError, AttributeError):
+        raise CliError(
+            "convex-guard: this installation has no ConvexStore (convex_guard._convex); "
+            "upgrade convex-guard to talk to a deployment",
+            EXIT_USAGE,
+        ) from None
+    return cast(Store, factory.from_env())
+
+
+# -- formatting --------------------------------------------------------------------------------
+def _when(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _span(ms: float) -> str:
+    for unit in ("d", "h", "m", "s"):
+        if ms >= _UNITS[unit] and ms % _UNITS[unit] == 0:
+            return f"{int(ms // _UNITS[unit])}{unit}"
+    return f"{ms / 1000:g}s"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns padded to their widest cell; numbers right-aligned, text left-aligned."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    numeric = [
+        bool(rows) and all(isinstance(row[i], int | float) for row in rows)
+        for i in range(len(headers))
+    ]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [
+            c.rjust(w) if num else c.ljust(w)
+            for c, w, num in zip(row, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    out = [line(list(headers)), line(["-" * w for w in widths])]
+    out += [line(row) for row in cells]
+    return "\n".join(out)
+
+
+def _key_json(record: ApiKeyRecord) -> dict[str, object]:
+    return {
+        "id": record.id,
+        "kind": record.kind,
+        "prefix": record.prefix,
+        "name": record.name,
+        "owner": record.owner,
+        "scopes": list(record.scopes),
+        "rateLimit": (
+            None
+            if record.rate_limit is None
+            else {"requests": record.rate_limit.requests, "period": record.rate_limit.period}
+        ),
+        "createdAt": record.created_at,
+        "expiresAt": record.expires_at,
+        "lastUsed": record.last_used,
+        "requestCount": record.request_count,
+        "active": record.active,
+    }
+
+
+def _status(record: ApiKeyRecord, now: float) -> str:
+    if not record.active:
+        return "revoked"
+    if record.expires_at is not None and now >= record.expires_at:
+        return "expired"
+    return "active"
+
+
+def _keys_table(records: Sequence[ApiKeyRecord], now: float) -> str:
+    rows = [
+        [
+            r.id,
+            r.kind,
+            r.prefix + "…",
+            r.name,
+            r.owner or "-",
+            ",".join(r.scopes) or "-",
+            "-"
+            if r.rate_limit is None
+            else f"{r.rate_limit.requests}/{_span(r.rate_limit.period)}",
+            _status(r, now),
+            _when(r.expires_at),
+            _when(r.last_used),
+            r.request_count,
+        ]
+        for r in records
+    ]
+    headers = ["ID", "KIND", "PREFIX", "NAME", "OWNER", "SCOPES", "LIMIT", "STATUS"]
+    return table([*headers, "EXPIRES", "LAST USED", "REQUESTS"], rows)
+
+
+def _event_json(event: BotEvent) -> dict[str, object]:
+    return {
+        "timestamp": event.timestamp,
+        "fingerprint": event.fingerprint,
+        "ip": event.ip,
+        "userAgent": event.user_agent,
+        "detectionType": event.detection_type,
+        "action": event.action,
+        "metadata": dict(event.metadata or {}),
+    }
+
+
+# -- commands ----------------------------------------------------------------------------------
+class _Cli:
+    def __init__(self, store: Store, clock: Clock, out: IO[str], err: IO[str]) -> None:
+        self.store = store
+        self.clock = clock
+        self.out = out
+        self.err = err
+        self.keys = ApiKeys(store, clock=clock)
+
+    def emit(self, text: str) -> None:
+        print(text, file=self.out)
+
+    def emit_json(self, value: object) -> None:
+        print(json.dumps(value, indent=2, sort_keys=True), file=self.out)
+
+    def _created(self, created: CreatedKey, args: argparse.Namespace, verb: str) -> None:
+        if args.json:
+            self.emit_json({**_key_json(created.record), "key": created.key})
+            return
+        self.emit(_keys_table([created.record], self.clock()))
+        self.emit("")
+        self.emit(f"API key ({verb}): {created.key}")
+        print("Store it now: it is not kept and cannot be shown again.", file=self.err)
+
+    async def keys_create(self, args: argparse.Namespace) -> int:
+        lifetime: float | None = None if args.no_expiry else args.expires_in
+        created = await self.keys.create(
+            args.name,
+            kind=args.kind,
+            owner=args.owner,
+            scopes=args.scope or (),
+            rate_limit=args.rate_limit,
+            lifetime=lifetime,
+        )
+        self._created(created, args, "created")
+        return EXIT_OK
+
+    async def keys_list(self, args: argparse.Namespace) -> int:
+        records = await self.keys.list(kind=args.kind, owner=args.owner)
+        records.sort(key=lambda r: r.created_at)
+        if args.json:
+            self.emit_json([_key_json(r) for r in records])
+        else:
+            self.emit(_keys_table(records, self.clock()))
+        return EXIT_OK
+
+    async def keys_revoke(self, args: argparse.Namespace) -> int:
+        record = await self.keys.revoke(args.key_id)
+        if args.json:
+            self.emit_json(_key_json(record))
+        else:
+            self.emit(f"Revoked {record.id} ({record.name}).")
+        return EXIT_OK
+
+    async def keys_rotate(self, args: argparse.Namespace) -> int:
+        created = await self.keys.rotate(args.key_id, grace=args.grace)
+        old = await self.keys.get(args.key_id)
+        if args.json:
+            self.emit_json(
+                {
+                    **_key_json(created.record),
+                    "key": created.key,
+                    "replaces": old.id,
+                    "oldKeyExpiresAt": old.expires_at,
+                }
+            )
+            return EXIT_OK
+        self._created(created, args, f"replaces {old.id}")
+        self.emit(f"The old key keeps working until {_when(old.expires_at)}.")
+        return EXIT_OK
+
+    async def stats_providers(self, args: argparse.Namespace) -> int:
+        end = self.clock()
+        start = end - args.since
+        providers = args.provider or list(AI_PROVIDERS)
+        stats = [await self.store.provider_stats(p, start, end) for p in providers]
+        if args.json:
+            self.emit_json(
+                {
+                    "start": start,
+                    "end": end,
+                    "providers": {
+                        p: {
+                            "totalRequests": s.total_requests,
+                            "successRate": s.success_rate,
+                            "averageLatency": s.average_latency,
+                            "totalTokens": s.total_tokens,
+                            "totalCost": s.total_cost,
+                        }
+                        for p, s in zip(providers, stats, strict=True)
+                    },
+                }
+            )
+            return EXIT_OK
+        rows = [
+            [
+                p,
+                s.total_requests,
+                f"{s.success_rate * 100:.1f}%",
+                f"{s.average_latency:.1f}",
+                s.total_tokens,
+                f"{s.total_cost:.4f}",
+            ]
+            for p, s in zip(providers, stats, strict=True)
+        ]
+        self.emit(f"Since {_when(start)} ({_span(args.since)}):")
+        self.emit(
+            table(["PROVIDER", "REQUESTS", "SUCCESS", "AVG MS", "TOKENS", "COST"], rows),
+        )
+        return EXIT_OK
+
+    async def bots_recent(self, args: argparse.Namespace) -> int:
+        events = await self.store.bot_events(since=self.clock() - args.since, limit=args.limit)
+        if args.json:
+            self.emit_json([_event_json(e) for e in events])
+            return EXIT_OK
+        rows = [
+            [
+                _when(e.timestamp),
+                e.detection_type,
+                e.action,
+                e.ip,
+                e.fingerprint[:16],
+                e.user_agent[:60] or "-",
+            ]
+            for e in events
+        ]
+        self.emit(table(["TIME", "TYPE", "ACTION", "IP", "FINGERPRINT", "USER AGENT"], rows))
+        return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convex-guard",
+        description="Manage API keys and read request and bot analytics from the Convex "
+        "deployment named by CONVEX_SELF_HOSTED_URL / CONVEX_SELF_HOSTED_ADMIN_KEY.",
+    )
+    groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    def command(parent: Any, name: str, help: str) -> argparse.ArgumentParser:
+        sub = cast(argparse.ArgumentParser, parent.add_parser(name, help=help, description=help))
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        return sub
+
+    keys = groups.add_parser("keys", help="create, list, revoke and rotate API keys")
+    key_commands = keys.add_subparsers(dest="command", required=True, metavar="ACTION")
+    create = command(key_commands, "create", "create a key (printed once, never stored)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--owner", help="the user id requests with this key are attributed to")
+    create.add_argument("--kind", choices=["ai", "embedding"], default="ai")
+    create.add_argument("--scope", action="append", help="a granted scope (repeatable)")
+    create.add_argument(
+        "--rate-limit", type=parse_rate_limit, metavar="N/PERIOD", help="e.g. 100/1m"
+    )
+    expiry = create.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires-in", type=parse_duration, default=30 * DAY, metavar="DURATION", help="30d"
+    )
+    expiry.add_argument("--no-expiry", action="store_true")
+    listing = command(key_commands, "list", "list keys (never the keys themselves)")
+    listing.add_argument("--kind", choices=["ai", "embedding"])
+    listing.add_argument("--owner")
+    revoke = command(key_commands, "revoke", "deactivate a key now")
+    revoke.add_argument("key_id")
+    rotate = command(key_commands, "rotate", "replace a key; the old one works for --grace")
+    rotate.add_argument("key_id")
+    rotate.add_argument("--grace", type=parse_duration, default=DAY, metavar="DURATION")
+
+    stats = groups.add_parser("stats", help="request analytics")
+    stats_commands = stats.add_subparsers(dest="command", required=True, metavar="REPORT")
+    providers = command(stats_commands, "providers", "requests, success, latency, tokens, cost")
+    providers.add_argument("--since", type=parse_duration, default=HOUR, metavar="DURATION")
+    providers.add_argument("--provider", action="append", help="only these (repeatable)")
+
+    bots = groups.add_parser("bots", help="bot detection events")
+    bot_commands = bots.add_subparsers(dest="command", required=True, metavar="REPORT")
+    recent = command(bot_commands, "recent", "the most recent bot events first")
+    recent.add_argument("--since", type=parse_duration, default=HOUR, metavar="DURATION")
+    recent.add_argument("--limit", type=int, default=50)
+    return parser
+
+
+async def _run(args: argparse.Namespace, cli: _Cli) -> int:
+    handler = getattr(cli, f"{args.group}_{args.command}")
+    try:
+        return cast(int, await handler(args))
+    finally:
+        await cli.store.close()
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    store: Store | None = None,
+    clock: Clock | None = None,
+    stdout: IO[str] | None = None,
+    stderr: IO[str] | None = None,
+) -> int:
+    """Run the CLI; `store` and `clock` are injectable, for tests and embedding."""
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    args = build_parser().parse_args(argv)
+    if getattr(args, "limit", 1) < 1:
+        print("convex-guard: --limit must be at least 1", file=err)
+        return EXIT_USAGE
+    try:
+        if store is None:
+            store = store_from_environment()
+        cli = _Cli(store, clock or (lambda: time.time() * 1000.0), out, err)
+        return asyncio.run(_run(args, cli))
+    except CliError as exc:
+        print(str(exc), file=err)
+        return exc.status
+    except KeyNotFoundError as exc:
+        print(f"convex-guard: {exc}", file=err)
+        return EXIT_ERROR
+    except GuardError as exc:
+        print(f"convex-guard: {exc}", file=err)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
