@@ -70,7 +70,7 @@ def test_hash_is_sha256_hex() -> None:
     key = generate_key()
     assert hash_key(key) == hashlib.sha256(key.encode()).hexdigest()
     assert hash_key(key.encode()) == hash_key(key)
-    assert NO_KEY != hash_key("") and not re.fullmatch(r"[0-9a-f]{64}", NO_KEY)
+    assert hash_key("") != NO_KEY and not re.fullmatch(r"[0-9a-f]{64}", NO_KEY)
 
 
 @given(st.text(max_size=300))
