@@ -57,6 +57,10 @@ export const purge = internalMutation({
         .query("providerRollups")
         .withIndex("by_minute", (q) => q.lt("minute", cutoff - 60_000))
         .take(BATCH),
+      await ctx.db
+        .query("providerHourlyRollups")
+        .withIndex("by_hour", (q) => q.lt("hour", cutoff - 3_600_000))
+        .take(BATCH),
     ];
     let deleted = 0;
     for (const rows of batches) {

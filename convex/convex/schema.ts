@@ -116,6 +116,20 @@ export default defineSchema({
     .index("by_provider_minute", ["provider", "minute"])
     .index("by_minute", ["minute"]),
 
+  // The same per provider per hour (`hour` = epoch ms at the hour's start): a 30-day range
+  // reads ~720 of these plus at most two partial hours of minute rollups.
+  providerHourlyRollups: defineTable({
+    provider: v.string(),
+    hour: v.number(),
+    requests: v.number(),
+    successes: v.number(),
+    latencySum: v.number(),
+    tokens: v.number(),
+    cost: v.number(),
+  })
+    .index("by_provider_hour", ["provider", "hour"])
+    .index("by_hour", ["hour"]),
+
   // Ids of log batches already written: a batch retried after a lost answer lands once.
   logBatches: defineTable({
     batchId: v.string(),

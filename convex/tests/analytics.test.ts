@@ -103,6 +103,65 @@ describe("getProviderStats", () => {
   });
 });
 
+describe("getProviderStats over hours", () => {
+  const H = 3_600_000;
+  // T0 is minute-aligned; H0 is the next whole hour.
+  const H0 = Math.ceil(T0 / H) * H;
+  const times = [
+    H0 - 90 * 60_000 - 7, // a partial minute, two hours before
+    H0 - 61 * 60_000, // a whole minute of a partial hour
+    H0 - 30_000, // the last minute before H0
+    H0, // first instant of a whole hour
+    H0 + 59 * 60_000 + 59_999, // last instant of that hour
+    H0 + 2 * H + 5, // a later whole hour
+    H0 + 3 * H + 61_000, // a partial hour, second minute
+  ];
+  const hourRows: AIRequest[] = times.map((timestamp, i) => ({
+    ...base,
+    provider: "openai",
+    timestamp,
+    success: i % 2 === 0,
+    latencyMs: 10 * (i + 1),
+    tokensUsed: i,
+    cost: i / 100,
+  }));
+
+  beforeEach(async () => {
+    vi.setSystemTime(H0 + 10 * H);
+    await t.mutation(internal.logs.writeBatch, { ...emptyBatch, batchId: "hours", aiRequests: hourRows });
+  });
+
+  test("matches a naive count over ranges that span hours, minutes and raw edges", async () => {
+    const edges = [
+      H0 - 2 * H, H0 - 90 * 60_000 - 7, H0 - 61 * 60_000 + 1, H0 - 60 * 60_000, H0 - 1, H0,
+      H0 + H - 1, H0 + H, H0 + 2 * H + 5, H0 + 3 * H, H0 + 3 * H + 61_000, H0 + 5 * H + 123,
+    ];
+    for (const start of edges) {
+      for (const end of edges) {
+        const got = await t.query(internal.ai.analytics.getProviderStats, {
+          provider: "openai",
+          timeRange: { start, end },
+        });
+        const want = naive("openai", start, end, hourRows);
+        expect({ ...got, totalCost: 0 }).toEqual({ ...want, totalCost: 0 });
+        expect(got.totalCost).toBeCloseTo(want.totalCost, 10);
+      }
+    }
+  });
+
+  test("whole hours are read from the hourly rollups", async () => {
+    await t.run(async (ctx) => {
+      for (const r of await ctx.db.query("aiRequestLogs").collect()) await ctx.db.delete(r._id);
+      for (const r of await ctx.db.query("providerRollups").collect()) await ctx.db.delete(r._id);
+    });
+    const stats = await t.query(internal.ai.analytics.getProviderStats, {
+      provider: "openai",
+      timeRange: { start: H0 - 2 * H, end: H0 + 5 * H },
+    });
+    expect(stats.totalRequests).toBe(times.length);
+  });
+});
+
 describe("logs:writeBatch", () => {
   test("a retried batch is written once", async () => {
     const key = await t.mutation(internal.apiKeys.create, {

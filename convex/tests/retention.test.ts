@@ -40,6 +40,7 @@ async function counts() {
     emb: (await ctx.db.query("embeddingRequests").collect()).length,
     fail: (await ctx.db.query("embeddingAuthFailures").collect()).length,
     rollups: (await ctx.db.query("providerRollups").collect()).length,
+    hourly: (await ctx.db.query("providerHourlyRollups").collect()).length,
   }));
 }
 
@@ -47,10 +48,10 @@ describe("retention", () => {
   test("deletes rows older than 30 days only", async () => {
     await t.mutation(internal.logs.writeBatch, batch("old", NOW - 31 * DAY));
     await t.mutation(internal.logs.writeBatch, batch("new", NOW - 29 * DAY));
-    expect(await counts()).toEqual({ ai: 2, bots: 2, emb: 2, fail: 2, rollups: 2 });
+    expect(await counts()).toEqual({ ai: 2, bots: 2, emb: 2, fail: 2, rollups: 2, hourly: 2 });
     // Both batch ids were processed "now": they stay.
-    expect(await t.mutation(internal.retention.purge, {})).toEqual({ deleted: 5, more: false });
-    expect(await counts()).toEqual({ ai: 1, bots: 1, emb: 1, fail: 1, rollups: 1 });
+    expect(await t.mutation(internal.retention.purge, {})).toEqual({ deleted: 6, more: false });
+    expect(await counts()).toEqual({ ai: 1, bots: 1, emb: 1, fail: 1, rollups: 1, hourly: 1 });
     const left = await t.run(async (ctx) => ctx.db.query("aiRequestLogs").first());
     expect(left?.timestamp).toBe(NOW - 29 * DAY);
   });
@@ -69,6 +70,6 @@ describe("retention", () => {
     expect(first.more).toBe(true);
     expect((await counts()).ai).toBe(20);
     await t.finishAllScheduledFunctions(vi.runAllTimers);
-    expect(await counts()).toEqual({ ai: 0, bots: 0, emb: 0, fail: 0, rollups: 0 });
+    expect(await counts()).toEqual({ ai: 0, bots: 0, emb: 0, fail: 0, rollups: 0, hourly: 0 });
   });
 });

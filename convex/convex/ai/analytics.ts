@@ -3,7 +3,7 @@
 import { v } from "convex/values";
 import { internalMutation, internalQuery, type QueryCtx } from "../_generated/server";
 import { recordBotEvent } from "../lib/bots";
-import { insertAIRequests, MINUTE } from "../lib/logs";
+import { HOUR, insertAIRequests, MINUTE } from "../lib/logs";
 import {
   vBotAction,
   vBotEvent,
@@ -68,10 +68,82 @@ async function addRawRows(
   }
 }
 
+type Sums = { requests: number; successes: number; latencySum: number; tokens: number; cost: number };
+
+function addSums(totals: Totals, rows: Sums[]): void {
+  for (const r of rows) {
+    totals.requests += r.requests;
+    totals.successes += r.successes;
+    totals.latency += r.latencySum;
+    totals.tokens += r.tokens;
+    totals.cost += r.cost;
+  }
+}
+
+/** Rollups of the whole units in [from, to) (both multiples of the unit). */
+async function addRollups(
+  ctx: QueryCtx,
+  totals: Totals,
+  provider: string,
+  unit: number,
+  from: number,
+  to: number,
+): Promise<void> {
+  const n = Math.round((to - from) / unit);
+  if (unit === HOUR) {
+    addSums(
+      totals,
+      await ctx.db
+        .query("providerHourlyRollups")
+        .withIndex("by_provider_hour", (q) =>
+          q.eq("provider", provider).gte("hour", from).lt("hour", to),
+        )
+        .take(n),
+    );
+  } else {
+    addSums(
+      totals,
+      await ctx.db
+        .query("providerRollups")
+        .withIndex("by_provider_minute", (q) =>
+          q.eq("provider", provider).gte("minute", from).lt("minute", to),
+        )
+        .take(n),
+    );
+  }
+}
+
 /**
- * Statistics of one provider over `[start, end]` (epoch ms, both inclusive): whole minutes
- * come from the per-minute rollups, the partial minutes at the two edges from raw rows, so a
- * day reads about 1440 rollups plus two minutes of rows. No requests: all zeros.
+ * Add [from, to] (or [from, to) when !toInclusive): the whole units inside it from the
+ * rollups of that unit, the partial units at its edges one level finer (hours, then
+ * minutes, then raw rows).
+ */
+async function addRange(
+  ctx: QueryCtx,
+  totals: Totals,
+  provider: string,
+  units: number[],
+  from: number,
+  to: number,
+  toInclusive: boolean,
+): Promise<void> {
+  if (to < from || (to === from && !toInclusive)) return;
+  const [unit, ...finer] = units;
+  if (unit === undefined) return addRawRows(ctx, totals, provider, from, to, toInclusive);
+  // Unit u covers [u, u + unit); it is whole inside the range when from <= u and u + unit <= to.
+  const firstWhole = Math.ceil(from / unit) * unit;
+  const endWhole = Math.floor(to / unit) * unit;
+  if (firstWhole >= endWhole) return addRange(ctx, totals, provider, finer, from, to, toInclusive);
+  await addRange(ctx, totals, provider, finer, from, firstWhole, false);
+  await addRollups(ctx, totals, provider, unit, firstWhole, endWhole);
+  await addRange(ctx, totals, provider, finer, endWhole, to, toInclusive);
+}
+
+/**
+ * Statistics of one provider over `[start, end]` (epoch ms, both inclusive). Whole hours come
+ * from the hourly rollups, whole minutes of the partial hours from the minute rollups, and
+ * only the partial minutes at the two edges from raw rows: a 30-day range reads ~720 + 2×59
+ * rollups and two minutes of rows. No requests: all zeros (the seed divided by zero).
  */
 export const getProviderStats = internalQuery({
   args: {
@@ -81,31 +153,7 @@ export const getProviderStats = internalQuery({
   returns: vProviderStats,
   handler: async (ctx, { provider, timeRange: { start, end } }): Promise<ProviderStats> => {
     const totals: Totals = { requests: 0, successes: 0, latency: 0, tokens: 0, cost: 0 };
-    if (end >= start) {
-      // Minute m covers [m, m + MINUTE); it is whole inside the range when start <= m and
-      // m + MINUTE <= end, i.e. m in [firstWhole, endWhole).
-      const firstWhole = Math.ceil(start / MINUTE) * MINUTE;
-      const endWhole = Math.floor(end / MINUTE) * MINUTE;
-      if (firstWhole >= endWhole) {
-        await addRawRows(ctx, totals, provider, start, end, true);
-      } else {
-        await addRawRows(ctx, totals, provider, start, firstWhole, false);
-        const rollups = await ctx.db
-          .query("providerRollups")
-          .withIndex("by_provider_minute", (q) =>
-            q.eq("provider", provider).gte("minute", firstWhole).lt("minute", endWhole),
-          )
-          .take(Math.ceil((endWhole - firstWhole) / MINUTE));
-        for (const r of rollups) {
-          totals.requests += r.requests;
-          totals.successes += r.successes;
-          totals.latency += r.latencySum;
-          totals.tokens += r.tokens;
-          totals.cost += r.cost;
-        }
-        await addRawRows(ctx, totals, provider, endWhole, end, true);
-      }
-    }
+    await addRange(ctx, totals, provider, [HOUR, MINUTE], start, end, true);
     if (totals.requests === 0) {
       return { totalRequests: 0, successRate: 0, averageLatency: 0, totalTokens: 0, totalCost: 0 };
     }

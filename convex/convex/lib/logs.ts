@@ -13,65 +13,72 @@ import { findKeyById } from "./keys";
 type Ctx = Pick<GenericMutationCtx<DataModel>, "db">;
 
 export const MINUTE = 60_000;
+export const HOUR = 60 * MINUTE;
 
 export function minuteOf(timestamp: number): number {
   return Math.floor(timestamp / MINUTE) * MINUTE;
 }
 
-type Rollup = {
-  provider: string;
-  minute: number;
-  requests: number;
-  successes: number;
-  latencySum: number;
-  tokens: number;
-  cost: number;
-};
+export function hourOf(timestamp: number): number {
+  return Math.floor(timestamp / HOUR) * HOUR;
+}
 
-/** Insert AI request rows and fold them into the per-provider per-minute rollups. */
+type Sums = { requests: number; successes: number; latencySum: number; tokens: number; cost: number };
+type Slot = Sums & { provider: string; start: number };
+
+function fold(slots: Map<string, Slot>, provider: string, start: number, row: AIRequest): void {
+  const id = `${start}\u0000${provider}`;
+  let slot = slots.get(id);
+  if (slot === undefined) {
+    slot = { provider, start, requests: 0, successes: 0, latencySum: 0, tokens: 0, cost: 0 };
+    slots.set(id, slot);
+  }
+  slot.requests += 1;
+  slot.successes += row.success ? 1 : 0;
+  slot.latencySum += row.latencyMs;
+  slot.tokens += row.tokensUsed ?? 0;
+  slot.cost += row.cost ?? 0;
+}
+
+function added<T extends Sums>(existing: T, more: Sums): Sums {
+  return {
+    requests: existing.requests + more.requests,
+    successes: existing.successes + more.successes,
+    latencySum: existing.latencySum + more.latencySum,
+    tokens: existing.tokens + more.tokens,
+    cost: existing.cost + more.cost,
+  };
+}
+
+/**
+ * Insert AI request rows and fold them into the per-provider rollups (per minute and per
+ * hour). Rows are aggregated in memory first: one write per rollup per call.
+ */
 export async function insertAIRequests(ctx: Ctx, rows: AIRequest[]): Promise<void> {
-  // Aggregate in memory first: one rollup write per (provider, minute) per call.
-  const rollups = new Map<string, Rollup>();
+  const minutes = new Map<string, Slot>();
+  const hours = new Map<string, Slot>();
   for (const row of rows) {
     await ctx.db.insert("aiRequestLogs", row);
-    const minute = minuteOf(row.timestamp);
-    const slot = `${minute}\u0000${row.provider}`;
-    let r = rollups.get(slot);
-    if (r === undefined) {
-      r = {
-        provider: row.provider,
-        minute,
-        requests: 0,
-        successes: 0,
-        latencySum: 0,
-        tokens: 0,
-        cost: 0,
-      };
-      rollups.set(slot, r);
-    }
-    r.requests += 1;
-    r.successes += row.success ? 1 : 0;
-    r.latencySum += row.latencyMs;
-    r.tokens += row.tokensUsed ?? 0;
-    r.cost += row.cost ?? 0;
+    fold(minutes, row.provider, minuteOf(row.timestamp), row);
+    fold(hours, row.provider, hourOf(row.timestamp), row);
   }
-  for (const r of rollups.values()) {
+  for (const { provider, start, ...sums } of minutes.values()) {
     const existing = await ctx.db
       .query("providerRollups")
-      .withIndex("by_provider_minute", (q) =>
-        q.eq("provider", r.provider).eq("minute", r.minute),
-      )
+      .withIndex("by_provider_minute", (q) => q.eq("provider", provider).eq("minute", start))
+      .unique();
+    if (existing === null) await ctx.db.insert("providerRollups", { provider, minute: start, ...sums });
+    else await ctx.db.patch(existing._id, added(existing, sums));
+  }
+  for (const { provider, start, ...sums } of hours.values()) {
+    const existing = await ctx.db
+      .query("providerHourlyRollups")
+      .withIndex("by_provider_hour", (q) => q.eq("provider", provider).eq("hour", start))
       .unique();
     if (existing === null) {
-      await ctx.db.insert("providerRollups", r);
+      await ctx.db.insert("providerHourlyRollups", { provider, hour: start, ...sums });
     } else {
-      await ctx.db.patch(existing._id, {
-        requests: existing.requests + r.requests,
-        successes: existing.successes + r.successes,
-        latencySum: existing.latencySum + r.latencySum,
-        tokens: existing.tokens + r.tokens,
-        cost: existing.cost + r.cost,
-      });
+      await ctx.db.patch(existing._id, added(existing, sums));
     }
   }
 }
