@@ -1,0 +1,234 @@
+"""The convex-guard CLI, driven with an injected MemoryStore and clock."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sys
+import types
+
+import pytest
+
+from convex_guard import HOUR, MINUTE, MemoryStore
+from convex_guard._apikeys import hash_key
+from convex_guard._store import AIRequestLog, BotEvent, LogBatch
+from convex_guard.cli import NO_DEPLOYMENT, main, parse_duration, store_from_environment
+
+NOW = 1_800_000_000_000.0  # 2027-01-15 08:00:00Z
+
+
+class Run:
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    def __call__(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(list(argv), store=self.store, clock=lambda: NOW, stdout=out, stderr=err)
+        return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def run() -> Run:
+    return Run(MemoryStore(clock=lambda: NOW))
+
+
+def test_keys_create_shows_the_key_once_and_stores_its_hash(run: Run) -> None:
+    code, out, err = run(
+        "keys", "create", "--name", "ci", "--owner", "ann", "--scope", "chat", "--scope",
+        "embed", "--rate-limit", "100/1m",
+    )  # fmt: skip
+    assert code == 0
+    key = out.strip().splitlines()[-1].split(": ", 1)[1]
+    assert key.startswith("cg_ai_")
+    assert "cannot be shown again" in err
+    header, rule, line = out.splitlines()[:3]
+    assert header.split() == [
+        "ID", "KIND", "PREFIX", "NAME", "OWNER", "SCOPES", "LIMIT", "STATUS", "EXPIRES", "LAST",
+        "USED", "REQUESTS",
+    ]  # fmt: skip
+    assert set(rule.replace(" ", "")) == {"-"}
+    assert line.split()[:8] == [
+        "mem_1",
+        "ai",
+        key[:10] + "…",
+        "ci",
+        "ann",
+        "chat,embed",
+        "100/1m",
+        "active",
+    ]
+    assert "2027-02-14 08:00:00Z" in line  # 30 days on
+    records = asyncio.run(run.store.list_api_keys())
+    assert records[0].key_hash == hash_key(key)
+    assert key not in repr(records)
+
+    code, out, _ = run(
+        "keys", "create", "--name", "emb", "--kind", "embedding", "--no-expiry", "--json"
+    )
+    data = json.loads(out)
+    assert data["kind"] == "embedding" and data["expiresAt"] is None
+    assert (
+        data["key"].startswith("cg_emb_")
+        and hash_key(data["key"])
+        == asyncio.run(run.store.list_api_keys(kind="embedding"))[0].key_hash
+    )
+
+
+def test_keys_list_table_aligns_and_never_shows_keys(run: Run) -> None:
+    keys = [
+        json.loads(run("keys", "create", "--name", n, "--json")[1])["key"]
+        for n in ("a", "longer-name")
+    ]
+    code, out, _ = run("keys", "list")
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 4
+    # Aligned: every column starts at the same offset on every line.
+    assert lines[0].index("NAME") == lines[2].index(" a ") + 1 == lines[3].index("longer-name")
+    assert lines[0].index("REQUESTS") + len("REQUESTS") == len(lines[2]) == len(lines[3])
+    assert not any(k in out for k in keys)
+    listed = json.loads(run("keys", "list", "--json")[1])
+    assert [k["name"] for k in listed] == ["a", "longer-name"]
+    assert all("key" not in k for k in listed)
+    assert not any(k in json.dumps(listed) for k in keys)
+
+
+def test_keys_revoke_and_rotate(run: Run) -> None:
+    run("keys", "create", "--name", "svc", "--scope", "chat")
+    code, out, _ = run("keys", "revoke", "mem_1")
+    assert (code, out) == (0, "Revoked mem_1 (svc).\n")
+    assert json.loads(run("keys", "list", "--json")[1])[0]["active"] is False
+    assert "revoked" in run("keys", "list")[1]
+    code, _, err = run("keys", "revoke", "mem_99")
+    assert code == 1 and "No API key with id 'mem_99'" in err
+
+    run("keys", "create", "--name", "svc2", "--scope", "chat")
+    code, out, _ = run("keys", "rotate", "mem_2", "--grace", "2h", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["name"] == "svc2" and data["scopes"] == ["chat"] and data["replaces"] == "mem_2"
+    assert data["oldKeyExpiresAt"] == NOW + 2 * HOUR
+    code, out, _ = run("keys", "rotate", "mem_3")
+    assert code == 0 and "The old key keeps working until 2027-01-16 08:00:00Z." in out
+    code, _, err = run("keys", "rotate", "mem_1")
+    assert code == 1 and "revoked" in err
+
+
+def test_stats_providers(run: Run) -> None:
+    def row(
+        ts: float, provider: str, ok: bool, latency: float, tokens: int, cost: float
+    ) -> AIRequestLog:
+        return AIRequestLog(
+            ts, provider, "m", "f", "ip", ok, latency, tokens_used=tokens, cost=cost
+        )
+
+    asyncio.run(
+        run.store.write_logs(
+            LogBatch(
+                id="x",
+                ai_requests=[
+                    row(NOW - 10 * MINUTE, "openai", True, 100, 10, 0.5),
+                    row(NOW - 20 * MINUTE, "openai", False, 300, 0, 0.0),
+                    row(NOW - 2 * HOUR, "openai", True, 999, 999, 9.0),  # outside the hour
+                    row(NOW - 5 * MINUTE, "groq", True, 40, 4, 0.01),
+                ],
+            )
+        )
+    )
+    code, out, _ = run("stats", "providers")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "Since 2027-01-15 07:00:00Z (1h):"
+    assert lines[1].split() == ["PROVIDER", "REQUESTS", "SUCCESS", "AVG", "MS", "TOKENS", "COST"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[3:]}
+    assert rows["openai"] == ["2", "50.0%", "200.0", "10", "0.5000"]
+    assert rows["groq"] == ["1", "100.0%", "40.0", "4", "0.0100"]
+    assert rows["perplexity"] == ["0", "0.0%", "0.0", "0", "0.0000"]
+    data = json.loads(
+        run("stats", "providers", "--since", "3h", "--provider", "openai", "--json")[1]
+    )
+    assert data["providers"] == {
+        "openai": {
+            "totalRequests": 3,
+            "successRate": pytest.approx(2 / 3),
+            "averageLatency": pytest.approx(1399 / 3),
+            "totalTokens": 1009,
+            "totalCost": pytest.approx(9.5),
+        }
+    }
+    assert data["end"] - data["start"] == 3 * HOUR
+
+
+def test_bots_recent(run: Run) -> None:
+    events = [
+        BotEvent(NOW - 30 * MINUTE, "fp-old", "1.1.1.1", "curl/8", "bot_useragent", "blocked"),
+        BotEvent(NOW - 5 * MINUTE, "fp-new", "2.2.2.2", "GPTBot/1.0", "ai_scraper", "challenged"),
+        BotEvent(NOW - 3 * HOUR, "fp-ancient", "3.3.3.3", "x", "rate_limit", "blocked"),
+    ]
+    asyncio.run(run.store.write_logs(LogBatch(id="e", bot_events=events)))
+    code, out, _ = run("bots", "recent")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["TIME", "TYPE", "ACTION", "IP", "FINGERPRINT", "USER", "AGENT"]
+    assert lines[2].split() == [
+        "2027-01-15",
+        "07:55:00Z",
+        "ai_scraper",
+        "challenged",
+        "2.2.2.2",
+        "fp-new",
+        "GPTBot/1.0",
+    ]
+    assert "fp-old" in lines[3] and len(lines) == 4
+    data = json.loads(run("bots", "recent", "--since", "1d", "--limit", "2", "--json")[1])
+    assert [e["fingerprint"] for e in data] == ["fp-new", "fp-old"]
+    assert data[0]["detectionType"] == "ai_scraper" and data[0]["userAgent"] == "GPTBot/1.0"
+    code, _, err = run("bots", "recent", "--limit", "0")
+    assert code == 2 and "--limit must be at least 1" in err
+
+
+def test_no_deployment_configured_exits_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("CONVEX_SELF_HOSTED_URL", "CONVEX_URL", "CONVEX_SELF_HOSTED_ADMIN_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["keys", "list"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == NO_DEPLOYMENT
+    assert "\n" not in captured.err.strip() and captured.out == ""
+
+
+def test_deployment_without_admin_key_or_store_module(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CONVEX_SELF_HOSTED_URL", "http://127.0.0.1:3210")
+    monkeypatch.delenv("CONVEX_SELF_HOSTED_ADMIN_KEY", raising=False)
+    assert main(["stats", "providers"]) == 2
+    assert "CONVEX_SELF_HOSTED_ADMIN_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("CONVEX_SELF_HOSTED_ADMIN_KEY", "secret-admin-key")
+    monkeypatch.setitem(sys.modules, "convex_guard._convex", None)  # import fails
+    assert main(["stats", "providers"]) == 2
+    err = capsys.readouterr().err
+    assert "no ConvexStore" in err and "secret-admin-key" not in err
+
+
+def test_store_from_environment_uses_convex_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEX_URL", "http://127.0.0.1:3210")
+    monkeypatch.setenv("CONVEX_SELF_HOSTED_ADMIN_KEY", "k")
+    store = MemoryStore()
+    fake = types.ModuleType("convex_guard._convex")
+    fake.ConvexStore = types.SimpleNamespace(from_env=lambda: store)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "convex_guard._convex", fake)
+    assert store_from_environment() is store
+
+
+def test_bad_arguments() -> None:
+    assert parse_duration("1h30m") == 90 * MINUTE
+    assert parse_duration("250ms") == 250
+    for bad in ("", "1", "h", "-1h", "1x", "0s"):
+        with pytest.raises(Exception, match="not a duration"):
+            parse_duration(bad)
+    with pytest.raises(SystemExit) as exc:
+        main(["stats", "providers", "--since", "soon"], store=MemoryStore())
+    assert exc.value.code == 2
