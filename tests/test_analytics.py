@@ -17,7 +17,9 @@ from convex_guard._store import (
 )
 
 
-def ai(ts: float, provider: str, ok: bool, latency: float, tokens: int | None, cost: float | None):  # type: ignore[no-untyped-def]
+def ai(
+    ts: float, provider: str, ok: bool, latency: float, tokens: int | None, cost: float | None
+) -> AIRequestLog:
     return AIRequestLog(
         timestamp=ts,
         provider=provider,

@@ -183,7 +183,8 @@ class LogWriter:
         """
         self._closed = True
         task, self._task = self._task, None
-        if task is not None and not task.done():
+        # A task from another (finished) loop cannot be awaited here; it is gone with its loop.
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
