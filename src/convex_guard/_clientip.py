@@ -1,0 +1,154 @@
+"""Client IP resolution (sans-IO): the peer, or the first untrusted hop behind trusted proxies."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Final, Literal
+
+__all__ = ["UNKNOWN_CLIENT", "ForwardedHeader", "TrustedProxies", "client_ip", "ip_key"]
+
+IPAddress = IPv4Address | IPv6Address
+ForwardedHeader = Literal["x-forwarded-for", "forwarded"]
+
+UNKNOWN_CLIENT: Final = "unknown"
+
+# RFC 7239 §4: for=token or for="quoted-string", one per forwarded-element.
+_FORWARDED_FOR: Final = re.compile(r'(?:^|[;,\s])for\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)', re.I)
+_BRACKETED: Final = re.compile(r"\[([^\]]+)\](?::\d*)?")
+
+
+class TrustedProxies:
+    """The proxies whose forwarding headers are believed, parsed once at start-up.
+
+    A bad entry raises here, naming it, so a typo in configuration fails the deploy instead of
+    silently trusting nobody (or everybody) on every request.
+    """
+
+    __slots__ = ("_v4", "_v6")
+
+    def __init__(self, entries: Iterable[str] = ()) -> None:
+        if isinstance(entries, str):
+            raise TypeError("TrustedProxies takes a list of IPs/CIDRs, not one string")
+        v4: list[IPv4Network] = []
+        v6: list[IPv6Network] = []
+        for entry in entries:
+            try:
+                network = ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted proxy {entry!r} is not an IP address or CIDR network "
+                    "(e.g. '10.0.0.1', '10.0.0.0/8', '2001:db8::/32')"
+                ) from None
+            if isinstance(network, IPv4Network):
+                v4.append(network)
+            else:
+                v6.append(network)
+        self._v4: tuple[IPv4Network, ...] = tuple(v4)
+        self._v6: tuple[IPv6Network, ...] = tuple(v6)
+
+    def __bool__(self) -> bool:
+        return bool(self._v4 or self._v6)
+
+    def __contains__(self, address: object) -> bool:
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if isinstance(address, IPv4Address):
+            return any(address in network for network in self._v4)
+        if isinstance(address, IPv6Address):
+            return any(address in network for network in self._v6)
+        return False
+
+    def __repr__(self) -> str:
+        return f"TrustedProxies({[str(n) for n in (*self._v4, *self._v6)]!r})"
+
+
+def ip_key(address: IPAddress, ipv6_prefix: int = 64) -> str:
+    """The rate-limit key of an address: IPv4 as is, IPv6 as its network (a /64 by default).
+
+    One IPv6 subscriber usually holds a whole /64 and can rotate through it at will, so keying
+    single IPv6 addresses would let it reset its limits for free. IPv4-mapped IPv6 addresses
+    ("::ffff:1.2.3.4", seen on dual-stack sockets) are keyed as the IPv4 address they are.
+    """
+    if not 0 <= ipv6_prefix <= 128:
+        raise ValueError(f"ipv6_prefix must be between 0 and 128, got {ipv6_prefix}")
+    if isinstance(address, IPv6Address):
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return str(mapped)
+        if ipv6_prefix == 128:
+            return str(IPv6Address(int(address)))  # drops any %zone
+        shift = 128 - ipv6_prefix
+        return str(IPv6Network(((int(address) >> shift) << shift, ipv6_prefix)))
+    return str(address)
+
+
+def _parse(value: str) -> IPAddress | None:
+    """One address from a header entry or peer, or None for anything else (never raises).
+
+    Accepts "1.2.3.4", "1.2.3.4:8080", "2001:db8::1", "[2001:db8::1]:443" and quoted forms;
+    obfuscated RFC 7239 identifiers ("_hidden") and "unknown" are not addresses.
+    """
+    text = value.strip().strip('"').strip()
+    if not text or len(text) > 64:
+        return None
+    if text.startswith("["):
+        match = _BRACKETED.fullmatch(text)
+        if match is None:
+            return None
+        text = match[1]
+    elif text.count(":") == 1:
+        text = text.split(":", 1)[0]  # IPv4 with a port
+    try:
+        return ip_address(text)
+    except ValueError:
+        return None
+
+
+def _hops(headers: Sequence[tuple[bytes, bytes]], header: ForwardedHeader) -> list[str]:
+    """Every hop the header lists, several header lines concatenated in arrival order."""
+    wanted = header.encode("ascii")
+    hops: list[str] = []
+    for name, raw in headers:
+        if name != wanted and name.lower() != wanted:
+            continue
+        value = raw.decode("latin-1")
+        if header == "forwarded":
+            hops.extend(m[1] for m in _FORWARDED_FOR.finditer(value))
+        else:
+            hops.extend(value.split(","))
+    return hops
+
+
+def client_ip(
+    peer: str | None,
+    headers: Sequence[tuple[bytes, bytes]],
+    trusted: TrustedProxies,
+    *,
+    ipv6_prefix: int = 64,
+    header: ForwardedHeader = "x-forwarded-for",
+) -> str:
+    """The key of the client a request came from, safe to rate-limit on.
+
+    The peer address (ASGI ``scope["client"][0]``) is the answer unless the peer is a trusted
+    proxy: only then is ``header`` read, from the right, skipping trusted hops and malformed
+    entries, up to the first untrusted address. Without trusted proxies the header is ignored
+    entirely, so a client cannot choose its own key. One header is read, not both: a proxy that
+    appends to X-Forwarded-For passes a client's own Forwarded header through untouched.
+    If every hop is trusted, the left-most one is the client; no usable peer gives ``"unknown"``.
+    """
+    address = _parse(peer) if peer else None
+    if address is None:
+        return UNKNOWN_CLIENT
+    if not trusted or address not in trusted:
+        return ip_key(address, ipv6_prefix)
+    leftmost: IPAddress | None = None
+    for hop in reversed(_hops(headers, header)):
+        candidate = _parse(hop)
+        if candidate is None:
+            continue
+        if candidate not in trusted:
+            return ip_key(candidate, ipv6_prefix)
+        leftmost = candidate
+    return ip_key(leftmost or address, ipv6_prefix)

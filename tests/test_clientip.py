@@ -1,0 +1,147 @@
+"""Client IP resolution: trusted proxies only, right-to-left walk, IPv6 keyed by network."""
+
+from __future__ import annotations
+
+from ipaddress import ip_address
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from convex_guard._clientip import TrustedProxies, client_ip, ip_key
+
+NONE = TrustedProxies()
+LB = TrustedProxies(["10.0.0.0/8", "2001:db8:ffff::/48"])
+TWO = TrustedProxies(["10.0.0.1", "192.0.2.7"])
+
+
+def xff(*values: str) -> list[tuple[bytes, bytes]]:
+    return [(b"x-forwarded-for", v.encode()) for v in values]
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "trusted", "expected"),
+    [
+        # No trusted proxies: the header is ignored, whatever it says.
+        ("203.0.113.9", xff("1.2.3.4"), NONE, "203.0.113.9"),
+        ("203.0.113.9", [(b"forwarded", b"for=1.2.3.4")], NONE, "203.0.113.9"),
+        # Peer not trusted: spoofed header ignored even when proxies are configured.
+        ("203.0.113.9", xff("1.2.3.4"), LB, "203.0.113.9"),
+        # One trusted hop.
+        ("10.1.2.3", xff("198.51.100.4"), LB, "198.51.100.4"),
+        # A client-supplied value left of the real one is never reached.
+        ("10.1.2.3", xff("1.2.3.4, 198.51.100.4"), LB, "198.51.100.4"),
+        # Two trusted hops: skip the inner proxy.
+        ("10.0.0.1", xff("6.6.6.6, 198.51.100.4, 192.0.2.7"), TWO, "198.51.100.4"),
+        # Multiple header lines concatenate in order.
+        ("10.0.0.1", xff("6.6.6.6, 198.51.100.4", "192.0.2.7"), TWO, "198.51.100.4"),
+        # Ports on IPv4, bracketed IPv6 with port.
+        ("10.1.2.3", xff("198.51.100.4:5555"), LB, "198.51.100.4"),
+        ("10.1.2.3", xff("[2001:db8:1:2::99]:443"), LB, "2001:db8:1:2::/64"),
+        # Garbage entries are skipped, never raised.
+        ("10.1.2.3", xff("198.51.100.4, not-an-ip, , unknown"), LB, "198.51.100.4"),
+        ("10.1.2.3", xff("\x00\xff;;,,"), LB, "10.1.2.3"),
+        # Every hop trusted: the left-most is the client.
+        ("10.0.0.1", xff("192.0.2.7, 10.0.0.1"), TWO, "192.0.2.7"),
+        # Upper-case header names (non-ASGI callers) still count.
+        ("10.1.2.3", [(b"X-Forwarded-For", b"198.51.100.4")], LB, "198.51.100.4"),
+        # IPv6 peers keyed by /64; IPv4-mapped normalised.
+        ("2001:db8:1:2:3:4:5:6", [], NONE, "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.9", [], NONE, "203.0.113.9"),
+        # Trusted IPv6 proxy.
+        ("2001:db8:ffff::1", xff("2001:db8:aaaa:bbbb::1"), LB, "2001:db8:aaaa:bbbb::/64"),
+        # No or unusable peer.
+        (None, xff("1.2.3.4"), LB, "unknown"),
+        ("", [], NONE, "unknown"),
+        ("not an ip", [], LB, "unknown"),
+    ],
+)
+def test_x_forwarded_for(
+    peer: str | None, headers: list[tuple[bytes, bytes]], trusted: TrustedProxies, expected: str
+) -> None:
+    assert client_ip(peer, headers, trusted) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"for=198.51.100.4", "198.51.100.4"),
+        (b'for="[2001:db8:cafe::17]:4711"', "2001:db8:cafe::/64"),
+        (b"for=198.51.100.4;proto=https;by=10.0.0.1", "198.51.100.4"),
+        (b"For=6.6.6.6, for=198.51.100.4", "198.51.100.4"),
+        (b"for=198.51.100.4, for=_hidden", "198.51.100.4"),  # obfuscated hop skipped
+        (b"for=unknown", "10.1.2.3"),
+        (b'for="198.51.100.4:80"', "198.51.100.4"),
+        (b"by=10.0.0.1", "10.1.2.3"),  # no for= at all
+    ],
+)
+def test_forwarded(value: bytes, expected: str) -> None:
+    headers = [(b"forwarded", value)]
+    assert client_ip("10.1.2.3", headers, LB, header="forwarded") == expected
+
+
+def test_forwarded_header_choice_prevents_spoofing_through_the_other_header() -> None:
+    # The proxy appends to X-Forwarded-For; a client's own Forwarded header must not be read.
+    headers = [(b"forwarded", b"for=1.2.3.4"), (b"x-forwarded-for", b"198.51.100.4")]
+    assert client_ip("10.1.2.3", headers, LB) == "198.51.100.4"
+
+
+@pytest.mark.parametrize(
+    ("address", "prefix", "expected"),
+    [
+        ("2001:db8:1:2:3:4:5:6", 64, "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:3:4:5:6", 56, "2001:db8:1::/56"),
+        ("2001:db8:1:2:3:4:5:6", 128, "2001:db8:1:2:3:4:5:6"),
+        ("fe80::1%eth0", 128, "fe80::1"),
+        ("::ffff:1.2.3.4", 64, "1.2.3.4"),
+        ("192.0.2.1", 64, "192.0.2.1"),
+    ],
+)
+def test_ip_key(address: str, prefix: int, expected: str) -> None:
+    assert ip_key(ip_address(address), prefix) == expected
+
+
+def test_rotating_inside_one_allocation_keeps_the_key() -> None:
+    keys = {client_ip(f"2001:db8:1:2::{i:x}", [], NONE) for i in range(1, 200)}
+    assert keys == {"2001:db8:1:2::/64"}
+
+
+def test_ip_key_rejects_bad_prefix() -> None:
+    with pytest.raises(ValueError, match="ipv6_prefix"):
+        ip_key(ip_address("::1"), 129)
+
+
+def test_trusted_proxies_names_the_bad_entry() -> None:
+    with pytest.raises(ValueError, match=r"'10\.0\.0\.300'"):
+        TrustedProxies(["10.0.0.1", "10.0.0.300"])
+    with pytest.raises(TypeError):
+        TrustedProxies("10.0.0.1")
+    assert not TrustedProxies()
+    assert ip_address("::ffff:10.0.0.1") in TrustedProxies(["10.0.0.0/8"])
+    assert "10.0.0.1" not in TrustedProxies(["10.0.0.0/8"])  # addresses, not strings
+
+
+header_values = st.binary(max_size=200) | st.text(max_size=100).map(str.encode)
+
+
+@given(
+    peer=st.sampled_from(["203.0.113.9", "2001:db8::1", "::ffff:192.0.2.1"]),
+    values=st.lists(
+        st.tuples(st.sampled_from([b"x-forwarded-for", b"forwarded", b"X-Real-IP"]), header_values),
+        max_size=5,
+    ),
+)
+def test_without_trusted_proxies_no_header_changes_the_key(
+    peer: str, values: list[tuple[bytes, bytes]]
+) -> None:
+    expected = client_ip(peer, [], NONE)
+    assert client_ip(peer, values, NONE) == expected
+    assert client_ip(peer, values, NONE, header="forwarded") == expected
+
+
+@given(values=st.lists(header_values, max_size=5))
+def test_garbage_never_raises_behind_a_trusted_proxy(values: list[bytes]) -> None:
+    headers = [(b"x-forwarded-for", v) for v in values] + [(b"forwarded", v) for v in values]
+    for header in ("x-forwarded-for", "forwarded"):
+        key = client_ip("10.1.2.3", headers, LB, header=header)
+        assert key == "10.1.2.3" or ip_address(key.split("/")[0])
