@@ -8,6 +8,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -19,13 +20,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from convex_guard import HOUR, MINUTE, MemoryStore, TokenBucket
+from convex_guard import HOUR, MINUTE, MemoryStore, StoreError, TokenBucket
 from convex_guard._apikeys import (
     DEFAULT_GRACE_MS,
     DEFAULT_LIFETIME_MS,
     NO_KEY,
     ApiKeys,
     KeyNotFoundError,
+    KeyRevokedError,
     generate_key,
     hash_key,
     is_well_formed,
@@ -33,7 +35,7 @@ from convex_guard._apikeys import (
 from convex_guard._context import guard_context
 from convex_guard._errors import ConfigurationError
 from convex_guard._logwriter import LogWriter
-from convex_guard._store import KeyRateLimit
+from convex_guard._store import ApiKeyRecord, KeyRateLimit
 from convex_guard.middleware.apikeys import ApiKeyMiddleware, KeyRoute
 
 from .conftest import serve
@@ -144,7 +146,7 @@ async def test_rotate_keeps_settings_and_old_key_for_the_grace_period() -> None:
     await keys.rotate(soon.record.id)
     assert (await keys.get(soon.record.id)).expires_at == soon.record.expires_at
     await keys.revoke(soon.record.id)
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(KeyRevokedError):
         await keys.rotate(soon.record.id)
 
 
@@ -435,3 +437,37 @@ def test_failed_auth_limit_is_configurable(
     with serve(app) as server, httpx.Client(base_url=server.url) as c:
         codes = [c.post("/api/ai/openai/chat").status_code for _ in range(3)]
     assert codes == [401, 401, 429]
+
+
+class DownStore(MemoryStore):
+    """Key lookups fail ("raise") or never answer ("hang"); everything else works."""
+
+    def __init__(self, mode: str, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.mode = mode
+
+    async def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        raise StoreError("down")
+
+
+@pytest.mark.parametrize("mode", ["raise", "hang"])
+def test_store_failure_fails_closed_within_the_timeout(
+    mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    store = DownStore(mode, clock)
+    writer = LogWriter(store)
+    app = make_app(store, clock, writer, timeout=0.2)
+    with serve(app) as server, httpx.Client(base_url=server.url) as c:
+        started = time.monotonic()
+        response = c.post("/api/ai/openai/chat", headers=bearer(generate_key()))
+        assert time.monotonic() - started < 2.0
+        # Anonymous requests on optional routes need no lookup and still pass.
+        assert c.get("/api/public").status_code == 200
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "1"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "API key lookup failed" in caplog.text
+    assert store.auth_failures == []  # the store's trouble is not the client's failure

@@ -127,6 +127,10 @@ class KeyNotFoundError(GuardError, LookupError):
     """No key has this id; list the keys to find the right one."""
 
 
+class KeyRevokedError(GuardError):
+    """The key is revoked, so it cannot be rotated; create a new key instead."""
+
+
 class ApiKeys:
     """Create, list, revoke, rotate and verify keys over any `Store`.
 
@@ -215,7 +219,7 @@ class ApiKeys:
             raise ConfigurationError("grace must be a non-negative number of ms")
         old = await self.get(key_id)
         if not old.active:
-            raise ConfigurationError(f"Key {key_id!r} is revoked; create a new key instead")
+            raise KeyRevokedError(f"Key {key_id!r} is revoked; create a new key instead")
         created = await self.create(
             old.name,
             kind=old.kind,

@@ -413,8 +413,14 @@ def main(
     except KeyNotFoundError as exc:
         print(f"convex-guard: {exc}", file=err)
         return EXIT_ERROR
+    except ConfigurationError as exc:
+        print(f"convex-guard: {exc}", file=err)
+        return EXIT_USAGE
     except GuardError as exc:
         print(f"convex-guard: {exc}", file=err)
+        return EXIT_ERROR
+    except Exception as exc:  # a transport error from the store: one line, not a traceback
+        print(f"convex-guard: the store failed: {type(exc).__name__}: {exc}", file=err)
         return EXIT_ERROR
 
 

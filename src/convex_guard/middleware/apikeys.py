@@ -174,6 +174,7 @@ class ApiKeyMiddleware:
         # IP -> epoch ms until which its failed-auth limit is known to be spent.
         self._throttled: OrderedDict[str, float] = OrderedDict()
         self._bad_input = ThrottledLog()
+        self._refused = ThrottledLog()
         self._throttle_log = ThrottledLog()
         self._store_trouble = ThrottledLog()
 
@@ -194,6 +195,9 @@ class ApiKeyMiddleware:
         ctx = guard_context(scope)
         now = self.clock()
         ip = ctx.client_ip or peer_ip(scope)
+        # Failed attempts are counted per client key (an IPv6 client's /64 when the fingerprint
+        # middleware runs), so a guesser cannot reset the count by hopping addresses.
+        client = ctx.client_key or ip
         try:
             raw = _presented_key(scope)
         except _Malformed as exc:
@@ -209,8 +213,8 @@ class ApiKeyMiddleware:
 
         key_hash = hash_key(raw)
         del raw  # from here on only the hash exists
-        if self._throttled_until(ip, now):
-            await self._throttle(scope, receive, send, ctx, ip, now, self._throttled[ip])
+        if self._throttled_until(client, now):
+            await self._throttle(scope, receive, send, ctx, ip, now, self._throttled[client])
             return
         try:
             record = await self._lookup(key_hash, now)
@@ -226,6 +230,10 @@ class ApiKeyMiddleware:
             return
         status = key_status(record, now, route.kind)
         if status != "valid" or record is None:
+            # The hash prefix ties the line to the auth-failure row without revealing the key.
+            self._refused.warning(
+                "API key refused from %s on %s: %s (sha256 %s…)", ip, path, status, key_hash[:12]
+            )
             await self._fail(scope, receive, send, ctx, ip, now, key_hash, 401, "invalid_token")
             return
         missing = [s for s in route.scopes if s not in record.scopes]
@@ -323,16 +331,17 @@ class ApiKeyMiddleware:
         """Record the failure, charge the IP's failed-auth limit, and answer 401/403 or 429."""
         user_agent = _header(scope, b"user-agent")
         self.writer.add(AuthFailure(key_hash=key_hash, timestamp=now, ip=ip, user_agent=user_agent))
+        client = ctx.client_key or ip
         try:
             async with asyncio.timeout(self.timeout):
-                result = await self.store.limit(FAILED_AUTH, self.failed_auth, key=ip)
+                result = await self.store.limit(FAILED_AUTH, self.failed_auth, key=client)
         except Exception as exc:
             self._store_trouble.warning("Failed-auth limit unavailable: %r", exc)
         else:
             if not result.ok:
                 until = now + (result.retry_after or 0.0)
-                self._throttled[ip] = until
-                self._throttled.move_to_end(ip)
+                self._throttled[client] = until
+                self._throttled.move_to_end(client)
                 if len(self._throttled) > self.cache_size:
                     self._throttled.popitem(last=False)
                 await self._throttle(scope, receive, send, ctx, ip, now, until)
