@@ -18,7 +18,8 @@ export const LIMITS_DENIED = "LimitsDenied";
 /**
  * Escalate and record `bot` (if given), then decide all `limits` all-or-nothing.
  *
- * A blocked or challenged bot consumes no limit (`results` is empty). Otherwise the limits
+ * A bot still allowed by its history consumes its own `limit` (if given; denied → challenged).
+ * A blocked or challenged bot consumes none of `limits` (`results` is empty). Otherwise the limits
  * are decided in a nested mutation that throws when any of them denies, so none is consumed,
  * while this mutation still commits the bot event. `now` is this call's clock (epoch ms, read
  * after the decisions, so never earlier than a result's `ts`);
@@ -39,7 +40,12 @@ export const check = internalMutation({
     const now = Date.now();
     let verdict: { action: "blocked" | "challenged" | "allowed"; previousEvents: number } | undefined;
     if (bot !== undefined) {
-      verdict = await recordBotEvent(ctx, bot, now);
+      const { limit, ...check } = bot;
+      // The bot's own limit is consumed outside the all-or-nothing decision below: it counts
+      // the flagged request even when the request's limits then deny.
+      const limitAdmits =
+        limit === undefined ? undefined : async () => (await decideLimit(ctx, limit, now)).ok;
+      verdict = await recordBotEvent(ctx, check, now, limitAdmits);
       if (verdict.action !== "allowed") {
         return { ok: false, now, results: [], bot: verdict };
       }

@@ -214,6 +214,30 @@ describe("guard:check bots", () => {
     expect(await t.query(internal.bots.countSince, { fingerprint: "fp-1", since: 0 })).toBe(1);
   });
 
+  test("the bot's own limit is consumed while allowed; its denial challenges", async () => {
+    const suspicious = {
+      name: "suspiciousBehavior",
+      key: "fp-1",
+      config: { kind: "fixed window", rate: 2, period: MINUTE, start: 0 },
+    } as const;
+    const tight = { kind: "fixed window", rate: 1, period: MINUTE, start: 0 } as const;
+    const limits = [{ name: "tight", config: tight }];
+    const actions: string[] = [];
+    const oks: boolean[] = [];
+    for (let i = 0; i < 3; i++) {
+      const r = await t.mutation(internal.guard.check, { limits, bot: { ...bot, limit: suspicious } });
+      actions.push(r.bot!.action);
+      oks.push(r.ok);
+    }
+    expect(actions).toEqual(["allowed", "allowed", "challenged"]);
+    // The second request's own limit denied, yet its bot limit stayed consumed.
+    expect(oks).toEqual([true, false, false]);
+    const peek = await t.query(internal.limits.peek, suspicious);
+    expect(peek.value).toBe(0);
+    const events = await t.query(internal.ai.analytics.getBotEvents, { limit: 10, since: 0 });
+    expect(events.map((e) => e.action)).toEqual(["challenged", "allowed", "allowed"]);
+  });
+
   test("detectBotPatterns keeps the seed's behaviour", async () => {
     const args = { fingerprint: "fp-2", ip: "198.51.100.1", userAgent: "x", detectionType: "ai_scraper" } as const;
     let last = { action: "", previousAttempts: -1 };

@@ -23,13 +23,15 @@ export function escalate(policy: BotAction, previousEvents: number): BotAction {
 }
 
 /**
- * Count the fingerprint's events in the last hour (bounded), escalate, and store the final
- * decision as a new event with `metadata.previousAttempts`.
+ * Count the fingerprint's events in the last hour (bounded) and escalate; if the bot is still
+ * allowed and `limitAdmits` is given, consult it (it consumes the bot's own limit): a denial
+ * challenges. Store the final decision as a new event with `metadata.previousAttempts`.
  */
 export async function recordBotEvent(
   ctx: Pick<GenericMutationCtx<DataModel>, "db">,
-  bot: BotCheck,
+  bot: Omit<BotCheck, "limit">,
   now: number,
+  limitAdmits?: () => Promise<boolean>,
 ): Promise<{ action: BotAction; previousEvents: number }> {
   const recent = await ctx.db
     .query("botDetectionEvents")
@@ -38,7 +40,10 @@ export async function recordBotEvent(
     )
     .take(ESCALATION_READ_CAP);
   const previousEvents = recent.length;
-  const action = escalate(bot.action, previousEvents);
+  let action = escalate(bot.action, previousEvents);
+  if (action === "allowed" && limitAdmits !== undefined && !(await limitAdmits())) {
+    action = "challenged";
+  }
   await ctx.db.insert("botDetectionEvents", {
     timestamp: now,
     fingerprint: bot.fingerprint,

@@ -68,6 +68,11 @@ export const vLimitResult = v.object({
 });
 export type LimitResult = Infer<typeof vLimitResult>;
 
+/**
+ * A flagged request. `action` is the category policy's own action; `limit` (the
+ * `suspiciousBehavior` limit per fingerprint) is consumed when the history still allows the
+ * bot, and a denial challenges it.
+ */
 export const vBotCheck = v.object({
   fingerprint: v.string(),
   ip: v.string(),
@@ -75,6 +80,7 @@ export const vBotCheck = v.object({
   detectionType: vDetectionType,
   action: vBotAction,
   metadata: v.optional(vMetadata),
+  limit: v.optional(vLimitRequest),
 });
 export type BotCheck = Infer<typeof vBotCheck>;
 
