@@ -36,7 +36,12 @@ from convex_guard._context import guard_context
 from convex_guard._errors import ConfigurationError
 from convex_guard._logwriter import LogWriter
 from convex_guard._store import ApiKeyRecord, KeyRateLimit
-from convex_guard.middleware.apikeys import ApiKeyMiddleware, KeyRoute
+from convex_guard.middleware.apikeys import (
+    ApiKeyMiddleware,
+    KeyRoute,
+    _Malformed,
+    _presented_key,
+)
 
 from .conftest import serve
 
@@ -471,3 +476,23 @@ def test_store_failure_fails_closed_within_the_timeout(
     assert response.headers["content-type"] == "application/problem+json"
     assert "API key lookup failed" in caplog.text
     assert store.auth_failures == []  # the store's trouble is not the client's failure
+
+
+_header_bytes = st.binary(max_size=400) | st.sampled_from(
+    [b"Bearer", b"Bearer ", b"bearer x", b"Basic abc", b"Bearer cg_ai_" + b"a" * 43]
+)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([b"authorization", b"x-api-key", b"other"]), _header_bytes),
+        max_size=4,
+    )
+)
+def test_header_parsing_never_fails_unexpectedly(headers: list[tuple[bytes, bytes]]) -> None:
+    """Whatever the bytes, the parser gives a well-formed key, nothing, or a clean refusal."""
+    try:
+        key = _presented_key({"headers": headers})
+    except _Malformed:
+        return
+    assert key is None or is_well_formed(key)

@@ -290,8 +290,10 @@ async def run_lifespan(
 ) -> None:
     """Pass the lifespan to `app`, starting `writers` at startup and flushing them at shutdown.
 
-    An app without lifespan support (it raises before answering anything) is spoken for: the
-    startup and shutdown are answered here, so the writers still flush when the server stops.
+    An app without lifespan support (it raises before reading the first lifespan message, as
+    Django's ASGI handler does) is spoken for: startup and shutdown are answered here, so the
+    writers still flush when the server stops. An app that fails after reading the startup
+    message has a real startup failure, and its exception goes to the server.
     """
     answered = False
     startup_seen = False
@@ -322,11 +324,9 @@ async def run_lifespan(
     try:
         await app(scope, wrapped_receive, wrapped_send)
     except Exception:
-        if answered:
+        if answered or startup_seen:
             raise
         logger.debug("The app does not support lifespan; the guard answers it to flush its logs")
-        if startup_seen:
-            await send({"type": "lifespan.startup.complete"})
         await _answer_lifespan(receive, send, start_all, close_all)
 
 
