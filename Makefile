@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPM_STAMP := convex/node_modules/.installed
 
-.PHONY: install demo test lint typecheck pytest convex-test bench clean
+.PHONY: install demo test lint typecheck pytest convex-test convex-deploy bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(NPM_STAMP): convex/package.json convex/package-lock.json
+	cd convex && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NPM_STAMP)
+
+install: $(STAMP) $(NPM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m examples.demo
@@ -25,13 +29,24 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy src
 
-pytest: $(STAMP)
+# The pytest suite starts the loopback Convex test server, which needs convex/node_modules.
+pytest: $(STAMP) $(NPM_STAMP)
 	$(BIN)/pytest -q
 
-test: lint typecheck pytest
+convex-test: $(NPM_STAMP)
+	cd convex && npm test && npm run typecheck
+
+test: lint typecheck convex-test pytest
+
+# Deploy convex/ to the self-hosted backend named by CONVEX_SELF_HOSTED_URL (see README).
+convex-deploy: $(NPM_STAMP)
+	@test -n "$$CONVEX_SELF_HOSTED_URL" || { echo "set CONVEX_SELF_HOSTED_URL"; exit 2; }
+	@test -n "$$CONVEX_SELF_HOSTED_ADMIN_KEY" || { echo "set CONVEX_SELF_HOSTED_ADMIN_KEY"; exit 2; }
+	cd convex && npx convex deploy --yes
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.limiter
+	$(BIN)/python -m benchmarks.useragent
 
 clean:
 	rm -rf $(VENV) convex/node_modules .pytest_cache .mypy_cache .ruff_cache

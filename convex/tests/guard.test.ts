@@ -156,12 +156,11 @@ describe("guard:check bots", () => {
       previous.push(r.bot!.previousEvents);
       vi.advanceTimersByTime(1000);
     }
-    // The 7th call sees 6 earlier events (> 5): challenged; the 12th sees 11 (> 10): blocked.
+    // Counting itself, the 6th call makes 6 events (> 5): challenged; the 11th makes 11: blocked.
     expect(actions).toEqual([
-      ...Array(6).fill("allowed"),
+      ...Array(5).fill("allowed"),
       ...Array(5).fill("challenged"),
-      "blocked",
-      "blocked",
+      ...Array(3).fill("blocked"),
     ]);
     // The count saturates at BLOCK_AFTER + 1: that is all the decision needs.
     expect(previous).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11]);

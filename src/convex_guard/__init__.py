@@ -1,22 +1,66 @@
 """convex-guard: bot detection, rate limits, API keys and AI request logs for Python web apps."""
 
+from ._clientip import TrustedProxies, client_ip, ip_key
 from ._context import GuardContext, guard_context
-from ._errors import ConfigurationError, GuardError, StoreError, StoreTimeoutError
+from ._convex import ConvexStore
+from ._errors import (
+    ConfigurationError,
+    ConvexAuthError,
+    ConvexFunctionNotFoundError,
+    ConvexValidationError,
+    GuardError,
+    StoreError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
+from ._fingerprint import DEFAULT_FIELDS as FINGERPRINT_FIELDS
+from ._fingerprint import fingerprint
 from ._limits import DAY, HOUR, MINUTE, SECOND, FixedWindow, LimitConfig, LimitResult, TokenBucket
 from ._memory import MemoryStore
 from ._presets import seed_limits
 from ._rules import Rule, preset_rules
 from ._settings import GuardEnvironment, load_environment
-from ._store import CheckResult, LimitRequest, Store
+from ._store import (
+    BotCheck,
+    BotEvent,
+    BotVerdict,
+    CheckResult,
+    LimitRequest,
+    ProviderStats,
+    Store,
+)
+from ._useragent import (
+    BOT_CATEGORIES,
+    BotCategory,
+    UserAgentVerdict,
+    classify_user_agent,
+    classify_user_agent_uncached,
+)
+from .middleware.botdetection import DEFAULT_POLICY as DEFAULT_BOT_POLICY
+from .middleware.botdetection import BotDetectionMiddleware
+from .middleware.fingerprint import FingerprintMiddleware
 from .middleware.ratelimit import RateLimitMiddleware
 
 __all__ = [
+    "BOT_CATEGORIES",
     "DAY",
+    "DEFAULT_BOT_POLICY",
+    "FINGERPRINT_FIELDS",
     "HOUR",
     "MINUTE",
     "SECOND",
+    "BotCategory",
+    "BotCheck",
+    "BotDetectionMiddleware",
+    "BotEvent",
+    "BotVerdict",
     "CheckResult",
     "ConfigurationError",
+    "ConvexAuthError",
+    "ConvexFunctionNotFoundError",
+    "ConvexStore",
+    "ConvexValidationError",
+    "FingerprintMiddleware",
     "FixedWindow",
     "GuardContext",
     "GuardEnvironment",
@@ -25,13 +69,22 @@ __all__ = [
     "LimitRequest",
     "LimitResult",
     "MemoryStore",
+    "ProviderStats",
     "RateLimitMiddleware",
     "Rule",
     "Store",
     "StoreError",
     "StoreTimeoutError",
+    "StoreUnavailableError",
     "TokenBucket",
+    "TrustedProxies",
+    "UserAgentVerdict",
+    "classify_user_agent",
+    "classify_user_agent_uncached",
+    "client_ip",
+    "fingerprint",
     "guard_context",
+    "ip_key",
     "load_environment",
     "preset_rules",
     "seed_limits",

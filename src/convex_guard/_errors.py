@@ -17,3 +17,19 @@ class StoreError(GuardError):
 
 class StoreTimeoutError(StoreError, TimeoutError):
     """The store did not answer within the configured timeout."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store could not be reached (connection refused, DNS, TLS); check its URL and health."""
+
+
+class ConvexAuthError(StoreError):
+    """The Convex deployment refused the admin key; check CONVEX_SELF_HOSTED_ADMIN_KEY."""
+
+
+class ConvexFunctionNotFoundError(StoreError):
+    """The deployment lacks a function convex-guard calls; deploy `convex/` (make convex-deploy)."""
+
+
+class ConvexValidationError(StoreError):
+    """A function rejected its arguments: the deployed `convex/` and this package disagree."""

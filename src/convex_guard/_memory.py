@@ -53,10 +53,15 @@ def _wall_clock_ms() -> float:
 
 
 def escalate(policy: BotAction, previous_events: int) -> BotAction:
-    """The seed's escalation over a fingerprint's last hour, never milder than the policy."""
-    if previous_events > BLOCK_AFTER:
+    """The seed's escalation over a fingerprint's last hour, never milder than the policy.
+
+    The request being decided counts as one of the events: the 6th flagged request within an
+    hour is challenged, the 11th blocked.
+    """
+    events = previous_events + 1
+    if events > BLOCK_AFTER:
         history: BotAction = "blocked"
-    elif previous_events > CHALLENGE_AFTER:
+    elif events > CHALLENGE_AFTER:
         history = "challenged"
     else:
         history = "allowed"

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from starlette.requests import Request
 
+from ._clientip import TrustedProxies, client_ip
 from ._context import GuardContext
 from ._errors import ConfigurationError
 from ._limits import LimitConfig, LimitResult, check_count
@@ -22,6 +23,7 @@ KeyFunction = Callable[[Request], str | None]
 CountFunction = Callable[[Request], float]
 FailPolicy = Literal["open", "closed"]
 
+_NO_PROXIES = TrustedProxies()
 _KEY_KINDS = frozenset(("global", "ip", "user", "api_key", "fingerprint"))
 
 
@@ -100,7 +102,7 @@ class Rule:
         if key == "global":
             return True, None
         if key == "ip":
-            return True, ctx.client_ip or peer_ip(scope)
+            return True, ctx.client_key or peer_ip(scope)
         if key == "user":
             user = ctx.user_id or authenticated_user(scope)
             return user is not None, user
@@ -118,9 +120,9 @@ class Rule:
 
 
 def peer_ip(scope: MutableMapping[str, Any]) -> str:
-    """The TCP peer, without trusting any header; used when no fingerprint middleware runs."""
+    """The TCP peer's key (IPv6 by its /64), trusting no header: when no fingerprint runs."""
     client = scope.get("client")
-    return str(client[0]) if client else "unknown"
+    return client_ip(client[0] if client else None, (), _NO_PROXIES)
 
 
 def authenticated_user(scope: MutableMapping[str, Any]) -> str | None:

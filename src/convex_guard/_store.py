@@ -37,7 +37,8 @@ class BotCheck:
     """A flagged request whose fate also depends on its fingerprint's recent history.
 
     `action` is what the category policy alone asks for; the store escalates it (more than
-    `CHALLENGE_AFTER` events in the last hour → challenged, more than `BLOCK_AFTER` → blocked),
+    `CHALLENGE_AFTER` events in the last hour, this one included → challenged, more than
+    `BLOCK_AFTER` → blocked: the 6th and 11th flagged requests),
     then, if still allowed, consumes `limit` (the `suspiciousBehavior` limit per fingerprint):
     denied → challenged. The final decision is recorded as a `BotEvent` with
     `metadata.previousAttempts`, in the same atomic call as the request's limits; `limit` is

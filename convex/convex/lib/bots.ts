@@ -11,12 +11,17 @@ export const ESCALATION_READ_CAP = BLOCK_AFTER + 1;
 
 const SEVERITY: Record<BotAction, number> = { allowed: 0, challenged: 1, blocked: 2 };
 
-/** The seed's escalation, never milder than the policy's own action. */
+/**
+ * The seed's escalation, never milder than the policy's own action. The request being decided
+ * counts as one of the events: the 6th flagged request in an hour is challenged, the 11th
+ * blocked (as the Python MemoryStore decides).
+ */
 export function escalate(policy: BotAction, previousEvents: number): BotAction {
+  const events = previousEvents + 1;
   const history: BotAction =
-    previousEvents > BLOCK_AFTER
+    events > BLOCK_AFTER
       ? "blocked"
-      : previousEvents > CHALLENGE_AFTER
+      : events > CHALLENGE_AFTER
         ? "challenged"
         : "allowed";
   return SEVERITY[policy] >= SEVERITY[history] ? policy : history;

@@ -1,0 +1,225 @@
+"""Bot detection: classify the user-agent, escalate per fingerprint, record every decision."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .._context import GuardContext, PendingBot, guard_context
+from .._errors import ConfigurationError
+from .._headers import bounded, header_value
+from .._limits import LimitConfig
+from .._logging import ThrottledLog, logger
+from .._presets import seed_limits
+from .._problem import ABNORMAL_USAGE, problem
+from .._rules import _path_matcher, peer_ip
+from .._settings import GuardEnvironment
+from .._store import BotAction, BotCheck, BotDetectionType, BotVerdict, LimitRequest, Store
+from .._useragent import BOT_CATEGORIES, BotCategory, classify_user_agent
+
+#: What to do with a flagged user-agent: refuse it, challenge it, let it through but record
+#: the event (so escalation counts it), or let it through unrecorded.
+PolicyAction = Literal["block", "challenge", "record", "allow"]
+
+DEFAULT_POLICY: Mapping[BotCategory, PolicyAction] = {
+    "ai_crawler": "block",
+    "headless": "block",
+    "scanner": "block",
+    # API clients are libraries: a curl or python-requests user-agent is normal here.
+    "http_library": "allow",
+    "search_engine": "record",
+    "monitor": "record",
+    "preview": "record",
+    "other_bot": "record",
+    "suspicious": "record",
+}
+_STORED_ACTION: Mapping[PolicyAction, BotAction] = {
+    "block": "blocked",
+    "challenge": "challenged",
+    "record": "allowed",
+    "allow": "allowed",
+}
+DEFAULT_ALLOW_PATHS = ("/health",)
+
+
+def detection_type(category: BotCategory) -> BotDetectionType:
+    if category == "ai_crawler":
+        return "ai_scraper"
+    if category == "suspicious":
+        return "suspicious_pattern"
+    return "bot_useragent"
+
+
+class BotDetectionMiddleware:
+    """Classify each request's user-agent and decide per category and per fingerprint.
+
+    A flagged request is checked against its fingerprint's last hour (more than 5 events →
+    challenged, more than 10 → blocked) and the `suspiciousBehavior` limit, and the decision is
+    stored as a bot detection event, in one store call. Blocked → 403 problem+json; challenged
+    → `challenge` (an ASGI app, e.g. a CAPTCHA page) or 429 problem+json of type
+    `abnormal-usage-detected`.
+
+    Needs a fingerprint: run `FingerprintMiddleware` outside it (GuardMiddleware does). With
+    `defer=True` the check is left in the guard context for the `RateLimitMiddleware` inside to
+    decide together with the request's limits: one store round trip per request.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store,
+        policy: Mapping[BotCategory, PolicyAction] | None = None,
+        allow_user_agents: Iterable[str | re.Pattern[str]] = (),
+        allow_ips: Iterable[str] = (),
+        allow_paths: Iterable[str] = DEFAULT_ALLOW_PATHS,
+        challenge: ASGIApp | None = None,
+        suspicious_limit: LimitConfig | None = None,
+        timeout: float = 0.5,
+        fail: Literal["open", "closed"] = "open",
+        defer: bool = False,
+    ) -> None:
+        merged = dict(DEFAULT_POLICY)
+        for category, action in (policy or {}).items():
+            if category not in BOT_CATEGORIES:
+                raise ConfigurationError(f"Unknown bot category {category!r} in policy")
+            if action not in _STORED_ACTION:
+                raise ConfigurationError(
+                    f"Policy for {category!r} must be one of {sorted(_STORED_ACTION)}"
+                )
+            merged[category] = action
+        if not 0 < timeout < math.inf:
+            raise ConfigurationError("timeout must be a positive number of seconds")
+        if fail not in ("open", "closed"):
+            raise ConfigurationError("fail must be 'open' or 'closed'")
+        self.app = app
+        self.store = store
+        self.policy = merged
+        self._allow_agents = [
+            p if isinstance(p, re.Pattern) else re.compile(p, re.IGNORECASE)
+            for p in allow_user_agents
+        ]
+        try:
+            self._allow_networks = [ipaddress.ip_network(n, strict=False) for n in allow_ips]
+        except ValueError as exc:
+            raise ConfigurationError(f"allow_ips: {exc}") from None
+        self._allow_paths = [_path_matcher(p) for p in allow_paths]
+        self.challenge = challenge
+        self.suspicious_limit = (
+            suspicious_limit or seed_limits(GuardEnvironment())["suspiciousBehavior"]
+        )
+        self.timeout = timeout
+        self.fail = fail
+        self.defer = defer
+        self._trouble = ThrottledLog()
+        self._warned_no_fingerprint = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or any(match(scope["path"]) for match in self._allow_paths):
+            await self.app(scope, receive, send)
+            return
+        ctx = guard_context(scope)
+        ua = ctx.user_agent
+        if ua is None:
+            ua = ctx.user_agent = header_value(scope["headers"], b"user-agent") or ""
+        verdict = classify_user_agent(ua)
+        if not verdict.is_bot or verdict.category is None or self._allowlisted(scope, ctx, ua):
+            await self.app(scope, receive, send)
+            return
+        category = verdict.category
+        ctx.bot_category = category
+        action = self.policy[category]
+        if action == "allow":
+            await self.app(scope, receive, send)
+            return
+
+        fingerprint = ctx.fingerprint
+        if fingerprint is None:
+            if not self._warned_no_fingerprint:
+                logger.error(
+                    "BotDetectionMiddleware runs without a fingerprint: add FingerprintMiddleware "
+                    "outside it (or use GuardMiddleware); escalating per client IP instead"
+                )
+                self._warned_no_fingerprint = True
+            fingerprint = "ip:" + (ctx.client_key or ctx.client_ip or peer_ip(scope))
+        check = BotCheck(
+            fingerprint=fingerprint,
+            ip=ctx.client_ip or peer_ip(scope),
+            user_agent=bounded(ua),
+            detection_type=detection_type(category),
+            action=_STORED_ACTION[action],
+            metadata={"category": category, "agent": verdict.name, "path": bounded(scope["path"])},
+            limit=LimitRequest("suspiciousBehavior", self.suspicious_limit, key=fingerprint),
+        )
+
+        def respond(outcome: BotVerdict) -> ASGIApp | None:
+            return self._respond(ctx, outcome)
+
+        if self.defer:
+            ctx.pending_bot = PendingBot(check, respond)
+            await self.app(scope, receive, send)
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                outcome = await self.store.check((), bot=check)
+        except Exception as exc:
+            self._trouble.warning("Bot-detection store unavailable: %r", exc)
+            if self.fail == "closed" or action == "block":
+                # A category blocked by policy needs no store to be refused.
+                answer = self._respond(ctx, BotVerdict(_STORED_ACTION[action], 0))
+                if answer is not None:
+                    await answer(scope, receive, send)
+                    return
+            await self.app(scope, receive, send)
+            return
+        assert outcome.bot is not None
+        answer = respond(outcome.bot)
+        if answer is None:
+            await self.app(scope, receive, send)
+        else:
+            await answer(scope, receive, send)
+
+    def _allowlisted(self, scope: Scope, ctx: GuardContext, ua: str) -> bool:
+        if any(pattern.search(ua) for pattern in self._allow_agents):
+            return True
+        if self._allow_networks:
+            try:
+                client = ipaddress.ip_network(ctx.client_ip or peer_ip(scope), strict=False)
+            except ValueError:
+                return False
+            return any(
+                client.version == network.version and client.subnet_of(network)  # type: ignore[arg-type]
+                for network in self._allow_networks
+            )
+        return False
+
+    def _respond(self, ctx: GuardContext, outcome: BotVerdict) -> ASGIApp | None:
+        action = ctx.bot_action = outcome.action
+        if action == "blocked":
+            ctx.rejected = "bot_blocked"
+            return problem(
+                403,
+                "Automated access is not allowed",
+                detail="This client was identified as an automated agent.",
+            )
+        if action == "challenged":
+            ctx.rejected = "bot_challenged"
+            if self.challenge is not None:
+                return self.challenge
+            return problem(
+                429,
+                "Abnormal usage detected",
+                type=ABNORMAL_USAGE,
+                detail="Too many automated requests from this client; slow down.",
+                headers=[("Retry-After", "60")],
+            )
+        return None
+
+
+__all__ = ["DEFAULT_POLICY", "BotDetectionMiddleware", "PolicyAction"]
