@@ -113,6 +113,9 @@ def test_keys_revoke_and_rotate(run: Run) -> None:
     assert code == 0 and "The old key keeps working until 2027-01-16 08:00:00Z." in out
     code, _, err = run("keys", "rotate", "mem_1")
     assert code == 1 and "revoked" in err
+    code, out, _ = run("keys", "revoke", "mem_3", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["id"] == "mem_3" and data["active"] is False and "key" not in data
 
 
 def test_stats_providers(run: Run) -> None:
