@@ -1,5 +1,15 @@
 """convex-guard: bot detection, rate limits, API keys and AI request logs for Python web apps."""
 
+from ._apikeys import (
+    NO_KEY,
+    ApiKeys,
+    CreatedKey,
+    KeyNotFoundError,
+    KeyRevokedError,
+    Verification,
+    generate_key,
+    hash_key,
+)
 from ._clientip import TrustedProxies, client_ip, ip_key
 from ._context import GuardContext, guard_context
 from ._convex import ConvexStore
@@ -16,16 +26,24 @@ from ._errors import (
 from ._fingerprint import DEFAULT_FIELDS as FINGERPRINT_FIELDS
 from ._fingerprint import fingerprint
 from ._limits import DAY, HOUR, MINUTE, SECOND, FixedWindow, LimitConfig, LimitResult, TokenBucket
+from ._logwriter import LogWriter
 from ._memory import MemoryStore
 from ._presets import seed_limits
 from ._rules import Rule, preset_rules
 from ._settings import GuardEnvironment, load_environment
 from ._store import (
+    AIRequestLog,
+    ApiKeyRecord,
+    AuthFailure,
     BotCheck,
     BotEvent,
     BotVerdict,
     CheckResult,
+    EmbeddingRequestLog,
+    EmbeddingUsage,
+    KeyRateLimit,
     LimitRequest,
+    LogBatch,
     ProviderStats,
     Store,
 )
@@ -36,9 +54,11 @@ from ._useragent import (
     classify_user_agent,
     classify_user_agent_uncached,
 )
+from .middleware.apikeys import ApiKeyMiddleware, KeyRoute
 from .middleware.botdetection import DEFAULT_POLICY as DEFAULT_BOT_POLICY
 from .middleware.botdetection import BotDetectionMiddleware
 from .middleware.fingerprint import FingerprintMiddleware
+from .middleware.logger import RequestLoggerMiddleware, provider_from_path, report_usage
 from .middleware.ratelimit import RateLimitMiddleware
 
 __all__ = [
@@ -48,7 +68,13 @@ __all__ = [
     "FINGERPRINT_FIELDS",
     "HOUR",
     "MINUTE",
+    "NO_KEY",
     "SECOND",
+    "AIRequestLog",
+    "ApiKeyMiddleware",
+    "ApiKeyRecord",
+    "ApiKeys",
+    "AuthFailure",
     "BotCategory",
     "BotCheck",
     "BotDetectionMiddleware",
@@ -60,17 +86,27 @@ __all__ = [
     "ConvexFunctionNotFoundError",
     "ConvexStore",
     "ConvexValidationError",
+    "CreatedKey",
+    "EmbeddingRequestLog",
+    "EmbeddingUsage",
     "FingerprintMiddleware",
     "FixedWindow",
     "GuardContext",
     "GuardEnvironment",
     "GuardError",
+    "KeyNotFoundError",
+    "KeyRateLimit",
+    "KeyRevokedError",
+    "KeyRoute",
     "LimitConfig",
     "LimitRequest",
     "LimitResult",
+    "LogBatch",
+    "LogWriter",
     "MemoryStore",
     "ProviderStats",
     "RateLimitMiddleware",
+    "RequestLoggerMiddleware",
     "Rule",
     "Store",
     "StoreError",
@@ -79,13 +115,18 @@ __all__ = [
     "TokenBucket",
     "TrustedProxies",
     "UserAgentVerdict",
+    "Verification",
     "classify_user_agent",
     "classify_user_agent_uncached",
     "client_ip",
     "fingerprint",
+    "generate_key",
     "guard_context",
+    "hash_key",
     "ip_key",
     "load_environment",
     "preset_rules",
+    "provider_from_path",
+    "report_usage",
     "seed_limits",
 ]

@@ -1,0 +1,116 @@
+"""ConvexStore specifics: errors, configuration, secrets and live subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from convex_guard import (
+    HOUR,
+    BotCheck,
+    ConfigurationError,
+    ConvexAuthError,
+    ConvexFunctionNotFoundError,
+    ConvexStore,
+    FixedWindow,
+    GuardEnvironment,
+    StoreTimeoutError,
+    StoreUnavailableError,
+)
+
+from .conftest import ConvexTestServer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_wrong_admin_key_is_refused_without_echoing_it(
+    convex_server: ConvexTestServer,
+) -> None:
+    store = ConvexStore(convex_server.url, "wrong-key-do-not-echo")
+    try:
+        with pytest.raises(ConvexAuthError) as info:
+            await store.limit("x", FixedWindow(rate=1, period=HOUR))
+    finally:
+        await store.close()
+    assert "wrong-key-do-not-echo" not in str(info.value)
+    assert "wrong-key-do-not-echo" not in repr(store)
+
+
+async def test_missing_function_says_deploy(convex_server: ConvexTestServer) -> None:
+    store = ConvexStore(convex_server.url, convex_server.admin_key)
+    try:
+        with pytest.raises(ConvexFunctionNotFoundError, match="deploy"):
+            await store._call("query", "nope:missing", {})
+    finally:
+        await store.close()
+
+
+async def test_unreachable_deployment_fails_fast() -> None:
+    store = ConvexStore(f"http://127.0.0.1:{free_port()}", "key", timeout=1)
+    try:
+        with pytest.raises(StoreUnavailableError, match="unreachable"):
+            await store.count_bot_events("fp", 0)
+    finally:
+        await store.close()
+
+
+async def test_a_silent_deployment_times_out() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = ConvexStore(f"http://127.0.0.1:{port}", "key", timeout=0.3)
+    try:
+        with pytest.raises(StoreTimeoutError, match=r"0\.3 s"):
+            await store.count_bot_events("fp", 0)
+    finally:
+        await store.close()
+        server.close()
+
+
+def test_from_env_names_the_missing_variable() -> None:
+    with pytest.raises(ConfigurationError, match="CONVEX_SELF_HOSTED_URL"):
+        ConvexStore.from_env(GuardEnvironment(convex_self_hosted_url=None, convex_url=None))
+    with pytest.raises(ConfigurationError, match="CONVEX_SELF_HOSTED_ADMIN_KEY"):
+        ConvexStore.from_env(GuardEnvironment(convex_self_hosted_url="http://127.0.0.1:3210"))
+    store = ConvexStore.from_env(
+        GuardEnvironment(
+            convex_url="http://127.0.0.1:3210",
+            convex_self_hosted_admin_key="secret-admin-key",  # type: ignore[arg-type]
+        )
+    )
+    assert store.url == "http://127.0.0.1:3210"
+    assert "secret-admin-key" not in repr(store)
+    with pytest.raises(ConfigurationError, match="http"):
+        ConvexStore("127.0.0.1:3210", "k")
+
+
+async def test_watch_bot_events_pushes_new_events(convex_server: ConvexTestServer) -> None:
+    convex_server.reset()
+    store = ConvexStore(convex_server.url, convex_server.admin_key)
+    seen: list[int] = []
+
+    async def watch() -> None:
+        async for events in store.watch_bot_events(since=0, limit=10):
+            seen.append(len(events))
+            if len(events) >= 2:
+                return
+
+    try:
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.5)
+        for _ in range(2):
+            bot = BotCheck("fp-w", "192.0.2.1", "curl/8", "bot_useragent", "allowed")
+            await store.check([], bot=bot)
+            await asyncio.sleep(0.2)
+        await asyncio.wait_for(watcher, timeout=15)
+    finally:
+        await store.close()
+    assert seen[0] == 0 and seen[-1] == 2
