@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import socket
+import threading
+import time as time_
 
 import pytest
 
 from convex_guard import (
     HOUR,
+    AIRequestLog,
     BotCheck,
     ConfigurationError,
     ConvexAuthError,
@@ -16,9 +21,12 @@ from convex_guard import (
     ConvexStore,
     FixedWindow,
     GuardEnvironment,
+    LogBatch,
+    MemoryStore,
     StoreTimeoutError,
     StoreUnavailableError,
 )
+from convex_guard.cli import main
 
 from .conftest import ConvexTestServer
 
@@ -114,3 +122,47 @@ async def test_watch_bot_events_pushes_new_events(convex_server: ConvexTestServe
     finally:
         await store.close()
     assert seen[0] == 0 and seen[-1] == 2
+
+
+def test_cli_watch_follows_the_deployment_live(convex_server: ConvexTestServer) -> None:
+    """`convex-guard watch` prints an update each time Convex pushes new stats or events."""
+    convex_server.reset()
+    out = io.StringIO()
+    store = ConvexStore(convex_server.url, convex_server.admin_key)
+    exit_code: list[int] = []
+    runner = threading.Thread(
+        target=lambda: exit_code.append(
+            main(
+                ["watch", "--json", "--provider", "openai", "--count", "3"], store=store, stdout=out
+            )
+        )
+    )
+    runner.start()
+    time_.sleep(1.5)  # both subscriptions have answered once
+
+    async def write() -> None:
+        writer = ConvexStore(convex_server.url, convex_server.admin_key)
+        try:
+            await writer.check(
+                [], bot=BotCheck("fp-cli", "192.0.2.7", "curl/8", "bot_useragent", "allowed")
+            )
+            await asyncio.sleep(0.5)
+            now = time_.time() * 1000
+            row = AIRequestLog(now, "openai", "gpt-x", "fp", "192.0.2.7", True, 12.0, tokens_used=3)
+            await writer.write_logs(LogBatch(id="cli-watch", ai_requests=[row]))
+        finally:
+            await writer.close()
+
+    asyncio.run(write())
+    runner.join(timeout=20)
+    assert not runner.is_alive() and exit_code == [0]
+    updates = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(updates) == 3
+    assert updates[-1]["providers"]["openai"]["totalRequests"] == 1
+    assert [e["fingerprint"] for e in updates[-1]["botEvents"]] == ["fp-cli"]
+
+
+def test_cli_watch_needs_a_deployment() -> None:
+    err = io.StringIO()
+    assert main(["watch"], store=MemoryStore(), stderr=err) == 1
+    assert "needs a Convex deployment" in err.getvalue()

@@ -18,7 +18,7 @@ from ._errors import ConfigurationError, GuardError
 from ._limits import DAY, HOUR, MINUTE, SECOND
 from ._presets import AI_PROVIDERS
 from ._settings import load_environment
-from ._store import ApiKeyRecord, BotEvent, KeyRateLimit, Store
+from ._store import ApiKeyRecord, BotEvent, KeyRateLimit, ProviderStats, Store
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -327,6 +327,82 @@ class _Cli:
         self.emit(table(["TIME", "TYPE", "ACTION", "IP", "FINGERPRINT", "USER AGENT"], rows))
         return EXIT_OK
 
+    async def watch_live(self, args: argparse.Namespace) -> int:
+        """Provider stats and recent bot events, reprinted whenever Convex pushes a change."""
+        watch_stats = getattr(self.store, "watch_provider_stats", None)
+        watch_bots = getattr(self.store, "watch_bot_events", None)
+        if watch_stats is None or watch_bots is None:
+            raise CliError("convex-guard: watch needs a Convex deployment (live subscriptions)")
+        start = self.clock() - args.since
+        end = self.clock() + 365 * DAY  # open-ended: rows written from now on count too
+        providers = args.provider or list(AI_PROVIDERS)
+        stats: dict[str, ProviderStats] = {}
+        events: list[BotEvent] = []
+        updates: asyncio.Queue[None] = asyncio.Queue()
+
+        async def follow_stats(provider: str) -> None:
+            async for value in watch_stats(provider, start, end):
+                stats[provider] = value
+                updates.put_nowait(None)
+
+        async def follow_bots() -> None:
+            nonlocal events
+            async for value in watch_bots(since=start, limit=args.limit):
+                events = value
+                updates.put_nowait(None)
+
+        tasks = [asyncio.create_task(follow_stats(p)) for p in providers]
+        tasks.append(asyncio.create_task(follow_bots()))
+        shown = 0
+        try:
+            while args.count is None or shown < args.count:
+                await updates.get()
+                await asyncio.sleep(0.05)  # coalesce the pushes of one change
+                while not updates.empty():
+                    updates.get_nowait()
+                self._show_live(args, providers, stats, events)
+                shown += 1
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return EXIT_OK
+
+    def _show_live(
+        self,
+        args: argparse.Namespace,
+        providers: Sequence[str],
+        stats: dict[str, ProviderStats],
+        events: Sequence[BotEvent],
+    ) -> None:
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "at": self.clock(),
+                        "providers": {
+                            p: {"totalRequests": s.total_requests, "successRate": s.success_rate}
+                            for p, s in stats.items()
+                        },
+                        "botEvents": [_event_json(e) for e in events],
+                    },
+                    sort_keys=True,
+                ),
+                file=self.out,
+                flush=True,
+            )
+            return
+        rows = [
+            [p, s.total_requests, f"{s.success_rate * 100:.1f}%", f"{s.average_latency:.1f}"]
+            for p in providers
+            if (s := stats.get(p)) is not None
+        ]
+        self.emit(f"-- {_when(self.clock())}")
+        self.emit(table(["PROVIDER", "REQUESTS", "SUCCESS", "AVG MS"], rows))
+        bot_rows = [[_when(e.timestamp), e.detection_type, e.action, e.ip] for e in events]
+        self.emit(table(["TIME", "TYPE", "ACTION", "IP"], bot_rows))
+        self.out.flush()
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -376,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     recent = command(bot_commands, "recent", "the most recent bot events first")
     recent.add_argument("--since", type=parse_duration, default=HOUR, metavar="DURATION")
     recent.add_argument("--limit", type=int, default=50)
+
+    watch = command(groups, "watch", "provider stats and bot events, pushed live by Convex")
+    watch.set_defaults(command="live")
+    watch.add_argument("--since", type=parse_duration, default=HOUR, metavar="DURATION")
+    watch.add_argument("--provider", action="append", help="only these (repeatable)")
+    watch.add_argument("--limit", type=int, default=10, help="bot events shown")
+    watch.add_argument("--count", type=int, help="stop after this many updates")
     return parser
 
 
