@@ -6,21 +6,14 @@ Skipped unless the Convex project's npm packages are installed (`cd convex && np
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
 import time
-import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from convex import ConvexClient
 from convex.http_client import ConvexExecutionError, ConvexHttpClient
 
-ROOT = Path(__file__).resolve().parents[2]
-TSX = ROOT / "convex" / "node_modules" / ".bin" / "tsx"
-SERVER = ROOT / "tests" / "convex_server" / "server.ts"
-ADMIN_KEY = "test-admin-key"
+from .launch import ConvexTestServer
+
 BUCKET = {"kind": "token bucket", "rate": 2, "period": 60_000}
 BOT = {
     "fingerprint": "fp-smoke",
@@ -30,40 +23,17 @@ BOT = {
     "action": "allowed",
 }
 
-pytestmark = pytest.mark.skipif(
-    not TSX.exists(), reason="convex/node_modules missing: run `cd convex && npm ci`"
-)
 
-
-@pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    proc = subprocess.Popen(
-        [str(TSX), str(SERVER), "--port", "0", "--admin-key", ADMIN_KEY],
-        cwd=ROOT / "convex",
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith("listening on "), f"unexpected first line {line!r}"
-        yield f"http://127.0.0.1:{int(line.split()[-1])}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+@pytest.fixture
+def url(convex_server: ConvexTestServer) -> str:
+    return convex_server.url
 
 
 @pytest.fixture
-def admin(url: str) -> ConvexHttpClient:
-    client = ConvexHttpClient(url)
-    client.set_admin_auth(ADMIN_KEY)
-    request = urllib.request.Request(
-        f"{url}/_test/reset",
-        method="POST",
-        headers={"Authorization": f"Convex {ADMIN_KEY}"},
-    )
-    with urllib.request.urlopen(request) as response:
-        assert json.load(response) == {"ok": True}
+def admin(convex_server: ConvexTestServer) -> ConvexHttpClient:
+    convex_server.reset()
+    client = ConvexHttpClient(convex_server.url)
+    client.set_admin_auth(convex_server.admin_key)
     return client
 
 
@@ -127,9 +97,11 @@ def test_function_errors_and_auth(url: str, admin: ConvexHttpClient) -> None:
     assert "not-the-key" not in str(raised.value)
 
 
-async def test_subscription_sees_a_new_bot_event(url: str, admin: ConvexHttpClient) -> None:
-    client = ConvexClient(url)
-    client.set_admin_auth(ADMIN_KEY)
+async def test_subscription_sees_a_new_bot_event(
+    convex_server: ConvexTestServer, admin: ConvexHttpClient
+) -> None:
+    client = ConvexClient(convex_server.url)
+    client.set_admin_auth(convex_server.admin_key)
     subscription = client.subscribe("ai/analytics:getBotEvents", {"limit": 10, "since": 0})
     events = subscription.__aiter__()
     assert await asyncio.wait_for(events.__anext__(), 10) == []
