@@ -207,35 +207,55 @@ class LogWriter:
         wake = self._wake
         assert wake is not None
         while True:
-            with contextlib.suppress(TimeoutError):
+            timed_out = False
+            try:
                 async with asyncio.timeout(self.interval):
                     await wake.wait()
+            except TimeoutError:
+                timed_out = True
             wake.clear()
-            await self.flush()
+            # Woken by a full batch: write full batches only. On the timer: everything. Rows
+            # arriving during the write wait for the next turn, so batches stay large under
+            # load instead of chasing the tail one small batch per store round trip.
+            await self.flush(full_only=not timed_out)
 
-    async def flush(self) -> None:
-        """Write everything buffered now, retrying (in order) until the store accepts it."""
+    async def flush(self, *, full_only: bool = False) -> None:
+        """Write what is buffered now, retrying (in order) until the store accepts it.
+
+        Rows added while this runs are left for the next flush. `full_only` leaves a last
+        partial batch in the buffer too.
+        """
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
+            budget = len(self._rows)
+            if full_only:
+                budget -= budget % self.batch_size
+            usage = bool(self._usage)
             while True:
-                batch = self._pending or self._take()
+                batch = self._pending
                 if batch is None:
-                    return
+                    if budget <= 0 and not usage:
+                        return
+                    batch = self._take(min(self.batch_size, max(budget, 0)))
+                    if batch is None:
+                        return
+                    budget -= _batch_rows(batch) - len(batch.key_usage)
+                    usage = False
                 self._pending = batch
                 await self._write(batch)
                 self._pending = None
                 self.batches_written += 1
 
-    def _take(self) -> LogBatch | None:
-        if not self._rows and not self._usage:
+    def _take(self, count: int) -> LogBatch | None:
+        if not (count and self._rows) and not self._usage:
             return None
         ai: list[AIRequestLog] = []
         embeddings: list[EmbeddingRequestLog] = []
         failures: list[AuthFailure] = []
         events: list[BotEvent] = []
         rows = self._rows
-        for _ in range(min(self.batch_size, len(rows))):
+        for _ in range(min(count, len(rows))):
             row = rows.popleft()
             if isinstance(row, AIRequestLog):
                 ai.append(row)
