@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Literal
@@ -25,8 +25,11 @@ _Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 #: A plain tuple because one is built for every admitted request.
 LimitState = tuple[float, float]
 
-#: `decider(state, now, count, reserve) -> (result, state to store)`; see `decide`.
-Decider = Callable[[LimitState, float, float, bool], "tuple[LimitResult, LimitState]"]
+#: The mutable form stores keep: [value, ts], updated in place by a decider that admits.
+StateCell = list[float]
+
+#: `decider(cell, now, count, reserve) -> result`; see `decide` for the pure form.
+Decider = Callable[[StateCell, float, float, bool], "LimitResult"]
 
 
 class _LimitBase(BaseModel):
@@ -157,14 +160,18 @@ def decide(
     """Decide one request against one limit (`calculateRateLimit` + `_checkRateLimitInternal`).
 
     Returns the result and the state to store; on denial that is the state passed in, since a
-    denied call consumes nothing.
+    denied call consumes nothing. Pure: stores call `config.decider` on their own mutable
+    state instead, which saves building a new state for every request.
     """
-    return config.decider(state, now, count, reserve)
+    cell = [state[0], state[1]]
+    result = config.decider(cell, now, count, reserve)
+    return result, ((cell[0], cell[1]) if result.ok else state)
 
 
 def _compile(config: LimitConfig) -> Decider:
     # One closure per config, with its numbers as closure locals: this runs for every limit of
-    # every request, and reading fields off the model costs more than the arithmetic.
+    # every request, and reading fields off the model costs more than the arithmetic. The
+    # closure updates `cell` ([value, ts]) in place when, and only when, it admits.
     cap = config.max
     rate = config.rate
     period = config.period
@@ -172,14 +179,17 @@ def _compile(config: LimitConfig) -> Decider:
     ceil = math.ceil
     result = LimitResult
 
-    def denied_or_reserved(
-        state: LimitState, available: float, value: float, ts: float, now: float, retry: float
-    ) -> tuple[LimitResult, LimitState]:
+    def over(
+        cell: StateCell, available: float, value: float, ts: float, now: float, retry: float
+    ) -> LimitResult:
+        """Below zero: admitted against reserved tokens, or denied."""
         if reserve_ok(value):
-            return result(True, retry, 0.0, _until_full(config, value, ts, now)), (value, ts)
+            cell[0] = value
+            cell[1] = ts
+            return result(True, retry, 0.0, _until_full(config, value, ts, now))
         # Denied: report what the caller still has, the tokens available before this count.
         still = available if available > 0 else 0.0
-        return result(False, retry, still, _until_full(config, still, ts, now)), state
+        return result(False, retry, still, _until_full(config, still, ts, now))
 
     def reserve_ok(value: float) -> bool:
         return max_reserved is None or -value <= max_reserved
@@ -187,27 +197,25 @@ def _compile(config: LimitConfig) -> Decider:
     if config.kind == "token bucket":
         per_ms = rate / period
 
-        def token_bucket(
-            state: LimitState, now: float, count: float, reserve: bool
-        ) -> tuple[LimitResult, LimitState]:
-            value, ts = state
+        def token_bucket(cell: StateCell, now: float, count: float, reserve: bool) -> LimitResult:
+            value, ts = cell
             available = value + (now - ts) * per_ms
             if available > cap:
                 available = cap
             value = available - count
             if value >= 0:
-                return result(True, None, value, (cap - value) / per_ms), (value, now)
+                cell[0] = value
+                cell[1] = now
+                return result(True, None, value, (cap - value) / per_ms)
             if reserve:
-                return denied_or_reserved(state, available, value, now, now, -value / per_ms)
+                return over(cell, available, value, now, now, -value / per_ms)
             still = available if available > 0 else 0.0
-            return result(False, -value / per_ms, still, (cap - still) / per_ms), state
+            return result(False, -value / per_ms, still, (cap - still) / per_ms)
 
         return token_bucket
 
-    def fixed_window(
-        state: LimitState, now: float, count: float, reserve: bool
-    ) -> tuple[LimitResult, LimitState]:
-        value, ts = state
+    def fixed_window(cell: StateCell, now: float, count: float, reserve: bool) -> LimitResult:
+        value, ts = cell
         windows = (now - ts) // period
         available = value + rate * windows
         if available > cap:
@@ -215,13 +223,19 @@ def _compile(config: LimitConfig) -> Decider:
         value = available - count
         ts += windows * period
         if value >= 0:
-            reset = ts + period * ceil((cap - value) / rate) - now if value < cap else 0.0
-            return result(True, None, value, reset), (value, ts)
+            cell[0] = value
+            cell[1] = ts
+            return result(
+                True,
+                None,
+                value,
+                ts + period * ceil((cap - value) / rate) - now if value < cap else 0.0,
+            )
         retry = ts + period * ceil(-value / rate) - now
         if reserve:
-            return denied_or_reserved(state, available, value, ts, now, retry)
+            return over(cell, available, value, ts, now, retry)
         still = available if available > 0 else 0.0
-        return result(False, retry, still, _until_full(config, still, ts, now)), state
+        return result(False, retry, still, _until_full(config, still, ts, now))
 
     return fixed_window
 
@@ -245,7 +259,7 @@ def current(config: LimitConfig, state: LimitState, now: float) -> LimitState:
     return (min(value + config.rate * windows, config.max), ts + windows * config.period)
 
 
-def full_at(config: LimitConfig, state: LimitState) -> float:
+def full_at(config: LimitConfig, state: Sequence[float]) -> float:
     """The epoch ms from which the limit is full again, so its state can be forgotten."""
     value, ts = state
     return ts + _until_full(config, value, ts, ts)

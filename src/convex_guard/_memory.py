@@ -13,7 +13,7 @@ from dataclasses import replace
 from ._limits import (
     LimitConfig,
     LimitResult,
-    LimitState,
+    StateCell,
     check_count,
     full_at,
     initial_state,
@@ -97,10 +97,12 @@ class MemoryStore:
         # than the rest of a token-bucket decision.
         self._wall = clock is None
         self._random: Random = random or _random.random
-        self._limits: dict[tuple[str, str | None], LimitState] = {}
+        # name -> key -> [value, ts], updated in place (a nested dict spares building a tuple
+        # key per request).
+        self._limits: dict[str, dict[str | None, StateCell]] = {}
         # The config each name was last used with, so the sweep can tell when a state is full.
         self._configs: dict[str, LimitConfig] = {}
-        self._sweep: deque[tuple[tuple[str, str | None], float]] = deque()
+        self._sweep: deque[tuple[str, str | None, float]] = deque()
         self._bot_events: list[BotEvent] = []  # in timestamp order
         self._bot_by_fingerprint: dict[str, list[float]] = {}
         self._keys: dict[str, ApiKeyRecord] = {}
@@ -112,7 +114,7 @@ class MemoryStore:
         self._batches: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"MemoryStore(limit_keys={len(self._limits)}, api_keys={len(self._keys)})"
+        return f"MemoryStore(limit_keys={self.limit_keys}, api_keys={len(self._keys)})"
 
     # -- rate limits -------------------------------------------------------------------------
     async def limit(
@@ -127,19 +129,15 @@ class MemoryStore:
         if reserve or not 0 <= count <= config.max:
             check_count(name, config, count, reserve)
         now = _time() * 1000.0 if self._wall else self._clock()
-        slot = (name, key)
-        states = self._limits
-        state = states.get(slot)
-        if state is not None:
-            result, state = config.decider(state, now, count, reserve)
-            if result.ok:
-                states[slot] = state
-            return result
-        result, state = config.decider(
-            initial_state(config, now, self._random), now, count, reserve
-        )
+        states = self._limits.get(name)
+        if states is not None:
+            cell = states.get(key)
+            if cell is not None:
+                return config.decider(cell, now, count, reserve)
+        cell = list(initial_state(config, now, self._random))
+        result = config.decider(cell, now, count, reserve)
         if result.ok:
-            self._insert(slot, state, config, now, now + result.reset_after)
+            self._insert(name, key, cell, config, now, now + result.reset_after)
         return result
 
     async def check(
@@ -155,46 +153,59 @@ class MemoryStore:
             verdict = self._decide_bot(bot, now)
             if verdict.action != "allowed":
                 return CheckResult(False, (), verdict)
-        decided: list[tuple[LimitRequest, LimitResult, LimitState, bool]] = []
+        results: list[LimitResult] = []
         ok = True
-        # Two requests for the same (name, key) in one call must see each other's consumption.
-        pending: dict[tuple[str, str | None], LimitState] = {}
+        # Decided on copies, stored only if all admit. A (name, key) named twice in one call
+        # sees its own earlier consumption through the shared copy.
+        pending: dict[tuple[str, str | None], tuple[StateCell, StateCell | None, LimitRequest]] = {}
         for request in limits:
             slot = (request.name, request.key)
-            state = pending.get(slot)
-            fresh = False
-            if state is None:
-                state = self._limits.get(slot)
-                if state is None:
-                    state = initial_state(request.config, now, self._random)
-                    fresh = True
-            result, new_state = request.config.decider(state, now, request.count, request.reserve)
-            ok = ok and result.ok
-            pending[slot] = new_state
-            decided.append((request, result, new_state, fresh))
-        if ok:
-            for request, result, new_state, fresh in decided:
-                self._save(
-                    (request.name, request.key), new_state, request.config, fresh, now, result
+            entry = pending.get(slot)
+            if entry is None:
+                stored = self._cell(request.name, request.key)
+                cell = (
+                    [stored[0], stored[1]]
+                    if stored is not None
+                    else list(initial_state(request.config, now, self._random))
                 )
-        return CheckResult(ok, tuple(result for _, result, _, _ in decided), verdict)
+                entry = pending[slot] = (cell, stored, request)
+            result = request.config.decider(entry[0], now, request.count, request.reserve)
+            ok = ok and result.ok
+            results.append(result)
+        if ok:
+            # Existing states first: an insertion's sweep must judge them by their new values.
+            for cell, stored, _ in pending.values():
+                if stored is not None:
+                    stored[0], stored[1] = cell
+            for (name, key), (cell, stored, request) in pending.items():
+                if stored is None:
+                    self._insert(
+                        name, key, cell, request.config, now, full_at(request.config, cell)
+                    )
+        return CheckResult(ok, tuple(results), verdict)
+
+    def _cell(self, name: str, key: str | None) -> StateCell | None:
+        states = self._limits.get(name)
+        return states.get(key) if states is not None else None
 
     def _decide_bot(self, bot: BotCheck, now: float) -> BotVerdict:
         """Escalate by history, then by the bot's own limit; record the final decision."""
         previous = self._count_events(bot.fingerprint, now - ESCALATION_WINDOW_MS)
         action = escalate(bot.action, previous)
         if action == "allowed" and bot.limit is not None:
+            # The bot's own limit is consumed whenever the bot is allowed (see BotCheck).
             request = bot.limit
-            slot = (request.name, request.key)
-            state = self._limits.get(slot)
-            fresh = state is None
-            if state is None:
-                state = initial_state(request.config, now, self._random)
-            result, new_state = request.config.decider(state, now, request.count, request.reserve)
-            if result.ok:
-                self._save(slot, new_state, request.config, fresh, now, result)
-            else:
+            cell = self._cell(request.name, request.key)
+            fresh = cell is None
+            if cell is None:
+                cell = list(initial_state(request.config, now, self._random))
+            result = request.config.decider(cell, now, request.count, request.reserve)
+            if not result.ok:
                 action = "challenged"
+            elif fresh:
+                self._insert(
+                    request.name, request.key, cell, request.config, now, now + result.reset_after
+                )
         metadata = dict(bot.metadata or {})
         metadata["previousAttempts"] = previous
         self._add_event(
@@ -210,72 +221,72 @@ class MemoryStore:
         )
         return BotVerdict(action, previous)
 
-    def _save(
-        self,
-        slot: tuple[str, str | None],
-        state: LimitState,
-        config: LimitConfig,
-        fresh: bool,
-        now: float,
-        result: LimitResult,
-    ) -> None:
-        if fresh:
-            self._insert(slot, state, config, now, now + result.reset_after)
-        else:
-            self._limits[slot] = state
-
     def _insert(
         self,
-        slot: tuple[str, str | None],
-        state: LimitState,
+        name: str,
+        key: str | None,
+        cell: StateCell,
         config: LimitConfig,
         now: float,
         full: float,
     ) -> None:
-        """Store a new slot, and sweep two old ones so the sweep outruns growth.
+        """Store a new state, and sweep two old ones so the sweep outruns growth.
 
-        A slot enters the sweep when its state is created and leaves when it is dropped, so the
-        sweep holds each live slot once (plus, briefly, slots that were reset). Sweeping two per
+        A state enters the sweep when it is created and leaves when it is dropped, so the sweep
+        holds each live state once (plus, briefly, states that were reset). Sweeping two per
         insertion bounds the states held to twice those not yet refilled. Each sweep entry
-        carries the earliest time its slot can be full: consuming only delays that, so an entry
-        whose time has not come is passed over without reading its state. `full` is that time
-        for the new slot (the decision's `now + reset_after`).
+        carries the earliest time its state can be full: consuming only delays that, so an
+        entry whose time has not come is passed over without reading its state. `full` is that
+        time for the new state (the decision's `now + reset_after`).
         """
         limits = self._limits
-        limits[slot] = state
-        self._configs[slot[0]] = config
+        states = limits.get(name)
+        if states is None:
+            states = limits[name] = {}
+        states[key] = cell
+        self._configs[name] = config
         sweep = self._sweep
-        sweep.append((slot, full))
+        sweep.append((name, key, full))
         for _ in range(2):
             if not sweep:
                 break
             entry = sweep.popleft()
-            if now < entry[1]:
+            if now < entry[2]:
                 sweep.append(entry)
                 continue
-            old = entry[0]
-            held = limits.get(old)
+            old_name, old_key, _ = entry
+            old_states = limits.get(old_name)
+            held = old_states.get(old_key) if old_states is not None else None
             if held is None:
                 continue  # reset already dropped it
-            when = full_at(self._configs[old[0]], held)
+            when = full_at(self._configs[old_name], held)
             if when <= now:
-                del limits[old]
+                del old_states[old_key]  # type: ignore[union-attr]
+                if not old_states:
+                    del limits[old_name]
             else:
-                sweep.append((old, when))
+                sweep.append((old_name, old_key, when))
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
-        # The sweep skips slots that are gone, so the deque needs no update here.
-        self._limits.pop((name, key), None)
+        # The sweep skips states that are gone, so the deque needs no update here.
+        states = self._limits.get(name)
+        if states is not None:
+            states.pop(key, None)
 
     async def peek(self, name: str, config: LimitConfig, *, key: str | None = None) -> LimitResult:
         now = self._clock()
-        state = self._limits.get((name, key)) or initial_state(config, now, self._random)
-        return config.decider(state, now, 0, False)[0]
+        cell = self._cell(name, key)
+        probe = (
+            [cell[0], cell[1]]
+            if cell is not None
+            else list(initial_state(config, now, self._random))
+        )
+        return config.decider(probe, now, 0, False)
 
     @property
     def limit_keys(self) -> int:
         """How many (name, key) states are held: what the sweep keeps bounded."""
-        return len(self._limits)
+        return sum(len(states) for states in self._limits.values())
 
     # -- bots ------------------------------------------------------------------------------
     def _add_event(self, event: BotEvent) -> None:
