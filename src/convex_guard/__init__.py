@@ -29,6 +29,7 @@ from ._limits import DAY, HOUR, MINUTE, SECOND, FixedWindow, LimitConfig, LimitR
 from ._logwriter import LogWriter
 from ._memory import MemoryStore
 from ._presets import seed_limits
+from ._resilience import CircuitBreaker, CircuitOpenError, ResilientStore
 from ._rules import Rule, preset_rules
 from ._settings import GuardEnvironment, load_environment
 from ._store import (
@@ -81,6 +82,8 @@ __all__ = [
     "BotEvent",
     "BotVerdict",
     "CheckResult",
+    "CircuitBreaker",
+    "CircuitOpenError",
     "ConfigurationError",
     "ConvexAuthError",
     "ConvexFunctionNotFoundError",
@@ -107,6 +110,7 @@ __all__ = [
     "ProviderStats",
     "RateLimitMiddleware",
     "RequestLoggerMiddleware",
+    "ResilientStore",
     "Rule",
     "Store",
     "StoreError",
