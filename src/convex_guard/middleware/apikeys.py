@@ -18,6 +18,7 @@ from .._errors import ConfigurationError
 from .._limits import FixedWindow, LimitConfig
 from .._logging import ThrottledLog
 from .._logwriter import LogWriter, run_lifespan
+from .._order import API_KEYS, mark
 from .._presets import seed_limits
 from .._problem import QUOTA_EXCEEDED, problem
 from .._rules import _path_matcher, peer_ip
@@ -180,6 +181,7 @@ class ApiKeyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
+            mark(scope, API_KEYS)
             await run_lifespan(self.app, (self.writer,), scope, receive, send)
             return
         if scope["type"] != "http":

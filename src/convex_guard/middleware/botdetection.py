@@ -16,6 +16,16 @@ from .._errors import ConfigurationError
 from .._headers import bounded, header_value
 from .._limits import LimitConfig
 from .._logging import ThrottledLog, logger
+from .._order import (
+    BOT,
+    FINGERPRINT,
+    HINT,
+    RATE_LIMIT,
+    check_inside,
+    mark,
+    missing_outside,
+    pass_lifespan,
+)
 from .._presets import seed_limits
 from .._problem import ABNORMAL_USAGE, problem
 from .._rules import _path_matcher, peer_ip
@@ -121,6 +131,9 @@ class BotDetectionMiddleware:
         self._warned_no_fingerprint = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
         if scope["type"] != "http" or any(match(scope["path"]) for match in self._allow_paths):
             await self.app(scope, receive, send)
             return
@@ -184,6 +197,25 @@ class BotDetectionMiddleware:
             await self.app(scope, receive, send)
         else:
             await answer(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Fail the start-up when the order cannot work (see `convex_guard._order`)."""
+        stack = mark(scope, BOT)
+        problem = missing_outside(
+            stack, BOT, FINGERPRINT, "escalates per fingerprint and none is computed"
+        )
+        if problem is None and self.defer:
+
+            def needs_limiter(inner: list[str]) -> str | None:
+                if RATE_LIMIT in inner:
+                    return None
+                return (
+                    f"{BOT}(defer=True) leaves its check to {RATE_LIMIT}, which does not run "
+                    f"inside it: add {RATE_LIMIT} inside (after) it, or set defer=False. {HINT}"
+                )
+
+            receive = check_inside(stack, needs_limiter, receive, send)
+        await pass_lifespan(self.app, scope, receive, send, problem)
 
     def _allowlisted(self, scope: Scope, ctx: GuardContext, ua: str) -> bool:
         if any(pattern.search(ua) for pattern in self._allow_agents):

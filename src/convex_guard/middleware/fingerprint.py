@@ -12,6 +12,7 @@ from .._context import guard_context
 from .._errors import ConfigurationError
 from .._fingerprint import DEFAULT_FIELDS, fingerprint
 from .._headers import header_value
+from .._order import FINGERPRINT, mark
 
 
 class FingerprintMiddleware:
@@ -54,6 +55,8 @@ class FingerprintMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                mark(scope, FINGERPRINT)
             await self.app(scope, receive, send)
             return
         headers = scope["headers"]

@@ -15,6 +15,7 @@ from .._apikeys import NO_KEY
 from .._context import GuardContext, guard_context
 from .._errors import ConfigurationError
 from .._logwriter import LogWriter, run_lifespan
+from .._order import LOGGER, mark
 from .._rules import _path_matcher, peer_ip
 from .._store import AIRequestLog, EmbeddingRequestLog, Store
 
@@ -122,6 +123,7 @@ class RequestLoggerMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
+            mark(scope, LOGGER)
             await run_lifespan(self.app, (self.writer,), scope, receive, send)
             return
         if scope["type"] != "http":

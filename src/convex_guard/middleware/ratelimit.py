@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._context import STATE_KEY, GuardContext, guard_context
 from .._errors import ConfigurationError
 from .._logging import ThrottledLog, logger
+from .._order import API_KEYS, FINGERPRINT, RATE_LIMIT, mark, missing_outside, pass_lifespan
 from .._problem import QUOTA_EXCEEDED, problem
 from .._rules import Rule, ratelimit_header
 from .._store import BotVerdict, LimitRequest, Store
@@ -55,6 +56,9 @@ class RateLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await pass_lifespan(self.app, scope, receive, send, self._order_problem(scope))
+                return
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
@@ -178,6 +182,19 @@ class RateLimitMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+    def _order_problem(self, scope: Scope) -> str | None:
+        """Rules keyed by what an outer middleware fills need that middleware outside."""
+        stack = mark(scope, RATE_LIMIT)
+        for kind, needs in (("api_key", API_KEYS), ("fingerprint", FINGERPRINT)):
+            names = [rule.name for rule in self.rules if rule.key == kind]
+            if names:
+                problem = missing_outside(
+                    stack, RATE_LIMIT, needs, f"has {kind!r} rules ({', '.join(names)})"
+                )
+                if problem is not None:
+                    return problem
+        return None
 
     async def _unavailable(
         self, scope: Scope, receive: Receive, send: Send, ctx: GuardContext

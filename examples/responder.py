@@ -1,0 +1,236 @@
+"""The example gateway's AI side, shared by the FastAPI, Django and Flask examples.
+
+Request validation (pydantic), a deterministic local responder so the demo works offline, and
+an optional OpenAI-compatible upstream (`GATEWAY_UPSTREAM_URL`, `GATEWAY_UPSTREAM_API_KEY`).
+
+Token counts from the local responder are an approximation: a token is a run of word
+characters or a single punctuation mark (`\\w+|[^\\w\\s]`), which is close to, but not the same
+as, a BPE tokenizer's count. Costs use an illustrative price per million tokens per provider.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import struct
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROVIDERS = ("openai", "openrouter", "groq", "perplexity", "ollama", "lmstudio")
+#: Illustrative USD prices per million tokens, for the request log's cost column.
+PRICE_PER_MILLION = {
+    "openai": 0.60,
+    "openrouter": 0.50,
+    "groq": 0.10,
+    "perplexity": 1.00,
+    "ollama": 0.0,
+    "lmstudio": 0.0,
+}
+EMBEDDING_MODEL = "local-embedding-64"
+EMBEDDING_DIMENSIONS = 64
+DEFAULT_UPSTREAM_TIMEOUT = 30.0
+_TOKEN = re.compile(r"\w+|[^\w\s]")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Annotated[str, Field(max_length=32_000)]
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat-completions body, the fields the gateway needs (others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: Annotated[str, Field(min_length=1, max_length=200)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: Annotated[str, Field(min_length=1, max_length=200)] = EMBEDDING_MODEL
+    input: str | Annotated[list[Annotated[str, Field(max_length=8_000)]], Field(max_length=256)]
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class BadRequest(Exception):
+    """The body is not valid JSON, or not the expected shape: a 400/422 problem."""
+
+    def __init__(self, status: int, detail: str, errors: list[dict[str, Any]] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.errors = errors or []
+
+
+def parse(model: type[ChatRequest] | type[EmbeddingRequest], body: bytes) -> Any:
+    """Validate a raw body: malformed JSON → 400, wrong shape → 422 (never a 500)."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        if any(error["type"] == "json_invalid" for error in errors):
+            raise BadRequest(400, "The body is not valid JSON.") from None
+        clean = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in errors]
+        raise BadRequest(422, "The body does not match the expected schema.", clean) from None
+
+
+def problem_body(status: int, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
+
+
+def count_tokens(text: str) -> int:
+    """Approximate tokens: word runs and single punctuation marks."""
+    return len(_TOKEN.findall(text))
+
+
+def cost(provider: str, tokens: int) -> float:
+    return round(PRICE_PER_MILLION.get(provider, 0.0) * tokens / 1_000_000, 8)
+
+
+@dataclass(frozen=True)
+class Reply:
+    body: dict[str, Any]
+    model: str
+    tokens: int
+
+
+def local_chat(provider: str, request: ChatRequest) -> Reply:
+    """A deterministic answer: the same request always gets the same text and counts."""
+    last = request.messages[-1].content
+    digest = hashlib.sha256(f"{provider}\0{request.model}\0{last}".encode()).hexdigest()
+    words = len(_TOKEN.findall(last))
+    text = (
+        f"Local responder ({provider}/{request.model}): you sent {len(request.messages)} "
+        f"message(s); the last one has about {words} tokens. Digest {digest[:12]}."
+    )
+    prompt = sum(count_tokens(m.content) for m in request.messages)
+    completion = count_tokens(text)
+    return Reply(
+        _completion(digest, request.model, text, prompt, completion),
+        request.model,
+        prompt + completion,
+    )
+
+
+def _completion(digest: str, model: str, text: str, prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{digest[:24]}",
+        "object": "chat.completion",
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+
+
+def embed(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A deterministic unit vector derived from SHA-256 of the text (not semantic)."""
+    raw = b""
+    counter = 0
+    while len(raw) < dimensions * 4:
+        raw += hashlib.sha256(counter.to_bytes(4, "big") + text.encode()).digest()
+        counter += 1
+    values = [(v / 2**31) - 1.0 for v in struct.unpack(f">{dimensions}I", raw[: dimensions * 4])]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+def local_embeddings(request: EmbeddingRequest) -> Reply:
+    inputs = request.inputs()
+    tokens = sum(count_tokens(text) for text in inputs)
+    body = {
+        "object": "list",
+        "model": request.model,
+        "data": [
+            {"object": "embedding", "index": i, "embedding": embed(text)}
+            for i, text in enumerate(inputs)
+        ],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    return Reply(body, request.model, tokens)
+
+
+# -- the optional upstream ----------------------------------------------------------------------
+
+
+class UpstreamError(Exception):
+    """The upstream failed or answered nonsense: a 502 problem (no upstream detail leaked)."""
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """An OpenAI-compatible API (`…/v1`), configured by environment."""
+
+    url: str
+    api_key: str | None
+    timeout: float = DEFAULT_UPSTREAM_TIMEOUT
+
+    def __repr__(self) -> str:
+        return f"Upstream(url={self.url!r}, api_key={'***' if self.api_key else None})"
+
+    @classmethod
+    def from_env(cls) -> Upstream | None:
+        url = os.environ.get("GATEWAY_UPSTREAM_URL")
+        if not url:
+            return None
+        timeout = float(os.environ.get("GATEWAY_UPSTREAM_TIMEOUT", DEFAULT_UPSTREAM_TIMEOUT))
+        return cls(url.rstrip("/"), os.environ.get("GATEWAY_UPSTREAM_API_KEY") or None, timeout)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _reply(self, response: httpx.Response, fallback_model: str, fallback_tokens: int) -> Reply:
+        if response.status_code >= 400:
+            raise UpstreamError(f"upstream answered HTTP {response.status_code}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise UpstreamError("upstream answered with a body that is not JSON") from None
+        if not isinstance(body, dict):
+            raise UpstreamError("upstream answered with an unexpected body")
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
+        model = body.get("model")
+        return Reply(
+            body,
+            model if isinstance(model, str) and model else fallback_model,
+            tokens if isinstance(tokens, int) and tokens >= 0 else fallback_tokens,
+        )
+
+    async def chat(self, client: httpx.AsyncClient, request: ChatRequest) -> Reply:
+        try:
+            response = await client.post(
+                f"{self.url}/chat/completions",
+                json=request.model_dump(),
+                headers=self.headers(),
+                timeout=self.timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
+        prompt = sum(count_tokens(m.content) for m in request.messages)
+        return self._reply(response, request.model, prompt)
+
+    async def embeddings(self, client: httpx.AsyncClient, request: EmbeddingRequest) -> Reply:
+        try:
+            response = await client.post(
+                f"{self.url}/embeddings",
+                json=request.model_dump(),
+                headers=self.headers(),
+                timeout=self.timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
+        return self._reply(response, request.model, sum(map(count_tokens, request.inputs())))

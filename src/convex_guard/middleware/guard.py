@@ -1,0 +1,259 @@
+"""GuardMiddleware: the five middlewares stacked in the order of DESIGN.md §1, one setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .._errors import ConfigurationError
+from .._limits import LimitConfig
+from .._logging import logger
+from .._logwriter import DEFAULT_BATCH_SIZE, DEFAULT_INTERVAL, DEFAULT_MAX_BUFFER, LogWriter
+from .._memory import MemoryStore
+from .._rules import Rule, _path_matcher, preset_rules
+from .._settings import GuardEnvironment, load_environment
+from .._store import Store
+from .._useragent import BotCategory
+from .apikeys import DEFAULT_CACHE_TTL, ApiKeyMiddleware, KeyRoute
+from .botdetection import DEFAULT_ALLOW_PATHS, BotDetectionMiddleware, PolicyAction
+from .fingerprint import FingerprintMiddleware
+from .logger import (
+    DEFAULT_AI_PATH,
+    DEFAULT_EMBEDDINGS_PATH,
+    RequestLoggerMiddleware,
+    provider_from_path,
+)
+from .ratelimit import RateLimitMiddleware
+
+FailPolicy = Literal["open", "closed"]
+#: `"env"`: Convex when CONVEX_SELF_HOSTED_URL/CONVEX_URL is set, else memory.
+StoreChoice = Literal["env", "memory", "convex"]
+
+DEFAULT_EXEMPT_PATHS = ("/health",)
+
+
+def default_key_routes() -> tuple[KeyRoute, ...]:
+    """Embeddings need an embedding key; AI routes accept an optional AI key (else anonymous)."""
+    return (
+        KeyRoute(DEFAULT_EMBEDDINGS_PATH, kind="embedding", required=True),
+        KeyRoute(DEFAULT_AI_PATH, kind="ai", required=False),
+    )
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """Everything `GuardMiddleware` (and the WSGI and Django adapters) need, in one object.
+
+    - `store`: a `Store`, or `"env"` (default: `ConvexStore.from_env()` when
+      `CONVEX_SELF_HOSTED_URL`/`CONVEX_URL` is set, else a `MemoryStore` with a warning that
+      limits are per process), `"memory"` or `"convex"`.
+    - `rules`: rate-limit rules; `None` = `preset_rules()` (the seed's limits on `/api/ai/…`
+      and `/api/embeddings`); `()` = no rate limiting.
+    - `key_routes`: where API keys are required or accepted; `()` = no API keys.
+    - `trusted_proxies`: IPs/CIDRs whose `X-Forwarded-For` is believed.
+    - `bot_policy`, `bot_allow_user_agents`, `bot_allow_ips`, `bot_allow_paths`: bot detection
+      (`bot_detection=False` turns it off).
+    - `exempt_paths`: skip every check and every log (health checks).
+    - `ai_path`, `embeddings_path`: what the request log records.
+    - `timeout`: seconds any store call on the request path may take; `fail`: the bot check's
+      policy when the store cannot answer, and the preset rules' (a rule you pass keeps its own).
+    - `writer_*`: the shared log writer's batching.
+    """
+
+    store: Store | StoreChoice = "env"
+    rules: Sequence[Rule] | None = None
+    key_routes: Sequence[KeyRoute] = field(default_factory=default_key_routes)
+    trusted_proxies: Sequence[str] = ()
+    bot_detection: bool = True
+    bot_policy: Mapping[BotCategory, PolicyAction] | None = None
+    bot_allow_user_agents: Sequence[str | re.Pattern[str]] = ()
+    bot_allow_ips: Sequence[str] = ()
+    bot_allow_paths: Sequence[str] = DEFAULT_ALLOW_PATHS
+    bot_challenge: ASGIApp | None = None
+    suspicious_limit: LimitConfig | None = None
+    exempt_paths: Sequence[str] = DEFAULT_EXEMPT_PATHS
+    ai_path: str = DEFAULT_AI_PATH
+    embeddings_path: str | None = DEFAULT_EMBEDDINGS_PATH
+    timeout: float = 0.5
+    fail: FailPolicy = "open"
+    key_cache_ttl: float = DEFAULT_CACHE_TTL
+    writer_batch_size: int = DEFAULT_BATCH_SIZE
+    writer_interval: float = DEFAULT_INTERVAL
+    writer_max_buffer: int = DEFAULT_MAX_BUFFER
+
+    def __post_init__(self) -> None:
+        if isinstance(self.store, str) and self.store not in ("env", "memory", "convex"):
+            raise ConfigurationError("store must be a Store, 'env', 'memory' or 'convex'")
+        if not isinstance(self.store, str) and not isinstance(self.store, Store):
+            raise ConfigurationError(f"store {self.store!r} does not implement the Store protocol")
+        if not 0 < self.timeout < math.inf:
+            raise ConfigurationError("timeout must be a positive number of seconds")
+        if self.fail not in ("open", "closed"):
+            raise ConfigurationError("fail must be 'open' or 'closed'")
+        for name in ("trusted_proxies", "exempt_paths", "bot_allow_ips", "bot_allow_paths"):
+            if isinstance(getattr(self, name), str):
+                raise ConfigurationError(f"{name} must be a list, not one string")
+        for path in self.exempt_paths:
+            _path_matcher(path)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> GuardSettings:
+        """Settings from a dict (e.g. Django's `settings.CONVEX_GUARD`), naming unknown keys."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigurationError(
+                f"Unknown convex-guard setting(s) {unknown}; known: {sorted(known)}"
+            )
+        return cls(**values)
+
+    def with_options(self, options: Mapping[str, Any]) -> GuardSettings:
+        if not options:
+            return self
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigurationError(f"Unknown GuardMiddleware option(s) {unknown}")
+        return dataclasses.replace(self, **options)
+
+
+def resolve_store(choice: Store | StoreChoice, env: GuardEnvironment) -> tuple[Store, bool]:
+    """The store to use, and whether the guard created it (and so closes it at shutdown)."""
+    if not isinstance(choice, str):
+        return choice, False
+    if choice == "convex" or (choice == "env" and env.deployment_url):
+        from .._convex import ConvexStore
+
+        return ConvexStore.from_env(env), True
+    if choice == "env":
+        logger.warning(
+            "convex-guard: no CONVEX_SELF_HOSTED_URL/CONVEX_URL set; using the in-memory store "
+            "(limits, keys and logs are per process)"
+        )
+    return MemoryStore(), True
+
+
+@dataclass
+class GuardStack:
+    """The five middlewares around `app`, with the store and the writer they share."""
+
+    app: ASGIApp
+    settings: GuardSettings
+    store: Store
+    owns_store: bool
+    writer: LogWriter
+    is_exempt: Callable[[str], bool]
+
+    @classmethod
+    def build(cls, app: ASGIApp, settings: GuardSettings) -> GuardStack:
+        env = load_environment()
+        store, owns = resolve_store(settings.store, env)
+        writer = LogWriter(
+            store,
+            batch_size=settings.writer_batch_size,
+            interval=settings.writer_interval,
+            max_buffer=max(settings.writer_max_buffer, settings.writer_batch_size),
+        )
+        rules = settings.rules
+        if rules is None:
+            rules = [dataclasses.replace(r, fail=settings.fail) for r in preset_rules(env)]
+        inner = app
+        if rules:
+            inner = RateLimitMiddleware(inner, store=store, rules=rules, timeout=settings.timeout)
+        if settings.bot_detection:
+            inner = BotDetectionMiddleware(
+                inner,
+                store=store,
+                policy=settings.bot_policy,
+                allow_user_agents=settings.bot_allow_user_agents,
+                allow_ips=settings.bot_allow_ips,
+                allow_paths=settings.bot_allow_paths,
+                challenge=settings.bot_challenge,
+                suspicious_limit=settings.suspicious_limit,
+                timeout=settings.timeout,
+                fail=settings.fail,
+                # One store round trip per request: the limiter decides the bot check too.
+                defer=bool(rules),
+            )
+        if settings.key_routes:
+            inner = ApiKeyMiddleware(
+                inner,
+                store=store,
+                routes=settings.key_routes,
+                writer=writer,
+                cache_ttl=settings.key_cache_ttl,
+                timeout=settings.timeout,
+            )
+        inner = FingerprintMiddleware(inner, trusted_proxies=settings.trusted_proxies)
+        inner = RequestLoggerMiddleware(
+            inner,
+            store=store,
+            writer=writer,
+            provider=provider_from_path(settings.ai_path),
+            embeddings_path=settings.embeddings_path,
+        )
+        return cls(
+            app=inner,
+            settings=settings,
+            store=store,
+            owns_store=owns,
+            writer=writer,
+            is_exempt=exempt_matcher(settings.exempt_paths),
+        )
+
+
+class GuardMiddleware:
+    """Logger → fingerprint → API keys → bot detection → rate limits, configured at once.
+
+    `app.add_middleware(GuardMiddleware)` guards the seed's routes with the seed's limits on the
+    store the environment names; pass `settings=GuardSettings(…)` and/or any of its fields as
+    keyword options to change that. Paths in `exempt_paths` (default `/health`) skip the whole
+    stack. A normal request costs one store round trip (the bot check is decided with the
+    limits); log rows go through one shared writer, started at lifespan startup and flushed at
+    shutdown, when a store the guard created is closed too.
+    """
+
+    def __init__(self, app: ASGIApp, settings: GuardSettings | None = None, **options: Any) -> None:
+        if settings is not None and not isinstance(settings, GuardSettings):
+            raise ConfigurationError("settings must be a GuardSettings")
+        self.settings = (settings or GuardSettings()).with_options(options)
+        self.app = app
+        self.guard = GuardStack.build(app, self.settings)
+        self.store = self.guard.store
+        self.writer = self.guard.writer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind in ("http", "websocket") and self.guard.is_exempt(scope["path"]):
+            await self.app(scope, receive, send)
+        elif kind == "lifespan" and self.guard.owns_store:
+            await self.guard.app(scope, receive, self._closing_send(send))
+        else:
+            await self.guard.app(scope, receive, send)
+
+    def _closing_send(self, send: Send) -> Send:
+        """Close the store the guard created once the writer has flushed at shutdown."""
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                try:
+                    await self.store.close()
+                except Exception as exc:
+                    logger.warning("convex-guard: closing the store failed: %r", exc)
+            await send(message)
+
+        return closing_send
+
+
+def exempt_matcher(paths: Iterable[str]) -> Callable[[str], bool]:
+    matchers = [_path_matcher(p) for p in paths]
+    return lambda path: any(match(path) for match in matchers)
+
+
+__all__ = ["GuardMiddleware", "GuardSettings", "GuardStack", "default_key_routes"]

@@ -1,0 +1,141 @@
+"""One end-to-end scenario, run against every example (FastAPI, Starlette, Django, Flask).
+
+Each example serves the same routes over the same responder, so one list of requests and one
+list of expected log rows hold for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import httpx
+from examples.responder import ChatRequest, EmbeddingRequest, local_chat, local_embeddings
+
+from convex_guard import (
+    MINUTE,
+    ApiKeys,
+    GuardSettings,
+    MemoryStore,
+    Rule,
+    TokenBucket,
+    preset_rules,
+)
+
+BROWSER = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/131.0.0.0 Safari/537.36"
+)
+GPTBOT = "Mozilla/5.0 AppleWebKit/537.36 (KHTML, like Gecko; compatible; GPTBot/1.2)"
+CHAT: dict[str, Any] = {
+    "model": "gpt-4o-mini",
+    "messages": [{"role": "user", "content": "Hello there, gateway! How are you?"}],
+}
+EMBED: dict[str, Any] = {"model": "local-embedding-64", "input": ["first text", "second, text!"]}
+#: The burst limit of the tests (the preset's perplexity limit is 100 a minute).
+BURST = 3
+
+
+def small_rules() -> list[Rule]:
+    """The preset, with perplexity cut to `BURST` a minute so a burst is short."""
+    return [
+        dataclasses.replace(rule, config=TokenBucket(rate=BURST, period=MINUTE, capacity=BURST))
+        if rule.name == "perplexityRequests"
+        else rule
+        for rule in preset_rules()
+    ]
+
+
+def settings_for(store: MemoryStore, **options: Any) -> GuardSettings:
+    return GuardSettings(store=store, rules=small_rules(), writer_interval=0.05, **options)
+
+
+def create_key(store: MemoryStore) -> str:
+    return asyncio.run(ApiKeys(store).create("test", kind="embedding")).key
+
+
+def exercise(base_url: str, key: str) -> None:
+    """The scenario: a normal call, a crawler, a burst, the embeddings route with and without."""
+    with httpx.Client(base_url=base_url, headers={"user-agent": BROWSER}, timeout=10) as c:
+        ok = c.post("/api/ai/openai/chat", json=CHAT)
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["choices"][0]["message"]["role"] == "assistant"
+        assert '"openaiRequests";q=500;w=60' in ok.headers["RateLimit-Policy"]
+        assert '"ipAIRequests";r=999;' in ok.headers["RateLimit"]
+
+        crawler = c.post("/api/ai/openai/chat", json=CHAT, headers={"user-agent": GPTBOT})
+        assert crawler.status_code == 403
+        assert crawler.headers["content-type"] == "application/problem+json"
+
+        codes = [c.post("/api/ai/perplexity/chat", json=CHAT).status_code for _ in range(BURST)]
+        assert codes == [200] * BURST
+        limited = c.post("/api/ai/perplexity/chat", json=CHAT)
+        assert limited.status_code == 429
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert limited.json()["violated-policies"] == ["perplexityRequests"]
+        assert "RateLimit" in limited.headers
+
+        missing = c.post("/api/embeddings", json=EMBED)
+        assert missing.status_code == 401
+        assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+        embedded = c.post("/api/embeddings", json=EMBED, headers={"Authorization": f"Bearer {key}"})
+        assert embedded.status_code == 200, embedded.text
+        vectors = [item["embedding"] for item in embedded.json()["data"]]
+        assert len(vectors) == 2 and abs(sum(v * v for v in vectors[0]) - 1) < 1e-9
+        assert '"selfHostedEmbeddings";q=2000;w=60' in embedded.headers["RateLimit-Policy"]
+
+        # Bad input is a clean 4xx problem, never a 500; unknown providers are 404.
+        bad = c.post("/api/ai/openai/chat", content=b"{not json", headers=_json)
+        assert bad.status_code == 400 and bad.headers["content-type"].startswith("application/")
+        wrong = c.post("/api/ai/openai/chat", json={"model": "m", "messages": []})
+        assert wrong.status_code == 422
+        assert c.post("/api/ai/nosuch/chat", json=CHAT).status_code == 404
+
+        # /health is exempt from everything, crawlers included.
+        health = c.get("/health", headers={"user-agent": GPTBOT})
+        assert health.status_code == 200 and "RateLimit" not in health.headers
+
+
+_json = {"content-type": "application/json"}
+
+
+def check_logs(store: MemoryStore, key: str) -> None:
+    """The request log holds one row per guarded AI/embedding request, with model and tokens."""
+    chat = local_chat("openai", ChatRequest.model_validate(CHAT))
+    perplexity = local_chat("perplexity", ChatRequest.model_validate(CHAT))
+    rows = store.ai_logs
+    by_provider: dict[str, list[Any]] = {}
+    for row in rows:
+        by_provider.setdefault(row.provider, []).append(row)
+    openai = by_provider["openai"]
+    # ok, crawler, bad JSON, wrong schema
+    assert [(r.success, r.error) for r in openai] == [
+        (True, None),
+        (False, "bot_blocked"),
+        (False, "http_400"),
+        (False, "http_422"),
+    ]
+    assert openai[0].model == "gpt-4o-mini" and openai[0].tokens_used == chat.tokens
+    assert openai[0].cost is not None and openai[0].cost > 0
+    assert openai[0].ip == "127.0.0.1" and openai[0].fingerprint
+    assert [(r.success, r.error) for r in by_provider["perplexity"]] == [(True, None)] * BURST + [
+        (False, "rate_limited:perplexityRequests")
+    ]
+    assert all(r.tokens_used == perplexity.tokens for r in by_provider["perplexity"][:BURST])
+    assert [(r.success, r.error) for r in by_provider["nosuch"]] == [(False, "http_404")]
+    assert "health" not in by_provider
+
+    embedding = local_embeddings(EmbeddingRequest.model_validate(EMBED))
+    embeddings = store.embedding_logs
+    assert [(r.success, r.error) for r in embeddings] == [
+        (False, "api_key_missing"),
+        (True, None),
+    ]
+    good = embeddings[1]
+    assert (good.model, good.batch_size, good.tokens_used) == (
+        "local-embedding-64",
+        2,
+        embedding.tokens,
+    )
+    assert good.api_key_hash != key and len(good.api_key_hash) == 64  # the hash, never the key
