@@ -1,0 +1,103 @@
+"""WSGI: Flask behind GuardWSGIMiddleware, served by a real WSGI server thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import httpx
+import pytest
+from examples.flask_app import create_app
+
+from convex_guard import (
+    BotCheck,
+    CheckResult,
+    ConfigurationError,
+    LimitRequest,
+    MemoryStore,
+    _loopthread,
+)
+from convex_guard.wsgi import GuardWSGIMiddleware
+
+from .e2e_checks import BROWSER, CHAT, check_logs, create_key, exercise, settings_for
+from .wsgi_server import serve_wsgi
+
+
+class ThreadRecordingStore(MemoryStore):
+    """Records the thread of every hot-path store call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    async def check(
+        self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
+    ) -> CheckResult:
+        self.threads.append(threading.get_ident())
+        return await super().check(limits, bot=bot)
+
+
+def test_flask_end_to_end_under_a_wsgi_server() -> None:
+    store = MemoryStore()
+    key = create_key(store)
+    app = create_app(settings_for(store))
+    guard: GuardWSGIMiddleware = app.extensions["convex_guard"]
+    with serve_wsgi(app) as url:
+        exercise(url, key)
+    guard.close()  # flushes the writer (also registered with atexit)
+    check_logs(store, key)
+    guard.close()  # twice is harmless
+
+
+def test_sync_requests_share_one_loop_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ThreadRecordingStore()
+    app = create_app(settings_for(store))
+    guard: GuardWSGIMiddleware = app.extensions["convex_guard"]
+    created: list[object] = []
+    real = asyncio.new_event_loop
+
+    def counting_new_event_loop() -> asyncio.AbstractEventLoop:
+        loop = real()
+        created.append(loop)
+        return loop
+
+    monkeypatch.setattr(asyncio, "new_event_loop", counting_new_event_loop)
+    loop = _loopthread.loop()
+    with serve_wsgi(app) as url, httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c:
+        for _ in range(20):
+            assert c.post("/api/ai/openai/chat", json=CHAT).status_code == 200
+    guard.close()
+    assert created == []
+    assert _loopthread.loop() is loop
+    assert len(store.threads) == 20 and set(store.threads) == {_loopthread.thread_id()}
+    assert len(store.ai_logs) == 20
+
+
+def plain_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+    """A bare WSGI app: a generator that starts its response on first iteration."""
+    if environ["PATH_INFO"].endswith("/boom"):
+        raise RuntimeError("app failure")
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    yield b"hello "
+    yield b"world"
+
+
+def test_any_wsgi_app_streams_and_app_errors_propagate() -> None:
+    store = MemoryStore()
+    guard = GuardWSGIMiddleware(plain_app, settings_for(store, ai_path="/api/ai"))
+    with serve_wsgi(guard) as url, httpx.Client(base_url=url) as c:
+        ok = c.get("/api/ai/groq/x")
+        assert ok.text == "hello world" and "groqRequests" in ok.headers["RateLimit-Policy"]
+        assert c.get("/api/ai/groq/x", headers={"X-API-Key": "cg_ai_nope"}).status_code == 401
+        assert c.get("/boom").status_code == 500  # the server's answer to the app's own error
+        assert c.get("/api/ai/groq/boom").status_code == 500
+    guard.close()
+    errors = [row.error for row in store.ai_logs]
+    assert errors == [None, "api_key_invalid", "RuntimeError"]
+
+
+def test_a_wrong_configuration_fails_at_construction() -> None:
+    with pytest.raises(ConfigurationError, match="Unknown GuardMiddleware option"):
+        GuardWSGIMiddleware(plain_app, rulez=[])
