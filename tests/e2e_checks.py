@@ -104,7 +104,9 @@ def check_logs(store: MemoryStore, key: str) -> None:
     """The request log holds one row per guarded AI/embedding request, with model and tokens."""
     chat = local_chat("openai", ChatRequest.model_validate(CHAT))
     perplexity = local_chat("perplexity", ChatRequest.model_validate(CHAT))
-    rows = store.ai_logs
+    # In request order: a row is written when its request ends, which (after the response is
+    # sent, e.g. Django's clean-up) can be after the next request has begun.
+    rows = sorted(store.ai_logs, key=lambda row: row.timestamp)
     by_provider: dict[str, list[Any]] = {}
     for row in rows:
         by_provider.setdefault(row.provider, []).append(row)
@@ -127,7 +129,7 @@ def check_logs(store: MemoryStore, key: str) -> None:
     assert "health" not in by_provider
 
     embedding = local_embeddings(EmbeddingRequest.model_validate(EMBED))
-    embeddings = store.embedding_logs
+    embeddings = sorted(store.embedding_logs, key=lambda row: row.timestamp)
     assert [(r.success, r.error) for r in embeddings] == [
         (False, "api_key_missing"),
         (True, None),

@@ -1,0 +1,1 @@
+"""The example AI gateway as a Django project, guarded natively or the ASGI way."""
