@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Final, Literal
 
@@ -64,6 +65,11 @@ class TrustedProxies:
         return f"TrustedProxies({[str(n) for n in (*self._v4, *self._v6)]!r})"
 
 
+#: Addresses repeat from request to request; parsing one costs microseconds, a cache hit little.
+_CACHE_SIZE: Final = 16_384
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
 def ip_key(address: IPAddress, ipv6_prefix: int = 64) -> str:
     """The rate-limit key of an address: IPv4 as is, IPv6 as its network (a /64 by default).
 
@@ -84,6 +90,7 @@ def ip_key(address: IPAddress, ipv6_prefix: int = 64) -> str:
     return str(address)
 
 
+@lru_cache(maxsize=_CACHE_SIZE)
 def _parse(value: str) -> IPAddress | None:
     """One address from a header entry or peer, or None for anything else (never raises).
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from starlette.types import ASGIApp
 
@@ -64,12 +64,13 @@ class PendingBot:
 
 
 def guard_context(scope: MutableMapping[str, Any]) -> GuardContext:
-    """The request's guard context, created on first use."""
+    """The request's guard context, created on first use (every middleware asks for it)."""
+    try:
+        return cast(GuardContext, scope["state"][STATE_KEY])
+    except KeyError:
+        pass
     state = scope.get("state")
     if state is None:
         state = scope["state"] = {}
-    ctx = state.get(STATE_KEY)
-    if ctx is None:
-        ctx = state[STATE_KEY] = GuardContext()
-    assert isinstance(ctx, GuardContext)
+    ctx = state[STATE_KEY] = GuardContext()
     return ctx

@@ -153,35 +153,41 @@ class MemoryStore:
             verdict = self._decide_bot(bot, now)
             if verdict.action != "allowed":
                 return CheckResult(False, (), verdict)
+        # Decided in place, then rolled back if any denies: the common case (all admit) pays
+        # for no copies. A (name, key) named twice sees its own earlier consumption.
         results: list[LimitResult] = []
         ok = True
-        # Decided on copies, stored only if all admit. A (name, key) named twice in one call
-        # sees its own earlier consumption through the shared copy.
-        pending: dict[tuple[str, str | None], tuple[StateCell, StateCell | None, LimitRequest]] = {}
+        touched: list[tuple[StateCell, float, float]] = []
+        fresh: dict[tuple[str, str | None], tuple[StateCell, LimitConfig]] | None = None
+        limits_by_name = self._limits
         for request in limits:
-            slot = (request.name, request.key)
-            entry = pending.get(slot)
-            if entry is None:
-                stored = self._cell(request.name, request.key)
-                cell = (
-                    [stored[0], stored[1]]
-                    if stored is not None
-                    else list(initial_state(request.config, now, self._random))
-                )
-                entry = pending[slot] = (cell, stored, request)
-            result = request.config.decider(entry[0], now, request.count, request.reserve)
-            ok = ok and result.ok
-            results.append(result)
-        if ok:
-            # Existing states first: an insertion's sweep must judge them by their new values.
-            for cell, stored, _ in pending.values():
-                if stored is not None:
-                    stored[0], stored[1] = cell
-            for (name, key), (cell, stored, request) in pending.items():
-                if stored is None:
-                    self._insert(
-                        name, key, cell, request.config, now, full_at(request.config, cell)
+            name = request.name
+            key = request.key
+            states = limits_by_name.get(name)
+            cell = states.get(key) if states is not None else None
+            if cell is None:
+                if fresh is None:
+                    fresh = {}
+                slot = (name, key)
+                entry = fresh.get(slot)
+                if entry is None:
+                    entry = fresh[slot] = (
+                        list(initial_state(request.config, now, self._random)),
+                        request.config,
                     )
+                cell = entry[0]
+            touched.append((cell, cell[0], cell[1]))
+            result = request.config.decider(cell, now, request.count, request.reserve)
+            if not result.ok:
+                ok = False
+            results.append(result)
+        if not ok:
+            for cell, value, ts in reversed(touched):
+                cell[0] = value
+                cell[1] = ts
+        elif fresh is not None:
+            for (name, key), (cell, config) in fresh.items():
+                self._insert(name, key, cell, config, now, full_at(config, cell))
         return CheckResult(ok, tuple(results), verdict)
 
     def _cell(self, name: str, key: str | None) -> StateCell | None:

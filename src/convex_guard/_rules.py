@@ -136,8 +136,12 @@ def authenticated_user(scope: MutableMapping[str, Any]) -> str | None:
 
 def ratelimit_header(name: str, result: LimitResult) -> str:
     """One item of the IETF `RateLimit` field (draft-ietf-httpapi-ratelimit-headers-11)."""
-    remaining = max(0, math.floor(result.remaining))
-    return f'"{name}";r={remaining};t={max(0, math.ceil(result.reset_after / 1000))}'
+    remaining = result.remaining
+    reset = result.reset_after
+    # int() is floor for the non-negative remaining; -(-x // 1000) is ceil without a call.
+    r = int(remaining) if remaining > 0 else 0
+    t = int(-(-reset // 1000)) if reset > 0 else 0
+    return f'"{name}";r={r};t={t}'
 
 
 def preset_rules(env: GuardEnvironment | None = None, *, prefix: str = "/api") -> list[Rule]:

@@ -1,4 +1,9 @@
-"""The one store protocol every middleware talks to, and the rows it keeps."""
+"""The one store protocol every middleware talks to, and the rows it keeps.
+
+Types built on every request (limit requests, results, log rows) are plain slotted dataclasses,
+not frozen ones: a frozen dataclass costs several times as much to build. Treat them as
+read-only all the same.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ CHALLENGE_AFTER = 5
 BLOCK_AFTER = 10
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LimitRequest:
     """One limit to decide: `name` and `key` select the state, `config` says how it refills."""
 
@@ -32,7 +37,7 @@ class LimitRequest:
     reserve: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BotCheck:
     """A flagged request whose fate also depends on its fingerprint's recent history.
 
@@ -54,13 +59,13 @@ class BotCheck:
     limit: LimitRequest | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BotVerdict:
     action: BotAction
     previous_events: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CheckResult:
     """The hot-path answer: the bot verdict (if asked) and every limit, decided together.
 
@@ -73,7 +78,7 @@ class CheckResult:
     bot: BotVerdict | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BotEvent:
     timestamp: float
     fingerprint: str
@@ -133,7 +138,7 @@ class KeyUsage:
     requests: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AIRequestLog:
     timestamp: float
     provider: str
@@ -148,7 +153,7 @@ class AIRequestLog:
     cost: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EmbeddingRequestLog:
     request_id: str
     api_key_hash: str
@@ -161,7 +166,7 @@ class EmbeddingRequestLog:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AuthFailure:
     """A failed authentication; `key_hash` is the hash of the presented key, or `NO_KEY`."""
 

@@ -6,19 +6,20 @@ import asyncio
 import math
 from collections.abc import Sequence
 
-from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._context import STATE_KEY, GuardContext, guard_context
 from .._errors import ConfigurationError
 from .._logging import ThrottledLog, logger
+from .._memory import MemoryStore
 from .._order import API_KEYS, FINGERPRINT, RATE_LIMIT, mark, missing_outside, pass_lifespan
 from .._problem import QUOTA_EXCEEDED, problem
 from .._rules import Rule, ratelimit_header
 from .._store import BotVerdict, LimitRequest, Store
 
 DEFAULT_TIMEOUT = 0.5
+_MATCH_CACHE_SIZE = 1024
 
 
 class RateLimitMiddleware:
@@ -52,7 +53,11 @@ class RateLimitMiddleware:
         self.store = store
         self.rules = tuple(rules)
         self.timeout = timeout
+        # An in-process MemoryStore answers without ever waiting: no timer needed around it.
+        self._bounded = type(store) is not MemoryStore
         self._store_trouble = ThrottledLog()
+        # Which rules match a (method, path): the same few routes come back on every request.
+        self._matches: dict[tuple[str, str], tuple[Rule, ...]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -62,8 +67,13 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        method: str = scope["method"]
-        matched = [rule for rule in self.rules if rule.matches(path, method)]
+        route = (scope["method"], path)
+        matched = self._matches.get(route)
+        if matched is None:
+            matched = tuple(rule for rule in self.rules if rule.matches(path, route[0]))
+            if len(self._matches) >= _MATCH_CACHE_SIZE:
+                self._matches.clear()  # many distinct paths: start over, memory stays bounded
+            self._matches[route] = matched
         state = scope.get("state")
         ctx = state.get(STATE_KEY) if state else None
         pending = ctx.pending_bot if ctx is not None else None
@@ -101,10 +111,12 @@ class RateLimitMiddleware:
             return
 
         try:
-            async with asyncio.timeout(self.timeout):
-                outcome = await self.store.check(
-                    limits, bot=pending.check if pending is not None else None
-                )
+            bot = pending.check if pending is not None else None
+            if self._bounded:
+                async with asyncio.timeout(self.timeout):
+                    outcome = await self.store.check(limits, bot=bot)
+            else:
+                outcome = await self.store.check(limits, bot=bot)
         except ConfigurationError as exc:
             # Only a cost function can get here (constant costs are checked at start-up):
             # a request costing more than a limit can ever hold is never admitted.
@@ -139,14 +151,14 @@ class RateLimitMiddleware:
         if not rules:
             await self.app(scope, receive, send)
             return
-        policy = ", ".join(rule.policy_header for rule in rules)
-        for rule, result in zip(rules, outcome.results, strict=True):
-            ctx.limits[rule.name] = result
+        results = outcome.results
+        limits_seen = ctx.limits
+        for rule, result in zip(rules, results, strict=True):
+            limits_seen[rule.name] = result
+        policy = ", ".join([rule.policy_header for rule in rules])
         if not outcome.ok:
             violated = [
-                (rule, result)
-                for rule, result in zip(rules, outcome.results, strict=True)
-                if not result.ok
+                (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
             ]
             retry_ms = max(result.retry_after or 0.0 for _, result in violated)
             retry = str(max(1, math.ceil(retry_ms / 1000)))
@@ -169,16 +181,22 @@ class RateLimitMiddleware:
             )(scope, receive, send)
             return
 
-        current = ", ".join(
-            ratelimit_header(rule.name, result)
-            for rule, result in zip(rules, outcome.results, strict=True)
-        )
+        added = [
+            (b"ratelimit-policy", policy.encode("latin-1")),
+            (
+                b"ratelimit",
+                ", ".join(
+                    [
+                        ratelimit_header(rule.name, result)
+                        for rule, result in zip(rules, results, strict=True)
+                    ]
+                ).encode("latin-1"),
+            ),
+        ]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                headers.append("RateLimit-Policy", policy)
-                headers.append("RateLimit", current)
+                message["headers"] = [*message.get("headers", ()), *added]
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

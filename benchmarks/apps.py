@@ -1,0 +1,87 @@
+"""The hello-world apps the HTTP benchmarks serve, one per variant (`VARIANT` env var).
+
+`uvicorn --factory benchmarks.apps:make` builds the variant named by `VARIANT`:
+bare, guard (the full stack on MemoryStore: logger, fingerprint, bot detection, three limit
+rules that never trigger), ratelimit (RateLimitMiddleware alone, the same three rules),
+slowapi-asgi (SlowAPIASGIMiddleware, one in-memory limit), slowapi-basehttp (SlowAPIMiddleware).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from convex_guard import HOUR, FixedWindow, MemoryStore, Rule
+
+NEVER = 10**9  # limits that never trigger: we measure the cost of deciding, not of denying
+VARIANTS = ("bare", "guard", "ratelimit", "slowapi-asgi", "slowapi-basehttp")
+PATH = "/api/ai/openai/chat"
+
+
+async def hello(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("Hello, world!")
+
+
+def rules() -> list[Rule]:
+    return [
+        Rule("globalAIRequests", FixedWindow(rate=NEVER, period=HOUR), path="/api/ai"),
+        Rule("ipAIRequests", FixedWindow(rate=NEVER, period=HOUR), key="ip", path="/api/ai"),
+        Rule("openaiRequests", FixedWindow(rate=NEVER, period=HOUR), path="/api/ai/openai"),
+    ]
+
+
+def _routes() -> list[Route]:
+    return [Route(PATH, hello, methods=["GET", "POST"])]
+
+
+def bare() -> Starlette:
+    return Starlette(routes=_routes())
+
+
+def guard() -> Starlette:
+    from convex_guard import GuardMiddleware, GuardSettings
+
+    settings = GuardSettings(store=MemoryStore(), rules=rules())
+    return Starlette(routes=_routes(), middleware=[Middleware(GuardMiddleware, settings=settings)])
+
+
+def ratelimit() -> Starlette:
+    from convex_guard import RateLimitMiddleware
+
+    return Starlette(
+        routes=_routes(),
+        middleware=[Middleware(RateLimitMiddleware, store=MemoryStore(), rules=rules())],
+    )
+
+
+def _slowapi(asgi: bool) -> Starlette:
+    from slowapi import Limiter, _rate_limit_exceeded_handler
+    from slowapi.errors import RateLimitExceeded
+    from slowapi.middleware import SlowAPIASGIMiddleware, SlowAPIMiddleware
+    from slowapi.util import get_remote_address
+
+    limiter = Limiter(key_func=get_remote_address, default_limits=[f"{NEVER}/hour"])
+    middleware = SlowAPIASGIMiddleware if asgi else SlowAPIMiddleware
+    app = Starlette(routes=_routes(), middleware=[Middleware(middleware)])
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+    return app
+
+
+FACTORIES: dict[str, Callable[[], Starlette]] = {
+    "bare": bare,
+    "guard": guard,
+    "ratelimit": ratelimit,
+    "slowapi-asgi": lambda: _slowapi(asgi=True),
+    "slowapi-basehttp": lambda: _slowapi(asgi=False),
+}
+
+
+def make() -> Starlette:
+    return FACTORIES[os.environ.get("VARIANT", "bare")]()
