@@ -34,7 +34,8 @@ Demo embedding API key (shown once): {key}
 2. An AI crawler is refused with 403:
    curl -i -A "GPTBot/1.2" -X POST {base}/api/ai/openai/chat -d '{chat}'
 
-3. A burst on perplexity (100 requests a minute): the 101st gets 429 with Retry-After:
+3. A burst on perplexity: its bucket holds 100 requests and refills at 100 a minute, so the
+   burst ends in 429 with Retry-After:
    for i in $(seq 1 105); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST \\
      {base}/api/ai/perplexity/chat -d '{chat}'; done; echo
 

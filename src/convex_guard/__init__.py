@@ -59,6 +59,7 @@ from .middleware.apikeys import ApiKeyMiddleware, KeyRoute
 from .middleware.botdetection import DEFAULT_POLICY as DEFAULT_BOT_POLICY
 from .middleware.botdetection import BotDetectionMiddleware
 from .middleware.fingerprint import FingerprintMiddleware
+from .middleware.guard import GuardMiddleware, GuardSettings
 from .middleware.logger import RequestLoggerMiddleware, provider_from_path, report_usage
 from .middleware.ratelimit import RateLimitMiddleware
 
@@ -97,6 +98,8 @@ __all__ = [
     "GuardContext",
     "GuardEnvironment",
     "GuardError",
+    "GuardMiddleware",
+    "GuardSettings",
     "KeyNotFoundError",
     "KeyRateLimit",
     "KeyRevokedError",

@@ -220,7 +220,7 @@ class GuardBridge:
             return capture.outcome(called=False)
         try:
             status, result = call_app()
-        except Exception as exc:
+        except BaseException as exc:  # the stack must end (and log) whatever the app did
             self._resume(handoff, exc=exc)
             _wait_quietly(done)
             raise
@@ -242,7 +242,7 @@ class GuardBridge:
             return capture.outcome(called=False)
         try:
             status, result = await call_app()
-        except Exception as exc:
+        except BaseException as exc:  # cancelled included: the request log says so
             self._resume(handoff, exc=exc)
             await asyncio.gather(done, return_exceptions=True)
             raise
@@ -258,7 +258,9 @@ class GuardBridge:
         def resume() -> None:
             if waiter.done():
                 return
-            if exc is not None:
+            if isinstance(exc, asyncio.CancelledError):
+                waiter.cancel()
+            elif exc is not None:
                 waiter.set_exception(exc)
             else:
                 waiter.set_result(status)

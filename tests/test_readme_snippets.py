@@ -1,0 +1,60 @@
+"""The README's framework snippets run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import serve
+from .wsgi_server import serve_wsgi
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def snippet(heading: str) -> str:
+    section = README.split(heading, 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None, heading
+    return match.group(1)
+
+
+def run(code: str) -> dict[str, Any]:
+    namespace: dict[str, Any] = {"__name__": __name__}  # Flask(__name__) needs a real module
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(autouse=True)
+def memory_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("CONVEX_SELF_HOSTED_URL", "CONVEX_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_fastapi_in_ten_lines() -> None:
+    app = run(snippet("## FastAPI in ten lines"))["app"]
+    with serve(app, proxy_headers=False) as server, httpx.Client(base_url=server.url) as c:
+        ok = c.post("/api/ai/openai/chat")
+        assert ok.json() == {"provider": "openai"}
+        assert "openaiRequests" in ok.headers["RateLimit-Policy"]
+        assert (
+            c.post("/api/ai/openai/chat", headers={"user-agent": "GPTBot/1.2"}).status_code == 403
+        )
+    guard = app.middleware_stack
+    while not hasattr(guard, "writer"):
+        guard = guard.app
+    rows = [row for row in guard.store.ai_logs if row.success]
+    assert [(r.model, r.tokens_used, r.cost) for r in rows] == [("gpt-4o-mini", 42, 0.0001)]
+
+
+def test_flask_snippet() -> None:
+    namespace = run(snippet("### Flask, or any WSGI app"))
+    app = namespace["app"]
+    with serve_wsgi(app) as url, httpx.Client(base_url=url) as c:
+        ok = c.post("/api/ai/groq/chat")
+        assert ok.json() == {"provider": "groq"} and "groqRequests" in ok.headers["RateLimit"]
+    app.wsgi_app.close()
+    assert [(r.model, r.tokens_used) for r in app.wsgi_app.store.ai_logs] == [("gpt-4o-mini", 42)]
