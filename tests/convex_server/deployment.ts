@@ -151,6 +151,12 @@ export class Deployment {
     return { canonical, internal: fn.isInternal === true };
   }
 
+  /** Every document of `table`, oldest first (tests read what was written, in order). */
+  async dump(table: string): Promise<Value[]> {
+    type Db = { db: { query: (t: string) => { collect: () => Promise<Value[]> } } };
+    return await this.t.run(async (ctx) => await (ctx as unknown as Db).db.query(table).collect());
+  }
+
   /** Run a resolved function; function errors come back as FunctionError. */
   async run(kind: Kind, canonical: string, args: Record<string, Value>): Promise<Value> {
     type Call = (ref: unknown, args: Record<string, Value>) => Promise<unknown>;

@@ -1,20 +1,80 @@
-"""Start and stop the loopback Convex test server (tests and benchmarks only)."""
+"""Start and stop the loopback Convex test server (tests and benchmarks only).
+
+Fault tests control the process for real: `kill()` (SIGKILL: connections reset, all data
+gone), `restart()` (a fresh, empty server on the same port), `pause()` / `resume()`
+(SIGSTOP / SIGCONT: connections accepted by the kernel, never answered).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 TSX = ROOT / "convex" / "node_modules" / ".bin" / "tsx"
 SERVER = ROOT / "tests" / "convex_server" / "server.ts"
+
+
+def _spawn(port: int, admin_key: str) -> tuple[subprocess.Popen[str], int]:
+    """Start the server on `port` (0 = a free one); returns the process and its port."""
+    if not TSX.exists():
+        raise RuntimeError("convex/node_modules is missing: run `make test` (it runs npm ci)")
+    env = {**os.environ, "CONVEX_SELF_HOSTED_ADMIN_KEY": admin_key}
+    process = subprocess.Popen(
+        [str(TSX), str(SERVER), "--port", str(port)],
+        cwd=ROOT / "convex",
+        stdout=subprocess.PIPE,
+        stderr=None,
+        text=True,
+        env=env,
+        # tsx runs node as a child: signals go to the whole group, so SIGKILL/SIGSTOP reach
+        # the process that holds the port.
+        start_new_session=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"Convex test server did not start: {line!r}")
+        bound = int(line.split()[-1])
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{bound}/version", timeout=1).status_code == 200:
+                    return process, bound
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("Convex test server never answered /version")
+            time.sleep(0.05)
+    except BaseException:
+        _terminate(process)
+        raise
+
+
+def _signal(process: subprocess.Popen[str], sig: signal.Signals) -> None:
+    """Send `sig` to the server's process group (tsx and the node process it started)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+
+
+def _terminate(process: subprocess.Popen[str]) -> None:
+    _signal(process, signal.SIGCONT)  # a paused server cannot handle SIGTERM
+    _signal(process, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        _signal(process, signal.SIGKILL)
+        process.wait(timeout=10)
 
 
 class ConvexTestServer:
@@ -31,7 +91,7 @@ class ConvexTestServer:
             self.url + path,
             json=body or {},
             headers={"Authorization": f"Convex {self.admin_key}"},
-            timeout=10,
+            timeout=30,
         )
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
@@ -45,42 +105,56 @@ class ConvexTestServer:
         """Move the functions' `Date.now()` by `offset_ms` from the wall clock; returns now."""
         return float(self._admin("/_test/time", {"offsetMs": offset_ms})["now"])  # type: ignore[arg-type]
 
+    def rows(self, table: str) -> list[dict[str, Any]]:
+        """Every document of `table`, oldest first (Convex-encoded JSON values)."""
+        return list(self._admin("/_test/dump", {"table": table})["rows"])  # type: ignore[call-overload]
 
-@contextlib.contextmanager
-def running_server() -> Iterator[ConvexTestServer]:
-    """Start the server on a free loopback port, wait until it answers, stop it after."""
-    if not TSX.exists():
-        raise RuntimeError("convex/node_modules is missing: run `make test` (it runs npm ci)")
-    admin_key = "test-admin-" + secrets.token_hex(16)
-    env = {**os.environ, "CONVEX_SELF_HOSTED_ADMIN_KEY": admin_key}
-    process = subprocess.Popen(
-        [str(TSX), str(SERVER), "--port", "0"],
-        cwd=ROOT / "convex",
-        stdout=subprocess.PIPE,
-        stderr=None,
-        text=True,
-        env=env,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith("listening on "):
-            raise RuntimeError(f"Convex test server did not start: {line!r}")
-        server = ConvexTestServer(process, int(line.split()[-1]), admin_key)
-        deadline = time.monotonic() + 20
+    # -- faults ---------------------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the server: open connections reset, everything it held is gone."""
+        _signal(self.process, signal.SIGKILL)
+        self.process.wait(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def restart(self) -> None:
+        """Start a fresh (empty) server on the same port, after `kill()` or a crash."""
+        if self.alive:
+            raise RuntimeError("the server is still running: kill() it first")
+        deadline = time.monotonic() + 10
         while True:
             try:
-                if httpx.get(server.url + "/version", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("Convex test server never answered /version")
-            time.sleep(0.05)
+                self.process, _ = _spawn(self.port, self.admin_key)
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:  # the port may linger briefly after a kill
+                    raise
+                time.sleep(0.2)
+
+    def pause(self) -> None:
+        """SIGSTOP: the kernel still accepts connections, nobody answers them."""
+        _signal(self.process, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        _signal(self.process, signal.SIGCONT)
+
+    def stop(self) -> None:
+        _terminate(self.process)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@contextlib.contextmanager
+def running_server(port: int = 0) -> Iterator[ConvexTestServer]:
+    """Start the server on `port` (0 = a free loopback port), wait until it answers, stop it."""
+    admin_key = "test-admin-" + secrets.token_hex(16)
+    process, bound = _spawn(port, admin_key)
+    server = ConvexTestServer(process, bound, admin_key)
+    try:
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        server.stop()

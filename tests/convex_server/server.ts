@@ -173,6 +173,18 @@ async function main(): Promise<void> {
         send(res, 200, { ok: true });
         return;
       }
+      if (path === "/_test/dump") {
+        requireAdmin(req);
+        const body = await readJson(req);
+        if (typeof body.table !== "string") throw new HttpError(400, "BadRequest", "send {table}");
+        const table = body.table;
+        let rows: Awaited<ReturnType<Deployment["dump"]>> = [];
+        await serial.run(async () => {
+          rows = await deployment.dump(table);
+        });
+        send(res, 200, { rows: rows.map((row) => encodeValue(row)) });
+        return;
+      }
       if (path === "/_test/time") {
         requireAdmin(req);
         const body = await readJson(req);

@@ -14,8 +14,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._errors import ConfigurationError
 from .._limits import LimitConfig
 from .._logging import logger
-from .._logwriter import DEFAULT_BATCH_SIZE, DEFAULT_INTERVAL, DEFAULT_MAX_BUFFER, LogWriter
+from .._logwriter import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_INTERVAL,
+    DEFAULT_MAX_BACKOFF,
+    DEFAULT_MAX_BUFFER,
+    LogWriter,
+)
 from .._memory import MemoryStore
+from .._resilience import ResilientStore
 from .._rules import Rule, _path_matcher, preset_rules
 from .._settings import GuardEnvironment, load_environment
 from .._store import Store
@@ -63,7 +70,10 @@ class GuardSettings:
     - `ai_path`, `embeddings_path`: what the request log records.
     - `timeout`: seconds any store call on the request path may take; `fail`: the bot check's
       policy when the store cannot answer, and the preset rules' (a rule you pass keeps its own).
-    - `writer_*`: the shared log writer's batching.
+    - `writer_*`: the shared log writer's batching, and the cap on its retry backoff while
+      the store is down (`writer_max_backoff` seconds: how soon rows flow after recovery).
+      A `ResilientStore` without `on_outage_events` gets the writer's `add`, so bot events
+      decided during an outage reach the shared store once it is back.
     """
 
     store: Store | StoreChoice = "env"
@@ -86,6 +96,7 @@ class GuardSettings:
     writer_batch_size: int = DEFAULT_BATCH_SIZE
     writer_interval: float = DEFAULT_INTERVAL
     writer_max_buffer: int = DEFAULT_MAX_BUFFER
+    writer_max_backoff: float = DEFAULT_MAX_BACKOFF
 
     def __post_init__(self) -> None:
         if isinstance(self.store, str) and self.store not in ("env", "memory", "convex"):
@@ -159,7 +170,10 @@ class GuardStack:
             batch_size=settings.writer_batch_size,
             interval=settings.writer_interval,
             max_buffer=max(settings.writer_max_buffer, settings.writer_batch_size),
+            max_backoff=settings.writer_max_backoff,
         )
+        if isinstance(store, ResilientStore) and store.on_outage_events is None:
+            store.on_outage_events = writer.add
         rules = settings.rules
         if rules is None:
             rules = [dataclasses.replace(r, fail=settings.fail) for r in preset_rules(env)]
