@@ -21,6 +21,8 @@ from convex_guard import HOUR, FixedWindow, MemoryStore, Rule
 
 NEVER = 10**9  # limits that never trigger: we measure the cost of deciding, not of denying
 VARIANTS = ("bare", "guard", "ratelimit", "slowapi-asgi", "slowapi-basehttp")
+#: One middleware each, for the per-request CPU table.
+SINGLE = ("logger", "fingerprint", "apikeys", "botdetection", "ratelimit")
 PATH = "/api/ai/openai/chat"
 
 
@@ -60,6 +62,43 @@ def ratelimit() -> Starlette:
     )
 
 
+def logger() -> Starlette:
+    from convex_guard import RequestLoggerMiddleware
+
+    return Starlette(
+        routes=_routes(), middleware=[Middleware(RequestLoggerMiddleware, store=MemoryStore())]
+    )
+
+
+def fingerprint() -> Starlette:
+    from convex_guard import FingerprintMiddleware
+
+    return Starlette(routes=_routes(), middleware=[Middleware(FingerprintMiddleware)])
+
+
+def apikeys() -> Starlette:
+    from convex_guard import ApiKeyMiddleware, KeyRoute
+
+    routes = [KeyRoute("/api/ai", required=False)]  # anonymous callers pass, as on the gateway
+    return Starlette(
+        routes=_routes(),
+        middleware=[Middleware(ApiKeyMiddleware, store=MemoryStore(), routes=routes)],
+    )
+
+
+def botdetection() -> Starlette:
+    from convex_guard import BotDetectionMiddleware, FingerprintMiddleware
+
+    # Bot detection needs a fingerprint: the fingerprint's own cost is subtracted in the table.
+    return Starlette(
+        routes=_routes(),
+        middleware=[
+            Middleware(FingerprintMiddleware),
+            Middleware(BotDetectionMiddleware, store=MemoryStore()),
+        ],
+    )
+
+
 def _slowapi(asgi: bool) -> Starlette:
     from slowapi import Limiter, _rate_limit_exceeded_handler
     from slowapi.errors import RateLimitExceeded
@@ -78,6 +117,10 @@ FACTORIES: dict[str, Callable[[], Starlette]] = {
     "bare": bare,
     "guard": guard,
     "ratelimit": ratelimit,
+    "logger": logger,
+    "fingerprint": fingerprint,
+    "apikeys": apikeys,
+    "botdetection": botdetection,
     "slowapi-asgi": lambda: _slowapi(asgi=True),
     "slowapi-basehttp": lambda: _slowapi(asgi=False),
 }
