@@ -13,6 +13,7 @@ reports usage with `report_usage(environ["convex_guard.scope"], model=…, token
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from http import HTTPStatus
 from typing import Any
 
 from ._bridge import SCOPE_KEY, GuardBridge, Outcome, scope_from_environ
@@ -21,13 +22,6 @@ from .middleware.guard import GuardSettings
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
-
-_REASONS = {
-    401: "Unauthorized",
-    403: "Forbidden",
-    429: "Too Many Requests",
-    503: "Service Unavailable",
-}
 
 
 def guard_scope(environ: Mapping[str, Any]) -> MutableMapping[str, Any]:
@@ -86,7 +80,10 @@ class GuardWSGIMiddleware:
 
         outcome: Outcome[Iterable[bytes]] = self.bridge.run(scope, call_app)
         if not outcome.called:
-            reason = _REASONS.get(outcome.status, "Error")
+            try:
+                reason = HTTPStatus(outcome.status).phrase
+            except ValueError:
+                reason = "Error"
             start_response(f"{outcome.status} {reason}", outcome.headers)
             return [outcome.body]
         status, headers, exc_info = captured["args"]
