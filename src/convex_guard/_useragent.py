@@ -412,9 +412,9 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         # Padding must not hide a known agent: classify both ends (bounded work), so
         # "GPTBot/1.2" followed by 10 kB of junk is still an AI crawler, blocked as one.
         for end in (ua[:MAX_LENGTH], ua[-MAX_LENGTH:]):
-            verdict = classify_user_agent_uncached(end)
-            if verdict.is_bot and verdict.category != "suspicious":
-                return verdict
+            found = classify_user_agent_uncached(end)
+            if found.is_bot and found.category != "suspicious":
+                return found
         return _SUSPICIOUS
     tokens = _tokens(lowered)
     if not tokens:  # not a single ASCII letter
