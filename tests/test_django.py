@@ -35,7 +35,12 @@ from convex_guard import (  # noqa: E402
     MemoryStore,
     _loopthread,
 )
-from convex_guard.django import DjangoGuardMiddleware, close_all, guard_settings  # noqa: E402
+from convex_guard.django import (  # noqa: E402
+    DjangoGuardMiddleware,
+    _instances,
+    close_all,
+    guard_settings,
+)
 
 from .conftest import serve  # noqa: E402
 from .e2e_checks import (  # noqa: E402
@@ -113,6 +118,7 @@ def test_native_middleware_async_under_uvicorn() -> None:
     key = create_key(store)
     with override_settings(MIDDLEWARE=NATIVE, CONVEX_GUARD=guard_config(store)):
         handler = ASGIHandler()
+    assert _instances[-1].is_async  # Django drives it as a coroutine under ASGI
     with serve(handler, proxy_headers=False) as server:
         exercise(server.url, key)
     close_all()

@@ -299,3 +299,27 @@ def test_uvicorn_refuses_to_start_a_wrong_order() -> None:
 def test_guard_middleware_starts_cleanly() -> None:
     sent = asyncio.run(run_lifespan(GuardMiddleware(Starlette(), store=MemoryStore())))
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+def test_parts_can_be_turned_off() -> None:
+    guard = GuardMiddleware(
+        Starlette(), store=MemoryStore(), rules=(), key_routes=(), bot_detection=False
+    )
+    layers = []
+    layer: Any = guard.guard.app
+    while hasattr(layer, "writer") or hasattr(layer, "trusted"):
+        layers.append(type(layer).__name__)
+        layer = layer.app
+    assert layers == ["RequestLoggerMiddleware", "FingerprintMiddleware"]
+    sent = asyncio.run(run_lifespan(guard))
+    assert sent[0]["type"] == "lifespan.startup.complete"
+
+
+def test_bot_detection_without_rules_decides_on_its_own() -> None:
+    store = CountingStore()
+    guard = GuardMiddleware(Starlette(), store=store, rules=())
+    bot = guard.guard.app.app.app.app  # logger → fingerprint → keys → bot
+    assert isinstance(bot, BotDetectionMiddleware) and bot.defer is False
+    with serve(guard, proxy_headers=False) as server:
+        blocked = httpx.post(server.url + "/api/ai/openai/chat", headers={"user-agent": GPTBOT})
+    assert blocked.status_code == 403 and store.calls == ["check"]
