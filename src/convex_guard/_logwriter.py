@@ -153,13 +153,15 @@ class LogWriter:
     def _started(self) -> None:
         """Start the flusher lazily, in the running loop (for apps without lifespan)."""
         task = self._task
-        if self._closed or (task is not None and not task.done()):
+        if self._closed:
             return
         try:
-            asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop yet: `start()` or the next row will do it
-        self.start_nowait()
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self.start_nowait()  # first row, or a new loop (the old one's task died with it)
 
     def start_nowait(self) -> None:
         loop = asyncio.get_running_loop()

@@ -144,7 +144,9 @@ class MemoryStore:
         self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
     ) -> CheckResult:
         for request in limits:
-            check_count(request.name, request.config, request.count, request.reserve)
+            count = request.count
+            if request.reserve or not 0 <= count <= request.config.max:
+                check_count(request.name, request.config, count, request.reserve)
         if bot is not None and bot.limit is not None:
             check_count(bot.limit.name, bot.limit.config, bot.limit.count, bot.limit.reserve)
         now = self._clock()

@@ -16,6 +16,7 @@ from ._errors import ConfigurationError
 from ._limits import LimitConfig, LimitResult, check_count
 from ._presets import AI_PROVIDERS, seed_limits
 from ._settings import GuardEnvironment
+from ._store import LimitRequest
 
 KeyKind = Literal["global", "ip", "user", "api_key", "fingerprint"]
 #: A key function gets the request and returns the limit's key, or None to skip the rule.
@@ -67,6 +68,7 @@ class Rule:
     _matches_path: Callable[[str], bool] = field(init=False, repr=False, compare=False)
     _methods: frozenset[str] | None = field(init=False, repr=False, compare=False)
     policy_header: str = field(init=False, repr=False, compare=False)
+    _fixed_request: LimitRequest | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -85,6 +87,12 @@ class Rule:
         object.__setattr__(self, "_methods", methods)
         object.__setattr__(self, "_matches_path", _path_matcher(self.path))
         window = max(1, math.ceil(self.config.period / 1000))
+        fixed = (
+            LimitRequest(self.name, self.config, None, self.count)
+            if self.key == "global" and not callable(self.count)
+            else None
+        )
+        object.__setattr__(self, "_fixed_request", fixed)
         object.__setattr__(
             self,
             "policy_header",
@@ -93,6 +101,24 @@ class Rule:
 
     def matches(self, path: str, method: str) -> bool:
         return (self._methods is None or method in self._methods) and self._matches_path(path)
+
+    def limit_request(
+        self, scope: MutableMapping[str, Any], ctx: GuardContext, request: Callable[[], Request]
+    ) -> LimitRequest | None:
+        """What this rule asks of the store for this request, or None if it does not apply.
+
+        A global rule with a constant cost asks the same thing every time: built once.
+        """
+        fixed = self._fixed_request
+        if fixed is not None:
+            return fixed
+        applies, key = self.resolve_key(scope, ctx, request)
+        if not applies:
+            return None
+        count = self.count
+        return LimitRequest(
+            self.name, self.config, key, count(request()) if callable(count) else count
+        )
 
     def resolve_key(
         self, scope: MutableMapping[str, Any], ctx: GuardContext, request: Callable[[], Request]

@@ -94,8 +94,7 @@ class RateLimitMiddleware:
         limits: list[LimitRequest] = []
         for rule in matched:
             try:
-                applies, key = rule.resolve_key(scope, ctx, get_request)
-                count = rule.cost(get_request) if applies else 0.0
+                wanted = rule.limit_request(scope, ctx, get_request)
             except Exception:
                 # A bug in the app's key or cost function: its fail policy decides.
                 logger.exception("Rate-limit rule %r: key or cost function failed", rule.name)
@@ -103,9 +102,9 @@ class RateLimitMiddleware:
                     await self._unavailable(scope, receive, send, ctx)
                     return
                 continue
-            if applies:
+            if wanted is not None:
                 rules.append(rule)
-                limits.append(LimitRequest(rule.name, rule.config, key, count))
+                limits.append(wanted)
         if not rules and pending is None:
             await self.app(scope, receive, send)
             return
