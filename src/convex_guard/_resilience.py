@@ -84,6 +84,14 @@ class CircuitBreaker:
         self._opened_at = None
         self._probing = False
 
+    def abandoned(self) -> None:
+        """A call ended with no outcome (cancelled, e.g. by the caller's own timeout).
+
+        It says nothing about the store, but a probe must not stay claimed forever, or the
+        circuit could never close again.
+        """
+        self._probing = False
+
     def failed(self) -> None:
         self._failures += 1
         if self._probing or self._failures >= self.threshold:
@@ -135,9 +143,21 @@ class ResilientStore:
     async def _guarded(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         if not self.breaker.allow():
             raise CircuitOpenError(f"{what}: store circuit open (failing fast)")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with asyncio.timeout(self.timeout):
                 result = await call()
+        except asyncio.CancelledError:
+            # The caller gave up. A middleware's own timeout (often the same as ours, and
+            # started first) lands here instead of in TimeoutError below: a call that had
+            # used most of its time counts as a slow store; a quicker one (the client went
+            # away) judges nothing, but frees the probe it may hold.
+            if loop.time() - started >= self.timeout / 2:
+                self.breaker.failed()
+            else:
+                self.breaker.abandoned()
+            raise
         except TimeoutError:
             self.breaker.failed()
             raise StoreTimeoutError(f"{what}: no answer within {self.timeout} s") from None
