@@ -69,13 +69,10 @@ def main(argv: list[str] | None = None) -> str:
         times: dict[str, list[float]] = {name: [] for name in variants}
         for app in apps.values():
             await per_request_us(app, 200)  # warm caches and lazy starts
-        gc.disable()
-        try:
-            for _ in range(args.rounds):
-                for name, app in apps.items():
-                    times[name].append(await per_request_us(app, args.requests))
-        finally:
-            gc.enable()
+        for _ in range(args.rounds):
+            for name, app in apps.items():
+                gc.collect()
+                times[name].append(await per_request_us(app, args.requests))
         return times
 
     times = asyncio.run(run())

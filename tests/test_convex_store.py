@@ -30,6 +30,8 @@ from convex_guard.cli import main
 
 from .conftest import ConvexTestServer
 
+FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -166,3 +168,55 @@ def test_cli_watch_needs_a_deployment() -> None:
     err = io.StringIO()
     assert main(["watch"], store=MemoryStore(), stderr=err) == 1
     assert "needs a Convex deployment" in err.getvalue()
+
+
+def test_guard_on_env_convex_is_resilient_and_shares_state(
+    convex_server: ConvexTestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GuardMiddleware with the environment naming Convex: wrapped, and rows land in Convex."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from convex_guard import GuardMiddleware, GuardSettings, ResilientStore, report_usage
+    from convex_guard.middleware.guard import resolve_store
+
+    from .conftest import serve
+
+    convex_server.reset()
+    monkeypatch.setenv("CONVEX_SELF_HOSTED_URL", convex_server.url)
+    monkeypatch.setenv("CONVEX_SELF_HOSTED_ADMIN_KEY", convex_server.admin_key)
+    store, owned = resolve_store("env", GuardEnvironment())
+    assert owned and isinstance(store, ResilientStore) and isinstance(store.primary, ConvexStore)
+    assert store.fallback is not None
+    asyncio.run(store.close())
+
+    async def chat(request: Request) -> PlainTextResponse:
+        report_usage(request, model="m", tokens=5)
+        return PlainTextResponse("hi")
+
+    app = Starlette(routes=[Route("/api/ai/openai/chat", chat, methods=["POST"])])
+    app.add_middleware(GuardMiddleware, settings=GuardSettings(writer_interval=0.1))
+    with serve(app) as server:
+        import httpx
+
+        response = httpx.post(server.url + "/api/ai/openai/chat", headers={"user-agent": "x/1"})
+        assert response.status_code in (200, 429)  # "x/1" is flagged; the row is what counts
+        ok = httpx.post(
+            server.url + "/api/ai/openai/chat",
+            headers={"user-agent": FIREFOX},
+        )
+        assert ok.status_code == 200 and "RateLimit" in ok.headers
+
+    async def read() -> tuple[int, int]:
+        reader = ConvexStore(convex_server.url, convex_server.admin_key)
+        try:
+            now = time_.time() * 1000
+            stats = await reader.provider_stats("openai", now - 60_000, now + 1_000)
+        finally:
+            await reader.close()
+        return stats.total_requests, stats.total_tokens
+
+    requests, tokens = asyncio.run(read())
+    assert requests == 2 and tokens >= 5

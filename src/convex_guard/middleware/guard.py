@@ -70,6 +70,8 @@ class GuardSettings:
     - `ai_path`, `embeddings_path`: what the request log records.
     - `timeout`: seconds any store call on the request path may take; `fail`: the bot check's
       policy when the store cannot answer, and the preset rules' (a rule you pass keeps its own).
+    - `store_fallback`: with the env-configured Convex store, decide limits in this process
+      while the deployment is down (on by default; off leaves it to each rule's fail policy).
     - `writer_*`: the shared log writer's batching, and the cap on its retry backoff while
       the store is down (`writer_max_backoff` seconds: how soon rows flow after recovery).
       A `ResilientStore` without `on_outage_events` gets the writer's `add`, so bot events
@@ -97,6 +99,7 @@ class GuardSettings:
     writer_interval: float = DEFAULT_INTERVAL
     writer_max_buffer: int = DEFAULT_MAX_BUFFER
     writer_max_backoff: float = DEFAULT_MAX_BACKOFF
+    store_fallback: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.store, str) and self.store not in ("env", "memory", "convex"):
@@ -134,14 +137,26 @@ class GuardSettings:
         return dataclasses.replace(self, **options)
 
 
-def resolve_store(choice: Store | StoreChoice, env: GuardEnvironment) -> tuple[Store, bool]:
-    """The store to use, and whether the guard created it (and so closes it at shutdown)."""
+def resolve_store(
+    choice: Store | StoreChoice,
+    env: GuardEnvironment,
+    *,
+    timeout: float = 0.5,
+    fallback: bool = True,
+) -> tuple[Store, bool]:
+    """The store to use, and whether the guard created it (and so closes it at shutdown).
+
+    A Convex deployment named by the environment comes wrapped in a `ResilientStore`: calls
+    are bounded by `timeout`, a circuit breaker stops paying it while the deployment is down,
+    and (with `fallback`) limits are decided in this process meanwhile.
+    """
     if not isinstance(choice, str):
         return choice, False
     if choice == "convex" or (choice == "env" and env.deployment_url):
         from .._convex import ConvexStore
 
-        return ConvexStore.from_env(env), True
+        convex = ConvexStore.from_env(env)
+        return ResilientStore(convex, timeout=timeout, use_fallback=fallback), True
     if choice == "env":
         logger.warning(
             "convex-guard: no CONVEX_SELF_HOSTED_URL/CONVEX_URL set; using the in-memory store "
@@ -164,7 +179,9 @@ class GuardStack:
     @classmethod
     def build(cls, app: ASGIApp, settings: GuardSettings) -> GuardStack:
         env = load_environment()
-        store, owns = resolve_store(settings.store, env)
+        store, owns = resolve_store(
+            settings.store, env, timeout=settings.timeout, fallback=settings.store_fallback
+        )
         writer = LogWriter(
             store,
             batch_size=settings.writer_batch_size,
