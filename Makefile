@@ -44,9 +44,11 @@ convex-deploy: $(NPM_STAMP)
 	@test -n "$$CONVEX_SELF_HOSTED_ADMIN_KEY" || { echo "set CONVEX_SELF_HOSTED_ADMIN_KEY"; exit 2; }
 	cd convex && npx convex deploy --yes
 
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks.limiter
-	$(BIN)/python -m benchmarks.useragent
+# Benchmarks need wrk (Debian's package) for the HTTP table; installed here when missing.
+bench: $(STAMP) $(NPM_STAMP)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } \
+		|| { echo "install wrk (apt-get install wrk) for the HTTP benchmark"; exit 2; }
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) convex/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -32,11 +32,11 @@ def seed(ua: str) -> object:
     return SEED_RE.search(ua)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--loops", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     rows = load_labelled()
     groups = {
