@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from convex_guard import MINUTE, FixedWindow, LimitRequest, MemoryStore, TokenBucket
+from convex_guard import (
+    MINUTE,
+    ConfigurationError,
+    FixedWindow,
+    LimitRequest,
+    MemoryStore,
+    TokenBucket,
+)
 from convex_guard._store import BotCheck
 
 
@@ -105,3 +112,13 @@ async def test_policy_action_is_never_softened_by_history() -> None:
 def test_max_rows_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_rows"):
         MemoryStore(max_rows=0)
+
+
+async def test_a_count_no_waiting_could_admit_is_refused_naming_the_limit() -> None:
+    store = MemoryStore(clock=Clock())
+    config = TokenBucket(rate=10, period=MINUTE, capacity=5)
+    with pytest.raises(ConfigurationError, match=r"exceeds capacity 5.*'tokens'"):
+        await store.limit("tokens", config, count=6)
+    with pytest.raises(ConfigurationError, match=">= 0"):
+        await store.limit("tokens", config, count=-1)
+    assert (await store.limit("tokens", config, count=6, reserve=True)).ok  # may queue ahead

@@ -121,23 +121,25 @@ class LimitResult:
     reset_after: float
 
 
-def check_count(name: str, config: LimitConfig, count: float, reserve: bool) -> None:
+def check_count(name: str | None, config: LimitConfig, count: float, reserve: bool) -> None:
     """Reject a request that no amount of waiting could satisfy, as the component does.
 
-    A silent deny would retry forever; a raise surfaces the misconfiguration at once.
+    A silent deny would retry forever; a raise surfaces the misconfiguration at once. Every
+    decider runs this for a count outside [0, capacity], so no store can skip it.
     """
+    limit = f"Rate limit {name!r}" if name else "Rate limit"
     if count < 0 or not math.isfinite(count):
-        raise ConfigurationError(f"Rate limit {name!r}: count must be a finite number >= 0")
+        raise ConfigurationError(f"{limit}: count must be a finite number >= 0")
     cap = config.max
     if reserve:
         if config.max_reserved is not None and count > cap + config.max_reserved:
             raise ConfigurationError(
-                f"Rate limit {name!r}: count {count:g} exceeds capacity plus max_reserved "
+                f"{limit}: count {count:g} exceeds capacity plus max_reserved "
                 f"({cap + config.max_reserved:g}); it could never be admitted"
             )
     elif count > cap:
         raise ConfigurationError(
-            f"Rate limit {name!r}: count {count:g} exceeds capacity {cap:g}; "
+            f"{limit}: count {count:g} exceeds capacity {cap:g}; "
             "it could never be admitted (use reserve=True to queue ahead)"
         )
 
@@ -198,6 +200,8 @@ def _compile(config: LimitConfig) -> Decider:
         per_ms = rate / period
 
         def token_bucket(cell: StateCell, now: float, count: float, reserve: bool) -> LimitResult:
+            if not 0 <= count <= cap:
+                check_count(None, config, count, reserve)
             value, ts = cell
             available = value + (now - ts) * per_ms
             if available > cap:
@@ -215,6 +219,8 @@ def _compile(config: LimitConfig) -> Decider:
         return token_bucket
 
     def fixed_window(cell: StateCell, now: float, count: float, reserve: bool) -> LimitResult:
+        if not 0 <= count <= cap:
+            check_count(None, config, count, reserve)
         value, ts = cell
         windows = (now - ts) // period
         available = value + rate * windows

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from ._errors import ConfigurationError
 from ._limits import (
     LimitConfig,
     LimitResult,
@@ -126,16 +127,17 @@ class MemoryStore:
         count: float = 1,
         reserve: bool = False,
     ) -> LimitResult:
-        if reserve or not 0 <= count <= config.max:
-            check_count(name, config, count, reserve)
         now = _time() * 1000.0 if self._wall else self._clock()
-        states = self._limits.get(name)
-        if states is not None:
-            cell = states.get(key)
-            if cell is not None:
-                return config.decider(cell, now, count, reserve)
-        cell = list(initial_state(config, now, self._random))
-        result = config.decider(cell, now, count, reserve)
+        try:  # the decider itself refuses a count that no waiting could admit
+            states = self._limits.get(name)
+            if states is not None:
+                cell = states.get(key)
+                if cell is not None:
+                    return config.decider(cell, now, count, reserve)
+            cell = list(initial_state(config, now, self._random))
+            result = config.decider(cell, now, count, reserve)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{exc} (limit {name!r})") from None
         if result.ok:
             self._insert(name, key, cell, config, now, now + result.reset_after)
         return result
