@@ -1,6 +1,6 @@
 """MemoryStore decisions beside the `limits` library, measured interleaved in one run.
 
-Run: `make bench-limiter` (or `.venv/bin/python -m benchmarks.limiter`). Prints ops/s for one hot
+Run: `make bench` (all) or `.venv/bin/python -m benchmarks.limiter`. Prints ops/s for one hot
 key and for 100,000 distinct keys, the ratio to `limits`' FixedWindowRateLimiter on its
 MemoryStorage measured in the same rounds, and the peak memory per live key.
 """
@@ -74,28 +74,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ops", type=int, default=300_000)
     args = parser.parse_args(argv)
 
-    cases: dict[str, list[str]] = {
-        "1 key": ["hot"],
-        "100,000 keys": [f"client-{i}" for i in range(100_000)],
+    many = [f"client-{i}" for i in range(100_000)]
+    # (keys, decisions): one hot key; 100,000 clients making 3 and 10 requests each (the first
+    # request of each client creates its state, so the share of creations differs).
+    cases: dict[str, tuple[list[str], int]] = {
+        "1 key": (["hot"], args.ops),
+        "100,000 keys x 3": (many, 300_000),
+        "100,000 keys x 10": (many, 1_000_000),
     }
     contenders: dict[str, Callable[[list[str], int], float]] = {
         "limits FixedWindowRateLimiter": bench_limits,
         "convex_guard MemoryStore": bench_memory_store,
     }
-    print(f"{args.rounds} interleaved rounds of {args.ops:,} decisions each\n")
-    print(f"| case | {' | '.join(contenders)} | ratio (median of per-round ratios) |")
-    print(f"|---|{'---:|' * len(contenders)}---:|")
-    for case, keys in cases.items():
+    print(f"{args.rounds} interleaved rounds per case\n")
+    print(f"| case | decisions | {' | '.join(contenders)} | ratio (median of per-round ratios) |")
+    print(f"|---|---:|{'---:|' * len(contenders)}---:|")
+    for case, (keys, ops) in cases.items():
         rates: dict[str, list[float]] = {name: [] for name in contenders}
         ratios: list[float] = []
         for _ in range(args.rounds):
             for name, fn in contenders.items():
                 gc.collect()
-                rates[name].append(fn(keys, args.ops))
+                rates[name].append(fn(keys, ops))
             base, ours = (rates[name][-1] for name in contenders)
             ratios.append(ours / base)
         medians = " | ".join(f"{statistics.median(r):,.0f} ops/s" for r in rates.values())
-        print(f"| {case} | {medians} | {statistics.median(ratios):.2f}x |")
+        print(f"| {case} | {ops:,} | {medians} | {statistics.median(ratios):.2f}x |")
     print(f"\npeak memory per live key (100,000 keys): {peak_bytes_per_key(100_000):.0f} bytes")
 
 
