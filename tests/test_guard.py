@@ -35,6 +35,7 @@ from convex_guard import (
     MemoryStore,
     RateLimitMiddleware,
     RequestLoggerMiddleware,
+    ResilientStore,
     Rule,
     report_usage,
 )
@@ -216,7 +217,9 @@ def test_store_from_environment(
     monkeypatch.setenv("CONVEX_SELF_HOSTED_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("CONVEX_SELF_HOSTED_ADMIN_KEY", "secret-admin-key")
     convex = GuardMiddleware(PlainTextResponse("x"))
-    assert isinstance(convex.store, ConvexStore)
+    # The deployment comes wrapped: bounded calls, a circuit breaker, local limits in an outage.
+    assert isinstance(convex.store, ResilientStore)
+    assert isinstance(convex.store.primary, ConvexStore)
     assert "secret-admin-key" not in repr(convex.store)
     asyncio.run(convex.store.close())
 

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import cast
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -31,6 +32,8 @@ DEFAULT_TIMEOUT = 0.5
 MAX_HEADER_BYTES = 1024
 FAILED_AUTH = "failedAuth"
 REALM = 'Bearer realm="convex-guard"'
+_ROUTE_CACHE_SIZE = 1024
+_UNSEEN = object()
 
 Clock = Callable[[], float]
 
@@ -165,6 +168,8 @@ class ApiKeyMiddleware:
         self.app = app
         self.store = store
         self.routes = tuple(routes)
+        # Which route (or none) a (method, path) falls under: the same few come back.
+        self._routes_for: dict[tuple[str, str], KeyRoute | object | None] = {}
         self.writer = writer if writer is not None else LogWriter.for_store(store)
         self.cache_ttl = cache_ttl
         self.cache_size = cache_size
@@ -189,9 +194,24 @@ class ApiKeyMiddleware:
             return
         path: str = scope["path"]
         method: str = scope["method"]
-        route = next((r for r in self.routes if r.matches(path, method)), None)
+        found = self._routes_for.get((method, path), _UNSEEN)
+        if found is _UNSEEN:
+            found = next((r for r in self.routes if r.matches(path, method)), None)
+            if len(self._routes_for) >= _ROUTE_CACHE_SIZE:
+                self._routes_for.clear()  # many distinct paths: memory stays bounded
+            self._routes_for[(method, path)] = found
+        route = cast(KeyRoute | None, found)
         if route is None:
             await self.app(scope, receive, send)
+            return
+
+        raw: str | _Malformed | None
+        try:
+            raw = _presented_key(scope)
+        except _Malformed as exc:
+            raw = exc
+        if raw is None and not route.required:
+            await self.app(scope, receive, send)  # anonymous, where a key is optional
             return
 
         ctx = guard_context(scope)
@@ -200,17 +220,12 @@ class ApiKeyMiddleware:
         # Failed attempts are counted per client key (an IPv6 client's /64 when the fingerprint
         # middleware runs), so a guesser cannot reset the count by hopping addresses.
         client = ctx.client_key or ip
-        try:
-            raw = _presented_key(scope)
-        except _Malformed as exc:
-            self._bad_input.warning("API key refused from %s on %s: %s", ip, path, exc)
+        if isinstance(raw, _Malformed):
+            self._bad_input.warning("API key refused from %s on %s: %s", ip, path, raw)
             await self._fail(scope, receive, send, ctx, ip, now, NO_KEY, 401, "invalid_token")
             return
         if raw is None:
-            if route.required:
-                await self._fail(scope, receive, send, ctx, ip, now, NO_KEY, 401, None)
-            else:
-                await self.app(scope, receive, send)
+            await self._fail(scope, receive, send, ctx, ip, now, NO_KEY, 401, None)
             return
 
         key_hash = hash_key(raw)
