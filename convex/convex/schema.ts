@@ -3,42 +3,29 @@
 // The rate limiter component keeps its own tables (see convex.config.ts).
 import { defineSchema, defineTable } from "convex/server";
 import { v } from "convex/values";
-import {
-  vBotAction,
-  vDetectionType,
-  vMetadata,
-} from "./lib/validators";
+import { vAIRequest, vAuthFailure, vBotEvent, vEmbeddingRequest } from "./lib/validators";
+
+// The sums a provider rollup keeps, per minute or per hour.
+const rollup = {
+  provider: v.string(),
+  requests: v.number(),
+  successes: v.number(),
+  latencySum: v.number(),
+  tokens: v.number(),
+  cost: v.number(),
+};
 
 export default defineSchema({
   // ---- AI services ------------------------------------------------------------------------
-  aiRequestLogs: defineTable({
-    timestamp: v.number(),
-    provider: v.string(),
-    model: v.string(),
-    // The seed's v.id("users") names a table that does not exist: the app's user id, as is.
-    userId: v.optional(v.string()),
-    fingerprint: v.string(),
-    ip: v.string(),
-    success: v.boolean(),
-    error: v.optional(v.string()),
-    tokensUsed: v.optional(v.number()),
-    latencyMs: v.number(),
-    cost: v.optional(v.number()),
-  })
+  // Row shapes live in lib/validators.ts, shared with the functions that write them. The seed's
+  // userId: v.id("users") names a table that does not exist: the app's user id, as a string;
+  // its metadata: v.any() is narrowed to flat JSON-like values (what the Python side sends).
+  aiRequestLogs: defineTable(vAIRequest)
     .index("by_timestamp", ["timestamp"])
     .index("by_provider", ["provider", "timestamp"])
     .index("by_fingerprint", ["fingerprint", "timestamp"]),
 
-  botDetectionEvents: defineTable({
-    timestamp: v.number(),
-    fingerprint: v.string(),
-    ip: v.string(),
-    userAgent: v.string(),
-    detectionType: vDetectionType,
-    action: vBotAction,
-    // The seed's v.any(), narrowed to flat JSON-like metadata (what the Python side sends).
-    metadata: v.optional(vMetadata),
-  })
+  botDetectionEvents: defineTable(vBotEvent)
     .index("by_timestamp", ["timestamp"])
     .index("by_fingerprint", ["fingerprint", "timestamp"]),
 
@@ -77,26 +64,11 @@ export default defineSchema({
     .index("by_key_hash", ["keyHash"])
     .index("by_user", ["userId"]),
 
-  embeddingRequests: defineTable({
-    requestId: v.string(),
-    apiKeyHash: v.string(),
-    timestamp: v.number(),
-    batchSize: v.number(),
-    latencyMs: v.number(),
-    tokensUsed: v.number(),
-    success: v.boolean(),
-    error: v.optional(v.string()),
-    model: v.string(),
-  })
+  embeddingRequests: defineTable(vEmbeddingRequest)
     .index("by_timestamp", ["timestamp"])
     .index("by_api_key", ["apiKeyHash", "timestamp"]),
 
-  embeddingAuthFailures: defineTable({
-    keyHash: v.string(),
-    timestamp: v.number(),
-    ip: v.optional(v.string()),
-    userAgent: v.optional(v.string()),
-  })
+  embeddingAuthFailures: defineTable(vAuthFailure)
     .index("by_key", ["keyHash", "timestamp"])
     // For retention: the seed's only index leads with the key.
     .index("by_timestamp", ["timestamp"]),
@@ -104,29 +76,13 @@ export default defineSchema({
   // ---- Scale ----------------------------------------------------------------------------------
   // One row per provider per minute (`minute` = epoch ms at the minute's start), kept up to
   // date with every aiRequestLogs insert, so stats over a day read ~1440 rows, not every log.
-  providerRollups: defineTable({
-    provider: v.string(),
-    minute: v.number(),
-    requests: v.number(),
-    successes: v.number(),
-    latencySum: v.number(),
-    tokens: v.number(),
-    cost: v.number(),
-  })
+  providerRollups: defineTable({ ...rollup, minute: v.number() })
     .index("by_provider_minute", ["provider", "minute"])
     .index("by_minute", ["minute"]),
 
   // The same per provider per hour (`hour` = epoch ms at the hour's start): a 30-day range
   // reads ~720 of these plus at most two partial hours of minute rollups.
-  providerHourlyRollups: defineTable({
-    provider: v.string(),
-    hour: v.number(),
-    requests: v.number(),
-    successes: v.number(),
-    latencySum: v.number(),
-    tokens: v.number(),
-    cost: v.number(),
-  })
+  providerHourlyRollups: defineTable({ ...rollup, hour: v.number() })
     .index("by_provider_hour", ["provider", "hour"])
     .index("by_hour", ["hour"]),
 

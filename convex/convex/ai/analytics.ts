@@ -5,6 +5,7 @@ import { internalMutation, internalQuery, type QueryCtx } from "../_generated/se
 import { recordBotEvent } from "../lib/bots";
 import { HOUR, insertAIRequests, MINUTE } from "../lib/logs";
 import {
+  vAIRequest,
   vBotAction,
   vBotEvent,
   vDetectionType,
@@ -21,19 +22,7 @@ export const BOT_EVENTS_CAP = 1000;
 
 /** Log one AI request (the seed's function); `timestamp` defaults to now. */
 export const logAIRequest = internalMutation({
-  args: {
-    timestamp: v.optional(v.number()),
-    provider: v.string(),
-    model: v.string(),
-    userId: v.optional(v.string()),
-    fingerprint: v.string(),
-    ip: v.string(),
-    success: v.boolean(),
-    error: v.optional(v.string()),
-    tokensUsed: v.optional(v.number()),
-    latencyMs: v.number(),
-    cost: v.optional(v.number()),
-  },
+  args: { ...vAIRequest.fields, timestamp: v.optional(v.number()) },
   returns: v.null(),
   handler: async (ctx, args) => {
     await insertAIRequests(ctx, [{ ...args, timestamp: args.timestamp ?? Date.now() }]);
