@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from convex_guard._useragent import classify_user_agent_uncached
+from convex_guard._useragent import _TAG_CATEGORY, classify_user_agent_uncached
 
 LABELLED = Path(__file__).resolve().parent.parent / "tests" / "data" / "user_agents.csv"
 SEED_RE = re.compile(
@@ -18,15 +18,6 @@ SEED_RE = re.compile(
     r"ChatGPT|CCBot|anthropic-ai|PerplexityBot",
     re.IGNORECASE,
 )
-TAG_CATEGORY = {
-    "ai-crawler": "ai_crawler",
-    "browser-automation": "headless",
-    "scanner": "scanner",
-    "social-preview": "preview",
-    "monitoring": "monitor",
-    "search-engine": "search_engine",
-    "http-library": "http_library",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +57,7 @@ def load_crawler_instances() -> list[tuple[str, str, str]]:
     text = (resources.files("crawleruseragents") / "crawler-user-agents.json").read_text("utf-8")
     rows = []
     for entry in json.loads(text):
-        tags = [TAG_CATEGORY.get(t, "other_bot") for t in entry.get("tags", ())] or ["other_bot"]
+        tags = [_TAG_CATEGORY.get(t, "other_bot") for t in entry.get("tags", ())] or ["other_bot"]
         for instance in entry["instances"]:
             rows.append((tags[0], entry["pattern"], instance))
     return rows
