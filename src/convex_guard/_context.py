@@ -65,12 +65,10 @@ class PendingBot:
 
 def guard_context(scope: MutableMapping[str, Any]) -> GuardContext:
     """The request's guard context, created on first use (every middleware asks for it)."""
-    try:
-        return cast(GuardContext, scope["state"][STATE_KEY])
-    except KeyError:
-        pass
     state = scope.get("state")
     if state is None:
         state = scope["state"] = {}
-    ctx = state[STATE_KEY] = GuardContext()
-    return ctx
+    ctx = state.get(STATE_KEY)
+    if ctx is None:
+        ctx = state[STATE_KEY] = GuardContext()
+    return cast(GuardContext, ctx)

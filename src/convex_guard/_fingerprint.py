@@ -22,9 +22,13 @@ DEFAULT_FIELDS: Final[tuple[bytes, ...]] = (
 
 @lru_cache(maxsize=64)
 def _layout(fields: tuple[bytes, ...]) -> tuple[dict[bytes, int], tuple[bytes, ...]]:
-    # Built once per configured field list, not per request.
-    index = {name.lower(): position for position, name in enumerate(fields)}
-    return index, tuple(name.lower() + b":" for name in fields)
+    # Built once per configured field list, not per request: where each field's value goes in
+    # the output, and the output with every value empty (b"name:" then b"" then b"\n" ...).
+    index = {name.lower(): 3 * position + 1 for position, name in enumerate(fields)}
+    template: list[bytes] = []
+    for name in fields:
+        template += [name.lower() + b":", b"", b"\n"]
+    return index, tuple(template)
 
 
 _DEFAULT_LAYOUT: Final = _layout(DEFAULT_FIELDS)
@@ -38,28 +42,27 @@ def canonical_form(
     One line ``name:value`` per configured field, in the configured order (not arrival order, so
     header order cannot change the fingerprint), names lower-cased; a value is stripped of
     surrounding whitespace, repeated headers are joined with ``", "`` in arrival order (as
-    RFC 9110 allows a recipient to combine them) and a missing field gives an empty value. Values
+    RFC 9110 allows a recipient to combine them; an empty value adds nothing) and a missing field
+    gives an empty value. Values
     stay bytes: nothing is decoded, so bytes that are not UTF-8 cannot raise.
     """
     if fields is DEFAULT_FIELDS:
-        index, prefixes = _DEFAULT_LAYOUT
+        index, template = _DEFAULT_LAYOUT
     else:
-        index, prefixes = _layout(tuple(fields))
-    values: list[bytes | None] = [None] * len(prefixes)
+        index, template = _layout(tuple(fields))
+    parts = list(template)  # runs once per request: filling a copy beats building lines
     for name, value in headers:
-        position = index.get(name)
-        if position is None:
+        slot = index.get(name)
+        if slot is None:
             if name.islower():  # ASGI names are lower-case: the common miss costs no copy
                 continue
-            position = index.get(name.lower())
-            if position is None:
+            slot = index.get(name.lower())
+            if slot is None:
                 continue
-        seen = values[position]
+        seen = parts[slot]
         value = value.strip()
-        values[position] = value if seen is None else seen + b", " + value
-    return b"".join(
-        [prefix + (value or b"") + b"\n" for prefix, value in zip(prefixes, values, strict=True)]
-    )
+        parts[slot] = seen + b", " + value if seen else value
+    return b"".join(parts)
 
 
 def fingerprint(

@@ -94,6 +94,7 @@ class LogWriter:
         self._rows: deque[Row] = deque()
         self._usage: dict[str, KeyUsage] = {}
         self._pending: LogBatch | None = None  # taken from the buffer, not yet accepted
+        self._pending_rows = 0
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._lock: asyncio.Lock | None = None
@@ -116,13 +117,12 @@ class LogWriter:
     @property
     def buffered(self) -> int:
         """Rows waiting, including a batch being retried."""
-        pending = self._pending
-        in_pending = 0 if pending is None else _batch_rows(pending)
-        return len(self._rows) + len(self._usage) + in_pending
+        return len(self._rows) + len(self._usage) + self._pending_rows
 
     # -- adding rows (sync: called on the request path) --------------------------------------
     def add(self, row: Row) -> None:
-        if self.buffered >= self.max_buffer:
+        rows = self._rows
+        if len(rows) + len(self._usage) + self._pending_rows >= self.max_buffer:
             self.dropped += 1
             self._overflow.warning(
                 "Log buffer full (%d rows): dropped a %s row (%d dropped so far)",
@@ -131,9 +131,13 @@ class LogWriter:
                 self.dropped,
             )
             return
-        self._rows.append(row)
-        self._started()
-        if len(self._rows) >= self.batch_size and self._wake is not None:
+        rows.append(row)
+        task = self._task
+        # The flusher runs in the loop rows arrive on; a new loop (a new test, a restarted
+        # server) needs a new one. `_get_running_loop` answers None outside a loop, no raise.
+        if task is None or task.done() or self._loop is not asyncio._get_running_loop():
+            self._started()
+        if len(rows) >= self.batch_size and self._wake is not None:
             self._wake.set()
 
     def record_key_usage(self, key_id: str, when: float) -> None:
@@ -202,6 +206,7 @@ class LogWriter:
             self._rows.clear()
             self._usage.clear()
             self._pending = None
+            self._pending_rows = 0
             logger.warning("Log writer: store unavailable at shutdown; %d rows lost", lost)
 
     # -- flushing ------------------------------------------------------------------------------
@@ -245,8 +250,10 @@ class LogWriter:
                     budget -= _batch_rows(batch) - len(batch.key_usage)
                     usage = False
                 self._pending = batch
+                self._pending_rows = _batch_rows(batch)
                 await self._write(batch)
                 self._pending = None
+                self._pending_rows = 0
                 self.batches_written += 1
 
     def _take(self, count: int) -> LogBatch | None:
