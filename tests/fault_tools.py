@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
+
+import httpx
 
 from convex_guard import ConvexStore, LogBatch
 
@@ -16,6 +23,41 @@ BROWSER = (
     "Chrome/131.0.0.0 Safari/537.36"
 )
 UNKNOWN_MODEL = "unknown"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_uvicorn(
+    app: str, env: dict[str, str], *options: str
+) -> tuple[subprocess.Popen[str], str]:
+    """`python -m uvicorn APP` in its own process on a free port, once it answers /health."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", app, "--port", str(port), "--no-access-log", *options],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"uvicorn exited: {process.communicate()[0]}")
+        try:
+            httpx.get(url + "/health", timeout=1)
+            return process, url
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("uvicorn did not start") from None
+            time.sleep(0.1)
 
 
 def chat(model: str) -> dict[str, Any]:

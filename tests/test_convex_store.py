@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 import threading
 import time as time_
 
@@ -29,14 +28,9 @@ from convex_guard import (
 from convex_guard.cli import main
 
 from .conftest import ConvexTestServer
+from .fault_tools import free_port
 
 FIREFOX = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_wrong_admin_key_is_refused_without_echoing_it(

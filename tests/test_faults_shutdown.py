@@ -5,66 +5,27 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 
 from .conftest import ConvexTestServer
-from .fault_tools import BROWSER, chat
+from .fault_tools import BROWSER, chat, start_uvicorn
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_sigterm_mid_load_flushes_every_row(convex_server: ConvexTestServer) -> None:
     convex_server.reset()
-    port = free_port()
     env = {
         **os.environ,
         "CONVEX_SELF_HOSTED_URL": convex_server.url,
         "CONVEX_SELF_HOSTED_ADMIN_KEY": convex_server.admin_key,
-        "PYTHONPATH": str(ROOT),
     }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "tests.shutdown_app:app",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_uvicorn("tests.shutdown_app:app", env)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, process.communicate()[0]
-            try:
-                httpx.get(url + "/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.1)
-
         answered: list[str] = []
         attempted: list[str] = []
         statuses: Counter[int] = Counter()

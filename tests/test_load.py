@@ -8,19 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 
 from .conftest import ConvexTestServer
-from .fault_tools import BROWSER, UNKNOWN_MODEL, chat
-from .test_faults_shutdown import free_port
+from .fault_tools import BROWSER, UNKNOWN_MODEL, chat, start_uvicorn
 
-ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = int(os.environ.get("CONVEX_GUARD_LOAD_REQUESTS", "5000"))
 CLIENTS = 64
 #: What the window admits: well below the request count, so both answers are exercised.
@@ -54,45 +49,16 @@ def test_load_admits_exactly_the_limit_and_logs_every_request(
     convex_server: ConvexTestServer,
 ) -> None:
     convex_server.reset()
-    port = free_port()
     env = {
         **os.environ,
         "CONVEX_SELF_HOSTED_URL": convex_server.url,
         "CONVEX_SELF_HOSTED_ADMIN_KEY": convex_server.admin_key,
-        "PYTHONPATH": str(ROOT),
         "LOAD_LIMIT": str(LIMIT),
         # The window starts now: it cannot roll over during the run.
         "LOAD_WINDOW_START": str(time.time() * 1000),
     }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "tests.load_app:app",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    process, url = start_uvicorn("tests.load_app:app", env, "--log-level", "warning")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, process.communicate()[0]
-            try:
-                httpx.get(url + "/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "uvicorn did not start"
-                time.sleep(0.1)
         statuses, by_model, seconds = asyncio.run(drive(url))
         process.send_signal(signal.SIGTERM)  # flushes the last rows
         output, _ = process.communicate(timeout=60)
