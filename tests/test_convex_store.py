@@ -18,6 +18,7 @@ from convex_guard import (
     ConvexAuthError,
     ConvexFunctionNotFoundError,
     ConvexStore,
+    ConvexValidationError,
     FixedWindow,
     GuardEnvironment,
     LogBatch,
@@ -51,6 +52,15 @@ async def test_missing_function_says_deploy(convex_server: ConvexTestServer) -> 
     try:
         with pytest.raises(ConvexFunctionNotFoundError, match="deploy"):
             await store._call("query", "nope:missing", {})
+    finally:
+        await store.close()
+
+
+async def test_bad_arguments_are_a_validation_error(convex_server: ConvexTestServer) -> None:
+    store = ConvexStore(convex_server.url, convex_server.admin_key)
+    try:
+        with pytest.raises(ConvexValidationError, match=r"guard:check rejected its arguments"):
+            await store._call("mutation", "guard:check", {"limits": "not a list"})
     finally:
         await store.close()
 
