@@ -52,6 +52,11 @@ class _LimitBase(BaseModel):
         return self.capacity if self.capacity is not None else self.rate
 
     @cached_property
+    def fresh(self) -> Callable[[float, Callable[[], float]], StateCell]:
+        """`fresh(now, random)`: a new, full state cell (see `initial_state`)."""
+        return _fresh(self)  # type: ignore[arg-type]
+
+    @cached_property
     def decider(self) -> Decider:
         """This config's decision function, built once with its numbers bound as locals."""
         return _compile(self)  # type: ignore[arg-type]
@@ -146,10 +151,20 @@ def check_count(name: str | None, config: LimitConfig, count: float, reserve: bo
 
 def initial_state(config: LimitConfig, now: float, random: Callable[[], float]) -> LimitState:
     """A full limit; a fixed window's phase is `start` or a random point of the last period."""
+    value, ts = config.fresh(now, random)
+    return (value, ts)
+
+
+def _fresh(config: LimitConfig) -> Callable[[float, Callable[[], float]], StateCell]:
+    # Built once per config, like the decider: a store creates a state for every new key.
+    cap = config.max
     if config.kind == "token bucket":
-        return (config.max, now)
+        return lambda now, random: [cap, now]
     start = config.start
-    return (config.max, start if start is not None else now - random() * config.period)
+    if start is not None:
+        return lambda now, random: [cap, start]
+    period = config.period
+    return lambda now, random: [cap, now - random() * period]
 
 
 def decide(

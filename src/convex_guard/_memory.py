@@ -17,7 +17,6 @@ from ._limits import (
     StateCell,
     check_count,
     full_at,
-    initial_state,
 )
 from ._store import (
     BLOCK_AFTER,
@@ -134,7 +133,7 @@ class MemoryStore:
                 cell = states.get(key)
                 if cell is not None:
                     return config.decider(cell, now, count, reserve)
-            cell = list(initial_state(config, now, self._random))
+            cell = config.fresh(now, self._random)
             result = config.decider(cell, now, count, reserve)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
@@ -176,7 +175,7 @@ class MemoryStore:
                 entry = fresh.get(slot)
                 if entry is None:
                     entry = fresh[slot] = (
-                        list(initial_state(request.config, now, self._random)),
+                        request.config.fresh(now, self._random),
                         request.config,
                     )
                 cell = entry[0]
@@ -208,7 +207,7 @@ class MemoryStore:
             cell = self._cell(request.name, request.key)
             fresh = cell is None
             if cell is None:
-                cell = list(initial_state(request.config, now, self._random))
+                cell = request.config.fresh(now, self._random)
             result = request.config.decider(cell, now, request.count, request.reserve)
             if not result.ok:
                 action = "challenged"
@@ -286,11 +285,7 @@ class MemoryStore:
     async def peek(self, name: str, config: LimitConfig, *, key: str | None = None) -> LimitResult:
         now = self._clock()
         cell = self._cell(name, key)
-        probe = (
-            [cell[0], cell[1]]
-            if cell is not None
-            else list(initial_state(config, now, self._random))
-        )
+        probe = [cell[0], cell[1]] if cell is not None else config.fresh(now, self._random)
         return config.decider(probe, now, 0, False)
 
     @property
