@@ -5,8 +5,8 @@ import { internalMutation, internalQuery } from "./_generated/server";
 import { findKeyByHash, findKeyById, toRecord, type FoundKey } from "./lib/keys";
 import { applyKeyUsage } from "./lib/logs";
 import {
+  newApiKeyFields,
   vApiKeyRecord,
-  vKeyRateLimit,
   vKeyUsage,
   vKind,
   type ApiKeyRecord,
@@ -17,17 +17,7 @@ export const LIST_CAP = 1000;
 
 /** Store a new key; the returned record's `id` is the document id. */
 export const create = internalMutation({
-  args: {
-    kind: vKind,
-    keyHash: v.string(),
-    prefix: v.string(),
-    name: v.string(),
-    owner: v.optional(v.string()),
-    scopes: v.array(v.string()),
-    rateLimit: v.optional(vKeyRateLimit),
-    createdAt: v.number(),
-    expiresAt: v.optional(v.number()),
-  },
+  args: newApiKeyFields,
   returns: vApiKeyRecord,
   handler: async (ctx, args): Promise<ApiKeyRecord> => {
     const common = {

@@ -143,8 +143,8 @@ export type KeyUsage = Infer<typeof vKeyUsage>;
 /** A key's own limit: `requests` per `period` milliseconds, as a fixed window. */
 export const vKeyRateLimit = v.object({ requests: v.number(), period: v.number() });
 
-export const vApiKeyRecord = v.object({
-  id: v.string(),
+/** What creating a key takes (the Python `NewApiKey`); the record adds what use changes. */
+export const newApiKeyFields = {
   kind: vKind,
   keyHash: v.string(),
   prefix: v.string(),
@@ -154,6 +154,11 @@ export const vApiKeyRecord = v.object({
   rateLimit: v.optional(vKeyRateLimit),
   createdAt: v.number(),
   expiresAt: v.optional(v.number()),
+};
+
+export const vApiKeyRecord = v.object({
+  id: v.string(),
+  ...newApiKeyFields,
   lastUsed: v.optional(v.number()),
   requestCount: v.number(),
   active: v.boolean(),
