@@ -18,7 +18,7 @@ from ._errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
-from ._limits import LimitConfig, LimitResult, _until_full
+from ._limits import LimitConfig, LimitResult, _until_full, check_count
 from ._settings import GuardEnvironment, load_environment
 from ._store import (
     AIRequestLog,
@@ -309,8 +309,6 @@ class ConvexStore:
     async def check(
         self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
     ) -> CheckResult:
-        from ._limits import check_count
-
         for request in limits:
             check_count(request.name, request.config, request.count, request.reserve)
         args: dict[str, Any] = {"limits": [_limit_request(r) for r in limits]}

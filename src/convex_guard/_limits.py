@@ -271,15 +271,6 @@ def _until_full(config: LimitConfig, value: float, ts: float, now: float) -> flo
     return ts + config.period * math.ceil(missing / config.rate) - now
 
 
-def current(config: LimitConfig, state: LimitState, now: float) -> LimitState:
-    """The state at `now`: refilled, nothing consumed (the component's getValue)."""
-    value, ts = state
-    if config.kind == "token bucket":
-        return (min(value + (now - ts) * (config.rate / config.period), config.max), now)
-    windows = (now - ts) // config.period
-    return (min(value + config.rate * windows, config.max), ts + windows * config.period)
-
-
 def full_at(config: LimitConfig, state: Sequence[float]) -> float:
     """The epoch ms from which the limit is full again, so its state can be forgotten."""
     value, ts = state

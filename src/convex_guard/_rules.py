@@ -115,10 +115,7 @@ class Rule:
         applies, key = self.resolve_key(scope, ctx, request)
         if not applies:
             return None
-        count = self.count
-        return LimitRequest(
-            self.name, self.config, key, count(request()) if callable(count) else count
-        )
+        return LimitRequest(self.name, self.config, key, self.cost(request))
 
     def resolve_key(
         self, scope: MutableMapping[str, Any], ctx: GuardContext, request: Callable[[], Request]

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .._apikeys import NO_KEY, hash_key, is_well_formed, key_status
 from .._context import GuardContext, guard_context
 from .._errors import ConfigurationError
+from .._headers import bounded, header_value
 from .._limits import FixedWindow, LimitConfig
 from .._logging import ThrottledLog
 from .._logwriter import LogWriter, run_lifespan
@@ -346,7 +347,7 @@ class ApiKeyMiddleware:
         missing: Sequence[str] = (),
     ) -> None:
         """Record the failure, charge the IP's failed-auth limit, and answer 401/403 or 429."""
-        user_agent = _header(scope, b"user-agent")
+        user_agent = _user_agent(scope, ctx) or None
         self.writer.add(AuthFailure(key_hash=key_hash, timestamp=now, ip=ip, user_agent=user_agent))
         client = ctx.client_key or ip
         try:
@@ -399,7 +400,7 @@ class ApiKeyMiddleware:
         now: float,
         until: float,
     ) -> None:
-        user_agent = _header(scope, b"user-agent") or ""
+        user_agent = _user_agent(scope, ctx)
         self.writer.add(
             BotEvent(
                 timestamp=now,
@@ -426,8 +427,9 @@ class ApiKeyMiddleware:
         )(scope, receive, send)
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value[:512].decode("latin-1"))
-    return None
+def _user_agent(scope: Scope, ctx: GuardContext) -> str:
+    """The user-agent for a stored row: the one the fingerprint middleware read, else read now."""
+    agent = ctx.user_agent
+    if agent is None:
+        agent = header_value(scope["headers"], b"user-agent")
+    return bounded(agent)

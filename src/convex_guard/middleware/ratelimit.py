@@ -81,7 +81,8 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        ctx = guard_context(scope)
+        if ctx is None:
+            ctx = guard_context(scope)
         request: Request | None = None
 
         def get_request() -> Request:
