@@ -39,6 +39,7 @@ from convex_guard import (
     Rule,
     report_usage,
 )
+from convex_guard.middleware.guard import SinglePass
 
 from .conftest import serve
 from .e2e_checks import BROWSER, CHAT, GPTBOT, check_logs, create_key, exercise, settings_for
@@ -162,8 +163,9 @@ def test_the_writer_is_shared_and_flushed_at_shutdown() -> None:
     store = MemoryStore()
     inner = Starlette(routes=[Route("/api/ai/{p}/chat", health, methods=["POST"])])
     guard = GuardMiddleware(inner, settings=GuardSettings(store=store, writer_interval=60))
-    stack = guard.guard.app
-    logger_mw = stack
+    single = guard.guard.app
+    assert isinstance(single, SinglePass)
+    stack = logger_mw = single.stacked
     assert isinstance(logger_mw, RequestLoggerMiddleware)
     layers: list[Any] = []
     layer: Any = stack
@@ -179,6 +181,8 @@ def test_the_writer_is_shared_and_flushed_at_shutdown() -> None:
     ]
     assert layers[2].writer is logger_mw.writer is guard.writer
     assert layers[3].defer is True
+    # HTTP requests take the same middlewares' steps in one pass; lifespan goes down the stack.
+    assert [single.fingerprint, single.keys, single.bots, single.limiter] == layers[1:]
     with serve(guard, proxy_headers=False) as server:
         httpx.post(server.url + "/api/ai/openai/chat")
         # A 60 s interval: nothing is written until shutdown.
@@ -309,7 +313,7 @@ def test_parts_can_be_turned_off() -> None:
         Starlette(), store=MemoryStore(), rules=(), key_routes=(), bot_detection=False
     )
     layers = []
-    layer: Any = guard.guard.app
+    layer: Any = guard.guard.app.stacked
     while hasattr(layer, "writer") or hasattr(layer, "trusted"):
         layers.append(type(layer).__name__)
         layer = layer.app
@@ -321,7 +325,7 @@ def test_parts_can_be_turned_off() -> None:
 def test_bot_detection_without_rules_decides_on_its_own() -> None:
     store = CountingStore()
     guard = GuardMiddleware(Starlette(), store=store, rules=())
-    bot = guard.guard.app.app.app.app  # logger → fingerprint → keys → bot
+    bot = guard.guard.app.bots
     assert isinstance(bot, BotDetectionMiddleware) and bot.defer is False
     with serve(guard, proxy_headers=False) as server:
         blocked = httpx.post(server.url + "/api/ai/openai/chat", headers={"user-agent": GPTBOT})

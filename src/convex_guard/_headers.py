@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from starlette.types import Message, Send
+
 #: Longest header value we keep for logs and stored rows; the rest is cut, never rejected.
 MAX_STORED = 512
 
@@ -24,3 +26,14 @@ def bounded(value: str | None, limit: int = MAX_STORED) -> str:
     if not value:
         return ""
     return value if len(value) <= limit else value[:limit]
+
+
+def adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    """`send`, with `headers` appended to the response start."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *headers]
+        await send(message)
+
+    return send_with_headers

@@ -68,7 +68,7 @@ class Rule:
     _matches_path: Callable[[str], bool] = field(init=False, repr=False, compare=False)
     _methods: frozenset[str] | None = field(init=False, repr=False, compare=False)
     policy_header: str = field(init=False, repr=False, compare=False)
-    _fixed_request: LimitRequest | None = field(init=False, repr=False, compare=False)
+    fixed_request: LimitRequest | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -92,7 +92,7 @@ class Rule:
             if self.key == "global" and not callable(self.count)
             else None
         )
-        object.__setattr__(self, "_fixed_request", fixed)
+        object.__setattr__(self, "fixed_request", fixed)
         object.__setattr__(
             self,
             "policy_header",
@@ -109,7 +109,7 @@ class Rule:
 
         A global rule with a constant cost asks the same thing every time: built once.
         """
-        fixed = self._fixed_request
+        fixed = self.fixed_request
         if fixed is not None:
             return fixed
         applies, key = self.resolve_key(scope, ctx, request)

@@ -193,6 +193,14 @@ class ApiKeyMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        answer = await self.authenticate(scope, guard_context(scope))
+        await (self.app if answer is None else answer)(scope, receive, send)
+
+    async def authenticate(self, scope: Scope, ctx: GuardContext) -> ASGIApp | None:
+        """Check the request's key and fill the context; the refusal to send, or None to pass.
+
+        `GuardMiddleware` calls it too: one implementation, stacked or fused.
+        """
         path: str = scope["path"]
         method: str = scope["method"]
         found = self._routes_for.get((method, path), _UNSEEN)
@@ -203,8 +211,7 @@ class ApiKeyMiddleware:
             self._routes_for[(method, path)] = found
         route = cast(KeyRoute | None, found)
         if route is None:
-            await self.app(scope, receive, send)
-            return
+            return None
 
         raw: str | _Malformed | None
         try:
@@ -212,10 +219,8 @@ class ApiKeyMiddleware:
         except _Malformed as exc:
             raw = exc
         if raw is None and not route.required:
-            await self.app(scope, receive, send)  # anonymous, where a key is optional
-            return
+            return None  # anonymous, where a key is optional
 
-        ctx = guard_context(scope)
         now = self.clock()
         ip = ctx.client_ip or peer_ip(scope)
         # Failed attempts are counted per client key (an IPv6 client's /64 when the fingerprint
@@ -223,43 +228,37 @@ class ApiKeyMiddleware:
         client = ctx.client_key or ip
         if isinstance(raw, _Malformed):
             self._bad_input.warning("API key refused from %s on %s: %s", ip, path, raw)
-            await self._fail(scope, receive, send, ctx, ip, now, NO_KEY, 401, "invalid_token")
-            return
+            return await self._fail(scope, ctx, ip, now, NO_KEY, 401, "invalid_token")
         if raw is None:
-            await self._fail(scope, receive, send, ctx, ip, now, NO_KEY, 401, None)
-            return
+            return await self._fail(scope, ctx, ip, now, NO_KEY, 401, None)
 
         key_hash = hash_key(raw)
         del raw  # from here on only the hash exists
         if self._throttled_until(client, now):
-            await self._throttle(scope, receive, send, ctx, ip, now, self._throttled[client])
-            return
+            return self._throttle(scope, ctx, ip, now, self._throttled[client])
         try:
             record = await self._lookup(key_hash, now)
         except Exception as exc:
             self._store_trouble.warning("API key lookup failed (%s): %r", path, exc)
             ctx.rejected = "api_key_unavailable"
-            await problem(
+            return problem(
                 503,
                 "API key verification is unavailable",
                 detail="The key store did not answer in time; try again shortly.",
                 headers=[("Retry-After", "1")],
-            )(scope, receive, send)
-            return
+            )
         status = key_status(record, now, route.kind)
         if status != "valid" or record is None:
             # The hash prefix ties the line to the auth-failure row without revealing the key.
             self._refused.warning(
                 "API key refused from %s on %s: %s (sha256 %s…)", ip, path, status, key_hash[:12]
             )
-            await self._fail(scope, receive, send, ctx, ip, now, key_hash, 401, "invalid_token")
-            return
+            return await self._fail(scope, ctx, ip, now, key_hash, 401, "invalid_token")
         missing = [s for s in route.scopes if s not in record.scopes]
         if missing:
-            await self._fail(
-                scope, receive, send, ctx, ip, now, key_hash, 403, "insufficient_scope", missing
+            return await self._fail(
+                scope, ctx, ip, now, key_hash, 403, "insufficient_scope", missing
             )
-            return
 
         ctx.api_key_id = record.id
         ctx.api_key_name = record.name
@@ -267,12 +266,12 @@ class ApiKeyMiddleware:
         ctx.scopes = record.scopes
         if record.owner is not None:
             ctx.user_id = record.owner
-        if record.rate_limit is not None and not await self._within_key_limit(
-            scope, receive, send, ctx, record
-        ):
-            return
+        if record.rate_limit is not None:
+            refusal = await self._within_key_limit(ctx, record)
+            if refusal is not None:
+                return refusal
         self.writer.record_key_usage(record.id, now)
-        await self.app(scope, receive, send)
+        return None
 
     # -- lookups ---------------------------------------------------------------------------
     async def _lookup(self, key_hash: str, now: float) -> ApiKeyRecord | None:
@@ -303,9 +302,7 @@ class ApiKeyMiddleware:
         del self._throttled[ip]
         return False
 
-    async def _within_key_limit(
-        self, scope: Scope, receive: Receive, send: Send, ctx: GuardContext, record: ApiKeyRecord
-    ) -> bool:
+    async def _within_key_limit(self, ctx: GuardContext, record: ApiKeyRecord) -> ASGIApp | None:
         limit = record.rate_limit
         assert limit is not None
         try:
@@ -316,28 +313,25 @@ class ApiKeyMiddleware:
         except Exception as exc:
             # The key is valid; only its own quota is unknown: let it through, and say so.
             self._store_trouble.warning("API key rate limit unavailable: %r", exc)
-            return True
+            return None
         ctx.limits["apiKey"] = result
         if result.ok:
-            return True
+            return None
         retry = str(max(1, math.ceil((result.retry_after or 0.0) / 1000)))
         ctx.rejected = "rate_limited:apiKey"
-        await problem(
+        return problem(
             429,
             "Request cannot be satisfied as assigned quota has been exceeded",
             type=QUOTA_EXCEEDED,
             detail=f"This API key's quota is spent; retry after {retry} s.",
             headers=[("Retry-After", retry)],
             extra={"violated-policies": ["apiKey"]},
-        )(scope, receive, send)
-        return False
+        )
 
     # -- refusals ---------------------------------------------------------------------------
     async def _fail(
         self,
         scope: Scope,
-        receive: Receive,
-        send: Send,
         ctx: GuardContext,
         ip: str,
         now: float,
@@ -345,8 +339,8 @@ class ApiKeyMiddleware:
         status: int,
         error: str | None,
         missing: Sequence[str] = (),
-    ) -> None:
-        """Record the failure, charge the IP's failed-auth limit, and answer 401/403 or 429."""
+    ) -> ASGIApp:
+        """Record the failure, charge the IP's failed-auth limit: the 401/403 or 429 to send."""
         user_agent = _user_agent(scope, ctx) or None
         self.writer.add(AuthFailure(key_hash=key_hash, timestamp=now, ip=ip, user_agent=user_agent))
         client = ctx.client_key or ip
@@ -362,8 +356,7 @@ class ApiKeyMiddleware:
                 self._throttled.move_to_end(client)
                 if len(self._throttled) > self.cache_size:
                     self._throttled.popitem(last=False)
-                await self._throttle(scope, receive, send, ctx, ip, now, until)
-                return
+                return self._throttle(scope, ctx, ip, now, until)
 
         challenge = REALM
         if error is not None:
@@ -382,24 +375,17 @@ class ApiKeyMiddleware:
                 else "This route requires an API key (Authorization: Bearer, or X-API-Key)."
             )
         extra: dict[str, object] = {"required-scopes": list(missing)} if missing else {}
-        await problem(
+        return problem(
             status,
             title,
             detail=detail,
             headers=[("WWW-Authenticate", challenge)],
             extra=extra,
-        )(scope, receive, send)
+        )
 
-    async def _throttle(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        ctx: GuardContext,
-        ip: str,
-        now: float,
-        until: float,
-    ) -> None:
+    def _throttle(
+        self, scope: Scope, ctx: GuardContext, ip: str, now: float, until: float
+    ) -> ASGIApp:
         user_agent = _user_agent(scope, ctx)
         self.writer.add(
             BotEvent(
@@ -417,14 +403,14 @@ class ApiKeyMiddleware:
         self._throttle_log.warning(
             "Too many failed API key attempts from %s: throttled for %s s", ip, retry
         )
-        await problem(
+        return problem(
             429,
             "Too many failed authentication attempts",
             type=QUOTA_EXCEEDED,
             detail=f"Too many failed API key attempts; retry after {retry} s.",
             headers=[("Retry-After", retry)],
             extra={"violated-policies": [FAILED_AUTH]},
-        )(scope, receive, send)
+        )
 
 
 def _user_agent(scope: Scope, ctx: GuardContext) -> str:

@@ -134,23 +134,33 @@ class BotDetectionMiddleware:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        if scope["type"] != "http" or any(match(scope["path"]) for match in self._allow_paths):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        ctx = guard_context(scope)
+        answer = await self.inspect(scope, guard_context(scope))
+        await (self.app if answer is None else answer)(scope, receive, send)
+
+    async def inspect(self, scope: Scope, ctx: GuardContext) -> ASGIApp | None:
+        """Decide the request's user-agent: the refusal to send, or None to let it through.
+
+        With `defer` the check is left in `ctx.pending_bot` for the rate limiter to decide.
+        `GuardMiddleware` calls it too: one implementation, stacked or fused.
+        """
+        path: str = scope["path"]
+        for match in self._allow_paths:
+            if match(path):
+                return None
         ua = ctx.user_agent
         if ua is None:
             ua = ctx.user_agent = header_value(scope["headers"], b"user-agent") or ""
         verdict = classify_user_agent(ua)
         if not verdict.is_bot or verdict.category is None or self._allowlisted(scope, ctx, ua):
-            await self.app(scope, receive, send)
-            return
+            return None
         category = verdict.category
         ctx.bot_category = category
         action = self.policy[category]
         if action == "allow":
-            await self.app(scope, receive, send)
-            return
+            return None
 
         fingerprint = ctx.fingerprint
         if fingerprint is None:
@@ -167,17 +177,17 @@ class BotDetectionMiddleware:
             user_agent=bounded(ua),
             detection_type=detection_type(category),
             action=_STORED_ACTION[action],
-            metadata={"category": category, "agent": verdict.name, "path": bounded(scope["path"])},
+            metadata={"category": category, "agent": verdict.name, "path": bounded(path)},
             limit=LimitRequest("suspiciousBehavior", self.suspicious_limit, key=fingerprint),
         )
 
-        def respond(outcome: BotVerdict) -> ASGIApp | None:
-            return self._respond(ctx, outcome)
-
         if self.defer:
+
+            def respond(outcome: BotVerdict) -> ASGIApp | None:
+                return self._respond(ctx, outcome)
+
             ctx.pending_bot = PendingBot(check, respond)
-            await self.app(scope, receive, send)
-            return
+            return None
         try:
             async with asyncio.timeout(self.timeout):
                 outcome = await self.store.check((), bot=check)
@@ -185,18 +195,10 @@ class BotDetectionMiddleware:
             self._trouble.warning("Bot-detection store unavailable: %r", exc)
             if self.fail == "closed" or action == "block":
                 # A category blocked by policy needs no store to be refused.
-                answer = self._respond(ctx, BotVerdict(_STORED_ACTION[action], 0))
-                if answer is not None:
-                    await answer(scope, receive, send)
-                    return
-            await self.app(scope, receive, send)
-            return
+                return self._respond(ctx, BotVerdict(_STORED_ACTION[action], 0))
+            return None
         assert outcome.bot is not None
-        answer = respond(outcome.bot)
-        if answer is None:
-            await self.app(scope, receive, send)
-        else:
-            await answer(scope, receive, send)
+        return self._respond(ctx, outcome.bot)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Fail the start-up when the order cannot work (see `convex_guard._order`)."""

@@ -8,7 +8,7 @@ from ipaddress import IPv6Address
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._clientip import ForwardedHeader, TrustedProxies, client_ip, ip_key
-from .._context import guard_context
+from .._context import GuardContext, guard_context
 from .._errors import ConfigurationError
 from .._fingerprint import DEFAULT_FIELDS, fingerprint
 from .._headers import header_value
@@ -59,6 +59,11 @@ class FingerprintMiddleware:
                 mark(scope, FINGERPRINT)
             await self.app(scope, receive, send)
             return
+        self.identify(scope, guard_context(scope))
+        await self.app(scope, receive, send)
+
+    def identify(self, scope: Scope, ctx: GuardContext) -> None:
+        """Fill the context's client fields and fingerprint (`GuardMiddleware` calls it too)."""
         headers = scope["headers"]
         client = scope.get("client")
         address = client_ip(
@@ -68,11 +73,9 @@ class FingerprintMiddleware:
             ipv6_prefix=128,
             header=self.forwarded_header,
         )
-        ctx = guard_context(scope)
         ctx.client_ip = address
         ctx.client_key = (
             ip_key(IPv6Address(address), self.ipv6_prefix) if ":" in address else address
         )
         ctx.fingerprint = fingerprint(headers, self.fields)
         ctx.user_agent = header_value(headers, b"user-agent") or ""
-        await self.app(scope, receive, send)

@@ -129,21 +129,15 @@ class RequestLoggerMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        embedding = self._is_embedding(scope["path"])
-        provider = None if embedding else self.provider(scope)
-        if not embedding and provider is None:
+        entry = self.begin(scope)
+        if entry is None:
             await self.app(scope, receive, send)
             return
-
         ctx = guard_context(scope)
-        timestamp = self.clock()
-        started = time.perf_counter()
-        status = 0
 
         async def send_status(message: Message) -> None:
-            nonlocal status
             if message["type"] == "http.response.start":
-                status = message["status"]
+                entry.status = message["status"]
             await send(message)
 
         raised: str | None = None
@@ -156,13 +150,31 @@ class RequestLoggerMiddleware:
             raised = type(exc).__name__
             raise
         finally:
-            latency = (time.perf_counter() - started) * 1000.0
-            error = ctx.rejected or raised or (f"http_{status}" if status >= 400 else None)
-            if embedding:
-                self.writer.add(self._embedding_row(ctx, timestamp, latency, error))
-            else:
-                assert provider is not None
-                self.writer.add(self._ai_row(scope, ctx, provider, timestamp, latency, error))
+            self.finish(scope, ctx, entry, raised)
+
+    def begin(self, scope: Scope) -> LogEntry | None:
+        """Start timing a request that is logged; None for one that is not.
+
+        The caller sets the entry's `status` from the response start and calls `finish`
+        (`GuardMiddleware` does both in its own single pass).
+        """
+        if self._is_embedding(scope["path"]):
+            return LogEntry(None, self.clock())
+        provider = self.provider(scope)
+        if provider is None:
+            return None
+        return LogEntry(provider, self.clock())
+
+    def finish(self, scope: Scope, ctx: GuardContext, entry: LogEntry, raised: str | None) -> None:
+        """Buffer the request's row: failed if the guard refused it, it erred or raised."""
+        latency = (time.perf_counter() - entry.started) * 1000.0
+        status = entry.status
+        error = ctx.rejected or raised or (f"http_{status}" if status >= 400 else None)
+        provider = entry.provider
+        if provider is None:
+            self.writer.add(self._embedding_row(ctx, entry.timestamp, latency, error))
+        else:
+            self.writer.add(self._ai_row(scope, ctx, provider, entry.timestamp, latency, error))
 
     def _ai_row(
         self,
@@ -203,3 +215,15 @@ class RequestLoggerMiddleware:
             model=usage.model or UNKNOWN_MODEL,
             error=error,
         )
+
+
+class LogEntry:
+    """One logged request in flight: what it is (`provider`, None for an embedding), when."""
+
+    __slots__ = ("provider", "started", "status", "timestamp")
+
+    def __init__(self, provider: str | None, timestamp: float) -> None:
+        self.provider = provider
+        self.timestamp = timestamp
+        self.started = time.perf_counter()
+        self.status = 0

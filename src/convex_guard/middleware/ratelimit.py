@@ -7,10 +7,11 @@ import math
 from collections.abc import Sequence
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._context import STATE_KEY, GuardContext, guard_context
 from .._errors import ConfigurationError
+from .._headers import adding_headers
 from .._logging import ThrottledLog, logger
 from .._memory import MemoryStore
 from .._order import API_KEYS, FINGERPRINT, RATE_LIMIT, mark, missing_outside, pass_lifespan
@@ -57,7 +58,7 @@ class RateLimitMiddleware:
         self._bounded = type(store) is not MemoryStore
         self._store_trouble = ThrottledLog()
         # Which rules match a (method, path): the same few routes come back on every request.
-        self._matches: dict[tuple[str, str], tuple[Rule, ...]] = {}
+        self._matches: dict[tuple[str, str], _Matched] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,23 +67,133 @@ class RateLimitMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
-        route = (scope["method"], path)
+        state = scope.get("state")
+        ctx = state.get(STATE_KEY) if state else None
+        if ctx is None:
+            if not self._matching(scope):
+                await self.app(scope, receive, send)  # nothing to decide: no context needed
+                return
+            ctx = guard_context(scope)
+        answer, headers = await self.decide(scope, receive, ctx)
+        if answer is not None:
+            await answer(scope, receive, send)
+        elif headers is None:
+            await self.app(scope, receive, send)
+        else:
+            await self.app(scope, receive, adding_headers(send, headers))
+
+    def _matching(self, scope: Scope) -> _Matched:
+        """The rules matching the request's (method, path), cached: the same routes come back."""
+        route = (scope["method"], scope["path"])
         matched = self._matches.get(route)
         if matched is None:
-            matched = tuple(rule for rule in self.rules if rule.matches(path, route[0]))
+            method, path = route
+            matched = _Matched(tuple(rule for rule in self.rules if rule.matches(path, method)))
             if len(self._matches) >= _MATCH_CACHE_SIZE:
                 self._matches.clear()  # many distinct paths: start over, memory stays bounded
             self._matches[route] = matched
-        state = scope.get("state")
-        ctx = state.get(STATE_KEY) if state else None
-        pending = ctx.pending_bot if ctx is not None else None
-        if not matched and pending is None:
-            await self.app(scope, receive, send)
-            return
+        return matched
 
-        if ctx is None:
-            ctx = guard_context(scope)
+    async def decide(
+        self, scope: Scope, receive: Receive, ctx: GuardContext
+    ) -> tuple[ASGIApp | None, list[tuple[bytes, bytes]] | None]:
+        """Decide the request's limits (and a deferred bot check) in one store call.
+
+        Returns the refusal to send, or None and the `RateLimit-Policy`/`RateLimit` fields
+        to add to the response (None when no limit applied). `GuardMiddleware` calls it too.
+        """
+        matched = self._matching(scope)
+        pending = ctx.pending_bot
+        if not matched and pending is None:
+            return None, None
+
+        rules: Sequence[Rule]
+        limits: Sequence[LimitRequest]
+        fixed = matched.fixed
+        if fixed is not None:
+            rules, limits = matched.rules, fixed
+        else:
+            rules, limits, refusal = self._wanted(scope, receive, ctx, matched.rules)
+            if refusal is not None:
+                return refusal, None
+        if not rules and pending is None:
+            return None, None
+
+        try:
+            bot = pending.check if pending is not None else None
+            if self._bounded:
+                async with asyncio.timeout(self.timeout):
+                    outcome = await self.store.check(limits, bot=bot)
+            else:
+                outcome = await self.store.check(limits, bot=bot)
+        except ConfigurationError as exc:
+            # Only a cost function can get here (constant costs are checked at start-up):
+            # a request costing more than a limit can ever hold is never admitted.
+            logger.warning("Rate limit: request cost refused: %s", exc)
+            ctx.rejected = "rate_limited:cost"
+            return problem(
+                429,
+                "Request cost exceeds what the quota can ever admit",
+                type=QUOTA_EXCEEDED,
+                extra={"violated-policies": [rule.name for rule in rules]},
+            ), None
+        except Exception as exc:
+            self._store_trouble.warning("Rate-limit store unavailable (%s): %r", scope["path"], exc)
+            if pending is not None and pending.check.action == "blocked":
+                # A category blocked by policy needs no store to be refused.
+                answer = pending.respond(BotVerdict("blocked", 0))
+                if answer is not None:
+                    return answer, None
+            if any(rule.fail == "closed" for rule in rules):
+                return self._unavailable(ctx), None
+            return None, None
+
+        if pending is not None and outcome.bot is not None:
+            answer = pending.respond(outcome.bot)
+            if answer is not None:
+                return answer, None
+        if not rules:
+            return None, None
+        results = outcome.results
+        limits_seen = ctx.limits
+        for rule, result in zip(rules, results, strict=True):
+            limits_seen[rule.name] = result
+        policy = matched.policy if rules is matched.rules else _policy(rules)
+        if not outcome.ok:
+            violated = [
+                (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
+            ]
+            retry_ms = max(result.retry_after or 0.0 for _, result in violated)
+            retry = str(max(1, math.ceil(retry_ms / 1000)))
+            names = [rule.name for rule, _ in violated]
+            ctx.rejected = "rate_limited:" + ",".join(names)
+            return problem(
+                429,
+                "Request cannot be satisfied as assigned quota has been exceeded",
+                type=QUOTA_EXCEEDED,
+                detail=f"Quota exceeded for {', '.join(names)}; retry after {retry} s.",
+                headers=[
+                    ("Retry-After", retry),
+                    ("RateLimit-Policy", policy),
+                    (
+                        "RateLimit",
+                        ", ".join(ratelimit_header(rule.name, result) for rule, result in violated),
+                    ),
+                ],
+                extra={"violated-policies": names},
+            ), None
+        fields = ", ".join(
+            [ratelimit_header(r.name, result) for r, result in zip(rules, results, strict=True)]
+        )
+        return None, [
+            (b"ratelimit-policy", policy.encode("latin-1")),
+            (b"ratelimit", fields.encode("latin-1")),
+        ]
+
+    def _wanted(
+        self, scope: Scope, receive: Receive, ctx: GuardContext, matched: tuple[Rule, ...]
+    ) -> tuple[Sequence[Rule], list[LimitRequest], ASGIApp | None]:
+        """The rules that apply to this request and what each asks of the store."""
         request: Request | None = None
 
         def get_request() -> Request:
@@ -100,106 +211,13 @@ class RateLimitMiddleware:
                 # A bug in the app's key or cost function: its fail policy decides.
                 logger.exception("Rate-limit rule %r: key or cost function failed", rule.name)
                 if rule.fail == "closed":
-                    await self._unavailable(scope, receive, send, ctx)
-                    return
+                    return rules, limits, self._unavailable(ctx)
                 continue
             if wanted is not None:
                 rules.append(rule)
                 limits.append(wanted)
-        if not rules and pending is None:
-            await self.app(scope, receive, send)
-            return
-
-        try:
-            bot = pending.check if pending is not None else None
-            if self._bounded:
-                async with asyncio.timeout(self.timeout):
-                    outcome = await self.store.check(limits, bot=bot)
-            else:
-                outcome = await self.store.check(limits, bot=bot)
-        except ConfigurationError as exc:
-            # Only a cost function can get here (constant costs are checked at start-up):
-            # a request costing more than a limit can ever hold is never admitted.
-            logger.warning("Rate limit: request cost refused: %s", exc)
-            ctx.rejected = "rate_limited:cost"
-            await problem(
-                429,
-                "Request cost exceeds what the quota can ever admit",
-                type=QUOTA_EXCEEDED,
-                extra={"violated-policies": [rule.name for rule in rules]},
-            )(scope, receive, send)
-            return
-        except Exception as exc:
-            self._store_trouble.warning("Rate-limit store unavailable (%s): %r", path, exc)
-            if pending is not None and pending.check.action == "blocked":
-                # A category blocked by policy needs no store to be refused.
-                answer = pending.respond(BotVerdict("blocked", 0))
-                if answer is not None:
-                    await answer(scope, receive, send)
-                    return
-            if any(rule.fail == "closed" for rule in rules):
-                await self._unavailable(scope, receive, send, ctx)
-            else:
-                await self.app(scope, receive, send)
-            return
-
-        if pending is not None and outcome.bot is not None:
-            answer = pending.respond(outcome.bot)
-            if answer is not None:
-                await answer(scope, receive, send)
-                return
-        if not rules:
-            await self.app(scope, receive, send)
-            return
-        results = outcome.results
-        limits_seen = ctx.limits
-        for rule, result in zip(rules, results, strict=True):
-            limits_seen[rule.name] = result
-        policy = ", ".join([rule.policy_header for rule in rules])
-        if not outcome.ok:
-            violated = [
-                (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
-            ]
-            retry_ms = max(result.retry_after or 0.0 for _, result in violated)
-            retry = str(max(1, math.ceil(retry_ms / 1000)))
-            names = [rule.name for rule, _ in violated]
-            ctx.rejected = "rate_limited:" + ",".join(names)
-            await problem(
-                429,
-                "Request cannot be satisfied as assigned quota has been exceeded",
-                type=QUOTA_EXCEEDED,
-                detail=f"Quota exceeded for {', '.join(names)}; retry after {retry} s.",
-                headers=[
-                    ("Retry-After", retry),
-                    ("RateLimit-Policy", policy),
-                    (
-                        "RateLimit",
-                        ", ".join(ratelimit_header(rule.name, result) for rule, result in violated),
-                    ),
-                ],
-                extra={"violated-policies": names},
-            )(scope, receive, send)
-            return
-
-        added = [
-            (b"ratelimit-policy", policy.encode("latin-1")),
-            (
-                b"ratelimit",
-                ", ".join(
-                    [
-                        ratelimit_header(rule.name, result)
-                        for rule, result in zip(rules, results, strict=True)
-                    ]
-                ).encode("latin-1"),
-            ),
-        ]
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *added]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+        # All applied (the common case): the matched tuple itself, whose policy is cached.
+        return (matched if len(rules) == len(matched) else rules), limits, None
 
     def _order_problem(self, scope: Scope) -> str | None:
         """Rules keyed by what an outer middleware fills need that middleware outside."""
@@ -214,13 +232,35 @@ class RateLimitMiddleware:
                     return problem
         return None
 
-    async def _unavailable(
-        self, scope: Scope, receive: Receive, send: Send, ctx: GuardContext
-    ) -> None:
+    def _unavailable(self, ctx: GuardContext) -> ASGIApp:
         ctx.rejected = "rate_limit_unavailable"
-        await problem(
+        return problem(
             503,
             "Rate limiting is unavailable",
             detail="The rate-limit store did not answer in time; try again shortly.",
             headers=[("Retry-After", "1")],
-        )(scope, receive, send)
+        )
+
+
+class _Matched:
+    """The rules matching one route, with what can be computed once for them."""
+
+    __slots__ = ("fixed", "policy", "rules")
+
+    def __init__(self, rules: tuple[Rule, ...]) -> None:
+        self.rules = rules
+        self.policy = _policy(rules)
+        requests = [rule.fixed_request for rule in rules]
+        # Global rules with constant costs ask the same of the store on every request.
+        self.fixed: tuple[LimitRequest, ...] | None = (
+            tuple(r for r in requests if r is not None)
+            if all(r is not None for r in requests)
+            else None
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+
+def _policy(rules: Sequence[Rule]) -> str:
+    return ", ".join([rule.policy_header for rule in rules])

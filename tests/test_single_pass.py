@@ -1,0 +1,201 @@
+"""GuardMiddleware runs HTTP requests through the middlewares' steps in one pass; the same
+middlewares stacked must answer every request identically and store the same rows.
+
+Each example drives one sequence of requests (browsers, crawlers, scripts, keys good and bad,
+limited and unlimited routes, two clients) through a guard's single pass and through its own
+stack, each on its own store with the same frozen clock, and compares what the clients got
+and what was stored, field by field (timings aside)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message
+
+from convex_guard import (
+    HOUR,
+    MINUTE,
+    FixedWindow,
+    GuardMiddleware,
+    GuardSettings,
+    KeyRateLimit,
+    MemoryStore,
+    Rule,
+    TokenBucket,
+    generate_key,
+    hash_key,
+    report_usage,
+)
+from convex_guard._apikeys import display_prefix
+from convex_guard._store import NewApiKey
+
+from .e2e_checks import BROWSER, GPTBOT
+
+NOW = 1_750_000_000_000.0
+PATHS = ("/api/ai/openai/chat", "/api/ai/perplexity/chat", "/api/embeddings", "/health", "/x")
+AGENTS = (
+    BROWSER,
+    GPTBOT,
+    "curl/8.5.0",
+    "",
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 HeadlessChrome/120.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)",
+)
+CREDENTIALS = ("none", "good", "wrong", "malformed", "ai")
+CLIENTS = ("203.0.113.7", "2001:db8::1", "198.51.100.2")
+
+request_specs = st.tuples(
+    st.sampled_from(PATHS),
+    st.sampled_from(AGENTS),
+    st.sampled_from(CREDENTIALS),
+    st.sampled_from(CLIENTS),
+    st.sampled_from(("GET", "POST")),
+)
+
+
+async def chat(request: Request) -> JSONResponse:
+    report_usage(request, model="m1", tokens=5, cost=0.01)
+    return JSONResponse({"ok": True})
+
+
+async def embed(request: Request) -> JSONResponse:
+    report_usage(request, model="e1", tokens=3, items=2)
+    return JSONResponse({"data": []})
+
+
+def inner() -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/api/ai/{provider}/chat", chat, methods=["GET", "POST"]),
+            Route("/api/embeddings", embed, methods=["GET", "POST"]),
+            Route("/health", chat),
+        ]
+    )
+
+
+def rules() -> list[Rule]:
+    return [
+        Rule("globalAI", FixedWindow(rate=40, period=HOUR), path="/api/ai"),
+        Rule("ipAI", TokenBucket(rate=4, period=MINUTE, capacity=4), key="ip", path="/api/ai"),
+        Rule("userAI", FixedWindow(rate=3, period=MINUTE), key="user", path="/api/ai"),
+        Rule("perplexity", FixedWindow(rate=2, period=MINUTE), path="/api/ai/perplexity"),
+        Rule("embeddings", FixedWindow(rate=3, period=MINUTE), path="/api/embeddings"),
+    ]
+
+
+KEYS = {"good": generate_key("embedding"), "ai": generate_key("ai")}
+WRONG = generate_key("embedding")  # well formed, never stored
+
+
+async def guarded() -> tuple[GuardMiddleware, MemoryStore]:
+    """A guard on its own store holding the same two keys (the AI key with its own limit)."""
+    store = MemoryStore(clock=lambda: NOW, random=lambda: 0.5)
+    for name, kind, owner, limit in (
+        ("good", "embedding", "ann", None),
+        ("ai", "ai", "bob", KeyRateLimit(requests=2, period=MINUTE)),
+    ):
+        raw = KEYS[name]
+        await store.create_api_key(
+            NewApiKey(
+                kind=kind,  # type: ignore[arg-type]
+                key_hash=hash_key(raw),
+                prefix=display_prefix(raw),
+                name=name,
+                owner=owner,
+                scopes=(),
+                rate_limit=limit,
+                created_at=NOW,
+                expires_at=None,
+            )
+        )
+    settings = GuardSettings(store=store, rules=rules(), writer_interval=60)
+    return GuardMiddleware(inner(), settings=settings), store
+
+
+def headers_for(agent: str, credentials: str) -> list[tuple[bytes, bytes]]:
+    headers = [(b"host", b"testserver"), (b"accept", b"*/*")]
+    if agent:
+        headers.append((b"user-agent", agent.encode()))
+    token = {**KEYS, "wrong": WRONG}.get(credentials)
+    if credentials == "malformed":
+        headers.append((b"authorization", b"Bearer \xff\xfe"))
+    elif token is not None:
+        headers.append((b"authorization", b"Bearer " + token.encode()))
+    return headers
+
+
+async def call(app: ASGIApp, spec: tuple[str, str, str, str, str]) -> Any:
+    path, agent, credentials, client, method = spec
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers_for(agent, credentials),
+        "client": (client, 40_000),
+        "server": ("testserver", 80),
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    start = sent[0]
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return start["status"], sorted(start["headers"]), body
+
+
+def stored(store: MemoryStore) -> dict[str, list[dict[str, Any]]]:
+    timing = {"timestamp", "latency_ms", "request_id"}
+
+    def rows(items: list[Any]) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in dataclasses.asdict(row).items() if k not in timing} for row in items
+        ]
+
+    return {
+        "ai": rows(store.ai_logs),
+        "embedding": rows(store.embedding_logs),
+        "auth": rows(store.auth_failures),
+        "bots": rows(store._bot_events),
+    }
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(request_specs, min_size=1, max_size=40))
+def test_single_pass_answers_and_stores_exactly_as_the_stack(
+    specs: list[tuple[str, str, str, str, str]],
+) -> None:
+    async def run() -> None:
+        single, single_store = await guarded()
+        stacked_guard, stacked_store = await guarded()
+        stack = stacked_guard.guard.app.stacked  # type: ignore[attr-defined]
+        for spec in specs:
+            fused = await call(single, spec)
+            if spec[0] == "/health":  # exempt: GuardMiddleware hands it to the app directly
+                layered = await call(stacked_guard, spec)
+            else:
+                layered = await call(stack, spec)
+            assert fused == layered, spec
+        await single.writer.flush()
+        await stacked_guard.writer.flush()
+        assert stored(single_store) == stored(stacked_store)
+
+    asyncio.run(run())
