@@ -15,7 +15,12 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | N
 
     Latin-1 maps every byte to a character, so no client bytes can make decoding fail.
     """
-    found: list[bytes] = [value for key, value in headers if key.lower() == name]
+    # ASGI servers send lower-case names: only a name that is not needs a lower-cased copy.
+    found: list[bytes] = [
+        value
+        for key, value in headers
+        if key == name or (not key.islower() and key.lower() == name)
+    ]
     if not found:
         return None
     return b", ".join(found).decode("latin-1")

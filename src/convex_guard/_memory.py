@@ -150,7 +150,7 @@ class MemoryStore:
                 check_count(request.name, request.config, count, request.reserve)
         if bot is not None and bot.limit is not None:
             check_count(bot.limit.name, bot.limit.config, bot.limit.count, bot.limit.reserve)
-        now = self._clock()
+        now = _time() * 1000.0 if self._wall else self._clock()
         verdict: BotVerdict | None = None
         if bot is not None:
             verdict = self._decide_bot(bot, now)

@@ -12,9 +12,8 @@ from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._context import GuardContext, guard_context
+from .._context import guard_context
 from .._errors import ConfigurationError
-from .._headers import adding_headers
 from .._limits import LimitConfig
 from .._logging import logger
 from .._logwriter import (
@@ -278,29 +277,28 @@ class SinglePass:
         ctx = guard_context(scope)
         logger = self.stacked
         entry = logger.begin(scope)
-        if entry is None:
-            answer, headers = await self._steps(scope, receive, ctx)
-            if answer is not None:
-                await answer(scope, receive, send)
-            elif headers is None:
-                await self.app(scope, receive, send)
-            else:
-                await self.app(scope, receive, adding_headers(send, headers))
-            return
+        headers: list[tuple[bytes, bytes]] | None = None
 
-        headers = None
-
-        async def send_logged(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                entry.status = message["status"]
+                if entry is not None:
+                    entry.status = message["status"]
                 if headers is not None:
                     message["headers"] = [*message.get("headers", ()), *headers]
             await send(message)
 
         raised: str | None = None
         try:
-            answer, headers = await self._steps(scope, receive, ctx)
-            await (self.app if answer is None else answer)(scope, receive, send_logged)
+            # The stack's order: fingerprint, API key, bot check, limits; the first refusal wins.
+            self.fingerprint.identify(scope, ctx)
+            answer = None
+            if self.keys is not None:
+                answer = await self.keys.authenticate(scope, ctx)
+            if answer is None and self.bots is not None:
+                answer = await self.bots.inspect(scope, ctx)
+            if answer is None and self.limiter is not None:
+                answer, headers = await self.limiter.decide(scope, receive, ctx)
+            await (self.app if answer is None else answer)(scope, receive, guarded_send)
         except asyncio.CancelledError:
             raised = "cancelled"  # the client went away, or the server is stopping
             raise
@@ -308,24 +306,8 @@ class SinglePass:
             raised = type(exc).__name__
             raise
         finally:
-            logger.finish(scope, ctx, entry, raised)
-
-    async def _steps(
-        self, scope: Scope, receive: Receive, ctx: GuardContext
-    ) -> tuple[ASGIApp | None, list[tuple[bytes, bytes]] | None]:
-        """Fingerprint, API key, bot check, limits: the refusal, or the headers to add."""
-        self.fingerprint.identify(scope, ctx)
-        if self.keys is not None:
-            answer = await self.keys.authenticate(scope, ctx)
-            if answer is not None:
-                return answer, None
-        if self.bots is not None:
-            answer = await self.bots.inspect(scope, ctx)
-            if answer is not None:
-                return answer, None
-        if self.limiter is not None:
-            return await self.limiter.decide(scope, receive, ctx)
-        return None, None
+            if entry is not None:
+                logger.finish(scope, ctx, entry, raised)
 
 
 class GuardMiddleware:

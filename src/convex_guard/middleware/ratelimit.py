@@ -156,8 +156,10 @@ class RateLimitMiddleware:
             return None, None
         results = outcome.results
         limits_seen = ctx.limits
+        fields: list[str] = []
         for rule, result in zip(rules, results, strict=True):
             limits_seen[rule.name] = result
+            fields.append(ratelimit_header(rule.name, result))
         policy = matched.policy if rules is matched.rules else _policy(rules)
         if not outcome.ok:
             violated = [
@@ -182,12 +184,12 @@ class RateLimitMiddleware:
                 ],
                 extra={"violated-policies": names},
             ), None
-        fields = ", ".join(
-            [ratelimit_header(r.name, result) for r, result in zip(rules, results, strict=True)]
-        )
         return None, [
-            (b"ratelimit-policy", policy.encode("latin-1")),
-            (b"ratelimit", fields.encode("latin-1")),
+            (
+                b"ratelimit-policy",
+                matched.policy_bytes if rules is matched.rules else policy.encode("latin-1"),
+            ),
+            (b"ratelimit", ", ".join(fields).encode("latin-1")),
         ]
 
     def _wanted(
@@ -245,11 +247,12 @@ class RateLimitMiddleware:
 class _Matched:
     """The rules matching one route, with what can be computed once for them."""
 
-    __slots__ = ("fixed", "policy", "rules")
+    __slots__ = ("fixed", "policy", "policy_bytes", "rules")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
         self.policy = _policy(rules)
+        self.policy_bytes = self.policy.encode("latin-1")
         requests = [rule.fixed_request for rule in rules]
         # Global rules with constant costs ask the same of the store on every request.
         self.fixed: tuple[LimitRequest, ...] | None = (
