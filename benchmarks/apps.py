@@ -3,7 +3,9 @@
 `uvicorn --factory benchmarks.apps:make` builds the variant named by `VARIANT`:
 bare, guard (the full stack on MemoryStore: logger, fingerprint, bot detection, three limit
 rules that never trigger), ratelimit (RateLimitMiddleware alone, the same three rules),
-slowapi-asgi (SlowAPIASGIMiddleware, one in-memory limit), slowapi-basehttp (SlowAPIMiddleware).
+slowapi-asgi (SlowAPIASGIMiddleware, one in-memory limit), slowapi-basehttp (SlowAPIMiddleware),
+asgi-ratelimit (asgi-ratelimit's middleware, ONE per-client rule on its memory backend: the
+reference point against which the issue set its target, measured here on this machine).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from starlette.types import Scope
 
 from convex_guard import HOUR, FixedWindow, MemoryStore, Rule
 
 NEVER = 10**9  # limits that never trigger: we measure the cost of deciding, not of denying
-VARIANTS = ("bare", "guard", "ratelimit", "slowapi-asgi", "slowapi-basehttp")
+VARIANTS = ("bare", "guard", "ratelimit", "asgi-ratelimit", "slowapi-asgi", "slowapi-basehttp")
 #: One middleware each, for the per-request CPU table.
 SINGLE = ("logger", "fingerprint", "apikeys", "botdetection", "ratelimit")
 PATH = "/api/ai/openai/chat"
@@ -113,7 +116,30 @@ def _slowapi(asgi: bool) -> Starlette:
     return app
 
 
+def _asgi_ratelimit() -> Starlette:
+    from ratelimit import RateLimitMiddleware as AsgiRateLimit
+    from ratelimit import Rule as AsgiRule
+    from ratelimit.backends.simple import MemoryBackend
+
+    async def by_peer(scope: Scope) -> tuple[str, str]:
+        client = scope.get("client")
+        return (client[0] if client else "unknown"), "default"
+
+    return Starlette(
+        routes=_routes(),
+        middleware=[
+            Middleware(
+                AsgiRateLimit,
+                authenticate=by_peer,
+                backend=MemoryBackend(),
+                config={r"^/api/ai": [AsgiRule(hour=NEVER)]},
+            )
+        ],
+    )
+
+
 FACTORIES: dict[str, Callable[[], Starlette]] = {
+    "asgi-ratelimit": _asgi_ratelimit,
     "bare": bare,
     "guard": guard,
     "ratelimit": ratelimit,
