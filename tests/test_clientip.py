@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from convex_guard._clientip import TrustedProxies, client_ip, ip_key
+from convex_guard._clientip import TrustedProxies, client_ip, ip_key, peer_keys
 
 NONE = TrustedProxies()
 LB = TrustedProxies(["10.0.0.0/8", "2001:db8:ffff::/48"])
@@ -145,3 +145,19 @@ def test_garbage_never_raises_behind_a_trusted_proxy(values: list[bytes]) -> Non
     for header in ("x-forwarded-for", "forwarded"):
         key = client_ip("10.1.2.3", headers, LB, header=header)
         assert key == "10.1.2.3" or ip_address(key.split("/")[0])
+
+
+peers = (
+    st.ip_addresses().map(str)
+    | st.sampled_from(["::ffff:192.0.2.1", "[2001:db8::1]:443", "1.2.3.4:80", "unknown", ""])
+    | st.text(max_size=70)
+)
+
+
+@given(peer=peers, prefix=st.integers(0, 128))
+def test_peer_keys_is_client_ip_without_proxies(peer: str, prefix: int) -> None:
+    """The fingerprint middleware's cached shortcut answers as the general resolver does."""
+    assert peer_keys(peer, prefix) == (
+        client_ip(peer, [], NONE, ipv6_prefix=128),
+        client_ip(peer, [], NONE, ipv6_prefix=prefix),
+    )

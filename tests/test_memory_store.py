@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from convex_guard import (
@@ -12,7 +14,7 @@ from convex_guard import (
     MemoryStore,
     TokenBucket,
 )
-from convex_guard._store import BotCheck
+from convex_guard._store import AIRequestLog, BotCheck, LogBatch
 
 
 class Clock:
@@ -122,3 +124,28 @@ async def test_a_count_no_waiting_could_admit_is_refused_naming_the_limit() -> N
     with pytest.raises(ConfigurationError, match=">= 0"):
         await store.limit("tokens", config, count=-1)
     assert (await store.limit("tokens", config, count=6, reserve=True)).ok  # may queue ahead
+
+
+async def test_kept_log_rows_cost_the_garbage_collector_nothing() -> None:
+    """Rows are kept as plain tuples, which the collector stops tracking: a full collection
+    does not walk the 100,000 rows a busy store holds. Read back, they are the rows written."""
+    store = MemoryStore(max_rows=3)
+    rows = [
+        AIRequestLog(
+            timestamp=float(i),
+            provider="openai",
+            model="m",
+            fingerprint="f",
+            ip="203.0.113.7",
+            success=i % 2 == 0,
+            latency_ms=1.5,
+            tokens_used=i,
+        )
+        for i in range(5)
+    ]
+    await store.write_logs(LogBatch(id="b1", ai_requests=rows))
+    gc.collect()
+    assert not any(gc.is_tracked(values) for values in store._ai_logs._rows)
+    assert store.ai_logs == rows[2:]  # the oldest dropped past max_rows
+    stats = await store.provider_stats("openai", 0, 10)
+    assert (stats.total_requests, stats.total_tokens) == (3, 2 + 3 + 4)

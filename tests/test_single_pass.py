@@ -35,7 +35,9 @@ from convex_guard import (
     report_usage,
 )
 from convex_guard._apikeys import display_prefix
+from convex_guard._rules import _path_matcher
 from convex_guard._store import NewApiKey
+from convex_guard.middleware.guard import exempt_matcher
 
 from .e2e_checks import BROWSER, GPTBOT
 
@@ -199,3 +201,15 @@ def test_single_pass_answers_and_stores_exactly_as_the_stack(
         assert stored(single_store) == stored(stacked_store)
 
     asyncio.run(run())
+
+
+segments = st.sampled_from(["", "api", "health", "healthz", "metrics", "a", "x.y"])
+paths = st.lists(segments, min_size=1, max_size=4).map(lambda parts: "/" + "/".join(parts))
+
+
+@given(exempt=st.lists(paths, max_size=4), path=paths)
+def test_the_exempt_check_is_the_path_matchers(exempt: list[str], path: str) -> None:
+    """Exempt paths are matched in one set lookup and one `startswith`: as each rule's own
+    segment-boundary matcher would say."""
+    expected = any(_path_matcher(prefix)(path) for prefix in exempt)
+    assert exempt_matcher(exempt)(path) is expected

@@ -7,8 +7,10 @@ import itertools
 import random as _random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import fields, replace
+from operator import attrgetter
+from typing import Any, Generic, TypeVar
 
 from ._errors import ConfigurationError
 from ._limits import (
@@ -41,6 +43,7 @@ from ._store import (
 
 Clock = Callable[[], float]
 Random = Callable[[], float]
+R = TypeVar("R", AIRequestLog, EmbeddingRequestLog, AuthFailure)
 
 _SEVERITY: dict[BotAction, int] = {"allowed": 0, "challenged": 1, "blocked": 2}
 
@@ -108,9 +111,9 @@ class MemoryStore:
         self._keys: dict[str, ApiKeyRecord] = {}
         self._key_ids: dict[str, str] = {}  # hash -> id
         self._ids = itertools.count(1)
-        self._ai_logs: deque[AIRequestLog] = deque(maxlen=max_rows)
-        self._embedding_logs: deque[EmbeddingRequestLog] = deque(maxlen=max_rows)
-        self._auth_failures: deque[AuthFailure] = deque(maxlen=max_rows)
+        self._ai_logs = _Rows(AIRequestLog, max_rows)
+        self._embedding_logs = _Rows(EmbeddingRequestLog, max_rows)
+        self._auth_failures = _Rows(AuthFailure, max_rows)
         self._batches: set[str] = set()
 
     def __repr__(self) -> str:
@@ -144,15 +147,16 @@ class MemoryStore:
     async def check(
         self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
     ) -> CheckResult:
-        for request in limits:
-            count = request.count
-            if request.reserve or not 0 <= count <= request.config.max:
-                check_count(request.name, request.config, count, request.reserve)
-        if bot is not None and bot.limit is not None:
-            check_count(bot.limit.name, bot.limit.config, bot.limit.count, bot.limit.reserve)
-        now = _time() * 1000.0 if self._wall else self._clock()
         verdict: BotVerdict | None = None
+        now = _time() * 1000.0 if self._wall else self._clock()
         if bot is not None:
+            # A count no waiting could admit is refused before the bot's event is recorded.
+            # (Without a bot the deciders refuse it below, before anything is kept.)
+            for request in limits:
+                check_count(request.name, request.config, request.count, request.reserve)
+            if bot.limit is not None:
+                limit = bot.limit
+                check_count(limit.name, limit.config, limit.count, limit.reserve)
             verdict = self._decide_bot(bot, now)
             if verdict.action != "allowed":
                 return CheckResult(False, (), verdict)
@@ -180,7 +184,13 @@ class MemoryStore:
                     )
                 cell = entry[0]
             touched.append((cell, cell[0], cell[1]))
-            result = request.config.decider(cell, now, request.count, request.reserve)
+            try:
+                result = request.config.decider(cell, now, request.count, request.reserve)
+            except ConfigurationError as exc:
+                for cell, value, ts in reversed(touched):
+                    cell[0] = value
+                    cell[1] = ts
+                raise ConfigurationError(f"{exc} (limit {name!r})") from None
             if not result.ok:
                 ok = False
             results.append(result)
@@ -393,11 +403,9 @@ class MemoryStore:
                 )
 
     async def provider_stats(self, provider: str, start: float, end: float) -> ProviderStats:
-        rows = [
-            row
-            for row in self._ai_logs
-            if row.provider == provider and start <= row.timestamp <= end
-        ]
+        rows = self._ai_logs.where(
+            lambda row: row.provider == provider and start <= row.timestamp <= end
+        )
         total = len(rows)
         if total == 0:
             return ProviderStats(0, 0.0, 0.0, 0, 0.0)
@@ -410,11 +418,9 @@ class MemoryStore:
         )
 
     async def embedding_usage(self, key_hash: str, start: float, end: float) -> EmbeddingUsage:
-        rows = [
-            row
-            for row in self._embedding_logs
-            if row.api_key_hash == key_hash and start <= row.timestamp <= end
-        ]
+        rows = self._embedding_logs.where(
+            lambda row: row.api_key_hash == key_hash and start <= row.timestamp <= end
+        )
         return EmbeddingUsage(
             total_requests=len(rows),
             successful_requests=sum(1 for row in rows if row.success),
@@ -423,22 +429,55 @@ class MemoryStore:
         )
 
     async def count_auth_failures(self, key_hash: str, since: float) -> int:
-        return sum(
-            1 for row in self._auth_failures if row.key_hash == key_hash and row.timestamp >= since
+        return len(
+            self._auth_failures.where(
+                lambda row: row.key_hash == key_hash and row.timestamp >= since
+            )
         )
 
     # -- inspection, for tests and the CLI ---------------------------------------------------
     @property
     def ai_logs(self) -> list[AIRequestLog]:
-        return list(self._ai_logs)
+        return self._ai_logs.where(None)
 
     @property
     def embedding_logs(self) -> list[EmbeddingRequestLog]:
-        return list(self._embedding_logs)
+        return self._embedding_logs.where(None)
 
     @property
     def auth_failures(self) -> list[AuthFailure]:
-        return list(self._auth_failures)
+        return self._auth_failures.where(None)
 
     async def close(self) -> None:
         return None
+
+
+class _Rows(Generic[R]):
+    """A bounded table of rows, held as plain tuples: up to `max_rows`, oldest dropped first.
+
+    The garbage collector stops tracking a tuple of strings and numbers, while every
+    dataclass row stays tracked: 100,000 kept log rows made each full collection walk them
+    all, which under load cost a guarded app about a tenth of its throughput. Rows become
+    dataclasses again only when read.
+    """
+
+    __slots__ = ("_kind", "_rows", "_values")
+
+    def __init__(self, kind: type[R], max_rows: int) -> None:
+        names = [f.name for f in fields(kind)]
+        assert len(names) > 1, "attrgetter returns a tuple only for several names"
+        self._kind: type[R] = kind
+        self._values = attrgetter(*names)
+        self._rows: deque[tuple[Any, ...]] = deque(maxlen=max_rows)
+
+    def extend(self, rows: Iterable[R]) -> None:
+        values = self._values
+        self._rows.extend([values(row) for row in rows])
+
+    def where(self, keep: Callable[[R], bool] | None) -> list[R]:
+        kind = self._kind
+        rows = [kind(*values) for values in self._rows]
+        return rows if keep is None else [row for row in rows if keep(row)]
+
+    def __len__(self) -> int:
+        return len(self._rows)

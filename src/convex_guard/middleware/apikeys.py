@@ -197,9 +197,16 @@ class ApiKeyMiddleware:
         await (self.app if answer is None else answer)(scope, receive, send)
 
     async def authenticate(self, scope: Scope, ctx: GuardContext) -> ASGIApp | None:
-        """Check the request's key and fill the context; the refusal to send, or None to pass.
+        """Check the request's key and fill the context; the refusal to send, or None to pass."""
+        presented = self.screen(scope)
+        return None if presented is None else await self.verify(scope, ctx, *presented)
 
-        `GuardMiddleware` calls it too: one implementation, stacked or fused.
+    def screen(self, scope: Scope) -> tuple[KeyRoute, str | _Malformed | None] | None:
+        """The route and what was presented, when there is a key to check; else None.
+
+        Synchronous, so that a request off the keyed routes or anonymous where a key is
+        optional costs no await; `authenticate` is this and then `verify`, which
+        `GuardMiddleware` calls in the same order.
         """
         path: str = scope["path"]
         method: str = scope["method"]
@@ -220,7 +227,13 @@ class ApiKeyMiddleware:
             raw = exc
         if raw is None and not route.required:
             return None  # anonymous, where a key is optional
+        return route, raw
 
+    async def verify(
+        self, scope: Scope, ctx: GuardContext, route: KeyRoute, raw: str | _Malformed | None
+    ) -> ASGIApp | None:
+        """Verify what `screen` found: fill the context, or the refusal to send."""
+        path: str = scope["path"]
         now = self.clock()
         ip = ctx.client_ip or peer_ip(scope)
         # Failed attempts are counted per client key (an IPv6 client's /64 when the fingerprint

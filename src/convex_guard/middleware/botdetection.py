@@ -144,7 +144,15 @@ class BotDetectionMiddleware:
         """Decide the request's user-agent: the refusal to send, or None to let it through.
 
         With `defer` the check is left in `ctx.pending_bot` for the rate limiter to decide.
-        `GuardMiddleware` calls it too: one implementation, stacked or fused.
+        """
+        check = self.screen(scope, ctx)
+        return None if check is None else await self.decide(ctx, check)
+
+    def screen(self, scope: Scope, ctx: GuardContext) -> BotCheck | None:
+        """The check the store must decide now, or None: nothing to decide, or deferred.
+
+        Synchronous, so that a person's request (the common case) costs no await; `inspect`
+        is this and then `decide`, which `GuardMiddleware` calls in the same order.
         """
         path: str = scope["path"]
         for match in self._allow_paths:
@@ -180,7 +188,6 @@ class BotDetectionMiddleware:
             metadata={"category": category, "agent": verdict.name, "path": bounded(path)},
             limit=LimitRequest("suspiciousBehavior", self.suspicious_limit, key=fingerprint),
         )
-
         if self.defer:
 
             def respond(outcome: BotVerdict) -> ASGIApp | None:
@@ -188,14 +195,18 @@ class BotDetectionMiddleware:
 
             ctx.pending_bot = PendingBot(check, respond)
             return None
+        return check
+
+    async def decide(self, ctx: GuardContext, check: BotCheck) -> ASGIApp | None:
+        """Decide `check` in the store now: the refusal to send, or None."""
         try:
             async with asyncio.timeout(self.timeout):
                 outcome = await self.store.check((), bot=check)
         except Exception as exc:
             self._trouble.warning("Bot-detection store unavailable: %r", exc)
-            if self.fail == "closed" or action == "block":
+            if self.fail == "closed" or check.action == "blocked":
                 # A category blocked by policy needs no store to be refused.
-                return self._respond(ctx, BotVerdict(_STORED_ACTION[action], 0))
+                return self._respond(ctx, BotVerdict(check.action, 0))
             return None
         assert outcome.bot is not None
         return self._respond(ctx, outcome.bot)

@@ -7,7 +7,14 @@ from ipaddress import IPv6Address
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._clientip import ForwardedHeader, TrustedProxies, client_ip, ip_key
+from .._clientip import (
+    UNKNOWN_CLIENT,
+    ForwardedHeader,
+    TrustedProxies,
+    client_ip,
+    ip_key,
+    peer_keys,
+)
 from .._context import GuardContext, guard_context
 from .._errors import ConfigurationError
 from .._fingerprint import DEFAULT_FIELDS, fingerprint
@@ -42,6 +49,7 @@ class FingerprintMiddleware:
             self.trusted = TrustedProxies(trusted_proxies)
         except ValueError as exc:
             raise ConfigurationError(f"trusted_proxies: {exc}") from None
+        self._trusting = bool(self.trusted)
         self.app = app
         self.forwarded_header: ForwardedHeader = forwarded_header
         self.ipv6_prefix = ipv6_prefix
@@ -66,6 +74,14 @@ class FingerprintMiddleware:
         """Fill the context's client fields and fingerprint (`GuardMiddleware` calls it too)."""
         headers = scope["headers"]
         client = scope.get("client")
+        if not self._trusting:
+            if client:
+                ctx.client_ip, ctx.client_key = peer_keys(client[0], self.ipv6_prefix)
+            else:
+                ctx.client_ip = ctx.client_key = UNKNOWN_CLIENT
+            ctx.fingerprint = fingerprint(headers, self.fields)
+            ctx.user_agent = header_value(headers, b"user-agent") or ""
+            return
         address = client_ip(
             client[0] if client else None,
             headers,

@@ -291,11 +291,19 @@ class SinglePass:
         try:
             # The stack's order: fingerprint, API key, bot check, limits; the first refusal wins.
             self.fingerprint.identify(scope, ctx)
+            # Each middleware's synchronous screen first: a person's request awaits only the
+            # store call that decides its limits.
             answer = None
-            if self.keys is not None:
-                answer = await self.keys.authenticate(scope, ctx)
-            if answer is None and self.bots is not None:
-                answer = await self.bots.inspect(scope, ctx)
+            keys = self.keys
+            if keys is not None:
+                presented = keys.screen(scope)
+                if presented is not None:
+                    answer = await keys.verify(scope, ctx, *presented)
+            bots = self.bots
+            if answer is None and bots is not None:
+                check = bots.screen(scope, ctx)
+                if check is not None:
+                    answer = await bots.decide(ctx, check)
             if answer is None and self.limiter is not None:
                 answer, headers = await self.limiter.decide(scope, receive, ctx)
             await (self.app if answer is None else answer)(scope, receive, guarded_send)
@@ -354,8 +362,32 @@ class GuardMiddleware:
 
 
 def exempt_matcher(paths: Iterable[str]) -> Callable[[str], bool]:
-    matchers = [_path_matcher(p) for p in paths]
-    return lambda path: any(match(path) for match in matchers)
+    """Whether a path is exempt, as `_path_matcher` says for each; asked on every request.
+
+    Prefixes become one set lookup and one `startswith` over a tuple, so the usual handful of
+    exempt paths costs the same as one.
+    """
+    exact: set[str] = set()
+    boundaries: list[str] = []
+    patterns: list[Callable[[str], bool]] = []
+    for path in paths:
+        matcher = _path_matcher(path)  # validates it
+        if not isinstance(path, str):
+            patterns.append(matcher)  # a compiled regex
+            continue
+        prefix = path.rstrip("/")
+        if not prefix:
+            return lambda _: True
+        exact.add(prefix)
+        boundaries.append(prefix + "/")
+    starts = tuple(boundaries)
+    if patterns:
+        return lambda path: (
+            path in exact or path.startswith(starts) or any(match(path) for match in patterns)
+        )
+    if not exact:
+        return lambda _: False
+    return lambda path: path in exact or path.startswith(starts)
 
 
 __all__ = ["GuardMiddleware", "GuardSettings", "GuardStack", "default_key_routes"]
