@@ -112,10 +112,17 @@ class Rule:
         fixed = self.fixed_request
         if fixed is not None:
             return fixed
-        applies, key = self.resolve_key(scope, ctx, request)
-        if not applies:
-            return None
-        return LimitRequest(self.name, self.config, key, self.cost(request))
+        key = self.key
+        if key == "ip":  # the usual keyed rule, first
+            value: str | None = ctx.client_key or peer_ip(scope)
+        else:
+            applies, value = self.resolve_key(scope, ctx, request)
+            if not applies:
+                return None
+        count = self.count
+        return LimitRequest(
+            self.name, self.config, value, count(request()) if callable(count) else count
+        )
 
     def resolve_key(
         self, scope: MutableMapping[str, Any], ctx: GuardContext, request: Callable[[], Request]
@@ -136,10 +143,6 @@ class Rule:
         assert callable(key)
         value = key(request())
         return value is not None, value
-
-    def cost(self, request: Callable[[], Request]) -> float:
-        count = self.count
-        return count(request()) if callable(count) else count
 
 
 def peer_ip(scope: MutableMapping[str, Any]) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -171,7 +171,7 @@ def resolve_store(
 class GuardStack:
     """The five middlewares around `app`, with the store and the writer they share."""
 
-    app: ASGIApp
+    app: SinglePass
     settings: GuardSettings
     store: Store
     owns_store: bool
@@ -234,13 +234,14 @@ class GuardStack:
             provider=provider_from_path(settings.ai_path),
             embeddings_path=settings.embeddings_path,
         )
+        is_exempt = exempt_matcher(settings.exempt_paths)
         return cls(
-            app=SinglePass(app, stacked, fingerprint, keys, bots, limiter),
+            app=SinglePass(app, stacked, fingerprint, keys, bots, limiter, is_exempt=is_exempt),
             settings=settings,
             store=store,
             owns_store=owns,
             writer=writer,
-            is_exempt=exempt_matcher(settings.exempt_paths),
+            is_exempt=is_exempt,
         )
 
 
@@ -251,7 +252,7 @@ class SinglePass:
     `identify`, `authenticate`, `inspect`, `decide`, `begin`/`finish`, in the same order) but
     in one coroutine with one wrapped `send`: five layers of calls and wrappers cost more than
     the work itself. Lifespan (the order checks, the writer's start and flush) goes through
-    the stack as built.
+    the stack as built, then `on_shutdown`; exempt paths go straight to the app.
     """
 
     def __init__(
@@ -262,6 +263,9 @@ class SinglePass:
         keys: ApiKeyMiddleware | None,
         bots: BotDetectionMiddleware | None,
         limiter: RateLimitMiddleware | None,
+        *,
+        is_exempt: Callable[[str], bool],
+        on_shutdown: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.app = app
         self.stacked = stacked
@@ -269,10 +273,21 @@ class SinglePass:
         self.keys = keys
         self.bots = bots
         self.limiter = limiter
+        self.is_exempt = is_exempt
+        self.on_shutdown = on_shutdown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.stacked(scope, receive, send)
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan" and self.on_shutdown is not None:
+                await self.stacked(scope, receive, self._closing_send(send))
+            elif kind == "websocket" and self.is_exempt(scope["path"]):
+                await self.app(scope, receive, send)
+            else:
+                await self.stacked(scope, receive, send)
+            return
+        if self.is_exempt(scope["path"]):
+            await self.app(scope, receive, send)
             return
         ctx = guard_context(scope)
         logger = self.stacked
@@ -317,8 +332,22 @@ class SinglePass:
             if entry is not None:
                 logger.finish(scope, ctx, entry, raised)
 
+    def _closing_send(self, send: Send) -> Send:
+        """Run `on_shutdown` (close the store the guard created) once the writer has flushed."""
 
-class GuardMiddleware:
+        async def closing_send(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                try:
+                    assert self.on_shutdown is not None
+                    await self.on_shutdown()
+                except Exception as exc:
+                    logger.warning("convex-guard: closing the store failed: %r", exc)
+            await send(message)
+
+        return closing_send
+
+
+class GuardMiddleware(SinglePass):
     """Logger → fingerprint → API keys → bot detection → rate limits, configured at once.
 
     `app.add_middleware(GuardMiddleware)` guards the seed's routes with the seed's limits on the
@@ -337,28 +366,18 @@ class GuardMiddleware:
         self.guard = GuardStack.build(app, self.settings)
         self.store = self.guard.store
         self.writer = self.guard.writer
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind in ("http", "websocket") and self.guard.is_exempt(scope["path"]):
-            await self.app(scope, receive, send)
-        elif kind == "lifespan" and self.guard.owns_store:
-            await self.guard.app(scope, receive, self._closing_send(send))
-        else:
-            await self.guard.app(scope, receive, send)
-
-    def _closing_send(self, send: Send) -> Send:
-        """Close the store the guard created once the writer has flushed at shutdown."""
-
-        async def closing_send(message: Message) -> None:
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                try:
-                    await self.store.close()
-                except Exception as exc:
-                    logger.warning("convex-guard: closing the store failed: %r", exc)
-            await send(message)
-
-        return closing_send
+        # The stack's single pass, run as this middleware itself: no extra layer per request.
+        single = self.guard.app
+        super().__init__(
+            app,
+            single.stacked,
+            single.fingerprint,
+            single.keys,
+            single.bots,
+            single.limiter,
+            is_exempt=self.guard.is_exempt,
+            on_shutdown=self.store.close if self.guard.owns_store else None,
+        )
 
 
 def exempt_matcher(paths: Iterable[str]) -> Callable[[str], bool]:

@@ -70,7 +70,7 @@ class RateLimitMiddleware:
         state = scope.get("state")
         ctx = state.get(STATE_KEY) if state else None
         if ctx is None:
-            if not self._matching(scope):
+            if not self._matching(scope).rules:
                 await self.app(scope, receive, send)  # nothing to decide: no context needed
                 return
             ctx = guard_context(scope)
@@ -104,7 +104,7 @@ class RateLimitMiddleware:
         """
         matched = self._matching(scope)
         pending = ctx.pending_bot
-        if not matched and pending is None:
+        if not matched.rules and pending is None:
             return None, None
 
         rules: Sequence[Rule]
@@ -260,9 +260,6 @@ class _Matched:
             if all(r is not None for r in requests)
             else None
         )
-
-    def __bool__(self) -> bool:
-        return bool(self.rules)
 
 
 def _policy(rules: Sequence[Rule]) -> str:
