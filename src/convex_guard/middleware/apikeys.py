@@ -99,6 +99,8 @@ def _presented_key(scope: Scope) -> str | None:
             if len(value) > MAX_HEADER_BYTES:
                 raise _Malformed("oversized X-API-Key header")
             api_key.append(value.strip())
+    if not bearer and not api_key:
+        return None  # the usual anonymous request: nothing more to build
     if len(bearer) > 1 or len(api_key) > 1:
         raise _Malformed("several credentials headers")
     found = set(bearer + api_key)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._context import guard_context
+from .._context import STATE_KEY, GuardContext
 from .._errors import ConfigurationError
 from .._limits import LimitConfig
 from .._logging import logger
@@ -289,7 +289,13 @@ class SinglePass:
         if self.is_exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
-        ctx = guard_context(scope)
+        # guard_context(scope), inlined: this runs for every request.
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        ctx = state.get(STATE_KEY)
+        if ctx is None:
+            ctx = state[STATE_KEY] = GuardContext()
         logger = self.stacked
         entry = logger.begin(scope)
         headers: list[tuple[bytes, bytes]] | None = None
