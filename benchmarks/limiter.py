@@ -75,10 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     many = [f"client-{i}" for i in range(100_000)]
-    # (keys, decisions): one hot key; 100,000 clients making 3 and 10 requests each (the first
-    # request of each client creates its state, so the share of creations differs).
+    # (keys, decisions): one hot key; 100,000 clients making 1, 3 and 10 requests each (the
+    # first request of each client creates its state, so the share of creations differs: all,
+    # a third, a tenth).
     cases: dict[str, tuple[list[str], int]] = {
         "1 key": (["hot"], args.ops),
+        "100,000 keys x 1": (many, 100_000),
         "100,000 keys x 3": (many, 300_000),
         "100,000 keys x 10": (many, 1_000_000),
     }
