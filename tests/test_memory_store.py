@@ -14,7 +14,8 @@ from convex_guard import (
     MemoryStore,
     TokenBucket,
 )
-from convex_guard._store import AIRequestLog, BotCheck, LogBatch
+from convex_guard._memory import MAX_BATCH_IDS
+from convex_guard._store import AIRequestLog, AuthFailure, BotCheck, LogBatch
 
 
 class Clock:
@@ -149,3 +150,17 @@ async def test_kept_log_rows_cost_the_garbage_collector_nothing() -> None:
     assert store.ai_logs == rows[2:]  # the oldest dropped past max_rows
     stats = await store.provider_stats("openai", 0, 10)
     assert (stats.total_requests, stats.total_tokens) == (3, 2 + 3 + 4)
+
+
+async def test_batch_ids_are_remembered_for_retries_within_a_bound() -> None:
+    """A retried batch lands once; the ids kept for that stay bounded on a long-lived store."""
+    store = MemoryStore()
+    row = AuthFailure(key_hash="h", timestamp=1.0)
+    await store.write_logs(LogBatch(id="first", auth_failures=[row]))
+    await store.write_logs(LogBatch(id="first", auth_failures=[row]))  # the retry
+    assert len(store.auth_failures) == 1
+    for n in range(MAX_BATCH_IDS + 50):
+        await store.write_logs(LogBatch(id=f"b{n}"))
+    assert len(store._batches) == MAX_BATCH_IDS
+    await store.write_logs(LogBatch(id=f"b{MAX_BATCH_IDS + 49}", auth_failures=[row]))
+    assert len(store.auth_failures) == 1  # a recent id is still known

@@ -45,6 +45,9 @@ Clock = Callable[[], float]
 Random = Callable[[], float]
 R = TypeVar("R", AIRequestLog, EmbeddingRequestLog, AuthFailure)
 
+#: How many applied batch ids a MemoryStore remembers to make retries idempotent.
+MAX_BATCH_IDS = 10_000
+
 _SEVERITY: dict[BotAction, int] = {"allowed": 0, "challenged": 1, "blocked": 2}
 
 
@@ -114,7 +117,10 @@ class MemoryStore:
         self._ai_logs = _Rows(AIRequestLog, max_rows)
         self._embedding_logs = _Rows(EmbeddingRequestLog, max_rows)
         self._auth_failures = _Rows(AuthFailure, max_rows)
+        # Batch ids already applied, so a retried batch lands once; only the most recent are
+        # kept (a writer retries a batch within seconds), so memory stays bounded.
         self._batches: set[str] = set()
+        self._batch_order: deque[str] = deque()
 
     def __repr__(self) -> str:
         return f"MemoryStore(limit_keys={self.limit_keys}, api_keys={len(self._keys)})"
@@ -388,6 +394,9 @@ class MemoryStore:
         if batch.id in self._batches:
             return
         self._batches.add(batch.id)
+        self._batch_order.append(batch.id)
+        if len(self._batch_order) > MAX_BATCH_IDS:
+            self._batches.discard(self._batch_order.popleft())
         self._ai_logs.extend(batch.ai_requests)
         self._embedding_logs.extend(batch.embedding_requests)
         self._auth_failures.extend(batch.auth_failures)
