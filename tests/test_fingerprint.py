@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
+import pytest
 import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
+from convex_guard import FingerprintMiddleware
+from convex_guard._context import GuardContext
 from convex_guard._fingerprint import DEFAULT_FIELDS, canonical_form, fingerprint
 
 BROWSER = [
@@ -85,3 +89,11 @@ def test_order_and_name_case_do_not_matter(
 def test_any_bytes_never_raise(headers: list[tuple[bytes, bytes]]) -> None:
     assert len(fingerprint(headers)) == 16
     assert len(fingerprint(headers, [b"\xff", b""])) == 16
+
+
+@pytest.mark.parametrize("client", [None, ("", 0), (None, 0)])
+def test_a_request_without_a_usable_peer_is_the_unknown_client(client: Any) -> None:
+    ctx = GuardContext()
+    FingerprintMiddleware(None).identify({"headers": [], "client": client}, ctx)  # type: ignore[arg-type]
+    assert (ctx.client_ip, ctx.client_key) == ("unknown", "unknown")
+    assert ctx.fingerprint and ctx.user_agent == ""

@@ -21,6 +21,8 @@ from .._fingerprint import DEFAULT_FIELDS, fingerprint
 from .._headers import header_value
 from .._order import FINGERPRINT, mark
 
+_UNKNOWN = (UNKNOWN_CLIENT, UNKNOWN_CLIENT)
+
 
 class FingerprintMiddleware:
     """Put `client_ip`, `client_key`, `fingerprint` and `user_agent` into the guard context.
@@ -75,23 +77,20 @@ class FingerprintMiddleware:
         headers = scope["headers"]
         client = scope.get("client")
         if not self._trusting:
-            if client:
-                ctx.client_ip, ctx.client_key = peer_keys(client[0], self.ipv6_prefix)
-            else:
-                ctx.client_ip = ctx.client_key = UNKNOWN_CLIENT
-            ctx.fingerprint = fingerprint(headers, self.fields)
-            ctx.user_agent = header_value(headers, b"user-agent") or ""
-            return
-        address = client_ip(
-            client[0] if client else None,
-            headers,
-            self.trusted,
-            ipv6_prefix=128,
-            header=self.forwarded_header,
-        )
-        ctx.client_ip = address
-        ctx.client_key = (
-            ip_key(IPv6Address(address), self.ipv6_prefix) if ":" in address else address
-        )
+            # No proxy to believe: the peer is the client, its two keys cached per address.
+            peer = client[0] if client else None
+            ctx.client_ip, ctx.client_key = peer_keys(peer, self.ipv6_prefix) if peer else _UNKNOWN
+        else:
+            address = client_ip(
+                client[0] if client else None,
+                headers,
+                self.trusted,
+                ipv6_prefix=128,
+                header=self.forwarded_header,
+            )
+            ctx.client_ip = address
+            ctx.client_key = (
+                ip_key(IPv6Address(address), self.ipv6_prefix) if ":" in address else address
+            )
         ctx.fingerprint = fingerprint(headers, self.fields)
         ctx.user_agent = header_value(headers, b"user-agent") or ""

@@ -248,8 +248,8 @@ class GuardStack:
 class SinglePass:
     """The stack of `GuardStack`, run as one middleware on HTTP requests.
 
-    Each HTTP request goes through the same steps the stacked middlewares take (their
-    `identify`, `authenticate`, `inspect`, `decide`, `begin`/`finish`, in the same order) but
+    Each HTTP request goes through the same steps the stacked middlewares take, in the same
+    order (`begin`, `identify`, `screen`/`verify`, `screen`/`decide`, `decide`, `finish`), but
     in one coroutine with one wrapped `send`: five layers of calls and wrappers cost more than
     the work itself. Lifespan (the order checks, the writer's start and flush) goes through
     the stack as built, then `on_shutdown`; exempt paths go straight to the app.
