@@ -170,11 +170,12 @@ def client_ip(
 
 @lru_cache(maxsize=_CACHE_SIZE)
 def peer_keys(peer: str, ipv6_prefix: int = 64) -> tuple[str, str]:
-    """`client_ip` of a peer behind no trusted proxy, and its rate-limit key, in one lookup.
+    """A client's address and its rate-limit key, in one cached lookup.
 
     The same as ``client_ip(peer, (), TrustedProxies(), ipv6_prefix=128)`` and
-    ``client_ip(peer, (), TrustedProxies(), ipv6_prefix=ipv6_prefix)``: with no proxy to
-    trust, every request from one peer resolves alike, so the pair is cached whole.
+    ``client_ip(peer, (), TrustedProxies(), ipv6_prefix=ipv6_prefix)``: `peer` is the TCP
+    peer, or the address `client_ip` resolved behind trusted proxies. Every request from one
+    client asks the same, so the pair is cached whole.
     """
     address = _parse(peer)
     if address is None:

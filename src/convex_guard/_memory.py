@@ -193,17 +193,13 @@ class MemoryStore:
             try:
                 result = request.config.decider(cell, now, request.count, request.reserve)
             except ConfigurationError as exc:
-                for cell, value, ts in reversed(touched):
-                    cell[0] = value
-                    cell[1] = ts
+                _restore(touched)
                 raise ConfigurationError(f"{exc} (limit {name!r})") from None
             if not result.ok:
                 ok = False
             results.append(result)
         if not ok:
-            for cell, value, ts in reversed(touched):
-                cell[0] = value
-                cell[1] = ts
+            _restore(touched)
         elif fresh is not None:
             for (name, key), (cell, config) in fresh.items():
                 self._insert(name, key, cell, config, now, full_at(config, cell))
@@ -459,6 +455,13 @@ class MemoryStore:
 
     async def close(self) -> None:
         return None
+
+
+def _restore(touched: list[tuple[StateCell, float, float]]) -> None:
+    """Undo a check's decisions in place: each cell back to the value and time it held."""
+    for cell, value, ts in reversed(touched):
+        cell[0] = value
+        cell[1] = ts
 
 
 class _Rows(Generic[R]):

@@ -112,13 +112,9 @@ class Rule:
         fixed = self.fixed_request
         if fixed is not None:
             return fixed
-        key = self.key
-        if key == "ip":  # the usual keyed rule, first
-            value: str | None = ctx.client_key or peer_ip(scope)
-        else:
-            applies, value = self.resolve_key(scope, ctx, request)
-            if not applies:
-                return None
+        applies, value = self.resolve_key(scope, ctx, request)
+        if not applies:
+            return None
         count = self.count
         return LimitRequest(
             self.name, self.config, value, count(request()) if callable(count) else count

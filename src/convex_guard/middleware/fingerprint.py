@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from ipaddress import IPv6Address
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -12,7 +11,6 @@ from .._clientip import (
     ForwardedHeader,
     TrustedProxies,
     client_ip,
-    ip_key,
     peer_keys,
 )
 from .._context import GuardContext, guard_context
@@ -76,21 +74,13 @@ class FingerprintMiddleware:
         """Fill the context's client fields and fingerprint (`GuardMiddleware` calls it too)."""
         headers = scope["headers"]
         client = scope.get("client")
-        if not self._trusting:
-            # No proxy to believe: the peer is the client, its two keys cached per address.
-            peer = client[0] if client else None
-            ctx.client_ip, ctx.client_key = peer_keys(peer, self.ipv6_prefix) if peer else _UNKNOWN
-        else:
-            address = client_ip(
-                client[0] if client else None,
-                headers,
-                self.trusted,
-                ipv6_prefix=128,
-                header=self.forwarded_header,
+        peer = client[0] if client else None
+        if self._trusting:
+            # Behind a trusted proxy the client is the first untrusted forwarded hop.
+            peer = client_ip(
+                peer, headers, self.trusted, ipv6_prefix=128, header=self.forwarded_header
             )
-            ctx.client_ip = address
-            ctx.client_key = (
-                ip_key(IPv6Address(address), self.ipv6_prefix) if ":" in address else address
-            )
+        # The address and its limit key, cached per address.
+        ctx.client_ip, ctx.client_key = peer_keys(peer, self.ipv6_prefix) if peer else _UNKNOWN
         ctx.fingerprint = fingerprint(headers, self.fields)
         ctx.user_agent = header_value(headers, b"user-agent") or ""

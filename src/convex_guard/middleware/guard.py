@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._context import STATE_KEY, GuardContext
+from .._context import guard_context
 from .._errors import ConfigurationError
 from .._limits import LimitConfig
 from .._logging import logger
@@ -169,14 +169,28 @@ def resolve_store(
 
 @dataclass
 class GuardStack:
-    """The five middlewares around `app`, with the store and the writer they share."""
+    """The five middlewares around `inner`, with the store and the writer they share.
 
-    app: SinglePass
+    `stacked` is the outermost of them, the whole stack as middlewares; `app` runs the same
+    middlewares' steps in a single pass (what `GuardMiddleware` and the WSGI/Django bridge
+    serve requests with).
+    """
+
+    inner: ASGIApp
     settings: GuardSettings
     store: Store
     owns_store: bool
     writer: LogWriter
     is_exempt: Callable[[str], bool]
+    stacked: RequestLoggerMiddleware
+    fingerprint: FingerprintMiddleware
+    keys: ApiKeyMiddleware | None
+    bots: BotDetectionMiddleware | None
+    limiter: RateLimitMiddleware | None
+
+    @functools.cached_property
+    def app(self) -> SinglePass:
+        return SinglePass(self)
 
     @classmethod
     def build(cls, app: ASGIApp, settings: GuardSettings) -> GuardStack:
@@ -234,14 +248,18 @@ class GuardStack:
             provider=provider_from_path(settings.ai_path),
             embeddings_path=settings.embeddings_path,
         )
-        is_exempt = exempt_matcher(settings.exempt_paths)
         return cls(
-            app=SinglePass(app, stacked, fingerprint, keys, bots, limiter, is_exempt=is_exempt),
+            inner=app,
             settings=settings,
             store=store,
             owns_store=owns,
             writer=writer,
-            is_exempt=is_exempt,
+            is_exempt=exempt_matcher(settings.exempt_paths),
+            stacked=stacked,
+            fingerprint=fingerprint,
+            keys=keys,
+            bots=bots,
+            limiter=limiter,
         )
 
 
@@ -256,24 +274,16 @@ class SinglePass:
     """
 
     def __init__(
-        self,
-        app: ASGIApp,
-        stacked: RequestLoggerMiddleware,
-        fingerprint: FingerprintMiddleware,
-        keys: ApiKeyMiddleware | None,
-        bots: BotDetectionMiddleware | None,
-        limiter: RateLimitMiddleware | None,
-        *,
-        is_exempt: Callable[[str], bool],
-        on_shutdown: Callable[[], Awaitable[None]] | None = None,
+        self, stack: GuardStack, *, on_shutdown: Callable[[], Awaitable[None]] | None = None
     ) -> None:
-        self.app = app
-        self.stacked = stacked
-        self.fingerprint = fingerprint
-        self.keys = keys
-        self.bots = bots
-        self.limiter = limiter
-        self.is_exempt = is_exempt
+        # The stack's parts, as attributes of this object: read on every request.
+        self.app = stack.inner
+        self.stacked = stack.stacked
+        self.fingerprint = stack.fingerprint
+        self.keys = stack.keys
+        self.bots = stack.bots
+        self.limiter = stack.limiter
+        self.is_exempt = stack.is_exempt
         self.on_shutdown = on_shutdown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -289,13 +299,7 @@ class SinglePass:
         if self.is_exempt(scope["path"]):
             await self.app(scope, receive, send)
             return
-        # guard_context(scope), inlined: this runs for every request.
-        state = scope.get("state")
-        if state is None:
-            state = scope["state"] = {}
-        ctx = state.get(STATE_KEY)
-        if ctx is None:
-            ctx = state[STATE_KEY] = GuardContext()
+        ctx = guard_context(scope)
         logger = self.stacked
         entry = logger.begin(scope)
         headers: list[tuple[bytes, bytes]] | None = None
@@ -308,7 +312,7 @@ class SinglePass:
                     message["headers"] = [*message.get("headers", ()), *headers]
             await send(message)
 
-        raised: str | None = None
+        raised: BaseException | None = None
         try:
             # The stack's order: fingerprint, API key, bot check, limits; the first refusal wins.
             self.fingerprint.identify(scope, ctx)
@@ -328,11 +332,8 @@ class SinglePass:
             if answer is None and self.limiter is not None:
                 answer, headers = await self.limiter.decide(scope, receive, ctx)
             await (self.app if answer is None else answer)(scope, receive, guarded_send)
-        except asyncio.CancelledError:
-            raised = "cancelled"  # the client went away, or the server is stopping
-            raise
-        except Exception as exc:
-            raised = type(exc).__name__
+        except BaseException as exc:
+            raised = exc
             raise
         finally:
             if entry is not None:
@@ -368,51 +369,23 @@ class GuardMiddleware(SinglePass):
         if settings is not None and not isinstance(settings, GuardSettings):
             raise ConfigurationError("settings must be a GuardSettings")
         self.settings = (settings or GuardSettings()).with_options(options)
-        self.app = app
         self.guard = GuardStack.build(app, self.settings)
         self.store = self.guard.store
         self.writer = self.guard.writer
-        # The stack's single pass, run as this middleware itself: no extra layer per request.
-        single = self.guard.app
+        # The single pass is this middleware itself: no extra layer per request.
         super().__init__(
-            app,
-            single.stacked,
-            single.fingerprint,
-            single.keys,
-            single.bots,
-            single.limiter,
-            is_exempt=self.guard.is_exempt,
-            on_shutdown=self.store.close if self.guard.owns_store else None,
+            self.guard, on_shutdown=self.store.close if self.guard.owns_store else None
         )
 
 
 def exempt_matcher(paths: Iterable[str]) -> Callable[[str], bool]:
-    """Whether a path is exempt, as `_path_matcher` says for each; asked on every request.
-
-    Prefixes become one set lookup and one `startswith` over a tuple, so the usual handful of
-    exempt paths costs the same as one.
-    """
-    exact: set[str] = set()
-    boundaries: list[str] = []
-    patterns: list[Callable[[str], bool]] = []
-    for path in paths:
-        matcher = _path_matcher(path)  # validates it
-        if not isinstance(path, str):
-            patterns.append(matcher)  # a compiled regex
-            continue
-        prefix = path.rstrip("/")
-        if not prefix:
-            return lambda _: True
-        exact.add(prefix)
-        boundaries.append(prefix + "/")
-    starts = tuple(boundaries)
-    if patterns:
-        return lambda path: (
-            path in exact or path.startswith(starts) or any(match(path) for match in patterns)
-        )
-    if not exact:
+    """Whether a path is exempt; asked on every request, so one path is its matcher itself."""
+    matchers = [_path_matcher(p) for p in paths]
+    if not matchers:
         return lambda _: False
-    return lambda path: path in exact or path.startswith(starts)
+    if len(matchers) == 1:
+        return matchers[0]
+    return lambda path: any(match(path) for match in matchers)
 
 
 __all__ = ["GuardMiddleware", "GuardSettings", "GuardStack", "default_key_routes"]

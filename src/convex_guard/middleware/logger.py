@@ -140,14 +140,11 @@ class RequestLoggerMiddleware:
                 entry.status = message["status"]
             await send(message)
 
-        raised: str | None = None
+        raised: BaseException | None = None
         try:
             await self.app(scope, receive, send_status)
-        except asyncio.CancelledError:
-            raised = "cancelled"  # the client went away, or the server is stopping
-            raise
-        except Exception as exc:
-            raised = type(exc).__name__
+        except BaseException as exc:
+            raised = exc
             raise
         finally:
             self.finish(scope, ctx, entry, raised)
@@ -165,11 +162,15 @@ class RequestLoggerMiddleware:
             return None
         return LogEntry(provider, self.clock())
 
-    def finish(self, scope: Scope, ctx: GuardContext, entry: LogEntry, raised: str | None) -> None:
+    def finish(
+        self, scope: Scope, ctx: GuardContext, entry: LogEntry, raised: BaseException | None
+    ) -> None:
         """Buffer the request's row: failed if the guard refused it, it erred or raised."""
         latency = (time.perf_counter() - entry.started) * 1000.0
         status = entry.status
-        error = ctx.rejected or raised or (f"http_{status}" if status >= 400 else None)
+        error = (
+            ctx.rejected or _raised_error(raised) or (f"http_{status}" if status >= 400 else None)
+        )
         provider = entry.provider
         if provider is None:
             self.writer.add(self._embedding_row(ctx, entry.timestamp, latency, error))
@@ -215,6 +216,15 @@ class RequestLoggerMiddleware:
             model=usage.model or UNKNOWN_MODEL,
             error=error,
         )
+
+
+def _raised_error(raised: BaseException | None) -> str | None:
+    """What a request that raised is logged with: its exception's class, or "cancelled"."""
+    if isinstance(raised, asyncio.CancelledError):
+        return "cancelled"  # the client went away, or the server is stopping
+    if isinstance(raised, Exception):
+        return type(raised).__name__
+    return None
 
 
 class LogEntry:
