@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -173,6 +174,7 @@ def make_app(store: Store, writer: LogWriter | None = None, **options: Any) -> S
 def test_every_request_is_logged_with_its_outcome() -> None:
     store = MemoryStore()
     writer = LogWriter(store, interval=60)  # only the shutdown flush writes
+    started = time.time() * 1000
     with serve(make_app(store, writer)) as server, httpx.Client(base_url=server.url) as c:
         assert c.post("/api/ai/openai/chat").status_code == 200
         assert c.get("/api/ai/groq/boom", headers={"Connection": "close"}).status_code == 500
@@ -196,11 +198,17 @@ def test_every_request_is_logged_with_its_outcome() -> None:
         "127.0.0.1",
     )
     assert all(r.latency_ms >= 0 for r in logs)
+    # Every field lands in its own column (rows are built positionally on the hot path).
+    ended = time.time() * 1000
+    assert all(started <= r.timestamp <= ended for r in logs)
+    assert all(r.latency_ms < ended - started for r in logs)
+    assert first.fingerprint == "" and first.user_id is None  # no fingerprint middleware here
     assert logs[1].model == "unknown" and logs[1].tokens_used is None
     (embedding,) = store.embedding_logs
     assert (embedding.batch_size, embedding.tokens_used, embedding.model) == (3, 30, "nomic-embed")
     assert embedding.api_key_hash == NO_KEY and len(embedding.request_id) == 32
     assert embedding.success and embedding.error is None
+    assert started <= embedding.timestamp <= ended and 0 <= embedding.latency_ms < ended - started
 
 
 def test_shutdown_flushes_everything_through_the_lifespan() -> None:

@@ -52,7 +52,9 @@ class GuardContext:
     limits: dict[str, LimitResult] = field(default_factory=dict)
     #: Why the guard itself answered (e.g. "rate_limited:ipAIRequests"), for the request log.
     rejected: str | None = None
-    usage: Usage = field(default_factory=Usage)
+    #: What `report_usage` recorded; None until the app reports something (most requests
+    #: never do, so none pays for an empty one).
+    usage: Usage | None = None
 
 
 @dataclass(slots=True)

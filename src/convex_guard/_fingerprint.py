@@ -73,4 +73,4 @@ def fingerprint(
     Equal to ``xxhash.xxh3_64(canonical_form(headers, fields)).hexdigest()``; the one-shot
     function avoids creating a hasher object on every request.
     """
-    return str(xxhash.xxh3_64_hexdigest(canonical_form(headers, fields)))
+    return xxhash.xxh3_64_hexdigest(canonical_form(headers, fields))

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._apikeys import NO_KEY
-from .._context import GuardContext, guard_context
+from .._context import GuardContext, Usage, guard_context
 from .._errors import ConfigurationError
 from .._logwriter import LogWriter, run_lifespan
 from .._order import LOGGER, mark
@@ -22,6 +22,7 @@ from .._store import AIRequestLog, EmbeddingRequestLog, Store
 DEFAULT_AI_PATH = "/api/ai"
 DEFAULT_EMBEDDINGS_PATH = "/api/embeddings"
 UNKNOWN_MODEL = "unknown"
+_NOTHING_REPORTED = Usage()  # read only: what the row of a request that reported nothing says
 
 #: Gets the request's scope, returns its provider, or `None` to leave the request unlogged.
 ProviderResolver = Callable[[Scope], str | None]
@@ -56,7 +57,10 @@ def report_usage(
         raise ValueError("items must be a non-negative int")
     if cost is not None and not (0 <= cost < math.inf):
         raise ValueError("cost must be a non-negative, finite number")
-    usage = guard_context(scope).usage
+    ctx = guard_context(scope)
+    usage = ctx.usage
+    if usage is None:
+        usage = ctx.usage = Usage()
     if model is not None:
         usage.model = model
     if tokens is not None:
@@ -120,6 +124,8 @@ class RequestLoggerMiddleware:
             _path_matcher(embeddings_path) if embeddings_path is not None else lambda _: False
         )
         self.clock: Clock = clock or _wall_clock_ms
+        # The wall clock is read inline on every request: a call through `clock` costs more.
+        self._wall = clock is None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -156,11 +162,12 @@ class RequestLoggerMiddleware:
         (`GuardMiddleware` does both in its own single pass).
         """
         if self._is_embedding(scope["path"]):
-            return LogEntry(None, self.clock())
-        provider = self.provider(scope)
-        if provider is None:
-            return None
-        return LogEntry(provider, self.clock())
+            provider = None
+        else:
+            provider = self.provider(scope)
+            if provider is None:
+                return None
+        return LogEntry(provider, time.time() * 1000.0 if self._wall else self.clock())
 
     def finish(
         self, scope: Scope, ctx: GuardContext, entry: LogEntry, raised: BaseException | None
@@ -168,9 +175,12 @@ class RequestLoggerMiddleware:
         """Buffer the request's row: failed if the guard refused it, it erred or raised."""
         latency = (time.perf_counter() - entry.started) * 1000.0
         status = entry.status
-        error = (
-            ctx.rejected or _raised_error(raised) or (f"http_{status}" if status >= 400 else None)
-        )
+        error = ctx.rejected
+        if error is None:
+            if raised is not None:
+                error = _raised_error(raised)
+            if error is None and status >= 400:
+                error = f"http_{status}"
         provider = entry.provider
         if provider is None:
             self.writer.add(self._embedding_row(ctx, entry.timestamp, latency, error))
@@ -186,35 +196,37 @@ class RequestLoggerMiddleware:
         latency: float,
         error: str | None,
     ) -> AIRequestLog:
-        usage = ctx.usage
+        usage = ctx.usage or _NOTHING_REPORTED
+        # Positional, in the fields' order: keywords cost more than the rest of the row
+        # (one row per request).
         return AIRequestLog(
-            timestamp=timestamp,
-            provider=provider,
-            model=usage.model or UNKNOWN_MODEL,
-            fingerprint=ctx.fingerprint or "",
-            ip=ctx.client_ip or peer_ip(scope),
-            success=error is None,
-            latency_ms=latency,
-            user_id=ctx.user_id,
-            error=error,
-            tokens_used=usage.tokens,
-            cost=usage.cost,
+            timestamp,
+            provider,
+            usage.model or UNKNOWN_MODEL,
+            ctx.fingerprint or "",
+            ctx.client_ip or peer_ip(scope),
+            error is None,
+            latency,
+            ctx.user_id,
+            error,
+            usage.tokens,
+            usage.cost,
         )
 
     def _embedding_row(
         self, ctx: GuardContext, timestamp: float, latency: float, error: str | None
     ) -> EmbeddingRequestLog:
-        usage = ctx.usage
-        return EmbeddingRequestLog(
-            request_id=uuid.uuid4().hex,
-            api_key_hash=ctx.api_key_hash or NO_KEY,
-            timestamp=timestamp,
-            batch_size=usage.items or 0,
-            latency_ms=latency,
-            tokens_used=usage.tokens or 0,
-            success=error is None,
-            model=usage.model or UNKNOWN_MODEL,
-            error=error,
+        usage = ctx.usage or _NOTHING_REPORTED
+        return EmbeddingRequestLog(  # positional, as the AI row
+            uuid.uuid4().hex,
+            ctx.api_key_hash or NO_KEY,
+            timestamp,
+            usage.items or 0,
+            latency,
+            usage.tokens or 0,
+            error is None,
+            usage.model or UNKNOWN_MODEL,
+            error,
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -113,7 +113,7 @@ class RateLimitMiddleware:
         if fixed is not None:
             rules, limits = matched.rules, fixed
         else:
-            rules, limits, refusal = self._wanted(scope, receive, ctx, matched.rules)
+            rules, limits, refusal = self._wanted(scope, receive, ctx, matched)
             if refusal is not None:
                 return refusal, None
         if not rules and pending is None:
@@ -155,9 +155,11 @@ class RateLimitMiddleware:
         if not rules:
             return None, None
         results = outcome.results
+        if len(results) != len(rules):  # a store bug; checked here because `strict=` costs more
+            raise RuntimeError(f"store answered {len(results)} limits for {len(rules)}")
         limits_seen = ctx.limits
         fields: list[str] = []
-        for rule, result in zip(rules, results, strict=True):
+        for rule, result in zip(rules, results):  # noqa: B905 (lengths checked above)
             limits_seen[rule.name] = result
             fields.append(ratelimit_header(rule.name, result))
         policy = matched.policy if rules is matched.rules else _policy(rules)
@@ -193,20 +195,14 @@ class RateLimitMiddleware:
         ]
 
     def _wanted(
-        self, scope: Scope, receive: Receive, ctx: GuardContext, matched: tuple[Rule, ...]
+        self, scope: Scope, receive: Receive, ctx: GuardContext, matched: _Matched
     ) -> tuple[Sequence[Rule], list[LimitRequest], ASGIApp | None]:
         """The rules that apply to this request and what each asks of the store."""
-        request: Request | None = None
-
-        def get_request() -> Request:
-            nonlocal request
-            if request is None:
-                request = Request(scope, receive)
-            return request
+        get_request = _lazy_request(scope, receive) if matched.needs_request else _no_request
 
         rules: list[Rule] = []
         limits: list[LimitRequest] = []
-        for rule in matched:
+        for rule in matched.rules:
             try:
                 wanted = rule.limit_request(scope, ctx, get_request)
             except Exception:
@@ -219,7 +215,8 @@ class RateLimitMiddleware:
                 rules.append(rule)
                 limits.append(wanted)
         # All applied (the common case): the matched tuple itself, whose policy is cached.
-        return (matched if len(rules) == len(matched) else rules), limits, None
+        applied = matched.rules
+        return (applied if len(rules) == len(applied) else rules), limits, None
 
     def _order_problem(self, scope: Scope) -> str | None:
         """Rules keyed by what an outer middleware fills need that middleware outside."""
@@ -247,10 +244,12 @@ class RateLimitMiddleware:
 class _Matched:
     """The rules matching one route, with what can be computed once for them."""
 
-    __slots__ = ("fixed", "policy", "policy_bytes", "rules")
+    __slots__ = ("fixed", "needs_request", "policy", "policy_bytes", "rules")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
+        # Only a key or cost function reads the request: the others need no `Request` made.
+        self.needs_request = any(callable(rule.key) or callable(rule.count) for rule in rules)
         self.policy = _policy(rules)
         self.policy_bytes = self.policy.encode("latin-1")
         requests = [rule.fixed_request for rule in rules]
@@ -264,3 +263,20 @@ class _Matched:
 
 def _policy(rules: Sequence[Rule]) -> str:
     return ", ".join([rule.policy_header for rule in rules])
+
+
+def _lazy_request(scope: Scope, receive: Receive) -> Callable[[], Request]:
+    """The request's `Request`, made on first use and shared by every rule that asks."""
+    request: Request | None = None
+
+    def get_request() -> Request:
+        nonlocal request
+        if request is None:
+            request = Request(scope, receive)
+        return request
+
+    return get_request
+
+
+def _no_request() -> Request:
+    raise AssertionError("no rule of this route reads the request")
