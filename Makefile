@@ -44,10 +44,13 @@ convex-deploy: $(NPM_STAMP)
 	@test -n "$$CONVEX_SELF_HOSTED_ADMIN_KEY" || { echo "set CONVEX_SELF_HOSTED_ADMIN_KEY"; exit 2; }
 	cd convex && npx convex deploy --yes
 
-# Benchmarks need wrk (Debian's package) for the HTTP table; installed here when missing.
+# Benchmarks need wrk and valgrind (Debian's packages) for the HTTP tables; installed here when
+# missing.
 bench: $(STAMP) $(NPM_STAMP)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; } \
 		|| { echo "install wrk (apt-get install wrk) for the HTTP benchmark"; exit 2; }
+	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; } \
+		|| { echo "install valgrind (apt-get install valgrind) for the instructions benchmark"; exit 2; }
 	$(BIN)/python -m benchmarks
 
 clean:

@@ -24,6 +24,7 @@ SECTIONS = [
     ("User-agent classification", "benchmarks.useragent"),
     ("Per-request CPU by middleware (in-process)", "benchmarks.cpu"),
     ("HTTP overhead under wrk", "benchmarks.http_overhead"),
+    ("HTTP: instructions per request (callgrind)", "benchmarks.instructions"),
     ("Convex path: ConvexStore on the loopback test server", "benchmarks.convex_path"),
 ]
 
