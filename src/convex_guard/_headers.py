@@ -16,14 +16,12 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | N
     Latin-1 maps every byte to a character, so no client bytes can make decoding fail.
     """
     # ASGI servers send lower-case names: only a name that is not needs a lower-cased copy.
-    found: list[bytes] = [
-        value
-        for key, value in headers
-        if key == name or (not key.islower() and key.lower() == name)
-    ]
-    if not found:
-        return None
-    return b", ".join(found).decode("latin-1")
+    # A plain loop: a header is rarely repeated, and a list to join costs more than the scan.
+    found: bytes | None = None
+    for key, value in headers:
+        if key == name or (not key.islower() and key.lower() == name):
+            found = value if found is None else found + b", " + value
+    return None if found is None else found.decode("latin-1")
 
 
 def bounded(value: str | None, limit: int = MAX_STORED) -> str:
