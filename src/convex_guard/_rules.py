@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from starlette.requests import Request
 
-from ._clientip import TrustedProxies, client_ip
+from ._clientip import UNKNOWN_CLIENT, peer_keys
 from ._context import GuardContext
 from ._errors import ConfigurationError
 from ._limits import LimitConfig, LimitResult, check_count
@@ -24,7 +24,6 @@ KeyFunction = Callable[[Request], str | None]
 CountFunction = Callable[[Request], float]
 FailPolicy = Literal["open", "closed"]
 
-_NO_PROXIES = TrustedProxies()
 _KEY_KINDS = frozenset(("global", "ip", "user", "api_key", "fingerprint"))
 
 
@@ -144,7 +143,8 @@ class Rule:
 def peer_ip(scope: MutableMapping[str, Any]) -> str:
     """The TCP peer's key (IPv6 by its /64), trusting no header: when no fingerprint runs."""
     client = scope.get("client")
-    return client_ip(client[0] if client else None, (), _NO_PROXIES)
+    peer = client[0] if client else None
+    return peer_keys(peer)[1] if peer else UNKNOWN_CLIENT
 
 
 def authenticated_user(scope: MutableMapping[str, Any]) -> str | None:

@@ -230,7 +230,7 @@ class RequestLoggerMiddleware:
         )
 
 
-def _raised_error(raised: BaseException | None) -> str | None:
+def _raised_error(raised: BaseException) -> str | None:
     """What a request that raised is logged with: its exception's class, or "cancelled"."""
     if isinstance(raised, asyncio.CancelledError):
         return "cancelled"  # the client went away, or the server is stopping

@@ -162,7 +162,11 @@ class RateLimitMiddleware:
         for rule, result in zip(rules, results):  # noqa: B905 (lengths checked above)
             limits_seen[rule.name] = result
             fields.append(ratelimit_header(rule.name, result))
-        policy = matched.policy if rules is matched.rules else _policy(rules)
+        if rules is matched.rules:  # all applied: the route's fields, computed once
+            policy, policy_bytes = matched.policy, matched.policy_bytes
+        else:
+            policy = _policy(rules)
+            policy_bytes = policy.encode("latin-1")
         if not outcome.ok:
             violated = [
                 (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
@@ -187,10 +191,7 @@ class RateLimitMiddleware:
                 extra={"violated-policies": names},
             ), None
         return None, [
-            (
-                b"ratelimit-policy",
-                matched.policy_bytes if rules is matched.rules else policy.encode("latin-1"),
-            ),
+            (b"ratelimit-policy", policy_bytes),
             (b"ratelimit", ", ".join(fields).encode("latin-1")),
         ]
 
