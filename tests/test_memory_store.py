@@ -39,7 +39,9 @@ async def test_refilled_state_is_forgotten_without_a_full_scan() -> None:
         # Each new key sweeps two of the oldest, which are full again and dropped.
         assert store.limit_keys == max(1_000 - 2 * (i + 1), 0) + (i + 1)
     assert store.limit_keys == 2_000
-    assert not any(k.startswith("10.0.") for k in store._limits["ip"])  # all old keys dropped
+    assert not any(
+        k.startswith("10.0.") for k in store._limits["ip"].states
+    )  # all old keys dropped
 
 
 async def test_memory_stays_bounded_under_a_stream_of_distinct_keys() -> None:
@@ -77,7 +79,27 @@ async def test_check_sees_its_own_consumption_for_repeated_slots() -> None:
     twice = [LimitRequest("a", config, "k", 2), LimitRequest("a", config, "k", 2)]
     outcome = await store.check(twice)
     assert not outcome.ok  # 2 + 2 > 3, even though each alone fits
+    assert store.limit_keys == 0  # the new state stored for the first is dropped again
     assert (await store.peek("a", config, key="k")).remaining == 3
+    admitted = await store.check([*twice[:1], LimitRequest("a", config, "k", 1)])
+    assert admitted.ok and [r.remaining for r in admitted.results] == [1, 0]
+    assert store.limit_keys == 1
+
+
+async def test_limit_states_cost_the_garbage_collector_nothing() -> None:
+    """States are tuples of floats, which the collector stops tracking: a store holding
+    100,000 keys adds nothing to a full collection (a list per key cost 65 ms each)."""
+    store = MemoryStore(clock=Clock())
+    bucket = TokenBucket(rate=10, period=MINUTE)
+    window = FixedWindow(rate=100, period=MINUTE)
+    for i in range(50):
+        await store.limit("a", bucket, key=f"k{i}")
+        outcome = await store.check([LimitRequest("b", window, f"k{i}"), LimitRequest("c", window)])
+        assert outcome.ok
+    gc.collect()
+    states = [state for limit in store._limits.values() for state in limit.states.values()]
+    assert len(states) == 50 + 50 + 1
+    assert not any(gc.is_tracked(state) for state in states)
 
 
 async def test_bot_escalation_and_no_consumption_when_blocked() -> None:

@@ -16,7 +16,7 @@ from ._errors import ConfigurationError
 from ._limits import (
     LimitConfig,
     LimitResult,
-    StateCell,
+    LimitState,
     check_count,
     full_at,
 )
@@ -103,11 +103,8 @@ class MemoryStore:
         # than the rest of a token-bucket decision.
         self._wall = clock is None
         self._random: Random = random or _random.random
-        # name -> key -> [value, ts], updated in place (a nested dict spares building a tuple
-        # key per request).
-        self._limits: dict[str, dict[str | None, StateCell]] = {}
-        # The config each name was last used with, so the sweep can tell when a state is full.
-        self._configs: dict[str, LimitConfig] = {}
+        # name -> its states by key (a nested dict spares building a tuple key per request).
+        self._limits: dict[str, _Limit] = {}
         self._sweep: deque[tuple[str, str | None, float]] = deque()
         self._bot_events: list[BotEvent] = []  # in timestamp order
         self._bot_by_fingerprint: dict[str, list[float]] = {}
@@ -136,18 +133,21 @@ class MemoryStore:
         reserve: bool = False,
     ) -> LimitResult:
         now = _time() * 1000.0 if self._wall else self._clock()
+        limit = self._limits.get(name)  # `_entry`, inlined: the call would cost more
+        if limit is None:
+            limit = self._limits[name] = _Limit(config)
+        elif limit.config is not config:
+            limit.use(config)
+        states = limit.states
         try:  # the decider itself refuses a count that no waiting could admit
-            states = self._limits.get(name)
-            if states is not None:
-                cell = states.get(key)
-                if cell is not None:
-                    return config.decider(cell, now, count, reserve)
-            cell = config.fresh(now, self._random)
-            result = config.decider(cell, now, count, reserve)
+            state = states.get(key)
+            if state is not None:
+                return limit.decide(states, key, state, now, count, reserve)
+            result = limit.decide(states, key, limit.fresh(now, self._random), now, count, reserve)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
         if result.ok:
-            self._insert(name, key, cell, config, now, now + result.reset_after)
+            self._track(name, key, now, now + result.reset_after)
         return result
 
     async def check(
@@ -167,31 +167,33 @@ class MemoryStore:
             if verdict.action != "allowed":
                 return CheckResult(False, (), verdict)
         # Decided in place, then rolled back if any denies: the common case (all admit) pays
-        # for no copies. A (name, key) named twice sees its own earlier consumption.
+        # for no copies. A (name, key) named twice sees its own earlier consumption; a new
+        # state is stored before its decision so that the second sees the same one.
         results: list[LimitResult] = []
         ok = True
-        touched: list[tuple[StateCell, float, float]] = []
-        fresh: dict[tuple[str, str | None], tuple[StateCell, LimitConfig]] | None = None
+        touched: list[tuple[dict[str | None, LimitState], str | None, LimitState | None]] = []
+        fresh: list[tuple[_Limit, str, str | None]] | None = None
         limits_by_name = self._limits
         for request in limits:
             name = request.name
             key = request.key
-            states = limits_by_name.get(name)
-            cell = states.get(key) if states is not None else None
-            if cell is None:
+            entry = limits_by_name.get(name)  # `_entry`, inlined
+            if entry is None:
+                entry = limits_by_name[name] = _Limit(request.config)
+            elif entry.config is not request.config:
+                entry.use(request.config)
+            states = entry.states
+            state = states.get(key)
+            if state is None:
+                state = states[key] = entry.fresh(now, self._random)
+                touched.append((states, key, None))
                 if fresh is None:
-                    fresh = {}
-                slot = (name, key)
-                entry = fresh.get(slot)
-                if entry is None:
-                    entry = fresh[slot] = (
-                        request.config.fresh(now, self._random),
-                        request.config,
-                    )
-                cell = entry[0]
-            touched.append((cell, cell[0], cell[1]))
+                    fresh = []
+                fresh.append((entry, name, key))
+            else:
+                touched.append((states, key, state))
             try:
-                result = request.config.decider(cell, now, request.count, request.reserve)
+                result = entry.decide(states, key, state, now, request.count, request.reserve)
             except ConfigurationError as exc:
                 _restore(touched)
                 raise ConfigurationError(f"{exc} (limit {name!r})") from None
@@ -201,13 +203,26 @@ class MemoryStore:
         if not ok:
             _restore(touched)
         elif fresh is not None:
-            for (name, key), (cell, config) in fresh.items():
-                self._insert(name, key, cell, config, now, full_at(config, cell))
+            for entry, name, key in fresh:
+                # Gone only if a sweep of this loop found it full again: nothing to track.
+                state = entry.states.get(key)
+                if state is not None:
+                    self._track(name, key, now, full_at(entry.config, state))
         return CheckResult(ok, tuple(results), verdict)
 
-    def _cell(self, name: str, key: str | None) -> StateCell | None:
-        states = self._limits.get(name)
-        return states.get(key) if states is not None else None
+    def _entry(self, name: str, config: LimitConfig) -> _Limit:
+        """The name's states, to be decided by `config` (the last config used for a name is
+        the one the sweep judges its states by)."""
+        limit = self._limits.get(name)
+        if limit is None:
+            limit = self._limits[name] = _Limit(config)
+        elif limit.config is not config:
+            limit.use(config)
+        return limit
+
+    def _state(self, name: str, key: str | None) -> LimitState | None:
+        limit = self._limits.get(name)
+        return limit.states.get(key) if limit is not None else None
 
     def _decide_bot(self, bot: BotCheck, now: float) -> BotVerdict:
         """Escalate by history, then by the bot's own limit; record the final decision."""
@@ -216,17 +231,18 @@ class MemoryStore:
         if action == "allowed" and bot.limit is not None:
             # The bot's own limit is consumed whenever the bot is allowed (see BotCheck).
             request = bot.limit
-            cell = self._cell(request.name, request.key)
-            fresh = cell is None
-            if cell is None:
-                cell = request.config.fresh(now, self._random)
-            result = request.config.decider(cell, now, request.count, request.reserve)
+            limit = self._entry(request.name, request.config)
+            state = limit.states.get(request.key)
+            fresh = state is None
+            if state is None:
+                state = limit.fresh(now, self._random)
+            result = limit.decide(
+                limit.states, request.key, state, now, request.count, request.reserve
+            )
             if not result.ok:
                 action = "challenged"
             elif fresh:
-                self._insert(
-                    request.name, request.key, cell, request.config, now, now + result.reset_after
-                )
+                self._track(request.name, request.key, now, now + result.reset_after)
         metadata = dict(bot.metadata or {})
         metadata["previousAttempts"] = previous
         self._add_event(
@@ -242,16 +258,8 @@ class MemoryStore:
         )
         return BotVerdict(action, previous)
 
-    def _insert(
-        self,
-        name: str,
-        key: str | None,
-        cell: StateCell,
-        config: LimitConfig,
-        now: float,
-        full: float,
-    ) -> None:
-        """Store a new state, and sweep two old ones so the sweep outruns growth.
+    def _track(self, name: str, key: str | None, now: float, full: float) -> None:
+        """Enter a new state (already stored) in the sweep, and sweep two old ones.
 
         A state enters the sweep when it is created and leaves when it is dropped, so the sweep
         holds each live state once (plus, briefly, states that were reset). Sweeping two per
@@ -261,11 +269,6 @@ class MemoryStore:
         time for the new state (the decision's `now + reset_after`).
         """
         limits = self._limits
-        states = limits.get(name)
-        if states is None:
-            states = limits[name] = {}
-        states[key] = cell
-        self._configs[name] = config
         sweep = self._sweep
         sweep.append((name, key, full))
         for _ in range(2):
@@ -276,34 +279,36 @@ class MemoryStore:
                 sweep.append(entry)
                 continue
             old_name, old_key, _ = entry
-            old_states = limits.get(old_name)
-            held = old_states.get(old_key) if old_states is not None else None
-            if held is None:
+            old = limits.get(old_name)
+            held = old.states.get(old_key) if old is not None else None
+            if old is None or held is None:
                 continue  # reset already dropped it
-            when = full_at(self._configs[old_name], held)
+            when = full_at(old.config, held)
             if when <= now:
-                del old_states[old_key]  # type: ignore[union-attr]
-                if not old_states:
+                del old.states[old_key]
+                if not old.states:
                     del limits[old_name]
             else:
                 sweep.append((old_name, old_key, when))
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
         # The sweep skips states that are gone, so the deque needs no update here.
-        states = self._limits.get(name)
-        if states is not None:
-            states.pop(key, None)
+        limit = self._limits.get(name)
+        if limit is not None:
+            limit.states.pop(key, None)
 
     async def peek(self, name: str, config: LimitConfig, *, key: str | None = None) -> LimitResult:
         now = self._clock()
-        cell = self._cell(name, key)
-        probe = [cell[0], cell[1]] if cell is not None else config.fresh(now, self._random)
-        return config.decider(probe, now, 0, False)
+        state = self._state(name, key)
+        if state is None:
+            state = config.fresh(now, self._random)
+        # Count 0 always admits: the new state goes to a throwaway mapping.
+        return config.decider({}, key, state, now, 0, False)
 
     @property
     def limit_keys(self) -> int:
         """How many (name, key) states are held: what the sweep keeps bounded."""
-        return sum(len(states) for states in self._limits.values())
+        return sum(len(limit.states) for limit in self._limits.values())
 
     # -- bots ------------------------------------------------------------------------------
     def _add_event(self, event: BotEvent) -> None:
@@ -457,11 +462,37 @@ class MemoryStore:
         return None
 
 
-def _restore(touched: list[tuple[StateCell, float, float]]) -> None:
-    """Undo a check's decisions in place: each cell back to the value and time it held."""
-    for cell, value, ts in reversed(touched):
-        cell[0] = value
-        cell[1] = ts
+class _Limit:
+    """One limit name's states, with the config they were last decided by.
+
+    Its decider and state maker are kept here: read off the pydantic config, each costs more
+    than the arithmetic of a decision.
+    """
+
+    __slots__ = ("config", "decide", "fresh", "states")
+
+    def __init__(self, config: LimitConfig) -> None:
+        self.states: dict[str | None, LimitState] = {}
+        self.use(config)
+
+    def __repr__(self) -> str:
+        return f"_Limit({self.config!r}, states={self.states!r})"
+
+    def use(self, config: LimitConfig) -> None:
+        self.config = config
+        self.decide = config.decider
+        self.fresh = config.fresh
+
+
+def _restore(
+    touched: list[tuple[dict[str | None, LimitState], str | None, LimitState | None]],
+) -> None:
+    """Undo a check's decisions: each state back to what it was, a new one dropped."""
+    for states, key, state in reversed(touched):
+        if state is None:
+            del states[key]
+        else:
+            states[key] = state
 
 
 class _Rows(Generic[R]):
