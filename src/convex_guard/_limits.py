@@ -248,12 +248,7 @@ def _compile(config: LimitConfig) -> Decider:
         return token_bucket
 
     def fixed_window(
-        states: States,
-        key: str | None,
-        state: LimitState,
-        now: float,
-        count: float,
-        reserve: bool,
+        states: States, key: str | None, state: LimitState, now: float, count: float, reserve: bool
     ) -> LimitResult:
         if not 0 <= count <= cap:
             check_count(None, config, count, reserve)
