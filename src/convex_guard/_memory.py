@@ -133,11 +133,9 @@ class MemoryStore:
         reserve: bool = False,
     ) -> LimitResult:
         now = _time() * 1000.0 if self._wall else self._clock()
-        limit = self._limits.get(name)  # `_entry`, inlined: the call would cost more
-        if limit is None:
-            limit = self._limits[name] = _Limit(config)
-        elif limit.config is not config:
-            limit.use(config)
+        limit = self._limits.get(name)
+        if limit is None or limit.config is not config:  # a call only for a new name or config
+            limit = self._entry(name, config)
         states = limit.states
         try:  # the decider itself refuses a count that no waiting could admit
             state = states.get(key)
@@ -177,11 +175,9 @@ class MemoryStore:
         for request in limits:
             name = request.name
             key = request.key
-            entry = limits_by_name.get(name)  # `_entry`, inlined
-            if entry is None:
-                entry = limits_by_name[name] = _Limit(request.config)
-            elif entry.config is not request.config:
-                entry.use(request.config)
+            entry = limits_by_name.get(name)
+            if entry is None or entry.config is not request.config:
+                entry = self._entry(name, request.config)
             states = entry.states
             state = states.get(key)
             if state is None:
