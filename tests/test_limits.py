@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import pytest
 from pydantic import ValidationError
 
-from convex_guard import DAY, HOUR, MINUTE, SECOND, ConfigurationError, FixedWindow, TokenBucket
+from convex_guard import (
+    DAY,
+    HOUR,
+    MINUTE,
+    SECOND,
+    ConfigurationError,
+    FixedWindow,
+    LimitResult,
+    Rule,
+    TokenBucket,
+)
 from convex_guard._limits import check_count, decide, full_at, initial_state
 
 
@@ -191,3 +202,26 @@ def test_to_convex_matches_the_component_validator_fields() -> None:
         "rate": 1.0,
         "period": 2.0,
     }
+
+
+@pytest.mark.parametrize(
+    "config", [TokenBucket(rate=10, period=SECOND), FixedWindow(rate=10, period=SECOND, start=0)]
+)
+def test_admitted_results_have_every_field(config: TokenBucket | FixedWindow) -> None:
+    # The deciders fill admitted results in slot by slot, bypassing __init__: a field added to
+    # LimitResult but not set there would be missing, and only read far from the decision.
+    state = initial_state(config, 0.0, lambda: 0.0)
+    result, _ = decide(config, state, 250.0, count=3)
+    assert result.ok
+    values = {f.name: getattr(result, f.name) for f in fields(LimitResult)}
+    assert result == LimitResult(**values)
+    assert values["retry_after"] is None
+    assert values["remaining"] == pytest.approx(7)
+    expected_reset = 300.0 if isinstance(config, TokenBucket) else 750.0
+    assert values["reset_after"] == pytest.approx(expected_reset)
+
+
+def test_a_constant_rule_cost_is_kept_as_a_float() -> None:
+    rule = Rule("r", FixedWindow(rate=10, period=SECOND), count=2)
+    assert type(rule.count) is float and rule.count == 2.0
+    assert rule.fixed_request is not None and type(rule.fixed_request.count) is float

@@ -300,7 +300,7 @@ class ConvexStore:
         config: LimitConfig,
         *,
         key: str | None = None,
-        count: float = 1,
+        count: float = 1.0,
         reserve: bool = False,
     ) -> LimitResult:
         outcome = await self.check([LimitRequest(name, config, key, count, reserve)])

@@ -129,7 +129,7 @@ class MemoryStore:
         config: LimitConfig,
         *,
         key: str | None = None,
-        count: float = 1,
+        count: float = 1.0,
         reserve: bool = False,
     ) -> LimitResult:
         now = _time() * 1000.0 if self._wall else self._clock()

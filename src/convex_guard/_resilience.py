@@ -193,7 +193,7 @@ class ResilientStore:
         config: LimitConfig,
         *,
         key: str | None = None,
-        count: float = 1,
+        count: float = 1.0,
         reserve: bool = False,
     ) -> LimitResult:
         outcome = await self.check([LimitRequest(name, config, key, count, reserve)])

@@ -62,7 +62,7 @@ class Rule:
     key: KeyKind | KeyFunction = "global"
     path: str | re.Pattern[str] | None = None
     methods: Collection[str] | None = None
-    count: float | CountFunction = 1
+    count: float | CountFunction = 1.0
     fail: FailPolicy = "open"
     _matches_path: Callable[[str], bool] = field(init=False, repr=False, compare=False)
     _methods: frozenset[str] | None = field(init=False, repr=False, compare=False)
@@ -82,6 +82,9 @@ class Rule:
             raise ConfigurationError(f"Rule {self.name!r}: fail must be 'open' or 'closed'")
         if not callable(self.count):
             check_count(self.name, self.config, self.count, False)
+            # Kept as a float: the deciders weigh it against float state on every request,
+            # and an int costs a conversion each time.
+            object.__setattr__(self, "count", float(self.count))
         methods = None if self.methods is None else frozenset(m.upper() for m in self.methods)
         object.__setattr__(self, "_methods", methods)
         object.__setattr__(self, "_matches_path", _path_matcher(self.path))

@@ -33,7 +33,7 @@ class LimitRequest:
     name: str
     config: LimitConfig
     key: str | None = None
-    count: float = 1
+    count: float = 1.0
     reserve: bool = False
 
 
@@ -219,7 +219,7 @@ class Store(Protocol):
         config: LimitConfig,
         *,
         key: str | None = None,
-        count: float = 1,
+        count: float = 1.0,
         reserve: bool = False,
     ) -> LimitResult:
         """Decide and consume one limit."""
