@@ -16,7 +16,7 @@ from .._logging import ThrottledLog, logger
 from .._memory import MemoryStore
 from .._order import API_KEYS, FINGERPRINT, RATE_LIMIT, mark, missing_outside, pass_lifespan
 from .._problem import QUOTA_EXCEEDED, problem
-from .._rules import Rule, ratelimit_header
+from .._rules import Rule, ratelimit_field, ratelimit_template
 from .._store import BotVerdict, LimitRequest, Store
 
 DEFAULT_TIMEOUT = 0.5
@@ -158,15 +158,14 @@ class RateLimitMiddleware:
         if len(results) != len(rules):  # a store bug; checked here because `strict=` costs more
             raise RuntimeError(f"store answered {len(results)} limits for {len(rules)}")
         limits_seen = ctx.limits
-        fields: list[str] = []
         for rule, result in zip(rules, results):  # noqa: B905 (lengths checked above)
             limits_seen[rule.name] = result
-            fields.append(ratelimit_header(rule.name, result))
         if rules is matched.rules:  # all applied: the route's fields, computed once
-            policy, policy_bytes = matched.policy, matched.policy_bytes
+            policy, policy_bytes, template = matched.policy, matched.policy_bytes, matched.template
         else:
             policy = _policy(rules)
             policy_bytes = policy.encode("latin-1")
+            template = ratelimit_template([rule.name for rule in rules])
         if not outcome.ok:
             violated = [
                 (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
@@ -185,14 +184,16 @@ class RateLimitMiddleware:
                     ("RateLimit-Policy", policy),
                     (
                         "RateLimit",
-                        ", ".join(ratelimit_header(rule.name, result) for rule, result in violated),
+                        ratelimit_field(
+                            ratelimit_template(names), [result for _, result in violated]
+                        ).decode("latin-1"),
                     ),
                 ],
                 extra={"violated-policies": names},
             ), None
         return None, [
             (b"ratelimit-policy", policy_bytes),
-            (b"ratelimit", ", ".join(fields).encode("latin-1")),
+            (b"ratelimit", ratelimit_field(template, results)),
         ]
 
     def _wanted(
@@ -245,7 +246,7 @@ class RateLimitMiddleware:
 class _Matched:
     """The rules matching one route, with what can be computed once for them."""
 
-    __slots__ = ("fixed", "needs_request", "policy", "policy_bytes", "rules")
+    __slots__ = ("fixed", "needs_request", "policy", "policy_bytes", "rules", "template")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
@@ -253,6 +254,7 @@ class _Matched:
         self.needs_request = any(callable(rule.key) or callable(rule.count) for rule in rules)
         self.policy = _policy(rules)
         self.policy_bytes = self.policy.encode("latin-1")
+        self.template = ratelimit_template([rule.name for rule in rules])
         requests = [rule.fixed_request for rule in rules]
         # Global rules with constant costs ask the same of the store on every request.
         self.fixed: tuple[LimitRequest, ...] | None = (
