@@ -160,12 +160,10 @@ class RateLimitMiddleware:
         limits_seen = ctx.limits
         for rule, result in zip(rules, results):  # noqa: B905 (lengths checked above)
             limits_seen[rule.name] = result
-        if rules is matched.rules:  # all applied: the route's fields, computed once
-            policy, policy_bytes, template = matched.policy, matched.policy_bytes, matched.template
-        else:
-            policy = _policy(rules)
-            policy_bytes = policy.encode("latin-1")
-            template = ratelimit_template([rule.name for rule in rules])
+        # The route's fields, computed once for all its rules and once per subset of them
+        # (an anonymous caller skips the per-user rule on every request).
+        fields = matched.fields if rules is matched.rules else matched.subset(rules)
+        policy, policy_bytes, template = fields
         if not outcome.ok:
             violated = [
                 (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
@@ -243,18 +241,22 @@ class RateLimitMiddleware:
         )
 
 
+#: A set of rules' `RateLimit-Policy` field, as text and bytes, and its `RateLimit` template.
+_Fields = tuple[str, bytes, bytes]
+
+
 class _Matched:
     """The rules matching one route, with what can be computed once for them."""
 
-    __slots__ = ("fixed", "needs_request", "policy", "policy_bytes", "rules", "template")
+    __slots__ = ("_subsets", "fields", "fixed", "needs_request", "rules")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
         # Only a key or cost function reads the request: the others need no `Request` made.
         self.needs_request = any(callable(rule.key) or callable(rule.count) for rule in rules)
-        self.policy = _policy(rules)
-        self.policy_bytes = self.policy.encode("latin-1")
-        self.template = ratelimit_template([rule.name for rule in rules])
+        self.fields = _fields(rules)
+        # At most one entry per subset of the route's few rules.
+        self._subsets: dict[tuple[str, ...], _Fields] = {}
         requests = [rule.fixed_request for rule in rules]
         # Global rules with constant costs ask the same of the store on every request.
         self.fixed: tuple[LimitRequest, ...] | None = (
@@ -263,9 +265,18 @@ class _Matched:
             else None
         )
 
+    def subset(self, rules: Sequence[Rule]) -> _Fields:
+        """The fields of the rules that applied to one request, when not all of them did."""
+        names = tuple([rule.name for rule in rules])
+        fields = self._subsets.get(names)
+        if fields is None:
+            fields = self._subsets[names] = _fields(rules)
+        return fields
 
-def _policy(rules: Sequence[Rule]) -> str:
-    return ", ".join([rule.policy_header for rule in rules])
+
+def _fields(rules: Sequence[Rule]) -> _Fields:
+    policy = ", ".join([rule.policy_header for rule in rules])
+    return policy, policy.encode("latin-1"), ratelimit_template([rule.name for rule in rules])
 
 
 def _lazy_request(scope: Scope, receive: Receive) -> Callable[[], Request]:
