@@ -162,8 +162,9 @@ class RateLimitMiddleware:
             limits_seen[rule.name] = result
         # The route's fields, computed once for all its rules and once per subset of them
         # (an anonymous caller skips the per-user rule on every request).
-        fields = matched.fields if rules is matched.rules else matched.subset(rules)
-        policy, policy_bytes, template = fields
+        policy, policy_bytes, template = (
+            matched.fields if rules is matched.rules else matched.subset(rules)
+        )
         if not outcome.ok:
             violated = [
                 (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
