@@ -48,3 +48,25 @@ def test_dashboard_points_at_the_backend() -> None:
     dashboard = load()["services"]["dashboard"]  # type: ignore[index]
     assert any(e.startswith("NEXT_PUBLIC_DEPLOYMENT_URL=") for e in dashboard["environment"])
     assert dashboard["depends_on"]["backend"]["condition"] == "service_healthy"
+
+
+#: The first commit of upstream's `release` branch whose images accept what convex 1.48 and the
+#: rate limiter 0.4 push (the `commitTs` validator, /api/deploy2/evaluate_push and the
+#: 1.0/getTransactionMetrics syscall). Moving the pin means checking those again.
+VERIFIED_RELEASE = "652b828b5129e6cdbcaa3c20efa8d116d09ff3bf"
+
+
+def test_backend_and_dashboard_share_the_verified_release_pin() -> None:
+    services = load()["services"]
+    assert isinstance(services, dict)
+    tags = {name: services[name]["image"].rpartition(":")[2] for name in ("backend", "dashboard")}
+    assert tags == {"backend": VERIFIED_RELEASE, "dashboard": VERIFIED_RELEASE}
+
+
+def test_backend_waits_for_postgres_only_when_it_runs() -> None:
+    services = load()["services"]
+    assert isinstance(services, dict)
+    wait = services["backend"]["depends_on"]["postgres"]
+    assert wait == {"condition": "service_healthy", "required": False}
+    assert services["postgres"]["profiles"] == ["postgres"]
+    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
