@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 from convex_guard import (
     MINUTE,
@@ -39,9 +40,11 @@ from convex_guard import (
 )
 from convex_guard.middleware.apikeys import ApiKeyMiddleware
 from convex_guard.middleware.botdetection import BotDetectionMiddleware
+from convex_guard.wsgi import GuardWSGIMiddleware
 
 from .conftest import serve
 from .e2e_checks import BROWSER, CHAT, EMBED, GPTBOT
+from .wsgi_server import serve_wsgi
 
 LIMIT = 3
 #: The WebSocket implementations uvicorn ships with that are installed here (wsproto is not).
@@ -96,6 +99,25 @@ def test_a_mount_under_a_root_path_is_guarded() -> None:
     outer = Starlette(routes=[Mount("/v1", app=create_app(gateway_settings(store), upstream=None))])
     with serve(outer, root_path="/gw") as server:
         check_gateway(server.url + "/v1", store)
+
+
+def wsgi_hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"hello"]
+
+
+def test_a_mounted_wsgi_app_is_guarded_on_its_own_paths() -> None:
+    """Mounted at /api, a WSGI app's PATH_INFO (its route) may itself begin with /api."""
+    store = MemoryStore()
+    guarded = GuardWSGIMiddleware(wsgi_hello, gateway_settings(store))
+    outer = DispatcherMiddleware(wsgi_hello, {"/api": guarded})
+    with serve_wsgi(outer) as url, httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c:
+        codes = [c.post("/api/api/ai/perplexity/chat").status_code for _ in range(LIMIT + 1)]
+        assert codes == [200] * LIMIT + [429], codes
+        assert c.post("/api/api/embeddings").status_code == 401
+        assert c.get("/api/health", headers={"user-agent": GPTBOT}).status_code == 200  # exempt
+    guarded.close()
+    assert {row.provider for row in store.ai_logs} == {"perplexity"}
 
 
 # -- 3. HEAD is GET ----------------------------------------------------------------------------
