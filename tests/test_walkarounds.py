@@ -38,6 +38,7 @@ from convex_guard import (
     RequestLoggerMiddleware,
     Rule,
 )
+from convex_guard._context import route_of
 from convex_guard.middleware.apikeys import ApiKeyMiddleware
 from convex_guard.middleware.botdetection import BotDetectionMiddleware
 from convex_guard.wsgi import GuardWSGIMiddleware
@@ -123,6 +124,26 @@ def test_a_mounted_wsgi_app_is_guarded_on_its_own_paths() -> None:
 # -- 3. HEAD is GET ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("scope", "route"),
+    [
+        ({"type": "http", "method": "HEAD", "path": "/x", "root_path": ""}, ("GET", "/x")),
+        ({"type": "http", "method": "POST", "path": "/gw/x", "root_path": "/gw"}, ("POST", "/x")),
+        ({"type": "http", "method": "GET", "path": "/gwx", "root_path": "/gw"}, ("GET", "/gwx")),
+        ({"type": "http", "method": "GET", "path": "/x", "root_path": "/gw"}, ("GET", "/x")),
+        ({"type": "websocket", "path": "/v1/api/ws", "root_path": "/v1"}, ("GET", "/api/ws")),
+    ],
+)
+def test_the_route_is_starlettes(scope: dict[str, Any], route: tuple[str, str]) -> None:
+    assert route_of(scope) == route
+
+
+def test_a_rule_for_head_is_a_rule_for_get() -> None:
+    rule = Rule("r", FixedWindow(rate=1, period=MINUTE), methods=["head"])
+    assert rule.matches("/", "GET") and not rule.matches("/", "POST")
+    assert KeyRoute("/k", methods=["HEAD", "POST"]).matches("/k", "GET")
+
+
 async def ok(request: Request) -> Response:
     return PlainTextResponse("ok")
 
@@ -182,6 +203,16 @@ def test_monitors_on_probe_paths_are_never_escalated(agent: str, path: str) -> N
     ):
         codes = [c.get(path).status_code for _ in range(30)]
     assert codes == [200] * 30, codes
+
+
+def test_the_probe_paths_are_the_operators_to_change() -> None:
+    app = GuardMiddleware(Starlette(routes=[Route("/healthz", ok)]), bot_probe_paths=[])
+    with (
+        serve(app) as server,
+        httpx.Client(base_url=server.url, headers={"user-agent": "kube-probe/1.29"}) as c,
+    ):
+        codes = [c.get("/healthz").status_code for _ in range(12)]
+    assert codes[:5] == [200] * 5 and codes[-1] == 403, codes  # escalated, as any bot
 
 
 def test_a_crawler_on_a_probe_path_is_still_a_crawler() -> None:

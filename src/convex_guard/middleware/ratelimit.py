@@ -72,10 +72,11 @@ class RateLimitMiddleware:
         state = scope.get("state")
         ctx = state.get(STATE_KEY) if state else None
         if ctx is None:
-            if not self._matching(route_of(scope)).rules:
+            route = route_of(scope)
+            if not self._matching(route).rules:
                 await self.app(scope, receive, send)  # nothing to decide: no context needed
                 return
-            ctx = guard_context(scope)
+            ctx = guard_context(scope, route)
         answer, headers = await self.decide(scope, receive, ctx)
         if answer is not None:
             await refuse(answer, scope, receive, send)
