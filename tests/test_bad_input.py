@@ -15,7 +15,10 @@ import pytest
 from examples.gateway import create_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
 from starlette.types import Message
+from starlette.websockets import WebSocket
 
 from convex_guard import (
     MINUTE,
@@ -92,6 +95,11 @@ client_strategy = st.one_of(
         st.integers(0, 65535),
     ),
 )
+#: A server's `--root-path` or a Mount's prefix; the path the client asked for follows it.
+root_path_strategy = st.one_of(
+    st.sampled_from(["", "/gw", "/v1", "/gw/v1", "/api"]),
+    st.text(max_size=20).map(lambda t: "/" + t),
+)
 body_strategy = st.one_of(
     st.just(json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()),
     st.binary(max_size=200),
@@ -124,6 +132,7 @@ async def call(
     headers: list[tuple[bytes, bytes]],
     client: object,
     body: bytes,
+    root_path: str = "",
 ) -> tuple[int, list[Message]]:
     scope: dict[str, Any] = {
         "type": "http",
@@ -131,9 +140,9 @@ async def call(
         "http_version": "1.1",
         "method": method,
         "scheme": "http",
-        "path": path,
-        "raw_path": path.encode("utf-8", "surrogatepass"),
-        "root_path": "",
+        "path": root_path + path,
+        "raw_path": (root_path + path).encode("utf-8", "surrogatepass"),
+        "root_path": root_path,
         "query_string": b"",
         "headers": headers,
         "server": ("127.0.0.1", 8000),
@@ -200,6 +209,7 @@ def loop_and_app() -> Iterator[tuple[asyncio.Runner, Any, MemoryStore]]:
     headers=headers_strategy,
     client=client_strategy,
     body=body_strategy,
+    root_path=root_path_strategy,
 )
 def test_arbitrary_requests_never_500(
     caplog: pytest.LogCaptureFixture,
@@ -209,18 +219,115 @@ def test_arbitrary_requests_never_500(
     headers: list[tuple[bytes, bytes]],
     client: object,
     body: bytes,
+    root_path: str,
 ) -> None:
+    """Any method (HEAD among them), path, headers and peer, at the root or under a prefix."""
     caplog.set_level(logging.WARNING)
     caplog.clear()
     runner, app, store = loop_and_app
 
     async def run() -> int:
-        status, _ = await call(app, method, path, headers, client, body)
+        status, _ = await call(app, method, path, headers, client, body, root_path)
         await guard_of(app).writer.flush()
         return status
 
     status = runner.run(run())
     assert status < 500, (status, method, path[:80], headers[:3])
+    assert not guard_problems(caplog)
+    check_stored(store)
+
+
+async def realtime(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.send_text(await websocket.receive_text())
+    await websocket.close()
+
+
+@pytest.fixture(scope="module")
+def loop_and_ws_app() -> Iterator[tuple[asyncio.Runner, Any, MemoryStore]]:
+    """The guarded gateway's settings around WebSocket routes under the guarded paths."""
+    store = MemoryStore()
+    rules = [
+        Rule("tiny", TokenBucket(rate=2, period=MINUTE, capacity=2), key="ip", path="/api/ai"),
+        Rule("fp", TokenBucket(rate=5, period=MINUTE), key="fingerprint", path="/api/ai"),
+    ]
+    routes = [WebSocketRoute(p, realtime) for p in ("/api/ai/{provider}/chat", "/api/embeddings")]
+    app = GuardMiddleware(
+        Starlette(routes=routes), GuardSettings(store=store, rules=rules, writer_interval=0.05)
+    )
+    with asyncio.Runner() as runner:
+        yield runner, app, store
+
+
+WS_FIRST = {"websocket.accept", "websocket.close", "websocket.http.response.start"}
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    path=path_strategy,
+    headers=headers_strategy,
+    client=client_strategy,
+    root_path=root_path_strategy,
+    extension=st.booleans(),
+)
+def test_arbitrary_websocket_handshakes_never_500(
+    caplog: pytest.LogCaptureFixture,
+    loop_and_ws_app: tuple[asyncio.Runner, Any, MemoryStore],
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    client: object,
+    root_path: str,
+    extension: bool,
+) -> None:
+    """Any handshake is accepted, closed or answered below 500, before accept if refused:
+    through the HTTP-denial extension only where the server offers it."""
+    caplog.set_level(logging.WARNING)
+    caplog.clear()
+    runner, app, store = loop_and_ws_app
+    scope: dict[str, Any] = {
+        "type": "websocket",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": root_path + path,
+        "raw_path": (root_path + path).encode("utf-8", "surrogatepass"),
+        "root_path": root_path,
+        "query_string": b"",
+        "headers": headers,
+        "server": ("127.0.0.1", 8000),
+        "subprotocols": [],
+        "state": {},
+    }
+    if client != "missing":
+        scope["client"] = client
+    if extension:
+        scope["extensions"] = {"websocket.http.response": {}}
+    sent: list[Message] = []
+    incoming: list[Message] = [{"type": "websocket.connect"}]
+
+    async def receive() -> Message:
+        return incoming.pop() if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "websocket.accept":
+            incoming.append({"type": "websocket.receive", "text": "ping"})
+
+    async def run() -> None:
+        await app(scope, receive, send)
+        await app.writer.flush()
+
+    runner.run(run())
+    assert sent and sent[0]["type"] in WS_FIRST, sent[:2]
+    if sent[0]["type"] == "websocket.http.response.start":
+        assert extension and sent[0]["status"] < 500, sent[0]
+        assert sent[1]["type"] == "websocket.http.response.body"
+    elif sent[0]["type"] == "websocket.accept":
+        assert sent[1] == {"type": "websocket.send", "text": "ping"}
     assert not guard_problems(caplog)
     check_stored(store)
 

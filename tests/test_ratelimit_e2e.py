@@ -107,15 +107,19 @@ def test_a_different_key_is_unaffected() -> None:
         assert client.get("/health", headers={"x-user": "b"}).status_code == 200
 
 
-def test_websocket_and_lifespan_pass_through() -> None:
+def test_websocket_handshakes_are_limited_and_lifespan_passes_through() -> None:
     store = MemoryStore()
     rules = [Rule("everything", FixedWindow(rate=1, period=HOUR))]
-    with serve(make_app(store, rules)) as server:
+    with serve(make_app(store, rules)) as server:  # the lifespan passes to the app
+        import websockets.exceptions as ws_errors
         import websockets.sync.client as ws_client
 
-        for _ in range(3):  # the limit of 1 never applies to websockets
-            with ws_client.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
-                assert ws.recv() == "open"
+        with ws_client.connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
+            assert ws.recv() == "open"
+        for _ in range(2):  # a handshake is a request: the limit of 1 applies to it
+            with pytest.raises(ws_errors.InvalidStatus) as refused:
+                ws_client.connect(f"ws://127.0.0.1:{server.port}/ws")
+            assert refused.value.response.status_code == 429
 
 
 class BrokenStore(MemoryStore):

@@ -1,5 +1,6 @@
-"""GuardMiddleware runs HTTP requests through the middlewares' steps in one pass; the same
-middlewares stacked must answer every request identically and store the same rows.
+"""GuardMiddleware runs HTTP requests and WebSocket handshakes through the middlewares' steps
+in one pass; the same middlewares stacked must answer every request identically and store
+the same rows, HEAD and GET, at the root or under a root_path.
 
 Each example drives one sequence of requests (browsers, crawlers, scripts, keys good and bad,
 limited and unlimited routes, two clients) through a guard's single pass and through its own
@@ -17,8 +18,9 @@ from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Message
+from starlette.websockets import WebSocket
 
 from convex_guard import (
     HOUR,
@@ -59,7 +61,9 @@ request_specs = st.tuples(
     st.sampled_from(AGENTS),
     st.sampled_from(CREDENTIALS),
     st.sampled_from(CLIENTS),
-    st.sampled_from(("GET", "POST")),
+    # WS: a WebSocket handshake, on a server offering the HTTP-denial extension or not.
+    st.sampled_from(("GET", "POST", "HEAD", "WS", "WS-NOEXT")),
+    st.sampled_from(("", "/gw", "/v1/api")),  # the root_path a server or a Mount sets
 )
 
 
@@ -73,9 +77,19 @@ async def embed(request: Request) -> JSONResponse:
     return JSONResponse({"data": []})
 
 
+async def realtime(websocket: WebSocket) -> None:
+    report_usage(websocket, model="rt1", tokens=1)
+    await websocket.accept()
+    await websocket.send_text("hi")
+    await websocket.close()
+
+
 def inner() -> Starlette:
     return Starlette(
         routes=[
+            WebSocketRoute("/api/ai/{provider}/chat", realtime),
+            WebSocketRoute("/api/embeddings", realtime),
+            WebSocketRoute("/health", realtime),
             Route("/api/ai/{provider}/chat", chat, methods=["GET", "POST"]),
             Route("/api/embeddings", embed, methods=["GET", "POST"]),
             Route("/health", chat),
@@ -134,23 +148,41 @@ def headers_for(agent: str, credentials: str) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def call(app: ASGIApp, spec: tuple[str, str, str, str, str]) -> Any:
-    path, agent, credentials, client, method = spec
+Spec = tuple[str, str, str, str, str, str]
+
+
+async def call(app: ASGIApp, spec: Spec) -> Any:
+    path, agent, credentials, client, method, root_path = spec
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": method,
         "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
+        "path": root_path + path,
+        "raw_path": (root_path + path).encode(),
         "query_string": b"",
-        "root_path": "",
+        "root_path": root_path,
         "headers": headers_for(agent, credentials),
         "client": (client, 40_000),
         "server": ("testserver", 80),
     }
     sent: list[Message] = []
+    if method.startswith("WS"):
+        del scope["method"]
+        scope.update(type="websocket", scheme="ws", subprotocols=[])
+        if method == "WS":
+            scope["extensions"] = {"websocket.http.response": {}}
+        incoming: list[Message] = [{"type": "websocket.connect"}]
+
+        async def receive_ws() -> Message:
+            return incoming.pop() if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+        async def send_ws(message: Message) -> None:
+            sent.append({**message, "headers": sorted(message.get("headers", ()))})
+
+        await app(scope, receive_ws, send_ws)
+        return sent
 
     async def receive() -> Message:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -183,7 +215,7 @@ def stored(store: MemoryStore) -> dict[str, list[dict[str, Any]]]:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(request_specs, min_size=1, max_size=40))
 def test_single_pass_answers_and_stores_exactly_as_the_stack(
-    specs: list[tuple[str, str, str, str, str]],
+    specs: list[Spec],
 ) -> None:
     async def run() -> None:
         single, single_store = await guarded()

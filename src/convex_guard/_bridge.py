@@ -109,16 +109,20 @@ def scope_from_environ(environ: Mapping[str, Any]) -> dict[str, Any]:
     except ValueError:
         server_port = 0
     protocol = str(environ.get("SERVER_PROTOCOL", "HTTP/1.1"))
+    # ASGI's path holds the root_path (WSGI's SCRIPT_NAME) in front: the guard takes the
+    # route path back out of it as Starlette does, so a PATH_INFO that happens to begin
+    # with SCRIPT_NAME keeps its own prefix.
+    script_name = str(environ.get("SCRIPT_NAME", ""))
     return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": protocol.partition("/")[2] or "1.1",
         "method": str(environ.get("REQUEST_METHOD", "GET")).upper(),
         "scheme": str(environ.get("wsgi.url_scheme", "http")),
-        "path": path,
-        "raw_path": path_info.encode("latin-1", "replace"),
+        "path": script_name + path,
+        "raw_path": (script_name + path_info).encode("latin-1", "replace"),
         "query_string": str(environ.get("QUERY_STRING", "")).encode("latin-1", "replace"),
-        "root_path": str(environ.get("SCRIPT_NAME", "")),
+        "root_path": script_name,
         "headers": headers,
         "client": (remote, port) if remote else None,
         "server": (str(environ.get("SERVER_NAME", "")), server_port),

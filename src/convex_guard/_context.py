@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp
 
 from ._limits import LimitResult
 from ._store import BotAction, BotCheck, BotVerdict
 
 STATE_KEY = "convex_guard"
+
+#: What rules, key routes, exempt, allow and probe paths and the log match a request on:
+#: (method, path), see `route_of`.
+Route = tuple[str, str]
 
 
 @dataclass(slots=True)
@@ -33,6 +38,8 @@ class GuardContext:
     construction that the other runs first, so a missing field here is a bug, not a client error.
     """
 
+    #: The request's (method, path) as matched, see `route_of`; set when the context is made.
+    route: Route = ("GET", "/")
     #: The client's address as resolved (trusted proxies only), e.g. "2001:db8::7".
     client_ip: str | None = None
     #: The key limits use for the client: the address, or its network for IPv6 (a /64).
@@ -65,12 +72,42 @@ class PendingBot:
     respond: Callable[[BotVerdict], ASGIApp | None]
 
 
-def guard_context(scope: MutableMapping[str, Any]) -> GuardContext:
-    """The request's guard context, created on first use (every middleware asks for it)."""
+def route_of(scope: MutableMapping[str, Any]) -> Route:
+    """The (method, path) every guard check matches a request on, as Starlette routes it.
+
+    The path is Starlette's route path: without `root_path`, which a server (`--root-path`)
+    or a `Mount` puts in front of it, so a rule for `/api/ai` holds however the app is
+    mounted. HEAD is matched as GET (Starlette serves it with the GET handler), and a
+    WebSocket handshake is the GET request it is on the wire.
+    """
+    method: str = scope.get("method", "GET")
+    if method == "HEAD":
+        method = "GET"
+    return method, get_route_path(scope) if scope.get("root_path") else scope["path"]
+
+
+def matched_methods(methods: Iterable[str]) -> frozenset[str]:
+    """A rule's or key route's methods as `route_of` names them: upper case, HEAD as GET."""
+    return frozenset("GET" if m.upper() == "HEAD" else m.upper() for m in methods)
+
+
+def guard_context(scope: MutableMapping[str, Any], route: Route | None = None) -> GuardContext:
+    """The request's guard context, created on first use (every middleware asks for it).
+
+    Its `route` is computed once, when it is created (or given, by a caller that has it
+    already): every middleware after the first reads it.
+    """
     state = scope.get("state")
     if state is None:
         state = scope["state"] = {}
     ctx = state.get(STATE_KEY)
     if ctx is None:
-        ctx = state[STATE_KEY] = GuardContext()
+        ctx = state[STATE_KEY] = GuardContext(route_of(scope) if route is None else route)
     return cast(GuardContext, ctx)
+
+
+def request_route(scope: MutableMapping[str, Any]) -> Route:
+    """The request's route: its guard context's when it has one, else computed now."""
+    state = scope.get("state")
+    ctx = state.get(STATE_KEY) if state else None
+    return cast(GuardContext, ctx).route if ctx is not None else route_of(scope)

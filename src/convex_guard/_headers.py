@@ -6,6 +6,9 @@ from collections.abc import Iterable
 
 from starlette.types import Message, Send
 
+#: The messages that carry a response's headers: an HTTP response's start, the 101 of an
+#: accepted WebSocket handshake.
+_STARTS = frozenset(("http.response.start", "websocket.accept"))
 #: Longest header value we keep for logs and stored rows; the rest is cut, never rejected.
 MAX_STORED = 512
 
@@ -32,10 +35,10 @@ def bounded(value: str | None, limit: int = MAX_STORED) -> str:
 
 
 def adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
-    """`send`, with `headers` appended to the response start."""
+    """`send`, with `headers` appended to the response start (or a WebSocket's accept)."""
 
     async def send_with_headers(message: Message) -> None:
-        if message["type"] == "http.response.start":
+        if message["type"] in _STARTS:
             message["headers"] = [*message.get("headers", ()), *headers]
         await send(message)
 

@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types"
 QUOTA_EXCEEDED = f"{PROBLEM_TYPES}#quota-exceeded"
@@ -35,3 +36,59 @@ def problem(
     for name, value in headers:
         response.headers.append(name, value)
     return response
+
+
+#: The ASGI extension through which a server lets an app answer a WebSocket handshake with
+#: an HTTP response (uvicorn's websockets, websockets-sansio and wsproto protocols offer it).
+WEBSOCKET_DENIAL = "websocket.http.response"
+#: Close codes for a refused handshake when the server cannot send an HTTP answer
+#: (RFC 6455 §7.4.1): 1008 policy violation, 1013 try again later.
+_CLOSE_CODES = {429: 1013, 503: 1013}
+_POLICY_VIOLATION = 1008
+
+
+async def refuse(answer: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Serve the guard's refusal (`problem(...)`, or the bot challenge app) on any scope.
+
+    An HTTP request gets it as it is. A WebSocket handshake is refused before accept: with
+    the same status, headers and body through the server's `websocket.http.response`
+    extension where it is offered, else with a close frame whose code says why (1008 for
+    401/403, 1013 for 429/503) and whose reason is the problem's title.
+    """
+    if scope["type"] != "websocket":
+        await answer(scope, receive, send)
+        return
+    if WEBSOCKET_DENIAL in (scope.get("extensions") or {}):
+
+        async def denial_send(message: Message) -> None:
+            kind = message["type"]
+            if kind.startswith("http.response."):  # an app that is not a Starlette Response
+                message = {**message, "type": "websocket." + kind}
+            await send(message)
+
+        await answer(scope, receive, denial_send)
+        return
+    status = 403
+    body = bytearray()
+
+    async def capture(message: Message) -> None:
+        nonlocal status
+        if message["type"].endswith("http.response.start"):
+            status = message["status"]
+        elif message["type"].endswith("http.response.body"):
+            body.extend(message.get("body", b""))
+
+    await answer(scope, receive, capture)
+    try:
+        title = str(json.loads(body)["title"])
+    except (ValueError, KeyError, TypeError):
+        title = ""
+    # A close frame's reason holds at most 123 bytes of UTF-8.
+    reason = title.encode()[:123].decode("utf-8", "ignore")
+    await send(
+        {
+            "type": "websocket.close",
+            "code": _CLOSE_CODES.get(status, _POLICY_VIOLATION),
+            "reason": reason,
+        }
+    )

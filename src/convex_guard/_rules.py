@@ -11,7 +11,7 @@ from typing import Any, Literal
 from starlette.requests import Request
 
 from ._clientip import UNKNOWN_CLIENT, peer_keys
-from ._context import GuardContext
+from ._context import GuardContext, matched_methods
 from ._errors import ConfigurationError
 from ._limits import LimitConfig, LimitResult, check_count
 from ._presets import AI_PROVIDERS, seed_limits
@@ -48,7 +48,10 @@ class Rule:
 
     - `path`: a prefix on a segment boundary (`"/api/ai"` matches `/api/ai` and `/api/ai/…`)
       or a compiled regex matched at the start; `None` matches every path.
-    - `methods`: upper-case HTTP methods, `None` for all.
+    - `methods`: HTTP methods, `None` for all. HEAD is matched as GET (Starlette serves it
+      with the GET handler), and a WebSocket handshake as the GET it is.
+    - Paths are matched as Starlette routes them: without the `root_path` a server or a
+      `Mount` puts in front.
     - `key`: `"global"` (one shared limit), `"ip"`, `"user"`, `"api_key"`, `"fingerprint"`, or
       a function of the request. A key that resolves to `None` (an anonymous caller for
       `"user"`) skips the rule for that request.
@@ -85,7 +88,7 @@ class Rule:
             # Kept as a float: the deciders weigh it against float state on every request,
             # and an int costs a conversion each time.
             object.__setattr__(self, "count", float(self.count))
-        methods = None if self.methods is None else frozenset(m.upper() for m in self.methods)
+        methods = None if self.methods is None else matched_methods(self.methods)
         object.__setattr__(self, "_methods", methods)
         object.__setattr__(self, "_matches_path", _path_matcher(self.path))
         window = max(1, math.ceil(self.config.period / 1000))

@@ -29,6 +29,7 @@ from django.conf import settings as django_settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from ._bridge import SCOPE_KEY, GuardBridge, Outcome, scope_from_environ
+from ._context import route_of
 from ._errors import ConfigurationError
 from .middleware.guard import GuardSettings
 
@@ -72,10 +73,11 @@ def _scope_for(request: HttpRequest) -> dict[str, Any]:
             "http_version": asgi.get("http_version", "1.1"),
             "method": request.method or "GET",
             "scheme": asgi.get("scheme", "http"),
-            "path": request.path_info,
+            # As ASGI has it: the script prefix Django stripped, then the route path.
+            "path": request.META.get("SCRIPT_NAME", "") + request.path_info,
             "raw_path": asgi.get("raw_path", request.path_info.encode()),
             "query_string": asgi.get("query_string", b""),
-            "root_path": asgi.get("root_path", ""),
+            "root_path": request.META.get("SCRIPT_NAME", ""),
             "headers": list(asgi.get("headers", ())),
             "client": asgi.get("client"),
             "server": asgi.get("server"),
@@ -131,7 +133,7 @@ class DjangoGuardMiddleware:
         if self.is_async:
             return self.__acall__(request)
         scope = _scope_for(request)
-        if self.bridge.is_exempt(scope["path"]):
+        if self.bridge.is_exempt(route_of(scope)[1]):
             return self.get_response(request)
         request.META[SCOPE_KEY] = scope
 
@@ -144,7 +146,7 @@ class DjangoGuardMiddleware:
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
         scope = _scope_for(request)
         get_response: Callable[[HttpRequest], Awaitable[HttpResponseBase]] = self.get_response
-        if self.bridge.is_exempt(scope["path"]):
+        if self.bridge.is_exempt(route_of(scope)[1]):
             return await get_response(request)
         request.META[SCOPE_KEY] = scope
 

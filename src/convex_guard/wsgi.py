@@ -17,6 +17,7 @@ from http import HTTPStatus
 from typing import Any
 
 from ._bridge import SCOPE_KEY, GuardBridge, Outcome, scope_from_environ
+from ._context import route_of
 from .middleware.guard import GuardSettings
 
 Environ = dict[str, Any]
@@ -49,7 +50,7 @@ class GuardWSGIMiddleware:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         scope = scope_from_environ(environ)
-        if self.bridge.is_exempt(scope["path"]):
+        if self.bridge.is_exempt(route_of(scope)[1]):
             return self.app(environ, start_response)
         environ[SCOPE_KEY] = scope
         captured: dict[str, Any] = {}

@@ -14,7 +14,7 @@ from typing import cast
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._apikeys import NO_KEY, hash_key, is_well_formed, key_status
-from .._context import GuardContext, guard_context
+from .._context import GuardContext, Route, guard_context, matched_methods
 from .._errors import ConfigurationError
 from .._headers import bounded, header_value
 from .._limits import FixedWindow, LimitConfig
@@ -22,7 +22,7 @@ from .._logging import ThrottledLog
 from .._logwriter import LogWriter, run_lifespan
 from .._order import API_KEYS, mark
 from .._presets import seed_limits
-from .._problem import QUOTA_EXCEEDED, problem
+from .._problem import QUOTA_EXCEEDED, problem, refuse
 from .._rules import _path_matcher, peer_ip
 from .._store import ApiKeyKind, ApiKeyRecord, AuthFailure, BotEvent, Store
 
@@ -48,7 +48,8 @@ class KeyRoute:
     """Which requests need (or may carry) an API key, of which kind, with which scopes.
 
     - `path`: a prefix on a segment boundary (`"/api/ai"` covers `/api/ai/…`, not `/api/aix`).
-    - `methods`: upper-case HTTP methods, `None` for all.
+    - `methods`: HTTP methods, `None` for all; HEAD is matched as GET, a WebSocket
+      handshake as GET. Paths are matched without `root_path`, as Starlette routes.
     - `scopes`: every one of them must be granted to the key (else 403).
     - `kind`: the kind of key accepted here, `"ai"` or `"embedding"`.
     - `required`: without a key the request is refused (401); when false, anonymous requests
@@ -68,7 +69,7 @@ class KeyRoute:
             raise ConfigurationError(f"KeyRoute {self.path!r}: kind must be 'ai' or 'embedding'")
         if isinstance(self.scopes, str):
             raise ConfigurationError(f"KeyRoute {self.path!r}: scopes must be a list of names")
-        methods = None if self.methods is None else frozenset(m.upper() for m in self.methods)
+        methods = None if self.methods is None else matched_methods(self.methods)
         object.__setattr__(self, "_methods", methods)
         object.__setattr__(self, "_matches_path", _path_matcher(self.path))
 
@@ -192,32 +193,37 @@ class ApiKeyMiddleware:
             mark(scope, API_KEYS)
             await run_lifespan(self.app, (self.writer,), scope, receive, send)
             return
-        if scope["type"] != "http":
+        if scope["type"] != "http" and scope["type"] != "websocket":
             await self.app(scope, receive, send)
             return
         answer = await self.authenticate(scope, guard_context(scope))
-        await (self.app if answer is None else answer)(scope, receive, send)
+        if answer is None:
+            await self.app(scope, receive, send)
+        else:
+            await refuse(answer, scope, receive, send)
 
     async def authenticate(self, scope: Scope, ctx: GuardContext) -> ASGIApp | None:
         """Check the request's key and fill the context; the refusal to send, or None to pass."""
-        presented = self.screen(scope)
+        presented = self.screen(scope, ctx.route)
         return None if presented is None else await self.verify(scope, ctx, *presented)
 
-    def screen(self, scope: Scope) -> tuple[KeyRoute, str | _Malformed | None] | None:
+    def screen(
+        self, scope: Scope, request: Route
+    ) -> tuple[KeyRoute, str | _Malformed | None] | None:
         """The route and what was presented, when there is a key to check; else None.
 
-        Synchronous, so that a request off the keyed routes or anonymous where a key is
-        optional costs no await; `authenticate` is this and then `verify`, which
-        `GuardMiddleware` calls in the same order.
+        `request` is the request's (method, path) as matched (`_context.route_of`: without
+        `root_path`, HEAD as GET). Synchronous, so that a request off the keyed routes or
+        anonymous where a key is optional costs no await; `authenticate` is this and then
+        `verify`, which `GuardMiddleware` calls in the same order.
         """
-        path: str = scope["path"]
-        method: str = scope["method"]
-        found = self._routes_for.get((method, path), _UNSEEN)
+        found = self._routes_for.get(request, _UNSEEN)
         if found is _UNSEEN:
+            method, path = request
             found = next((r for r in self.routes if r.matches(path, method)), None)
             if len(self._routes_for) >= _ROUTE_CACHE_SIZE:
                 self._routes_for.clear()  # many distinct paths: memory stays bounded
-            self._routes_for[(method, path)] = found
+            self._routes_for[request] = found
         route = cast(KeyRoute | None, found)
         if route is None:
             return None

@@ -6,7 +6,7 @@ import asyncio
 import ipaddress
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -27,7 +27,7 @@ from .._order import (
     pass_lifespan,
 )
 from .._presets import seed_limits
-from .._problem import ABNORMAL_USAGE, problem
+from .._problem import ABNORMAL_USAGE, problem, refuse
 from .._rules import _path_matcher, peer_ip
 from .._settings import GuardEnvironment
 from .._store import BotAction, BotCheck, BotDetectionType, BotVerdict, LimitRequest, Store
@@ -56,6 +56,9 @@ _STORED_ACTION: Mapping[PolicyAction, BotAction] = {
     "allow": "allowed",
 }
 DEFAULT_ALLOW_PATHS = ("/health",)
+#: Where load balancers, orchestrators and metrics scrapers poll: a `monitor` user-agent
+#: (kube-probe, ELB-HealthChecker, Prometheus, …) is never recorded or escalated there.
+DEFAULT_PROBE_PATHS = ("/health", "/healthz", "/readyz", "/livez", "/metrics", "/ping")
 
 
 def detection_type(category: BotCategory) -> BotDetectionType:
@@ -75,6 +78,11 @@ class BotDetectionMiddleware:
     → `challenge` (an ASGI app, e.g. a CAPTCHA page) or 429 problem+json of type
     `abnormal-usage-detected`.
 
+    Paths (`allow_paths`: never checked; `probe_paths`: a `monitor` user-agent is let
+    through there unrecorded, so a health check is never challenged or blocked, while any
+    other bot on them is decided as anywhere) are matched as Starlette routes them. WebSocket
+    handshakes are checked like requests and refused before accept.
+
     Needs a fingerprint: run `FingerprintMiddleware` outside it (GuardMiddleware does). With
     `defer=True` the check is left in the guard context for the `RateLimitMiddleware` inside to
     decide together with the request's limits: one store round trip per request.
@@ -89,6 +97,7 @@ class BotDetectionMiddleware:
         allow_user_agents: Iterable[str | re.Pattern[str]] = (),
         allow_ips: Iterable[str] = (),
         allow_paths: Iterable[str] = DEFAULT_ALLOW_PATHS,
+        probe_paths: Iterable[str] = DEFAULT_PROBE_PATHS,
         challenge: ASGIApp | None = None,
         suspicious_limit: LimitConfig | None = None,
         timeout: float = 0.5,
@@ -120,6 +129,10 @@ class BotDetectionMiddleware:
         except ValueError as exc:
             raise ConfigurationError(f"allow_ips: {exc}") from None
         self._allow_paths = [_path_matcher(p) for p in allow_paths]
+        if isinstance(probe_paths, str):
+            raise ConfigurationError("probe_paths must be a list, not one string")
+        probes = [_path_matcher(p) for p in probe_paths]
+        self._is_probe: Callable[[str], bool] = lambda path: any(m(path) for m in probes)
         self.challenge = challenge
         self.suspicious_limit = (
             suspicious_limit or seed_limits(GuardEnvironment())["suspiciousBehavior"]
@@ -134,11 +147,14 @@ class BotDetectionMiddleware:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        if scope["type"] != "http":
+        if scope["type"] != "http" and scope["type"] != "websocket":
             await self.app(scope, receive, send)
             return
         answer = await self.inspect(scope, guard_context(scope))
-        await (self.app if answer is None else answer)(scope, receive, send)
+        if answer is None:
+            await self.app(scope, receive, send)
+        else:
+            await refuse(answer, scope, receive, send)
 
     async def inspect(self, scope: Scope, ctx: GuardContext) -> ASGIApp | None:
         """Decide the request's user-agent: the refusal to send, or None to let it through.
@@ -154,7 +170,7 @@ class BotDetectionMiddleware:
         Synchronous, so that a person's request (the common case) costs no await; `inspect`
         is this and then `decide`, which `GuardMiddleware` calls in the same order.
         """
-        path: str = scope["path"]
+        path = ctx.route[1]
         for match in self._allow_paths:
             if match(path):
                 return None
@@ -169,6 +185,8 @@ class BotDetectionMiddleware:
         action = self.policy[category]
         if action == "allow":
             return None
+        if category == "monitor" and self._is_probe(path):
+            return None  # a health check is what a probe path is for: never escalated
 
         fingerprint = ctx.fingerprint
         if fingerprint is None:
@@ -185,7 +203,7 @@ class BotDetectionMiddleware:
             user_agent=bounded(ua),
             detection_type=detection_type(category),
             action=_STORED_ACTION[action],
-            metadata={"category": category, "agent": verdict.name, "path": bounded(path)},
+            metadata={"category": category, "agent": verdict.name, "path": bounded(scope["path"])},
             limit=LimitRequest("suspiciousBehavior", self.suspicious_limit, key=fingerprint),
         )
         if self.defer:

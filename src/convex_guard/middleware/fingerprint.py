@@ -62,8 +62,9 @@ class FingerprintMiddleware:
             raise ConfigurationError("fields must name at least one header")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":  # a WebSocket handshake is identified too
+            if kind == "lifespan":
                 mark(scope, FINGERPRINT)
             await self.app(scope, receive, send)
             return

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._context import guard_context
+from .._context import guard_context, route_of
 from .._errors import ConfigurationError
 from .._limits import LimitConfig
 from .._logging import logger
@@ -24,18 +24,25 @@ from .._logwriter import (
     LogWriter,
 )
 from .._memory import MemoryStore
+from .._problem import refuse
 from .._resilience import ResilientStore
 from .._rules import Rule, _path_matcher, preset_rules
 from .._settings import GuardEnvironment, load_environment
 from .._store import Store
 from .._useragent import BotCategory
 from .apikeys import DEFAULT_CACHE_TTL, ApiKeyMiddleware, KeyRoute
-from .botdetection import DEFAULT_ALLOW_PATHS, BotDetectionMiddleware, PolicyAction
+from .botdetection import (
+    DEFAULT_ALLOW_PATHS,
+    DEFAULT_PROBE_PATHS,
+    BotDetectionMiddleware,
+    PolicyAction,
+)
 from .fingerprint import FingerprintMiddleware
 from .logger import (
     DEFAULT_AI_PATH,
     DEFAULT_EMBEDDINGS_PATH,
     RequestLoggerMiddleware,
+    handshake_status,
     provider_from_path,
 )
 from .ratelimit import RateLimitMiddleware
@@ -67,8 +74,13 @@ class GuardSettings:
     - `key_routes`: where API keys are required or accepted; `()` = no API keys.
     - `trusted_proxies`: IPs/CIDRs whose `X-Forwarded-For` is believed.
     - `bot_policy`, `bot_allow_user_agents`, `bot_allow_ips`, `bot_allow_paths`: bot detection
-      (`bot_detection=False` turns it off).
+      (`bot_detection=False` turns it off). `bot_probe_paths`: where a `monitor` user-agent
+      (kube-probe, ELB-HealthChecker, Prometheus, …) is let through unrecorded, never
+      escalated (`/health`, `/healthz`, `/readyz`, `/livez`, `/metrics`, `/ping`; `()` for
+      nowhere); any other bot there is decided as anywhere.
     - `exempt_paths`: skip every check and every log (health checks).
+    - Every path is matched as Starlette routes it (without `root_path`), HEAD as GET;
+      WebSocket handshakes on guarded paths get the same checks as requests.
     - `ai_path`, `embeddings_path`: what the request log records.
     - `timeout`: seconds any store call on the request path may take; `fail`: the bot check's
       policy when the store cannot answer, and the preset rules' (a rule you pass keeps its own).
@@ -89,6 +101,7 @@ class GuardSettings:
     bot_allow_user_agents: Sequence[str | re.Pattern[str]] = ()
     bot_allow_ips: Sequence[str] = ()
     bot_allow_paths: Sequence[str] = DEFAULT_ALLOW_PATHS
+    bot_probe_paths: Sequence[str] = DEFAULT_PROBE_PATHS
     bot_challenge: ASGIApp | None = None
     suspicious_limit: LimitConfig | None = None
     exempt_paths: Sequence[str] = DEFAULT_EXEMPT_PATHS
@@ -112,7 +125,13 @@ class GuardSettings:
             raise ConfigurationError("timeout must be a positive number of seconds")
         if self.fail not in ("open", "closed"):
             raise ConfigurationError("fail must be 'open' or 'closed'")
-        for name in ("trusted_proxies", "exempt_paths", "bot_allow_ips", "bot_allow_paths"):
+        for name in (
+            "trusted_proxies",
+            "exempt_paths",
+            "bot_allow_ips",
+            "bot_allow_paths",
+            "bot_probe_paths",
+        ):
             if isinstance(getattr(self, name), str):
                 raise ConfigurationError(f"{name} must be a list, not one string")
         for path in self.exempt_paths:
@@ -224,6 +243,7 @@ class GuardStack:
                 allow_user_agents=settings.bot_allow_user_agents,
                 allow_ips=settings.bot_allow_ips,
                 allow_paths=settings.bot_allow_paths,
+                probe_paths=settings.bot_probe_paths,
                 challenge=settings.bot_challenge,
                 suspicious_limit=settings.suspicious_limit,
                 timeout=settings.timeout,
@@ -264,7 +284,7 @@ class GuardStack:
 
 
 class SinglePass:
-    """The stack of `GuardStack`, run as one middleware on HTTP requests.
+    """The stack of `GuardStack`, run as one middleware on HTTP requests and WebSocket handshakes.
 
     Each HTTP request goes through the same steps the stacked middlewares take, in the same
     order (`begin`, `identify`, `screen`/`verify`, `screen`/`decide`, `decide`, `finish`), but
@@ -288,29 +308,40 @@ class SinglePass:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind != "http":
+        if kind != "http" and kind != "websocket":
             if kind == "lifespan" and self.on_shutdown is not None:
                 await self.stacked(scope, receive, self._closing_send(send))
-            elif kind == "websocket" and self.is_exempt(scope["path"]):
-                await self.app(scope, receive, send)
             else:
                 await self.stacked(scope, receive, send)
             return
-        if self.is_exempt(scope["path"]):
+        # The one place a request's route (path without root_path, HEAD as GET) is computed.
+        route = route_of(scope)
+        if self.is_exempt(route[1]):
             await self.app(scope, receive, send)
             return
-        ctx = guard_context(scope)
+        ctx = guard_context(scope, route)
         logger = self.stacked
         entry = logger.begin(scope)
         headers: list[tuple[bytes, bytes]] | None = None
 
-        async def guarded_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                if entry is not None:
-                    entry.status = message["status"]
-                if headers is not None:
+        if kind == "http":
+
+            async def guarded_send(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    if entry is not None:
+                        entry.status = message["status"]
+                    if headers is not None:
+                        message["headers"] = [*message.get("headers", ()), *headers]
+                await send(message)
+
+        else:  # a WebSocket handshake: checked as a request, refused before accept
+
+            async def guarded_send(message: Message) -> None:
+                if entry is not None and not entry.status:
+                    entry.status = handshake_status(message)
+                if headers is not None and message["type"] == "websocket.accept":
                     message["headers"] = [*message.get("headers", ()), *headers]
-            await send(message)
+                await send(message)
 
         raised: BaseException | None = None
         try:
@@ -321,7 +352,7 @@ class SinglePass:
             answer = None
             keys = self.keys
             if keys is not None:
-                presented = keys.screen(scope)
+                presented = keys.screen(scope, route)
                 if presented is not None:
                     answer = await keys.verify(scope, ctx, *presented)
             bots = self.bots
@@ -331,7 +362,10 @@ class SinglePass:
                     answer = await bots.decide(ctx, check)
             if answer is None and self.limiter is not None:
                 answer, headers = await self.limiter.decide(scope, receive, ctx)
-            await (self.app if answer is None else answer)(scope, receive, guarded_send)
+            if answer is None:
+                await self.app(scope, receive, guarded_send)
+            else:
+                await refuse(answer, scope, receive, guarded_send)
         except BaseException as exc:
             raised = exc
             raise

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._apikeys import NO_KEY
-from .._context import GuardContext, Usage, guard_context
+from .._context import GuardContext, Usage, guard_context, request_route
 from .._errors import ConfigurationError
 from .._logwriter import LogWriter, run_lifespan
 from .._order import LOGGER, mark
@@ -76,7 +76,7 @@ def provider_from_path(prefix: str = DEFAULT_AI_PATH) -> ProviderResolver:
     base = prefix.rstrip("/") + "/"
 
     def resolve(scope: Scope) -> str | None:
-        path: str = scope["path"]
+        path = request_route(scope)[1]  # as Starlette routes it: without root_path
         if not path.startswith(base):
             return None
         provider = path[len(base) :].split("/", 1)[0]
@@ -97,7 +97,9 @@ class RequestLoggerMiddleware:
     (`None` to log none). The app reports model, tokens, cost and batch items with
     `report_usage`. A request fails when the guard rejected it (`error` is the reason), when
     it ended with a status of 400 or more (`http_<status>`), or when the app raised (the
-    exception's class name).
+    exception's class name). Paths are matched as Starlette routes them (without
+    `root_path`); a WebSocket handshake is logged like a request, once, with status 101 when
+    accepted.
 
     Rows go through `writer` (by default the store's shared `LogWriter`), which this
     middleware starts at lifespan startup and flushes completely at shutdown; see `LogWriter`
@@ -132,23 +134,29 @@ class RequestLoggerMiddleware:
             mark(scope, LOGGER)
             await run_lifespan(self.app, (self.writer,), scope, receive, send)
             return
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
+        ctx = guard_context(scope)  # made here, so its route is computed once for all
         entry = self.begin(scope)
         if entry is None:
             await self.app(scope, receive, send)
             return
-        ctx = guard_context(scope)
 
         async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 entry.status = message["status"]
             await send(message)
 
+        async def send_handshake_status(message: Message) -> None:
+            if not entry.status:
+                entry.status = handshake_status(message)
+            await send(message)
+
         raised: BaseException | None = None
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, send_status if kind == "http" else send_handshake_status)
         except BaseException as exc:
             raised = exc
             raise
@@ -161,7 +169,7 @@ class RequestLoggerMiddleware:
         The caller sets the entry's `status` from the response start and calls `finish`
         (`GuardMiddleware` does both in its own single pass).
         """
-        if self._is_embedding(scope["path"]):
+        if self._is_embedding(request_route(scope)[1]):
             provider = None
         else:
             provider = self.provider(scope)
@@ -228,6 +236,24 @@ class RequestLoggerMiddleware:
             usage.model or UNKNOWN_MODEL,
             error,
         )
+
+
+def handshake_status(message: Message) -> int:
+    """The status a WebSocket handshake's row records from the first message the app sends.
+
+    101 when accepted (a connection accepted and later closed stays one row, of 101), the
+    HTTP answer's status when refused through the `websocket.http.response` extension, 403
+    for a close before accept (the server answers 403 to it). 0 for anything else.
+    """
+    kind = message["type"]
+    if kind == "websocket.accept":
+        return 101
+    if kind == "websocket.http.response.start":
+        status: int = message["status"]
+        return status
+    if kind == "websocket.close":
+        return 403
+    return 0
 
 
 def _raised_error(raised: BaseException) -> str | None:

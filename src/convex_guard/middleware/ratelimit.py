@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._context import STATE_KEY, GuardContext, guard_context
+from .._context import STATE_KEY, GuardContext, Route, guard_context, route_of
 from .._errors import ConfigurationError
 from .._headers import adding_headers
 from .._logging import ThrottledLog, logger
 from .._memory import MemoryStore
 from .._order import API_KEYS, FINGERPRINT, RATE_LIMIT, mark, missing_outside, pass_lifespan
-from .._problem import QUOTA_EXCEEDED, problem
+from .._problem import QUOTA_EXCEEDED, problem, refuse
 from .._rules import Rule, ratelimit_field, ratelimit_template
 from .._store import BotVerdict, LimitRequest, Store
 
@@ -61,8 +62,9 @@ class RateLimitMiddleware:
         self._matches: dict[tuple[str, str], _Matched] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":  # a handshake is limited like a request
+            if kind == "lifespan":
                 await pass_lifespan(self.app, scope, receive, send, self._order_problem(scope))
                 return
             await self.app(scope, receive, send)
@@ -70,21 +72,21 @@ class RateLimitMiddleware:
         state = scope.get("state")
         ctx = state.get(STATE_KEY) if state else None
         if ctx is None:
-            if not self._matching(scope).rules:
+            route = route_of(scope)
+            if not self._matching(route).rules:
                 await self.app(scope, receive, send)  # nothing to decide: no context needed
                 return
-            ctx = guard_context(scope)
+            ctx = guard_context(scope, route)
         answer, headers = await self.decide(scope, receive, ctx)
         if answer is not None:
-            await answer(scope, receive, send)
+            await refuse(answer, scope, receive, send)
         elif headers is None:
             await self.app(scope, receive, send)
         else:
             await self.app(scope, receive, adding_headers(send, headers))
 
-    def _matching(self, scope: Scope) -> _Matched:
+    def _matching(self, route: Route) -> _Matched:
         """The rules matching the request's (method, path), cached: the same routes come back."""
-        route = (scope["method"], scope["path"])
         matched = self._matches.get(route)
         if matched is None:
             method, path = route
@@ -102,7 +104,7 @@ class RateLimitMiddleware:
         Returns the refusal to send, or None and the `RateLimit-Policy`/`RateLimit` fields
         to add to the response (None when no limit applied). `GuardMiddleware` calls it too.
         """
-        matched = self._matching(scope)
+        matched = self._matching(ctx.route)
         pending = ctx.pending_bot
         if not matched.rules and pending is None:
             return None, None
@@ -281,13 +283,21 @@ def _fields(rules: Sequence[Rule]) -> _Fields:
 
 
 def _lazy_request(scope: Scope, receive: Receive) -> Callable[[], Request]:
-    """The request's `Request`, made on first use and shared by every rule that asks."""
+    """The request's `Request`, made on first use and shared by every rule that asks.
+
+    A WebSocket handshake has no body to read: its key and cost functions get the
+    handshake's `HTTPConnection` (headers, path, client, state), which is what they read.
+    """
     request: Request | None = None
 
     def get_request() -> Request:
         nonlocal request
         if request is None:
-            request = Request(scope, receive)
+            request = (
+                Request(scope, receive)
+                if scope["type"] == "http"
+                else cast(Request, HTTPConnection(scope, receive))
+            )
         return request
 
     return get_request
