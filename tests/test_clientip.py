@@ -250,19 +250,30 @@ def _append(lines: list[bytes], node: str, merge: bool) -> list[bytes]:
     return [*lines, node.encode("latin-1")]
 
 
+LB_AND_UNIX = TrustedProxies(["unix:", "10.0.0.0/8", "2001:db8:ffff::/48"])
+
+
 @given(
     header=st.sampled_from(["x-forwarded-for", "forwarded"]),
     client=untrusted_clients | no_address,
     proxies=st.lists(lb_proxies, min_size=1, max_size=3),
-    merges=st.lists(st.booleans(), min_size=3, max_size=3),
+    merges=st.lists(st.booleans(), min_size=4, max_size=4),
     written=client_writing,
+    on_socket=st.booleans(),
 )
 def test_what_a_client_writes_left_of_the_first_proxy_hop_cannot_change_its_key(
-    header: str, client: object, proxies: list[object], merges: list[bool], written: list[bytes]
+    header: str,
+    client: object,
+    proxies: list[object],
+    merges: list[bool],
+    written: list[bytes],
+    on_socket: bool,
 ) -> None:
     # proxies[0] received the request from the client and appended the client's node; each
-    # later proxy appended its predecessor; the last one is the peer.
-    hops: list[object] = [client, *proxies[:-1]]
+    # later proxy appended its predecessor; the last one is the peer, or (`on_socket`) it
+    # appended too and handed the request on over a trusted unix socket (no peer address).
+    hops: list[object] = [client, *proxies] if on_socket else [client, *proxies[:-1]]
+    trusted = LB_AND_UNIX if on_socket else LB
 
     def chain(start: list[bytes]) -> list[tuple[bytes, bytes]]:
         lines = start
@@ -275,7 +286,7 @@ def test_what_a_client_writes_left_of_the_first_proxy_hop_cannot_change_its_key(
         if isinstance(client, str)
         else ip_key(client)  # type: ignore[arg-type]
     )
-    peer = str(proxies[-1])
+    peer = None if on_socket else str(proxies[-1])
     kind = header  # type: ignore[assignment]
-    assert client_ip(peer, chain([]), LB, header=kind) == expected  # type: ignore[arg-type]
-    assert client_ip(peer, chain(list(written)), LB, header=kind) == expected  # type: ignore[arg-type]
+    assert client_ip(peer, chain([]), trusted, header=kind) == expected  # type: ignore[arg-type]
+    assert client_ip(peer, chain(list(written)), trusted, header=kind) == expected  # type: ignore[arg-type]

@@ -77,7 +77,10 @@ def uds_client(path: Path) -> httpx.Client:
 # -- item 4: unix sockets -------------------------------------------------------------------
 
 
-def test_behind_a_proxy_on_a_unix_socket_clients_get_their_own_ip_limit(tmp_path: Path) -> None:
+def test_behind_a_proxy_on_a_unix_socket_clients_get_their_own_ip_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="convex_guard")
     sock = tmp_path / "guard.sock"
     app = ip_limited(MemoryStore(), trusted_proxies=["unix:"])
     with serve(app, uds=str(sock), proxy_headers=False), uds_client(sock) as c:
@@ -85,10 +88,15 @@ def test_behind_a_proxy_on_a_unix_socket_clients_get_their_own_ip_limit(tmp_path
         other = c.get("/api/x", headers={"X-Forwarded-For": "198.51.100.2"})
         # A client's own entry left of the proxy's is not believed.
         spoof = c.get("/api/x", headers={"X-Forwarded-For": "203.0.113.5, 198.51.100.1"})
+        # The socket's proxy named no client: nothing to key on but the shared "unknown".
+        unnamed = [c.get("/api/x").json()["key"] for _ in range(2)]
     assert [r.status_code for r in first] == [200, 200, 429]
     assert first[0].json() == {"ip": "198.51.100.1", "key": "198.51.100.1"}
     assert other.status_code == 200 and other.json()["key"] == "198.51.100.2"
     assert spoof.status_code == 429
+    assert unnamed == ["unknown", "unknown"]
+    warnings = [r for r in caplog.records if "carried no usable" in r.getMessage()]
+    assert len(warnings) == 1 and "x-forwarded-for" in warnings[0].getMessage()
 
 
 def test_on_a_unix_socket_without_unix_trust_one_warning_says_all_share_a_key(
@@ -184,6 +192,9 @@ def test_the_wsgi_adapter_passes_the_settings_through() -> None:
     finally:
         guarded.close()
     assert answer.text == "2001:db8:1::/56"
+    # Django's settings dict names the same fields (the adapter builds the same stack).
+    from_django = GuardSettings.from_mapping({"forwarded_header": "forwarded", "ipv6_prefix": 56})
+    assert (from_django.forwarded_header, from_django.ipv6_prefix) == ("forwarded", 56)
 
 
 # -- item 5: escalation per client address ------------------------------------------------------
