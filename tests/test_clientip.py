@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from convex_guard._clientip import TrustedProxies, client_ip, ip_key, peer_keys
+from convex_guard._clientip import ForwardedHeader, TrustedProxies, client_ip, ip_key, peer_keys
 
 NONE = TrustedProxies()
 LB = TrustedProxies(["10.0.0.0/8", "2001:db8:ffff::/48"])
@@ -232,13 +232,13 @@ client_writing = st.lists(
 )
 
 
-def _node(hop: object, header: str) -> str:
+def _node(hop: IPv4Address | IPv6Address | str, header: ForwardedHeader) -> str:
     """How a proxy writes the hop it saw: an address, or whatever it writes without one."""
     if header == "x-forwarded-for":
         return str(hop)
     if isinstance(hop, str):
         return "proto=https" if hop == "" else f"for={hop}"
-    return f'for="[{hop}]"' if hop.version == 6 else f"for={hop}"  # type: ignore[attr-defined]
+    return f'for="[{hop}]"' if hop.version == 6 else f"for={hop}"
 
 
 def _append(lines: list[bytes], node: str, merge: bool) -> list[bytes]:
@@ -262,9 +262,9 @@ LB_AND_UNIX = TrustedProxies(["unix:", "10.0.0.0/8", "2001:db8:ffff::/48"])
     on_socket=st.booleans(),
 )
 def test_what_a_client_writes_left_of_the_first_proxy_hop_cannot_change_its_key(
-    header: str,
-    client: object,
-    proxies: list[object],
+    header: ForwardedHeader,
+    client: IPv4Address | IPv6Address | str,
+    proxies: list[IPv4Address | IPv6Address],
     merges: list[bool],
     written: list[bytes],
     on_socket: bool,
@@ -272,7 +272,9 @@ def test_what_a_client_writes_left_of_the_first_proxy_hop_cannot_change_its_key(
     # proxies[0] received the request from the client and appended the client's node; each
     # later proxy appended its predecessor; the last one is the peer, or (`on_socket`) it
     # appended too and handed the request on over a trusted unix socket (no peer address).
-    hops: list[object] = [client, *proxies] if on_socket else [client, *proxies[:-1]]
+    hops: list[IPv4Address | IPv6Address | str] = [client, *proxies]
+    if not on_socket:
+        hops.pop()
     trusted = LB_AND_UNIX if on_socket else LB
 
     def chain(start: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -281,12 +283,8 @@ def test_what_a_client_writes_left_of_the_first_proxy_hop_cannot_change_its_key(
             lines = _append(lines, _node(hop, header), merge)
         return [(header.encode(), line) for line in lines]
 
-    expected = (
-        ip_key(proxies[0])  # type: ignore[arg-type]
-        if isinstance(client, str)
-        else ip_key(client)  # type: ignore[arg-type]
-    )
+    # A proxy that could not name the client is the client.
+    expected = ip_key(proxies[0]) if isinstance(client, str) else ip_key(client)
     peer = None if on_socket else str(proxies[-1])
-    kind = header  # type: ignore[assignment]
-    assert client_ip(peer, chain([]), trusted, header=kind) == expected  # type: ignore[arg-type]
-    assert client_ip(peer, chain(list(written)), trusted, header=kind) == expected  # type: ignore[arg-type]
+    assert client_ip(peer, chain([]), trusted, header=header) == expected
+    assert client_ip(peer, chain(list(written)), trusted, header=header) == expected

@@ -237,6 +237,8 @@ async def test_rotating_fingerprints_from_one_client_key_still_escalate(harness:
     outcome = await harness.store.check([], bot=late)
     assert outcome.bot is not None and outcome.bot.action == "challenged"
     assert outcome.bot.previous_events == 6
+    newest = (await harness.store.bot_events(since=now - MINUTE, limit=1))[0]
+    assert (newest.fingerprint, newest.client_key) == ("fp-new", batch_client)
 
 
 async def test_bot_limit_exhaustion_challenges(harness: Harness) -> None:

@@ -114,6 +114,7 @@ def _bot_event(raw: Mapping[str, Any]) -> BotEvent:
         detection_type=raw["detectionType"],
         action=raw["action"],
         metadata=raw.get("metadata"),
+        client_key=raw.get("clientKey"),
     )
 
 
