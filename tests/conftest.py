@@ -18,9 +18,17 @@ __all__ = ["ConvexTestServer", "RunningServer", "convex_server", "serve"]
 
 
 class RunningServer:
+    """A started server: `url` and `port` on TCP; on a unix socket `uds` is its path, and
+    `url` is for an `httpx.HTTPTransport(uds=server.uds)` client (port 0)."""
+
     def __init__(self, server: uvicorn.Server, thread: threading.Thread) -> None:
         self.server = server
         self.thread = thread
+        self.uds: str | None = server.config.uds
+        if self.uds is not None:
+            self.port = 0
+            self.url = "http://localhost"
+            return
         sockets = server.servers[0].sockets
         self.port: int = sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -33,13 +41,16 @@ class RunningServer:
 
 @contextlib.contextmanager
 def serve(app: ASGIApp, **options: object) -> Iterator[RunningServer]:
-    """Run `app` under uvicorn in a thread (its own event loop) until the block ends."""
+    """Run `app` under uvicorn in a thread (its own event loop) until the block ends.
+
+    `serve(app, uds=path)` listens on that unix socket instead of a loopback port.
+    """
+    where: dict[str, object] = {} if "uds" in options else {"host": "127.0.0.1", "port": 0}
     config = uvicorn.Config(
         app,
-        host="127.0.0.1",
-        port=0,
         log_level="warning",
         lifespan="auto",
+        **where,  # type: ignore[arg-type]
         **options,  # type: ignore[arg-type]
     )
     server = uvicorn.Server(config)

@@ -395,7 +395,9 @@ def test_failed_auth_is_throttled_with_a_bot_event(
 ) -> None:
     store, clock, keys, writer = env
     good = asyncio.run(keys.create("good", scopes=["chat"]))
+    unseen = asyncio.run(keys.create("unseen", scopes=["chat"]))
     with serve(make_app(store, clock, writer)) as server, httpx.Client(base_url=server.url) as c:
+        assert c.post("/api/ai/openai/chat", headers=bearer(good.key)).status_code == 200
         codes = [
             c.post("/api/ai/openai/chat", headers=bearer(f"guess{i}")).status_code
             for i in range(12)
@@ -406,16 +408,18 @@ def test_failed_auth_is_throttled_with_a_bot_event(
         assert throttled.json()["violated-policies"] == ["failedAuth"]
         # One token refills every 6 minutes; Retry-After says so.
         assert 1 <= int(throttled.headers["Retry-After"]) <= 360
-        # Even a good key is refused from a throttled IP: guesses cannot be told apart.
-        assert c.post("/api/ai/openai/chat", headers=bearer(good.key)).status_code == 429
-        clock.advance(6 * MINUTE)
+        # A key this process has found valid still works from the throttled IP; one it has
+        # never seen cannot be told from a guess without a lookup, and waits.
         assert c.post("/api/ai/openai/chat", headers=bearer(good.key)).status_code == 200
+        assert c.post("/api/ai/openai/chat", headers=bearer(unseen.key)).status_code == 429
+        clock.advance(6 * MINUTE)
+        assert c.post("/api/ai/openai/chat", headers=bearer(unseen.key)).status_code == 200
     events = asyncio.run(store.bot_events(since=0))
     assert events and all(
         e.detection_type == "rate_limit" and e.action == "blocked" and e.ip == "127.0.0.1"
         for e in events
     )
-    assert len(events) == 4  # the 11th and 12th guess, the 13th, and the good key while throttled
+    assert len(events) == 4  # the 11th and 12th guess, the 13th, and the unseen key while throttled
     assert len(store.auth_failures) == 11  # guesses that reached verification
 
 

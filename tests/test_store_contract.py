@@ -190,6 +190,57 @@ async def test_bot_escalation_and_events(harness: Harness) -> None:
     assert await harness.store.count_bot_events("other", since) == 0
 
 
+async def test_rotating_fingerprints_from_one_client_key_still_escalate(harness: Harness) -> None:
+    client = f"2001:db8:{uuid.uuid4().int % 0xFFFF:x}::/64"
+    actions = []
+    for i in range(12):
+        bot = BotCheck(
+            f"fp-rotated-{i}",
+            "2001:db8::1",
+            "curl/8",
+            "bot_useragent",
+            "allowed",
+            client_key=client,
+        )
+        outcome = await harness.store.check([], bot=bot)
+        assert outcome.bot is not None
+        actions.append(outcome.bot.action)
+    assert actions == ["allowed"] * 5 + ["challenged"] * 5 + ["blocked"] * 2
+    # The fingerprint's own history still counts when the client key's is shorter.
+    moved = BotCheck("fp-rotated-3", "192.0.2.1", "curl/8", "bot_useragent", "allowed")
+    outcome = await harness.store.check([], bot=moved)
+    assert outcome.bot is not None and outcome.bot.previous_events == 1
+    # Events written in a batch with a client key count towards it too.
+    now = harness.now()
+    batch_client = f"198.51.100.{uuid.uuid4().int % 250}"
+    await harness.store.write_logs(
+        LogBatch(
+            id=uuid.uuid4().hex,
+            bot_events=[
+                BotEvent(
+                    now - i,
+                    f"fp-b{i}",
+                    batch_client,
+                    "x",
+                    "rate_limit",
+                    "blocked",
+                    None,
+                    batch_client,
+                )
+                for i in range(6)
+            ],
+        )
+    )
+    late = BotCheck(
+        "fp-new", batch_client, "curl/8", "bot_useragent", "allowed", client_key=batch_client
+    )
+    outcome = await harness.store.check([], bot=late)
+    assert outcome.bot is not None and outcome.bot.action == "challenged"
+    assert outcome.bot.previous_events == 6
+    newest = (await harness.store.bot_events(since=now - MINUTE, limit=1))[0]
+    assert (newest.fingerprint, newest.client_key) == ("fp-new", batch_client)
+
+
 async def test_bot_limit_exhaustion_challenges(harness: Harness) -> None:
     suspicious = LimitRequest("suspiciousBehavior", FixedWindow(rate=2, period=HOUR, start=0), "fp")
     bot = BotCheck("fp", "ip", "curl/8", "bot_useragent", "allowed", limit=suspicious)

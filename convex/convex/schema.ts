@@ -27,7 +27,9 @@ export default defineSchema({
 
   botDetectionEvents: defineTable(vBotEvent)
     .index("by_timestamp", ["timestamp"])
-    .index("by_fingerprint", ["fingerprint", "timestamp"]),
+    .index("by_fingerprint", ["fingerprint", "timestamp"])
+    // Escalation per client address (its limit key); rows without one are not in it.
+    .index("by_client_key", ["clientKey", "timestamp"]),
 
   // AI API keys. `key` is the seed's name for the SHA-256 hash of the key (never the key).
   apiKeys: defineTable({

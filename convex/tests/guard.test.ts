@@ -171,6 +171,31 @@ describe("guard:check bots", () => {
     expect(events[12].metadata).toEqual({ previousAttempts: 0 });
   });
 
+  test("rotating fingerprints from one client key still escalate", async () => {
+    const actions: string[] = [];
+    for (let i = 0; i < 12; i++) {
+      const rotated = { ...bot, fingerprint: `fp-rotated-${i}`, clientKey: "2001:db8:1:2::/64" };
+      const r = await t.mutation(internal.guard.check, { limits: [], bot: rotated });
+      actions.push(r.bot!.action);
+    }
+    expect(actions).toEqual([
+      ...Array(5).fill("allowed"),
+      ...Array(5).fill("challenged"),
+      ...Array(2).fill("blocked"),
+    ]);
+    // Another client key has its own history; a check without one counts per fingerprint.
+    const other = { ...bot, fingerprint: "fp-rotated-0", clientKey: "198.51.100.4" };
+    expect((await t.mutation(internal.guard.check, { limits: [], bot: other })).bot).toEqual({
+      action: "allowed",
+      previousEvents: 1,
+    });
+    const noKey = { ...bot, fingerprint: "fp-fresh" };
+    expect((await t.mutation(internal.guard.check, { limits: [], bot: noKey })).bot).toEqual({
+      action: "allowed",
+      previousEvents: 0,
+    });
+  });
+
   test("events older than an hour do not count", async () => {
     for (let i = 0; i < 11; i++) await t.mutation(internal.guard.check, { limits: [], bot });
     vi.advanceTimersByTime(3_600_001);

@@ -9,6 +9,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from typing import Final, Literal
 
 __all__ = [
+    "UNIX_SOCKET",
     "UNKNOWN_CLIENT",
     "ForwardedHeader",
     "TrustedProxies",
@@ -21,33 +22,42 @@ IPAddress = IPv4Address | IPv6Address
 ForwardedHeader = Literal["x-forwarded-for", "forwarded"]
 
 UNKNOWN_CLIENT: Final = "unknown"
+#: The `trusted_proxies` entry that trusts the unix socket a server listens on (as nginx's
+#: `set_real_ip_from unix:`): its connections carry no peer address (`scope["client"]` is None).
+UNIX_SOCKET: Final = "unix:"
 
-# RFC 7239 §4: for=token or for="quoted-string", one per forwarded-element.
-_FORWARDED_FOR: Final = re.compile(r'(?:^|[;,\s])for\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)', re.I)
+# RFC 7239 §4: for=token or for="quoted-string", searched in one forwarded-element.
+_FORWARDED_FOR: Final = re.compile(r'(?:^|[;\s])for\s*=\s*("[^"]*"|[^;\s]*)', re.I)
 _BRACKETED: Final = re.compile(r"\[([^\]]+)\](?::\d*)?")
 
 
 class TrustedProxies:
     """The proxies whose forwarding headers are believed, parsed once at start-up.
 
+    Entries are IPs, CIDR networks, or `"unix:"` for a proxy that connects over the unix
+    socket the server listens on (such a connection has no peer address to check).
     A bad entry raises here, naming it, so a typo in configuration fails the deploy instead of
     silently trusting nobody (or everybody) on every request.
     """
 
-    __slots__ = ("_v4", "_v6")
+    __slots__ = ("_v4", "_v6", "unix")
 
     def __init__(self, entries: Iterable[str] = ()) -> None:
         if isinstance(entries, str):
             raise TypeError("TrustedProxies takes a list of IPs/CIDRs, not one string")
         v4: list[IPv4Network] = []
         v6: list[IPv6Network] = []
+        unix = False
         for entry in entries:
+            if entry.strip() == UNIX_SOCKET:
+                unix = True
+                continue
             try:
                 network = ip_network(entry.strip(), strict=False)
             except ValueError:
                 raise ValueError(
-                    f"trusted proxy {entry!r} is not an IP address or CIDR network "
-                    "(e.g. '10.0.0.1', '10.0.0.0/8', '2001:db8::/32')"
+                    f"trusted proxy {entry!r} is not an IP address, a CIDR network or "
+                    f"{UNIX_SOCKET!r} (e.g. '10.0.0.1', '10.0.0.0/8', '2001:db8::/32', 'unix:')"
                 ) from None
             if isinstance(network, IPv4Network):
                 v4.append(network)
@@ -55,9 +65,10 @@ class TrustedProxies:
                 v6.append(network)
         self._v4: tuple[IPv4Network, ...] = tuple(v4)
         self._v6: tuple[IPv6Network, ...] = tuple(v6)
+        self.unix = unix
 
     def __bool__(self) -> bool:
-        return bool(self._v4 or self._v6)
+        return bool(self._v4 or self._v6 or self.unix)
 
     def __contains__(self, address: object) -> bool:
         if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
@@ -69,7 +80,8 @@ class TrustedProxies:
         return False
 
     def __repr__(self) -> str:
-        return f"TrustedProxies({[str(n) for n in (*self._v4, *self._v6)]!r})"
+        entries = [str(n) for n in (*self._v4, *self._v6)] + [UNIX_SOCKET] * self.unix
+        return f"TrustedProxies({entries!r})"
 
 
 #: Addresses repeat from request to request; parsing one costs microseconds, a cache hit little.
@@ -121,17 +133,24 @@ def _parse(value: str) -> IPAddress | None:
 
 
 def _hops(headers: Sequence[tuple[bytes, bytes]], header: ForwardedHeader) -> list[str]:
-    """Every hop the header lists, several header lines concatenated in arrival order."""
+    """Every hop the header lists, several header lines concatenated in arrival order.
+
+    Split at every comma, quotes or not: a node (an address, a port, `unknown`) never holds
+    one, and a quote a client left open must not swallow what a proxy appended after it. A
+    Forwarded element without `for=` is a hop with no address (an empty string).
+    """
     wanted = header.encode("ascii")
     hops: list[str] = []
     for name, raw in headers:
         if name != wanted and name.lower() != wanted:
             continue
-        value = raw.decode("latin-1")
+        elements = raw.decode("latin-1").split(",")
         if header == "forwarded":
-            hops.extend(m[1] for m in _FORWARDED_FOR.finditer(value))
+            for element in elements:
+                match = _FORWARDED_FOR.search(element)
+                hops.append(match[1] if match is not None else "")
         else:
-            hops.extend(value.split(","))
+            hops.extend(elements)
     return hops
 
 
@@ -146,26 +165,32 @@ def client_ip(
     """The key of the client a request came from, safe to rate-limit on.
 
     The peer address (ASGI ``scope["client"][0]``) is the answer unless the peer is a trusted
-    proxy: only then is ``header`` read, from the right, skipping trusted hops and malformed
-    entries, up to the first untrusted address. Without trusted proxies the header is ignored
-    entirely, so a client cannot choose its own key. One header is read, not both: a proxy that
-    appends to X-Forwarded-For passes a client's own Forwarded header through untouched.
-    If every hop is trusted, the left-most one is the client; no usable peer gives ``"unknown"``.
+    proxy: only then is ``header`` read, from the right, skipping trusted hops, up to the first
+    untrusted address. Without trusted proxies the header is ignored entirely, so a client
+    cannot choose its own key. One header is read, not both: a proxy that appends to
+    X-Forwarded-For passes a client's own Forwarded header through untouched.
+
+    A hop that is not an address (garbage, ``unknown``, an obfuscated ``_name``) ends the walk:
+    a trusted proxy wrote it, so everything left of it came from the client, and the proxy
+    that wrote it (the hop to its right, or the peer) is keyed as the client instead. If every
+    hop is trusted, the left-most one is the client. No peer address (a unix socket) is a
+    trusted proxy only when ``trusted`` names ``"unix:"``; else, like an unusable peer, it
+    gives ``"unknown"``.
     """
-    address = _parse(peer) if peer else None
-    if address is None:
-        return UNKNOWN_CLIENT
-    if not trusted or address not in trusted:
-        return ip_key(address, ipv6_prefix)
-    leftmost: IPAddress | None = None
+    current = _parse(peer) if peer else None
+    if current is None:
+        if peer or not trusted.unix:
+            return UNKNOWN_CLIENT
+    elif not trusted or current not in trusted:
+        return ip_key(current, ipv6_prefix)
     for hop in reversed(_hops(headers, header)):
         candidate = _parse(hop)
         if candidate is None:
-            continue
+            break  # written by the proxy `current`: the hops left of it are the client's
         if candidate not in trusted:
             return ip_key(candidate, ipv6_prefix)
-        leftmost = candidate
-    return ip_key(leftmost or address, ipv6_prefix)
+        current = candidate
+    return UNKNOWN_CLIENT if current is None else ip_key(current, ipv6_prefix)
 
 
 @lru_cache(maxsize=_CACHE_SIZE)

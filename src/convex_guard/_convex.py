@@ -85,6 +85,7 @@ def _bot_check(bot: BotCheck) -> dict[str, Any]:
             "action": bot.action,
             "metadata": dict(bot.metadata) if bot.metadata else None,
             "limit": _limit_request(bot.limit) if bot.limit is not None else None,
+            "clientKey": bot.client_key,
         }
     )
 
@@ -99,6 +100,7 @@ def _bot_event_json(event: BotEvent) -> dict[str, Any]:
             "detectionType": event.detection_type,
             "action": event.action,
             "metadata": dict(event.metadata) if event.metadata else None,
+            "clientKey": event.client_key,
         }
     )
 
@@ -112,6 +114,7 @@ def _bot_event(raw: Mapping[str, Any]) -> BotEvent:
         detection_type=raw["detectionType"],
         action=raw["action"],
         metadata=raw.get("metadata"),
+        client_key=raw.get("clientKey"),
     )
 
 

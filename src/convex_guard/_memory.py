@@ -59,7 +59,7 @@ def _wall_clock_ms() -> float:
 
 
 def escalate(policy: BotAction, previous_events: int) -> BotAction:
-    """The seed's escalation over a fingerprint's last hour, never milder than the policy.
+    """The seed's escalation over a client's last hour, never milder than the policy.
 
     The request being decided counts as one of the events: the 6th flagged request within an
     hour is challenged, the 11th blocked.
@@ -108,6 +108,7 @@ class MemoryStore:
         self._sweep: deque[tuple[str, str | None, float]] = deque()
         self._bot_events: list[BotEvent] = []  # in timestamp order
         self._bot_by_fingerprint: dict[str, list[float]] = {}
+        self._bot_by_client: dict[str, list[float]] = {}  # by client key, as by fingerprint
         self._keys: dict[str, ApiKeyRecord] = {}
         self._key_ids: dict[str, str] = {}  # hash -> id
         self._ids = itertools.count(1)
@@ -222,7 +223,11 @@ class MemoryStore:
 
     def _decide_bot(self, bot: BotCheck, now: float) -> BotVerdict:
         """Escalate by history, then by the bot's own limit; record the final decision."""
-        previous = self._count_events(bot.fingerprint, now - ESCALATION_WINDOW_MS)
+        since = now - ESCALATION_WINDOW_MS
+        previous = self._count_events(bot.fingerprint, since)
+        if bot.client_key is not None:
+            # Rotating the headers the fingerprint is made of must not reset the history.
+            previous = max(previous, _count_since(self._bot_by_client.get(bot.client_key), since))
         action = escalate(bot.action, previous)
         if action == "allowed" and bot.limit is not None:
             # The bot's own limit is consumed whenever the bot is allowed (see BotCheck).
@@ -250,6 +255,7 @@ class MemoryStore:
                 detection_type=bot.detection_type,
                 action=action,
                 metadata=metadata,
+                client_key=bot.client_key,
             )
         )
         return BotVerdict(action, previous)
@@ -314,18 +320,16 @@ class MemoryStore:
         else:
             events.append(event)
         bisect.insort(self._bot_by_fingerprint.setdefault(event.fingerprint, []), event.timestamp)
+        if event.client_key is not None:
+            bisect.insort(self._bot_by_client.setdefault(event.client_key, []), event.timestamp)
         if len(events) > self._max_rows:
             oldest = events.pop(0)
-            times = self._bot_by_fingerprint[oldest.fingerprint]
-            times.remove(oldest.timestamp)
-            if not times:
-                del self._bot_by_fingerprint[oldest.fingerprint]
+            _forget(self._bot_by_fingerprint, oldest.fingerprint, oldest.timestamp)
+            if oldest.client_key is not None:
+                _forget(self._bot_by_client, oldest.client_key, oldest.timestamp)
 
     def _count_events(self, fingerprint: str, since: float) -> int:
-        times = self._bot_by_fingerprint.get(fingerprint)
-        if not times:
-            return 0
-        return len(times) - bisect.bisect_left(times, since)
+        return _count_since(self._bot_by_fingerprint.get(fingerprint), since)
 
     async def count_bot_events(self, fingerprint: str, since: float) -> int:
         return self._count_events(fingerprint, since)
@@ -478,6 +482,21 @@ class _Limit:
         self.config = config
         self.decide = config.decider
         self.fresh = config.fresh
+
+
+def _count_since(times: list[float] | None, since: float) -> int:
+    """How many of a sorted index's times are at or after `since`: O(log n)."""
+    if not times:
+        return 0
+    return len(times) - bisect.bisect_left(times, since)
+
+
+def _forget(index: dict[str, list[float]], key: str, timestamp: float) -> None:
+    """Drop one evicted event's time from a per-key index (the oldest: at the front)."""
+    times = index[key]
+    times.remove(timestamp)
+    if not times:
+        del index[key]
 
 
 def _restore(

@@ -20,7 +20,7 @@ ApiKeyKind = Literal["ai", "embedding"]
 #: JSON-like metadata, kept small: it is stored with every bot event.
 Metadata = Mapping[str, str | int | float | bool | None]
 
-#: Escalation thresholds over the last hour of events for one fingerprint (DESIGN.md §4).
+#: Escalation thresholds over the last hour of events for one fingerprint, or one client key.
 ESCALATION_WINDOW_MS = 3_600_000
 CHALLENGE_AFTER = 5
 BLOCK_AFTER = 10
@@ -39,11 +39,14 @@ class LimitRequest:
 
 @dataclass(slots=True)
 class BotCheck:
-    """A flagged request whose fate also depends on its fingerprint's recent history.
+    """A flagged request whose fate also depends on its client's recent history.
 
     `action` is what the category policy alone asks for; the store escalates it (more than
     `CHALLENGE_AFTER` events in the last hour, this one included → challenged, more than
-    `BLOCK_AFTER` → blocked: the 6th and 11th flagged requests),
+    `BLOCK_AFTER` → blocked: the 6th and 11th flagged requests), counting the events of its
+    fingerprint and those of its `client_key` (the client address's limit key: an IPv6
+    client's /64) and taking the larger: the fingerprint is made of headers a client chooses,
+    so rotating them must not reset its history. Without a `client_key`, per fingerprint only;
     then, if still allowed, consumes `limit` (the `suspiciousBehavior` limit per fingerprint):
     denied → challenged. The final decision is recorded as a `BotEvent` with
     `metadata.previousAttempts`, in the same atomic call as the request's limits; `limit` is
@@ -57,6 +60,7 @@ class BotCheck:
     action: BotAction
     metadata: Metadata | None = None
     limit: LimitRequest | None = None
+    client_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -80,6 +84,9 @@ class CheckResult:
 
 @dataclass(slots=True)
 class BotEvent:
+    """A recorded bot decision; `ip` is the client's address, `client_key` its limit key
+    (what escalation counts per client), absent on events recorded without one."""
+
     timestamp: float
     fingerprint: str
     ip: str
@@ -87,6 +94,7 @@ class BotEvent:
     detection_type: BotDetectionType
     action: BotAction
     metadata: Metadata | None = None
+    client_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -203,6 +203,7 @@ export const getBotEvents = internalQuery({
         action: row.action,
       };
       if (row.metadata !== undefined) event.metadata = row.metadata;
+      if (row.clientKey !== undefined) event.clientKey = row.clientKey;
       return event;
     });
   },

@@ -1,4 +1,4 @@
-// Bot escalation over a fingerprint's last hour of events (DESIGN.md §4).
+// Bot escalation over the last hour of a fingerprint's and a client address's events.
 import type { GenericMutationCtx } from "convex/server";
 import type { DataModel } from "../_generated/dataModel";
 import type { BotAction, BotCheck } from "./validators";
@@ -28,9 +28,11 @@ export function escalate(policy: BotAction, previousEvents: number): BotAction {
 }
 
 /**
- * Count the fingerprint's events in the last hour (bounded) and escalate; if the bot is still
- * allowed and `limitAdmits` is given, consult it (it consumes the bot's own limit): a denial
- * challenges. Store the final decision as a new event with `metadata.previousAttempts`.
+ * Count the last hour's events (bounded) of the fingerprint and, when given, of the client key,
+ * and escalate on the larger: the fingerprint is made of headers the client picks, its
+ * address is not. If the bot is still allowed and `limitAdmits` is given, consult it (it
+ * consumes the bot's own limit): a denial challenges. Store the final decision as a new event
+ * with `metadata.previousAttempts`.
  */
 export async function recordBotEvent(
   ctx: Pick<GenericMutationCtx<DataModel>, "db">,
@@ -44,7 +46,17 @@ export async function recordBotEvent(
       q.eq("fingerprint", bot.fingerprint).gte("timestamp", now - ESCALATION_WINDOW_MS),
     )
     .take(ESCALATION_READ_CAP);
-  const previousEvents = recent.length;
+  let previousEvents = recent.length;
+  const clientKey = bot.clientKey;
+  if (clientKey !== undefined && previousEvents < ESCALATION_READ_CAP) {
+    const fromClient = await ctx.db
+      .query("botDetectionEvents")
+      .withIndex("by_client_key", (q) =>
+        q.eq("clientKey", clientKey).gte("timestamp", now - ESCALATION_WINDOW_MS),
+      )
+      .take(ESCALATION_READ_CAP);
+    previousEvents = Math.max(previousEvents, fromClient.length);
+  }
   let action = escalate(bot.action, previousEvents);
   if (action === "allowed" && limitAdmits !== undefined && !(await limitAdmits())) {
     action = "challenged";
@@ -57,6 +69,7 @@ export async function recordBotEvent(
     detectionType: bot.detectionType,
     action,
     metadata: { ...(bot.metadata ?? {}), previousAttempts: previousEvents },
+    ...(clientKey === undefined ? {} : { clientKey }),
   });
   return { action, previousEvents };
 }

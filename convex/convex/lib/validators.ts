@@ -71,7 +71,8 @@ export type LimitResult = Infer<typeof vLimitResult>;
 /**
  * A flagged request. `action` is the category policy's own action; `limit` (the
  * `suspiciousBehavior` limit per fingerprint) is consumed when the history still allows the
- * bot, and a denial challenges it.
+ * bot, and a denial challenges it. `clientKey` is the client address's limit key (an IPv6
+ * client's /64): its history escalates too, whatever headers the fingerprint is made of.
  */
 export const vBotCheck = v.object({
   fingerprint: v.string(),
@@ -81,11 +82,13 @@ export const vBotCheck = v.object({
   action: vBotAction,
   metadata: v.optional(vMetadata),
   limit: v.optional(vLimitRequest),
+  clientKey: v.optional(v.string()),
 });
 export type BotCheck = Infer<typeof vBotCheck>;
 
 export const vBotVerdict = v.object({ action: vBotAction, previousEvents: v.number() });
 
+/** A recorded decision; `ip` is the address, `clientKey` its limit key (absent on old rows). */
 export const vBotEvent = v.object({
   timestamp: v.number(),
   fingerprint: v.string(),
@@ -94,6 +97,7 @@ export const vBotEvent = v.object({
   detectionType: vDetectionType,
   action: vBotAction,
   metadata: v.optional(vMetadata),
+  clientKey: v.optional(v.string()),
 });
 export type BotEvent = Infer<typeof vBotEvent>;
 

@@ -14,6 +14,7 @@ from typing import cast
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._apikeys import NO_KEY, hash_key, is_well_formed, key_status
+from .._clientip import UNKNOWN_CLIENT
 from .._context import GuardContext, Route, guard_context, matched_methods
 from .._errors import ConfigurationError
 from .._headers import bounded, header_value
@@ -137,9 +138,13 @@ class ApiKeyMiddleware:
     Failures get 401 (no key, or an invalid one: RFC 6750 `invalid_token`) or 403 (a valid key
     without the route's scopes: `insufficient_scope`), each recorded as an auth failure and
     charged to the client IP's `failed_auth` limit (the seed's `failedAuth`: 10 per hour).
-    Once that is spent the client gets 429 and a `rate_limit` bot event is recorded; the IP
-    is then refused locally, without a lookup, until the limit's retry time: guessing keys
-    costs the guesser, not the store.
+    Once that is spent the client gets 429 and a `rate_limit` bot event is recorded; the
+    client's further guesses are then refused locally, without a lookup, until the limit's
+    retry time: guessing keys costs the guesser, not the store. What is throttled is failed
+    attempts, not valid keys: a key this process has found valid (any of the last
+    `cache_size`) is still looked up and accepted from a throttled client, so people sharing
+    an address (a NAT, a proxy) with a guesser keep working. A valid key this process has
+    never seen cannot be told from a guess without a lookup, and waits out the throttle.
 
     A key's own rate limit (`requests` per `period`) is applied through the store under
     `apiKey:<id>`. Auth failures, bot events and key usage go through `writer` (by default the
@@ -183,6 +188,9 @@ class ApiKeyMiddleware:
         self._cache: OrderedDict[str, tuple[ApiKeyRecord, float]] = OrderedDict()
         # IP -> epoch ms until which its failed-auth limit is known to be spent.
         self._throttled: OrderedDict[str, float] = OrderedDict()
+        # Hashes the store last answered as usable keys (an LRU, refreshed at every store
+        # lookup): what a throttled client may still present. A guess is never among them.
+        self._known_valid: OrderedDict[str, None] = OrderedDict()
         self._bad_input = ThrottledLog()
         self._refused = ThrottledLog()
         self._throttle_log = ThrottledLog()
@@ -255,7 +263,7 @@ class ApiKeyMiddleware:
 
         key_hash = hash_key(raw)
         del raw  # from here on only the hash exists
-        if self._throttled_until(client, now):
+        if self._throttled_until(client, now) and key_hash not in self._known_valid:
             return self._throttle(scope, ctx, ip, now, self._throttled[client])
         try:
             record = await self._lookup(key_hash, now)
@@ -270,6 +278,8 @@ class ApiKeyMiddleware:
             )
         status = key_status(record, now, route.kind)
         if status != "valid" or record is None:
+            if status != "wrong_kind":
+                self._known_valid.pop(key_hash, None)
             # The hash prefix ties the line to the auth-failure row without revealing the key.
             self._refused.warning(
                 "API key refused from %s on %s: %s (sha256 %s…)", ip, path, status, key_hash[:12]
@@ -308,10 +318,16 @@ class ApiKeyMiddleware:
             found = await self.store.find_api_key(key_hash)
         # Only usable keys are cached: a revoked or unknown key is looked up again each time,
         # so a guesser gains nothing from the cache and a restored key works at once.
-        if found is not None and key_status(found, now, None) == "valid" and self.cache_ttl:
-            cache[key_hash] = (found, now)
-            if len(cache) > self.cache_size:
-                cache.popitem(last=False)
+        if found is not None and key_status(found, now, None) == "valid":
+            known = self._known_valid
+            known[key_hash] = None
+            known.move_to_end(key_hash)
+            if len(known) > self.cache_size:
+                known.popitem(last=False)
+            if self.cache_ttl:
+                cache[key_hash] = (found, now)
+                if len(cache) > self.cache_size:
+                    cache.popitem(last=False)
         return found
 
     def _throttled_until(self, ip: str, now: float) -> bool:
@@ -408,6 +424,7 @@ class ApiKeyMiddleware:
         self, scope: Scope, ctx: GuardContext, ip: str, now: float, until: float
     ) -> ASGIApp:
         user_agent = _user_agent(scope, ctx)
+        client = ctx.client_key or ip
         self.writer.add(
             BotEvent(
                 timestamp=now,
@@ -417,6 +434,8 @@ class ApiKeyMiddleware:
                 detection_type="rate_limit",
                 action="blocked",
                 metadata={"limit": FAILED_AUTH, "path": scope["path"]},
+                # Counted in the client's escalation, as the bot check counts per address.
+                client_key=None if client == UNKNOWN_CLIENT else client,
             )
         )
         ctx.rejected = f"rate_limited:{FAILED_AUTH}"

@@ -1,4 +1,4 @@
-"""Bot detection: classify the user-agent, escalate per fingerprint, record every decision."""
+"""Bot detection: classify the user-agent, escalate per client, record every decision."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .._clientip import UNKNOWN_CLIENT
 from .._context import GuardContext, PendingBot, guard_context
 from .._errors import ConfigurationError
 from .._headers import bounded, header_value
@@ -70,10 +71,12 @@ def detection_type(category: BotCategory) -> BotDetectionType:
 
 
 class BotDetectionMiddleware:
-    """Classify each request's user-agent and decide per category and per fingerprint.
+    """Classify each request's user-agent and decide per category and per client.
 
-    A flagged request is checked against its fingerprint's last hour (more than 5 events →
-    challenged, more than 10 → blocked) and the `suspiciousBehavior` limit, and the decision is
+    A flagged request is checked against the last hour of its fingerprint and of its client
+    address (its limit key: an IPv6 client's /64), whichever has more events (more than 5 →
+    challenged, more than 10 → blocked): the fingerprint is made of headers the client picks,
+    the address is not. Then the `suspiciousBehavior` limit, and the decision is
     stored as a bot detection event, in one store call. Blocked → 403 problem+json; challenged
     → `challenge` (an ASGI app, e.g. a CAPTCHA page) or 429 problem+json of type
     `abnormal-usage-detected`.
@@ -197,6 +200,7 @@ class BotDetectionMiddleware:
                 )
                 self._warned_no_fingerprint = True
             fingerprint = "ip:" + (ctx.client_key or ctx.client_ip or peer_ip(scope))
+        client_key = ctx.client_key or peer_ip(scope)
         check = BotCheck(
             fingerprint=fingerprint,
             ip=ctx.client_ip or peer_ip(scope),
@@ -205,6 +209,9 @@ class BotDetectionMiddleware:
             action=_STORED_ACTION[action],
             metadata={"category": category, "agent": verdict.name, "path": bounded(scope["path"])},
             limit=LimitRequest("suspiciousBehavior", self.suspicious_limit, key=fingerprint),
+            # Escalation counts per address too; not for "unknown", which clients without an
+            # address share (one bot's history must not escalate all of them).
+            client_key=None if client_key == UNKNOWN_CLIENT else client_key,
         )
         if self.defer:
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._clientip import (
+    UNIX_SOCKET,
     UNKNOWN_CLIENT,
     ForwardedHeader,
     TrustedProxies,
@@ -17,6 +18,7 @@ from .._context import GuardContext, guard_context
 from .._errors import ConfigurationError
 from .._fingerprint import DEFAULT_FIELDS, fingerprint
 from .._headers import header_value
+from .._logging import logger
 from .._order import FINGERPRINT, mark
 
 _UNKNOWN = (UNKNOWN_CLIENT, UNKNOWN_CLIENT)
@@ -26,10 +28,16 @@ class FingerprintMiddleware:
     """Put `client_ip`, `client_key`, `fingerprint` and `user_agent` into the guard context.
 
     `X-Forwarded-For` (or `Forwarded`, with `forwarded_header="forwarded"`) is read only when
-    the TCP peer is one of `trusted_proxies` (IPs or CIDRs): otherwise a client could pick its
-    own rate-limit key. IPv6 clients are keyed by their `/ipv6_prefix` network, since one
-    subscriber usually holds a whole /64. The fingerprint is xxh3-64 over `fields` (header
-    names) in a canonical form: the same headers in any order or case give the same value.
+    the TCP peer is one of `trusted_proxies` (IPs or CIDRs, or `"unix:"` for a proxy on the
+    unix socket the server listens on): otherwise a client could pick its own rate-limit key.
+    A request with no peer address (a unix socket) and no trusted `"unix:"` is keyed
+    `"unknown"`, shared by every such client; the first one logs a warning saying so.
+
+    IPv6 clients are keyed by their `/ipv6_prefix` network, since one subscriber usually holds
+    a whole /64: a shorter prefix puts more subscribers in one bucket, and a longer one lets
+    each rotate through many (a /48 holds 65,536 /64s, so keying per /64 gives a /48's holder
+    that many buckets). The fingerprint is xxh3-64 over `fields` (header names) in a
+    canonical form: the same headers in any order or case give the same value.
     """
 
     def __init__(
@@ -60,6 +68,7 @@ class FingerprintMiddleware:
         )
         if not self.fields:
             raise ConfigurationError("fields must name at least one header")
+        self._warned_no_peer = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -83,5 +92,36 @@ class FingerprintMiddleware:
             )
         # The address and its limit key, cached per address.
         ctx.client_ip, ctx.client_key = peer_keys(peer, self.ipv6_prefix) if peer else _UNKNOWN
+        if (
+            not self._warned_no_peer
+            and ctx.client_key == UNKNOWN_CLIENT
+            and not (client and client[0])
+        ):
+            self._warn_no_peer()
         ctx.fingerprint = fingerprint(headers, self.fields)
         ctx.user_agent = header_value(headers, b"user-agent") or ""
+
+    def _warn_no_peer(self) -> None:
+        """Say once that clients without an address share one key: only a request shows it.
+
+        The ASGI server does not tell an app where it listens, so this cannot be known before
+        the first request that arrives without `scope["client"]` (a unix socket).
+        """
+        self._warned_no_peer = True
+        if self.trusted.unix:
+            logger.warning(
+                "convex-guard: a request on the unix socket carried no usable %s: such "
+                "requests share the client key %r (one rate limit, one failed-auth count); "
+                "make the proxy in front set it",
+                self.forwarded_header,
+                UNKNOWN_CLIENT,
+            )
+        else:
+            logger.warning(
+                "convex-guard: requests arrive without a client address (a unix socket?): "
+                "every client shares the key %r (one rate limit, one failed-auth count); "
+                "if a proxy in front sets %s, add %r to trusted_proxies",
+                UNKNOWN_CLIENT,
+                self.forwarded_header,
+                UNIX_SOCKET,
+            )

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .._clientip import ForwardedHeader
 from .._context import guard_context, route_of
 from .._errors import ConfigurationError
 from .._limits import LimitConfig
@@ -72,7 +73,14 @@ class GuardSettings:
     - `rules`: rate-limit rules; `None` = `preset_rules()` (the seed's limits on `/api/ai/…`
       and `/api/embeddings`); `()` = no rate limiting.
     - `key_routes`: where API keys are required or accepted; `()` = no API keys.
-    - `trusted_proxies`: IPs/CIDRs whose `X-Forwarded-For` is believed.
+    - `trusted_proxies`: IPs/CIDRs whose `X-Forwarded-For` is believed, and `"unix:"` for a
+      proxy on the unix socket the server listens on (without it, every request on a unix
+      socket has the client key `"unknown"`; the first one logs a warning).
+    - `forwarded_header`: the header those proxies append to, `"x-forwarded-for"` (default)
+      or `"forwarded"` (RFC 7239); only that one is read.
+    - `ipv6_prefix`: IPv6 clients are keyed by this network (default 64: one subscriber's
+      allocation). Each /64 of a /48 is a bucket of its own, 65,536 of them; a shorter
+      prefix shares a bucket among more subscribers.
     - `bot_policy`, `bot_allow_user_agents`, `bot_allow_ips`, `bot_allow_paths`: bot detection
       (`bot_detection=False` turns it off). `bot_probe_paths`: where a `monitor` user-agent
       (kube-probe, ELB-HealthChecker, Prometheus, …) is let through unrecorded, never
@@ -96,6 +104,8 @@ class GuardSettings:
     rules: Sequence[Rule] | None = None
     key_routes: Sequence[KeyRoute] = field(default_factory=default_key_routes)
     trusted_proxies: Sequence[str] = ()
+    forwarded_header: ForwardedHeader = "x-forwarded-for"
+    ipv6_prefix: int = 64
     bot_detection: bool = True
     bot_policy: Mapping[BotCategory, PolicyAction] | None = None
     bot_allow_user_agents: Sequence[str | re.Pattern[str]] = ()
@@ -125,6 +135,11 @@ class GuardSettings:
             raise ConfigurationError("timeout must be a positive number of seconds")
         if self.fail not in ("open", "closed"):
             raise ConfigurationError("fail must be 'open' or 'closed'")
+        if self.forwarded_header not in ("x-forwarded-for", "forwarded"):
+            raise ConfigurationError("forwarded_header must be 'x-forwarded-for' or 'forwarded'")
+        prefix = self.ipv6_prefix
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or not 0 <= prefix <= 128:
+            raise ConfigurationError("ipv6_prefix must be a whole number between 0 and 128")
         for name in (
             "trusted_proxies",
             "exempt_paths",
@@ -260,7 +275,12 @@ class GuardStack:
                 cache_ttl=settings.key_cache_ttl,
                 timeout=settings.timeout,
             )
-        inner = fingerprint = FingerprintMiddleware(inner, trusted_proxies=settings.trusted_proxies)
+        inner = fingerprint = FingerprintMiddleware(
+            inner,
+            trusted_proxies=settings.trusted_proxies,
+            forwarded_header=settings.forwarded_header,
+            ipv6_prefix=settings.ipv6_prefix,
+        )
         stacked = RequestLoggerMiddleware(
             inner,
             store=store,
