@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._context import guard_context
@@ -24,6 +25,7 @@ from .._logwriter import (
     LogWriter,
 )
 from .._memory import MemoryStore
+from .._presets import AI_PROVIDERS
 from .._resilience import ResilientStore
 from .._rules import Rule, _path_matcher, preset_rules
 from .._settings import GuardEnvironment, load_environment
@@ -36,6 +38,7 @@ from .logger import (
     DEFAULT_AI_PATH,
     DEFAULT_EMBEDDINGS_PATH,
     RequestLoggerMiddleware,
+    client_gone,
     provider_from_path,
 )
 from .ratelimit import RateLimitMiddleware
@@ -69,7 +72,9 @@ class GuardSettings:
     - `bot_policy`, `bot_allow_user_agents`, `bot_allow_ips`, `bot_allow_paths`: bot detection
       (`bot_detection=False` turns it off).
     - `exempt_paths`: skip every check and every log (health checks).
-    - `ai_path`, `embeddings_path`: what the request log records.
+    - `ai_path`, `embeddings_path`: what the request log records; `providers`: the provider
+      names it records (the `{provider}` segment of `ai_path`); any other is logged as
+      `other`, so a client cannot grow the log's rollups with made-up names.
     - `timeout`: seconds any store call on the request path may take; `fail`: the bot check's
       policy when the store cannot answer, and the preset rules' (a rule you pass keeps its own).
     - `store_fallback`: with the env-configured Convex store, decide limits in this process
@@ -94,6 +99,7 @@ class GuardSettings:
     exempt_paths: Sequence[str] = DEFAULT_EXEMPT_PATHS
     ai_path: str = DEFAULT_AI_PATH
     embeddings_path: str | None = DEFAULT_EMBEDDINGS_PATH
+    providers: Sequence[str] = AI_PROVIDERS
     timeout: float = 0.5
     fail: FailPolicy = "open"
     key_cache_ttl: float = DEFAULT_CACHE_TTL
@@ -115,6 +121,8 @@ class GuardSettings:
         for name in ("trusted_proxies", "exempt_paths", "bot_allow_ips", "bot_allow_paths"):
             if isinstance(getattr(self, name), str):
                 raise ConfigurationError(f"{name} must be a list, not one string")
+        if isinstance(self.providers, str):
+            raise ConfigurationError("providers must be a list, not one string")
         for path in self.exempt_paths:
             _path_matcher(path)
 
@@ -246,6 +254,7 @@ class GuardStack:
             store=store,
             writer=writer,
             provider=provider_from_path(settings.ai_path),
+            providers=settings.providers,
             embeddings_path=settings.embeddings_path,
         )
         return cls(
@@ -332,6 +341,9 @@ class SinglePass:
             if answer is None and self.limiter is not None:
                 answer, headers = await self.limiter.decide(scope, receive, ctx)
             await (self.app if answer is None else answer)(scope, receive, guarded_send)
+        except ClientDisconnect as exc:
+            raised = exc
+            client_gone(scope)
         except BaseException as exc:
             raised = exc
             raise
