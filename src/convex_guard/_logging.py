@@ -24,9 +24,12 @@ def printable(value: object, limit: int = MAX_LOGGED) -> str:
     Printable text, the common case, comes back as it is, at the cost of one scan.
     """
     text = value if isinstance(value, str) else str(value)
+    cut = len(text) > limit
+    if cut:
+        text = text[:limit]  # first: a client's 60 kB path costs no more than its head
     if not text.isprintable():
-        text = "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
-    return text if len(text) <= limit else text[:limit] + "…"
+        text = "".join(ch if ch.isprintable() else _escape(ch) for ch in text)[:limit]
+    return text + "…" if cut else text
 
 
 def _escape(ch: str) -> str:
