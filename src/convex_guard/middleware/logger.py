@@ -274,11 +274,11 @@ class RequestLoggerMiddleware:
         usage = ctx.usage or _NOTHING_REPORTED
         success = error is None
         known = self.providers
-        if (
-            provider not in known
-            if known is not None
-            else len(provider) > MAX_PROVIDER_LENGTH or not provider.isprintable()
-        ):
+        if known is not None:
+            unknown = provider not in known
+        else:  # a custom resolver's own names, if they are names at all
+            unknown = len(provider) > MAX_PROVIDER_LENGTH or not provider.isprintable()
+        if unknown:
             note = "provider:" + printable(provider, MAX_PROVIDER_LENGTH)
             error = note if error is None else f"{error[:MAX_STORED]} {note}"
             provider = OTHER_PROVIDER
