@@ -16,6 +16,8 @@ import httpx
 import pytest
 from examples.gateway import create_app
 from examples.responder import Upstream
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -33,6 +35,7 @@ from convex_guard import (
 )
 from convex_guard._context import guard_context
 from convex_guard._convex import _ai_log
+from convex_guard._logging import printable
 from convex_guard._logwriter import LogWriter
 from convex_guard._store import AIRequestLog, LogBatch
 from convex_guard.middleware.logger import RequestLoggerMiddleware, report_usage
@@ -391,6 +394,27 @@ def test_made_up_providers_are_logged_as_other_and_stay_bounded() -> None:
     assert stored_chars(store) < 2_001 * 300  # 120 MB of names, were they kept
 
 
+def test_made_up_providers_make_one_rollup_on_convex(convex_server: ConvexTestServer) -> None:
+    convex_server.reset()
+    store = ConvexStore(convex_server.url, convex_server.admin_key)
+
+    async def chat(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = GuardMiddleware(
+        Starlette(routes=[Route("/api/ai/{provider}/chat", chat)]),
+        settings=GuardSettings(store=store, writer_interval=0.05),
+    )
+    paths = [f"/api/ai/{i:03d}{'q' * 60_000}/chat" for i in range(20)]
+    with serve(app) as server:
+        assert raw_get(server.port, paths) == [200] * 20
+    rows = convex_server.rows("aiRequestLogs")
+    assert len(rows) == 20 and {row["provider"] for row in rows} == {"other"}
+    assert max(len(row["error"]) for row in rows) < 100
+    for table in ("providerRollups", "providerHourlyRollups"):
+        assert {row["provider"] for row in convex_server.rows(table)} == {"other"}
+
+
 def test_providers_setting_and_a_custom_resolvers_names() -> None:
     with pytest.raises(ValueError, match="providers"):
         GuardSettings(providers="openai")
@@ -424,6 +448,18 @@ def test_providers_setting_and_a_custom_resolvers_names() -> None:
 
 
 # -- item 9: log injection ---------------------------------------------------------------------
+
+
+@given(st.text(), st.integers(min_value=1, max_value=300))
+def test_printable_escapes_and_bounds_any_text(text: str, limit: int) -> None:
+    logged = printable(text, limit)
+    assert logged.isprintable() and len(logged) <= limit + 1
+    if text.isprintable() and len(text) <= limit:
+        assert logged == text
+    else:
+        assert logged != text and (logged.endswith("…") or "\\" in logged)
+    assert printable(logged, limit + 1) == logged  # escaping twice changes nothing more
+
 
 FORGED = "/api/ai/x%0aCRITICAL%20forged%1b[31m"
 

@@ -28,7 +28,9 @@ def printable(value: object, limit: int = MAX_LOGGED) -> str:
     if cut:
         text = text[:limit]  # first: a client's 60 kB path costs no more than its head
     if not text.isprintable():
-        text = "".join(ch if ch.isprintable() else _escape(ch) for ch in text)[:limit]
+        text = "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+        if len(text) > limit:
+            text, cut = text[:limit], True
     return text + "…" if cut else text
 
 
