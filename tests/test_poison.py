@@ -338,6 +338,21 @@ def test_an_upstreams_numbers_are_checked_never_a_500(caplog: pytest.LogCaptureF
     assert sum("logged as unknown" in r.message for r in caplog.records) == len(UNKNOWN_TOKENS)
 
 
+def test_an_unprintable_model_is_a_422_never_a_500() -> None:
+    store = MemoryStore()
+    app = create_app(settings_for(store), upstream=None)
+    with serve(app) as server, httpx.Client(base_url=server.url) as c:
+        answers = [
+            c.post("/api/ai/openai/chat", json={**CHAT, "model": model}, headers=BROWSER_UA)
+            for model in ("gpt\n4", "gpt\x1b[31m", "gpt\u2028")
+        ]
+    assert [a.status_code for a in answers] == [422] * 3
+    assert [r.error for r in store.ai_logs] == ["http_422"] * 3
+
+
+BROWSER_UA = {"user-agent": BROWSER}
+
+
 # -- item 8: providers are a closed set ---------------------------------------------------------
 
 
