@@ -11,6 +11,8 @@ as, a BPE tokenizer's count. Costs use an illustrative price per million tokens 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 import os
 import re
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 PROVIDERS = ("openai", "openrouter", "groq", "perplexity", "ollama", "lmstudio")
 #: Illustrative USD prices per million tokens, for the request log's cost column.
@@ -34,7 +36,22 @@ PRICE_PER_MILLION = {
 EMBEDDING_MODEL = "local-embedding-64"
 EMBEDDING_DIMENSIONS = 64
 DEFAULT_UPSTREAM_TIMEOUT = 30.0
+#: The most tokens one answer is believed to use (what `report_usage` accepts); a larger,
+#: negative, fractional or missing count from an upstream is logged as unknown.
+MAX_TOKENS = 10**12
 _TOKEN = re.compile(r"\w+|[^\w\s]")
+
+logger = logging.getLogger(__name__)
+
+
+def _printable(value: str) -> str:
+    # A model name goes into the request log, which takes printable names only.
+    if not value.isprintable():
+        raise ValueError("must hold printable characters only")
+    return value
+
+
+ModelName = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_printable)]
 
 
 class ChatMessage(BaseModel):
@@ -47,13 +64,13 @@ class ChatRequest(BaseModel):
     """The OpenAI chat-completions body, the fields the gateway needs (others are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
-    model: Annotated[str, Field(min_length=1, max_length=200)]
+    model: ModelName
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
 
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: Annotated[str, Field(min_length=1, max_length=200)] = EMBEDDING_MODEL
+    model: ModelName = EMBEDDING_MODEL
     input: str | Annotated[list[Annotated[str, Field(max_length=8_000)]], Field(max_length=256)]
 
     def inputs(self) -> list[str]:
@@ -91,7 +108,10 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
-def cost(provider: str, tokens: int) -> float:
+def cost(provider: str, tokens: int | None) -> float | None:
+    """The call's illustrative price; unknown (None) when its tokens are."""
+    if tokens is None:
+        return None
     return round(PRICE_PER_MILLION.get(provider, 0.0) * tokens / 1_000_000, 8)
 
 
@@ -99,7 +119,8 @@ def cost(provider: str, tokens: int) -> float:
 class Reply:
     body: dict[str, Any]
     model: str
-    tokens: int
+    #: None when an upstream did not say, or said something that cannot be a token count.
+    tokens: int | None
 
 
 def local_chat(provider: str, request: ChatRequest) -> Reply:
@@ -192,23 +213,32 @@ class Upstream:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def _reply(self, response: httpx.Response, fallback_model: str, fallback_tokens: int) -> Reply:
+    def _reply(self, response: httpx.Response, fallback_model: str) -> Reply:
         if response.status_code >= 400:
             raise UpstreamError(f"upstream answered HTTP {response.status_code}")
         try:
-            body = response.json()
-        except ValueError:
+            # NaN, Infinity and 1e999 are not JSON numbers; they become null, so the body can
+            # be passed on (a JSON response refuses them) and no such number is believed.
+            body = json.loads(
+                response.content, parse_constant=_no_number, parse_float=_finite_or_none
+            )
+        except ValueError:  # also UnicodeDecodeError, and an int literal of 4,300+ digits
             raise UpstreamError("upstream answered with a body that is not JSON") from None
         if not isinstance(body, dict):
             raise UpstreamError("upstream answered with an unexpected body")
-        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        usage = body.get("usage")
         tokens = usage.get("total_tokens") if isinstance(usage, dict) else None
+        if tokens is None:
+            logger.info("Upstream %s: no usage.total_tokens; tokens logged as unknown", self.url)
+        elif type(tokens) is not int or not 0 <= tokens <= MAX_TOKENS:  # a bool is no count
+            logger.warning(
+                "Upstream %s: usage.total_tokens is not a token count; logged as unknown", self.url
+            )
+            tokens = None
         model = body.get("model")
-        return Reply(
-            body,
-            model if isinstance(model, str) and model else fallback_model,
-            tokens if isinstance(tokens, int) and tokens >= 0 else fallback_tokens,
-        )
+        if not (isinstance(model, str) and 0 < len(model) <= 200 and model.isprintable()):
+            model = fallback_model
+        return Reply(body, model, tokens)
 
     async def chat(self, client: httpx.AsyncClient, request: ChatRequest) -> Reply:
         try:
@@ -220,8 +250,7 @@ class Upstream:
             )
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
-        prompt = sum(count_tokens(m.content) for m in request.messages)
-        return self._reply(response, request.model, prompt)
+        return self._reply(response, request.model)
 
     async def embeddings(self, client: httpx.AsyncClient, request: EmbeddingRequest) -> Reply:
         try:
@@ -233,4 +262,13 @@ class Upstream:
             )
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
-        return self._reply(response, request.model, sum(map(count_tokens, request.inputs())))
+        return self._reply(response, request.model)
+
+
+def _no_number(constant: str) -> None:
+    return None
+
+
+def _finite_or_none(text: str) -> float | None:
+    number = float(text)
+    return number if math.isfinite(number) else None

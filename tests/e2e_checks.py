@@ -125,7 +125,10 @@ def check_logs(store: MemoryStore, key: str) -> None:
         (False, "rate_limited:perplexityRequests")
     ]
     assert all(r.tokens_used == perplexity.tokens for r in by_provider["perplexity"][:BURST])
-    assert [(r.success, r.error) for r in by_provider["nosuch"]] == [(False, "http_404")]
+    # A provider outside the configured set is logged as "other", its name in the error.
+    assert [(r.success, r.error) for r in by_provider["other"]] == [
+        (False, "http_404 provider:nosuch")
+    ]
     assert "health" not in by_provider
 
     embedding = local_embeddings(EmbeddingRequest.model_validate(EMBED))

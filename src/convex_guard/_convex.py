@@ -118,10 +118,36 @@ def _bot_event(raw: Mapping[str, Any]) -> BotEvent:
     )
 
 
+#: Counts above this lose their units digit in a float64, so sums of them stop being exact.
+_MAX_EXACT = float(2**53)
+
+
+def _number(name: str, value: object, *, whole: bool = False) -> float:
+    """A row's number as Convex stores it (a float64), or ValueError naming the field.
+
+    NaN, infinities, negatives, a count that is fractional or past 2**53, or an int too big
+    for a float would be refused by the deployment or poison every sum over the table; the
+    log writer drops a row that raises here and writes the rest of its batch.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, not {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large") from None
+    if not 0 <= number < math.inf:
+        raise ValueError(f"{name} must be finite and non-negative")
+    if whole and (number > _MAX_EXACT or not number.is_integer()):
+        raise ValueError(f"{name} must be a whole number of at most 2**53")
+    return number
+
+
 def _ai_log(row: AIRequestLog) -> dict[str, Any]:
+    tokens = row.tokens_used
+    cost = row.cost
     return _drop_none(
         {
-            "timestamp": float(row.timestamp),
+            "timestamp": _number("timestamp", row.timestamp),
             "provider": row.provider,
             "model": row.model,
             "userId": row.user_id,
@@ -129,9 +155,9 @@ def _ai_log(row: AIRequestLog) -> dict[str, Any]:
             "ip": row.ip,
             "success": row.success,
             "error": row.error,
-            "tokensUsed": float(row.tokens_used) if row.tokens_used is not None else None,
-            "latencyMs": float(row.latency_ms),
-            "cost": float(row.cost) if row.cost is not None else None,
+            "tokensUsed": _number("tokensUsed", tokens, whole=True) if tokens is not None else None,
+            "latencyMs": _number("latencyMs", row.latency_ms),
+            "cost": _number("cost", cost) if cost is not None else None,
         }
     )
 
@@ -141,10 +167,10 @@ def _embedding_log(row: EmbeddingRequestLog) -> dict[str, Any]:
         {
             "requestId": row.request_id,
             "apiKeyHash": row.api_key_hash,
-            "timestamp": float(row.timestamp),
-            "batchSize": float(row.batch_size),
-            "latencyMs": float(row.latency_ms),
-            "tokensUsed": float(row.tokens_used),
+            "timestamp": _number("timestamp", row.timestamp),
+            "batchSize": _number("batchSize", row.batch_size, whole=True),
+            "latencyMs": _number("latencyMs", row.latency_ms),
+            "tokensUsed": _number("tokensUsed", row.tokens_used, whole=True),
             "success": row.success,
             "error": row.error,
             "model": row.model,

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, ConvexValidationError
 from ._logging import ThrottledLog, logger
 from ._store import (
     AIRequestLog,
@@ -33,6 +33,15 @@ DEFAULT_MAX_BUFFER = 10_000
 DEFAULT_MAX_BACKOFF = 30.0
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0
 _FIRST_BACKOFF = 0.05
+#: What a store raises for a batch it can never accept (a bad value in some row), as opposed
+#: to a store it cannot reach: the batch is split to find that row, not retried as it is.
+#: ValueError, OverflowError and TypeError come from serialising a row (`float(10**400)`).
+INVALID_BATCH_ERRORS: tuple[type[Exception], ...] = (
+    ConvexValidationError,
+    ValueError,
+    OverflowError,
+    TypeError,
+)
 
 
 class LogWriter:
@@ -49,11 +58,15 @@ class LogWriter:
     the app must `await writer.close()` itself at exit, or up to `interval` seconds of rows
     are lost with the process.
 
-    Failure: a batch the store refuses is retried, with the same `id` (the store dedupes, so a
-    retry after a lost answer lands once), with exponential backoff capped at `max_backoff`
-    seconds; later rows wait behind it, so order is kept. The buffer holds at most
-    `max_buffer` rows; rows that arrive when it is full are dropped, counted in `dropped`, and
-    reported by a throttled warning.
+    Failure: a batch the store cannot take now (unreachable, timed out, circuit open, or any
+    error not listed below) is retried, with the same `id` (the store dedupes, so a retry
+    after a lost answer lands once), with exponential backoff capped at `max_backoff`
+    seconds; later rows wait behind it, so order is kept. A batch refused as invalid (one of
+    `INVALID_BATCH_ERRORS`: a row the store will never accept) is split in halves, each with
+    a new `id` (the refused batch wrote nothing), until the bad row is alone; that row is
+    dropped, counted in `rejected` and reported by a throttled warning, and every other row
+    is written. The buffer holds at most `max_buffer` rows; rows that arrive when it is full
+    are dropped, counted in `dropped`, and reported by a throttled warning.
 
     Not thread-safe: use it from one event loop at a time (the ASGI server's).
     """
@@ -89,11 +102,15 @@ class LogWriter:
         self.shutdown_timeout = shutdown_timeout
         #: Rows dropped because the buffer was full (or still unwritten at a timed-out close).
         self.dropped = 0
+        #: Rows the store refused as invalid (each dropped alone, the rest of its batch written).
+        self.rejected = 0
         #: Batches the store accepted; for tests and health checks.
         self.batches_written = 0
         self._rows: deque[Row] = deque()
         self._usage: dict[str, KeyUsage] = {}
-        self._pending: LogBatch | None = None  # taken from the buffer, not yet accepted
+        # Taken from the buffer, not yet accepted, in order: one batch, or the parts of one
+        # being split (kept here so a flush cut short resumes them, never the whole again).
+        self._pending: deque[LogBatch] = deque()
         self._pending_rows = 0
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -102,6 +119,7 @@ class LogWriter:
         self._closed = False  # after close(), only an explicit start() restarts the flusher
         self._overflow = ThrottledLog()
         self._store_trouble = ThrottledLog()
+        self._invalid = ThrottledLog()
 
     @classmethod
     def for_store(cls, store: Store) -> LogWriter:
@@ -112,7 +130,9 @@ class LogWriter:
         return writer
 
     def __repr__(self) -> str:
-        return f"LogWriter(buffered={self.buffered}, dropped={self.dropped})"
+        return (
+            f"LogWriter(buffered={self.buffered}, dropped={self.dropped}, rejected={self.rejected})"
+        )
 
     @property
     def buffered(self) -> int:
@@ -205,7 +225,7 @@ class LogWriter:
             self.dropped += lost
             self._rows.clear()
             self._usage.clear()
-            self._pending = None
+            self._pending.clear()
             self._pending_rows = 0
             logger.warning("Log writer: store unavailable at shutdown; %d rows lost", lost)
 
@@ -239,9 +259,9 @@ class LogWriter:
             if full_only:
                 budget -= budget % self.batch_size
             usage = bool(self._usage)
+            pending = self._pending
             while True:
-                batch = self._pending
-                if batch is None:
+                if not pending:
                     if budget <= 0 and not usage:
                         return
                     batch = self._take(min(self.batch_size, max(budget, 0)))
@@ -249,12 +269,9 @@ class LogWriter:
                         return
                     budget -= _batch_rows(batch) - len(batch.key_usage)
                     usage = False
-                self._pending = batch
-                self._pending_rows = _batch_rows(batch)
-                await self._write(batch)
-                self._pending = None
-                self._pending_rows = 0
-                self.batches_written += 1
+                    pending.append(batch)
+                    self._pending_rows = _batch_rows(batch)
+                await self._write_pending()
 
     def _take(self, count: int) -> LogBatch | None:
         if not (count and self._rows) and not self._usage:
@@ -285,14 +302,35 @@ class LogWriter:
             key_usage=usage,
         )
 
-    async def _write(self, batch: LogBatch) -> None:
+    async def _write_pending(self) -> None:
+        """Write the pending batches in order: retry what the store cannot take now, split
+        what it refuses as invalid down to the row it refuses."""
+        pending = self._pending
         delay = _FIRST_BACKOFF
-        while True:
+        while pending:
+            batch = pending[0]
             try:
                 await self.store.write_logs(batch)
-                return
             except asyncio.CancelledError:
                 raise
+            except INVALID_BATCH_ERRORS as exc:
+                pending.popleft()
+                rows = _batch_rows(batch)
+                if rows > 1:
+                    first, second = _halves(batch)
+                    pending.appendleft(second)
+                    pending.appendleft(first)
+                    continue
+                self._pending_rows -= rows
+                self.rejected += rows
+                self._invalid.warning(
+                    "Log writer: the store refused a %s as invalid (%r); dropped it "
+                    "(%d rejected so far)",
+                    _row_kind(batch),
+                    exc,
+                    self.rejected,
+                )
+                continue
             except Exception as exc:
                 self._store_trouble.warning(
                     "Log writer: store refused a batch of %d rows (%r); retrying in %.2f s",
@@ -300,8 +338,42 @@ class LogWriter:
                     exc,
                     delay,
                 )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.max_backoff)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            pending.popleft()
+            self._pending_rows -= _batch_rows(batch)
+            self.batches_written += 1
+            delay = _FIRST_BACKOFF
+
+
+_BATCH_FIELDS = ("ai_requests", "embedding_requests", "auth_failures", "bot_events", "key_usage")
+
+
+def _halves(batch: LogBatch) -> tuple[LogBatch, LogBatch]:
+    """`batch`'s rows in two batches, each with its own id (the store never saw these)."""
+    rows = [(name, row) for name in _BATCH_FIELDS for row in getattr(batch, name)]
+    middle = len(rows) // 2
+    parts = []
+    for part in (rows[:middle], rows[middle:]):
+        fields: dict[str, list[Any]] = {name: [] for name in _BATCH_FIELDS}
+        for name, row in part:
+            fields[name].append(row)
+        parts.append(
+            LogBatch(id=uuid.uuid4().hex, **{name: tuple(kept) for name, kept in fields.items()})
+        )
+    return parts[0], parts[1]
+
+
+def _row_kind(batch: LogBatch) -> str:
+    for name, kind in zip(
+        _BATCH_FIELDS,
+        ("AI request row", "embedding request row", "auth failure row", "bot event", "key usage"),
+        strict=True,
+    ):
+        if getattr(batch, name):
+            return kind
+    return "row"
 
 
 def _batch_rows(batch: LogBatch) -> int:

@@ -74,6 +74,17 @@ def escalate(policy: BotAction, previous_events: int) -> BotAction:
     return policy if _SEVERITY[policy] >= _SEVERITY[history] else history
 
 
+#: Past this a stored count or amount is not a real one (and a float64 sum loses it).
+_MAX_KNOWN = 2**53
+
+
+def _known(value: object) -> int | float:
+    """A stored number as a sum may take it: 0 for None, NaN, infinite, negative or huge."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    return value if 0 <= value <= _MAX_KNOWN else 0  # NaN compares false
+
+
 class MemoryStore:
     """State for one process. Fast and dependency-free, but limits are per process.
 
@@ -419,12 +430,14 @@ class MemoryStore:
         total = len(rows)
         if total == 0:
             return ProviderStats(0, 0.0, 0.0, 0, 0.0)
+        # Rows written straight to the store skip `report_usage`'s checks: a number that is
+        # not finite and non-negative counts as unknown (0), never as a raise or a NaN total.
         return ProviderStats(
             total_requests=total,
             success_rate=sum(1 for row in rows if row.success) / total,
-            average_latency=sum(row.latency_ms for row in rows) / total,
-            total_tokens=sum(row.tokens_used or 0 for row in rows),
-            total_cost=sum(row.cost or 0.0 for row in rows),
+            average_latency=sum(_known(row.latency_ms) for row in rows) / total,
+            total_tokens=int(sum(_known(row.tokens_used) for row in rows)),
+            total_cost=float(sum(_known(row.cost) for row in rows)),
         )
 
     async def embedding_usage(self, key_hash: str, start: float, end: float) -> EmbeddingUsage:

@@ -114,8 +114,9 @@ class ResilientStore:
     `fallback=None` to let each rule's fail policy decide instead): one instance still enforces
     its limits. Bot events decided during the outage are queued, through `on_outage_events`,
     for the shared store once it is back (GuardMiddleware connects this to its log writer).
-    Everything else (keys, logs, analytics) raises `StoreError` fast while the circuit is open;
-    the log writer keeps its rows and retries them in order.
+    Everything else (keys, analytics) raises `StoreError` fast while the circuit is open. Log
+    writes are bounded by `timeout` but never pass (or trip) the breaker; the log writer keeps
+    its rows and retries them in order.
     """
 
     def __init__(
@@ -249,7 +250,14 @@ class ResilientStore:
         )
 
     async def write_logs(self, batch: LogBatch) -> None:
-        await self._guarded(lambda: self.primary.write_logs(batch), "write_logs")
+        # Bounded, but outside the request path's breaker: a log outage, or a batch refused
+        # as invalid, must never make keyed requests fail fast. The log writer backs off on
+        # its own, and tells a bad row (raised as it is, to be split out) from an outage.
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.primary.write_logs(batch)
+        except TimeoutError:
+            raise StoreTimeoutError(f"write_logs: no answer within {self.timeout} s") from None
 
     async def provider_stats(self, provider: str, start: float, end: float) -> ProviderStats:
         return await self._guarded(

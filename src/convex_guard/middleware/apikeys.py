@@ -19,7 +19,7 @@ from .._context import GuardContext, Route, guard_context, matched_methods
 from .._errors import ConfigurationError
 from .._headers import bounded, header_value
 from .._limits import FixedWindow, LimitConfig
-from .._logging import ThrottledLog
+from .._logging import ThrottledLog, printable
 from .._logwriter import LogWriter, run_lifespan
 from .._order import API_KEYS, mark
 from .._presets import seed_limits
@@ -256,7 +256,9 @@ class ApiKeyMiddleware:
         # middleware runs), so a guesser cannot reset the count by hopping addresses.
         client = ctx.client_key or ip
         if isinstance(raw, _Malformed):
-            self._bad_input.warning("API key refused from %s on %s: %s", ip, path, raw)
+            self._bad_input.warning(
+                "API key refused from %s on %s: %s", printable(ip), printable(path), raw
+            )
             return await self._fail(scope, ctx, ip, now, NO_KEY, 401, "invalid_token")
         if raw is None:
             return await self._fail(scope, ctx, ip, now, NO_KEY, 401, None)
@@ -268,7 +270,7 @@ class ApiKeyMiddleware:
         try:
             record = await self._lookup(key_hash, now)
         except Exception as exc:
-            self._store_trouble.warning("API key lookup failed (%s): %r", path, exc)
+            self._store_trouble.warning("API key lookup failed (%s): %r", printable(path), exc)
             ctx.rejected = "api_key_unavailable"
             return problem(
                 503,
@@ -282,7 +284,11 @@ class ApiKeyMiddleware:
                 self._known_valid.pop(key_hash, None)
             # The hash prefix ties the line to the auth-failure row without revealing the key.
             self._refused.warning(
-                "API key refused from %s on %s: %s (sha256 %s…)", ip, path, status, key_hash[:12]
+                "API key refused from %s on %s: %s (sha256 %s…)",
+                printable(ip),
+                printable(path),
+                status,
+                key_hash[:12],
             )
             return await self._fail(scope, ctx, ip, now, key_hash, 401, "invalid_token")
         missing = [s for s in route.scopes if s not in record.scopes]
@@ -433,7 +439,7 @@ class ApiKeyMiddleware:
                 user_agent=user_agent,
                 detection_type="rate_limit",
                 action="blocked",
-                metadata={"limit": FAILED_AUTH, "path": scope["path"]},
+                metadata={"limit": FAILED_AUTH, "path": bounded(scope["path"])},
                 # Counted in the client's escalation, as the bot check counts per address.
                 client_key=None if client == UNKNOWN_CLIENT else client,
             )
@@ -441,7 +447,7 @@ class ApiKeyMiddleware:
         ctx.rejected = f"rate_limited:{FAILED_AUTH}"
         retry = str(max(1, math.ceil((until - now) / 1000)))
         self._throttle_log.warning(
-            "Too many failed API key attempts from %s: throttled for %s s", ip, retry
+            "Too many failed API key attempts from %s: throttled for %s s", printable(ip), retry
         )
         return problem(
             429,

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._clientip import ForwardedHeader
@@ -25,6 +26,7 @@ from .._logwriter import (
     LogWriter,
 )
 from .._memory import MemoryStore
+from .._presets import AI_PROVIDERS
 from .._problem import refuse
 from .._resilience import ResilientStore
 from .._rules import Rule, _path_matcher, preset_rules
@@ -43,6 +45,7 @@ from .logger import (
     DEFAULT_AI_PATH,
     DEFAULT_EMBEDDINGS_PATH,
     RequestLoggerMiddleware,
+    client_gone,
     handshake_status,
     provider_from_path,
 )
@@ -89,7 +92,9 @@ class GuardSettings:
     - `exempt_paths`: skip every check and every log (health checks).
     - Every path is matched as Starlette routes it (without `root_path`), HEAD as GET;
       WebSocket handshakes on guarded paths get the same checks as requests.
-    - `ai_path`, `embeddings_path`: what the request log records.
+    - `ai_path`, `embeddings_path`: what the request log records; `providers`: the provider
+      names it records (the `{provider}` segment of `ai_path`); any other is logged as
+      `other`, so a client cannot grow the log's rollups with made-up names.
     - `timeout`: seconds any store call on the request path may take; `fail`: the bot check's
       policy when the store cannot answer, and the preset rules' (a rule you pass keeps its own).
     - `store_fallback`: with the env-configured Convex store, decide limits in this process
@@ -117,6 +122,7 @@ class GuardSettings:
     exempt_paths: Sequence[str] = DEFAULT_EXEMPT_PATHS
     ai_path: str = DEFAULT_AI_PATH
     embeddings_path: str | None = DEFAULT_EMBEDDINGS_PATH
+    providers: Sequence[str] = AI_PROVIDERS
     timeout: float = 0.5
     fail: FailPolicy = "open"
     key_cache_ttl: float = DEFAULT_CACHE_TTL
@@ -149,6 +155,8 @@ class GuardSettings:
         ):
             if isinstance(getattr(self, name), str):
                 raise ConfigurationError(f"{name} must be a list, not one string")
+        if isinstance(self.providers, str):
+            raise ConfigurationError("providers must be a list, not one string")
         for path in self.exempt_paths:
             _path_matcher(path)
 
@@ -286,6 +294,7 @@ class GuardStack:
             store=store,
             writer=writer,
             provider=provider_from_path(settings.ai_path),
+            providers=settings.providers,
             embeddings_path=settings.embeddings_path,
         )
         return cls(
@@ -386,6 +395,9 @@ class SinglePass:
                 await self.app(scope, receive, guarded_send)
             else:
                 await refuse(answer, scope, receive, guarded_send)
+        except ClientDisconnect as exc:
+            raised = exc
+            client_gone(scope)
         except BaseException as exc:
             raised = exc
             raise

@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import asyncio
-import math
+import numbers
+import operator
 import time
 import uuid
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, Protocol
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._apikeys import NO_KEY
 from .._context import GuardContext, Usage, guard_context, request_route
 from .._errors import ConfigurationError
+from .._headers import MAX_STORED
+from .._logging import logger, printable
 from .._logwriter import LogWriter, run_lifespan
 from .._order import LOGGER, mark
+from .._presets import AI_PROVIDERS
 from .._rules import _path_matcher, peer_ip
 from .._store import AIRequestLog, EmbeddingRequestLog, Store
 
 DEFAULT_AI_PATH = "/api/ai"
 DEFAULT_EMBEDDINGS_PATH = "/api/embeddings"
 UNKNOWN_MODEL = "unknown"
+#: What a row says for a provider outside the configured set; the raw name goes in `error`.
+OTHER_PROVIDER = "other"
+MAX_PROVIDER_LENGTH = 64
+# What `report_usage` accepts: far above any real call, yet small enough that sums of many
+# rows stay exact in a float64 (2**53), which is how Convex stores every number.
+MAX_TOKENS = 10**12
+MAX_ITEMS = 10**9
+MAX_COST = 1e9
+MAX_MODEL_LENGTH = 256
 _NOTHING_REPORTED = Usage()  # read only: what the row of a request that reported nothing says
 
 #: Gets the request's scope, returns its provider, or `None` to leave the request unlogged.
@@ -46,17 +60,25 @@ def report_usage(
 
     Takes a Starlette/FastAPI `Request` (or `WebSocket`) or a raw ASGI scope; only the values
     given are set, so the app may report them as it learns them. Bad values raise
-    `ValueError` in the app, where the bug is, rather than corrupt the log.
+    `ValueError` naming the argument, in the app, where the bug is, rather than poison the
+    log: `tokens` and `items` are ints (not bools) from 0 to `MAX_TOKENS` (10**12) and
+    `MAX_ITEMS` (10**9), `cost` a finite number from 0 to `MAX_COST` (1e9), `model` a string
+    of at most `MAX_MODEL_LENGTH` (256) printable characters. A number from an upstream's
+    answer is the app's to check before it reports it.
     """
     scope = (
         request_or_scope if isinstance(request_or_scope, MutableMapping) else request_or_scope.scope
     )
-    if tokens is not None and (isinstance(tokens, bool) or tokens < 0):
-        raise ValueError("tokens must be a non-negative int")
-    if items is not None and (isinstance(items, bool) or items < 0):
-        raise ValueError("items must be a non-negative int")
-    if cost is not None and not (0 <= cost < math.inf):
-        raise ValueError("cost must be a non-negative, finite number")
+    if model is not None and not (
+        isinstance(model, str) and len(model) <= MAX_MODEL_LENGTH and model.isprintable()
+    ):
+        raise ValueError(f"model must be at most {MAX_MODEL_LENGTH} printable characters")
+    if tokens is not None:
+        tokens = _count("tokens", tokens, MAX_TOKENS)
+    if items is not None:
+        items = _count("items", items, MAX_ITEMS)
+    if cost is not None:
+        cost = _amount("cost", cost, MAX_COST)
     ctx = guard_context(scope)
     usage = ctx.usage
     if usage is None:
@@ -71,11 +93,45 @@ def report_usage(
         usage.items = items
 
 
+def _count(name: str, value: object, cap: int) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, not a bool")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{name} must be an int, not {type(value).__name__}") from None
+    if not 0 <= number <= cap:
+        raise ValueError(f"{name} must be between 0 and {cap:,}")
+    return number
+
+
+def _amount(name: str, value: object, cap: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, not {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = float("inf")
+    if not 0 <= number <= cap:  # NaN compares false
+        raise ValueError(f"{name} must be a finite number between 0 and {cap:,.0f}")
+    return number
+
+
+def client_gone(scope: Scope) -> None:
+    """One debug line for a request whose client went away mid-body (Starlette raises
+    `ClientDisconnect`): routine on the internet, not an error worth a traceback."""
+    logger.debug(
+        "Client disconnected mid-request: %s %s",
+        printable(scope.get("method", "")),
+        printable(scope.get("path", "")),
+    )
+
+
 def provider_from_path(prefix: str = DEFAULT_AI_PATH) -> ProviderResolver:
     """The default resolver: the segment after `prefix` (`/api/ai/{provider}/…`)."""
     base = prefix.rstrip("/") + "/"
 
-    def resolve(scope: Scope) -> str | None:
+    def resolve(scope: Scope) -> str | None:  # the raw segment: the logger bounds it
         path = request_route(scope)[1]  # as Starlette routes it: without root_path
         if not path.startswith(base):
             return None
@@ -97,9 +153,16 @@ class RequestLoggerMiddleware:
     (`None` to log none). The app reports model, tokens, cost and batch items with
     `report_usage`. A request fails when the guard rejected it (`error` is the reason), when
     it ended with a status of 400 or more (`http_<status>`), or when the app raised (the
-    exception's class name). Paths are matched as Starlette routes them (without
-    `root_path`); a WebSocket handshake is logged like a request, once, with status 101 when
-    accepted.
+    exception's class name; a client that went away mid-body is one debug line, not a
+    traceback). Paths are matched as Starlette routes them (without `root_path`); a WebSocket
+    handshake is logged like a request, once, with status 101 when accepted.
+
+    Providers are a closed set, so rows and rollups stay bounded whatever path a client
+    sends: `providers` (default: the preset's `AI_PROVIDERS` with the default resolver; with
+    a custom `provider` resolver, whatever it returns, up to 64 printable characters). Any
+    other provider is logged as `other`, its raw name cut to 64 characters and escaped in the
+    row's `error` (`provider:<name>`, after the request's own error if it has one); it does
+    not make the request count as failed.
 
     Rows go through `writer` (by default the store's shared `LogWriter`), which this
     middleware starts at lifespan startup and flushes completely at shutdown; see `LogWriter`
@@ -113,11 +176,16 @@ class RequestLoggerMiddleware:
         store: Store,
         writer: LogWriter | None = None,
         provider: ProviderResolver | None = None,
+        providers: Iterable[str] | None = None,
         embeddings_path: str | None = DEFAULT_EMBEDDINGS_PATH,
         clock: Clock | None = None,
     ) -> None:
         if provider is not None and not callable(provider):
             raise ConfigurationError("provider must be a function of the ASGI scope")
+        if providers is None and provider is None:
+            providers = AI_PROVIDERS
+        #: The providers logged by name; None: any name the custom resolver returns (bounded).
+        self.providers = None if providers is None else _provider_set(providers)
         self.app = app
         self.store = store
         self.writer = writer if writer is not None else LogWriter.for_store(store)
@@ -141,7 +209,10 @@ class RequestLoggerMiddleware:
         ctx = guard_context(scope)  # made here, so its route is computed once for all
         entry = self.begin(scope)
         if entry is None:
-            await self.app(scope, receive, send)
+            try:
+                await self.app(scope, receive, send)
+            except ClientDisconnect:
+                client_gone(scope)
             return
 
         async def send_status(message: Message) -> None:
@@ -157,6 +228,9 @@ class RequestLoggerMiddleware:
         raised: BaseException | None = None
         try:
             await self.app(scope, receive, send_status if kind == "http" else send_handshake_status)
+        except ClientDisconnect as exc:
+            raised = exc
+            client_gone(scope)
         except BaseException as exc:
             raised = exc
             raise
@@ -205,6 +279,19 @@ class RequestLoggerMiddleware:
         error: str | None,
     ) -> AIRequestLog:
         usage = ctx.usage or _NOTHING_REPORTED
+        success = error is None
+        known = self.providers
+        if known is not None:
+            unknown = provider not in known
+        else:  # a custom resolver's own names, if they are names at all
+            unknown = len(provider) > MAX_PROVIDER_LENGTH or not provider.isprintable()
+        if unknown:
+            note = "provider:" + printable(provider, MAX_PROVIDER_LENGTH)
+            error = note if error is None else f"{error[:MAX_STORED]} {note}"
+            provider = OTHER_PROVIDER
+        user_id = ctx.user_id
+        if user_id is not None and len(user_id) > MAX_STORED:
+            user_id = user_id[:MAX_STORED]
         # Positional, in the fields' order: keywords cost more than the rest of the row
         # (one row per request).
         return AIRequestLog(
@@ -213,9 +300,9 @@ class RequestLoggerMiddleware:
             usage.model or UNKNOWN_MODEL,
             ctx.fingerprint or "",
             ctx.client_ip or peer_ip(scope),
-            error is None,
+            success,
             latency,
-            ctx.user_id,
+            user_id,
             error,
             usage.tokens,
             usage.cost,
@@ -254,6 +341,21 @@ def handshake_status(message: Message) -> int:
     if kind == "websocket.close":
         return 403
     return 0
+
+
+def _provider_set(providers: Iterable[str]) -> frozenset[str]:
+    if isinstance(providers, str):
+        raise ConfigurationError("providers must be a list of names, not one string")
+    names = frozenset(providers)
+    for name in names:
+        if not (
+            isinstance(name, str) and 0 < len(name) <= MAX_PROVIDER_LENGTH and name.isprintable()
+        ):
+            raise ConfigurationError(
+                f"provider {name!r} must be a name of 1 to {MAX_PROVIDER_LENGTH} printable "
+                "characters"
+            )
+    return names
 
 
 def _raised_error(raised: BaseException) -> str | None:

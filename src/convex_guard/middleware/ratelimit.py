@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .._context import STATE_KEY, GuardContext, Route, guard_context, route_of
 from .._errors import ConfigurationError
 from .._headers import adding_headers
-from .._logging import ThrottledLog, logger
+from .._logging import ThrottledLog, logger, printable
 from .._memory import MemoryStore
 from .._order import API_KEYS, FINGERPRINT, RATE_LIMIT, mark, missing_outside, pass_lifespan
 from .._problem import QUOTA_EXCEEDED, problem, refuse
@@ -140,7 +140,9 @@ class RateLimitMiddleware:
                 extra={"violated-policies": [rule.name for rule in rules]},
             ), None
         except Exception as exc:
-            self._store_trouble.warning("Rate-limit store unavailable (%s): %r", scope["path"], exc)
+            self._store_trouble.warning(
+                "Rate-limit store unavailable (%s): %r", printable(scope["path"]), exc
+            )
             if pending is not None and pending.check.action == "blocked":
                 # A category blocked by policy needs no store to be refused.
                 answer = pending.respond(BotVerdict("blocked", 0))
