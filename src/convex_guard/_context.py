@@ -83,7 +83,10 @@ def route_of(scope: MutableMapping[str, Any]) -> Route:
     method: str = scope.get("method", "GET")
     if method == "HEAD":
         method = "GET"
-    return method, get_route_path(scope) if scope.get("root_path") else scope["path"]
+    if scope.get("root_path"):
+        return method, get_route_path(scope)
+    # A scope without a path (an app's own scope handed to `report_usage`) routes nowhere.
+    return method, scope.get("path", "")
 
 
 def matched_methods(methods: Iterable[str]) -> frozenset[str]:
