@@ -177,7 +177,9 @@ class ResilientStore:
       read) may have committed on the backend: its request is decided by the fallback but not
       replayed, so it is counted by the backend if the call committed, and only in this
       process if it did not. That costs at most the calls that open the circuit and one
-      probe per cooldown per outage, and never a double count;
+      probe per cooldown per outage, and never a double count. (Such a call that the
+      fallback refused and that committed is counted there although the client was refused:
+      the other side of the same bound.);
     - a replay call is made at most once, for the same reason: one that fails after it was
       sent is dropped (counted in `dropped_replays` and logged), never retried. Only a replay
       the open circuit kept from being sent is kept for the next try.
