@@ -37,7 +37,6 @@ from convex_guard import (
     MemoryStore,
     ResilientStore,
     Rule,
-    StoreError,
     TokenBucket,
 )
 from convex_guard._store import BotVerdict
@@ -46,7 +45,7 @@ from convex_guard.middleware.fingerprint import FingerprintMiddleware
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
 
 from .conftest import ConvexTestServer, serve
-from .fault_tools import BROWSER
+from .fault_tools import BROWSER, Switch
 from .test_bad_input import call, headers_strategy, method_strategy, path_strategy
 
 TIMEOUT = 0.3
@@ -208,28 +207,6 @@ async def test_replays_only_what_was_never_sent_and_each_at_most_once() -> None:
 
 
 # -- 13: garbage answers ----------------------------------------------------------------------
-
-
-class Switch:
-    """A store over a MemoryStore that can be taken down (every call raises)."""
-
-    def __init__(self, inner: MemoryStore) -> None:
-        self.inner = inner
-        self.down = False
-        self.calls = 0
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.inner, name)
-        if not callable(attr) or name.startswith("_"):
-            return attr
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            if self.down:
-                raise StoreError(f"{name}: connection refused")
-            return await attr(*args, **kwargs)
-
-        return call
 
 
 GARBAGE: dict[str, Callable[[Sequence[LimitRequest], BotCheck | None, CheckResult], Any]] = {
