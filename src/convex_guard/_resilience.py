@@ -206,7 +206,7 @@ class ResilientStore:
         self.breaker = breaker or CircuitBreaker()
         self.on_outage_events = on_outage_events
         self._trouble = ThrottledLog()
-        # (limit name, key) -> [config, tokens] the fallback admitted while the circuit was open.
+        # (limit name, key) -> the tokens the fallback admitted while the circuit was open.
         self._owed: dict[tuple[str, str | None], _Owed] = {}
         self._replaying: asyncio.Task[None] | None = None
         #: Limits whose replay failed after it was sent (may have been applied): not retried.
@@ -226,8 +226,8 @@ class ResilientStore:
             async with asyncio.timeout(self.timeout):
                 result = await call()
         except asyncio.CancelledError:
-            # The caller gave up. A middleware's own timeout (often the same as ours, and
-            # started first) lands here instead of in TimeoutError below: a call that had
+            # The caller gave up. A timer of the caller's own (the middlewares put none
+            # around this store) lands here instead of in TimeoutError below: a call that had
             # used most of its time counts as a slow store; a quicker one (the client went
             # away) judges nothing, but frees the probe it may hold.
             if loop.time() - started >= self.timeout / 2:
@@ -241,6 +241,13 @@ class ResilientStore:
         except StoreError:
             self.breaker.failed()
             raise
+        except ConfigurationError as exc:
+            self.breaker.failed()
+            raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            # A store parsing an answer that lacks a field or has the wrong type.
+            self.breaker.failed()
+            raise StoreAnswerError(f"{what}: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             self.breaker.failed()
             raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
