@@ -173,19 +173,20 @@ class ResilientStore:
     not once per outage. No decision is ever counted twice there:
 
     - only decisions whose primary call was never sent (the circuit was open) are owed. A call
-      that failed after it was sent (a timeout, a lost connection, an answer that could not be
+      that was made and failed (a timeout, a lost connection, an answer that could not be
       read) may have committed on the backend: its request is decided by the fallback but not
       replayed, so it is counted by the backend if the call committed, and only in this
-      process if it did not. That costs at most the calls that open the circuit and one
-      probe per cooldown per outage, and never a double count. (Such a call that the
-      fallback refused and that committed is counted there although the client was refused:
-      the other side of the same bound.);
+      process if it did not. (A refused connection did not commit, but the errors do not
+      always tell the two apart, so it is treated alike.) Such calls are those in flight when
+      the circuit opens plus one probe per cooldown: the shared count of an outage is off by at
+      most that many (under, or over when the fallback refused a call that committed), and
+      never counts a decision twice;
     - a replay call is made at most once, for the same reason: one that fails after it was
       sent is dropped (counted in `dropped_replays` and logged), never retried. Only a replay
       the open circuit kept from being sent is kept for the next try.
 
     Exactly-once would need the backend to deduplicate replays by an id; at-most-once needs
-    nothing of it, and its error is bounded and on the side of the client.
+    nothing of it, and its error is bounded by the calls made while the store was failing.
     """
 
     def __init__(
