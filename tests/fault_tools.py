@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from convex_guard import ConvexStore, LogBatch
+from convex_guard import ConvexStore, LogBatch, MemoryStore, StoreError
 
 BROWSER = (
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -113,3 +113,25 @@ def tasks_in(loop: asyncio.AbstractEventLoop) -> int:
 
 async def _count_tasks() -> int:
     return len(asyncio.all_tasks()) - 1  # not this one
+
+
+class Switch:
+    """A store over a MemoryStore that can be taken down (every call raises)."""
+
+    def __init__(self, inner: MemoryStore) -> None:
+        self.inner = inner
+        self.down = False
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.down:
+                raise StoreError(f"{name}: connection refused")
+            return await attr(*args, **kwargs)
+
+        return call

@@ -42,6 +42,7 @@ from convex_guard._store import NewApiKey
 from convex_guard.middleware.guard import exempt_matcher
 
 from .e2e_checks import BROWSER, GPTBOT
+from .fault_tools import Switch
 
 NOW = 1_750_000_000_000.0
 PATHS = ("/api/ai/openai/chat", "/api/ai/perplexity/chat", "/api/embeddings", "/health", "/x")
@@ -245,3 +246,54 @@ def test_the_exempt_check_is_the_path_matchers(exempt: list[str], path: str) -> 
     segment-boundary matcher would say."""
     expected = any(_path_matcher(prefix)(path) for prefix in exempt)
     assert exempt_matcher(exempt)(path) is expected
+
+
+# -- a failing store, and bot checks deferred or not ---------------------------------------------
+
+#: Two categories challenged by policy, so the fail policy of a bot check has a refusal to give.
+OUTAGE_POLICY = {"search_engine": "challenge", "other_bot": "challenge"}
+
+
+async def switched(fail: str) -> tuple[GuardMiddleware, Switch, MemoryStore]:
+    """`guarded`'s store behind a switch that takes it down, every policy `fail`."""
+    _, store = await guarded()
+    switch = Switch(store)
+    settings = GuardSettings(
+        store=switch,  # type: ignore[arg-type]
+        rules=[dataclasses.replace(rule, fail=fail) for rule in rules()],
+        bot_policy=OUTAGE_POLICY,  # type: ignore[arg-type]
+        fail=fail,  # type: ignore[arg-type]
+        writer_interval=60,
+    )
+    return GuardMiddleware(inner(), settings=settings), switch, store
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(("open", "closed")),
+    st.lists(st.tuples(request_specs, st.booleans()), min_size=1, max_size=40),
+)
+def test_deferred_bot_checks_answer_as_checks_of_their_own_store_up_or_down(
+    fail: str, specs: list[tuple[tuple[str, str, str, str, str], bool]]
+) -> None:
+    """The single pass defers the bot check to the limiter's call; a stack whose bot middleware
+    asks the store itself must answer alike, the store up or down (True: down for that
+    request), fail open or closed, and store the same rows."""
+
+    async def run() -> None:
+        single, single_switch, single_store = await switched(fail)
+        other, other_switch, other_store = await switched(fail)
+        assert other.guard.bots is not None and other.guard.bots.defer
+        other.guard.bots.defer = False  # the stack as built by hand: bots decided on their own
+        stack = other.guard.stacked
+        for spec, down in specs:
+            single_switch.down = other_switch.down = down
+            fused = await call(single, spec)
+            layered = await call(other if spec[0] == "/health" else stack, spec)
+            single_switch.down = other_switch.down = False
+            assert fused == layered, (spec, down, fail)
+        await single.writer.flush()
+        await other.writer.flush()
+        assert stored(single_store) == stored(other_store)
+
+    asyncio.run(run())

@@ -66,10 +66,13 @@ class GuardContext:
 
 @dataclass(slots=True)
 class PendingBot:
-    """A bot check deferred to the rate-limit middleware, and how to answer its verdict."""
+    """A bot check deferred to the rate-limit middleware, and how to answer its verdict.
+
+    `respond(None)`: the store could not decide it; the bot middleware's fail policy answers.
+    """
 
     check: BotCheck
-    respond: Callable[[BotVerdict], ASGIApp | None]
+    respond: Callable[[BotVerdict | None], ASGIApp | None]
 
 
 def route_of(scope: MutableMapping[str, Any]) -> Route:

@@ -33,3 +33,8 @@ class ConvexFunctionNotFoundError(StoreError):
 
 class ConvexValidationError(StoreError):
     """A function rejected its arguments: the deployed `convex/` and this package disagree."""
+
+
+class StoreAnswerError(StoreError):
+    """The store answered, but not in the shape asked for (a store bug, or a deployed `convex/`
+    out of step with this package); the answer is not trusted and the fail policy applies."""

@@ -120,6 +120,7 @@ class MemoryStore:
         self._bot_events: list[BotEvent] = []  # in timestamp order
         self._bot_by_fingerprint: dict[str, list[float]] = {}
         self._bot_by_client: dict[str, list[float]] = {}  # by client key, as by fingerprint
+        self._last_event: BotEvent | None = None
         self._keys: dict[str, ApiKeyRecord] = {}
         self._key_ids: dict[str, str] = {}  # hash -> id
         self._ids = itertools.count(1)
@@ -325,6 +326,7 @@ class MemoryStore:
 
     # -- bots ------------------------------------------------------------------------------
     def _add_event(self, event: BotEvent) -> None:
+        self._last_event = event
         events = self._bot_events
         if events and events[-1].timestamp > event.timestamp:
             bisect.insort(events, event, key=lambda e: e.timestamp)
@@ -345,10 +347,18 @@ class MemoryStore:
     async def count_bot_events(self, fingerprint: str, since: float) -> int:
         return self._count_events(fingerprint, since)
 
+    @property
+    def last_bot_event(self) -> BotEvent | None:
+        """The event recorded last (by `check` or `write_logs`), in O(1): a caller that wants
+        the event its own call just recorded must not copy the whole list to find it."""
+        return self._last_event
+
     async def bot_events(self, *, since: float, limit: int = 100) -> list[BotEvent]:
         events = self._bot_events
         start = bisect.bisect_left(events, since, key=lambda e: e.timestamp)
-        return list(reversed(events[start:]))[:limit]
+        # Only the `limit` newest are copied, however many match.
+        start = max(start, len(events) - max(limit, 0))
+        return events[start:][::-1]
 
     # -- API keys -----------------------------------------------------------------------------
     async def create_api_key(self, key: NewApiKey) -> ApiKeyRecord:

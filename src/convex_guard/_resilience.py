@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from ._errors import ConfigurationError, StoreError, StoreTimeoutError
+from ._errors import ConfigurationError, StoreAnswerError, StoreError, StoreTimeoutError
 from ._limits import LimitConfig, LimitResult
 from ._logging import ThrottledLog, logger
 from ._memory import MemoryStore
@@ -17,6 +19,7 @@ from ._store import (
     ApiKeyRecord,
     BotCheck,
     BotEvent,
+    BotVerdict,
     CheckResult,
     EmbeddingUsage,
     LimitRequest,
@@ -28,6 +31,48 @@ from ._store import (
 
 T = TypeVar("T")
 BreakerState = Literal["closed", "open", "half-open"]
+
+#: Limits replayed to the shared store per call when it is back: a few dozen documents per
+#: mutation stay far below Convex's per-transaction limits.
+REPLAY_CHUNK = 64
+#: Distinct (limit, key) pairs owed to the shared store at most; an outage long and wide
+#: enough to exceed it drops the excess (counted and logged), so memory stays bounded.
+MAX_OWED = 100_000
+_BOT_ACTIONS = frozenset(("blocked", "challenged", "allowed"))
+
+
+def answers_checked(store: object) -> bool:
+    """Whether `store` bounds its own calls and checks its answers' shape.
+
+    A middleware puts no timer of its own around such a store: a `ResilientStore` owns the
+    timeout (a second timer, started first, would fire first and turn every hanging call into
+    the fail policy instead of a fallback decision), and a `MemoryStore` never waits.
+    """
+    return type(store) is MemoryStore or isinstance(store, ResilientStore)
+
+
+def checked_answer(outcome: object, limits: int, bot: bool) -> CheckResult:
+    """`outcome` if it is the answer to a `check` of `limits` limits (and a bot check when
+    `bot`), else `StoreAnswerError`: an answer of the wrong shape is a failed call, never a 500.
+
+    A refused bot may come with no limit results (nothing was decided after it).
+    """
+    if not isinstance(outcome, CheckResult):
+        raise StoreAnswerError(f"check answered {type(outcome).__name__}, not a CheckResult")
+    verdict = outcome.bot
+    if bot and (not isinstance(verdict, BotVerdict) or verdict.action not in _BOT_ACTIONS):
+        raise StoreAnswerError(f"check answered no usable bot verdict ({verdict!r:.80})")
+    results = outcome.results
+    if not isinstance(results, tuple | list):
+        raise StoreAnswerError(f"check answered results of type {type(results).__name__}")
+    if len(results) != limits and not (
+        not results and isinstance(verdict, BotVerdict) and verdict.action != "allowed"
+    ):
+        raise StoreAnswerError(f"check answered {len(results)} limits for {limits}")
+    for result in results:
+        if not isinstance(result, LimitResult):
+            raise StoreAnswerError(f"check answered a {type(result).__name__} for a limit")
+    return outcome
 
 
 class CircuitOpenError(StoreError):
@@ -117,6 +162,32 @@ class ResilientStore:
     Everything else (keys, analytics) raises `StoreError` fast while the circuit is open. Log
     writes are bounded by `timeout` but never pass (or trip) the breaker; the log writer keeps
     its rows and retries them in order.
+
+    This store owns the timeout: the middlewares put no timer of their own around it (see
+    `answers_checked`), so a hanging store gets fallback decisions, not the fail policy. An
+    answer of the wrong shape (`checked_answer`) is a failed call: it counts against the
+    breaker and falls back like any other.
+
+    Reconciliation: what the fallback admitted while the store was down is owed to the shared
+    store, and replayed to it (with `reserve`, so the replay is charged even where the quota is
+    spent) before the first decision it makes once it is back: a client gets its quota once,
+    not once per outage. No decision is ever counted twice there:
+
+    - only decisions whose primary call was never sent (the circuit was open) are owed. A call
+      that was made and failed (a timeout, a lost connection, an answer that could not be
+      read) may have committed on the backend: its request is decided by the fallback but not
+      replayed, so it is counted by the backend if the call committed, and only in this
+      process if it did not. (A refused connection did not commit, but the errors do not
+      always tell the two apart, so it is treated alike.) Such calls are those in flight when
+      the circuit opens plus one probe per cooldown: the shared count of an outage is off by at
+      most that many (under, or over when the fallback refused a call that committed), and
+      never counts a decision twice;
+    - a replay call is made at most once, for the same reason: one that fails after it was
+      sent is dropped (counted in `dropped_replays` and logged), never retried. Only a replay
+      the open circuit kept from being sent is kept for the next try.
+
+    Exactly-once would need the backend to deduplicate replays by an id; at-most-once needs
+    nothing of it, and its error is bounded by the calls made while the store was failing.
     """
 
     def __init__(
@@ -137,6 +208,13 @@ class ResilientStore:
         self.breaker = breaker or CircuitBreaker()
         self.on_outage_events = on_outage_events
         self._trouble = ThrottledLog()
+        # (limit name, key) -> the tokens the fallback admitted while the circuit was open.
+        self._owed: dict[tuple[str, str | None], _Owed] = {}
+        self._replaying: asyncio.Task[None] | None = None
+        #: Limits whose replay failed after it was sent (may have been applied): not retried.
+        self.dropped_replays = 0
+        #: Limits not owed because `MAX_OWED` pairs were already owed.
+        self.dropped_owed = 0
 
     def __repr__(self) -> str:
         return f"ResilientStore({self.primary!r}, circuit={self.breaker.state})"
@@ -150,8 +228,8 @@ class ResilientStore:
             async with asyncio.timeout(self.timeout):
                 result = await call()
         except asyncio.CancelledError:
-            # The caller gave up. A middleware's own timeout (often the same as ours, and
-            # started first) lands here instead of in TimeoutError below: a call that had
+            # The caller gave up. A timer of the caller's own (the middlewares put none
+            # around this store) lands here instead of in TimeoutError below: a call that had
             # used most of its time counts as a slow store; a quicker one (the client went
             # away) judges nothing, but frees the probe it may hold.
             if loop.time() - started >= self.timeout / 2:
@@ -165,6 +243,13 @@ class ResilientStore:
         except StoreError:
             self.breaker.failed()
             raise
+        except ConfigurationError as exc:
+            self.breaker.failed()
+            raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            # A store parsing an answer that lacks a field or has the wrong type.
+            self.breaker.failed()
+            raise StoreAnswerError(f"{what}: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             self.breaker.failed()
             raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
@@ -175,18 +260,90 @@ class ResilientStore:
     async def check(
         self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
     ) -> CheckResult:
+        if self._owed and self.breaker.state != "open":
+            # The store may be back: charge it what the fallback admitted, before it decides
+            # anything new (concurrent calls wait for the same replay).
+            await self._settle()
         try:
-            return await self._guarded(lambda: self.primary.check(limits, bot=bot), "check")
+            return await self._guarded(lambda: self._primary_check(limits, bot), "check")
         except StoreError as exc:
             if self.fallback is None:
                 raise
             self._trouble.warning("Store unavailable (%s): deciding limits in this process", exc)
-            outcome = await self.fallback.check(limits, bot=bot)
-            if bot is not None and outcome.bot is not None and self.on_outage_events is not None:
-                events = await self.fallback.bot_events(since=-math.inf, limit=1)
-                if events:
-                    self.on_outage_events(events[0])
+            fallback = self.fallback
+            outcome = await fallback.check(limits, bot=bot)
+            verdict = outcome.bot
+            if verdict is not None and self.on_outage_events is not None:
+                event = fallback.last_bot_event  # the event this call recorded, in O(1)
+                if event is not None:
+                    self.on_outage_events(event)
+            if isinstance(exc, CircuitOpenError):  # never sent: nothing of it reached the store
+                if outcome.ok:
+                    for request in limits:
+                        self._owe(request)
+                allowed = verdict is not None and verdict.action == "allowed"
+                if bot is not None and bot.limit is not None and allowed:
+                    self._owe(bot.limit)
             return outcome
+
+    async def _primary_check(
+        self, limits: Sequence[LimitRequest], bot: BotCheck | None
+    ) -> CheckResult:
+        outcome = await self.primary.check(limits, bot=bot)
+        return checked_answer(outcome, len(limits), bot is not None)
+
+    def _owe(self, request: LimitRequest) -> None:
+        if request.count <= 0:
+            return
+        pair = (request.name, request.key)
+        owed = self._owed.get(pair)
+        if owed is None:
+            if len(self._owed) >= MAX_OWED:
+                self.dropped_owed += 1
+                return
+            self._owed[pair] = _Owed(request.config, request.count)
+        else:
+            owed.config = request.config
+            owed.count += request.count
+
+    def _settle(self) -> Awaitable[None]:
+        """The replay of what is owed, started once; shielded from a caller that goes away."""
+        task = self._replaying
+        if task is None or task.done():
+            task = self._replaying = asyncio.get_running_loop().create_task(self._replay())
+        return asyncio.shield(task)
+
+    async def _replay(self) -> None:
+        owed, self._owed = self._owed, {}
+        pending = [
+            LimitRequest(name, o.config, key, _replayable(o.config, o.count), True)
+            for (name, key), o in owed.items()
+        ]
+        done = replayed = 0
+        try:
+            while done < len(pending):
+                chunk = pending[done : done + REPLAY_CHUNK]
+                try:
+                    await self._guarded(functools.partial(self.primary.check, chunk), "replay")
+                except CircuitOpenError:
+                    break  # not sent: kept below, for the next try
+                except Exception as exc:
+                    done += len(chunk)
+                    self.dropped_replays += len(chunk)
+                    logger.warning(
+                        "Replaying %d limits consumed during the outage failed (%s): not "
+                        "retried, as the store may have applied them",
+                        len(chunk),
+                        exc,
+                    )
+                    break
+                done += len(chunk)
+                replayed += len(chunk)
+        finally:
+            for request in pending[done:]:
+                self._owe(request)
+        if replayed:
+            logger.warning("Store back: %d limits consumed during the outage replayed", replayed)
 
     async def limit(
         self,
@@ -275,6 +432,24 @@ class ResilientStore:
         )
 
     async def close(self) -> None:
+        if self._owed and self.breaker.state != "open":
+            await self._settle()  # a last try: what is still owed is lost with this process
         await self.primary.close()
         if self.fallback is not None:
             await self.fallback.close()
+
+
+@dataclass(slots=True)
+class _Owed:
+    """Tokens the fallback admitted for one (limit, key) while the circuit was open."""
+
+    config: LimitConfig
+    count: float
+
+
+def _replayable(config: LimitConfig, count: float) -> float:
+    """What a replay may charge: with `max_reserved` the component refuses more than capacity
+    plus it in one call, and a refused replay would charge nothing at all."""
+    if config.max_reserved is not None:
+        return min(count, config.max + config.max_reserved)
+    return count

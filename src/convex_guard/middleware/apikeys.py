@@ -16,14 +16,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .._apikeys import NO_KEY, hash_key, is_well_formed, key_status
 from .._clientip import UNKNOWN_CLIENT
 from .._context import GuardContext, Route, guard_context, matched_methods
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, StoreAnswerError
 from .._headers import bounded, header_value
-from .._limits import FixedWindow, LimitConfig
+from .._limits import FixedWindow, LimitConfig, LimitResult
 from .._logging import ThrottledLog, printable
 from .._logwriter import LogWriter, run_lifespan
 from .._order import API_KEYS, mark
 from .._presets import seed_limits
 from .._problem import QUOTA_EXCEEDED, problem, refuse
+from .._resilience import answers_checked
 from .._rules import _path_matcher, peer_ip
 from .._store import ApiKeyKind, ApiKeyRecord, AuthFailure, BotEvent, Store
 
@@ -184,6 +185,8 @@ class ApiKeyMiddleware:
         self.cache_size = cache_size
         self.failed_auth = failed_auth if failed_auth is not None else seed_limits()[FAILED_AUTH]
         self.timeout = timeout
+        # A ResilientStore owns the timeout (and a MemoryStore never waits): no second timer.
+        self._bounded = not answers_checked(store)
         self.clock: Clock = clock or _wall_clock_ms
         self._cache: OrderedDict[str, tuple[ApiKeyRecord, float]] = OrderedDict()
         # IP -> epoch ms until which its failed-auth limit is known to be spent.
@@ -320,8 +323,13 @@ class ApiKeyMiddleware:
                 cache.move_to_end(key_hash)
                 return record
             del cache[key_hash]
-        async with asyncio.timeout(self.timeout):
+        if self._bounded:
+            async with asyncio.timeout(self.timeout):
+                found = await self.store.find_api_key(key_hash)
+        else:
             found = await self.store.find_api_key(key_hash)
+        if found is not None and not isinstance(found, ApiKeyRecord):
+            raise StoreAnswerError(f"find_api_key answered a {type(found).__name__}")
         # Only usable keys are cached: a revoked or unknown key is looked up again each time,
         # so a guesser gains nothing from the cache and a restored key works at once.
         if found is not None and key_status(found, now, None) == "valid":
@@ -336,6 +344,17 @@ class ApiKeyMiddleware:
                     cache.popitem(last=False)
         return found
 
+    async def _limit(self, name: str, config: LimitConfig, key: str) -> LimitResult:
+        """One limit decided by the store, bounded here unless the store bounds itself."""
+        if self._bounded:
+            async with asyncio.timeout(self.timeout):
+                result = await self.store.limit(name, config, key=key)
+        else:
+            result = await self.store.limit(name, config, key=key)
+        if not isinstance(result, LimitResult):
+            raise StoreAnswerError(f"limit answered a {type(result).__name__}")
+        return result
+
     def _throttled_until(self, ip: str, now: float) -> bool:
         until = self._throttled.get(ip)
         if until is None:
@@ -349,10 +368,9 @@ class ApiKeyMiddleware:
         limit = record.rate_limit
         assert limit is not None
         try:
-            async with asyncio.timeout(self.timeout):
-                result = await self.store.limit(
-                    f"apiKey:{record.id}", _key_limit(limit.requests, limit.period), key=record.id
-                )
+            result = await self._limit(
+                f"apiKey:{record.id}", _key_limit(limit.requests, limit.period), record.id
+            )
         except Exception as exc:
             # The key is valid; only its own quota is unknown: let it through, and say so.
             self._store_trouble.warning("API key rate limit unavailable: %r", exc)
@@ -388,8 +406,7 @@ class ApiKeyMiddleware:
         self.writer.add(AuthFailure(key_hash=key_hash, timestamp=now, ip=ip, user_agent=user_agent))
         client = ctx.client_key or ip
         try:
-            async with asyncio.timeout(self.timeout):
-                result = await self.store.limit(FAILED_AUTH, self.failed_auth, key=client)
+            result = await self._limit(FAILED_AUTH, self.failed_auth, client)
         except Exception as exc:
             self._store_trouble.warning("Failed-auth limit unavailable: %r", exc)
         else:

@@ -29,6 +29,7 @@ from .._order import (
 )
 from .._presets import seed_limits
 from .._problem import ABNORMAL_USAGE, problem, refuse
+from .._resilience import answers_checked, checked_answer
 from .._rules import _path_matcher, peer_ip
 from .._settings import GuardEnvironment
 from .._store import BotAction, BotCheck, BotDetectionType, BotVerdict, LimitRequest, Store
@@ -141,6 +142,9 @@ class BotDetectionMiddleware:
             suspicious_limit or seed_limits(GuardEnvironment())["suspiciousBehavior"]
         )
         self.timeout = timeout
+        # No timer around a store that bounds its own calls (a ResilientStore owns the
+        # timeout, so a hanging store gets its fallback decisions, not this fail policy).
+        self._bounded = not answers_checked(store)
         self.fail = fail
         self.defer = defer
         self._trouble = ThrottledLog()
@@ -215,7 +219,9 @@ class BotDetectionMiddleware:
         )
         if self.defer:
 
-            def respond(outcome: BotVerdict) -> ASGIApp | None:
+            def respond(outcome: BotVerdict | None) -> ASGIApp | None:
+                if outcome is None:
+                    return self.unavailable(ctx, check)
                 return self._respond(ctx, outcome)
 
             ctx.pending_bot = PendingBot(check, respond)
@@ -225,16 +231,28 @@ class BotDetectionMiddleware:
     async def decide(self, ctx: GuardContext, check: BotCheck) -> ASGIApp | None:
         """Decide `check` in the store now: the refusal to send, or None."""
         try:
-            async with asyncio.timeout(self.timeout):
+            if self._bounded:
+                async with asyncio.timeout(self.timeout):
+                    answer = await self.store.check((), bot=check)
+                outcome = checked_answer(answer, 0, True)
+            else:
                 outcome = await self.store.check((), bot=check)
         except Exception as exc:
             self._trouble.warning("Bot-detection store unavailable: %r", exc)
-            if self.fail == "closed" or check.action == "blocked":
-                # A category blocked by policy needs no store to be refused.
-                return self._respond(ctx, BotVerdict(check.action, 0))
-            return None
-        assert outcome.bot is not None
+            return self.unavailable(ctx, check)
+        assert outcome.bot is not None  # `checked_answer`, or a store that checks its own
         return self._respond(ctx, outcome.bot)
+
+    def unavailable(self, ctx: GuardContext, check: BotCheck) -> ASGIApp | None:
+        """The fail policy, when the store cannot decide `check`: the refusal, or None.
+
+        The one implementation of it, whether the check was decided here or deferred to the
+        rate limiter: closed applies the category's own action (no escalation is known), open
+        lets the request through. A category blocked by policy needs no store to be refused.
+        """
+        if self.fail == "closed" or check.action == "blocked":
+            return self._respond(ctx, BotVerdict(check.action, 0))
+        return None
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Fail the start-up when the order cannot work (see `convex_guard._order`)."""

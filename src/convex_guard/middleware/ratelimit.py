@@ -14,11 +14,11 @@ from .._context import STATE_KEY, GuardContext, Route, guard_context, route_of
 from .._errors import ConfigurationError
 from .._headers import adding_headers
 from .._logging import ThrottledLog, logger, printable
-from .._memory import MemoryStore
 from .._order import API_KEYS, FINGERPRINT, RATE_LIMIT, mark, missing_outside, pass_lifespan
 from .._problem import QUOTA_EXCEEDED, problem, refuse
+from .._resilience import answers_checked, checked_answer
 from .._rules import Rule, ratelimit_field, ratelimit_template
-from .._store import BotVerdict, LimitRequest, Store
+from .._store import LimitRequest, Store
 
 DEFAULT_TIMEOUT = 0.5
 _MATCH_CACHE_SIZE = 1024
@@ -29,8 +29,10 @@ class RateLimitMiddleware:
 
     A denied request gets 429 with `Retry-After`, the IETF `RateLimit-Policy`/`RateLimit`
     fields and a problem+json body naming the violated policies; an admitted one on a limited
-    route carries the two fields. A store error or a call slower than `timeout` seconds follows
-    each matching rule's fail policy: closed answers 503, open lets the request through.
+    route carries the two fields. A store error, an answer of the wrong shape or a call slower
+    than `timeout` seconds follows each matching rule's fail policy: closed answers 503, open
+    lets the request through. A `ResilientStore` bounds its calls itself (and falls back to
+    this process), so no second timer is put around it.
 
     A bot check that `BotDetectionMiddleware(defer=True)` left in the guard context is decided
     in the same store call, so a request costs one round trip whatever it triggers.
@@ -55,8 +57,9 @@ class RateLimitMiddleware:
         self.store = store
         self.rules = tuple(rules)
         self.timeout = timeout
-        # An in-process MemoryStore answers without ever waiting: no timer needed around it.
-        self._bounded = type(store) is not MemoryStore
+        # A MemoryStore never waits and a ResilientStore owns the timeout; both answer in the
+        # right shape. Any other store gets a timer and its answers checked.
+        self._bounded = not answers_checked(store)
         self._store_trouble = ThrottledLog()
         # Which rules match a (method, path): the same few routes come back on every request.
         self._matches: dict[tuple[str, str], _Matched] = {}
@@ -125,7 +128,8 @@ class RateLimitMiddleware:
             bot = pending.check if pending is not None else None
             if self._bounded:
                 async with asyncio.timeout(self.timeout):
-                    outcome = await self.store.check(limits, bot=bot)
+                    answered = await self.store.check(limits, bot=bot)
+                outcome = checked_answer(answered, len(limits), bot is not None)
             else:
                 outcome = await self.store.check(limits, bot=bot)
         except ConfigurationError as exc:
@@ -143,11 +147,11 @@ class RateLimitMiddleware:
             self._store_trouble.warning(
                 "Rate-limit store unavailable (%s): %r", printable(scope["path"]), exc
             )
-            if pending is not None and pending.check.action == "blocked":
-                # A category blocked by policy needs no store to be refused.
-                answer = pending.respond(BotVerdict("blocked", 0))
-                if answer is not None:
-                    return answer, None
+            if pending is not None:
+                # The bot middleware's own fail policy, as when it asks the store itself.
+                refusal = pending.respond(None)
+                if refusal is not None:
+                    return refusal, None
             if any(rule.fail == "closed" for rule in rules):
                 return self._unavailable(ctx), None
             return None, None
@@ -159,10 +163,8 @@ class RateLimitMiddleware:
         if not rules:
             return None, None
         results = outcome.results
-        if len(results) != len(rules):  # a store bug; checked here because `strict=` costs more
-            raise RuntimeError(f"store answered {len(results)} limits for {len(rules)}")
         limits_seen = ctx.limits
-        for rule, result in zip(rules, results):  # noqa: B905 (lengths checked above)
+        for rule, result in zip(rules, results):  # noqa: B905 (`checked_answer` checks lengths)
             limits_seen[rule.name] = result
         # The route's fields, computed once for all its rules and once per subset of them
         # (an anonymous caller skips the per-user rule on every request).
