@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import httpx
@@ -18,6 +20,7 @@ from ._errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
+from ._leases import DEFAULT_FRACTION, DEFAULT_HORIZON, DEFAULT_IDLE, Lease
 from ._limits import LimitConfig, LimitResult, _until_full, check_count
 from ._settings import GuardEnvironment, load_environment
 from ._store import (
@@ -41,6 +44,12 @@ from ._store import (
 
 DEFAULT_TIMEOUT = 2.0
 Json = Any
+
+logger = logging.getLogger("convex_guard.store")
+
+
+def _wall_ms() -> float:
+    return time.time() * 1000.0
 
 
 def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -189,8 +198,33 @@ class ConvexStore:
     """State shared by every app instance, in a self-hosted Convex deployment.
 
     Calls the internal functions of `convex/` with the admin key, over one keep-alive HTTP
-    connection pool; every call is bounded by `timeout` seconds. The hot path (`check`) is one
-    mutation per request. Errors derive from `StoreError` and never include the admin key.
+    connection pool; every call is bounded by `timeout` seconds. The hot path (`check`) is at
+    most one mutation per request. Errors derive from `StoreError` and never include the admin
+    key.
+
+    Keyed limits (a request with a `key`, or with `reserve`) are decided exactly, per request,
+    in that one `guard:check` mutation. Unkeyed limits (one state shared by every instance:
+    global, per provider) are admitted from local leases instead: the process takes a block of
+    the limit's tokens in the same mutation when it runs out (sized from its own demand over
+    the last second times `lease_horizon` seconds, at least the request's count, at most
+    `lease_fraction` of capacity), so the shared document is written once per block, not per
+    request; a request whose limits are all unkeyed and covered locally, with no bot check,
+    makes no call at all. A refused lease means the limit is spent everywhere: it is refused
+    locally, with no call, until its `retryAfter`. Unused tokens go back (a negative count)
+    with the next call after `lease_idle` seconds without use, and at `close()`; a fixed
+    window's tokens are dropped when their window ends, never returned to a later one.
+
+    The bound: over any interval, an unkeyed limit admits at most what an exact limiter would
+    plus the tokens held when the interval began, so with N instances, admitted <= limit +
+    N x largest block. The slack is only in time, never in total: every admitted request
+    spends a token the store granted. A token bucket's tokens are subtracted when leased,
+    so tokens held from before an interval are spent in it on top of its own refill; a fixed
+    window's tokens are used until this process sees the window end (its clock is the
+    store's, offset by the last answer, so up to the skew and half a round trip late) while
+    another instance already takes the next window's. Within one fixed window, over the
+    store's clock, admitted <= limit holds exactly. The results of unkeyed limits carry a
+    `remaining` / `reset_after` estimate: the store's state at the last lease plus the tokens
+    held here, blind to other instances' blocks since.
     """
 
     def __init__(
@@ -201,11 +235,30 @@ class ConvexStore:
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
+        lease_horizon: float = DEFAULT_HORIZON,
+        lease_fraction: float = DEFAULT_FRACTION,
+        lease_idle: float = DEFAULT_IDLE,
+        clock: Callable[[], float] = _wall_ms,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigurationError(f"Convex URL must start with http:// or https://, got {url!r}")
         if not 0 < timeout < math.inf:
             raise ConfigurationError("timeout must be a positive number of seconds")
+        if not 0 < lease_horizon < math.inf:
+            raise ConfigurationError("lease_horizon must be a positive number of seconds")
+        if not 0 < lease_fraction <= 1:
+            raise ConfigurationError("lease_fraction must be in (0, 1]")
+        if not 0 < lease_idle < math.inf:
+            raise ConfigurationError("lease_idle must be a positive number of seconds")
+        self._lease_options = {
+            "horizon": lease_horizon,
+            "fraction": lease_fraction,
+            "idle": lease_idle,
+        }
+        self._clock = clock
+        # The store's clock minus ours, from the last answer: leases expire on the store's time.
+        self._offset = 0.0
+        self._leases: dict[str, Lease] = {}
         key = admin_key if isinstance(admin_key, SecretStr) else SecretStr(admin_key)
         if not key.get_secret_value():
             raise ConfigurationError("The Convex admin key is empty")
@@ -306,26 +359,136 @@ class ConvexStore:
         outcome = await self.check([LimitRequest(name, config, key, count, reserve)])
         return outcome.results[0]
 
+    def _lease(self, name: str, config: LimitConfig) -> Lease:
+        lease = self._leases.get(name)
+        if lease is None or lease.config != config:
+            lease = self._leases[name] = Lease(config, **self._lease_options)
+        return lease
+
     async def check(
         self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
     ) -> CheckResult:
         for request in limits:
             check_count(request.name, request.config, request.count, request.reserve)
-        args: dict[str, Any] = {"limits": [_limit_request(r) for r in limits]}
+        now = self._clock() + self._offset
+        results: list[LimitResult | None] = [None] * len(limits)
+        keyed: list[int] = []
+        taken: list[tuple[Lease, float]] = []
+        # (index, lease, want) of each unkeyed limit the call must carry a lease for.
+        asks: list[tuple[int, Lease, float]] = []
+        refused: list[tuple[int, Lease]] = []
+        for i, request in enumerate(limits):
+            if request.key is not None or request.reserve:
+                keyed.append(i)
+                continue
+            lease = self._lease(request.name, request.config)
+            if lease.take(request.count, now):
+                taken.append((lease, request.count))
+                results[i] = lease.result(True, now)
+            elif lease.retry_after(now) is not None:
+                refused.append((i, lease))
+            else:
+                asks.append((i, lease, lease.ask(request.count, now)))
+        if refused and not keyed and bot is None:
+            # Spent everywhere until retryAfter: no call, and nothing of this request is kept.
+            for lease, count in taken:
+                lease.untake(count)
+            for i, lease in refused:
+                results[i] = lease.result(False, now)
+            for i, lease, want in asks:
+                lease.pending = max(0.0, lease.pending - want)
+                results[i] = lease.result(True, now)
+            return CheckResult(False, tuple(r for r in results if r is not None))
+        if not keyed and not asks and not refused and bot is None:
+            return CheckResult(True, tuple(r for r in results if r is not None))
+        # A call is made: a locally refused limit is asked again in it (no extra round trip;
+        # the mutation then rolls the keyed limits back), and idle leases ride along.
+        for i, lease in refused:
+            asks.append((i, lease, lease.ask(limits[i].count, now)))
+        leases = [
+            _drop_none(
+                {
+                    "name": limits[i].name,
+                    "config": limits[i].config.to_convex(),
+                    "want": float(want),
+                    "need": float(limits[i].count),
+                }
+            )
+            for i, _, want in asks
+        ]
+        asked = {id(lease) for _, lease, _ in asks}
+        leases.extend(self._returns(now, lambda lease: id(lease) not in asked))
+        args: dict[str, Any] = {"limits": [_limit_request(limits[i]) for i in keyed]}
         if bot is not None:
             args["bot"] = _bot_check(bot)
-        raw = await self._call("mutation", "guard:check", args)
-        now = float(raw["now"])
-        results = tuple(
-            _limit_result(request.config, result, now)
-            for request, result in zip(limits, raw["results"], strict=False)
-        )
+        if leases:
+            args["leases"] = leases
+        try:
+            raw = await self._call("mutation", "guard:check", args)
+        except BaseException:
+            for lease, count in taken:
+                lease.untake(count)
+            for _, lease, want in asks:
+                lease.pending = max(0.0, lease.pending - want)
+            raise
+        server_now = float(raw["now"])
+        self._offset = server_now - self._clock()
+        ok = bool(raw["ok"])
+        for (i, lease, want), answer in zip(asks, raw.get("leases") or (), strict=False):
+            retry = answer.get("retryAfter")
+            covered = lease.grant(
+                float(answer["granted"]),
+                want,
+                limits[i].count,
+                float(retry) if retry is not None else None,
+                float(answer["value"]),
+                float(answer["ts"]),
+                server_now,
+            )
+            if covered:
+                taken.append((lease, limits[i].count))
+            else:
+                ok = False
+            results[i] = lease.result(covered, server_now)
         verdict = None
         if raw.get("bot") is not None:
             verdict = BotVerdict(raw["bot"]["action"], int(raw["bot"]["previousEvents"]))
-        return CheckResult(bool(raw["ok"]), results, verdict)
+        if not ok:
+            for lease, count in taken:
+                lease.untake(count)
+        if verdict is not None and verdict.action != "allowed":
+            # A blocked or challenged bot consumed none of its limits (no results, as before).
+            return CheckResult(False, (), verdict)
+        for i, result in zip(keyed, raw["results"], strict=False):
+            results[i] = _limit_result(limits[i].config, result, server_now)
+        return CheckResult(ok, tuple(r for r in results if r is not None), verdict)
+
+    def _returns(self, now: float, which: Callable[[Lease], bool]) -> list[dict[str, Any]]:
+        """The lease arguments that hand back the tokens of every idle lease `which` selects."""
+        out = []
+        for name, lease in self._leases.items():
+            if not which(lease) or not lease.idle(now):
+                continue
+            back = lease.give_back(now)
+            if back is not None:
+                out.append(self._return_arg(name, lease, *back))
+        return out
+
+    @staticmethod
+    def _return_arg(name: str, lease: Lease, amount: float, window: float | None) -> dict[str, Any]:
+        return _drop_none(
+            {
+                "name": name,
+                "config": lease.config.to_convex(),
+                "want": -float(amount),
+                "need": 0.0,
+                "window": float(window) if window is not None else None,
+            }
+        )
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
+        if key is None and name in self._leases:
+            self._leases[name].drop()
         await self._call("mutation", "limits:reset", _drop_none({"name": name, "key": key}))
 
     async def peek(self, name: str, config: LimitConfig, *, key: str | None = None) -> LimitResult:
@@ -482,7 +645,25 @@ class ConvexStore:
             subscription.unsubscribe()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        """Hand back every lease's unused tokens (one call), then close the connections.
+
+        A failure to hand them back is logged, not raised: the tokens are then lost for their
+        window or until the bucket refills, which errs on the side of admitting less.
+        """
+        now = self._clock() + self._offset
+        returns = []
+        for name, lease in self._leases.items():
+            back = lease.give_back(now)
+            if back is not None:
+                returns.append(self._return_arg(name, lease, *back))
+        self._leases.clear()
+        try:
+            if returns:
+                await self._call("mutation", "guard:check", {"limits": [], "leases": returns})
+        except StoreError as exc:
+            logger.warning("Could not hand back leased tokens at close: %s", exc)
+        finally:
+            await self._client.aclose()
 
 
 def _provider_stats(raw: Mapping[str, Any]) -> ProviderStats:
