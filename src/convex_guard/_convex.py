@@ -373,7 +373,7 @@ class ConvexStore:
         now = self._clock() + self._offset
         results: list[LimitResult | None] = [None] * len(limits)
         keyed: list[int] = []
-        taken: list[tuple[Lease, float]] = []
+        taken: list[tuple[Lease, float, float | None]] = []
         # (index, lease, want) of each unkeyed limit the call must carry a lease for.
         asks: list[tuple[int, Lease, float]] = []
         refused: list[tuple[int, Lease]] = []
@@ -383,7 +383,7 @@ class ConvexStore:
                 continue
             lease = self._lease(request.name, request.config)
             if lease.take(request.count, now):
-                taken.append((lease, request.count))
+                taken.append((lease, request.count, lease.window))
                 results[i] = lease.result(True, now)
             elif lease.retry_after(now) is not None:
                 refused.append((i, lease))
@@ -391,8 +391,8 @@ class ConvexStore:
                 asks.append((i, lease, lease.ask(request.count, now)))
         if refused and not keyed and bot is None:
             # Spent everywhere until retryAfter: no call, and nothing of this request is kept.
-            for lease, count in taken:
-                lease.untake(count)
+            for lease, count, window in taken:
+                lease.untake(count, window)
             for i, lease in refused:
                 results[i] = lease.result(False, now)
             for i, lease, want in asks:
@@ -426,8 +426,8 @@ class ConvexStore:
         try:
             raw = await self._call("mutation", "guard:check", args)
         except BaseException:
-            for lease, count in taken:
-                lease.untake(count)
+            for lease, count, window in taken:
+                lease.untake(count, window)
             for _, lease, want in asks:
                 lease.pending = max(0.0, lease.pending - want)
             raise
@@ -446,7 +446,7 @@ class ConvexStore:
                 server_now,
             )
             if covered:
-                taken.append((lease, limits[i].count))
+                taken.append((lease, limits[i].count, lease.window))
             else:
                 ok = False
             results[i] = lease.result(covered, server_now)
@@ -454,8 +454,8 @@ class ConvexStore:
         if raw.get("bot") is not None:
             verdict = BotVerdict(raw["bot"]["action"], int(raw["bot"]["previousEvents"]))
         if not ok:
-            for lease, count in taken:
-                lease.untake(count)
+            for lease, count, window in taken:
+                lease.untake(count, window)
         if verdict is not None and verdict.action != "allowed":
             # A blocked or challenged bot consumed none of its limits (no results, as before).
             return CheckResult(False, (), verdict)

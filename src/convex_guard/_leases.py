@@ -38,6 +38,7 @@ class Lease:
         "config",
         "dropped",
         "granted",
+        "largest",
         "last_used",
         "pending",
         "refused_until",
@@ -74,6 +75,7 @@ class Lease:
         self.value = config.max
         self.ts = -math.inf
         self.granted = self.used = self.returned = self.dropped = 0.0
+        self.largest = 0.0  # the largest block granted at once
         self._second = 0.0
         self._cur = self._prev = 0.0
 
@@ -116,10 +118,17 @@ class Lease:
         self._note(count, now)
         return True
 
-    def untake(self, count: float) -> None:
-        """Put back a local admission of a request that another limit denied."""
-        self.tokens += count
+    def untake(self, count: float, window: float | None) -> None:
+        """Put back a local admission of a request that another limit denied.
+
+        `window` is the one the tokens were taken in: if it is no longer the window held, they
+        are dropped instead, never spent in a later one.
+        """
         self.used -= count
+        if window == self.window:
+            self.tokens += count
+        else:
+            self.dropped += count
 
     def retry_after(self, now: float) -> float | None:
         """While a refused lease holds, the ms until the limit may admit again; else None."""
@@ -158,6 +167,7 @@ class Lease:
             self.refused_until = now + (retry_after if retry_after is not None else 0.0)
             return False
         self.granted += granted
+        self.largest = max(self.largest, granted)
         self.refused_until = -math.inf
         if self.config.kind == "fixed window":
             self.expire(now)
