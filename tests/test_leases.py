@@ -16,6 +16,7 @@ from convex_guard import HOUR, MINUTE, ConfigurationError, FixedWindow, LimitReq
 from convex_guard._convex import ConvexStore
 from convex_guard._leases import Lease
 from convex_guard._rules import Rule
+from convex_guard._store import BotCheck
 
 from .conftest import ConvexTestServer
 
@@ -301,3 +302,58 @@ async def test_covered_requests_make_no_call_and_keyed_limits_stay_exact(
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_a_blocked_bot_spends_no_leased_token(convex_server: ConvexTestServer) -> None:
+    convex_server.reset()
+    config = FixedWindow(rate=100, period=HOUR, start=0)
+    store = CountingStore(convex_server.url, convex_server.admin_key, timeout=10)
+    try:
+        assert (await store.limit("globalAIRequests", config)).ok
+        lease = store._leases["globalAIRequests"]
+        used = lease.used
+        bot = BotCheck("fp-9", "203.0.113.5", "curl/8", "bot_useragent", "blocked")
+        outcome = await store.check([LimitRequest("globalAIRequests", config)], bot=bot)
+        assert not outcome.ok and outcome.bot is not None and outcome.bot.action == "blocked"
+        assert outcome.results == ()
+        assert lease.used == used
+    finally:
+        await store.close()
+
+
+async def test_a_fixed_windows_tokens_die_with_their_window(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    config = FixedWindow(rate=100, period=MINUTE, start=0)
+    shift = [0.0]
+    store = CountingStore(
+        convex_server.url,
+        convex_server.admin_key,
+        timeout=10,
+        lease_horizon=10.0,
+        clock=lambda: wall_ms() + shift[0],
+    )
+    try:
+        for _ in range(3):
+            assert (await store.limit("ollamaRequests", config)).ok
+        lease = store._leases["ollamaRequests"]
+        held, first_window = lease.tokens, lease.window
+        assert held > 0 and first_window is not None
+        shift[0] += MINUTE
+        convex_server.shift_clock(shift[0])
+        calls = store.calls["guard:check"]
+        assert (await store.limit("ollamaRequests", config)).ok
+        # The held tokens were dropped, not used in the next window: a new lease was taken.
+        assert store.calls["guard:check"] == calls + 1
+        assert lease.dropped == held
+        assert lease.window == first_window + MINUTE
+        await store.close()
+        # Only the new window's unused tokens went back, to the new window.
+        peeker = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
+        try:
+            assert (await peeker.peek("ollamaRequests", config)).remaining == pytest.approx(99)
+        finally:
+            await peeker.close()
+    finally:
+        await store.close()  # a second close is harmless

@@ -221,8 +221,10 @@ class ConvexStore:
     so tokens held from before an interval are spent in it on top of its own refill; a fixed
     window's tokens are used until this process sees the window end (its clock is the
     store's, offset by the last answer, so up to the skew and half a round trip late) while
-    another instance already takes the next window's. Within one fixed window, over the
-    store's clock, admitted <= limit holds exactly. The results of unkeyed limits carry a
+    another instance already takes the next window's. Where it does not exist: the requests
+    admitted on one fixed window's tokens are <= limit exactly (a token is only ever used in
+    the window it was granted in, or dropped), and a token bucket admits <= capacity + its
+    refill since it started. The results of unkeyed limits carry a
     `remaining` / `reset_after` estimate: the store's state at the last lease plus the tokens
     held here, blind to other instances' blocks since.
     """
@@ -361,7 +363,9 @@ class ConvexStore:
 
     def _lease(self, name: str, config: LimitConfig) -> Lease:
         lease = self._leases.get(name)
-        if lease is None or lease.config != config:
+        # Identity first: a rule hands the same config on every request, and model equality
+        # costs more than the rest of a locally covered decision.
+        if lease is None or (lease.config is not config and lease.config != config):
             lease = self._leases[name] = Lease(config, **self._lease_options)
         return lease
 
