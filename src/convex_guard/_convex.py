@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -261,6 +262,8 @@ class ConvexStore:
         # The store's clock minus ours, from the last answer: leases expire on the store's time.
         self._offset = 0.0
         self._leases: dict[str, Lease] = {}
+        # Names with a lease call in flight: concurrent requests wait for its block.
+        self._asking: dict[str, asyncio.Event] = {}
         key = admin_key if isinstance(admin_key, SecretStr) else SecretStr(admin_key)
         if not key.get_secret_value():
             raise ConfigurationError("The Convex admin key is empty")
@@ -377,6 +380,8 @@ class ConvexStore:
         now = self._clock() + self._offset
         results: list[LimitResult | None] = [None] * len(limits)
         keyed: list[int] = []
+        local: list[int] = []
+        # Tokens taken locally for this request: put back if the request is denied.
         taken: list[tuple[Lease, float, float | None]] = []
         # (index, lease, want) of each unkeyed limit the call must carry a lease for.
         asks: list[tuple[int, Lease, float]] = []
@@ -385,14 +390,30 @@ class ConvexStore:
             if request.key is not None or request.reserve:
                 keyed.append(i)
                 continue
-            lease = self._lease(request.name, request.config)
-            if lease.take(request.count, now):
-                taken.append((lease, request.count, lease.window))
+            name, count = request.name, request.count
+            lease = self._lease(name, request.config)
+            covered = lease.take(count, now)
+            while not covered and lease.retry_after(now) is None:
+                waiting = self._asking.get(name)
+                if waiting is None:
+                    break
+                # A block is on its way: wait for it rather than write the shared document
+                # once more for this request alone (the next ask counts the queue).
+                lease.queued += count
+                try:
+                    await waiting.wait()
+                finally:
+                    lease.queued -= count
+                now = self._clock() + self._offset
+                covered = lease.take(count, now)
+            if covered:
+                taken.append((lease, count, lease.window))
+                local.append(i)
                 results[i] = lease.result(True, now)
             elif lease.retry_after(now) is not None:
                 refused.append((i, lease))
             else:
-                asks.append((i, lease, lease.ask(request.count, now)))
+                asks.append((i, lease, lease.ask(count, now)))
         if refused and not keyed and bot is None:
             # Spent everywhere until retryAfter: no call, and nothing of this request is kept.
             for lease, count, window in taken:
@@ -406,27 +427,42 @@ class ConvexStore:
         if not keyed and not asks and not refused and bot is None:
             return CheckResult(True, tuple(r for r in results if r is not None))
         # A call is made: a locally refused limit is asked again in it (no extra round trip;
-        # the mutation then rolls the keyed limits back), and idle leases ride along.
+        # the mutation then rolls the keyed limits back), a running-low lease asks ahead for
+        # its next block, and idle leases hand their tokens back.
         for i, lease in refused:
             asks.append((i, lease, lease.ask(limits[i].count, now)))
+        asked = {limits[i].name for i, _, _ in asks}
+        ahead: list[tuple[str, Lease, float]] = []
+        for i in local:
+            name = limits[i].name
+            lease = self._leases[name]
+            if name not in asked and lease.low(now):
+                want = lease.ask(0.0, now)
+                if want > 0:
+                    ahead.append((name, lease, want))
+                    asked.add(name)
         leases = [
-            _drop_none(
-                {
-                    "name": limits[i].name,
-                    "config": limits[i].config.to_convex(),
-                    "want": float(want),
-                    "need": float(limits[i].count),
-                }
-            )
+            {
+                "name": limits[i].name,
+                "config": limits[i].config.to_convex(),
+                "want": float(want),
+                "need": float(limits[i].count),
+            }
             for i, _, want in asks
         ]
-        asked = {id(lease) for _, lease, _ in asks}
-        leases.extend(self._returns(now, lambda lease: id(lease) not in asked))
+        leases.extend(
+            {"name": name, "config": lease.config.to_convex(), "want": float(want), "need": 0.0}
+            for name, lease, want in ahead
+        )
+        leases.extend(self._returns(now, lambda name: name not in asked))
         args: dict[str, Any] = {"limits": [_limit_request(limits[i]) for i in keyed]}
         if bot is not None:
             args["bot"] = _bot_check(bot)
         if leases:
             args["leases"] = leases
+        mine = [name for name in asked if name not in self._asking]
+        for name in mine:
+            self._asking[name] = asyncio.Event()
         try:
             raw = await self._call("mutation", "guard:check", args)
         except BaseException:
@@ -434,26 +470,25 @@ class ConvexStore:
                 lease.untake(count, window)
             for _, lease, want in asks:
                 lease.pending = max(0.0, lease.pending - want)
+            for _, lease, want in ahead:
+                lease.pending = max(0.0, lease.pending - want)
             raise
+        finally:
+            for name in mine:
+                self._asking.pop(name).set()
         server_now = float(raw["now"])
         self._offset = server_now - self._clock()
         ok = bool(raw["ok"])
-        for (i, lease, want), answer in zip(asks, raw.get("leases") or (), strict=False):
-            retry = answer.get("retryAfter")
-            covered = lease.grant(
-                float(answer["granted"]),
-                want,
-                limits[i].count,
-                float(retry) if retry is not None else None,
-                float(answer["value"]),
-                float(answer["ts"]),
-                server_now,
-            )
+        answers = list(raw.get("leases") or ())
+        for (i, lease, want), answer in zip(asks, answers, strict=False):
+            covered = self._granted(lease, want, limits[i].count, answer, server_now)
             if covered:
                 taken.append((lease, limits[i].count, lease.window))
             else:
                 ok = False
             results[i] = lease.result(covered, server_now)
+        for (_, lease, want), answer in zip(ahead, answers[len(asks) :], strict=False):
+            self._granted(lease, want, 0.0, answer, server_now)
         verdict = None
         if raw.get("bot") is not None:
             verdict = BotVerdict(raw["bot"]["action"], int(raw["bot"]["previousEvents"]))
@@ -467,11 +502,26 @@ class ConvexStore:
             results[i] = _limit_result(limits[i].config, result, server_now)
         return CheckResult(ok, tuple(r for r in results if r is not None), verdict)
 
-    def _returns(self, now: float, which: Callable[[Lease], bool]) -> list[dict[str, Any]]:
+    @staticmethod
+    def _granted(
+        lease: Lease, want: float, count: float, answer: Mapping[str, Any], now: float
+    ) -> bool:
+        retry = answer.get("retryAfter")
+        return lease.grant(
+            float(answer["granted"]),
+            want,
+            count,
+            float(retry) if retry is not None else None,
+            float(answer["value"]),
+            float(answer["ts"]),
+            now,
+        )
+
+    def _returns(self, now: float, which: Callable[[str], bool]) -> list[dict[str, Any]]:
         """The lease arguments that hand back the tokens of every idle lease `which` selects."""
         out = []
         for name, lease in self._leases.items():
-            if not which(lease) or not lease.idle(now):
+            if not which(name) or not lease.idle(now):
                 continue
             back = lease.give_back(now)
             if back is not None:

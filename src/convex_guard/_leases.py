@@ -41,6 +41,7 @@ class Lease:
         "largest",
         "last_used",
         "pending",
+        "queued",
         "refused_until",
         "returned",
         "tokens",
@@ -69,6 +70,7 @@ class Lease:
         self.tokens = 0.0
         self.window: float | None = None
         self.pending = 0.0
+        self.queued = 0.0  # the counts of requests waiting for a block in flight
         self.refused_until = -math.inf
         self.last_used = -math.inf
         # The limit's state in the store as last seen (for the estimates of `result`).
@@ -140,11 +142,21 @@ class Lease:
         What is held and already asked for counts against the cap, so concurrent requests of
         one process never hold more than one block between them (beyond their own counts).
         """
-        block = math.ceil(self.demand(now) * self._horizon)
         room = self._block_cap - self.tokens - self.pending
-        want = max(count, min(block, room))
+        want = max(count, min(max(self._block(now), count + self.queued), room))
         self.pending += want
         return want
+
+    def _block(self, now: float) -> float:
+        return float(math.ceil(self.demand(now) * self._horizon))
+
+    def low(self, now: float) -> bool:
+        """Held and asked-for tokens are below half a block: worth asking ahead.
+
+        Asked with a call the process makes anyway, a block arrives before the tokens run
+        out, so concurrent requests do not each find the pool empty and each ask.
+        """
+        return self.pending == 0 and self.tokens < min(self._block(now), self._block_cap) / 2
 
     def grant(
         self,
@@ -164,7 +176,10 @@ class Lease:
         self.pending = max(0.0, self.pending - want)
         self.value, self.ts = value, ts
         if granted <= 0:
-            self.refused_until = now + (retry_after if retry_after is not None else 0.0)
+            if count > 0:
+                self.refused_until = now + (retry_after if retry_after is not None else 0.0)
+            # An ask ahead (no count of its own) refused only says the block was too large:
+            # the limit may still hold a request's need.
             return False
         self.granted += granted
         self.largest = max(self.largest, granted)
@@ -184,7 +199,7 @@ class Lease:
                 return False
             self.window = ts
         self.tokens += granted
-        return self.take(count, now)
+        return count == 0 or self.take(count, now)
 
     # -- handing back ----------------------------------------------------------------------
     def idle(self, now: float) -> bool:
