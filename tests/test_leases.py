@@ -369,3 +369,23 @@ async def test_a_fixed_windows_tokens_die_with_their_window(
             await peeker.close()
     finally:
         await store.close()  # a second close is harmless
+
+
+async def test_concurrent_requests_share_one_block_in_flight(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    config = FixedWindow(rate=1_000, period=HOUR, start=0)
+    store = CountingStore(convex_server.url, convex_server.admin_key, timeout=10)
+    try:
+        outcomes = await asyncio.gather(
+            *(store.limit("globalAIRequests", config) for _ in range(64))
+        )
+        assert all(r.ok for r in outcomes)
+        # The first asks alone; the rest wait for its answer, and the next ask is sized for
+        # the queue: a handful of writes of the shared document, not 64.
+        assert store.calls["guard:check"] <= 4
+        lease = store._leases["globalAIRequests"]
+        assert lease.used == 64 and lease.largest <= 100
+    finally:
+        await store.close()

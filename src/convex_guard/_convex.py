@@ -210,7 +210,9 @@ class ConvexStore:
     the last second times `lease_horizon` seconds, at least the request's count, at most
     `lease_fraction` of capacity), so the shared document is written once per block, not per
     request; a request whose limits are all unkeyed and covered locally, with no bot check,
-    makes no call at all. A refused lease means the limit is spent everywhere: it is refused
+    makes no call at all. Requests that find the pool empty while a lease is in flight wait
+    for it (the next ask is sized for them), and a pool below half a block asks ahead in a
+    call the request makes anyway, never in one of its own. A refused lease means the limit is spent everywhere: it is refused
     locally, with no call, until its `retryAfter`. Unused tokens go back (a negative count)
     with the next call after `lease_idle` seconds without use, and at `close()`; a fixed
     window's tokens are dropped when their window ends, never returned to a later one.
