@@ -310,6 +310,25 @@ describe("guard:check leases", () => {
     expect(back.leases![0].value).toBeCloseTo(7);
   });
 
+  test("tokens handed back to a refilled bucket never lift it above capacity", async () => {
+    await t.mutation(internal.guard.check, {
+      limits: [],
+      leases: [{ name: "b", config: pool, want: 5, need: 1 }],
+    });
+    vi.advanceTimersByTime(MINUTE);
+    const back = await t.mutation(internal.guard.check, {
+      limits: [],
+      leases: [{ name: "b", config: pool, want: -5, need: 0 }],
+    });
+    expect(back.leases![0].value).toBe(10);
+    expect((await t.query(internal.limits.peek, { name: "b", config: pool })).value).toBe(10);
+    const next = await t.mutation(internal.guard.check, {
+      limits: [],
+      leases: [{ name: "b", config: pool, want: 10, need: 1 }],
+    });
+    expect(next.leases![0]).toMatchObject({ granted: 10, value: 0 });
+  });
+
   test("a fixed window takes tokens back only in the window they were granted in", async () => {
     const take = await t.mutation(internal.guard.check, {
       limits: [],

@@ -63,7 +63,9 @@ export async function limitState(
     }
     return { value: capacity, ts };
   }
-  return { value: got.value * shards, ts: got.ts };
+  // Tokens handed back (a negative count) can leave a shard above its capacity until its
+  // next decision cuts it: answer the usable amount.
+  return { value: Math.min(got.value * shards, config.capacity ?? config.rate), ts: got.ts };
 }
 
 async function rateLimit(
@@ -130,6 +132,8 @@ export async function decideLease(
       current = window !== undefined && currentWindow(config, before.ts, now) === window;
     }
     if (current) {
+      // The component puts them on one shard; above its share they are cut by its next
+      // decision: a loss to the limit, never a gain.
       await rateLimit(ctx, name, undefined, config, want);
       granted = want;
     }
