@@ -212,10 +212,11 @@ class ConvexStore:
     request; a request whose limits are all unkeyed and covered locally, with no bot check,
     makes no call at all. Requests that find the pool empty while a lease is in flight wait
     for it (the next ask is sized for them), and a pool below half a block asks ahead in a
-    call the request makes anyway, never in one of its own. A refused lease means the limit is spent everywhere: it is refused
-    locally, with no call, until its `retryAfter`. Unused tokens go back (a negative count)
-    with the next call after `lease_idle` seconds without use, and at `close()`; a fixed
-    window's tokens are dropped when their window ends, never returned to a later one.
+    call the request makes anyway, never in one of its own. A refused lease means the limit
+    is spent everywhere: it is refused locally, with no call, until its `retryAfter`. Unused
+    tokens go back (a negative count) with the next call after `lease_idle` seconds without
+    use, and at `close()`; a fixed window's tokens are dropped when their window ends, never
+    returned to a later one.
 
     The bound: over any interval, an unkeyed limit admits at most what an exact limiter would
     plus the tokens held when the interval began, so with N instances, admitted <= limit +
@@ -227,9 +228,11 @@ class ConvexStore:
     another instance already takes the next window's. Where it does not exist: the requests
     admitted on one fixed window's tokens are <= limit exactly (a token is only ever used in
     the window it was granted in, or dropped), and a token bucket admits <= capacity + its
-    refill since it started. The results of unkeyed limits carry a
-    `remaining` / `reset_after` estimate: the store's state at the last lease plus the tokens
-    held here, blind to other instances' blocks since.
+    refill since it started.
+
+    The results of unkeyed limits carry a `remaining` / `reset_after` estimate: the store's
+    state at the last lease plus the tokens held here, blind to other instances' blocks since.
+    For a sharded limit, Convex's answers are themselves estimates (one sampled shard).
     """
 
     def __init__(
@@ -543,6 +546,9 @@ class ConvexStore:
         )
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
+        """Forget a limit's state. For an unkeyed limit this process's lease is dropped too;
+        other instances spend the blocks they hold (a block each at most) before asking again.
+        """
         if key is None and name in self._leases:
             self._leases[name].drop()
         await self._call("mutation", "limits:reset", _drop_none({"name": name, "key": key}))
