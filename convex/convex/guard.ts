@@ -1,12 +1,15 @@
 // The hot path: one mutation per request decides the bot verdict and every limit together.
-import { ConvexError, v } from "convex/values";
+import { ConvexError, v, type Infer } from "convex/values";
 import { internal } from "./_generated/api";
 import { internalMutation } from "./_generated/server";
 import { recordBotEvent } from "./lib/bots";
-import { decideLimit } from "./lib/limits";
+import { decideLease, decideLimit } from "./lib/limits";
 import {
   vBotCheck,
   vBotVerdict,
+  vLeaseRequest,
+  vLeaseResult,
+  type LeaseResult,
   vLimitRequest,
   vLimitResult,
   type LimitResult,
@@ -15,8 +18,24 @@ import {
 /** The `kind` of the ConvexError that `consumeLimits` throws to roll back its writes. */
 export const LIMITS_DENIED = "LimitsDenied";
 
+const vCheckAnswer = v.object({
+  ok: v.boolean(),
+  now: v.number(),
+  results: v.array(vLimitResult),
+  bot: v.optional(vBotVerdict),
+  leases: v.optional(v.array(vLeaseResult)),
+});
+type CheckAnswer = Infer<typeof vCheckAnswer>;
+
 /**
- * Escalate and record `bot` (if given), then decide all `limits` all-or-nothing.
+ * Take or return the `leases` (if given), escalate and record `bot` (if given), then decide
+ * all `limits` all-or-nothing.
+ *
+ * Leases are blocks of an unkeyed limit's tokens that the caller admits from locally (see
+ * `decideLease`). They are decided first and outside the all-or-nothing decision: a granted
+ * block commits whatever the rest answers. A lease that grants less than its `need` denies the
+ * request, so `limits` are then decided but none is consumed. `leases` in the answer are in
+ * the order asked; without `leases` the answer is as it always was.
  *
  * A bot still allowed by its history consumes its own `limit` (if given; denied → challenged).
  * A blocked or challenged bot consumes none of `limits` (`results` is empty). Otherwise the limits
@@ -29,15 +48,23 @@ export const check = internalMutation({
   args: {
     limits: v.array(vLimitRequest),
     bot: v.optional(vBotCheck),
+    leases: v.optional(v.array(vLeaseRequest)),
   },
-  returns: v.object({
-    ok: v.boolean(),
-    now: v.number(),
-    results: v.array(vLimitResult),
-    bot: v.optional(vBotVerdict),
-  }),
-  handler: async (ctx, { limits, bot }) => {
+  returns: vCheckAnswer,
+  handler: async (ctx, { limits, bot, leases }): Promise<CheckAnswer> => {
     const now = Date.now();
+    let granted: LeaseResult[] | undefined;
+    let leaseDenied = false;
+    if (leases !== undefined) {
+      granted = [];
+      for (const lease of leases) {
+        const result = await decideLease(ctx, lease, now);
+        if (lease.need > 0 && result.granted < lease.need) leaseDenied = true;
+        granted.push(result);
+      }
+    }
+    const withLeases = (answer: CheckAnswer): CheckAnswer =>
+      granted === undefined ? answer : { ...answer, leases: granted };
     let verdict: { action: "blocked" | "challenged" | "allowed"; previousEvents: number } | undefined;
     if (bot !== undefined) {
       const { limit, ...check } = bot;
@@ -47,14 +74,18 @@ export const check = internalMutation({
         limit === undefined ? undefined : async () => (await decideLimit(ctx, limit, now)).ok;
       verdict = await recordBotEvent(ctx, check, now, limitAdmits);
       if (verdict.action !== "allowed") {
-        return { ok: false, now, results: [], bot: verdict };
+        return withLeases({ ok: false, now, results: [], bot: verdict });
       }
     }
     let ok = true;
     let results: LimitResult[] = [];
     if (limits.length > 0) {
       try {
-        results = await ctx.runMutation(internal.guard.consumeLimits, { limits, now });
+        results = await ctx.runMutation(internal.guard.consumeLimits, {
+          limits,
+          now,
+          ...(leaseDenied ? { rollBack: true } : {}),
+        });
       } catch (error) {
         const data = convexErrorData(error);
         if (!isDenied(data)) throw error;
@@ -63,10 +94,13 @@ export const check = internalMutation({
       }
     }
     // The component reads its own clock; answer with one no earlier than any result's `ts`.
+    if (leaseDenied) ok = false;
     const answeredAt = Math.max(now, Date.now());
-    return verdict === undefined
-      ? { ok, now: answeredAt, results }
-      : { ok, now: answeredAt, results, bot: verdict };
+    return withLeases(
+      verdict === undefined
+        ? { ok, now: answeredAt, results }
+        : { ok, now: answeredAt, results, bot: verdict },
+    );
   },
 });
 
@@ -94,18 +128,19 @@ function isDenied(data: unknown): data is { kind: string; results: LimitResult[]
 
 /**
  * Decide every limit in order (a limit named twice sees its own earlier consumption) and
- * return the results when all admit; otherwise throw a ConvexError carrying the results, so
- * this sub-transaction's writes are rolled back.
+ * return the results when all admit; otherwise, or when `rollBack` is set (the request is
+ * denied elsewhere), throw a ConvexError carrying the results, so this sub-transaction's
+ * writes are rolled back.
  */
 export const consumeLimits = internalMutation({
-  args: { limits: v.array(vLimitRequest), now: v.number() },
+  args: { limits: v.array(vLimitRequest), now: v.number(), rollBack: v.optional(v.boolean()) },
   returns: v.array(vLimitResult),
-  handler: async (ctx, { limits, now }) => {
+  handler: async (ctx, { limits, now, rollBack }) => {
     const results: LimitResult[] = [];
     for (const request of limits) {
       results.push(await decideLimit(ctx, request, now));
     }
-    if (results.some((r) => !r.ok)) {
+    if (rollBack === true || results.some((r) => !r.ok)) {
       throw new ConvexError({ kind: LIMITS_DENIED, results });
     }
     return results;

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import httpx
@@ -18,6 +21,7 @@ from ._errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
+from ._leases import DEFAULT_FRACTION, DEFAULT_HORIZON, DEFAULT_IDLE, Lease
 from ._limits import LimitConfig, LimitResult, _until_full, check_count
 from ._settings import GuardEnvironment, load_environment
 from ._store import (
@@ -41,6 +45,12 @@ from ._store import (
 
 DEFAULT_TIMEOUT = 2.0
 Json = Any
+
+logger = logging.getLogger("convex_guard.store")
+
+
+def _wall_ms() -> float:
+    return time.time() * 1000.0
 
 
 def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,8 +228,40 @@ class ConvexStore:
     """State shared by every app instance, in a self-hosted Convex deployment.
 
     Calls the internal functions of `convex/` with the admin key, over one keep-alive HTTP
-    connection pool; every call is bounded by `timeout` seconds. The hot path (`check`) is one
-    mutation per request. Errors derive from `StoreError` and never include the admin key.
+    connection pool; every call is bounded by `timeout` seconds. The hot path (`check`) is at
+    most one mutation per request. Errors derive from `StoreError` and never include the admin
+    key.
+
+    Keyed limits (a request with a `key`, or with `reserve`) are decided exactly, per request,
+    in that one `guard:check` mutation. Unkeyed limits (one state shared by every instance:
+    global, per provider) are admitted from local leases instead: the process takes a block of
+    the limit's tokens in the same mutation when it runs out (sized from its own demand over
+    the last second times `lease_horizon` seconds, at least the request's count, at most
+    `lease_fraction` of capacity), so the shared document is written once per block, not per
+    request; a request whose limits are all unkeyed and covered locally, with no bot check,
+    makes no call at all. Requests that find the pool empty while a lease is in flight wait
+    for it (the next ask is sized for them), and a pool below half a block asks ahead in a
+    call the request makes anyway, never in one of its own. A refused lease means the limit
+    is spent everywhere: it is refused locally, with no call, until its `retryAfter`. Unused
+    tokens go back (a negative count) with the next call after `lease_idle` seconds without
+    use, and at `close()`; a fixed window's tokens are dropped when their window ends, never
+    returned to a later one.
+
+    The bound: over any interval, an unkeyed limit admits at most what an exact limiter would
+    plus the tokens held when the interval began, so with N instances, admitted <= limit +
+    N x largest block. The slack is only in time, never in total: every admitted request
+    spends a token the store granted. A token bucket's tokens are subtracted when leased,
+    so tokens held from before an interval are spent in it on top of its own refill; a fixed
+    window's tokens are used until this process sees the window end (its clock is the
+    store's, offset by the last answer, so up to the skew and half a round trip late) while
+    another instance already takes the next window's. Where it does not exist: the requests
+    admitted on one fixed window's tokens are <= limit exactly (a token is only ever used in
+    the window it was granted in, or dropped), and a token bucket admits <= capacity + its
+    refill since it started.
+
+    The results of unkeyed limits carry a `remaining` / `reset_after` estimate: the store's
+    state at the last lease plus the tokens held here, blind to other instances' blocks since.
+    For a sharded limit, Convex's answers are themselves estimates (one sampled shard).
     """
 
     def __init__(
@@ -230,11 +272,32 @@ class ConvexStore:
         timeout: float = DEFAULT_TIMEOUT,
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
+        lease_horizon: float = DEFAULT_HORIZON,
+        lease_fraction: float = DEFAULT_FRACTION,
+        lease_idle: float = DEFAULT_IDLE,
+        clock: Callable[[], float] = _wall_ms,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigurationError(f"Convex URL must start with http:// or https://, got {url!r}")
         if not 0 < timeout < math.inf:
             raise ConfigurationError("timeout must be a positive number of seconds")
+        if not 0 < lease_horizon < math.inf:
+            raise ConfigurationError("lease_horizon must be a positive number of seconds")
+        if not 0 < lease_fraction <= 1:
+            raise ConfigurationError("lease_fraction must be in (0, 1]")
+        if not 0 < lease_idle < math.inf:
+            raise ConfigurationError("lease_idle must be a positive number of seconds")
+        self._lease_options = {
+            "horizon": lease_horizon,
+            "fraction": lease_fraction,
+            "idle": lease_idle,
+        }
+        self._clock = clock
+        # The store's clock minus ours, from the last answer: leases expire on the store's time.
+        self._offset = 0.0
+        self._leases: dict[str, Lease] = {}
+        # Names with a lease call in flight: concurrent requests wait for its block.
+        self._asking: dict[str, asyncio.Event] = {}
         key = admin_key if isinstance(admin_key, SecretStr) else SecretStr(admin_key)
         if not key.get_secret_value():
             raise ConfigurationError("The Convex admin key is empty")
@@ -335,26 +398,188 @@ class ConvexStore:
         outcome = await self.check([LimitRequest(name, config, key, count, reserve)])
         return outcome.results[0]
 
+    def _lease(self, name: str, config: LimitConfig) -> Lease:
+        lease = self._leases.get(name)
+        # Identity first: a rule hands the same config on every request, and model equality
+        # costs more than the rest of a locally covered decision.
+        if lease is None or (lease.config is not config and lease.config != config):
+            lease = self._leases[name] = Lease(config, **self._lease_options)
+        return lease
+
     async def check(
         self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
     ) -> CheckResult:
         for request in limits:
             check_count(request.name, request.config, request.count, request.reserve)
-        args: dict[str, Any] = {"limits": [_limit_request(r) for r in limits]}
+        now = self._clock() + self._offset
+        results: list[LimitResult | None] = [None] * len(limits)
+        keyed: list[int] = []
+        local: list[int] = []
+        # Tokens taken locally for this request: put back if the request is denied.
+        taken: list[tuple[Lease, float, float | None]] = []
+        # (index, lease, want) of each unkeyed limit the call must carry a lease for.
+        asks: list[tuple[int, Lease, float]] = []
+        refused: list[tuple[int, Lease]] = []
+        for i, request in enumerate(limits):
+            if request.key is not None or request.reserve:
+                keyed.append(i)
+                continue
+            name, count = request.name, request.count
+            lease = self._lease(name, request.config)
+            covered = lease.take(count, now)
+            while not covered and lease.retry_after(now) is None:
+                waiting = self._asking.get(name)
+                if waiting is None:
+                    break
+                # A block is on its way: wait for it rather than write the shared document
+                # once more for this request alone (the next ask counts the queue).
+                lease.queued += count
+                try:
+                    await waiting.wait()
+                finally:
+                    lease.queued -= count
+                now = self._clock() + self._offset
+                covered = lease.take(count, now)
+            if covered:
+                taken.append((lease, count, lease.window))
+                local.append(i)
+                results[i] = lease.result(True, now)
+            elif lease.retry_after(now) is not None:
+                refused.append((i, lease))
+            else:
+                asks.append((i, lease, lease.ask(count, now)))
+        if refused and not keyed and bot is None:
+            # Spent everywhere until retryAfter: no call, and nothing of this request is kept.
+            for lease, count, window in taken:
+                lease.untake(count, window)
+            for i, lease in refused:
+                results[i] = lease.result(False, now)
+            for i, lease, want in asks:
+                lease.pending = max(0.0, lease.pending - want)
+                results[i] = lease.result(True, now)
+            return CheckResult(False, tuple(r for r in results if r is not None))
+        if not keyed and not asks and not refused and bot is None:
+            return CheckResult(True, tuple(r for r in results if r is not None))
+        # A call is made: a locally refused limit is asked again in it (no extra round trip;
+        # the mutation then rolls the keyed limits back), a running-low lease asks ahead for
+        # its next block, and idle leases hand their tokens back.
+        for i, lease in refused:
+            asks.append((i, lease, lease.ask(limits[i].count, now)))
+        asked = {limits[i].name for i, _, _ in asks}
+        ahead: list[tuple[str, Lease, float]] = []
+        for i in local:
+            name = limits[i].name
+            lease = self._leases[name]
+            if name not in asked and lease.low(now):
+                want = lease.ask(0.0, now)
+                if want > 0:
+                    ahead.append((name, lease, want))
+                    asked.add(name)
+        leases = [
+            {
+                "name": limits[i].name,
+                "config": limits[i].config.to_convex(),
+                "want": float(want),
+                "need": float(limits[i].count),
+            }
+            for i, _, want in asks
+        ]
+        leases.extend(
+            {"name": name, "config": lease.config.to_convex(), "want": float(want), "need": 0.0}
+            for name, lease, want in ahead
+        )
+        leases.extend(self._returns(now, lambda name: name not in asked))
+        args: dict[str, Any] = {"limits": [_limit_request(limits[i]) for i in keyed]}
         if bot is not None:
             args["bot"] = _bot_check(bot)
-        raw = await self._call("mutation", "guard:check", args)
-        now = float(raw["now"])
-        results = tuple(
-            _limit_result(request.config, result, now)
-            for request, result in zip(limits, raw["results"], strict=False)
-        )
+        if leases:
+            args["leases"] = leases
+        mine = [name for name in asked if name not in self._asking]
+        for name in mine:
+            self._asking[name] = asyncio.Event()
+        try:
+            raw = await self._call("mutation", "guard:check", args)
+        except BaseException:
+            for lease, count, window in taken:
+                lease.untake(count, window)
+            for _, lease, want in asks:
+                lease.pending = max(0.0, lease.pending - want)
+            for _, lease, want in ahead:
+                lease.pending = max(0.0, lease.pending - want)
+            raise
+        finally:
+            for name in mine:
+                self._asking.pop(name).set()
+        server_now = float(raw["now"])
+        self._offset = server_now - self._clock()
+        ok = bool(raw["ok"])
+        answers = list(raw.get("leases") or ())
+        for (i, lease, want), answer in zip(asks, answers, strict=False):
+            covered = self._granted(lease, want, limits[i].count, answer, server_now)
+            if covered:
+                taken.append((lease, limits[i].count, lease.window))
+            else:
+                ok = False
+            results[i] = lease.result(covered, server_now)
+        for (_, lease, want), answer in zip(ahead, answers[len(asks) :], strict=False):
+            self._granted(lease, want, 0.0, answer, server_now)
         verdict = None
         if raw.get("bot") is not None:
             verdict = BotVerdict(raw["bot"]["action"], int(raw["bot"]["previousEvents"]))
-        return CheckResult(bool(raw["ok"]), results, verdict)
+        if not ok:
+            for lease, count, window in taken:
+                lease.untake(count, window)
+        if verdict is not None and verdict.action != "allowed":
+            # A blocked or challenged bot consumed none of its limits (no results, as before).
+            return CheckResult(False, (), verdict)
+        for i, result in zip(keyed, raw["results"], strict=False):
+            results[i] = _limit_result(limits[i].config, result, server_now)
+        return CheckResult(ok, tuple(r for r in results if r is not None), verdict)
+
+    @staticmethod
+    def _granted(
+        lease: Lease, want: float, count: float, answer: Mapping[str, Any], now: float
+    ) -> bool:
+        retry = answer.get("retryAfter")
+        return lease.grant(
+            float(answer["granted"]),
+            want,
+            count,
+            float(retry) if retry is not None else None,
+            float(answer["value"]),
+            float(answer["ts"]),
+            now,
+        )
+
+    def _returns(self, now: float, which: Callable[[str], bool]) -> list[dict[str, Any]]:
+        """The lease arguments that hand back the tokens of every idle lease `which` selects."""
+        out = []
+        for name, lease in self._leases.items():
+            if not which(name) or not lease.idle(now):
+                continue
+            back = lease.give_back(now)
+            if back is not None:
+                out.append(self._return_arg(name, lease, *back))
+        return out
+
+    @staticmethod
+    def _return_arg(name: str, lease: Lease, amount: float, window: float | None) -> dict[str, Any]:
+        return _drop_none(
+            {
+                "name": name,
+                "config": lease.config.to_convex(),
+                "want": -float(amount),
+                "need": 0.0,
+                "window": float(window) if window is not None else None,
+            }
+        )
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
+        """Forget a limit's state. For an unkeyed limit this process's lease is dropped too;
+        other instances spend the blocks they hold (a block each at most) before asking again.
+        """
+        if key is None and name in self._leases:
+            self._leases[name].drop()
         await self._call("mutation", "limits:reset", _drop_none({"name": name, "key": key}))
 
     async def peek(self, name: str, config: LimitConfig, *, key: str | None = None) -> LimitResult:
@@ -511,7 +736,25 @@ class ConvexStore:
             subscription.unsubscribe()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        """Hand back every lease's unused tokens (one call), then close the connections.
+
+        A failure to hand them back is logged, not raised: the tokens are then lost for their
+        window or until the bucket refills, which errs on the side of admitting less.
+        """
+        now = self._clock() + self._offset
+        returns = []
+        for name, lease in self._leases.items():
+            back = lease.give_back(now)
+            if back is not None:
+                returns.append(self._return_arg(name, lease, *back))
+        self._leases.clear()
+        try:
+            if returns:
+                await self._call("mutation", "guard:check", {"limits": [], "leases": returns})
+        except StoreError as exc:
+            logger.warning("Could not hand back leased tokens at close: %s", exc)
+        finally:
+            await self._client.aclose()
 
 
 def _provider_stats(raw: Mapping[str, Any]) -> ProviderStats:

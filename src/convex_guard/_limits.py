@@ -135,23 +135,35 @@ def check_count(name: str | None, config: LimitConfig, count: float, reserve: bo
     """Reject a request that no amount of waiting could satisfy, as the component does.
 
     A silent deny would retry forever; a raise surfaces the misconfiguration at once. Every
-    decider runs this for a count outside [0, capacity], so no store can skip it.
+    decider runs this for a count outside [0, capacity], so no store can skip it. With 3 or
+    more `shards` the component decides one call on (at most) two shards, so a call may count
+    at most `capacity / (shards / 2)` (its `validateRequest`): a larger count would make every
+    request on Convex throw, so it is rejected here, at start-up, on every store alike.
     """
     limit = f"Rate limit {name!r}" if name else "Rate limit"
     if count < 0 or not math.isfinite(count):
         raise ConfigurationError(f"{limit}: count must be a finite number >= 0")
-    cap = config.max
+    factor = shard_factor(config)
+    cap = config.max / factor
+    per = f" per call over {config.shards} shards" if factor > 1 else ""
     if reserve:
-        if config.max_reserved is not None and count > cap + config.max_reserved:
+        if config.max_reserved is not None and count > cap + config.max_reserved / factor:
             raise ConfigurationError(
                 f"{limit}: count {count:g} exceeds capacity plus max_reserved "
-                f"({cap + config.max_reserved:g}); it could never be admitted"
+                f"({cap + config.max_reserved / factor:g}{per}); it could never be admitted"
             )
     elif count > cap:
+        hint = "use fewer shards" if factor > 1 else "use reserve=True to queue ahead"
         raise ConfigurationError(
-            f"{limit}: count {count:g} exceeds capacity {cap:g}; "
-            "it could never be admitted (use reserve=True to queue ahead)"
+            f"{limit}: count {count:g} exceeds capacity {cap:g}{per}; "
+            f"it could never be admitted ({hint})"
         )
+
+
+def shard_factor(config: LimitConfig) -> float:
+    """What the component divides capacity by for one call: `shards / 2` from 3 shards on."""
+    shards = config.shards or 1
+    return shards / 2 if shards >= 3 else 1.0
 
 
 def initial_state(config: LimitConfig, now: float, random: Callable[[], float]) -> LimitState:

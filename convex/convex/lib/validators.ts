@@ -69,6 +69,29 @@ export const vLimitResult = v.object({
 export type LimitResult = Infer<typeof vLimitResult>;
 
 /**
+ * A lease on an unkeyed limit: take `want` tokens, or if that is refused `need` (the request's
+ * own count), else refuse with `retryAfter`. A negative `want` hands tokens back (for a fixed
+ * window only while `window`, the `ts` the tokens were granted in, is still the current one).
+ */
+export const vLeaseRequest = v.object({
+  name: v.string(),
+  config: vLimitConfig,
+  want: v.number(),
+  need: v.number(),
+  window: v.optional(v.number()),
+});
+export type LeaseRequest = Infer<typeof vLeaseRequest>;
+
+/** A lease's answer: the tokens granted (negative: returned) and the limit's state after. */
+export const vLeaseResult = v.object({
+  granted: v.number(),
+  retryAfter: v.optional(v.number()),
+  value: v.number(),
+  ts: v.number(),
+});
+export type LeaseResult = Infer<typeof vLeaseResult>;
+
+/**
  * A flagged request. `action` is the category policy's own action; `limit` (the
  * `suspiciousBehavior` limit per fingerprint) is consumed when the history still allows the
  * bot, and a denial challenges it. `clientKey` is the client address's limit key (an IPv6

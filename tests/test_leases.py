@@ -1,0 +1,391 @@
+"""Local leases on unkeyed limits: the sans-IO bookkeeping, and ConvexStore across instances."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convex_guard import HOUR, MINUTE, ConfigurationError, FixedWindow, LimitRequest, TokenBucket
+from convex_guard._convex import ConvexStore
+from convex_guard._leases import Lease
+from convex_guard._rules import Rule
+from convex_guard._store import BotCheck
+
+from .conftest import ConvexTestServer
+
+
+class CountingStore(ConvexStore):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: Counter[str] = Counter()
+
+    async def _call(
+        self, kind: Literal["query", "mutation"], path: str, args: Mapping[str, Any]
+    ) -> Any:
+        self.calls[path] += 1
+        return await super()._call(kind, path, args)
+
+
+def wall_ms() -> float:
+    return time.time() * 1000.0
+
+
+# -- the sans-IO core ------------------------------------------------------------------------
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("take"), st.integers(1, 5), st.floats(0, 3_000)),
+        st.tuples(st.just("grant"), st.integers(1, 5), st.sampled_from(["want", "need", "no"])),
+        st.tuples(st.just("ahead"), st.just(0), st.sampled_from(["want", "no"])),
+        st.tuples(st.just("untake"), st.just(0), st.floats(0, 3_000)),
+        st.tuples(st.just("expire"), st.just(0), st.floats(0, 90_000)),
+        st.tuples(st.just("return"), st.just(0), st.floats(0, 10_000)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=operations,
+    config=st.sampled_from(
+        [
+            FixedWindow(rate=50, period=MINUTE, start=0),
+            TokenBucket(rate=50, period=MINUTE, capacity=50),
+            FixedWindow(rate=80, period=MINUTE, start=0, shards=8),
+        ]
+    ),
+)
+def test_lease_never_admits_more_than_it_was_granted(
+    ops: list[tuple[str, int, Any]], config: FixedWindow | TokenBucket
+) -> None:
+    lease = Lease(config, horizon=2.0, fraction=0.5, idle=1.0)
+    now = 1_000_000.0
+    taken: list[tuple[float, float | None]] = []
+
+    def window(at: float) -> float:
+        return at - at % config.period if config.kind == "fixed window" else at
+
+    def in_window() -> bool:
+        # A fixed window's token is only ever spent inside the window it was granted in.
+        return lease.window is None or now < lease.window + config.period
+
+    for op, count, arg in ops:
+        if op == "take":
+            now += arg
+            if lease.take(count, now):
+                assert in_window()
+                taken.append((count, lease.window))
+        elif op == "grant":
+            want = lease.ask(count, now)
+            assert count <= want <= max(count, 0.5 * config.max)
+            granted = {"want": want, "need": count, "no": 0}[arg]
+            if lease.grant(granted, want, count, 1_000.0, 10.0, window(now), now):
+                assert in_window()
+                taken.append((count, lease.window))
+            elif granted == 0:
+                assert lease.retry_after(now) == 1_000.0
+        elif op == "ahead":
+            want = lease.ask(0, now)
+            before = lease.retry_after(now)
+            lease.grant(want if arg == "want" else 0, want, 0, 1_000.0, 10.0, window(now), now)
+            if arg == "no":
+                # Too large a block refused says nothing about a request's own need.
+                assert lease.retry_after(now) == before
+        elif op == "untake" and taken:
+            lease.untake(*taken.pop())
+            now += arg
+        elif op == "expire":
+            now += arg
+            lease.expire(now)
+        elif op == "return":
+            now += arg
+            if lease.idle(now):
+                lease.give_back(now)
+        assert lease.tokens >= 0
+        assert lease.used <= lease.granted + 1e-9
+        total = lease.used + lease.returned + lease.dropped + lease.tokens
+        assert total == pytest.approx(lease.granted)
+    lease.give_back(now)
+    assert lease.tokens == 0
+    assert lease.returned + lease.used + lease.dropped == pytest.approx(lease.granted)
+
+
+def test_block_follows_demand_and_stays_under_the_cap() -> None:
+    config = FixedWindow(rate=1_000, period=HOUR, start=0)
+    lease = Lease(config, horizon=1.0, fraction=0.1)
+    now = 5_000.0
+    assert lease.ask(1, now) == 1  # no demand yet: just the request's own count
+    lease.grant(1, 1, 1, None, 999, 0.0, now)
+    for _ in range(40):
+        now += 10
+        want = lease.ask(1, now)
+        lease.grant(1, want, 1, None, 500, 0.0, now)  # only the need granted: nothing held
+    # About 40 admissions over the last second, one second of horizon, capped at 100.
+    assert lease.tokens == 0
+    assert 30 <= lease.ask(1, now + 10) <= 100
+    # What is held or already asked for counts against the cap.
+    assert lease.ask(1, now + 10) <= 100 - 30
+    busy = Lease(config, horizon=60.0, fraction=0.1)
+    for i in range(200):
+        busy.take(1, now + i) or busy.grant(1, busy.ask(1, now + i), 1, None, 500, 0.0, now + i)
+    assert busy.largest <= 100
+
+
+def test_a_count_a_sharded_limit_cannot_take_in_one_call_is_a_startup_error() -> None:
+    # With 8 shards the component takes at most capacity / (shards / 2) = 2.5 per call.
+    with pytest.raises(ConfigurationError, match="shards"):
+        Rule("global", FixedWindow(rate=10, period=MINUTE, shards=8), count=4)
+    Rule("global", FixedWindow(rate=10, period=MINUTE, shards=8), count=2)
+    Rule("global", FixedWindow(rate=10, period=MINUTE, shards=2), count=10)
+
+
+# -- ConvexStore across instances --------------------------------------------------------------
+
+
+async def test_instances_share_a_global_window_within_the_bound(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    limit = 300
+    config = FixedWindow(rate=limit, period=HOUR, start=0)
+    stores = [
+        CountingStore(convex_server.url, convex_server.admin_key, timeout=10, lease_fraction=0.1)
+        for _ in range(4)
+    ]
+    admitted = Counter[int]()
+
+    async def drive(index: int, store: ConvexStore) -> None:
+        for _ in range(60):
+            outcomes = await asyncio.gather(
+                *(store.limit("globalAIRequests", config) for _ in range(4))
+            )
+            admitted[index] += sum(r.ok for r in outcomes)
+
+    try:
+        await asyncio.gather(*(drive(i, s) for i, s in enumerate(stores)))
+        leases = [s._leases["globalAIRequests"] for s in stores]
+        total = sum(admitted.values())
+        largest = max(lease.largest for lease in leases)
+        held = sum(lease.tokens for lease in leases)
+        assert 1 < largest <= 0.1 * limit
+        assert total <= limit + len(stores) * largest
+        assert total >= limit - held
+        # Every admission spent a granted token, and a lease took many of them per call.
+        calls = sum(s.calls["guard:check"] for s in stores)
+        assert total == sum(lease.used for lease in leases)
+        assert calls < total / 2
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_token_bucket_hands_unused_tokens_back_at_close(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    config = TokenBucket(rate=100, period=HOUR, capacity=100)
+    store = CountingStore(
+        convex_server.url, convex_server.admin_key, timeout=10, lease_horizon=10.0
+    )
+    for _ in range(3):
+        assert (await store.limit("openaiRequests", config)).ok
+    lease = store._leases["openaiRequests"]
+    assert lease.tokens > 0
+    held = lease.tokens
+    peeker = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
+    try:
+        before = (await peeker.peek("openaiRequests", config)).remaining
+        assert before == pytest.approx(100 - 3 - held, abs=0.1)
+        await store.close()
+        after = (await peeker.peek("openaiRequests", config)).remaining
+        assert after == pytest.approx(100 - 3, abs=0.1)
+    finally:
+        await peeker.close()
+
+
+async def test_an_idle_lease_goes_back_with_the_next_call(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    config = TokenBucket(rate=100, period=HOUR, capacity=100)
+    shift = [0.0]
+    store = CountingStore(
+        convex_server.url,
+        convex_server.admin_key,
+        timeout=10,
+        lease_horizon=10.0,
+        lease_idle=1.0,
+        clock=lambda: wall_ms() + shift[0],
+    )
+    try:
+        for _ in range(3):
+            await store.limit("groqRequests", config)
+        assert store._leases["groqRequests"].tokens > 0
+        shift[0] += 2_000
+        # A keyed request makes a call anyway: the idle lease rides along, no extra call.
+        calls = store.calls["guard:check"]
+        assert (await store.limit("ipAIRequests", config, key="1.2.3.4")).ok
+        assert store.calls["guard:check"] == calls + 1
+        assert store._leases["groqRequests"].tokens == 0
+        assert (await store.peek("groqRequests", config)).remaining == pytest.approx(97, abs=0.1)
+    finally:
+        await store.close()
+
+
+async def test_a_refused_lease_refuses_locally_until_retry_after(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    config = FixedWindow(rate=3, period=MINUTE, start=0)
+    shift = [0.0]
+    store = CountingStore(
+        convex_server.url,
+        convex_server.admin_key,
+        timeout=10,
+        clock=lambda: wall_ms() + shift[0],
+    )
+    try:
+        results = [await store.limit("perplexityRequests", config) for _ in range(4)]
+        assert [r.ok for r in results] == [True, True, True, False]
+        denied = results[3]
+        assert denied.retry_after is not None and 0 < denied.retry_after <= MINUTE
+        calls = store.calls["guard:check"]
+        for _ in range(5):
+            again = await store.limit("perplexityRequests", config)
+            assert not again.ok and again.retry_after is not None
+        assert store.calls["guard:check"] == calls  # no store call while refused
+        # Past retryAfter (on both clocks) the limit is asked again and admits.
+        shift[0] += denied.retry_after + 1_000
+        convex_server.shift_clock(shift[0])
+        assert (await store.limit("perplexityRequests", config)).ok
+        assert store.calls["guard:check"] == calls + 1
+    finally:
+        await store.close()
+
+
+async def test_covered_requests_make_no_call_and_keyed_limits_stay_exact(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    global_ = FixedWindow(rate=1_000, period=HOUR, start=0)
+    per_ip = FixedWindow(rate=30, period=HOUR, start=0)
+    stores = [
+        CountingStore(convex_server.url, convex_server.admin_key, timeout=10, lease_horizon=5.0)
+        for _ in range(4)
+    ]
+    try:
+        # Warm a lease on the global limit, then requests covered locally make no call.
+        store = stores[0]
+        for _ in range(5):
+            await store.limit("globalAIRequests", global_)
+        assert store._leases["globalAIRequests"].tokens > 0
+        calls = store.calls["guard:check"]
+        while store._leases["globalAIRequests"].tokens >= 1:
+            assert (await store.limit("globalAIRequests", global_)).ok
+        assert store.calls["guard:check"] == calls
+        # A keyed limit is decided per request, exactly, across instances.
+        warm_used = store._leases["globalAIRequests"].used
+        outcomes = await asyncio.gather(
+            *(
+                s.check(
+                    [
+                        LimitRequest("globalAIRequests", global_),
+                        LimitRequest("ipAIRequests", per_ip, "203.0.113.9"),
+                    ]
+                )
+                for s in stores
+                for _ in range(25)
+            )
+        )
+        assert sum(o.ok for o in outcomes) == 30
+        # A request its keyed limit denied put its global token back in the local pool.
+        leases = [s._leases["globalAIRequests"] for s in stores]
+        assert sum(lease.used for lease in leases) == warm_used + 30
+        peek = await stores[1].peek("ipAIRequests", per_ip, key="203.0.113.9")
+        assert peek.remaining == 0
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_a_blocked_bot_spends_no_leased_token(convex_server: ConvexTestServer) -> None:
+    convex_server.reset()
+    config = FixedWindow(rate=100, period=HOUR, start=0)
+    store = CountingStore(convex_server.url, convex_server.admin_key, timeout=10)
+    try:
+        assert (await store.limit("globalAIRequests", config)).ok
+        lease = store._leases["globalAIRequests"]
+        used = lease.used
+        bot = BotCheck("fp-9", "203.0.113.5", "curl/8", "bot_useragent", "blocked")
+        outcome = await store.check([LimitRequest("globalAIRequests", config)], bot=bot)
+        assert not outcome.ok and outcome.bot is not None and outcome.bot.action == "blocked"
+        assert outcome.results == ()
+        assert lease.used == used
+    finally:
+        await store.close()
+
+
+async def test_a_fixed_windows_tokens_die_with_their_window(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    config = FixedWindow(rate=100, period=MINUTE, start=0)
+    shift = [0.0]
+    store = CountingStore(
+        convex_server.url,
+        convex_server.admin_key,
+        timeout=10,
+        lease_horizon=10.0,
+        clock=lambda: wall_ms() + shift[0],
+    )
+    try:
+        for _ in range(3):
+            assert (await store.limit("ollamaRequests", config)).ok
+        lease = store._leases["ollamaRequests"]
+        held, first_window = lease.tokens, lease.window
+        assert held > 0 and first_window is not None
+        shift[0] += MINUTE
+        convex_server.shift_clock(shift[0])
+        calls = store.calls["guard:check"]
+        assert (await store.limit("ollamaRequests", config)).ok
+        # The held tokens were dropped, not used in the next window: a new lease was taken.
+        assert store.calls["guard:check"] == calls + 1
+        assert lease.dropped == held
+        assert lease.window == first_window + MINUTE
+        await store.close()
+        # Only the new window's unused tokens went back, to the new window.
+        peeker = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
+        try:
+            assert (await peeker.peek("ollamaRequests", config)).remaining == pytest.approx(99)
+        finally:
+            await peeker.close()
+    finally:
+        await store.close()  # a second close is harmless
+
+
+async def test_concurrent_requests_share_one_block_in_flight(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    config = FixedWindow(rate=1_000, period=HOUR, start=0)
+    store = CountingStore(convex_server.url, convex_server.admin_key, timeout=10)
+    try:
+        outcomes = await asyncio.gather(
+            *(store.limit("globalAIRequests", config) for _ in range(64))
+        )
+        assert all(r.ok for r in outcomes)
+        # The first asks alone; the rest wait for its answer, and the next ask is sized for
+        # the queue: a handful of writes of the shared document, not 64.
+        assert store.calls["guard:check"] <= 4
+        lease = store._leases["globalAIRequests"]
+        assert lease.used == 64 and lease.largest <= 100
+    finally:
+        await store.close()
