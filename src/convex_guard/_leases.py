@@ -19,6 +19,18 @@ DEFAULT_FRACTION = 0.1  # the most of a limit's capacity one process holds at on
 DEFAULT_IDLE = 5.0  # seconds without an admission after which a lease's tokens go back
 
 
+def largest_block(config: LimitConfig, fraction: float = DEFAULT_FRACTION) -> float:
+    """The most tokens one lease takes at once (beyond a single request's own count).
+
+    `fraction` of the capacity, and for a sharded limit no more than one shard's tokens (a
+    fresh shard is decided alone) nor what the component accepts per call. With `instances`
+    processes, a limit admits at most its limit plus `instances` times this.
+    """
+    shards = config.shards or 1
+    per_call = config.max / shard_factor(config)
+    return min(fraction * config.max, per_call, config.max / shards)
+
+
 class Lease:
     """The tokens of one unkeyed limit that this process holds.
 
@@ -62,11 +74,7 @@ class Lease:
         self.config = config
         self._horizon = horizon
         self._idle = idle * 1000.0
-        # One sharded call may take at most one shard's tokens for sure (a fresh shard is
-        # decided alone), and never more than the component accepts per call.
-        shards = config.shards or 1
-        per_call = config.max / shard_factor(config)
-        self._block_cap = min(fraction * config.max, per_call, config.max / shards)
+        self._block_cap = largest_block(config, fraction)
         self.tokens = 0.0
         self.window: float | None = None
         self.pending = 0.0
