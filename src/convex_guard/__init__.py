@@ -19,7 +19,9 @@ from ._errors import (
     ConvexFunctionNotFoundError,
     ConvexValidationError,
     GuardError,
+    StoreConflictError,
     StoreError,
+    StoreOverloadedError,
     StoreTimeoutError,
     StoreUnavailableError,
 )
@@ -34,6 +36,7 @@ from ._rules import Rule, preset_rules
 from ._settings import GuardEnvironment, load_environment
 from ._store import (
     AIRequestLog,
+    ApiKeyList,
     ApiKeyRecord,
     AuthFailure,
     BotCheck,
@@ -73,6 +76,7 @@ __all__ = [
     "NO_KEY",
     "SECOND",
     "AIRequestLog",
+    "ApiKeyList",
     "ApiKeyMiddleware",
     "ApiKeyRecord",
     "ApiKeys",
@@ -116,7 +120,9 @@ __all__ = [
     "ResilientStore",
     "Rule",
     "Store",
+    "StoreConflictError",
     "StoreError",
+    "StoreOverloadedError",
     "StoreTimeoutError",
     "StoreUnavailableError",
     "TokenBucket",

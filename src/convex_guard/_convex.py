@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -14,7 +15,9 @@ from ._errors import (
     ConvexAuthError,
     ConvexFunctionNotFoundError,
     ConvexValidationError,
+    StoreConflictError,
     StoreError,
+    StoreOverloadedError,
     StoreTimeoutError,
     StoreUnavailableError,
 )
@@ -23,6 +26,7 @@ from ._settings import GuardEnvironment, load_environment
 from ._store import (
     AIRequestLog,
     ApiKeyKind,
+    ApiKeyList,
     ApiKeyRecord,
     AuthFailure,
     BotCheck,
@@ -40,7 +44,20 @@ from ._store import (
 )
 
 DEFAULT_TIMEOUT = 2.0
+#: The backend's error codes (`{"code": ..., "message": ...}` bodies) for a mutation whose
+#: optimistic-concurrency retries ran out (HTTP 503) and for a full function queue (HTTP 429).
+OCC_FAILURE = "OptimisticConcurrencyControlFailure"
+TOO_MANY_CONCURRENT = "TooManyConcurrentRequests"
 Json = Any
+
+
+def _redact_url(url: str) -> str:
+    """`url` without the credentials of its userinfo (`http://user:pw@host` → `http://***@host`)."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not sep or "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -203,17 +220,25 @@ class ConvexStore:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"Convex URL must start with http:// or https://, got {url!r}")
+            raise ConfigurationError(
+                f"Convex URL must start with http:// or https://, got {_redact_url(url)!r}"
+            )
         if not 0 < timeout < math.inf:
             raise ConfigurationError("timeout must be a positive number of seconds")
         key = admin_key if isinstance(admin_key, SecretStr) else SecretStr(admin_key)
         if not key.get_secret_value():
             raise ConfigurationError("The Convex admin key is empty")
-        self.url = url.rstrip("/")
+        # Credentials in the URL are used to connect but never shown: `url` is the form that
+        # is safe to print, log and put in errors.
+        self._url = url.rstrip("/")
+        self.url = _redact_url(self._url)
         self.timeout = timeout
         self._admin_key = key
+        # Names this process's log writes: the rollup and key-usage rows it adds to are its
+        # own, so instances never write the same document from their batches.
+        self.writer = secrets.token_hex(8)
         self._client = httpx.AsyncClient(
-            base_url=self.url,
+            base_url=self._url,
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
@@ -262,26 +287,64 @@ class ConvexStore:
             raise StoreUnavailableError(
                 f"Convex deployment {self.url} unreachable: {type(exc).__name__}"
             ) from None
-        if response.status_code in (401, 403):
+        status = response.status_code
+        if status in (401, 403):
             raise ConvexAuthError(
-                f"Convex deployment {self.url} refused the admin key (HTTP {response.status_code})"
+                f"Convex deployment {self.url} refused the admin key (HTTP {status})"
             )
         try:
             payload = response.json()
         except ValueError:
-            raise StoreError(
-                f"Convex {kind} {path}: HTTP {response.status_code}, not JSON"
-            ) from None
-        if response.status_code >= 400 or not isinstance(payload, dict):
+            raise self._http_error(kind, path, status, None, None) from None
+        if status >= 400 or not isinstance(payload, dict):
+            code = payload.get("code") if isinstance(payload, dict) else None
             message = payload.get("message") if isinstance(payload, dict) else None
-            raise self._error(kind, path, str(message or f"HTTP {response.status_code}"))
+            raise self._http_error(
+                kind, path, status, str(code) if code else None, str(message or "")
+            )
         if payload.get("status") == "success":
             return json_to_convex(payload["value"])
         raise self._error(kind, path, str(payload.get("errorMessage", "unknown error")))
 
+    def _scrub(self, message: str) -> str:
+        """`message` without the admin key or the URL's credentials, cut to a readable size."""
+        message = message.replace(self._admin_key.get_secret_value(), "**********")
+        if self._url != self.url:
+            userinfo = self._url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+            message = message.replace(self._url, self.url)
+            for secret in (userinfo, *userinfo.split(":", 1)):
+                if secret:
+                    message = message.replace(secret, "***")
+        return message[:500]
+
+    def _http_error(
+        self, kind: str, path: str, status: int, code: str | None, message: str | None
+    ) -> StoreError:
+        """The error for an HTTP error answer: the backend's `{"code", "message"}` by its code.
+
+        `message` is None when the body was not JSON (a proxy's page, say).
+        """
+        detail = self._scrub(f"{code}: {message}" if code else message or "not JSON")
+        where = f"Convex {kind} {path}"
+        if code == OCC_FAILURE:
+            return StoreConflictError(
+                f"{where} kept conflicting with concurrent writes and the backend gave up "
+                f"retrying it (HTTP {status} {detail})"
+            )
+        if code == TOO_MANY_CONCURRENT or status == 429:
+            return StoreOverloadedError(
+                f"{where} found no free function slot on {self.url} (HTTP {status} {detail})"
+            )
+        if status in (502, 503, 504):
+            return StoreUnavailableError(
+                f"{where}: {self.url} unavailable (HTTP {status} {detail})"
+            )
+        if message is None:
+            return StoreError(f"{where}: HTTP {status}, not JSON")
+        return self._error(kind, path, detail or f"HTTP {status}")
+
     def _error(self, kind: str, path: str, message: str) -> StoreError:
-        secret = self._admin_key.get_secret_value()
-        message = message.replace(secret, "**********")[:500]
+        message = self._scrub(message)
         lowered = message.lower()
         if "could not find" in lowered or "not found" in lowered:
             return ConvexFunctionNotFoundError(
@@ -379,9 +442,9 @@ class ConvexStore:
 
     async def list_api_keys(
         self, *, kind: ApiKeyKind | None = None, owner: str | None = None
-    ) -> list[ApiKeyRecord]:
+    ) -> ApiKeyList:
         raw = await self._call("query", "apiKeys:list", _drop_none({"kind": kind, "owner": owner}))
-        return [_api_key(row) for row in raw]
+        return ApiKeyList((_api_key(row) for row in raw["keys"]), truncated=bool(raw["truncated"]))
 
     async def update_api_key(
         self,
@@ -410,6 +473,7 @@ class ConvexStore:
             "logs:writeBatch",
             {
                 "batchId": batch.id,
+                "writer": self.writer,
                 "aiRequests": [_ai_log(row) for row in batch.ai_requests],
                 "embeddingRequests": [_embedding_log(row) for row in batch.embedding_requests],
                 "authFailures": [_auth_failure(row) for row in batch.auth_failures],
@@ -437,6 +501,7 @@ class ConvexStore:
             successful_requests=int(raw["successfulRequests"]),
             total_tokens=int(raw["totalTokens"]),
             total_items=int(raw["totalItems"]),
+            truncated=bool(raw["truncated"]),
         )
 
     async def count_auth_failures(self, key_hash: str, since: float) -> int:
@@ -472,7 +537,7 @@ class ConvexStore:
         # GIL and stalls other threads, so it is consumed with `async for` only.
         from convex import ConvexClient
 
-        client = ConvexClient(self.url)
+        client = ConvexClient(self._url)
         client.set_admin_auth(self._admin_key.get_secret_value())
         subscription = client.subscribe(path, args)
         try:
@@ -492,6 +557,7 @@ def _provider_stats(raw: Mapping[str, Any]) -> ProviderStats:
         average_latency=float(raw["averageLatency"]),
         total_tokens=int(raw["totalTokens"]),
         total_cost=float(raw["totalCost"]),
+        truncated=bool(raw["truncated"]),
     )
 
 
