@@ -15,6 +15,7 @@ import pytest
 from convex_guard import (
     AIRequestLog,
     ApiKeyList,
+    BotEvent,
     CircuitBreaker,
     CircuitOpenError,
     ConfigurationError,
@@ -334,3 +335,30 @@ async def test_several_writers_share_no_document_and_add_up(
     assert stats.average_latency == pytest.approx(80 / 6)
     assert found is not None and (found.request_count, found.last_used) == (6, now)
     assert not listed.truncated and [k.request_count for k in listed] == [6]
+
+
+async def test_more_bot_events_than_one_query_reads_come_whole(
+    convex_server: ConvexTestServer,
+) -> None:
+    """Asking for more than 1,000 events pages through them instead of cutting short."""
+    convex_server.reset()
+    store = ConvexStore(convex_server.url, convex_server.admin_key, timeout=30)
+    events = [
+        BotEvent(1_000.0 + i // 4, f"fp{i}", "192.0.2.1", "bot", "ai_scraper", "allowed")
+        for i in range(1_250)
+    ]
+    try:
+        await store.write_logs(LogBatch(id="bots", bot_events=events))
+        some = await store.bot_events(since=0, limit=1_100)
+        every = await store.bot_events(since=0, limit=5_000)
+        recent = await store.bot_events(since=1_200, limit=2_000)
+        with pytest.raises(ConfigurationError, match="at most 1000"):
+            await anext(store.watch_bot_events(since=0, limit=1_001))
+    finally:
+        await store.close()
+    assert len(some) == 1_100 and len({e.fingerprint for e in some}) == 1_100
+    timestamps = [e.timestamp for e in every]
+    assert timestamps == sorted(timestamps, reverse=True)  # newest first across pages
+    assert {e.fingerprint for e in every} == {e.fingerprint for e in events}
+    assert len(every) == 1_250
+    assert {e.fingerprint for e in recent} == {f"fp{i}" for i in range(800, 1_250)}

@@ -2,7 +2,7 @@
 // reads that say so.
 import { afterEach, beforeEach, describe, expect, test, vi } from "vitest";
 import { internal } from "../convex/_generated/api";
-import { EDGE_READ_CAP, ROLLUP_READ_CAP } from "../convex/ai/analytics";
+import { BOT_EVENTS_CAP, EDGE_READ_CAP, ROLLUP_READ_CAP } from "../convex/ai/analytics";
 import { LIST_CAP } from "../convex/apiKeys";
 import { USAGE_READ_CAP } from "../convex/embeddings/analytics";
 import { FOLD_IDLE_MS } from "../convex/lib/keys";
@@ -12,6 +12,9 @@ import { newDeployment, T0, type Deployment } from "./setup";
 const M = T0;
 const H = 3_600_000;
 const emptyBatch = { aiRequests: [], embeddingRequests: [], authFailures: [], botEvents: [], keyUsage: [] };
+
+// Tests that write thousands of rows: slow on a shared machine.
+const HEAVY = { timeout: 60_000 };
 
 let t: Deployment;
 beforeEach(() => {
@@ -48,7 +51,7 @@ const ranges: [number, number][] = [
 ];
 
 describe("rollups per writer", () => {
-  test("several writers give the same stats as one", async () => {
+  test("several writers give the same stats as one", HEAVY, async () => {
     const rows = someRows(120);
     const one = newDeployment();
     await one.mutation(internal.logs.writeBatch, { ...emptyBatch, batchId: "all", writer: "solo", aiRequests: rows });
@@ -187,7 +190,7 @@ describe("key usage per writer", () => {
 describe("capped reads say so", () => {
   const row = { provider: "openai", model: "m", fingerprint: "fp", ip: "192.0.2.1", success: true, latencyMs: 1 };
 
-  test("getProviderStats: a partial-minute edge over EDGE_READ_CAP rows", async () => {
+  test("getProviderStats: a partial-minute edge over EDGE_READ_CAP rows", HEAVY, async () => {
     const edge = Array.from({ length: EDGE_READ_CAP + 1 }, (_, i) => ({ ...row, timestamp: M + 1 + (i % 50_000) }));
     await t.mutation(internal.logs.writeBatch, { ...emptyBatch, batchId: "edge", writer: "w", aiRequests: edge });
     const capped = await t.query(internal.ai.analytics.getProviderStats, {
@@ -203,7 +206,7 @@ describe("capped reads say so", () => {
     expect(whole).toMatchObject({ totalRequests: EDGE_READ_CAP + 1, truncated: false });
   });
 
-  test("getProviderStats: more than ROLLUP_READ_CAP rollups", async () => {
+  test("getProviderStats: more than ROLLUP_READ_CAP rollups", HEAVY, async () => {
     const n = ROLLUP_READ_CAP + 1;
     await t.run(async (ctx) => {
       for (let i = 0; i < n; i++) {
@@ -216,7 +219,7 @@ describe("capped reads say so", () => {
     expect(capped).toMatchObject({ totalRequests: ROLLUP_READ_CAP, truncated: true });
   });
 
-  test("getUsage: more than USAGE_READ_CAP rows", async () => {
+  test("getUsage: more than USAGE_READ_CAP rows", HEAVY, async () => {
     const req = { apiKeyHash: "k", batchSize: 2, latencyMs: 1, tokensUsed: 3, success: true, model: "m" };
     const rows = Array.from({ length: USAGE_READ_CAP + 1 }, (_, i) => ({ ...req, requestId: `${i}`, timestamp: M + i }));
     // Two batches: one mutation may write at most 8,192 documents.
@@ -235,7 +238,7 @@ describe("capped reads say so", () => {
     expect(exact).toMatchObject({ totalRequests: USAGE_READ_CAP, truncated: false });
   });
 
-  test("apiKeys:list: more than LIST_CAP keys of a kind", async () => {
+  test("apiKeys:list: more than LIST_CAP keys of a kind", HEAVY, async () => {
     await t.run(async (ctx) => {
       for (let i = 0; i <= LIST_CAP; i++) {
         await ctx.db.insert("apiKeys", {
@@ -251,5 +254,46 @@ describe("capped reads say so", () => {
     const one = await t.query(internal.apiKeys.list, { owner: "one" });
     expect(one.keys.map((k) => k.name)).toEqual(["k0"]);
     expect(one.truncated).toBe(false);
+  });
+});
+
+describe("bot events past one query's cap", () => {
+  const ev = (i: number) => ({
+    timestamp: M + Math.floor(i / 3), // ties: three events per millisecond
+    fingerprint: `fp${i}`,
+    ip: "192.0.2.1",
+    userAgent: "bot",
+    detectionType: "ai_scraper" as const,
+    action: "allowed" as const,
+  });
+
+  test("getBotEvents refuses a limit above its cap; pageBotEvents pages through all", HEAVY, async () => {
+    const n = BOT_EVENTS_CAP + 250;
+    await t.mutation(internal.logs.writeBatch, {
+      ...emptyBatch,
+      batchId: "many-bots",
+      botEvents: Array.from({ length: n }, (_, i) => ev(i)),
+    });
+    await expect(
+      t.query(internal.ai.analytics.getBotEvents, { limit: BOT_EVENTS_CAP + 1, since: 0 }),
+    ).rejects.toThrow(/at most 1000 events/);
+    expect(await t.query(internal.ai.analytics.getBotEvents, { limit: BOT_EVENTS_CAP, since: 0 })).toHaveLength(
+      BOT_EVENTS_CAP,
+    );
+    const seen: string[] = [];
+    let cursor: string | null = null;
+    let pages = 0;
+    for (;;) {
+      const page: { page: { fingerprint: string; timestamp: number }[]; isDone: boolean; continueCursor: string } =
+        await t.query(internal.ai.analytics.pageBotEvents, { since: M + 10, numItems: 400, cursor });
+      seen.push(...page.page.map((e) => e.fingerprint));
+      pages += 1;
+      if (page.isDone) break;
+      cursor = page.continueCursor;
+    }
+    const want = Array.from({ length: n }, (_, i) => ev(i)).filter((e) => e.timestamp >= M + 10);
+    expect(new Set(seen)).toEqual(new Set(want.map((e) => e.fingerprint)));
+    expect(seen).toHaveLength(want.length);
+    expect(pages).toBeGreaterThanOrEqual(Math.ceil(want.length / 400));
   });
 });

@@ -48,6 +48,8 @@ DEFAULT_TIMEOUT = 2.0
 #: optimistic-concurrency retries ran out (HTTP 503) and for a full function queue (HTTP 429).
 OCC_FAILURE = "OptimisticConcurrencyControlFailure"
 TOO_MANY_CONCURRENT = "TooManyConcurrentRequests"
+#: The most bot events one query returns (`BOT_EVENTS_CAP` in convex/ai/analytics.ts).
+BOT_EVENTS_PAGE = 1000
 Json = Any
 
 
@@ -407,10 +409,29 @@ class ConvexStore:
         return int(raw)
 
     async def bot_events(self, *, since: float, limit: int = 100) -> list[BotEvent]:
-        raw = await self._call(
-            "query", "ai/analytics:getBotEvents", {"limit": float(limit), "since": float(since)}
-        )
-        return [_bot_event(row) for row in raw]
+        if limit <= BOT_EVENTS_PAGE:
+            raw = await self._call(
+                "query", "ai/analytics:getBotEvents", {"limit": float(limit), "since": float(since)}
+            )
+            return [_bot_event(row) for row in raw]
+        # More than one query may read: page through, newest first, until `limit` or the end.
+        events: list[BotEvent] = []
+        cursor: str | None = None
+        while len(events) < limit:
+            page = await self._call(
+                "query",
+                "ai/analytics:pageBotEvents",
+                {
+                    "since": float(since),
+                    "numItems": float(min(BOT_EVENTS_PAGE, limit - len(events))),
+                    "cursor": cursor,
+                },
+            )
+            events.extend(_bot_event(row) for row in page["page"])
+            if page["isDone"]:
+                break
+            cursor = page["continueCursor"]
+        return events[:limit]
 
     # -- API keys -----------------------------------------------------------------------------
     async def create_api_key(self, key: NewApiKey) -> ApiKeyRecord:
@@ -526,7 +547,14 @@ class ConvexStore:
     async def watch_bot_events(
         self, *, since: float, limit: int = 20
     ) -> AsyncIterator[list[BotEvent]]:
-        """The most recent bot events, pushed by Convex whenever a new one is recorded."""
+        """The most recent bot events, pushed by Convex whenever a new one is recorded.
+
+        At most `BOT_EVENTS_PAGE` events: a live query reads them all on every change.
+        """
+        if limit > BOT_EVENTS_PAGE:
+            raise ConfigurationError(
+                f"watch_bot_events follows at most {BOT_EVENTS_PAGE} events, not {limit}"
+            )
         async for raw in self._subscribe(
             "ai/analytics:getBotEvents", {"limit": float(limit), "since": float(since)}
         ):

@@ -1,6 +1,7 @@
 // The seed's AI analytics: request logging, provider statistics and bot pattern detection,
 // with its flaws fixed (bounded reads, no NaN on empty ranges, no racy check-then-insert).
 import { v } from "convex/values";
+import type { Doc } from "../_generated/dataModel";
 import { internalMutation, internalQuery, type QueryCtx } from "../_generated/server";
 import { recordBotEvent } from "../lib/bots";
 import { HOUR, insertAIRequests, MINUTE } from "../lib/logs";
@@ -221,29 +222,66 @@ export const detectBotPatterns = internalMutation({
   },
 });
 
-/** Bot events since `since` (inclusive), newest first, at most `limit` (capped at 1000). */
+function toBotEvent(row: Doc<"botDetectionEvents">): BotEvent {
+  const event: BotEvent = {
+    timestamp: row.timestamp,
+    fingerprint: row.fingerprint,
+    ip: row.ip,
+    userAgent: row.userAgent,
+    detectionType: row.detectionType,
+    action: row.action,
+  };
+  if (row.metadata !== undefined) event.metadata = row.metadata;
+  return event;
+}
+
+/**
+ * Bot events since `since` (inclusive), newest first, at most `limit`. A `limit` above
+ * BOT_EVENTS_CAP is refused rather than quietly cut short: page with pageBotEvents instead.
+ */
 export const getBotEvents = internalQuery({
   args: { limit: v.number(), since: v.number() },
   returns: v.array(vBotEvent),
   handler: async (ctx, { limit, since }): Promise<BotEvent[]> => {
-    const n = Math.max(0, Math.min(Math.floor(limit), BOT_EVENTS_CAP));
+    if (limit > BOT_EVENTS_CAP) {
+      throw new Error(
+        `getBotEvents returns at most ${BOT_EVENTS_CAP} events (asked for ${limit}): page with pageBotEvents`,
+      );
+    }
+    const n = Math.max(0, Math.floor(limit));
     if (n === 0) return [];
     const rows = await ctx.db
       .query("botDetectionEvents")
       .withIndex("by_timestamp", (q) => q.gte("timestamp", since))
       .order("desc")
       .take(n);
-    return rows.map((row) => {
-      const event: BotEvent = {
-        timestamp: row.timestamp,
-        fingerprint: row.fingerprint,
-        ip: row.ip,
-        userAgent: row.userAgent,
-        detectionType: row.detectionType,
-        action: row.action,
-      };
-      if (row.metadata !== undefined) event.metadata = row.metadata;
-      return event;
-    });
+    return rows.map(toBotEvent);
+  },
+});
+
+/**
+ * One page of the bot events since `since` (inclusive), newest first: up to `numItems`
+ * (at most BOT_EVENTS_CAP) from `cursor` (null for the first page). For answers longer than
+ * one query may read.
+ */
+export const pageBotEvents = internalQuery({
+  args: { since: v.number(), numItems: v.number(), cursor: v.union(v.string(), v.null()) },
+  returns: v.object({
+    page: v.array(vBotEvent),
+    isDone: v.boolean(),
+    continueCursor: v.string(),
+  }),
+  handler: async (ctx, { since, numItems, cursor }) => {
+    const n = Math.max(1, Math.min(Math.floor(numItems), BOT_EVENTS_CAP));
+    const result = await ctx.db
+      .query("botDetectionEvents")
+      .withIndex("by_timestamp", (q) => q.gte("timestamp", since))
+      .order("desc")
+      .paginate({ numItems: n, cursor });
+    return {
+      page: result.page.map(toBotEvent),
+      isDone: result.isDone,
+      continueCursor: result.continueCursor,
+    };
   },
 });
