@@ -209,7 +209,12 @@ class ConvexStore:
 
     Calls the internal functions of `convex/` with the admin key, over one keep-alive HTTP
     connection pool; every call is bounded by `timeout` seconds. The hot path (`check`) is one
-    mutation per request. Errors derive from `StoreError` and never include the admin key.
+    mutation per request. Errors derive from `StoreError` and never include the admin key or
+    credentials given in the URL (`url` is the URL without them); the backend's 503 conflict
+    and 429 overload answers are `StoreConflictError` and `StoreOverloadedError`.
+
+    `writer` is this store's random id, sent with every log batch: the rollup and key-usage
+    rows a batch adds to are this writer's own, so many instances never write one document.
     """
 
     def __init__(
