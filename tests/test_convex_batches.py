@@ -362,3 +362,15 @@ async def test_more_bot_events_than_one_query_reads_come_whole(
     assert {e.fingerprint for e in every} == {e.fingerprint for e in events}
     assert len(every) == 1_250
     assert {e.fingerprint for e in recent} == {f"fp{i}" for i in range(800, 1_250)}
+
+
+async def test_a_hidden_user_name_does_not_change_how_errors_read() -> None:
+    """User "admin" is hidden from messages, yet an admin-key error is still one."""
+    answer = {"status": "error", "errorMessage": "The admin key is not valid for this deployment"}
+    store = stub(answering(200, answer), url="http://admin:pw-9f8e@127.0.0.1:3210")
+    try:
+        with pytest.raises(ConvexAuthError) as info:
+            await store.count_auth_failures("h", 0)
+    finally:
+        await store.close()
+    assert "pw-9f8e" not in str(info.value) and "admin:" not in str(info.value)

@@ -62,6 +62,16 @@ def _redact_url(url: str) -> str:
     return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
 
 
+def _hidden(url: str, shown_url: str, admin_key: str) -> tuple[tuple[str, str], ...]:
+    """What error messages must not show, each with what to show instead (longest first)."""
+    pairs = [(admin_key, "**********")]
+    if url != shown_url:
+        userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        pairs.append((url, shown_url))
+        pairs.extend((secret, "***") for secret in (userinfo, *userinfo.split(":", 1)) if secret)
+    return tuple(sorted(pairs, key=lambda pair: -len(pair[0])))
+
+
 def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
     # Convex's `v.optional` means absent, not null.
     return {k: v for k, v in values.items() if v is not None}
@@ -241,6 +251,7 @@ class ConvexStore:
         self.url = _redact_url(self._url)
         self.timeout = timeout
         self._admin_key = key
+        self._hidden = _hidden(self._url, self.url, key.get_secret_value())
         # Names this process's log writes: the rollup and key-usage rows it adds to are its
         # own, so instances never write the same document from their batches.
         self.writer = secrets.token_hex(8)
@@ -315,13 +326,8 @@ class ConvexStore:
 
     def _scrub(self, message: str) -> str:
         """`message` without the admin key or the URL's credentials, cut to a readable size."""
-        message = message.replace(self._admin_key.get_secret_value(), "**********")
-        if self._url != self.url:
-            userinfo = self._url.partition("://")[2].partition("/")[0].rpartition("@")[0]
-            message = message.replace(self._url, self.url)
-            for secret in (userinfo, *userinfo.split(":", 1)):
-                if secret:
-                    message = message.replace(secret, "***")
+        for secret, shown in self._hidden:
+            message = message.replace(secret, shown)
         return message[:500]
 
     def _http_error(
@@ -331,8 +337,14 @@ class ConvexStore:
 
         `message` is None when the body was not JSON (a proxy's page, say).
         """
-        detail = self._scrub(f"{code}: {message}" if code else message or "not JSON")
         where = f"Convex {kind} {path}"
+        if message is None:
+            if status == 429:
+                return StoreOverloadedError(f"{where}: HTTP 429 from {self.url}, not JSON")
+            if status in (502, 503, 504):
+                return StoreUnavailableError(f"{where}: {self.url} unavailable (HTTP {status})")
+            return StoreError(f"{where}: HTTP {status}, not JSON")
+        detail = self._scrub(f"{code}: {message}" if code else message)
         if code == OCC_FAILURE:
             return StoreConflictError(
                 f"{where} kept conflicting with concurrent writes and the backend gave up "
@@ -346,13 +358,12 @@ class ConvexStore:
             return StoreUnavailableError(
                 f"{where}: {self.url} unavailable (HTTP {status} {detail})"
             )
-        if message is None:
-            return StoreError(f"{where}: HTTP {status}, not JSON")
-        return self._error(kind, path, detail or f"HTTP {status}")
+        return self._error(kind, path, message or f"HTTP {status}")
 
     def _error(self, kind: str, path: str, message: str) -> StoreError:
-        message = self._scrub(message)
+        # Classified before scrubbing: a hidden user name may be a word the checks look for.
         lowered = message.lower()
+        message = self._scrub(message)
         if "could not find" in lowered or "not found" in lowered:
             return ConvexFunctionNotFoundError(
                 f"Convex {kind} {path} not found on {self.url}: deploy convex/ ({message})"
