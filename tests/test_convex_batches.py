@@ -374,3 +374,28 @@ async def test_a_hidden_user_name_does_not_change_how_errors_read() -> None:
     finally:
         await store.close()
     assert "pw-9f8e" not in str(info.value) and "admin:" not in str(info.value)
+
+
+async def test_subscription_errors_hide_url_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    import convex
+
+    class Refusing:
+        def __init__(self, url: str) -> None:
+            self.url = url
+
+        def set_admin_auth(self, key: str) -> None:
+            self.key = key
+
+        def subscribe(self, path: str, args: dict[str, Any]) -> Any:
+            raise RuntimeError(f"cannot connect to {self.url} with {self.key}")
+
+    monkeypatch.setattr(convex, "ConvexClient", Refusing)
+    store = ConvexStore("http://dave:s3cr3t-pw@127.0.0.1:3210", ADMIN_KEY)
+    try:
+        with pytest.raises(StoreError) as info:
+            await anext(store.watch_bot_events(since=0))
+    finally:
+        await store.close()
+    message = str(info.value)
+    assert "s3cr3t-pw" not in message and "dave" not in message and ADMIN_KEY not in message
+    assert "http://***@127.0.0.1:3210" in message

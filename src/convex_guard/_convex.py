@@ -581,12 +581,22 @@ class ConvexStore:
         # GIL and stalls other threads, so it is consumed with `async for` only.
         from convex import ConvexClient
 
-        client = ConvexClient(self._url)
-        client.set_admin_auth(self._admin_key.get_secret_value())
-        subscription = client.subscribe(path, args)
+        try:
+            client = ConvexClient(self._url)
+            client.set_admin_auth(self._admin_key.get_secret_value())
+            subscription = client.subscribe(path, args)
+        except Exception as exc:
+            # The client's own messages may carry the URL as given, credentials and all.
+            raise StoreError(
+                self._scrub(f"Convex subscription {path} failed: {type(exc).__name__}: {exc}")
+            ) from None
         try:
             async for value in subscription:
                 yield value
+        except Exception as exc:
+            raise StoreError(
+                self._scrub(f"Convex subscription {path} failed: {type(exc).__name__}: {exc}")
+            ) from None
         finally:
             subscription.unsubscribe()
 
