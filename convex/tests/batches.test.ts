@@ -107,6 +107,31 @@ describe("rollups per writer", () => {
   });
 });
 
+describe("retention of per-writer rollups", () => {
+  test("every writer's old rollups are purged, recent ones kept", async () => {
+    const DAY = 86_400_000;
+    vi.setSystemTime(M + 40 * DAY);
+    const old = someRows(12);
+    const recent = someRows(12).map((r) => ({ ...r, timestamp: r.timestamp + 39 * DAY }));
+    for (const [i, rows] of [old, recent].entries()) {
+      for (const writer of ["w0", "w1", "w2"]) {
+        await t.mutation(internal.logs.writeBatch, { ...emptyBatch, batchId: `${i}${writer}`, writer, aiRequests: rows });
+      }
+    }
+    const count = () =>
+      t.run(async (ctx) => ({
+        minutes: (await ctx.db.query("providerRollups").collect()).filter((r) => r.minute < M + 30 * DAY).length,
+        hours: (await ctx.db.query("providerHourlyRollups").collect()).filter((r) => r.hour < M + 30 * DAY).length,
+        recent: (await ctx.db.query("providerHourlyRollups").collect()).filter((r) => r.hour >= M + 30 * DAY).length,
+      }));
+    const before = await count();
+    expect(before.minutes).toBeGreaterThan(0);
+    expect(before.hours).toBe(before.recent); // the same rows, a day apart, per writer
+    await t.mutation(internal.retention.purge, {});
+    expect(await count()).toEqual({ minutes: 0, hours: 0, recent: before.recent });
+  });
+});
+
 describe("key usage per writer", () => {
   const aiKey = { kind: "ai" as const, keyHash: "h-ai", prefix: "cg_", name: "k", scopes: [], createdAt: M };
   const embKey = { kind: "embedding" as const, keyHash: "h-emb", prefix: "emb_", name: "e", scopes: [], createdAt: M };
