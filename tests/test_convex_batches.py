@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import string
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from convex_guard import (
     AIRequestLog,
@@ -399,3 +402,23 @@ async def test_subscription_errors_hide_url_credentials(monkeypatch: pytest.Monk
     message = str(info.value)
     assert "s3cr3t-pw" not in message and "dave" not in message and ADMIN_KEY not in message
     assert "http://***@127.0.0.1:3210" in message
+
+
+@given(
+    user=st.text(alphabet=string.ascii_letters + string.digits + "-._~%!$&'()*+,;=", min_size=1),
+    # "!" never occurs in the shown URL, so finding the password there means it leaked.
+    password=st.text(
+        alphabet=string.ascii_letters + string.digits + "-._~%!$&'()*+,;=:@", min_size=3
+    ).map(lambda text: "!" + text),
+    path=st.sampled_from(["", "/", "/convex", "/a@b"]),
+)
+def test_no_userinfo_survives_in_the_shown_url(user: str, password: str, path: str) -> None:
+    url = f"https://{user}:{password}@convex.example:3210{path}"
+    store = ConvexStore(url, ADMIN_KEY)
+    try:
+        shown = store.url
+        assert f"{user}:{password}" not in shown and password not in shown
+        assert shown == f"https://***@convex.example:3210{path}".rstrip("/")
+        assert store._scrub(f"failed: {url} ({password})").count(password) == 0
+    finally:
+        asyncio.run(store.close())
