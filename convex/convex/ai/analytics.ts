@@ -31,7 +31,11 @@ export const BOT_EVENTS_CAP = 1000;
  * logs:writeBatch: callers that log concurrently should each pass their own.
  */
 export const logAIRequest = internalMutation({
-  args: { ...vAIRequest.fields, timestamp: v.optional(v.number()), writer: v.optional(v.string()) },
+  args: {
+    ...vAIRequest.fields,
+    timestamp: v.optional(v.number()),
+    writer: v.optional(v.string()),
+  },
   returns: v.null(),
   handler: async (ctx, { writer, ...row }) => {
     await insertAIRequests(ctx, [{ ...row, timestamp: row.timestamp ?? Date.now() }], writer);
