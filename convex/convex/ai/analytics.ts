@@ -249,7 +249,8 @@ export const getBotEvents = internalQuery({
   handler: async (ctx, { limit, since }): Promise<BotEvent[]> => {
     if (limit > BOT_EVENTS_CAP) {
       throw new Error(
-        `getBotEvents returns at most ${BOT_EVENTS_CAP} events (asked for ${limit}): page with pageBotEvents`,
+        `getBotEvents returns at most ${BOT_EVENTS_CAP} events (asked for ${limit}): ` +
+          "page with pageBotEvents",
       );
     }
     const n = Math.max(0, Math.floor(limit));
