@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from convex_guard import MemoryStore
+from convex_guard import ApiKeyList, MemoryStore
 from convex_guard._store import (
     AIRequestLog,
     AuthFailure,
@@ -113,3 +113,32 @@ async def test_embedding_usage_auth_failures_and_bot_events(store: MemoryStore) 
 async def test_a_batch_written_twice_counts_once(store: MemoryStore) -> None:
     await store.write_logs(LogBatch(id="b1", ai_requests=[ai(1_500, "openai", True, 1, 1, 1)]))
     assert (await store.provider_stats("openai", 1_000, 4_000)).total_requests == 4
+
+
+async def test_memory_store_flags_ranges_that_lost_rows_to_max_rows() -> None:
+    """Past `max_rows` the oldest rows go: a range that reaches them is flagged, not silent."""
+    store = MemoryStore(clock=lambda: 10_000.0, max_rows=3)
+    await store.write_logs(
+        LogBatch(id="a", ai_requests=[ai(t, "openai", True, 1, 1, 0.0) for t in (1_000, 2_000)])
+    )
+    whole = await store.provider_stats("openai", 0, 10_000)
+    assert (whole.total_requests, whole.truncated) == (2, False)
+    await store.write_logs(
+        LogBatch(id="b", ai_requests=[ai(t, "openai", True, 1, 1, 0.0) for t in (3_000, 4_000)])
+    )
+    lost = await store.provider_stats("openai", 0, 10_000)
+    assert (lost.total_requests, lost.truncated) == (3, True)  # the row at 1,000 was dropped
+    kept = await store.provider_stats("openai", 1_001, 10_000)
+    assert (kept.total_requests, kept.truncated) == (3, False)
+
+    rows = [EmbeddingRequestLog(f"r{t}", "h", t, 1, 1.0, 1, True, "e") for t in (1, 2, 3, 4, 5)]
+    await store.write_logs(LogBatch(id="c", embedding_requests=rows))
+    usage = await store.embedding_usage("h", 0, 10)
+    assert (usage.total_requests, usage.truncated) == (3, True)
+    assert not (await store.embedding_usage("h", 3, 10)).truncated
+
+
+async def test_memory_store_listing_is_never_truncated() -> None:
+    store = MemoryStore()
+    keys = await store.list_api_keys()
+    assert isinstance(keys, ApiKeyList) and keys == [] and keys.truncated is False

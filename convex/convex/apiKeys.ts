@@ -2,7 +2,14 @@
 // shape. Only the SHA-256 hash of a key is ever stored.
 import { v } from "convex/values";
 import { internalMutation, internalQuery } from "./_generated/server";
-import { findKeyByHash, findKeyById, toRecord, type FoundKey } from "./lib/keys";
+import {
+  findKeyByHash,
+  findKeyById,
+  pendingUsage,
+  readRecord,
+  toRecord,
+  type FoundKey,
+} from "./lib/keys";
 import { applyKeyUsage } from "./lib/logs";
 import {
   newApiKeyFields,
@@ -56,7 +63,7 @@ export const create = internalMutation({
       found = doc === null ? null : { kind: "embedding", doc };
     }
     if (found === null) throw new Error("inserted key vanished");
-    return toRecord(found);
+    return toRecord(found, { requests: 0, lastUsed: undefined, truncated: false });
   },
 });
 
@@ -66,37 +73,49 @@ export const getByHash = internalQuery({
   returns: v.union(vApiKeyRecord, v.null()),
   handler: async (ctx, { keyHash }) => {
     const found = await findKeyByHash(ctx, keyHash);
-    return found === null ? null : toRecord(found);
+    return found === null ? null : readRecord(ctx, found);
   },
 });
 
-/** Keys of one kind or both, optionally of one owner; at most LIST_CAP per table. */
+/**
+ * Keys of one kind or both, optionally of one owner; at most LIST_CAP per table.
+ * `truncated` says a table had more (or a key more usage rows than are read).
+ */
 export const list = internalQuery({
   args: { kind: v.optional(vKind), owner: v.optional(v.string()) },
-  returns: v.array(vApiKeyRecord),
+  returns: v.object({ keys: v.array(vApiKeyRecord), truncated: v.boolean() }),
   handler: async (ctx, { kind, owner }) => {
-    const out: ApiKeyRecord[] = [];
+    const found: FoundKey[] = [];
+    let truncated = false;
     if (kind === undefined || kind === "ai") {
       const docs =
         owner === undefined
-          ? await ctx.db.query("apiKeys").take(LIST_CAP)
+          ? await ctx.db.query("apiKeys").take(LIST_CAP + 1)
           : await ctx.db
               .query("apiKeys")
               .withIndex("by_user", (q) => q.eq("userId", owner))
-              .take(LIST_CAP);
-      for (const doc of docs) out.push(toRecord({ kind: "ai", doc }));
+              .take(LIST_CAP + 1);
+      truncated ||= docs.length > LIST_CAP;
+      for (const doc of docs.slice(0, LIST_CAP)) found.push({ kind: "ai", doc });
     }
     if (kind === undefined || kind === "embedding") {
       const docs =
         owner === undefined
-          ? await ctx.db.query("embeddingApiKeys").take(LIST_CAP)
+          ? await ctx.db.query("embeddingApiKeys").take(LIST_CAP + 1)
           : await ctx.db
               .query("embeddingApiKeys")
               .withIndex("by_user", (q) => q.eq("userId", owner))
-              .take(LIST_CAP);
-      for (const doc of docs) out.push(toRecord({ kind: "embedding", doc }));
+              .take(LIST_CAP + 1);
+      truncated ||= docs.length > LIST_CAP;
+      for (const doc of docs.slice(0, LIST_CAP)) found.push({ kind: "embedding", doc });
     }
-    return out;
+    const keys: ApiKeyRecord[] = [];
+    for (const key of found) {
+      const pending = await pendingUsage(ctx, key.doc._id);
+      truncated ||= pending.truncated;
+      keys.push(toRecord(key, pending));
+    }
+    return { keys, truncated };
   },
 });
 
@@ -113,16 +132,17 @@ export const update = internalMutation({
     };
     await ctx.db.patch(found.doc._id, patch);
     const again = await findKeyById(ctx, id);
-    return again === null ? null : toRecord(again);
+    return again === null ? null : readRecord(ctx, again);
   },
 });
 
 /**
- * Add batched usage (`requests` since the last flush, `lastUsed` the latest use) to keys.
- * Unknown ids are skipped; returns how many keys were updated.
+ * Add batched usage (`requests` since the last flush, `lastUsed` the latest use) to keys, in
+ * `writer`'s own usage rows (see logs:writeBatch). Unknown ids are skipped; returns how many
+ * keys were updated.
  */
 export const recordUsage = internalMutation({
-  args: { usage: v.array(vKeyUsage) },
+  args: { usage: v.array(vKeyUsage), writer: v.optional(v.string()) },
   returns: v.number(),
-  handler: async (ctx, { usage }) => applyKeyUsage(ctx, usage),
+  handler: async (ctx, { usage, writer }) => applyKeyUsage(ctx, usage, writer),
 });

@@ -21,10 +21,15 @@ import {
  * usage and remember `batchId` — all in one transaction. A batch id seen before is skipped
  * (`applied: false`), so a retry after a lost answer lands once. Keep batches to a few
  * thousand rows: a mutation may write at most 8192 documents.
+ *
+ * `writer` names the sender (one id per app process): the rollups and key-usage rows a batch
+ * patches are that writer's own, so batches of different instances never write the same
+ * document and never conflict. Without it, batches share one set of rows, as before.
  */
 export const writeBatch = internalMutation({
   args: {
     batchId: v.string(),
+    writer: v.optional(v.string()),
     aiRequests: v.array(vAIRequest),
     embeddingRequests: v.array(vEmbeddingRequest),
     authFailures: v.array(vAuthFailure),
@@ -39,11 +44,11 @@ export const writeBatch = internalMutation({
       .first();
     if (seen !== null) return { applied: false };
     await ctx.db.insert("logBatches", { batchId: args.batchId, processedAt: Date.now() });
-    await insertAIRequests(ctx, args.aiRequests);
+    await insertAIRequests(ctx, args.aiRequests, args.writer);
     await insertEmbeddingRequests(ctx, args.embeddingRequests);
     await insertAuthFailures(ctx, args.authFailures);
     await insertBotEvents(ctx, args.botEvents);
-    await applyKeyUsage(ctx, args.keyUsage);
+    await applyKeyUsage(ctx, args.keyUsage, args.writer);
     return { applied: true };
   },
 });

@@ -4,6 +4,7 @@
 import { v } from "convex/values";
 import { internal } from "./_generated/api";
 import { internalMutation } from "./_generated/server";
+import { FOLD_IDLE_MS, foldIdleUsage } from "./lib/keys";
 
 export const DEFAULT_RETENTION_DAYS = 30;
 /** Rows deleted per table per run. */
@@ -24,7 +25,8 @@ export function retentionDays(): number {
 
 /**
  * Delete up to BATCH rows older than `cutoff` (epoch ms; default now minus the retention)
- * from each table, and schedule the next run at once if any table had more.
+ * from each table, fold up to BATCH key-usage rows idle for FOLD_IDLE_MS into their keys,
+ * and schedule the next run at once if any table had more.
  */
 export const purge = internalMutation({
   args: { cutoff: v.optional(v.number()) },
@@ -69,7 +71,9 @@ export const purge = internalMutation({
         deleted += 1;
       }
     }
-    const more = batches.some((rows) => rows.length === BATCH);
+    const folded = await foldIdleUsage(ctx, Date.now() - FOLD_IDLE_MS, BATCH);
+    deleted += folded;
+    const more = folded === BATCH || batches.some((rows) => rows.length === BATCH);
     if (more) await ctx.scheduler.runAfter(0, internal.retention.purge, { cutoff });
     return { deleted, more };
   },

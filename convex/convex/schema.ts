@@ -5,9 +5,12 @@ import { defineSchema, defineTable } from "convex/server";
 import { v } from "convex/values";
 import { vAIRequest, vAuthFailure, vBotEvent, vEmbeddingRequest } from "./lib/validators";
 
-// The sums a provider rollup keeps, per minute or per hour.
+// The sums a provider rollup keeps, per minute or per hour, for one writer (one app
+// process's log writer): no two instances ever patch the same rollup, and readers sum over
+// writers. Rows without a writer come from callers that name none (and from before writers).
 const rollup = {
   provider: v.string(),
+  writer: v.optional(v.string()),
   requests: v.number(),
   successes: v.number(),
   latencySum: v.number(),
@@ -76,17 +79,32 @@ export default defineSchema({
     .index("by_timestamp", ["timestamp"]),
 
   // ---- Scale ----------------------------------------------------------------------------------
-  // One row per provider per minute (`minute` = epoch ms at the minute's start), kept up to
-  // date with every aiRequestLogs insert, so stats over a day read ~1440 rows, not every log.
+  // One row per provider per minute per writer (`minute` = epoch ms at the minute's start),
+  // kept up to date with every aiRequestLogs insert, so stats over a day read ~1440 rows per
+  // active writer, not every log.
   providerRollups: defineTable({ ...rollup, minute: v.number() })
-    .index("by_provider_minute", ["provider", "minute"])
+    .index("by_provider_minute", ["provider", "minute", "writer"])
     .index("by_minute", ["minute"]),
 
   // The same per provider per hour (`hour` = epoch ms at the hour's start): a 30-day range
-  // reads ~720 of these plus at most two partial hours of minute rollups.
+  // reads ~720 of these per writer plus at most two partial hours of minute rollups.
   providerHourlyRollups: defineTable({ ...rollup, hour: v.number() })
-    .index("by_provider_hour", ["provider", "hour"])
+    .index("by_provider_hour", ["provider", "hour", "writer"])
     .index("by_hour", ["hour"]),
+
+  // Use of a key (of either table, by document id) not yet folded into the key's document,
+  // one row per writer: a batch patches only its own writer's row, never the key document
+  // that every instance and the key's own limit checks read. Records add these up when read;
+  // retention folds the rows of writers idle for an hour into the key document.
+  apiKeyUsage: defineTable({
+    keyId: v.string(),
+    writer: v.string(),
+    requests: v.number(),
+    lastUsed: v.number(),
+    updatedAt: v.number(), // server time of the last write, for folding idle rows
+  })
+    .index("by_key_writer", ["keyId", "writer"])
+    .index("by_updated", ["updatedAt"]),
 
   // Ids of log batches already written: a batch retried after a lost answer lands once.
   logBatches: defineTable({

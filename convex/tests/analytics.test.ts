@@ -27,8 +27,11 @@ afterEach(() => {
 function naive(provider: string, start: number, end: number, all: typeof rows) {
   const hit = all.filter((r) => r.provider === provider && r.timestamp >= start && r.timestamp <= end);
   const n = hit.length;
-  if (n === 0) return { totalRequests: 0, successRate: 0, averageLatency: 0, totalTokens: 0, totalCost: 0 };
+  if (n === 0) {
+    return { totalRequests: 0, successRate: 0, averageLatency: 0, totalTokens: 0, totalCost: 0, truncated: false };
+  }
   return {
+    truncated: false,
     totalRequests: n,
     successRate: hit.filter((r) => r.success).length / n,
     averageLatency: hit.reduce((s, r) => s + r.latencyMs, 0) / n,
@@ -53,7 +56,7 @@ describe("getProviderStats", () => {
 
   test("no requests in range: zeros, never NaN", async () => {
     await t.mutation(internal.logs.writeBatch, { ...emptyBatch, batchId: "b1", aiRequests: rows });
-    const zeros = { totalRequests: 0, successRate: 0, averageLatency: 0, totalTokens: 0, totalCost: 0 };
+    const zeros = { totalRequests: 0, successRate: 0, averageLatency: 0, totalTokens: 0, totalCost: 0, truncated: false };
     for (const [start, end] of [
       [M + 130_000, M + 10 * 60_000],
       [M - 10 * 60_000, M - 31_000],
@@ -204,10 +207,10 @@ describe("embeddings analytics", () => {
     await t.mutation(internal.embeddings.analytics.logRequest, { ...req, requestId: "b", timestamp: M + 10, success: false, error: "x" });
     await t.mutation(internal.embeddings.analytics.logRequest, { ...req, requestId: "c", timestamp: M + 99_999 });
     expect(await t.query(internal.embeddings.analytics.getUsage, { keyHash: "e1", start: M, end: M + 10 })).toEqual({
-      totalRequests: 2, successfulRequests: 1, totalTokens: 100, totalItems: 8,
+      totalRequests: 2, successfulRequests: 1, totalTokens: 100, totalItems: 8, truncated: false,
     });
     expect(await t.query(internal.embeddings.analytics.getUsage, { keyHash: "zz", start: 0, end: M * 2 })).toEqual({
-      totalRequests: 0, successfulRequests: 0, totalTokens: 0, totalItems: 0,
+      totalRequests: 0, successfulRequests: 0, totalTokens: 0, totalItems: 0, truncated: false,
     });
     expect(await t.query(internal.apiKeys.getByHash, { keyHash: "e1" })).toMatchObject({
       requestCount: 3, lastUsed: M + 99_999,

@@ -61,12 +61,16 @@ describe("apiKeys", () => {
     await t.mutation(internal.apiKeys.create, aiKey);
     await t.mutation(internal.apiKeys.create, { ...aiKey, keyHash: "d", owner: "user-2" });
     await t.mutation(internal.apiKeys.create, { ...embeddingKey, owner: "user-1" });
-    expect((await t.query(internal.apiKeys.list, {})).length).toBe(3);
-    expect((await t.query(internal.apiKeys.list, { kind: "ai" })).length).toBe(2);
-    expect((await t.query(internal.apiKeys.list, { kind: "embedding" })).length).toBe(1);
+    expect((await t.query(internal.apiKeys.list, {})).keys.length).toBe(3);
+    expect((await t.query(internal.apiKeys.list, { kind: "ai" })).keys.length).toBe(2);
+    expect((await t.query(internal.apiKeys.list, { kind: "embedding" })).keys.length).toBe(1);
     const mine = await t.query(internal.apiKeys.list, { owner: "user-1" });
-    expect(mine.map((r) => r.kind).sort()).toEqual(["ai", "embedding"]);
-    expect(await t.query(internal.apiKeys.list, { kind: "ai", owner: "nobody" })).toEqual([]);
+    expect(mine.keys.map((r) => r.kind).sort()).toEqual(["ai", "embedding"]);
+    expect(mine.truncated).toBe(false);
+    expect(await t.query(internal.apiKeys.list, { kind: "ai", owner: "nobody" })).toEqual({
+      keys: [],
+      truncated: false,
+    });
   });
 
   test("update changes active and expiresAt; unknown ids give null", async () => {

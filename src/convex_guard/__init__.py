@@ -20,7 +20,9 @@ from ._errors import (
     ConvexValidationError,
     GuardError,
     StoreAnswerError,
+    StoreConflictError,
     StoreError,
+    StoreOverloadedError,
     StoreTimeoutError,
     StoreUnavailableError,
 )
@@ -35,6 +37,7 @@ from ._rules import Rule, preset_rules
 from ._settings import GuardEnvironment, load_environment
 from ._store import (
     AIRequestLog,
+    ApiKeyList,
     ApiKeyRecord,
     AuthFailure,
     BotCheck,
@@ -74,6 +77,7 @@ __all__ = [
     "NO_KEY",
     "SECOND",
     "AIRequestLog",
+    "ApiKeyList",
     "ApiKeyMiddleware",
     "ApiKeyRecord",
     "ApiKeys",
@@ -118,7 +122,9 @@ __all__ = [
     "Rule",
     "Store",
     "StoreAnswerError",
+    "StoreConflictError",
     "StoreError",
+    "StoreOverloadedError",
     "StoreTimeoutError",
     "StoreUnavailableError",
     "TokenBucket",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -17,7 +18,9 @@ from ._errors import (
     ConvexAuthError,
     ConvexFunctionNotFoundError,
     ConvexValidationError,
+    StoreConflictError,
     StoreError,
+    StoreOverloadedError,
     StoreTimeoutError,
     StoreUnavailableError,
 )
@@ -27,6 +30,7 @@ from ._settings import GuardEnvironment, load_environment
 from ._store import (
     AIRequestLog,
     ApiKeyKind,
+    ApiKeyList,
     ApiKeyRecord,
     AuthFailure,
     BotCheck,
@@ -44,6 +48,12 @@ from ._store import (
 )
 
 DEFAULT_TIMEOUT = 2.0
+#: The backend's error codes (`{"code": ..., "message": ...}` bodies) for a mutation whose
+#: optimistic-concurrency retries ran out (HTTP 503) and for a full function queue (HTTP 429).
+OCC_FAILURE = "OptimisticConcurrencyControlFailure"
+TOO_MANY_CONCURRENT = "TooManyConcurrentRequests"
+#: The most bot events one query returns (`BOT_EVENTS_CAP` in convex/ai/analytics.ts).
+BOT_EVENTS_PAGE = 1000
 Json = Any
 
 logger = logging.getLogger("convex_guard.store")
@@ -51,6 +61,25 @@ logger = logging.getLogger("convex_guard.store")
 
 def _wall_ms() -> float:
     return time.time() * 1000.0
+
+
+def _redact_url(url: str) -> str:
+    """`url` without the credentials of its userinfo (`http://user:pw@host` → `http://***@host`)."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not sep or "@" not in authority:
+        return url
+    return f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+
+
+def _hidden(url: str, shown_url: str, admin_key: str) -> tuple[tuple[str, str], ...]:
+    """What error messages must not show, each with what to show instead (longest first)."""
+    pairs = [(admin_key, "**********")]
+    if url != shown_url:
+        userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        pairs.append((url, shown_url))
+        pairs.extend((secret, "***") for secret in (userinfo, *userinfo.split(":", 1)) if secret)
+    return tuple(sorted(pairs, key=lambda pair: -len(pair[0])))
 
 
 def _drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -230,7 +259,8 @@ class ConvexStore:
     Calls the internal functions of `convex/` with the admin key, over one keep-alive HTTP
     connection pool; every call is bounded by `timeout` seconds. The hot path (`check`) is at
     most one mutation per request. Errors derive from `StoreError` and never include the admin
-    key.
+    key or credentials given in the URL (`url` is the URL without them); the backend's 503
+    conflict and 429 overload answers are `StoreConflictError` and `StoreOverloadedError`.
 
     Keyed limits (a request with a `key`, or with `reserve`) are decided exactly, per request,
     in that one `guard:check` mutation. Unkeyed limits (one state shared by every instance:
@@ -262,6 +292,9 @@ class ConvexStore:
     The results of unkeyed limits carry a `remaining` / `reset_after` estimate: the store's
     state at the last lease plus the tokens held here, blind to other instances' blocks since.
     For a sharded limit, Convex's answers are themselves estimates (one sampled shard).
+
+    `writer` is this store's random id, sent with every log batch: the rollup and key-usage
+    rows a batch adds to are this writer's own, so many instances never write one document.
     """
 
     def __init__(
@@ -278,7 +311,9 @@ class ConvexStore:
         clock: Callable[[], float] = _wall_ms,
     ) -> None:
         if not url.startswith(("http://", "https://")):
-            raise ConfigurationError(f"Convex URL must start with http:// or https://, got {url!r}")
+            raise ConfigurationError(
+                f"Convex URL must start with http:// or https://, got {_redact_url(url)!r}"
+            )
         if not 0 < timeout < math.inf:
             raise ConfigurationError("timeout must be a positive number of seconds")
         if not 0 < lease_horizon < math.inf:
@@ -301,11 +336,18 @@ class ConvexStore:
         key = admin_key if isinstance(admin_key, SecretStr) else SecretStr(admin_key)
         if not key.get_secret_value():
             raise ConfigurationError("The Convex admin key is empty")
-        self.url = url.rstrip("/")
+        # Credentials in the URL are used to connect but never shown: `url` is the form that
+        # is safe to print, log and put in errors.
+        self._url = url.rstrip("/")
+        self.url = _redact_url(self._url)
         self.timeout = timeout
         self._admin_key = key
+        self._hidden = _hidden(self._url, self.url, key.get_secret_value())
+        # Names this process's log writes: the rollup and key-usage rows it adds to are its
+        # own, so instances never write the same document from their batches.
+        self.writer = secrets.token_hex(8)
         self._client = httpx.AsyncClient(
-            base_url=self.url,
+            base_url=self._url,
             timeout=httpx.Timeout(timeout),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
@@ -354,27 +396,65 @@ class ConvexStore:
             raise StoreUnavailableError(
                 f"Convex deployment {self.url} unreachable: {type(exc).__name__}"
             ) from None
-        if response.status_code in (401, 403):
+        status = response.status_code
+        if status in (401, 403):
             raise ConvexAuthError(
-                f"Convex deployment {self.url} refused the admin key (HTTP {response.status_code})"
+                f"Convex deployment {self.url} refused the admin key (HTTP {status})"
             )
         try:
             payload = response.json()
         except ValueError:
-            raise StoreError(
-                f"Convex {kind} {path}: HTTP {response.status_code}, not JSON"
-            ) from None
-        if response.status_code >= 400 or not isinstance(payload, dict):
+            raise self._http_error(kind, path, status, None, None) from None
+        if status >= 400 or not isinstance(payload, dict):
+            code = payload.get("code") if isinstance(payload, dict) else None
             message = payload.get("message") if isinstance(payload, dict) else None
-            raise self._error(kind, path, str(message or f"HTTP {response.status_code}"))
+            raise self._http_error(
+                kind, path, status, str(code) if code else None, str(message or "")
+            )
         if payload.get("status") == "success":
             return json_to_convex(payload["value"])
         raise self._error(kind, path, str(payload.get("errorMessage", "unknown error")))
 
+    def _scrub(self, message: str) -> str:
+        """`message` without the admin key or the URL's credentials, cut to a readable size."""
+        for secret, shown in self._hidden:
+            message = message.replace(secret, shown)
+        return message[:500]
+
+    def _http_error(
+        self, kind: str, path: str, status: int, code: str | None, message: str | None
+    ) -> StoreError:
+        """The error for an HTTP error answer: the backend's `{"code", "message"}` by its code.
+
+        `message` is None when the body was not JSON (a proxy's page, say).
+        """
+        where = f"Convex {kind} {path}"
+        if message is None:
+            if status == 429:
+                return StoreOverloadedError(f"{where}: HTTP 429 from {self.url}, not JSON")
+            if status in (502, 503, 504):
+                return StoreUnavailableError(f"{where}: {self.url} unavailable (HTTP {status})")
+            return StoreError(f"{where}: HTTP {status}, not JSON")
+        detail = self._scrub(f"{code}: {message}" if code else message)
+        if code == OCC_FAILURE:
+            return StoreConflictError(
+                f"{where} kept conflicting with concurrent writes and the backend gave up "
+                f"retrying it (HTTP {status} {detail})"
+            )
+        if code == TOO_MANY_CONCURRENT or status == 429:
+            return StoreOverloadedError(
+                f"{where} found no free function slot on {self.url} (HTTP {status} {detail})"
+            )
+        if status in (502, 503, 504):
+            return StoreUnavailableError(
+                f"{where}: {self.url} unavailable (HTTP {status} {detail})"
+            )
+        return self._error(kind, path, message or f"HTTP {status}")
+
     def _error(self, kind: str, path: str, message: str) -> StoreError:
-        secret = self._admin_key.get_secret_value()
-        message = message.replace(secret, "**********")[:500]
+        # Classified before scrubbing: a hidden user name may be a word the checks look for.
         lowered = message.lower()
+        message = self._scrub(message)
         if "could not find" in lowered or "not found" in lowered:
             return ConvexFunctionNotFoundError(
                 f"Convex {kind} {path} not found on {self.url}: deploy convex/ ({message})"
@@ -598,10 +678,29 @@ class ConvexStore:
         return int(raw)
 
     async def bot_events(self, *, since: float, limit: int = 100) -> list[BotEvent]:
-        raw = await self._call(
-            "query", "ai/analytics:getBotEvents", {"limit": float(limit), "since": float(since)}
-        )
-        return [_bot_event(row) for row in raw]
+        if limit <= BOT_EVENTS_PAGE:
+            raw = await self._call(
+                "query", "ai/analytics:getBotEvents", {"limit": float(limit), "since": float(since)}
+            )
+            return [_bot_event(row) for row in raw]
+        # More than one query may read: page through, newest first, until `limit` or the end.
+        events: list[BotEvent] = []
+        cursor: str | None = None
+        while len(events) < limit:
+            page = await self._call(
+                "query",
+                "ai/analytics:pageBotEvents",
+                {
+                    "since": float(since),
+                    "numItems": float(min(BOT_EVENTS_PAGE, limit - len(events))),
+                    "cursor": cursor,
+                },
+            )
+            events.extend(_bot_event(row) for row in page["page"])
+            if page["isDone"]:
+                break
+            cursor = page["continueCursor"]
+        return events[:limit]
 
     # -- API keys -----------------------------------------------------------------------------
     async def create_api_key(self, key: NewApiKey) -> ApiKeyRecord:
@@ -633,9 +732,9 @@ class ConvexStore:
 
     async def list_api_keys(
         self, *, kind: ApiKeyKind | None = None, owner: str | None = None
-    ) -> list[ApiKeyRecord]:
+    ) -> ApiKeyList:
         raw = await self._call("query", "apiKeys:list", _drop_none({"kind": kind, "owner": owner}))
-        return [_api_key(row) for row in raw]
+        return ApiKeyList((_api_key(row) for row in raw["keys"]), truncated=bool(raw["truncated"]))
 
     async def update_api_key(
         self,
@@ -664,6 +763,7 @@ class ConvexStore:
             "logs:writeBatch",
             {
                 "batchId": batch.id,
+                "writer": self.writer,
                 "aiRequests": [_ai_log(row) for row in batch.ai_requests],
                 "embeddingRequests": [_embedding_log(row) for row in batch.embedding_requests],
                 "authFailures": [_auth_failure(row) for row in batch.auth_failures],
@@ -691,6 +791,7 @@ class ConvexStore:
             successful_requests=int(raw["successfulRequests"]),
             total_tokens=int(raw["totalTokens"]),
             total_items=int(raw["totalItems"]),
+            truncated=bool(raw["truncated"]),
         )
 
     async def count_auth_failures(self, key_hash: str, since: float) -> int:
@@ -715,7 +816,14 @@ class ConvexStore:
     async def watch_bot_events(
         self, *, since: float, limit: int = 20
     ) -> AsyncIterator[list[BotEvent]]:
-        """The most recent bot events, pushed by Convex whenever a new one is recorded."""
+        """The most recent bot events, pushed by Convex whenever a new one is recorded.
+
+        At most `BOT_EVENTS_PAGE` events: a live query reads them all on every change.
+        """
+        if limit > BOT_EVENTS_PAGE:
+            raise ConfigurationError(
+                f"watch_bot_events follows at most {BOT_EVENTS_PAGE} events, not {limit}"
+            )
         async for raw in self._subscribe(
             "ai/analytics:getBotEvents", {"limit": float(limit), "since": float(since)}
         ):
@@ -726,12 +834,22 @@ class ConvexStore:
         # GIL and stalls other threads, so it is consumed with `async for` only.
         from convex import ConvexClient
 
-        client = ConvexClient(self.url)
-        client.set_admin_auth(self._admin_key.get_secret_value())
-        subscription = client.subscribe(path, args)
+        try:
+            client = ConvexClient(self._url)
+            client.set_admin_auth(self._admin_key.get_secret_value())
+            subscription = client.subscribe(path, args)
+        except Exception as exc:
+            # The client's own messages may carry the URL as given, credentials and all.
+            raise StoreError(
+                self._scrub(f"Convex subscription {path} failed: {type(exc).__name__}: {exc}")
+            ) from None
         try:
             async for value in subscription:
                 yield value
+        except Exception as exc:
+            raise StoreError(
+                self._scrub(f"Convex subscription {path} failed: {type(exc).__name__}: {exc}")
+            ) from None
         finally:
             subscription.unsubscribe()
 
@@ -764,6 +882,7 @@ def _provider_stats(raw: Mapping[str, Any]) -> ProviderStats:
         average_latency=float(raw["averageLatency"]),
         total_tokens=int(raw["totalTokens"]),
         total_cost=float(raw["totalCost"]),
+        truncated=bool(raw["truncated"]),
     )
 
 

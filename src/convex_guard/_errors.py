@@ -23,6 +23,25 @@ class StoreUnavailableError(StoreError):
     """The store could not be reached (connection refused, DNS, TLS); check its URL and health."""
 
 
+class StoreConflictError(StoreUnavailableError):
+    """Convex gave up on a mutation: what it read kept changing under it, through every retry.
+
+    The backend answers HTTP 503 `OptimisticConcurrencyControlFailure` once its own retries are
+    spent; nothing was written. One such error is safe to retry later; many mean a document
+    that every instance writes (a hot document): spread that state over more documents (shards,
+    per-instance rows) rather than retrying harder.
+    """
+
+
+class StoreOverloadedError(StoreUnavailableError):
+    """Convex had no free slot for the call within its queue timeout; nothing ran.
+
+    The backend answers HTTP 429 `TooManyConcurrentRequests` when all its concurrent function
+    slots stayed busy. Back off instead of retrying at once (retries add to the queue); if it
+    persists, make fewer or cheaper calls, or give the deployment more concurrency.
+    """
+
+
 class ConvexAuthError(StoreError):
     """The Convex deployment refused the admin key; check CONVEX_SELF_HOSTED_ADMIN_KEY."""
 

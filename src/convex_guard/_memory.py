@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import random as _random
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from ._store import (
     ESCALATION_WINDOW_MS,
     AIRequestLog,
     ApiKeyKind,
+    ApiKeyList,
     ApiKeyRecord,
     AuthFailure,
     BotAction,
@@ -387,12 +389,12 @@ class MemoryStore:
 
     async def list_api_keys(
         self, *, kind: ApiKeyKind | None = None, owner: str | None = None
-    ) -> list[ApiKeyRecord]:
-        return [
+    ) -> ApiKeyList:
+        return ApiKeyList(
             record
             for record in self._keys.values()
             if (kind is None or record.kind == kind) and (owner is None or record.owner == owner)
-        ]
+        )
 
     async def update_api_key(
         self,
@@ -438,8 +440,9 @@ class MemoryStore:
             lambda row: row.provider == provider and start <= row.timestamp <= end
         )
         total = len(rows)
+        truncated = self._ai_logs.dropped_since(start)
         if total == 0:
-            return ProviderStats(0, 0.0, 0.0, 0, 0.0)
+            return ProviderStats(0, 0.0, 0.0, 0, 0.0, truncated)
         # Rows written straight to the store skip `report_usage`'s checks: a number that is
         # not finite and non-negative counts as unknown (0), never as a raise or a NaN total.
         return ProviderStats(
@@ -448,6 +451,7 @@ class MemoryStore:
             average_latency=sum(_known(row.latency_ms) for row in rows) / total,
             total_tokens=int(sum(_known(row.tokens_used) for row in rows)),
             total_cost=float(sum(_known(row.cost) for row in rows)),
+            truncated=truncated,
         )
 
     async def embedding_usage(self, key_hash: str, start: float, end: float) -> EmbeddingUsage:
@@ -459,6 +463,7 @@ class MemoryStore:
             successful_requests=sum(1 for row in rows if row.success),
             total_tokens=sum(row.tokens_used for row in rows),
             total_items=sum(row.batch_size for row in rows),
+            truncated=self._embedding_logs.dropped_since(start),
         )
 
     async def count_auth_failures(self, key_hash: str, since: float) -> int:
@@ -542,18 +547,33 @@ class _Rows(Generic[R]):
     dataclasses again only when read.
     """
 
-    __slots__ = ("_kind", "_rows", "_values")
+    __slots__ = ("_dropped_until", "_kind", "_rows", "_timestamp", "_values")
 
     def __init__(self, kind: type[R], max_rows: int) -> None:
         names = [f.name for f in fields(kind)]
         assert len(names) > 1, "attrgetter returns a tuple only for several names"
         self._kind: type[R] = kind
         self._values = attrgetter(*names)
+        self._timestamp = names.index("timestamp")
         self._rows: deque[tuple[Any, ...]] = deque(maxlen=max_rows)
+        # The latest timestamp among dropped rows: a range starting after it is still whole.
+        self._dropped_until = -math.inf
 
     def extend(self, rows: Iterable[R]) -> None:
         values = self._values
-        self._rows.extend([values(row) for row in rows])
+        new = [values(row) for row in rows]
+        kept = self._rows
+        assert kept.maxlen is not None
+        overflow = len(kept) + len(new) - kept.maxlen
+        if overflow > 0:
+            ts = self._timestamp
+            dropped = max(r[ts] for r in itertools.islice(itertools.chain(kept, new), overflow))
+            self._dropped_until = max(self._dropped_until, dropped)
+        kept.extend(new)
+
+    def dropped_since(self, start: float) -> bool:
+        """Whether a row at or after `start` may have been dropped to keep `max_rows`."""
+        return start <= self._dropped_until
 
     def where(self, keep: Callable[[R], bool] | None) -> list[R]:
         kind = self._kind

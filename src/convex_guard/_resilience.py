@@ -16,6 +16,7 @@ from ._logging import ThrottledLog, logger
 from ._memory import MemoryStore
 from ._store import (
     ApiKeyKind,
+    ApiKeyList,
     ApiKeyRecord,
     BotCheck,
     BotEvent,
@@ -389,7 +390,7 @@ class ResilientStore:
 
     async def list_api_keys(
         self, *, kind: ApiKeyKind | None = None, owner: str | None = None
-    ) -> list[ApiKeyRecord]:
+    ) -> ApiKeyList:
         return await self._guarded(
             lambda: self.primary.list_api_keys(kind=kind, owner=owner), "list_api_keys"
         )

@@ -7,7 +7,7 @@ read-only all the same.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -186,19 +186,45 @@ class AuthFailure:
 
 @dataclass(frozen=True, slots=True)
 class ProviderStats:
+    """A provider's figures over a range.
+
+    `truncated` is true when the store stopped reading at its cap (or no longer holds every
+    row of the range): the figures then cover only part of it. Ask for a shorter range.
+    """
+
     total_requests: int
     success_rate: float
     average_latency: float
     total_tokens: int
     total_cost: float
+    truncated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class EmbeddingUsage:
+    """A key's embeddings usage over a range; `truncated` as in `ProviderStats`."""
+
     total_requests: int
     successful_requests: int
     total_tokens: int
     total_items: int
+    truncated: bool = False
+
+
+class ApiKeyList(list[ApiKeyRecord]):
+    """The keys a listing found, a plain list; `truncated` says the store stopped at its cap.
+
+    When it is true more keys match than were returned: narrow the listing (by kind or owner).
+    """
+
+    __slots__ = ("truncated",)
+
+    def __init__(self, records: Iterable[ApiKeyRecord] = (), *, truncated: bool = False) -> None:
+        super().__init__(records)
+        self.truncated = truncated
+
+    def __repr__(self) -> str:
+        return f"ApiKeyList({list(self)!r}, truncated={self.truncated})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +288,9 @@ class Store(Protocol):
 
     async def list_api_keys(
         self, *, kind: ApiKeyKind | None = None, owner: str | None = None
-    ) -> list[ApiKeyRecord]: ...
+    ) -> ApiKeyList:
+        """Matching keys; `.truncated` on the answer when the store stopped at its cap."""
+        ...
 
     async def update_api_key(
         self,

@@ -1,6 +1,7 @@
 // The seed's embeddings usage tracking, with bounded reads.
 import { v } from "convex/values";
 import { internalMutation, internalQuery } from "../_generated/server";
+import { addKeyUsage } from "../lib/keys";
 import { insertAuthFailures, insertEmbeddingRequests } from "../lib/logs";
 
 /** Rows getUsage reads at most (a read stays inside one query's limits). */
@@ -11,8 +12,11 @@ export const FAILURE_COUNT_CAP = 1000;
 export const ATTACK_THRESHOLD = 10;
 
 /**
- * Log one embeddings request (the seed's function) and touch the key's `lastUsed` and
- * `requestCount`. `timestamp` defaults to now and `model` to "self-hosted", as in the seed.
+ * Log one embeddings request (the seed's function) and count it in the key's use
+ * (`lastUsed`, `requestCount`). `timestamp` defaults to now and `model` to "self-hosted", as
+ * in the seed. The use goes to `writer`'s usage row of the key, not to the key document that
+ * every limit check of the key reads; callers that log concurrently should each pass their
+ * own `writer` (as logs:writeBatch's), or they share one row per key.
  */
 export const logRequest = internalMutation({
   args: {
@@ -25,9 +29,10 @@ export const logRequest = internalMutation({
     success: v.boolean(),
     error: v.optional(v.string()),
     model: v.optional(v.string()),
+    writer: v.optional(v.string()),
   },
   returns: v.null(),
-  handler: async (ctx, args) => {
+  handler: async (ctx, { writer, ...args }) => {
     const timestamp = args.timestamp ?? Date.now();
     await insertEmbeddingRequests(ctx, [
       { ...args, timestamp, model: args.model ?? "self-hosted" },
@@ -36,12 +41,7 @@ export const logRequest = internalMutation({
       .query("embeddingApiKeys")
       .withIndex("by_key_hash", (q) => q.eq("keyHash", args.apiKeyHash))
       .first();
-    if (key !== null) {
-      await ctx.db.patch(key._id, {
-        lastUsed: Math.max(timestamp, key.lastUsed ?? 0),
-        requestCount: key.requestCount + 1,
-      });
-    }
+    if (key !== null) await addKeyUsage(ctx, key._id, writer, 1, timestamp, Date.now());
     return null;
   },
 });
@@ -73,7 +73,10 @@ export const logAuthFailure = internalMutation({
   },
 });
 
-/** Usage of one key over `[start, end]` (inclusive), reading at most USAGE_READ_CAP rows. */
+/**
+ * Usage of one key over `[start, end]` (inclusive), reading at most USAGE_READ_CAP rows (the
+ * earliest): `truncated` says the range held more, and the figures stop short of `end`.
+ */
 export const getUsage = internalQuery({
   args: { keyHash: v.string(), start: v.number(), end: v.number() },
   returns: v.object({
@@ -81,17 +84,25 @@ export const getUsage = internalQuery({
     successfulRequests: v.number(),
     totalTokens: v.number(),
     totalItems: v.number(),
+    truncated: v.boolean(),
   }),
   handler: async (ctx, { keyHash, start, end }) => {
-    const usage = { totalRequests: 0, successfulRequests: 0, totalTokens: 0, totalItems: 0 };
+    const usage = {
+      totalRequests: 0,
+      successfulRequests: 0,
+      totalTokens: 0,
+      totalItems: 0,
+      truncated: false,
+    };
     if (end < start) return usage;
     const rows = await ctx.db
       .query("embeddingRequests")
       .withIndex("by_api_key", (q) =>
         q.eq("apiKeyHash", keyHash).gte("timestamp", start).lte("timestamp", end),
       )
-      .take(USAGE_READ_CAP);
-    for (const row of rows) {
+      .take(USAGE_READ_CAP + 1);
+    usage.truncated = rows.length > USAGE_READ_CAP;
+    for (const row of rows.slice(0, USAGE_READ_CAP)) {
       usage.totalRequests += 1;
       usage.successfulRequests += row.success ? 1 : 0;
       usage.totalTokens += row.tokensUsed;

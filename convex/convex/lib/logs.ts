@@ -8,7 +8,7 @@ import type {
   EmbeddingRequest,
   KeyUsage,
 } from "./validators";
-import { findKeyById } from "./keys";
+import { addKeyUsage, findKeyById } from "./keys";
 
 type Ctx = Pick<GenericMutationCtx<DataModel>, "db">;
 
@@ -51,10 +51,16 @@ function added<T extends Sums>(existing: T, more: Sums): Sums {
 }
 
 /**
- * Insert AI request rows and fold them into the per-provider rollups (per minute and per
- * hour). Rows are aggregated in memory first: one write per rollup per call.
+ * Insert AI request rows and fold them into `writer`'s per-provider rollups (per minute and
+ * per hour). Rows are aggregated in memory first: one write per rollup per call. The rollups
+ * read and written are `writer`'s own, so concurrent batches of other writers never touch
+ * them (no write conflicts between app instances); readers sum over writers.
  */
-export async function insertAIRequests(ctx: Ctx, rows: AIRequest[]): Promise<void> {
+export async function insertAIRequests(
+  ctx: Ctx,
+  rows: AIRequest[],
+  writer: string | undefined,
+): Promise<void> {
   const minutes = new Map<string, Slot>();
   const hours = new Map<string, Slot>();
   for (const row of rows) {
@@ -62,21 +68,29 @@ export async function insertAIRequests(ctx: Ctx, rows: AIRequest[]): Promise<voi
     fold(minutes, row.provider, minuteOf(row.timestamp), row);
     fold(hours, row.provider, hourOf(row.timestamp), row);
   }
+  const mine = writer === undefined ? {} : { writer };
   for (const { provider, start, ...sums } of minutes.values()) {
     const existing = await ctx.db
       .query("providerRollups")
-      .withIndex("by_provider_minute", (q) => q.eq("provider", provider).eq("minute", start))
+      .withIndex("by_provider_minute", (q) =>
+        q.eq("provider", provider).eq("minute", start).eq("writer", writer),
+      )
       .unique();
-    if (existing === null) await ctx.db.insert("providerRollups", { provider, minute: start, ...sums });
-    else await ctx.db.patch(existing._id, added(existing, sums));
+    if (existing === null) {
+      await ctx.db.insert("providerRollups", { provider, minute: start, ...mine, ...sums });
+    } else {
+      await ctx.db.patch(existing._id, added(existing, sums));
+    }
   }
   for (const { provider, start, ...sums } of hours.values()) {
     const existing = await ctx.db
       .query("providerHourlyRollups")
-      .withIndex("by_provider_hour", (q) => q.eq("provider", provider).eq("hour", start))
+      .withIndex("by_provider_hour", (q) =>
+        q.eq("provider", provider).eq("hour", start).eq("writer", writer),
+      )
       .unique();
     if (existing === null) {
-      await ctx.db.insert("providerHourlyRollups", { provider, hour: start, ...sums });
+      await ctx.db.insert("providerHourlyRollups", { provider, hour: start, ...mine, ...sums });
     } else {
       await ctx.db.patch(existing._id, added(existing, sums));
     }
@@ -98,20 +112,21 @@ export async function insertBotEvents(ctx: Ctx, rows: BotEvent[]): Promise<void>
   for (const row of rows) await ctx.db.insert("botDetectionEvents", row);
 }
 
-/** Add usage to keys (unknown or malformed ids are skipped); returns how many were updated. */
-export async function applyKeyUsage(ctx: Ctx, usage: KeyUsage[]): Promise<number> {
+/**
+ * Add usage to keys (unknown or malformed ids are skipped); returns how many were updated.
+ * The usage goes to `writer`'s own usage row of each key, never to the key document.
+ */
+export async function applyKeyUsage(
+  ctx: Ctx,
+  usage: KeyUsage[],
+  writer: string | undefined,
+): Promise<number> {
   let updated = 0;
+  const now = Date.now();
   for (const u of usage) {
     const found = await findKeyById(ctx, u.keyId);
     if (found === null) continue;
-    const { doc } = found;
-    const lastUsed = Math.max(u.lastUsed, doc.lastUsed ?? 0);
-    const requestCount = doc.requestCount + u.requests;
-    if (found.kind === "ai") {
-      await ctx.db.patch(found.doc._id, { lastUsed, requestCount });
-    } else {
-      await ctx.db.patch(found.doc._id, { lastUsed, requestCount });
-    }
+    await addKeyUsage(ctx, found.doc._id, writer, u.requests, u.lastUsed, now);
     updated += 1;
   }
   return updated;

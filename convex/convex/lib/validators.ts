@@ -198,5 +198,7 @@ export const vProviderStats = v.object({
   averageLatency: v.number(),
   totalTokens: v.number(),
   totalCost: v.number(),
+  // The query stopped at a read cap: the figures cover only part of the range.
+  truncated: v.boolean(),
 });
 export type ProviderStats = Infer<typeof vProviderStats>;
