@@ -62,5 +62,10 @@ def serve(app: ASGIApp, **options: object) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="session")
 def convex_server() -> Iterator[ConvexTestServer]:
-    with running_server() as server:
+    # OCC on, as on the backend, with its retry count and concurrency cap; the backoff
+    # scaled down 20x (the backend's 100-2000 ms) so that a test whose mutations conflict
+    # stays fast while keeping the same shape (exponential, jittered). The queue timeout
+    # stays the backend's 5 s: on a loaded 2-core machine a shorter one would turn a slow
+    # test run into spurious 429s.
+    with running_server(occ=True, occ_retries=4, occ_backoff_ms=(5, 50)) as server:
         yield server
