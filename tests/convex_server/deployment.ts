@@ -245,6 +245,8 @@ export class Deployment {
       const result = attempt === undefined ? await call(ref, args) : await runAs(attempt, () => call(ref, args));
       return (result ?? null) as Value;
     } catch (error) {
+      // The function saw the conflict as an error thrown by a read (re-wrapped on its way out).
+      if (attempt?.conflict !== undefined) throw attempt.conflict;
       if (error instanceof OccConflict) throw error;
       if (
         typeof error === "object" &&

@@ -55,6 +55,7 @@ export class MutationRunner {
     const writer = backendPath(canonical);
     const backoff = new Backoff(...this.options.backoffMs);
     this.deployment().ledger.totals.mutations += 1;
+    let previousReads: Set<string> | undefined;
     for (;;) {
       const deployment = this.deployment();
       const ledger = deployment.ledger;
@@ -68,6 +69,8 @@ export class MutationRunner {
       try {
         run = await this.serial.run(async (): Promise<Run> => {
           ledger.totals.attempts += 1;
+          const predicted = previousReads && ledger.predictConflict(previousReads, attempt);
+          if (predicted) return { conflict: predicted };
           try {
             const value = await deployment.run("mutation", canonical, args, attempt);
             await committed(value);
@@ -82,6 +85,7 @@ export class MutationRunner {
         this.permits.release();
       }
       if (!("conflict" in run)) return run;
+      if (attempt.reads.size > 0) previousReads = attempt.reads;
       if (backoff.failures >= this.options.retries) {
         ledger.failed(run.conflict);
         return { ok: false, refused: occFailure(run.conflict, writer) };

@@ -12,6 +12,8 @@ import { AsyncLocalStorage } from "node:async_hooks";
 export class Attempt {
   started = false;
   readonly reads = new Set<string>();
+  /** Set at the first stale read: the commit is bound to fail, so the attempt stops there. */
+  conflict: OccConflict | undefined;
   constructor(
     readonly arrival: number,
     /** The backend's name for the writer, e.g. `guard.js:check`. */
@@ -111,7 +113,7 @@ export class Ledger {
         return result;
       }
       if (tx?.attempt !== undefined && this.occ) {
-        const conflict = this.conflict(tx.attempt);
+        const conflict = tx.attempt.conflict ?? this.conflict(tx.attempt);
         // Thrown before committing: convex-test rolls the transaction back.
         if (conflict !== undefined) throw conflict;
       }
@@ -133,9 +135,18 @@ export class Ledger {
       if (tx === undefined || !DOCUMENT_OPS.has(op)) return result;
       const meta = JSON.parse(await syscall("1.0/getFunctionMetadata", "{}")) as { componentPath?: string };
       const component = meta.componentPath ?? "";
-      const reading = tx.attempt !== undefined;
+      const attempt = tx.attempt;
+      const reading = attempt !== undefined;
       const read = (id: unknown) => {
-        if (reading && typeof id === "string") tx.attempt!.reads.add(`${component}\u0000${id}`);
+        if (!reading || typeof id !== "string") return;
+        const key = `${component}\u0000${id}`;
+        attempt.reads.add(key);
+        // A stale read makes the commit fail whatever follows: stop now rather than spend the
+        // serial point's time on a doomed attempt (the backend's attempts run side by side).
+        if (this.occ && attempt.conflict === undefined && this.stale(key, attempt)) {
+          attempt.conflict = this.conflictOn(key);
+          throw attempt.conflict;
+        }
       };
       const write = (id: unknown) => {
         if (typeof id !== "string") return;
@@ -165,15 +176,35 @@ export class Ledger {
     };
   }
 
+  private stale(key: string, attempt: Attempt): boolean {
+    const last = this.lastWrite.get(key);
+    return last !== undefined && last.commit > attempt.arrival;
+  }
+
+  private conflictOn(key: string): OccConflict {
+    const [, id] = key.split("\u0000") as [string, string];
+    this.counters(key).conflicts += 1;
+    this.totals.conflicts += 1;
+    return new OccConflict(key, tableOf(id), id, this.lastWrite.get(key)?.writer);
+  }
+
+  /**
+   * A retry whose previous attempt read a document written since this attempt arrived: it
+   * would read it again and conflict. Counted as a conflict without running it: the backend
+   * runs attempts side by side, so a doomed one costs the others nothing, while here it would
+   * hold the serial point.
+   */
+  predictConflict(previousReads: Set<string>, attempt: Attempt): OccConflict | undefined {
+    if (!this.occ) return undefined;
+    for (const key of previousReads) {
+      if (this.stale(key, attempt)) return (attempt.conflict = this.conflictOn(key));
+    }
+    return undefined;
+  }
+
   private conflict(attempt: Attempt): OccConflict | undefined {
     for (const key of attempt.reads) {
-      const last = this.lastWrite.get(key);
-      if (last !== undefined && last.commit > attempt.arrival) {
-        const [, id] = key.split("\u0000") as [string, string];
-        this.counters(key).conflicts += 1;
-        this.totals.conflicts += 1;
-        return new OccConflict(key, tableOf(id), id, last.writer);
-      }
+      if (this.stale(key, attempt)) return (attempt.conflict = this.conflictOn(key));
     }
     return undefined;
   }

@@ -7,7 +7,7 @@
 // Transition's startVersion, as the clients require. Timestamps are u64 nanoseconds, sent as
 // base64 of their 8 little-endian bytes.
 import type { WebSocket, RawData, Value } from "../../convex/tests/server-deps";
-import { Deployment, FunctionError, type Kind } from "./deployment";
+import { Deployment, FunctionError } from "./deployment";
 import { decodeArgs, encodeValue, stringifyMessage } from "./encoding";
 import type { MutationRunner } from "./mutations";
 
@@ -140,7 +140,7 @@ class Connection {
       case "ModifyQuerySet":
         return this.modifyQuerySet(message);
       case "Action":
-        return this.call("action", message);
+        return this.action(message);
       default:
         throw new Error(`unknown message type ${String(message.type)}`);
     }
@@ -302,17 +302,17 @@ class Connection {
     this.socket.close(1013, outcome.refused.code);
   }
 
-  private async call(kind: Kind, message: Record<string, unknown>): Promise<void> {
+  /** An Action: runs outside any transaction (its mutations are transactions of their own). */
+  private async action(message: Record<string, unknown>): Promise<void> {
     const requestId = message.requestId;
-    const type = kind === "mutation" ? "MutationResponse" : "ActionResponse";
     let value: Value;
     try {
       const deployment = this.hub.deployment();
-      const { canonical } = deployment.resolve(kind, String(message.udfPath), this.admin);
-      value = await deployment.run(kind, canonical, decodeArgs(message.args));
+      const { canonical } = deployment.resolve("action", String(message.udfPath), this.admin);
+      value = await deployment.run("action", canonical, decodeArgs(message.args));
     } catch (error) {
       const reply: Record<string, unknown> = {
-        type,
+        type: "ActionResponse",
         requestId,
         success: false,
         result: error instanceof Error ? error.message : String(error),
@@ -322,16 +322,10 @@ class Connection {
         reply.errorData = encodeValue(error.data);
       }
       this.send(reply);
-      if (kind === "action") await this.hub.refreshAll(); // an action may have written
+      await this.hub.refreshAll(); // an action may have written
       return;
     }
-    if (kind === "mutation") {
-      const ts = this.hub.nextTs();
-      this.send({ type, requestId, success: true, result: encodeValue(value), ts: encodeTs(ts), logLines: [] });
-      this.owesTransition = true;
-    } else {
-      this.send({ type, requestId, success: true, result: encodeValue(value), logLines: [] });
-    }
+    this.send({ type: "ActionResponse", requestId, success: true, result: encodeValue(value), logLines: [] });
     await this.hub.refreshAll();
   }
 }
