@@ -1,6 +1,7 @@
 """The loopback Convex server is as strict as the backend where it matters: optimistic
 concurrency (conflicts, retries, the final 503), the mutation concurrency cap (429),
-transaction limits, and internal functions hidden from callers without admin auth.
+transaction limits, and internal functions hidden from callers without admin auth, over HTTP
+and the sync protocol.
 
 Each test starts its own server with the options it needs. Mutations are made to overlap with
 `hold()`: the server's serial point is kept busy, so mutations sent meanwhile arrive together
@@ -10,11 +11,13 @@ Each test starts its own server with the options it needs. Mutations are made to
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
+import websockets
 
 from .launch import ConvexTestServer, running_server
 
@@ -254,3 +257,55 @@ def test_counters_count_every_write_and_reset_with_the_deployment(
         },
         "documents": [],
     }
+
+
+async def sync_mutation(
+    url: str, key: str | None, args: dict[str, Any], held: asyncio.Event
+) -> tuple[dict[str, Any] | None, Any]:
+    """One Mutation over the sync protocol: (its MutationResponse or None, the close frame)."""
+    async with websockets.connect(url.replace("http", "ws") + "/api/1.0/sync") as ws:
+        await ws.send(
+            '{"type":"Connect","sessionId":"s","connectionCount":0,"lastCloseReason":null}'
+        )
+        if key is not None:
+            auth = {"type": "Authenticate", "tokenType": "Admin", "value": key, "baseVersion": 0}
+            await ws.send(json.dumps(auth))
+        await held.wait()
+        mutation = {"type": "Mutation", "requestId": 0, "udfPath": "guard:check", "args": [args]}
+        await ws.send(json.dumps(mutation))
+        try:
+            async for raw in ws:
+                message = json.loads(raw)
+                if message["type"] == "MutationResponse":
+                    return message, None
+        except websockets.ConnectionClosed as closed:
+            return None, closed.rcvd
+        return None, ws.close_rcvd
+
+
+def test_over_the_sync_protocol_as_the_backend_answers() -> None:
+    with running_server(occ_retries=0) as server:
+        call(server, "mutation", "guard:check", check()["args"])
+
+        async def run() -> list[tuple[dict[str, Any] | None, Any]]:
+            held = asyncio.Event()
+            tasks = [
+                asyncio.create_task(sync_mutation(server.url, k, check()["args"], held))
+                for k in (server.admin_key, server.admin_key, None)
+            ]
+            await asyncio.sleep(0.5)  # connected and authenticated
+            server.hold(400)
+            held.set()
+            return list(await asyncio.gather(*tasks))
+
+        first, second, anonymous = asyncio.run(run())
+        # Without admin auth: a failed MutationResponse, the function hidden.
+        assert anonymous[0] is not None
+        assert anonymous[0]["success"] is False
+        assert anonymous[0]["result"] == "Could not find public function for 'guard:check'."
+        # Of the two that overlapped, one committed; the other's socket was closed with 1013
+        # (try again later) and the OCC code, as the backend closes it.
+        outcomes = sorted([first, second], key=lambda o: o[0] is None)
+        assert outcomes[0][0] is not None and outcomes[0][0]["success"] is True
+        close = outcomes[1][1]
+        assert (close.code, close.reason) == (1013, "OptimisticConcurrencyControlFailure")
