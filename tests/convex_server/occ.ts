@@ -244,7 +244,7 @@ export class Ledger {
   /** Totals and every document with a count, most written first. */
   snapshot(): { totals: Totals; documents: (Doc & DocumentCounters)[] } {
     const documents = [...this.docs.values()]
-      .map((d) => ({ ...d, component: d.component }))
+      .map((d) => ({ ...d }))
       .sort((a, b) => b.writes - a.writes || b.conflicts - a.conflicts);
     return { totals: { ...this.totals }, documents };
   }
