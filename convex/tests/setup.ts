@@ -6,8 +6,9 @@ import schema from "../convex/schema";
 
 export const modules = import.meta.glob("../convex/**/*.*s");
 
+/** The options form with `transactionLimits`: Convex's per-transaction limits are enforced. */
 export function newDeployment() {
-  const t = convexTest(schema, modules);
+  const t = convexTest({ schema, modules, transactionLimits: true });
   register(t, "rateLimiter");
   return t;
 }

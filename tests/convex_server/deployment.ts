@@ -1,5 +1,6 @@
 // A convex-test deployment of convex/convex/ (with the rate limiter component), and calls
 // into it by path, as the real backend's HTTP and sync APIs make them.
+import { AsyncLocalStorage } from "node:async_hooks";
 import { readdirSync } from "node:fs";
 import { join, relative, sep } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -11,6 +12,7 @@ import {
   packageDir,
   type Value,
 } from "../../convex/tests/server-deps";
+import { type Attempt, type ConvexGlobal, Ledger, OccConflict, runAs } from "./occ";
 
 export type Kind = "query" | "mutation" | "action";
 
@@ -110,45 +112,112 @@ export function normalizePath(path: string): { module: string; name: string; can
   return { module, name, canonical: `${module}:${name}` };
 }
 
+/** The backend's array limit for values (crates/value/src/array.rs). */
+const MAX_ARRAY_LEN = 8192;
+
+function longestArray(value: Value): number {
+  if (Array.isArray(value)) return Math.max(value.length, ...value.map(longestArray));
+  if (typeof value === "object" && value !== null && !(value instanceof ArrayBuffer) && typeof value !== "bigint") {
+    let longest = 0;
+    for (const v of Object.values(value)) longest = Math.max(longest, longestArray(v as Value));
+    return longest;
+  }
+  return 0;
+}
+
+const OVER_LIMIT_HELP =
+  "Consider using smaller limits in your queries, paginating your queries, or using indexed " +
+  "queries with a selective index range expressions.";
+
+/** convex-test's transaction-limit messages, and what the backend says instead. */
+const LIMIT_MESSAGES: [RegExp, (limit: string) => string][] = [
+  [/Wrote too many documents in a single function execution \(limit: (\d+)\)/, (n) => `Too many writes in a single function execution (limit: ${n})`],
+  [/Wrote too much data in a single function execution \(limit: (\d+) bytes\)/, (n) => `Too many bytes written in a single function execution (limit: ${formatBytes(Number(n))})`],
+  [/Scanned too many documents in a single function execution \(limit: (\d+)\)/, (n) => `Too many documents read in a single function execution (limit: ${n}). ${OVER_LIMIT_HELP}`],
+  [/Read too much data in a single function execution \(limit: (\d+) bytes\)/, (n) => `Too many bytes read in a single function execution (limit: ${n} bytes). ${OVER_LIMIT_HELP}`],
+  [/Too many index ranges read in a single function execution \(limit: (\d+)\)/, (n) => `Too many reads in a single function execution (limit: ${n}). ${OVER_LIMIT_HELP}`],
+  [/Scheduled too many functions in a single function execution \(limit: (\d+)\)/, (n) => `Too many functions scheduled by this mutation (limit: ${n})`],
+];
+
+/** As the backend prints a byte limit: `16 MiB`. */
+function formatBytes(n: number): string {
+  for (const [size, unit] of [[1 << 30, "GiB"], [1 << 20, "MiB"], [1 << 10, "KiB"]] as const) {
+    if (n >= size && n % size === 0) return `${n / size} ${unit}`;
+  }
+  return `${n} bytes`;
+}
+
+/** The backend's function error for a transaction over one of its limits, if `message` is one. */
+function limitError(message: string): string | undefined {
+  for (const [pattern, backend] of LIMIT_MESSAGES) {
+    const m = pattern.exec(message);
+    if (m !== null) return `Uncaught Error: ${backend(m[1])}`;
+  }
+  return undefined;
+}
+
+/**
+ * convex-test's per-deployment global is internal; it passes through an AsyncLocalStorage
+ * `run` on every call, so one call made while `run` is wrapped hands it over.
+ */
+function captureGlobal(t: ReturnType<typeof convexTest>): ConvexGlobal {
+  const proto = AsyncLocalStorage.prototype as { run: (...args: unknown[]) => unknown };
+  const original = proto.run;
+  let captured: ConvexGlobal | undefined;
+  proto.run = function (this: unknown, store: unknown, ...rest: unknown[]) {
+    if (captured === undefined && typeof store === "object" && store !== null && "transactionManager" in store) {
+      captured = store as ConvexGlobal;
+    }
+    return original.call(this, store, ...rest);
+  };
+  try {
+    void t.finishInProgressScheduledFunctions();
+  } finally {
+    proto.run = original;
+  }
+  if (captured === undefined) throw new Error("convex-test's global was not found (convex-test changed?)");
+  return captured;
+}
+
 export class Deployment {
-  private t: ReturnType<typeof convexTest>;
+  private readonly t: ReturnType<typeof convexTest>;
+  /** Commit history and counters of this deployment (a reset starts a new one). */
+  readonly ledger = new Ledger();
 
-  constructor(private readonly code: Code) {
-    this.t = this.fresh();
-  }
-
-  private fresh() {
-    const t = convexTest(this.code.schema as never, this.code.app.map);
-    for (const c of this.code.components) t.registerComponent(c.name, c.schema as never, c.map);
-    return t;
-  }
-
-  /** Forget every document, limit and scheduled function: a fresh deployment. */
-  reset(): void {
-    this.t = this.fresh();
+  constructor(
+    private readonly code: Code,
+    occ = true,
+  ) {
+    // The options form: the backend's per-transaction limits are enforced.
+    this.t = convexTest({ schema: this.code.schema as never, modules: this.code.app.map, transactionLimits: true });
+    for (const c of this.code.components) this.t.registerComponent(c.name, c.schema as never, c.map);
+    this.ledger.occ = occ;
+    this.ledger.install(captureGlobal(this.t));
   }
 
   /**
-   * Find the function at `path` and check it may be called as `kind`. Throws FunctionError
-   * (the backend answers those as function errors) or returns whether it is internal.
+   * Find the function at `path` and check it may be called as `kind` by this caller. Throws
+   * FunctionError as the backend answers: a missing function and an internal one called
+   * without admin auth alike are "Could not find public function".
    */
-  resolve(kind: Kind, path: string): { canonical: string; internal: boolean } {
+  resolve(kind: Kind, path: string, admin: boolean): { canonical: string } {
     const { module, name, canonical } = normalizePath(path);
     const mod = this.code.app.modules.get(module);
     const fn = (mod?.[name] ?? undefined) as RegisteredFunction | undefined;
     const isFunction =
       fn !== undefined && (fn.isQuery === true || fn.isMutation === true || fn.isAction === true);
-    if (!isFunction || module.startsWith("_generated/")) {
-      throw new FunctionError(`Could not find function for '${canonical}'. Did you forget to run \`npx convex dev\`?`);
+    const shown = name === "default" ? module : canonical;
+    if (!isFunction || module.startsWith("_generated/") || (fn.isInternal === true && !admin)) {
+      throw new FunctionError(`Could not find public function for '${shown}'.`);
     }
     const actual: Kind = fn.isQuery ? "query" : fn.isMutation ? "mutation" : "action";
     if (actual !== kind) {
       const cap = (k: string) => k[0].toUpperCase() + k.slice(1);
       throw new FunctionError(
-        `Trying to execute ${canonical} as ${cap(kind)}, but it is defined as ${cap(actual)}.`,
+        `Trying to execute ${module}.js:${name} as ${cap(kind)}, but it is defined as ${cap(actual)}.`,
       );
     }
-    return { canonical, internal: fn.isInternal === true };
+    return { canonical };
   }
 
   /** Every document of `table`, oldest first (tests read what was written, in order). */
@@ -157,15 +226,28 @@ export class Deployment {
     return await this.t.run(async (ctx) => await (ctx as unknown as Db).db.query(table).collect());
   }
 
-  /** Run a resolved function; function errors come back as FunctionError. */
-  async run(kind: Kind, canonical: string, args: Record<string, Value>): Promise<Value> {
+  /**
+   * Run a resolved function; function errors come back as FunctionError. A mutation run as
+   * `attempt` throws OccConflict (its writes rolled back) when what it read went stale.
+   */
+  async run(kind: Kind, canonical: string, args: Record<string, Value>, attempt?: Attempt): Promise<Value> {
     type Call = (ref: unknown, args: Record<string, Value>) => Promise<unknown>;
+    const longest = longestArray(args);
+    if (longest > MAX_ARRAY_LEN) {
+      const [module, name] = canonical.split(":", 2);
+      throw new FunctionError(
+        `Invalid arguments for ${module}.js:${name}: Array length is too long (${longest} > maximum length ${MAX_ARRAY_LEN})`,
+      );
+    }
     const ref = makeFunctionReference(canonical);
     try {
       const call = this.t[kind] as unknown as Call;
-      const result = await call(ref, args);
+      const result = attempt === undefined ? await call(ref, args) : await runAs(attempt, () => call(ref, args));
       return (result ?? null) as Value;
     } catch (error) {
+      // The function saw the conflict as an error thrown by a read (re-wrapped on its way out).
+      if (attempt?.conflict !== undefined) throw attempt.conflict;
+      if (error instanceof OccConflict) throw error;
       if (
         typeof error === "object" &&
         error !== null &&
@@ -175,7 +257,8 @@ export class Deployment {
         const message = typeof data === "string" ? data : JSON.stringify(data);
         throw new FunctionError(`Uncaught ConvexError: ${message}`, data);
       }
-      throw new FunctionError(error instanceof Error ? error.message : String(error));
+      const message = error instanceof Error ? error.message : String(error);
+      throw new FunctionError(limitError(message) ?? message);
     }
   }
 }

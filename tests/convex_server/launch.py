@@ -24,13 +24,39 @@ TSX = ROOT / "convex" / "node_modules" / ".bin" / "tsx"
 SERVER = ROOT / "tests" / "convex_server" / "server.ts"
 
 
-def _spawn(port: int, admin_key: str) -> tuple[subprocess.Popen[str], int]:
-    """Start the server on `port` (0 = a free one); returns the process and its port."""
+def server_flags(
+    *,
+    occ: bool | None = None,
+    occ_retries: int | None = None,
+    occ_backoff_ms: tuple[float, float] | None = None,
+    max_concurrent_mutations: int | None = None,
+    queue_timeout_ms: int | None = None,
+) -> list[str]:
+    """`server.ts` flags for the mutation options given (None: the backend's default)."""
+    flags: list[str] = []
+    if occ is not None:
+        flags += ["--occ", "on" if occ else "off"]
+    if occ_retries is not None:
+        flags += ["--occ-retries", str(occ_retries)]
+    if occ_backoff_ms is not None:
+        flags += ["--occ-backoff-ms", f"{occ_backoff_ms[0]:g},{occ_backoff_ms[1]:g}"]
+    if max_concurrent_mutations is not None:
+        flags += ["--max-concurrent-mutations", str(max_concurrent_mutations)]
+    if queue_timeout_ms is not None:
+        flags += ["--queue-timeout-ms", str(queue_timeout_ms)]
+    return flags
+
+
+def _spawn(
+    port: int, admin_key: str, flags: list[str] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """Start the server on `port` (0 = a free one) with `flags` (see `server_flags`);
+    returns the process and its port."""
     if not TSX.exists():
         raise RuntimeError("convex/node_modules is missing: run `make test` (it runs npm ci)")
     env = {**os.environ, "CONVEX_SELF_HOSTED_ADMIN_KEY": admin_key}
     process = subprocess.Popen(
-        [str(TSX), str(SERVER), "--port", str(port)],
+        [str(TSX), str(SERVER), "--port", str(port), *(flags or [])],
         cwd=ROOT / "convex",
         stdout=subprocess.PIPE,
         stderr=None,
@@ -80,11 +106,18 @@ def _terminate(process: subprocess.Popen[str]) -> None:
 class ConvexTestServer:
     """The Node loopback server running `convex/` under convex-test (tests only)."""
 
-    def __init__(self, process: subprocess.Popen[str], port: int, admin_key: str) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[str],
+        port: int,
+        admin_key: str,
+        flags: list[str] | None = None,
+    ) -> None:
         self.process = process
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.admin_key = admin_key
+        self.flags = list(flags or [])
 
     def _admin(self, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
         response = httpx.post(
@@ -104,6 +137,17 @@ class ConvexTestServer:
     def shift_clock(self, offset_ms: float) -> float:
         """Move the functions' `Date.now()` by `offset_ms` from the wall clock; returns now."""
         return float(self._admin("/_test/time", {"offsetMs": offset_ms})["now"])  # type: ignore[arg-type]
+
+    def counters(self, *, reset: bool = False) -> dict[str, Any]:
+        """The OCC emulation's counters: `totals` (mutations, attempts, commits, conflicts,
+        retries, occFailures, overloaded) and `documents` (component, table, id, writes,
+        conflicts, retries, occFailures; most written first). `reset` zeroes them after."""
+        return self._admin("/_test/counters", {"reset": True} if reset else {})
+
+    def hold(self, ms: float) -> None:
+        """Keep the server's serial point busy for `ms`: mutations sent meanwhile arrive
+        together and overlap, as concurrent requests do on the backend."""
+        self._admin("/_test/hold", {"ms": ms})
 
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every document of `table`, oldest first (Convex-encoded JSON values)."""
@@ -128,7 +172,7 @@ class ConvexTestServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                self.process, _ = _spawn(self.port, self.admin_key)
+                self.process, _ = _spawn(self.port, self.admin_key, self.flags)
                 return
             except RuntimeError:
                 if time.monotonic() > deadline:  # the port may linger briefly after a kill
@@ -149,11 +193,30 @@ class ConvexTestServer:
 
 
 @contextlib.contextmanager
-def running_server(port: int = 0) -> Iterator[ConvexTestServer]:
-    """Start the server on `port` (0 = a free loopback port), wait until it answers, stop it."""
+def running_server(
+    port: int = 0,
+    *,
+    occ: bool | None = None,
+    occ_retries: int | None = None,
+    occ_backoff_ms: tuple[float, float] | None = None,
+    max_concurrent_mutations: int | None = None,
+    queue_timeout_ms: int | None = None,
+) -> Iterator[ConvexTestServer]:
+    """Start the server on `port` (0 = a free loopback port), wait until it answers, stop it.
+
+    The mutation options default to the backend's (OCC on, 4 retries, 100-2000 ms backoff,
+    16 concurrent mutations, 5000 ms queue timeout); `restart()` keeps them.
+    """
     admin_key = "test-admin-" + secrets.token_hex(16)
-    process, bound = _spawn(port, admin_key)
-    server = ConvexTestServer(process, bound, admin_key)
+    flags = server_flags(
+        occ=occ,
+        occ_retries=occ_retries,
+        occ_backoff_ms=occ_backoff_ms,
+        max_concurrent_mutations=max_concurrent_mutations,
+        queue_timeout_ms=queue_timeout_ms,
+    )
+    process, bound = _spawn(port, admin_key, flags)
+    server = ConvexTestServer(process, bound, admin_key, flags)
     try:
         yield server
     finally:

@@ -1,14 +1,18 @@
 // A loopback Convex backend for tests: convex/convex/ run by convex-test behind Convex's HTTP
 // API (POST /api/query|mutation|action) and sync protocol (WebSocket …/sync).
 // FOR TESTS ONLY — see README.md. Usage:
-//   tsx tests/convex_server/server.ts --port 0 [--admin-key KEY]
+//   tsx tests/convex_server/server.ts --port 0 [--admin-key KEY] [--occ on|off]
+//     [--occ-retries N] [--occ-backoff-ms MIN,MAX] [--max-concurrent-mutations N]
+//     [--queue-timeout-ms N]
 // (or CONVEX_SELF_HOSTED_ADMIN_KEY in the environment); prints `listening on <port>`.
 import { createHash, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import { parseArgs } from "node:util";
-import { WebSocketServer } from "../../convex/tests/server-deps";
+import { WebSocketServer, type Value } from "../../convex/tests/server-deps";
 import { Deployment, FunctionError, loadCode, type Kind } from "./deployment";
 import { decodeArgs, encodeValue, stringifyMessage } from "./encoding";
+import { BACKEND_DEFAULTS, MutationRunner, type MutationOptions } from "./mutations";
+import { BackendError } from "./occ";
 import { Serial, SyncHub } from "./sync";
 
 const VERSION = "convex-guard-test-server 1";
@@ -60,6 +64,18 @@ async function readJson(req: IncomingMessage): Promise<Record<string, unknown>> 
   }
 }
 
+/** A function's value, as the backend answers it (no `logLines` when there are none). */
+function sendValue(res: ServerResponse, value: Value): void {
+  send(res, 200, { status: "success", value: encodeValue(value) });
+}
+
+/** A function error: HTTP 200 with `status: "error"` (and the ConvexError's data). */
+function sendFunctionError(res: ServerResponse, error: FunctionError): void {
+  const reply: Record<string, unknown> = { status: "error", errorMessage: error.message };
+  if (error.data !== undefined) reply.errorData = encodeValue(error.data);
+  send(res, 200, reply);
+}
+
 function send(res: ServerResponse, status: number, body: unknown): void {
   const text = stringifyMessage(body);
   res.writeHead(status, {
@@ -69,13 +85,52 @@ function send(res: ServerResponse, status: number, body: unknown): void {
   res.end(text);
 }
 
+function fail(message: string): never {
+  process.stderr.write(`${message}\n`);
+  process.exit(2);
+}
+
+function count(flag: string, raw: string | undefined, fallback: number, min: number): number {
+  if (raw === undefined) return fallback;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < min) fail(`--${flag} must be an integer >= ${min}, got ${raw}`);
+  return n;
+}
+
+/** The mutation options from the command line; the backend's defaults otherwise. */
+function mutationOptions(values: Record<string, string | undefined>): MutationOptions {
+  const occ = values.occ ?? "on";
+  if (occ !== "on" && occ !== "off") fail(`--occ must be on or off, got ${occ}`);
+  let backoffMs = BACKEND_DEFAULTS.backoffMs;
+  if (values["occ-backoff-ms"] !== undefined) {
+    const parts = values["occ-backoff-ms"].split(",").map(Number);
+    if (parts.length !== 2 || !parts.every((n) => Number.isFinite(n) && n >= 0) || parts[0] > parts[1]) {
+      fail(`--occ-backoff-ms must be MIN,MAX (ms, MIN <= MAX), got ${values["occ-backoff-ms"]}`);
+    }
+    backoffMs = [parts[0], parts[1]];
+  }
+  return {
+    occ: occ === "on",
+    retries: count("occ-retries", values["occ-retries"], BACKEND_DEFAULTS.retries, 0),
+    backoffMs,
+    maxConcurrent: count("max-concurrent-mutations", values["max-concurrent-mutations"], BACKEND_DEFAULTS.maxConcurrent, 1),
+    queueTimeoutMs: count("queue-timeout-ms", values["queue-timeout-ms"], BACKEND_DEFAULTS.queueTimeoutMs, 0),
+  };
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
       port: { type: "string", default: "0" },
       "admin-key": { type: "string" },
+      occ: { type: "string" },
+      "occ-retries": { type: "string" },
+      "occ-backoff-ms": { type: "string" },
+      "max-concurrent-mutations": { type: "string" },
+      "queue-timeout-ms": { type: "string" },
     },
   });
+  const options = mutationOptions(values);
   const adminKey = values["admin-key"] ?? process.env.CONVEX_SELF_HOSTED_ADMIN_KEY ?? "";
   if (adminKey === "") {
     process.stderr.write("an admin key is required: --admin-key or CONVEX_SELF_HOSTED_ADMIN_KEY\n");
@@ -90,9 +145,10 @@ async function main(): Promise<void> {
   globalThis.Date = TestDate as DateConstructor;
 
   const code = await loadCode();
-  let deployment = new Deployment(code);
+  let deployment = new Deployment(code, options.occ);
   const serial = new Serial();
-  const hub = new SyncHub(() => deployment, adminKey, serial);
+  const mutations = new MutationRunner(options, serial, () => deployment);
+  const hub = new SyncHub(() => deployment, adminKey, serial, mutations);
 
   /** true: a correct admin key; false: no admin header; throws on a wrong key. */
   function isAdmin(req: IncomingMessage): boolean {
@@ -119,36 +175,39 @@ async function main(): Promise<void> {
       throw new HttpError(400, "BadRequest", `unsupported format ${JSON.stringify(format)}`);
     }
     const path = body.path;
+    let canonical: string;
+    let args: Record<string, Value>;
+    try {
+      ({ canonical } = deployment.resolve(kind, path, admin));
+      try {
+        args = decodeArgs(body.args);
+      } catch (error) {
+        throw new HttpError(400, "BadRequest", (error as Error).message);
+      }
+    } catch (error) {
+      if (error instanceof FunctionError) return sendFunctionError(res, error);
+      throw error;
+    }
+    if (kind === "mutation") {
+      const outcome = await mutations.run(canonical, args, () => hub.refreshAll());
+      if (outcome.ok) return sendValue(res, outcome.value);
+      if ("error" in outcome) return sendFunctionError(res, outcome.error);
+      throw outcome.refused;
+    }
     await serial.run(async () => {
       let value;
       try {
-        const { canonical, internal } = deployment.resolve(kind, path);
-        if (internal && !admin) {
-          throw new HttpError(
-            401,
-            "Unauthorized",
-            `'${canonical}' is an internal function: it needs admin auth (Authorization: Convex <admin key>)`,
-          );
-        }
-        let args;
-        try {
-          args = decodeArgs(body.args);
-        } catch (error) {
-          throw new HttpError(400, "BadRequest", (error as Error).message);
-        }
         value = await deployment.run(kind, canonical, args);
       } catch (error) {
         if (error instanceof FunctionError) {
-          const reply: Record<string, unknown> = { status: "error", errorMessage: error.message, logLines: [] };
-          if (error.data !== undefined) reply.errorData = encodeValue(error.data);
-          send(res, 200, reply);
-          if (kind !== "query") await hub.refreshAll();
+          sendFunctionError(res, error);
+          if (kind === "action") await hub.refreshAll(); // an action may have written
           return;
         }
         throw error;
       }
-      send(res, 200, { status: "success", value: encodeValue(value), logLines: [] });
-      if (kind !== "query") await hub.refreshAll();
+      sendValue(res, value);
+      if (kind === "action") await hub.refreshAll();
     });
   }
 
@@ -167,7 +226,7 @@ async function main(): Promise<void> {
       if (path === "/_test/reset") {
         requireAdmin(req);
         await serial.run(async () => {
-          deployment = new Deployment(code);
+          deployment = new Deployment(code, options.occ);
           await hub.refreshAll();
         });
         send(res, 200, { ok: true });
@@ -185,6 +244,27 @@ async function main(): Promise<void> {
         send(res, 200, { rows: rows.map((row) => encodeValue(row)) });
         return;
       }
+      if (path === "/_test/counters") {
+        requireAdmin(req);
+        const body = await readJson(req);
+        const snapshot = deployment.ledger.snapshot();
+        if (body.reset === true) deployment.ledger.resetCounters();
+        send(res, 200, snapshot);
+        return;
+      }
+      if (path === "/_test/hold") {
+        requireAdmin(req);
+        const body = await readJson(req);
+        const ms = body.ms;
+        if (typeof ms !== "number" || !(ms >= 0 && ms <= 60_000)) {
+          throw new HttpError(400, "BadRequest", "send {ms} (0..60000)");
+        }
+        // Mutations arriving meanwhile take their arrival numbers and queue, as requests
+        // arriving together do on the backend: tests make them overlap on purpose.
+        void serial.run(() => new Promise<void>((resolve) => setTimeout(resolve, ms)));
+        send(res, 200, { ok: true });
+        return;
+      }
       if (path === "/_test/time") {
         requireAdmin(req);
         const body = await readJson(req);
@@ -197,7 +277,7 @@ async function main(): Promise<void> {
       throw new HttpError(404, "NotFound", `no route POST ${path}`);
     })().catch((error: unknown) => {
       if (res.headersSent) return;
-      if (error instanceof HttpError) {
+      if (error instanceof HttpError || error instanceof BackendError) {
         send(res, error.status, { code: error.code, message: error.message });
       } else {
         process.stderr.write(`internal error: ${error instanceof Error ? error.stack : String(error)}\n`);

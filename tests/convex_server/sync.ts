@@ -7,8 +7,9 @@
 // Transition's startVersion, as the clients require. Timestamps are u64 nanoseconds, sent as
 // base64 of their 8 little-endian bytes.
 import type { WebSocket, RawData, Value } from "../../convex/tests/server-deps";
-import { Deployment, FunctionError, type Kind } from "./deployment";
+import { Deployment, FunctionError } from "./deployment";
 import { decodeArgs, encodeValue, stringifyMessage } from "./encoding";
+import type { MutationRunner } from "./mutations";
 
 const PING_MS = 5_000;
 
@@ -22,11 +23,16 @@ export function encodeTs(ts: bigint): string {
   return bytes.toString("base64");
 }
 
-/** The serial point of the whole server: every call and every push runs through here. */
+/**
+ * The serial point of the whole server: every call and every push runs through here. Each
+ * task starts on a fresh turn of the event loop, so requests that arrived meanwhile take
+ * their arrival numbers before it runs, as they would on a backend running them at once.
+ */
 export class Serial {
   private tail: Promise<unknown> = Promise.resolve();
   run<T>(task: () => Promise<T>): Promise<T> {
-    const next = this.tail.then(task, task);
+    const start = () => new Promise<void>((resolve) => setImmediate(resolve)).then(task);
+    const next = this.tail.then(start, start);
     this.tail = next.catch(() => undefined);
     return next;
   }
@@ -40,6 +46,7 @@ export class SyncHub {
     readonly deployment: () => Deployment,
     readonly adminKey: string,
     readonly serial: Serial,
+    readonly mutations: MutationRunner,
   ) {}
 
   /** A fresh, strictly increasing timestamp (ns since the epoch). */
@@ -81,6 +88,7 @@ class Connection {
   private readonly queries = new Map<number, QueryState>();
   /** A mutation answered but not yet followed by a Transition reaching its timestamp. */
   private owesTransition = false;
+  private mutationChain: Promise<unknown> = Promise.resolve();
   private readonly ping: NodeJS.Timeout;
 
   constructor(
@@ -88,7 +96,20 @@ class Connection {
     readonly socket: WebSocket,
   ) {
     socket.on("message", (data: RawData) => {
-      void hub.serial.run(() => this.receive(data)).catch((error: unknown) => {
+      let message: Record<string, unknown>;
+      try {
+        message = JSON.parse(data.toString()) as Record<string, unknown>;
+      } catch (error) {
+        this.fatal(error instanceof Error ? error.message : String(error));
+        return;
+      }
+      // A mutation takes its own turns on the Serial (it may be retried); one connection's
+      // mutations still run in the order they were sent.
+      const handled =
+        message.type === "Mutation"
+          ? (this.mutationChain = this.mutationChain.then(() => this.mutation(message)))
+          : hub.serial.run(() => this.receive(message));
+      void handled.catch((error: unknown) => {
         this.fatal(error instanceof Error ? error.message : String(error));
       });
     });
@@ -109,8 +130,7 @@ class Connection {
     this.socket.close(1011, error.slice(0, 120));
   }
 
-  private async receive(data: RawData): Promise<void> {
-    const message = JSON.parse(data.toString()) as Record<string, unknown>;
+  private async receive(message: Record<string, unknown>): Promise<void> {
     switch (message.type) {
       case "Connect":
       case "Event":
@@ -119,10 +139,8 @@ class Connection {
         return this.authenticate(message);
       case "ModifyQuerySet":
         return this.modifyQuerySet(message);
-      case "Mutation":
-        return this.call("mutation", message);
       case "Action":
-        return this.call("action", message);
+        return this.action(message);
       default:
         throw new Error(`unknown message type ${String(message.type)}`);
     }
@@ -204,10 +222,7 @@ class Connection {
     let key: string;
     try {
       const deployment = this.hub.deployment();
-      const { canonical, internal } = deployment.resolve("query", udfPath);
-      if (internal && !this.admin) {
-        throw new FunctionError(`Could not find public function for '${canonical}'.`);
-      }
+      const { canonical } = deployment.resolve("query", udfPath, this.admin);
       const value = encodeValue(await deployment.run("query", canonical, args));
       modification = { type: "QueryUpdated", queryId, value, logLines: [], journal: null };
       key = "ok:" + value.text;
@@ -248,20 +263,56 @@ class Connection {
     this.owesTransition = false;
   }
 
-  private async call(kind: Kind, message: Record<string, unknown>): Promise<void> {
+  /** A Mutation: run like the backend runs it; a refusal closes the socket as the backend does. */
+  private async mutation(message: Record<string, unknown>): Promise<void> {
     const requestId = message.requestId;
-    const type = kind === "mutation" ? "MutationResponse" : "ActionResponse";
+    const failed = (error: unknown) => {
+      const reply: Record<string, unknown> = {
+        type: "MutationResponse",
+        requestId,
+        success: false,
+        result: error instanceof Error ? error.message : String(error),
+        logLines: [],
+      };
+      if (error instanceof FunctionError && error.data !== undefined) reply.errorData = encodeValue(error.data);
+      this.send(reply);
+    };
+    let canonical: string;
+    let args: Record<string, Value>;
+    try {
+      ({ canonical } = this.hub.deployment().resolve("mutation", String(message.udfPath), this.admin));
+      args = decodeArgs(message.args);
+    } catch (error) {
+      failed(error);
+      return;
+    }
+    const outcome = await this.hub.mutations.run(canonical, args, async (value) => {
+      const ts = this.hub.nextTs();
+      this.send({ type: "MutationResponse", requestId, success: true, result: encodeValue(value), ts: encodeTs(ts), logLines: [] });
+      this.owesTransition = true;
+      await this.hub.refreshAll();
+    });
+    if (outcome.ok) return;
+    if ("error" in outcome) {
+      failed(outcome.error);
+      return;
+    }
+    // The backend sends no message for a retryable refusal: it closes with 1013 (try again
+    // later) and the error's code as the reason; the client reconnects and resends.
+    this.socket.close(1013, outcome.refused.code);
+  }
+
+  /** An Action: runs outside any transaction (its mutations are transactions of their own). */
+  private async action(message: Record<string, unknown>): Promise<void> {
+    const requestId = message.requestId;
     let value: Value;
     try {
       const deployment = this.hub.deployment();
-      const { canonical, internal } = deployment.resolve(kind, String(message.udfPath));
-      if (internal && !this.admin) {
-        throw new FunctionError(`Could not find public function for '${canonical}'.`);
-      }
-      value = await deployment.run(kind, canonical, decodeArgs(message.args));
+      const { canonical } = deployment.resolve("action", String(message.udfPath), this.admin);
+      value = await deployment.run("action", canonical, decodeArgs(message.args));
     } catch (error) {
       const reply: Record<string, unknown> = {
-        type,
+        type: "ActionResponse",
         requestId,
         success: false,
         result: error instanceof Error ? error.message : String(error),
@@ -271,16 +322,10 @@ class Connection {
         reply.errorData = encodeValue(error.data);
       }
       this.send(reply);
-      if (kind === "action") await this.hub.refreshAll(); // an action may have written
+      await this.hub.refreshAll(); // an action may have written
       return;
     }
-    if (kind === "mutation") {
-      const ts = this.hub.nextTs();
-      this.send({ type, requestId, success: true, result: encodeValue(value), ts: encodeTs(ts), logLines: [] });
-      this.owesTransition = true;
-    } else {
-      this.send({ type, requestId, success: true, result: encodeValue(value), logLines: [] });
-    }
+    this.send({ type: "ActionResponse", requestId, success: true, result: encodeValue(value), logLines: [] });
     await this.hub.refreshAll();
   }
 }
