@@ -73,14 +73,9 @@ def serve(app: ASGIApp, **options: object) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="session")
 def convex_server() -> Iterator[ConvexTestServer]:
-    # OCC emulation on, with the backend's concurrency cap and queue timeout, so every suite's
-    # writes are counted and conflict as they would. Two changes from the backend's defaults:
-    # - backoff scaled down 20x (5-50 ms for 100-2000 ms), so conflicting tests stay fast;
-    # - 50 retries instead of 4. The backend gives up after 4 and answers 503; here one
-    #   document written by a burst (the contract suite's 100 concurrent calls on one key)
-    #   drains at one commit per serial turn, slower than the backend's 16 side by side, and
-    #   with the shorter backoff the 4 retries would run out long before. These suites test
-    #   the store's semantics, not the backend's patience; the 503 itself, and the defaults,
-    #   are tested in convex_server/test_convex_server_strict.py on servers of their own.
-    with running_server(occ=True, occ_retries=50, occ_backoff_ms=(5, 50)) as server:
+    # OCC emulation on, with the backend's own numbers (4 retries, 100 ms-2 s backoff, 16
+    # mutations at once, a 5 s queue), so every suite's writes are counted and conflict as they
+    # would on a real deployment: a harness kinder than the backend would hide the hot
+    # documents users meet. The strict server's own tests (convex_server/) vary the numbers.
+    with running_server(occ=True) as server:
         yield server

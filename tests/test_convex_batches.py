@@ -141,6 +141,7 @@ async def test_other_unavailable_answers(status: int, body: object, error: type[
 
 
 async def test_the_breaker_counts_conflicts_and_overload() -> None:
+    # A request-path call (log writes bypass the breaker: a log outage never fails requests).
     calls: list[str] = []
     bodies = iter([(503, OCC_BODY), (429, OVERLOADED_BODY)])
 
@@ -154,15 +155,15 @@ async def test_the_breaker_counts_conflicts_and_overload() -> None:
     )
     try:
         with pytest.raises(StoreConflictError):
-            await store.write_logs(one_row())
+            await store.find_api_key("h1")
         with pytest.raises(StoreOverloadedError):
-            await store.write_logs(one_row(2_000))
+            await store.find_api_key("h2")
         assert store.breaker.state == "open"
         with pytest.raises(CircuitOpenError):
-            await store.write_logs(one_row(3_000))
+            await store.find_api_key("h3")
     finally:
         await store.close()
-    assert calls == ["logs:writeBatch", "logs:writeBatch"]  # the open circuit spared the third
+    assert calls == ["apiKeys:getByHash", "apiKeys:getByHash"]  # the open circuit spared the third
 
 
 # -- credentials in the URL ----------------------------------------------------------------------

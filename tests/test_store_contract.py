@@ -17,7 +17,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from convex_guard import HOUR, MINUTE, FixedWindow, LimitRequest, MemoryStore, Store, TokenBucket
+from convex_guard import (
+    HOUR,
+    MINUTE,
+    FixedWindow,
+    LimitRequest,
+    LimitResult,
+    MemoryStore,
+    Store,
+    StoreConflictError,
+    TokenBucket,
+)
 from convex_guard._convex import ConvexStore
 from convex_guard._store import (
     AIRequestLog,
@@ -160,11 +170,20 @@ async def test_reset_and_peek(harness: Harness) -> None:
 
 
 async def test_concurrent_calls_admit_exactly_the_limit(harness: Harness) -> None:
+    # 100 concurrent calls on one key are one hot document on Convex: the backend may answer
+    # some of them 503 after its retries (StoreConflictError), never admit one twice. Every
+    # call that was answered is admitted while the limit lasts, the rest refused.
     config = FixedWindow(rate=30, period=HOUR, start=0)
     results = await asyncio.gather(
-        *(harness.store.limit("burst", config, key="k") for _ in range(100))
+        *(harness.store.limit("burst", config, key="k") for _ in range(100)),
+        return_exceptions=True,
     )
-    assert sum(r.ok for r in results) == 30
+    answered = [r for r in results if isinstance(r, LimitResult)]
+    failed = [r for r in results if not isinstance(r, LimitResult)]
+    assert all(isinstance(e, StoreConflictError) for e in failed), failed
+    if isinstance(harness.store, MemoryStore):
+        assert not failed
+    assert sum(r.ok for r in answered) == min(30, len(answered))
 
 
 # -- bots ------------------------------------------------------------------------------------
