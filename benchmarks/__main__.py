@@ -26,6 +26,7 @@ SECTIONS = [
     ("HTTP overhead under wrk", "benchmarks.http_overhead"),
     ("HTTP: instructions per request (callgrind)", "benchmarks.instructions"),
     ("Convex path: ConvexStore on the loopback test server", "benchmarks.convex_path"),
+    ("Convex at scale: app instances sharing one deployment", "benchmarks.convex_scale"),
 ]
 
 

@@ -35,6 +35,8 @@ export class OccConflict extends Error {
 
 export type DocumentCounters = { writes: number; conflicts: number; retries: number; occFailures: number };
 export type Totals = {
+  /** Queries and actions called over HTTP (with `mutations`: the round trips clients made). */
+  queries: number;
   mutations: number;
   attempts: number;
   commits: number;
@@ -79,7 +81,16 @@ export class Ledger {
   private tx: Transaction | undefined;
 
   private static zero(): Totals {
-    return { mutations: 0, attempts: 0, commits: 0, conflicts: 0, retries: 0, occFailures: 0, overloaded: 0 };
+    return {
+      queries: 0,
+      mutations: 0,
+      attempts: 0,
+      commits: 0,
+      conflicts: 0,
+      retries: 0,
+      occFailures: 0,
+      overloaded: 0,
+    };
   }
 
   /** Hook convex-test's transaction manager and syscalls (tests only: internals). */

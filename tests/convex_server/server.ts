@@ -194,6 +194,7 @@ async function main(): Promise<void> {
       if ("error" in outcome) return sendFunctionError(res, outcome.error);
       throw outcome.refused;
     }
+    deployment.ledger.totals.queries += 1;
     await serial.run(async () => {
       let value;
       try {
