@@ -479,7 +479,11 @@ class ConvexStore:
             async for value in subscription:
                 yield value
         finally:
-            subscription.unsubscribe()
+            # Cancelled while waiting for a value, the client's pending read holds the
+            # subscription, and `unsubscribe()` would subscribe again first (blocking, with a
+            # warning); dropping that read unsubscribes.
+            if subscription.inner.exists():
+                subscription.unsubscribe()
 
     async def close(self) -> None:
         await self._client.aclose()
