@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -338,6 +339,7 @@ STARTUP_SLACK = 15.0
     ("kind", "expected"),
     [
         ("closed", "cannot reach http://***@127.0.0.1:"),
+        ("silent", "did not answer within 2 s"),
         ("404", "is not a Convex deployment (GET /version answered HTTP 404)"),
         ("site", "is not a Convex deployment with convex-guard's functions"),
         ("http-only", "no update from http://***@127.0.0.1:"),
@@ -347,6 +349,9 @@ def test_watch_on_something_else_than_convex_exits_1_in_one_line(kind: str, expe
     with contextlib.ExitStack() as stack:
         if kind == "closed":
             url = f"http://127.0.0.1:{free_port()}"
+        elif kind == "silent":  # the kernel accepts connections, nobody answers them
+            listener = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         else:
             url = stack.enter_context(fake_server(kind))
         credentialed = url.replace("http://", "http://ops:s3cr3t@")

@@ -435,9 +435,10 @@ class _Cli:
         url = getattr(self.store, "url", None)
         if isinstance(url, str):
             try:
-                async with httpx.AsyncClient(timeout=seconds) as client:
+                # A whole-step bound: httpx's timeout is per read, a trickle would outlive it.
+                async with asyncio.timeout(seconds), httpx.AsyncClient(timeout=seconds) as client:
                     response = await client.get(url.rstrip("/") + "/version")
-            except httpx.TimeoutException:
+            except (TimeoutError, httpx.TimeoutException):
                 raise CliError(
                     f"convex-guard: {where} did not answer within {seconds:g} s"
                 ) from None

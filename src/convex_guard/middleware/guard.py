@@ -410,8 +410,9 @@ class MisconfiguredGuard(GuardMiddleware):
     error: ConfigurationError
     _logged = False
 
-    @property
+    @functools.cached_property
     def message(self) -> str:
+        """The problem in one line, as the lifespan, the log and the 500 problem give it."""
         return "convex-guard: " + redact_url(" ".join(str(self.error).split()))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
