@@ -302,6 +302,7 @@ class _Fake(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         kind = self.server.kind  # type: ignore[attr-defined]
+        self.server.paths.append(self.path)  # type: ignore[attr-defined]
         if kind == "404":
             self._answer(404, b"not found")
         else:  # a WebSocket upgrade gets a page too: no sync protocol here
@@ -319,13 +320,14 @@ class _Fake(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def fake_server(kind: str) -> Iterator[str]:
+def fake_server(kind: str) -> Iterator[ThreadingHTTPServer]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
     server.kind = kind  # type: ignore[attr-defined]
+    server.paths = []  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        yield server
     finally:
         server.shutdown()
         server.server_close()
@@ -353,7 +355,7 @@ def test_watch_on_something_else_than_convex_exits_1_in_one_line(kind: str, expe
             listener = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
             url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         else:
-            url = stack.enter_context(fake_server(kind))
+            url = f"http://127.0.0.1:{stack.enter_context(fake_server(kind)).server_port}"
         credentialed = url.replace("http://", "http://ops:s3cr3t@")
         started = time.monotonic()
         code, out, err = finish(cli_process(credentialed, "watch", "--timeout", "2"), 60)
@@ -367,10 +369,13 @@ def test_watch_on_something_else_than_convex_exits_1_in_one_line(kind: str, expe
 
 def test_sigint_while_the_client_blocks_exits_at_once() -> None:
     """Ctrl-C while the Convex client waits, GIL held, for a sync endpoint that never comes."""
-    with fake_server("http-only") as url:
-        process = cli_process(url, "watch", "--timeout", "120")
-        time.sleep(STARTUP_SLACK / 3)  # well into the subscription
-        assert process.poll() is None
+    with fake_server("http-only") as server:
+        process = cli_process(f"http://127.0.0.1:{server.server_port}", "watch", "--timeout", "120")
+        deadline = time.monotonic() + 60
+        while not any("sync" in path for path in server.paths):  # the client tries its WebSocket
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
         interrupted = time.monotonic()
         process.send_signal(signal.SIGINT)
         code, out, err = finish(process, 30)
