@@ -1,19 +1,43 @@
-"""The convex-guard CLI, driven with an injected MemoryStore and clock."""
+"""The convex-guard CLI, driven with an injected MemoryStore and clock, and `watch` as a real
+process against a closed port, servers that are not Convex, and the loopback Convex server."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import io
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
 import types
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from convex_guard import HOUR, MINUTE, MemoryStore
 from convex_guard._apikeys import hash_key
+from convex_guard._settings import redact_url
 from convex_guard._store import AIRequestLog, BotEvent, LogBatch
-from convex_guard.cli import NO_DEPLOYMENT, main, parse_duration, store_from_environment
+from convex_guard.cli import (
+    NO_DEPLOYMENT,
+    main,
+    parse_duration,
+    parse_seconds,
+    scrub,
+    store_from_environment,
+)
+
+from .conftest import ConvexTestServer
+from .fault_tools import ROOT, free_port
 
 NOW = 1_800_000_000_000.0  # 2027-01-15 08:00:00Z
 
@@ -235,3 +259,173 @@ def test_bad_arguments() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["stats", "providers", "--since", "soon"], store=MemoryStore())
     assert exc.value.code == 2
+
+
+# -- `convex-guard watch` as a real process ---------------------------------------------------
+
+
+def cli_process(url: str, *argv: str, admin_key: str = "admin-s3cr3t-key") -> subprocess.Popen[str]:
+    """`python -m convex_guard.cli ARGV` against `url`, with this worktree's source."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CONVEX_", "RATE_LIMIT_"))}
+    env.update(
+        PYTHONPATH=str(ROOT / "src"),
+        CONVEX_SELF_HOSTED_URL=url,
+        CONVEX_SELF_HOSTED_ADMIN_KEY=admin_key,
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "convex_guard.cli", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str], within: float) -> tuple[int, str, str]:
+    try:
+        out, err = process.communicate(timeout=within)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        pytest.fail(f"still running after {within} s; printed {out!r} {err!r}")
+    return process.returncode, out, err
+
+
+class _Fake(BaseHTTPRequestHandler):
+    """An HTTP server that is not Convex, in one of three ways (`server.kind`)."""
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        kind = self.server.kind  # type: ignore[attr-defined]
+        self.server.paths.append(self.path)  # type: ignore[attr-defined]
+        if kind == "404":
+            self._answer(404, b"not found")
+        else:  # a WebSocket upgrade gets a page too: no sync protocol here
+            self._answer(200, b"1.0" if kind == "http-only" else b"<html>a site</html>")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.server.kind == "http-only":  # type: ignore[attr-defined]
+            self._answer(200, b'{"status":"success","value":[],"logLines":[]}')
+        else:
+            self._answer(200, b"<html>a site</html>")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def fake_server(kind: str) -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
+    server.kind = kind  # type: ignore[attr-defined]
+    server.paths = []  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+#: What a loaded 2-core machine needs to start the interpreter, on top of `--timeout`.
+STARTUP_SLACK = 15.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("closed", "cannot reach http://***@127.0.0.1:"),
+        ("silent", "did not answer within 2 s"),
+        ("404", "is not a Convex deployment (GET /version answered HTTP 404)"),
+        ("site", "is not a Convex deployment with convex-guard's functions"),
+        ("http-only", "no update from http://***@127.0.0.1:"),
+    ],
+)
+def test_watch_on_something_else_than_convex_exits_1_in_one_line(kind: str, expected: str) -> None:
+    with contextlib.ExitStack() as stack:
+        if kind == "closed":
+            url = f"http://127.0.0.1:{free_port()}"
+        elif kind == "silent":  # the kernel accepts connections, nobody answers them
+            listener = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        else:
+            url = f"http://127.0.0.1:{stack.enter_context(fake_server(kind)).server_port}"
+        credentialed = url.replace("http://", "http://ops:s3cr3t@")
+        started = time.monotonic()
+        code, out, err = finish(cli_process(credentialed, "watch", "--timeout", "2"), 60)
+        elapsed = time.monotonic() - started
+    assert code == 1 and out == ""
+    assert err.endswith("\n") and "\n" not in err.rstrip("\n"), err
+    assert expected in err and "s3cr3t" not in err and "Traceback" not in err
+    # The "http-only" server answers HTTP, then the client's sync never connects: two steps.
+    assert elapsed < (4 if kind == "http-only" else 2) + STARTUP_SLACK
+
+
+def test_sigint_while_the_client_blocks_exits_at_once() -> None:
+    """Ctrl-C while the Convex client waits, GIL held, for a sync endpoint that never comes."""
+    with fake_server("http-only") as server:
+        process = cli_process(f"http://127.0.0.1:{server.server_port}", "watch", "--timeout", "120")
+        deadline = time.monotonic() + 60
+        while not any("sync" in path for path in server.paths):  # the client tries its WebSocket
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        code, out, err = finish(process, 30)
+    assert (code, out, err) == (130, "", "")
+    assert time.monotonic() - interrupted < 3  # the client runs signal handlers once a second
+
+
+def test_sigint_after_the_first_update_exits_at_once(convex_server: ConvexTestServer) -> None:
+    process = cli_process(convex_server.url, "watch", "--json", admin_key=convex_server.admin_key)
+    try:
+        assert process.stdout is not None
+        first = json.loads(process.stdout.readline())
+        assert "providers" in first and first["botEvents"] == []
+        interrupted = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        code, _, err = finish(process, 30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert (code, err) == (130, "")  # no traceback, no warning from the client
+    assert time.monotonic() - interrupted < 5
+
+
+def test_other_commands_print_no_credentials_of_the_url() -> None:
+    url = f"http://ops:s3cr3t@127.0.0.1:{free_port()}"
+    code, out, err = finish(cli_process(url, "keys", "list"), 60)
+    assert code == 1 and out == ""
+    assert "http://***@127.0.0.1:" in err and "s3cr3t" not in err and err.count("\n") == 1
+
+
+def test_scrub_hides_userinfo_and_the_admin_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEX_SELF_HOSTED_ADMIN_KEY", "convex-self-hosted|01abcdef")
+    text = "https://u:p@h:3210/x said 'Convex convex-self-hosted|01abcdef' to http://h"
+    assert scrub(text) == "https://***@h:3210/x said 'Convex **********' to http://h"
+    assert parse_seconds("0.5") == 0.5
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_seconds(bad)
+
+
+@given(
+    user=st.text(st.characters(blacklist_categories=("Cs", "Zs", "Cc")), max_size=20),
+    password=st.text(st.characters(blacklist_categories=("Cs", "Zs", "Cc")), min_size=1),
+    scheme=st.sampled_from(["http", "https", "HTTPS", "postgresql"]),
+)
+def test_redact_url_never_shows_the_password(user: str, password: str, scheme: str) -> None:
+    assume(not set(user + password) & set("'\"<>"))  # never unescaped in a URL
+    secret = "S3CR3T" + password
+    text = f"deployment {scheme}://{user}:{secret}@host:3210/api unreachable"
+    redacted = redact_url(text)
+    assert "S3CR3T" not in redacted
+    assert redacted.endswith("@host:3210/api unreachable")
+    assert redacted.startswith(f"deployment {scheme}://***@")

@@ -851,7 +851,11 @@ class ConvexStore:
                 self._scrub(f"Convex subscription {path} failed: {type(exc).__name__}: {exc}")
             ) from None
         finally:
-            subscription.unsubscribe()
+            # Cancelled while waiting for a value, the client's pending read holds the
+            # subscription, and `unsubscribe()` would subscribe again first (blocking, with a
+            # warning); dropping that read unsubscribes.
+            if subscription.inner.exists():
+                subscription.unsubscribe()
 
     async def close(self) -> None:
         """Hand back every lease's unused tokens (one call), then close the connections.

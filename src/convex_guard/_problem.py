@@ -43,7 +43,7 @@ def problem(
 WEBSOCKET_DENIAL = "websocket.http.response"
 #: Close codes for a refused handshake when the server cannot send an HTTP answer
 #: (RFC 6455 §7.4.1): 1008 policy violation, 1013 try again later.
-_CLOSE_CODES = {429: 1013, 503: 1013}
+_CLOSE_CODES = {429: 1013, 500: 1011, 503: 1013}
 _POLICY_VIOLATION = 1008
 
 
@@ -53,7 +53,7 @@ async def refuse(answer: ASGIApp, scope: Scope, receive: Receive, send: Send) ->
     An HTTP request gets it as it is. A WebSocket handshake is refused before accept: with
     the same status, headers and body through the server's `websocket.http.response`
     extension where it is offered, else with a close frame whose code says why (1008 for
-    401/403, 1013 for 429/503) and whose reason is the problem's title.
+    401/403, 1013 for 429/503, 1011 for a 500) and whose reason is the problem's title.
     """
     if scope["type"] != "websocket":
         await answer(scope, receive, send)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ._errors import ConfigurationError
+
+# The userinfo of a URL (`scheme://user:password@`), wherever one appears in a text. A
+# password with an unescaped `/`, `?` or `@` still counts: better one host too many hidden than
+# half a password shown.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s'\"<>]*@")
 
 
 class GuardEnvironment(BaseSettings):
@@ -46,3 +52,12 @@ def load_environment() -> GuardEnvironment:
             for error in exc.errors(include_input=False)
         )
         raise ConfigurationError(f"Bad environment: {problems}") from None
+
+
+def redact_url(text: str) -> str:
+    """`text` with the userinfo of every URL in it (`http://user:pw@host`) replaced by `***`.
+
+    A deployment URL may carry credentials (a proxy's basic auth); anything printed or
+    logged that holds a URL goes through this first.
+    """
+    return _USERINFO.sub(r"\1***@", text)

@@ -4,25 +4,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
+import os
 import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from types import FrameType
 from typing import IO, Any, cast
 
+import httpx
+
 from ._apikeys import ApiKeys, CreatedKey, KeyNotFoundError
-from ._errors import ConfigurationError, GuardError
+from ._errors import (
+    ConfigurationError,
+    ConvexAuthError,
+    ConvexFunctionNotFoundError,
+    GuardError,
+    StoreError,
+)
 from ._limits import DAY, HOUR, MINUTE, SECOND
 from ._presets import AI_PROVIDERS
-from ._settings import load_environment
+from ._settings import load_environment, redact_url
 from ._store import ApiKeyRecord, BotEvent, KeyRateLimit, ProviderStats, Store
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+#: Ctrl-C (SIGINT): 128 + the signal's number, as shells report it.
+EXIT_INTERRUPTED = 130
+
+#: `watch --timeout`: seconds for the deployment to answer, and then for its first update.
+DEFAULT_WATCH_TIMEOUT = 5.0
 
 NO_DEPLOYMENT = (
     "convex-guard: no Convex deployment configured; set CONVEX_SELF_HOSTED_URL (or CONVEX_URL) "
@@ -57,6 +75,17 @@ def parse_duration(text: str) -> float:
     if pos != len(text) or not text or total <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 30s, 15m, 1h or 7d")
     return total
+
+
+def parse_seconds(text: str) -> float:
+    """`5`, `0.5` → seconds (positive, finite)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < 86_400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds such as 5 or 0.5")
+    return seconds
 
 
 def parse_rate_limit(text: str) -> KeyRateLimit:
@@ -328,11 +357,18 @@ class _Cli:
         return EXIT_OK
 
     async def watch_live(self, args: argparse.Namespace) -> int:
-        """Provider stats and recent bot events, reprinted whenever Convex pushes a change."""
+        """Provider stats and recent bot events, reprinted whenever Convex pushes a change.
+
+        The deployment must answer within `--timeout` seconds, and then send its first
+        update within as many again: else one line and exit 1, never a silent wait (the
+        Convex client would retry an unreachable URL forever).
+        """
         watch_stats = getattr(self.store, "watch_provider_stats", None)
         watch_bots = getattr(self.store, "watch_bot_events", None)
         if watch_stats is None or watch_bots is None:
             raise CliError("convex-guard: watch needs a Convex deployment (live subscriptions)")
+        where = redact_url(str(getattr(self.store, "url", "the deployment")))
+        await self._check_deployment(where, args.timeout)
         start = self.clock() - args.since
         end = self.clock() + 365 * DAY  # open-ended: rows written from now on count too
         providers = args.provider or list(AI_PROVIDERS)
@@ -351,12 +387,34 @@ class _Cli:
                 events = value
                 updates.put_nowait(None)
 
+        async def next_update() -> None:
+            """The next push; a subscription that ends or fails ends the watch, in one line."""
+            pushed = asyncio.ensure_future(updates.get())
+            done, _ = await asyncio.wait({pushed, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+            if pushed in done:
+                return
+            pushed.cancel()
+            failure = next(iter(done)).exception()
+            reason = f": {type(failure).__name__}: {failure}" if failure is not None else ""
+            raise CliError(f"convex-guard: the subscription to {where} ended{reason}")
+
+        no_update = (
+            f"convex-guard: no update from {where} within {args.timeout:g} s "
+            "(its WebSocket sync endpoint does not answer)"
+        )
+        shown = 0
         tasks = [asyncio.create_task(follow_stats(p)) for p in providers]
         tasks.append(asyncio.create_task(follow_bots()))
-        shown = 0
         try:
             while args.count is None or shown < args.count:
-                await updates.get()
+                if shown == 0:
+                    with _deadline(args.timeout, no_update):
+                        try:
+                            await asyncio.wait_for(next_update(), args.timeout)
+                        except TimeoutError:
+                            raise CliError(no_update) from None
+                else:
+                    await next_update()
                 await asyncio.sleep(0.05)  # coalesce the pushes of one change
                 while not updates.empty():
                     updates.get_nowait()
@@ -367,6 +425,49 @@ class _Cli:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         return EXIT_OK
+
+    async def _check_deployment(self, where: str, seconds: float) -> None:
+        """Fail in one line unless a Convex deployment with our functions answers in time.
+
+        `GET /version` (every Convex backend answers it) tells a deployment from anything
+        else; one query then shows the functions are deployed and the admin key accepted.
+        """
+        url = getattr(self.store, "url", None)
+        if isinstance(url, str):
+            try:
+                # A whole-step bound: httpx's timeout is per read, a trickle would outlive it.
+                async with asyncio.timeout(seconds), httpx.AsyncClient(timeout=seconds) as client:
+                    response = await client.get(url.rstrip("/") + "/version")
+            except (TimeoutError, httpx.TimeoutException):
+                raise CliError(
+                    f"convex-guard: {where} did not answer within {seconds:g} s"
+                ) from None
+            except httpx.HTTPError as exc:
+                raise CliError(
+                    f"convex-guard: cannot reach {where} ({type(exc).__name__})"
+                ) from None
+            if response.status_code != 200:
+                raise CliError(
+                    f"convex-guard: {where} is not a Convex deployment "
+                    f"(GET /version answered HTTP {response.status_code})"
+                )
+        try:
+            await asyncio.wait_for(self.store.bot_events(since=self.clock(), limit=1), seconds)
+        except TimeoutError:
+            raise CliError(f"convex-guard: {where} did not answer within {seconds:g} s") from None
+        except ConvexFunctionNotFoundError:
+            raise CliError(
+                f"convex-guard: {where} lacks convex-guard's functions: deploy convex/ to it"
+            ) from None
+        except ConvexAuthError:
+            raise CliError(
+                f"convex-guard: {where} refused the admin key (CONVEX_SELF_HOSTED_ADMIN_KEY)"
+            ) from None
+        except StoreError as exc:
+            raise CliError(
+                f"convex-guard: {where} is not a Convex deployment with convex-guard's "
+                f"functions ({exc})"
+            ) from None
 
     def _show_live(
         self,
@@ -459,7 +560,88 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--provider", action="append", help="only these (repeatable)")
     watch.add_argument("--limit", type=int, default=10, help="bot events shown")
     watch.add_argument("--count", type=int, help="stop after this many updates")
+    watch.add_argument(
+        "--timeout",
+        type=parse_seconds,
+        default=DEFAULT_WATCH_TIMEOUT,
+        metavar="SECONDS",
+        help="give up (exit 1) when the deployment does not answer, or then send its first "
+        f"update, within this (default {DEFAULT_WATCH_TIMEOUT:g}); Ctrl-C exits with 130",
+    )
     return parser
+
+
+class _DeadlinePassed(KeyboardInterrupt):
+    """Raised by SIGALRM in the main thread when a deadline passes; carries the line to print.
+
+    A `KeyboardInterrupt`, so that asyncio lets it out of whatever task it lands in at once,
+    as it does Ctrl-C.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float, message: str) -> Iterator[None]:
+    """Interrupt the main thread after `seconds`, even inside a native call holding the GIL.
+
+    The official Convex client's `subscribe` blocks the thread (GIL held) until it has
+    connected, retrying an unreachable deployment forever; it runs Python's signal handlers
+    once a second meanwhile, so a SIGALRM handler that raises gets it out. Elsewhere than the
+    main thread signals cannot be used, and the asyncio timeout alone bounds the wait.
+    """
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+        signal, "setitimer"
+    ):
+        yield
+        return
+
+    def expire(signum: int, frame: FrameType | None) -> None:
+        raise _DeadlinePassed(message)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def _interrupt_at_once() -> Iterator[None]:
+    """The first Ctrl-C raises `KeyboardInterrupt` wherever the main thread is.
+
+    `asyncio.run` replaces Python's default handler with one that only cancels the main task
+    on the first Ctrl-C, which cannot happen while the Convex client blocks the thread: that
+    Ctrl-C went unheard. A handler of our own keeps asyncio from installing its one.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def scrub(text: str) -> str:
+    """`text` fit to print: URLs without their userinfo, the admin key masked."""
+    text = redact_url(text)
+    admin_key = os.environ.get("CONVEX_SELF_HOSTED_ADMIN_KEY", "").strip()
+    if admin_key:
+        text = text.replace(admin_key, "**********")
+    return text
 
 
 async def _run(args: argparse.Namespace, cli: _Cli) -> int:
@@ -478,33 +660,43 @@ def main(
     stdout: IO[str] | None = None,
     stderr: IO[str] | None = None,
 ) -> int:
-    """Run the CLI; `store` and `clock` are injectable, for tests and embedding."""
+    """Run the CLI; `store` and `clock` are injectable, for tests and embedding.
+
+    Every problem is one line on stderr (URLs without credentials, never the admin key) and
+    exit status 1, or 2 for usage and configuration; Ctrl-C exits at once with 130, without
+    a traceback.
+    """
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     args = build_parser().parse_args(argv)
     if getattr(args, "limit", 1) < 1:
         print("convex-guard: --limit must be at least 1", file=err)
         return EXIT_USAGE
+
+    def fail(message: str, status: int) -> int:
+        print(scrub(" ".join(message.split())), file=err)
+        return status
+
     try:
         if store is None:
             store = store_from_environment()
         cli = _Cli(store, clock or (lambda: time.time() * 1000.0), out, err)
-        return asyncio.run(_run(args, cli))
+        with _interrupt_at_once():
+            return asyncio.run(_run(args, cli))
+    except _DeadlinePassed as exc:
+        return fail(exc.message, EXIT_ERROR)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except CliError as exc:
-        print(str(exc), file=err)
-        return exc.status
+        return fail(str(exc), exc.status)
     except KeyNotFoundError as exc:
-        print(f"convex-guard: {exc}", file=err)
-        return EXIT_ERROR
+        return fail(f"convex-guard: {exc}", EXIT_ERROR)
     except ConfigurationError as exc:
-        print(f"convex-guard: {exc}", file=err)
-        return EXIT_USAGE
+        return fail(f"convex-guard: {exc}", EXIT_USAGE)
     except GuardError as exc:
-        print(f"convex-guard: {exc}", file=err)
-        return EXIT_ERROR
+        return fail(f"convex-guard: {exc}", EXIT_ERROR)
     except Exception as exc:  # a transport error from the store: one line, not a traceback
-        print(f"convex-guard: the store failed: {type(exc).__name__}: {exc}", file=err)
-        return EXIT_ERROR
+        return fail(f"convex-guard: the store failed: {type(exc).__name__}: {exc}", EXIT_ERROR)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,10 @@ from .._logwriter import (
 )
 from .._memory import MemoryStore
 from .._presets import AI_PROVIDERS
-from .._problem import refuse
+from .._problem import problem, refuse
 from .._resilience import ResilientStore
 from .._rules import Rule, _path_matcher, preset_rules
-from .._settings import GuardEnvironment, load_environment
+from .._settings import GuardEnvironment, load_environment, redact_url
 from .._store import Store
 from .._useragent import BotCategory
 from .apikeys import DEFAULT_CACHE_TTL, ApiKeyMiddleware, KeyRoute
@@ -429,18 +429,71 @@ class GuardMiddleware(SinglePass):
     stack. A normal request costs one store round trip (the bot check is decided with the
     limits); log rows go through one shared writer, started at lifespan startup and flushed at
     shutdown, when a store the guard created is closed too.
+
+    A bad setting (an option, a field, or a variable of the environment such as
+    `RATE_LIMIT_GLOBAL_REQUESTS`) is not raised from here: Starlette builds its middleware
+    stack on its first call, the lifespan's, and uvicorn would take the exception for a
+    server without lifespan support, then answer every request with a 500. The guard keeps
+    the error in `error` and refuses the start-up instead (`lifespan.startup.failed`, one
+    line naming the setting: uvicorn logs it and exits with status 3); without a lifespan it
+    answers every request with a 500 problem naming the setting, logged once.
     """
 
+    #: The configuration problem this guard could not start with; None when it is serving.
+    error: ConfigurationError | None = None
+
     def __init__(self, app: ASGIApp, settings: GuardSettings | None = None, **options: Any) -> None:
-        if settings is not None and not isinstance(settings, GuardSettings):
-            raise ConfigurationError("settings must be a GuardSettings")
-        self.settings = (settings or GuardSettings()).with_options(options)
-        self.guard = GuardStack.build(app, self.settings)
+        try:
+            if settings is not None and not isinstance(settings, GuardSettings):
+                raise ConfigurationError("settings must be a GuardSettings")
+            self.settings = (settings or GuardSettings()).with_options(options)
+            self.guard = GuardStack.build(app, self.settings)
+        except ConfigurationError as exc:
+            # The same object, with the misconfigured guard's `__call__`: the serving
+            # guard's own `__call__` stays as it is, without a check per request.
+            self.__class__ = MisconfiguredGuard
+            self.error = exc
+            return
         self.store = self.guard.store
         self.writer = self.guard.writer
         # The single pass is this middleware itself: no extra layer per request.
         super().__init__(
             self.guard, on_shutdown=self.store.close if self.guard.owns_store else None
+        )
+
+
+class MisconfiguredGuard(GuardMiddleware):
+    """A `GuardMiddleware` whose configuration is bad: it refuses to start and serves nothing.
+
+    The lifespan's start-up is answered `lifespan.startup.failed` with the one-line problem,
+    so the server exits. A server without lifespan gets, for every request, a 500
+    `application/problem+json` naming the problem, and the log gets the line once; a
+    WebSocket handshake gets the same answer where the server offers
+    `websocket.http.response`, else a close with 1011 (internal error).
+    """
+
+    error: ConfigurationError
+    _logged = False
+
+    @functools.cached_property
+    def message(self) -> str:
+        """The problem in one line, as the lifespan, the log and the 500 problem give it."""
+        return "convex-guard: " + redact_url(" ".join(str(self.error).split()))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": self.message})
+            return
+        if kind not in ("http", "websocket"):
+            return
+        if not self._logged:
+            self._logged = True
+            logger.error("%s", self.message)
+        await refuse(
+            problem(500, "Internal Server Error", detail=self.message), scope, receive, send
         )
 
 
@@ -454,4 +507,10 @@ def exempt_matcher(paths: Iterable[str]) -> Callable[[str], bool]:
     return lambda path: any(match(path) for match in matchers)
 
 
-__all__ = ["GuardMiddleware", "GuardSettings", "GuardStack", "default_key_routes"]
+__all__ = [
+    "GuardMiddleware",
+    "GuardSettings",
+    "GuardStack",
+    "MisconfiguredGuard",
+    "default_key_routes",
+]
