@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from types import FrameType
-from typing import IO, Any, cast
+from typing import IO, Any, NoReturn, cast
 
 import httpx
 
@@ -699,5 +699,19 @@ def main(
         return fail(f"convex-guard: the store failed: {type(exc).__name__}: {exc}", EXIT_ERROR)
 
 
+def entry() -> NoReturn:
+    """The console script (and `python -m convex_guard.cli`): `main()`'s status, at once.
+
+    The process ends without the interpreter's shutdown: after `watch` the official Convex
+    client's native threads and its abandoned subscription are still alive, and a normal
+    shutdown interleaved with them sometimes aborts ("Fatal Python error") or warns on stderr
+    instead of exiting quietly with the status. Everything printed is flushed first.
+    """
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
