@@ -131,7 +131,7 @@ def _asgi_ratelimit() -> Starlette:
             Middleware(
                 AsgiRateLimit,
                 authenticate=by_peer,
-                backend=MemoryBackend(),
+                backend=MemoryBackend(),  # type: ignore[no-untyped-call]  # asgi-ratelimit: no hints
                 config={r"^/api/ai": [AsgiRule(hour=NEVER)]},
             )
         ],

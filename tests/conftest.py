@@ -25,12 +25,13 @@ class RunningServer:
         self.server = server
         self.thread = thread
         self.uds: str | None = server.config.uds
+        self.port: int
         if self.uds is not None:
             self.port = 0
             self.url = "http://localhost"
             return
         sockets = server.servers[0].sockets
-        self.port: int = sockets[0].getsockname()[1]
+        self.port = sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:

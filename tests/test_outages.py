@@ -216,10 +216,12 @@ GARBAGE: dict[str, Callable[[Sequence[LimitRequest], BotCheck | None, CheckResul
     "short results": lambda limits, bot, real: (
         CheckResult(real.ok, real.results[:-1] or (), real.bot)
         if real.results
-        else CheckResult(True, (None,), real.bot)
+        else CheckResult(True, (None,), real.bot)  # type: ignore[arg-type]  # garbage on purpose
     ),
     "dicts for results": lambda limits, bot, real: CheckResult(
-        True, tuple({"ok": True} for _ in limits), real.bot
+        True,
+        tuple({"ok": True} for _ in limits),  # type: ignore[misc]  # garbage on purpose
+        real.bot,
     ),
     "no bot verdict": lambda limits, bot, real: CheckResult(real.ok, real.results, None),
     "unknown bot action": lambda limits, bot, real: CheckResult(
@@ -314,7 +316,7 @@ def test_a_resilient_store_counts_garbage_against_the_breaker(mode: str) -> None
             calls[0] += 1
             return await original(*args, **kwargs)
 
-        primary._client.post = counting  # type: ignore[method-assign]
+        primary._client.post = counting
 
         def count() -> int:
             return calls[0]
@@ -345,7 +347,7 @@ def garbage_apps() -> Iterator[tuple[asyncio.Runner, dict[tuple[str, str], Any]]
     apps = {}
     for mode in [*GARBAGE, *CONVEX_GARBAGE]:
         for fail in ("open", "closed"):
-            settings_ = GuardSettings(store=garbage_store(mode), fail=fail, writer_interval=0.05)  # type: ignore[arg-type]
+            settings_ = GuardSettings(store=garbage_store(mode), fail=fail, writer_interval=0.05)
             apps[(mode, fail)] = create_app(settings_, upstream=None)
     with asyncio.Runner() as runner:
         yield runner, apps

@@ -25,6 +25,7 @@ from convex_guard import (
     MemoryStore,
     RateLimitMiddleware,
     Rule,
+    Store,
     StoreError,
     TokenBucket,
 )
@@ -43,7 +44,7 @@ async def echo_ws(websocket: WebSocket) -> None:
     await websocket.close()
 
 
-def make_app(store: object, rules: Sequence[Rule], timeout: float = 0.5) -> Starlette:
+def make_app(store: Store, rules: Sequence[Rule], timeout: float = 0.5) -> Starlette:
     app = Starlette(
         routes=[
             Route("/api/ai/{provider}/chat", hello, methods=["GET", "POST"]),

@@ -280,7 +280,7 @@ async def sync_mutation(
                     return message, None
         except websockets.ConnectionClosed as closed:
             return None, closed.rcvd
-        return None, ws.close_rcvd
+        return None, ws.protocol.close_rcvd
 
 
 def test_over_the_sync_protocol_as_the_backend_answers() -> None:

@@ -431,7 +431,11 @@ class GuardMiddleware(SinglePass):
     shutdown, when a store the guard created is closed too.
     """
 
-    def __init__(self, app: ASGIApp, settings: GuardSettings | None = None, **options: Any) -> None:
+    # `app` is positional-only: with `**options` beside it, Starlette's `add_middleware` typing
+    # (a ParamSpec protocol whose app is positional-only) accepts the class only so.
+    def __init__(
+        self, app: ASGIApp, /, settings: GuardSettings | None = None, **options: Any
+    ) -> None:
         if settings is not None and not isinstance(settings, GuardSettings):
             raise ConfigurationError("settings must be a GuardSettings")
         self.settings = (settings or GuardSettings()).with_options(options)
