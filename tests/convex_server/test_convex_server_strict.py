@@ -247,6 +247,7 @@ def test_counters_count_every_write_and_reset_with_the_deployment(
     strict.reset()
     assert strict.counters() == {
         "totals": {
+            "queries": 0,
             "mutations": 0,
             "attempts": 0,
             "commits": 0,
