@@ -112,6 +112,7 @@ def _slowapi(asgi: bool) -> Starlette:
     middleware = SlowAPIASGIMiddleware if asgi else SlowAPIMiddleware
     app = Starlette(routes=_routes(), middleware=[Middleware(middleware)])
     app.state.limiter = limiter
+    # slowapi types its handler for RateLimitExceeded only, Starlette for any exception.
     app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
     return app
 

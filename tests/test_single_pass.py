@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket
 from convex_guard import (
     HOUR,
     MINUTE,
+    BotCategory,
     FixedWindow,
     GuardMiddleware,
     GuardSettings,
@@ -38,7 +39,8 @@ from convex_guard import (
 )
 from convex_guard._apikeys import display_prefix
 from convex_guard._rules import FailPolicy, _path_matcher
-from convex_guard._store import NewApiKey
+from convex_guard._store import ApiKeyKind, NewApiKey
+from convex_guard.middleware.botdetection import PolicyAction
 from convex_guard.middleware.guard import exempt_matcher
 
 from .e2e_checks import BROWSER, GPTBOT
@@ -115,14 +117,15 @@ WRONG = generate_key("embedding")  # well formed, never stored
 async def guarded() -> tuple[GuardMiddleware, MemoryStore]:
     """A guard on its own store holding the same two keys (the AI key with its own limit)."""
     store = MemoryStore(clock=lambda: NOW, random=lambda: 0.5)
-    for name, kind, owner, limit in (
+    keys: list[tuple[str, ApiKeyKind, str, KeyRateLimit | None]] = [
         ("good", "embedding", "ann", None),
         ("ai", "ai", "bob", KeyRateLimit(requests=2, period=MINUTE)),
-    ):
+    ]
+    for name, kind, owner, limit in keys:
         raw = KEYS[name]
         await store.create_api_key(
             NewApiKey(
-                kind=kind,  # type: ignore[arg-type]
+                kind=kind,
                 key_hash=hash_key(raw),
                 prefix=display_prefix(raw),
                 name=name,
@@ -251,7 +254,10 @@ def test_the_exempt_check_is_the_path_matchers(exempt: list[str], path: str) -> 
 # -- a failing store, and bot checks deferred or not ---------------------------------------------
 
 #: Two categories challenged by policy, so the fail policy of a bot check has a refusal to give.
-OUTAGE_POLICY = {"search_engine": "challenge", "other_bot": "challenge"}
+OUTAGE_POLICY: dict[BotCategory, PolicyAction] = {
+    "search_engine": "challenge",
+    "other_bot": "challenge",
+}
 
 
 async def switched(fail: FailPolicy) -> tuple[GuardMiddleware, Switch, MemoryStore]:
@@ -261,7 +267,7 @@ async def switched(fail: FailPolicy) -> tuple[GuardMiddleware, Switch, MemorySto
     settings = GuardSettings(
         store=switch,
         rules=[dataclasses.replace(rule, fail=fail) for rule in rules()],
-        bot_policy=OUTAGE_POLICY,  # type: ignore[arg-type]
+        bot_policy=OUTAGE_POLICY,
         fail=fail,
         writer_interval=60,
     )

@@ -127,7 +127,7 @@ class ConvexTestServer:
             timeout=30,
         )
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()  # type: ignore[no-any-return]  # httpx: JSON is Any
 
     def reset(self) -> None:
         """A fresh, empty deployment (and the real clock again)."""
