@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks examples
 
 typecheck: $(STAMP)
-	$(BIN)/mypy src
+	$(BIN)/mypy src tests examples benchmarks
 
 # The pytest suite starts the loopback Convex test server, which needs convex/node_modules.
 pytest: $(STAMP) $(NPM_STAMP)

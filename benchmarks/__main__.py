@@ -12,7 +12,6 @@ import io
 import os
 import platform
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -68,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -112,6 +112,7 @@ def _slowapi(asgi: bool) -> Starlette:
     middleware = SlowAPIASGIMiddleware if asgi else SlowAPIMiddleware
     app = Starlette(routes=_routes(), middleware=[Middleware(middleware)])
     app.state.limiter = limiter
+    # slowapi types its handler for RateLimitExceeded only, Starlette for any exception.
     app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
     return app
 
@@ -131,7 +132,7 @@ def _asgi_ratelimit() -> Starlette:
             Middleware(
                 AsgiRateLimit,
                 authenticate=by_peer,
-                backend=MemoryBackend(),
+                backend=MemoryBackend(),  # type: ignore[no-untyped-call]  # asgi-ratelimit: no hints
                 config={r"^/api/ai": [AsgiRule(hour=NEVER)]},
             )
         ],

@@ -125,7 +125,7 @@ async def _drive(urls: list[str], requests: int) -> tuple[dict[str, Counter[int]
 @contextlib.contextmanager
 def _instances(
     convex: ConvexTestServer, count: int, global_limit: int
-) -> Iterator[list[subprocess.Popen[str]]]:
+) -> Iterator[list[tuple[subprocess.Popen[str], str]]]:
     env = {
         **os.environ,
         "CONVEX_SELF_HOSTED_URL": convex.url,
@@ -137,7 +137,7 @@ def _instances(
     try:
         for _ in range(count):
             started.append(start_uvicorn("benchmarks.scale_app:app", env, "--log-level", "warning"))
-        yield started  # type: ignore[misc]
+        yield started
     finally:
         for process, _ in started:
             if process.poll() is None:
@@ -173,7 +173,7 @@ def run(instances: int, requests: int, *, occ: bool = True) -> Run:
     global_limit = max(10, requests // 20)
     with running_server(occ=occ) as convex:
         with _instances(convex, instances, global_limit) as started:
-            urls = [url for _, url in started]  # type: ignore[misc]
+            urls = [url for _, url in started]
             statuses, failed, seconds = asyncio.run(_drive(urls, requests))
         calls, conflicts, occ_failures, hottest, name = _server_figures(convex.counters())
     block = largest_block(FixedWindow(rate=global_limit, period=HOUR, start=0))

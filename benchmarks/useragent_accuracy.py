@@ -55,7 +55,7 @@ def load_labelled(path: Path = LABELLED) -> list[tuple[str, str, str]]:
 def load_crawler_instances() -> list[tuple[str, str, str]]:
     """Example user-agents shipped with crawler-user-agents; NOT independent of our classifier."""
     text = (resources.files("crawleruseragents") / "crawler-user-agents.json").read_text("utf-8")
-    rows = []
+    rows: list[tuple[str, str, str]] = []
     for entry in json.loads(text):
         tags = [_TAG_CATEGORY.get(t, "other_bot") for t in entry.get("tags", ())] or ["other_bot"]
         for instance in entry["instances"]:

@@ -37,7 +37,7 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> Response:
 def create_app(settings: GuardSettings | None = None) -> Flask:
     app = Flask(__name__)
     guard = GuardWSGIMiddleware(app.wsgi_app, settings or GuardSettings())
-    app.wsgi_app = guard  # type: ignore[method-assign]
+    app.wsgi_app = guard  # type: ignore[method-assign]  # Flask types it as a method
     app.extensions["convex_guard"] = guard
 
     @app.post("/api/ai/<provider>/chat")

@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import uvicorn
@@ -25,12 +26,13 @@ class RunningServer:
         self.server = server
         self.thread = thread
         self.uds: str | None = server.config.uds
+        self.port: int
         if self.uds is not None:
             self.port = 0
             self.url = "http://localhost"
             return
         sockets = server.servers[0].sockets
-        self.port: int = sockets[0].getsockname()[1]
+        self.port = sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
@@ -40,18 +42,18 @@ class RunningServer:
 
 
 @contextlib.contextmanager
-def serve(app: ASGIApp, **options: object) -> Iterator[RunningServer]:
+def serve(app: ASGIApp, **options: Any) -> Iterator[RunningServer]:
     """Run `app` under uvicorn in a thread (its own event loop) until the block ends.
 
     `serve(app, uds=path)` listens on that unix socket instead of a loopback port.
     """
-    where: dict[str, object] = {} if "uds" in options else {"host": "127.0.0.1", "port": 0}
+    where: dict[str, Any] = {} if "uds" in options else {"host": "127.0.0.1", "port": 0}
     config = uvicorn.Config(
         app,
         log_level="warning",
         lifespan="auto",
-        **where,  # type: ignore[arg-type]
-        **options,  # type: ignore[arg-type]
+        **where,
+        **options,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)

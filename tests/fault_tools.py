@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from convex_guard import ConvexStore, LogBatch, MemoryStore, StoreError
+from convex_guard._resilience import BreakerState, CircuitBreaker
 
 BROWSER = (
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -24,6 +25,12 @@ BROWSER = (
 )
 UNKNOWN_MODEL = "unknown"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def breaker_state(breaker: CircuitBreaker) -> BreakerState:
+    """The breaker's state, read afresh: a type checker keeps `breaker.state` narrowed by an
+    earlier assertion across the calls that change it."""
+    return breaker.state
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -193,7 +194,7 @@ ROUTES = [
 ]
 
 
-def make_app(store: MemoryStore, clock: Clock, writer: LogWriter, **options: object) -> Starlette:
+def make_app(store: MemoryStore, clock: Clock, writer: LogWriter, **options: Any) -> Starlette:
     app = Starlette(
         routes=[
             Route(path, whoami, methods=["GET", "POST"])

@@ -186,8 +186,8 @@ def check_stored(store: MemoryStore) -> None:
     for event in asyncio.run(store.bot_events(since=-math.inf, limit=10_000)):
         assert len(event.user_agent) <= limit and len(event.ip) <= limit
         assert len(event.fingerprint) <= limit
-        for value in (event.metadata or {}).values():
-            assert not isinstance(value, str) or len(value) <= limit
+        for meta in (event.metadata or {}).values():
+            assert not isinstance(meta, str) or len(meta) <= limit
 
 
 @pytest.fixture(scope="module")

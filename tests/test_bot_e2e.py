@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import httpx
 import pytest
@@ -67,7 +68,7 @@ class CountingStore(MemoryStore):
         return await super().check(limits, bot=bot)
 
 
-def app_with(store: MemoryStore, *, defer: bool = False, **bot_options: object) -> Starlette:
+def app_with(store: MemoryStore, *, defer: bool = False, **bot_options: Any) -> Starlette:
     middleware = [
         Middleware(FingerprintMiddleware, trusted_proxies=["127.0.0.1"]),
         Middleware(BotDetectionMiddleware, store=store, defer=defer, **bot_options),
@@ -182,9 +183,10 @@ def test_allowlists_bypass_detection() -> None:
 
 
 def test_bad_options_fail_at_construction() -> None:
+    app = PlainTextResponse("ok")  # a response is an ASGI app
     with pytest.raises(ConfigurationError, match="category"):
-        BotDetectionMiddleware(health, store=MemoryStore(), policy={"robots": "block"})  # type: ignore[dict-item]
+        BotDetectionMiddleware(app, store=MemoryStore(), policy={"robots": "block"})  # type: ignore[dict-item]
     with pytest.raises(ConfigurationError, match="allow_ips"):
-        BotDetectionMiddleware(health, store=MemoryStore(), allow_ips=["not-an-ip"])
+        BotDetectionMiddleware(app, store=MemoryStore(), allow_ips=["not-an-ip"])
     with pytest.raises(ConfigurationError, match="trusted_proxies"):
-        FingerprintMiddleware(health, trusted_proxies=["10.0.0.0/33"])
+        FingerprintMiddleware(app, trusted_proxies=["10.0.0.0/33"])

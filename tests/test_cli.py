@@ -301,8 +301,9 @@ class _Fake(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        kind = self.server.kind  # type: ignore[attr-defined]
-        self.server.paths.append(self.path)  # type: ignore[attr-defined]
+        assert isinstance(self.server, _FakeServer)
+        kind = self.server.kind
+        self.server.paths.append(self.path)
         if kind == "404":
             self._answer(404, b"not found")
         else:  # a WebSocket upgrade gets a page too: no sync protocol here
@@ -310,7 +311,8 @@ class _Fake(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
-        if self.server.kind == "http-only":  # type: ignore[attr-defined]
+        assert isinstance(self.server, _FakeServer)
+        if self.server.kind == "http-only":
             self._answer(200, b'{"status":"success","value":[],"logLines":[]}')
         else:
             self._answer(200, b"<html>a site</html>")
@@ -319,11 +321,18 @@ class _Fake(BaseHTTPRequestHandler):
         pass
 
 
+class _FakeServer(ThreadingHTTPServer):
+    """An HTTP server that is not Convex, of a `kind`, recording the paths asked."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(("127.0.0.1", 0), _Fake)
+        self.kind = kind
+        self.paths: list[str] = []
+
+
 @contextlib.contextmanager
-def fake_server(kind: str) -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Fake)
-    server.kind = kind  # type: ignore[attr-defined]
-    server.paths = []  # type: ignore[attr-defined]
+def fake_server(kind: str) -> Iterator[_FakeServer]:
+    server = _FakeServer(kind)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 COMPOSE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
 
 
-def load() -> dict[str, object]:
+def load() -> dict[str, Any]:
     data = yaml.safe_load(COMPOSE.read_text())
     assert isinstance(data, dict)
     return data
@@ -33,7 +34,7 @@ def test_every_image_is_pinned() -> None:
 
 
 def test_backend_follows_upstream_and_the_seed() -> None:
-    backend = load()["services"]["backend"]  # type: ignore[index]
+    backend = load()["services"]["backend"]
     assert backend["stop_signal"] == "SIGINT"
     assert "data:/convex/data" in backend["volumes"]
     assert "3210/version" in backend["healthcheck"]["test"]
@@ -45,7 +46,7 @@ def test_backend_follows_upstream_and_the_seed() -> None:
 
 
 def test_dashboard_points_at_the_backend() -> None:
-    dashboard = load()["services"]["dashboard"]  # type: ignore[index]
+    dashboard = load()["services"]["dashboard"]
     assert any(e.startswith("NEXT_PUBLIC_DEPLOYMENT_URL=") for e in dashboard["environment"])
     assert dashboard["depends_on"]["backend"]["condition"] == "service_healthy"
 

@@ -97,7 +97,7 @@ def test_from_env_names_the_missing_variable() -> None:
     store = ConvexStore.from_env(
         GuardEnvironment(
             convex_url="http://127.0.0.1:3210",
-            convex_self_hosted_admin_key="secret-admin-key",  # type: ignore[arg-type]
+            convex_self_hosted_admin_key="secret-admin-key",
         )
     )
     assert store.url == "http://127.0.0.1:3210"

@@ -26,7 +26,7 @@ from convex_guard import (
 
 from .conftest import serve
 from .convex_server.launch import ConvexTestServer, running_server
-from .fault_tools import BROWSER, UNKNOWN_MODEL, RecordingConvexStore, chat
+from .fault_tools import BROWSER, UNKNOWN_MODEL, RecordingConvexStore, breaker_state, chat
 
 TIMEOUT = 0.5
 COOLDOWN = 0.5
@@ -175,7 +175,7 @@ def test_outage_under_load_falls_back_and_loses_no_rows(
     seconds = sorted(seconds for _, seconds in load.latencies)
     assert seconds[int(len(seconds) * 0.99)] < TIMEOUT + 1.0, seconds[-5:]
     assert seconds[-1] < TIMEOUT + 3.0, seconds[-5:]
-    assert store.breaker.state == "closed", "half-open probes closed the circuit again"
+    assert breaker_state(store.breaker) == "closed", "half-open probes closed the circuit again"
 
     # Every row not accepted by the old server reaches the new one: once, in order.
     old_models = [r.model for b in accepted_by_old for r in b.ai_requests]

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -31,7 +31,15 @@ from convex_guard import (
 
 from .conftest import serve
 from .convex_server.launch import ConvexTestServer, running_server
-from .fault_tools import BROWSER, RecordingConvexStore, chat, open_fds, open_sockets, tasks_in
+from .fault_tools import (
+    BROWSER,
+    RecordingConvexStore,
+    breaker_state,
+    chat,
+    open_fds,
+    open_sockets,
+    tasks_in,
+)
 
 TIMEOUT = 0.3
 COOLDOWN = 0.5
@@ -77,7 +85,7 @@ async def drive(url: str, models: list[str]) -> list[tuple[int, float]]:
     return out
 
 
-def settle(read: Any, baseline: int, slack: int, timeout: float = 10.0) -> int:
+def settle(read: Callable[[], int], baseline: int, slack: int, timeout: float = 10.0) -> int:
     """`read()` once it is back within `slack` of `baseline` (or its last value)."""
     deadline = time.monotonic() + timeout
     value = int(read())
@@ -108,8 +116,9 @@ def test_paused_store_bounded_latency_no_leaks_no_loss(
         warm = asyncio.run(drive(server.url, [f"warm-{n}" for n in range(WARMUP)]))
         assert {s for s, _ in warm} == {200}
         time.sleep(0.5)
-        assert spy.loop is not None
-        tasks_before = tasks_in(spy.loop)
+        loop = spy.loop
+        assert loop is not None
+        tasks_before = tasks_in(loop)
         sockets_before = open_sockets()
         fds_before = open_fds()
 
@@ -126,7 +135,7 @@ def test_paused_store_bounded_latency_no_leaks_no_loss(
         while len(convex.rows("aiRequestLogs")) < WARMUP + REQUESTS:
             assert time.monotonic() < deadline, "rows never drained after the store resumed"
             time.sleep(0.2)
-        tasks_after = settle(lambda: tasks_in(spy.loop), tasks_before, 2)  # type: ignore[arg-type]
+        tasks_after = settle(lambda: tasks_in(loop), tasks_before, 2)
         sockets_after = settle(open_sockets, sockets_before, 4)
         fds_after = settle(open_fds, fds_before, 4)
         time.sleep(0.5)
@@ -195,6 +204,6 @@ def test_a_probe_cancelled_by_the_callers_timeout_does_not_wedge_the_circuit() -
         now[0] += 1.0
         primary.hang = False
         outcome = await store.check(limit)  # the next probe gets through
-        assert outcome.ok and breaker.state == "closed"
+        assert outcome.ok and breaker_state(breaker) == "closed"
 
     asyncio.run(run())

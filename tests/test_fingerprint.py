@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any
 
@@ -76,11 +77,11 @@ def distinct_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
 
 @given(header_lists, st.randoms(use_true_random=False), st.lists(st.booleans(), min_size=12))
 def test_order_and_name_case_do_not_matter(
-    headers: list[tuple[bytes, bytes]], rng: object, upper: list[bool]
+    headers: list[tuple[bytes, bytes]], rng: random.Random, upper: list[bool]
 ) -> None:
     headers = distinct_fields(headers)  # repeated fields keep their relative order by design
     shuffled = list(headers)
-    rng.shuffle(shuffled)  # type: ignore[attr-defined]
+    rng.shuffle(shuffled)
     recased = [(n.upper() if u else n, v) for (n, v), u in zip(shuffled, upper, strict=False)]
     assert fingerprint(recased) == fingerprint(headers)
 

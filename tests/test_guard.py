@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -248,7 +248,11 @@ async def run_lifespan(app: ASGIApp) -> list[Message]:
     return sent
 
 
-def stacked(*layers: tuple[type, dict[str, Any]]) -> ASGIApp:
+# A middleware class and its options.
+Layer = tuple[Callable[..., ASGIApp], dict[str, Any]]
+
+
+def stacked(*layers: Layer) -> ASGIApp:
     """Starlette with `layers` listed outermost first."""
     return Starlette(routes=[], middleware=[Middleware(cls, **kw) for cls, kw in layers])
 
@@ -256,9 +260,9 @@ def stacked(*layers: tuple[type, dict[str, Any]]) -> ASGIApp:
 STORE = MemoryStore()
 KEYED_RULE = Rule("perKey", FixedWindow(rate=10, period=HOUR), key="api_key", path="/api")
 FP_RULE = Rule("perFp", FixedWindow(rate=10, period=HOUR), key="fingerprint", path="/api")
-KEYS = (ApiKeyMiddleware, {"store": STORE, "routes": [KeyRoute("/api")]})
-FP = (FingerprintMiddleware, {})
-BOT = (BotDetectionMiddleware, {"store": STORE})
+KEYS: Layer = (ApiKeyMiddleware, {"store": STORE, "routes": [KeyRoute("/api")]})
+FP: Layer = (FingerprintMiddleware, {})
+BOT: Layer = (BotDetectionMiddleware, {"store": STORE})
 
 
 @pytest.mark.parametrize(
@@ -270,9 +274,7 @@ BOT = (BotDetectionMiddleware, {"store": STORE})
         ([FP, (BotDetectionMiddleware, {"store": STORE, "defer": True})], "defer=True"),
     ],
 )
-def test_an_order_that_cannot_work_fails_startup(
-    layers: list[tuple[type, dict[str, Any]]], needle: str
-) -> None:
+def test_an_order_that_cannot_work_fails_startup(layers: list[Layer], needle: str) -> None:
     sent = asyncio.run(run_lifespan(stacked(*layers)))
     assert sent[0]["type"] == "lifespan.startup.failed"
     assert needle in sent[0]["message"]
@@ -292,7 +294,7 @@ def test_an_order_that_cannot_work_fails_startup(
         ],
     ],
 )
-def test_a_working_order_starts(layers: list[tuple[type, dict[str, Any]]]) -> None:
+def test_a_working_order_starts(layers: list[Layer]) -> None:
     sent = asyncio.run(run_lifespan(stacked(*layers)))
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +200,7 @@ def test_the_wsgi_adapter_passes_the_settings_through() -> None:
 # -- item 5: escalation per client address ------------------------------------------------------
 
 
-Events = Callable[[], Awaitable[list[BotEvent]]]
+Events = Callable[[], Coroutine[Any, Any, list[BotEvent]]]
 
 
 @pytest.fixture(params=["memory", "convex"])

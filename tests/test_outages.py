@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from convex_guard import (
     HOUR,
+    BotCategory,
     BotCheck,
     BotEvent,
     CheckResult,
@@ -39,8 +40,9 @@ from convex_guard import (
     Rule,
     TokenBucket,
 )
+from convex_guard._rules import FailPolicy
 from convex_guard._store import BotVerdict
-from convex_guard.middleware.botdetection import BotDetectionMiddleware
+from convex_guard.middleware.botdetection import BotDetectionMiddleware, PolicyAction
 from convex_guard.middleware.fingerprint import FingerprintMiddleware
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
 
@@ -63,18 +65,20 @@ def bare_app() -> Starlette:
     return Starlette(routes=[Route("/limited", endpoint), Route("/open", endpoint)])
 
 
-def ip_rule(fail: str = "open") -> Rule:
+def ip_rule(fail: FailPolicy = "open") -> Rule:
     # A token bucket: no window boundary can fall inside the test (a fixed window's can).
     return Rule(
         "outageIp",
         TokenBucket(rate=PER_HOUR, period=HOUR, capacity=PER_HOUR),
         key="ip",
         path="/limited",
-        fail=fail,  # type: ignore[arg-type]
+        fail=fail,
     )
 
 
-def env_guard(monkeypatch: pytest.MonkeyPatch, convex: ConvexTestServer, fail: str) -> Any:
+def env_guard(
+    monkeypatch: pytest.MonkeyPatch, convex: ConvexTestServer, fail: FailPolicy
+) -> GuardMiddleware:
     """GuardMiddleware on the store the environment names: the loopback Convex server."""
     monkeypatch.setenv("CONVEX_SELF_HOSTED_URL", convex.url)
     monkeypatch.setenv("CONVEX_SELF_HOSTED_ADMIN_KEY", convex.admin_key)
@@ -125,7 +129,7 @@ def paused(convex_server: ConvexTestServer) -> Iterator[ConvexTestServer]:
 
 @pytest.mark.parametrize("fail", ["open", "closed"])
 def test_a_hanging_store_gets_fallback_decisions_exactly_the_limit(
-    monkeypatch: pytest.MonkeyPatch, paused: ConvexTestServer, fail: str
+    monkeypatch: pytest.MonkeyPatch, paused: ConvexTestServer, fail: FailPolicy
 ) -> None:
     guard = env_guard(monkeypatch, paused, fail)
     with serve(guard) as server:
@@ -165,6 +169,7 @@ def test_what_the_fallback_admitted_is_charged_to_the_shared_store_once(
     retry = int(refused.headers["retry-after"])
     assert 300 <= retry <= 361, retry
     store = guard.store
+    assert isinstance(store, ResilientStore)
     assert not store._owed and store.dropped_replays == 0
 
     # Another instance, with a fallback of its own that saw nothing, gets nothing either.
@@ -216,16 +221,18 @@ GARBAGE: dict[str, Callable[[Sequence[LimitRequest], BotCheck | None, CheckResul
     "short results": lambda limits, bot, real: (
         CheckResult(real.ok, real.results[:-1] or (), real.bot)
         if real.results
-        else CheckResult(True, (None,), real.bot)
+        else CheckResult(True, (None,), real.bot)  # type: ignore[arg-type]  # garbage on purpose
     ),
     "dicts for results": lambda limits, bot, real: CheckResult(
-        True, tuple({"ok": True} for _ in limits), real.bot
+        True,
+        tuple({"ok": True} for _ in limits),  # type: ignore[misc]  # garbage on purpose
+        real.bot,
     ),
     "no bot verdict": lambda limits, bot, real: CheckResult(real.ok, real.results, None),
     "unknown bot action": lambda limits, bot, real: CheckResult(
         real.ok,
         real.results,
-        BotVerdict("maybe", 0) if bot is not None else None,  # type: ignore[arg-type]
+        BotVerdict("maybe", 0) if bot is not None else None,  # type: ignore[arg-type]  # on purpose
     ),
 }
 
@@ -285,7 +292,9 @@ def garbage_store(mode: str) -> Any:
 
 @pytest.mark.parametrize("fail", ["open", "closed"])
 @pytest.mark.parametrize("mode", [*GARBAGE, *CONVEX_GARBAGE])
-def test_an_answer_of_the_wrong_shape_is_the_fail_policy_never_a_500(mode: str, fail: str) -> None:
+def test_an_answer_of_the_wrong_shape_is_the_fail_policy_never_a_500(
+    mode: str, fail: FailPolicy
+) -> None:
     store = garbage_store(mode)
     guard = GuardMiddleware(
         bare_app(), store=store, rules=[ip_rule(fail)], key_routes=(), fail=fail
@@ -314,7 +323,7 @@ def test_a_resilient_store_counts_garbage_against_the_breaker(mode: str) -> None
             calls[0] += 1
             return await original(*args, **kwargs)
 
-        primary._client.post = counting  # type: ignore[method-assign]
+        primary._client.post = counting
 
         def count() -> int:
             return calls[0]
@@ -345,7 +354,7 @@ def garbage_apps() -> Iterator[tuple[asyncio.Runner, dict[tuple[str, str], Any]]
     apps = {}
     for mode in [*GARBAGE, *CONVEX_GARBAGE]:
         for fail in ("open", "closed"):
-            settings_ = GuardSettings(store=garbage_store(mode), fail=fail, writer_interval=0.05)  # type: ignore[arg-type]
+            settings_ = GuardSettings(store=garbage_store(mode), fail=fail, writer_interval=0.05)
             apps[(mode, fail)] = create_app(settings_, upstream=None)
     with asyncio.Runner() as runner:
         yield runner, apps
@@ -385,8 +394,10 @@ def test_no_request_gets_a_500_from_a_store_answering_garbage(
 
 @pytest.mark.parametrize("fail", ["open", "closed"])
 @pytest.mark.parametrize("agent", [EXAMPLE_BOT, BROWSER])
-def test_a_deferred_bot_check_fails_as_the_bot_middleware_does(fail: str, agent: str) -> None:
-    policy = {"other_bot": "challenge"}
+def test_a_deferred_bot_check_fails_as_the_bot_middleware_does(
+    fail: FailPolicy, agent: str
+) -> None:
+    policy: dict[BotCategory, PolicyAction] = {"other_bot": "challenge"}
 
     def down() -> Switch:
         store = Switch(MemoryStore())
@@ -406,8 +417,8 @@ def test_a_deferred_bot_check_fails_as_the_bot_middleware_does(fail: str, agent:
         BotDetectionMiddleware(
             RateLimitMiddleware(bare_app(), store=store, rules=[ip_rule("open")]),
             store=store,
-            policy=policy,  # type: ignore[arg-type]
-            fail=fail,  # type: ignore[arg-type]
+            policy=policy,
+            fail=fail,
         )
     )
     answers = []

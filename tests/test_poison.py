@@ -151,7 +151,11 @@ async def test_a_bad_row_is_split_out_and_the_rest_written_in_order(
 ) -> None:
     store = SerialisingStore(down=3)
     writer = LogWriter(store, batch_size=100, interval=0.01, shutdown_timeout=5)
-    bad = {13: {"tokens": 10**400}, 77: {"cost": math.nan}, 78: {"tokens": math.inf}}
+    bad: dict[int, dict[str, float]] = {
+        13: {"tokens": 10**400},
+        77: {"cost": math.nan},
+        78: {"tokens": math.inf},
+    }
     for i in range(100):
         writer.add(ai_row(i, **bad.get(i, {})))
     writer.record_key_usage("no-such-key", 5.0)

@@ -25,10 +25,12 @@ from convex_guard import (
     MemoryStore,
     RateLimitMiddleware,
     Rule,
+    Store,
     StoreError,
     TokenBucket,
 )
 from convex_guard._problem import QUOTA_EXCEEDED
+from convex_guard._rules import FailPolicy
 
 from .conftest import serve
 
@@ -43,7 +45,7 @@ async def echo_ws(websocket: WebSocket) -> None:
     await websocket.close()
 
 
-def make_app(store: object, rules: Sequence[Rule], timeout: float = 0.5) -> Starlette:
+def make_app(store: Store, rules: Sequence[Rule], timeout: float = 0.5) -> Starlette:
     app = Starlette(
         routes=[
             Route("/api/ai/{provider}/chat", hello, methods=["GET", "POST"]),
@@ -136,9 +138,9 @@ class BrokenStore(MemoryStore):
 @pytest.mark.parametrize("mode", ["raise", "hang"])
 @pytest.mark.parametrize("fail", ["open", "closed"])
 def test_store_failure_follows_fail_policy_within_timeout(
-    mode: str, fail: str, caplog: pytest.LogCaptureFixture
+    mode: str, fail: FailPolicy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    rules = [Rule("r", FixedWindow(rate=5, period=HOUR), path="/api", fail=fail)]  # type: ignore[arg-type]
+    rules = [Rule("r", FixedWindow(rate=5, period=HOUR), path="/api", fail=fail)]
     app = make_app(BrokenStore(mode), rules, timeout=0.2)
     with (
         caplog.at_level(logging.WARNING, logger="convex_guard"),

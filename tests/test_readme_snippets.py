@@ -1,8 +1,12 @@
-"""The README's framework snippets run as written."""
+"""The README's framework snippets run as written, and every Python snippet type-checks."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +16,14 @@ import pytest
 from .conftest import serve
 from .wsgi_server import serve_wsgi
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 
 
 def snippet(heading: str) -> str:
     section = README.split(heading, 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
+    match = PYTHON_BLOCK.search(section)
     assert match is not None, heading
     return match.group(1)
 
@@ -58,3 +64,51 @@ def test_flask_snippet() -> None:
         assert ok.json() == {"provider": "groq"} and "groqRequests" in ok.headers["RateLimit"]
     app.wsgi_app.close()
     assert [(r.model, r.tokens_used) for r in app.wsgi_app.store.ai_logs] == [("gpt-4o-mini", 42)]
+
+
+def test_store_snippet() -> None:
+    asyncio.run(run(snippet("## The store"))["main"]())
+
+
+def as_module(code: str) -> str:
+    """A snippet as the module a reader would write. One that adds to an `app` it does not make
+    continues the headline snippet (which makes it); one that imports Django allows Django's
+    untyped decorators, as the project's own Django example does (Django ships no type hints)."""
+    prelude = ""
+    if "django" in code:
+        prelude += "# mypy: allow-untyped-decorators\n"
+    if re.search(r"^app\.", code, re.M) and not re.search(r"^app\s*[:=]", code, re.M):
+        prelude += snippet("## FastAPI in ten lines")
+    return prelude + code
+
+
+@pytest.mark.slow
+def test_every_python_snippet_type_checks(tmp_path: Path) -> None:
+    """One `mypy --strict` run, with the project's configuration, over every Python snippet."""
+    where: dict[str, tuple[int, int]] = {}  # file name: (README line of the snippet, prelude lines)
+    files = []
+    for number, match in enumerate(PYTHON_BLOCK.finditer(README)):
+        module = as_module(match.group(1))
+        name = f"readme_snippet_{number:02d}.py"
+        (tmp_path / name).write_text(module)
+        line = README.count("\n", 0, match.start(1)) + 1
+        where[name] = (line, module.count("\n") - match.group(1).count("\n"))
+        files.append(str(tmp_path / name))
+    assert len(files) >= 9, "the README's Python snippets were not found"
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--config-file", "pyproject.toml", *files],
+        cwd=ROOT,  # the project's mypy cache: a warm run takes seconds
+        env={**os.environ, "MYPYPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    def readme_line(found: re.Match[str]) -> str:
+        line, prelude = where[found.group(1)]
+        number = int(found.group(2)) - prelude
+        return f"README.md:{line + number - 1}" if number > 0 else f"{found.group(1)} (prelude)"
+
+    report = re.sub(r"\S*(readme_snippet_\d+\.py):(\d+)", readme_line, result.stdout)
+    assert result.returncode == 0, report + result.stderr

@@ -21,6 +21,8 @@ from convex_guard import (
 )
 from convex_guard._resilience import CircuitBreaker, CircuitOpenError, ResilientStore
 
+from .fault_tools import breaker_state
+
 
 class Clock:
     def __init__(self) -> None:
@@ -62,21 +64,21 @@ def test_breaker_opens_after_threshold_and_probes_after_cooldown() -> None:
     for _ in range(2):
         assert breaker.allow()
         breaker.failed()
-    assert breaker.state == "closed"
+    assert breaker_state(breaker) == "closed"
     assert breaker.allow()
     breaker.failed()
-    assert breaker.state == "open" and not breaker.allow()
+    assert breaker_state(breaker) == "open" and not breaker.allow()
     clock.now = 1.9
     assert not breaker.allow()
     clock.now = 2.0
     assert breaker.allow()  # the probe
     assert not breaker.allow()  # only one at a time
     breaker.failed()  # the probe failed: open again for a full cooldown
-    assert breaker.state == "open"
+    assert breaker_state(breaker) == "open"
     clock.now = 4.0
     assert breaker.allow()
     breaker.succeeded()
-    assert breaker.state == "closed" and breaker.allow()
+    assert breaker_state(breaker) == "closed" and breaker.allow()
 
 
 async def test_outage_falls_back_to_local_limits_and_recovers() -> None:

@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket
 from convex_guard import (
     HOUR,
     MINUTE,
+    BotCategory,
     FixedWindow,
     GuardMiddleware,
     GuardSettings,
@@ -37,8 +38,9 @@ from convex_guard import (
     report_usage,
 )
 from convex_guard._apikeys import display_prefix
-from convex_guard._rules import _path_matcher
-from convex_guard._store import NewApiKey
+from convex_guard._rules import FailPolicy, _path_matcher
+from convex_guard._store import ApiKeyKind, NewApiKey
+from convex_guard.middleware.botdetection import PolicyAction
 from convex_guard.middleware.guard import exempt_matcher
 
 from .e2e_checks import BROWSER, GPTBOT
@@ -115,14 +117,15 @@ WRONG = generate_key("embedding")  # well formed, never stored
 async def guarded() -> tuple[GuardMiddleware, MemoryStore]:
     """A guard on its own store holding the same two keys (the AI key with its own limit)."""
     store = MemoryStore(clock=lambda: NOW, random=lambda: 0.5)
-    for name, kind, owner, limit in (
+    keys: list[tuple[str, ApiKeyKind, str, KeyRateLimit | None]] = [
         ("good", "embedding", "ann", None),
         ("ai", "ai", "bob", KeyRateLimit(requests=2, period=MINUTE)),
-    ):
+    ]
+    for name, kind, owner, limit in keys:
         raw = KEYS[name]
         await store.create_api_key(
             NewApiKey(
-                kind=kind,  # type: ignore[arg-type]
+                kind=kind,
                 key_hash=hash_key(raw),
                 prefix=display_prefix(raw),
                 name=name,
@@ -221,7 +224,7 @@ def test_single_pass_answers_and_stores_exactly_as_the_stack(
     async def run() -> None:
         single, single_store = await guarded()
         stacked_guard, stacked_store = await guarded()
-        stack = stacked_guard.guard.app.stacked  # type: ignore[attr-defined]
+        stack = stacked_guard.guard.app.stacked
         for spec in specs:
             fused = await call(single, spec)
             if spec[0] == "/health":  # exempt: GuardMiddleware hands it to the app directly
@@ -251,18 +254,21 @@ def test_the_exempt_check_is_the_path_matchers(exempt: list[str], path: str) -> 
 # -- a failing store, and bot checks deferred or not ---------------------------------------------
 
 #: Two categories challenged by policy, so the fail policy of a bot check has a refusal to give.
-OUTAGE_POLICY = {"search_engine": "challenge", "other_bot": "challenge"}
+OUTAGE_POLICY: dict[BotCategory, PolicyAction] = {
+    "search_engine": "challenge",
+    "other_bot": "challenge",
+}
 
 
-async def switched(fail: str) -> tuple[GuardMiddleware, Switch, MemoryStore]:
+async def switched(fail: FailPolicy) -> tuple[GuardMiddleware, Switch, MemoryStore]:
     """`guarded`'s store behind a switch that takes it down, every policy `fail`."""
     _, store = await guarded()
     switch = Switch(store)
     settings = GuardSettings(
-        store=switch,  # type: ignore[arg-type]
+        store=switch,
         rules=[dataclasses.replace(rule, fail=fail) for rule in rules()],
-        bot_policy=OUTAGE_POLICY,  # type: ignore[arg-type]
-        fail=fail,  # type: ignore[arg-type]
+        bot_policy=OUTAGE_POLICY,
+        fail=fail,
         writer_interval=60,
     )
     return GuardMiddleware(inner(), settings=settings), switch, store
@@ -274,7 +280,7 @@ async def switched(fail: str) -> tuple[GuardMiddleware, Switch, MemoryStore]:
     st.lists(st.tuples(request_specs, st.booleans()), min_size=1, max_size=40),
 )
 def test_deferred_bot_checks_answer_as_checks_of_their_own_store_up_or_down(
-    fail: str, specs: list[tuple[tuple[str, str, str, str, str], bool]]
+    fail: FailPolicy, specs: list[tuple[Spec, bool]]
 ) -> None:
     """The single pass defers the bot check to the limiter's call; a stack whose bot middleware
     asks the store itself must answer alike, the store up or down (True: down for that

@@ -278,7 +278,7 @@ def refused(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
     ):
         pass
     response = info.value.response
-    return response.status_code, dict(response.headers), response.body or b""
+    return response.status_code, dict(response.headers), bytes(response.body or b"")
 
 
 @pytest.fixture(params=[(ws, stacked) for ws in WS_IMPLEMENTATIONS for stacked in (False, True)])
@@ -308,6 +308,7 @@ def test_websocket_handshakes_are_guarded(ws_server: Any) -> None:
         with connect(
             f"{base}/api/ai/groq/realtime", user_agent_header=BROWSER, open_timeout=5
         ) as ws:
+            assert ws.response is not None
             assert ws.response.headers["ratelimit-policy"] == '"groqWs";q=3;w=60'
             ws.send("hi")
             assert ws.recv(timeout=5) == "hi"

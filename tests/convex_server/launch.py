@@ -119,7 +119,7 @@ class ConvexTestServer:
         self.admin_key = admin_key
         self.flags = list(flags or [])
 
-    def _admin(self, path: str, body: dict[str, object] | None = None) -> dict[str, object]:
+    def _admin(self, path: str, body: dict[str, object] | None = None) -> dict[str, Any]:
         response = httpx.post(
             self.url + path,
             json=body or {},
@@ -127,7 +127,7 @@ class ConvexTestServer:
             timeout=30,
         )
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()  # type: ignore[no-any-return]  # httpx: JSON is Any
 
     def reset(self) -> None:
         """A fresh, empty deployment (and the real clock again)."""
@@ -136,7 +136,7 @@ class ConvexTestServer:
 
     def shift_clock(self, offset_ms: float) -> float:
         """Move the functions' `Date.now()` by `offset_ms` from the wall clock; returns now."""
-        return float(self._admin("/_test/time", {"offsetMs": offset_ms})["now"])  # type: ignore[arg-type]
+        return float(self._admin("/_test/time", {"offsetMs": offset_ms})["now"])
 
     def counters(self, *, reset: bool = False) -> dict[str, Any]:
         """The OCC emulation's counters: `totals` (mutations, attempts, commits, conflicts,
@@ -151,7 +151,7 @@ class ConvexTestServer:
 
     def rows(self, table: str) -> list[dict[str, Any]]:
         """Every document of `table`, oldest first (Convex-encoded JSON values)."""
-        return list(self._admin("/_test/dump", {"table": table})["rows"])  # type: ignore[call-overload]
+        return list(self._admin("/_test/dump", {"table": table})["rows"])
 
     # -- faults ---------------------------------------------------------------------------------
     @property

@@ -11,11 +11,15 @@ import time
 import pytest
 from convex import ConvexClient
 from convex.http_client import ConvexExecutionError, ConvexHttpClient
+from convex.values import CoercibleToConvexValue
 
 from .launch import ConvexTestServer
 
-BUCKET = {"kind": "token bucket", "rate": 2, "period": 60_000}
-BOT = {
+# The clients take arguments of this type; the dicts below are declared so, not inferred.
+Args = dict[str, CoercibleToConvexValue]
+
+BUCKET: Args = {"kind": "token bucket", "rate": 2, "period": 60_000}
+BOT: Args = {
     "fingerprint": "fp-smoke",
     "ip": "192.0.2.1",
     "userAgent": "curl/8.0",
@@ -38,7 +42,7 @@ def admin(convex_server: ConvexTestServer) -> ConvexHttpClient:
 
 
 def test_guard_check_and_provider_stats(admin: ConvexHttpClient) -> None:
-    limits = [{"name": "n", "key": "k", "config": BUCKET}]
+    limits: list[Args] = [{"name": "n", "key": "k", "config": BUCKET}]
     first = admin.mutation("guard:check", {"limits": limits})
     assert first["ok"] is True
     assert first["results"][0]["value"] == 1.0
@@ -48,7 +52,7 @@ def test_guard_check_and_provider_stats(admin: ConvexHttpClient) -> None:
     assert denied["results"][0]["retryAfter"] > 0
 
     now = time.time() * 1000
-    row = {
+    row: Args = {
         "timestamp": now,
         "provider": "openai",
         "model": "m",
@@ -59,7 +63,7 @@ def test_guard_check_and_provider_stats(admin: ConvexHttpClient) -> None:
         "tokensUsed": 3,
         "cost": 0.5,
     }
-    batch = {
+    batch: Args = {
         "batchId": "b1",
         "aiRequests": [row, {**row, "success": False, "latencyMs": 8}],
         "embeddingRequests": [],
@@ -69,9 +73,9 @@ def test_guard_check_and_provider_stats(admin: ConvexHttpClient) -> None:
     }
     assert admin.mutation("logs.js:writeBatch", batch) == {"applied": True}
     assert admin.mutation("logs:writeBatch", batch) == {"applied": False}
+    time_range: Args = {"start": now - 1, "end": now + 1}
     stats = admin.query(
-        "ai/analytics:getProviderStats",
-        {"provider": "openai", "timeRange": {"start": now - 1, "end": now + 1}},
+        "ai/analytics:getProviderStats", {"provider": "openai", "timeRange": time_range}
     )
     assert stats == {
         "totalRequests": 2.0,
@@ -84,8 +88,9 @@ def test_guard_check_and_provider_stats(admin: ConvexHttpClient) -> None:
 
 
 def test_function_errors_and_auth(url: str, admin: ConvexHttpClient) -> None:
+    too_many: Args = {"name": "n", "count": 5, "config": BUCKET}
     with pytest.raises(ConvexExecutionError, match="exceeds"):
-        admin.mutation("guard:check", {"limits": [{"name": "n", "count": 5, "config": BUCKET}]})
+        admin.mutation("guard:check", {"limits": [too_many]})
     with pytest.raises(ConvexExecutionError, match="Could not find"):
         admin.query("guard:nothing")
     # An internal function without admin auth: the backend hides it (a function error, HTTP
@@ -113,7 +118,10 @@ async def test_subscription_sees_a_new_bot_event(
     assert await asyncio.wait_for(events.__anext__(), 10) == []
     verdict = await asyncio.to_thread(client.mutation, "guard:check", {"limits": [], "bot": BOT})
     assert verdict["bot"] == {"action": "allowed", "previousEvents": 0.0}
-    [event] = await asyncio.wait_for(events.__anext__(), 10)
+    events_now = await asyncio.wait_for(events.__anext__(), 10)
+    assert isinstance(events_now, list)
+    [event] = events_now
+    assert isinstance(event, dict)
     assert event["fingerprint"] == "fp-smoke"
     assert event["metadata"] == {"previousAttempts": 0.0}
     subscription.unsubscribe()

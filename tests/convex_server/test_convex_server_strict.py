@@ -247,6 +247,7 @@ def test_counters_count_every_write_and_reset_with_the_deployment(
     strict.reset()
     assert strict.counters() == {
         "totals": {
+            "queries": 0,
             "mutations": 0,
             "attempts": 0,
             "commits": 0,
@@ -280,7 +281,7 @@ async def sync_mutation(
                     return message, None
         except websockets.ConnectionClosed as closed:
             return None, closed.rcvd
-        return None, ws.close_rcvd
+        return None, ws.protocol.close_rcvd
 
 
 def test_over_the_sync_protocol_as_the_backend_answers() -> None:

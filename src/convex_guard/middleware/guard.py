@@ -442,7 +442,11 @@ class GuardMiddleware(SinglePass):
     #: The configuration problem this guard could not start with; None when it is serving.
     error: ConfigurationError | None = None
 
-    def __init__(self, app: ASGIApp, settings: GuardSettings | None = None, **options: Any) -> None:
+    # `app` is positional-only: with `**options` beside it, Starlette's `add_middleware` typing
+    # (a ParamSpec protocol whose app is positional-only) accepts the class only so.
+    def __init__(
+        self, app: ASGIApp, /, settings: GuardSettings | None = None, **options: Any
+    ) -> None:
         try:
             if settings is not None and not isinstance(settings, GuardSettings):
                 raise ConfigurationError("settings must be a GuardSettings")
