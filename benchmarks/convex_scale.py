@@ -18,8 +18,9 @@ limit's admitted requests against what the limit allows over the run, and ends w
     convex scale: hottest document W writes/request, C conflicts, F failed,
     admitted A of limit L (bound B)
 
-(one line in the output). W is the most writes any one document took, per request served; A,
-L and B are the global limit's admitted requests, its limit, and the bound the local leases
+(one line in the output). W is the most writes any one document took, per request served
+(the table also gives it per admitted request: a denied request writes nothing); A, L and B are
+the global limit's admitted requests, its limit, and the bound the local leases
 keep: the limit plus instances x the largest block a lease takes.
 """
 
@@ -212,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         "| instances | OCC | requests/s | ratio to OCC off | round trips/request | conflicts "
-        "| 503s | failed | hottest document (writes/request) | global admitted / limit (bound) "
+        "| 503s | failed | hottest document (writes/request, /admitted) "
+        "| global admitted / limit (bound) "
         "| openai admitted / allowed | perplexity admitted / allowed |"
     )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---|---|---|---|")
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {instances} | {'on' if result.occ else 'off'} | {result.rate:,.0f} | "
                 f"{ratio:.2f}x | {result.calls / result.requests:.2f} | {result.conflicts} | "
                 f"{result.occ_failures} | {result.failed} | {result.hottest_name} "
-                f"({result.writes_per_request:.3f}) | {result.admitted} / "
+                f"({result.writes_per_request:.3f}, "
+                f"{result.hottest / max(result.admitted, 1):.2f}) | {result.admitted} / "
                 f"{result.global_limit} ({result.bound:g}) | {providers} |"
             )
         last = on
