@@ -258,12 +258,6 @@ class LogBatch:
     key_usage: Sequence[KeyUsage] = field(default_factory=tuple)
 
 
-class _Checks(Protocol):
-    async def check(
-        self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
-    ) -> CheckResult: ...
-
-
 class LimitThroughCheck:
     """`Store.limit` as a `check` of that one limit, for a store that decides every limit there
     (`ConvexStore`, `ResilientStore`). `MemoryStore` keeps a `limit` of its own: it is the
@@ -273,7 +267,7 @@ class LimitThroughCheck:
     __slots__ = ()
 
     async def limit(
-        self: _Checks,
+        self: Store,
         name: str,
         config: LimitConfig,
         *,
