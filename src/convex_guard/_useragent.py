@@ -111,7 +111,8 @@ class AgentSource:
     category: BotCategory | None = None
 
 
-#: The lists, in the order their rules are tried among rules of one category.
+#: The lists, in order: of two rules of one category woken by one token, the earlier list's
+#: is tried first.
 SOURCES: Final[tuple[AgentSource, ...]] = (
     # Search engines, SEO and feed crawlers, archivers, monitors, previews, HTTP libraries
     # (crawler-user-agents on PyPI, MIT).
