@@ -1,7 +1,8 @@
 // API keys of both kinds ("ai" → apiKeys, "embedding" → embeddingApiKeys) as one record
 // shape. Only the SHA-256 hash of a key is ever stored.
 import { v } from "convex/values";
-import { internalMutation, internalQuery } from "./_generated/server";
+import type { Doc } from "./_generated/dataModel";
+import { internalMutation, internalQuery, type QueryCtx } from "./_generated/server";
 import {
   findKeyByHash,
   findKeyById,
@@ -21,6 +22,19 @@ import {
 
 /** The most records `list` returns per table. */
 export const LIST_CAP = 1000;
+
+/** A key table's documents, all or one owner's: one more than LIST_CAP, to see a cut. */
+function keysOf(ctx: QueryCtx, table: "apiKeys", owner?: string): Promise<Doc<"apiKeys">[]>;
+function keysOf(
+  ctx: QueryCtx,
+  table: "embeddingApiKeys",
+  owner?: string,
+): Promise<Doc<"embeddingApiKeys">[]>;
+async function keysOf(ctx: QueryCtx, table: "apiKeys" | "embeddingApiKeys", owner?: string) {
+  const all = ctx.db.query(table);
+  if (owner === undefined) return all.take(LIST_CAP + 1);
+  return all.withIndex("by_user", (q) => q.eq("userId", owner)).take(LIST_CAP + 1);
+}
 
 /** Store a new key; the returned record's `id` is the document id. */
 export const create = internalMutation({
@@ -87,27 +101,17 @@ export const list = internalQuery({
   handler: async (ctx, { kind, owner }) => {
     const found: FoundKey[] = [];
     let truncated = false;
-    if (kind === undefined || kind === "ai") {
-      const docs =
-        owner === undefined
-          ? await ctx.db.query("apiKeys").take(LIST_CAP + 1)
-          : await ctx.db
-              .query("apiKeys")
-              .withIndex("by_user", (q) => q.eq("userId", owner))
-              .take(LIST_CAP + 1);
+    const capped = <D>(docs: D[]): D[] => {
       truncated ||= docs.length > LIST_CAP;
-      for (const doc of docs.slice(0, LIST_CAP)) found.push({ kind: "ai", doc });
+      return docs.slice(0, LIST_CAP);
+    };
+    if (kind === undefined || kind === "ai") {
+      const docs = capped(await keysOf(ctx, "apiKeys", owner));
+      for (const doc of docs) found.push({ kind: "ai", doc });
     }
     if (kind === undefined || kind === "embedding") {
-      const docs =
-        owner === undefined
-          ? await ctx.db.query("embeddingApiKeys").take(LIST_CAP + 1)
-          : await ctx.db
-              .query("embeddingApiKeys")
-              .withIndex("by_user", (q) => q.eq("userId", owner))
-              .take(LIST_CAP + 1);
-      truncated ||= docs.length > LIST_CAP;
-      for (const doc of docs.slice(0, LIST_CAP)) found.push({ kind: "embedding", doc });
+      const docs = capped(await keysOf(ctx, "embeddingApiKeys", owner));
+      for (const doc of docs) found.push({ kind: "embedding", doc });
     }
     const keys: ApiKeyRecord[] = [];
     for (const key of found) {

@@ -55,6 +55,7 @@ from ._store import (
 from ._useragent import (
     BOT_CATEGORIES,
     BotCategory,
+    UserAgentClassifier,
     UserAgentVerdict,
     classify_user_agent,
     classify_user_agent_uncached,
@@ -129,6 +130,7 @@ __all__ = [
     "StoreUnavailableError",
     "TokenBucket",
     "TrustedProxies",
+    "UserAgentClassifier",
     "UserAgentVerdict",
     "Verification",
     "classify_user_agent",

@@ -42,6 +42,7 @@ from ._store import (
     KeyRateLimit,
     KeyUsage,
     LimitRequest,
+    LimitThroughCheck,
     LogBatch,
     NewApiKey,
     ProviderStats,
@@ -253,7 +254,7 @@ def _api_key(raw: Mapping[str, Any]) -> ApiKeyRecord:
     )
 
 
-class ConvexStore:
+class ConvexStore(LimitThroughCheck):
     """State shared by every app instance, in a self-hosted Convex deployment.
 
     Calls the internal functions of `convex/` with the admin key, over one keep-alive HTTP
@@ -466,18 +467,6 @@ class ConvexStore:
         return StoreError(f"Convex {kind} {path} failed: {message}")
 
     # -- rate limits -------------------------------------------------------------------------
-    async def limit(
-        self,
-        name: str,
-        config: LimitConfig,
-        *,
-        key: str | None = None,
-        count: float = 1.0,
-        reserve: bool = False,
-    ) -> LimitResult:
-        outcome = await self.check([LimitRequest(name, config, key, count, reserve)])
-        return outcome.results[0]
-
     def _lease(self, name: str, config: LimitConfig) -> Lease:
         lease = self._leases.get(name)
         # Identity first: a rule hands the same config on every request, and model equality

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 
 from starlette.responses import Response
@@ -11,6 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 PROBLEM_TYPES = "https://iana.org/assignments/http-problem-types"
 QUOTA_EXCEEDED = f"{PROBLEM_TYPES}#quota-exceeded"
 ABNORMAL_USAGE = f"{PROBLEM_TYPES}#abnormal-usage-detected"
+#: The title of a 429 for a spent quota (the words of the problem type's registration).
+QUOTA_TITLE = "Request cannot be satisfied as assigned quota has been exceeded"
 
 
 def problem(
@@ -36,6 +39,39 @@ def problem(
     for name, value in headers:
         response.headers.append(name, value)
     return response
+
+
+def retry_after(ms: float) -> str:
+    """`Retry-After` for a wait of `ms` milliseconds: whole seconds, rounded up, at least 1
+    (a 0 would invite the client straight back)."""
+    return str(max(1, math.ceil(ms / 1000)))
+
+
+def quota_exceeded(
+    title: str,
+    policies: Sequence[str],
+    *,
+    retry: str | None = None,
+    detail: str | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+) -> Response:
+    """429 of type `quota-exceeded` naming the `violated-policies`; `retry` (from
+    `retry_after`) is sent as `Retry-After`, before any other `headers`."""
+    if retry is not None:
+        headers = [("Retry-After", retry), *headers]
+    return problem(
+        429,
+        title,
+        type=QUOTA_EXCEEDED,
+        detail=detail,
+        headers=headers,
+        extra={"violated-policies": list(policies)},
+    )
+
+
+def unavailable(title: str, detail: str) -> Response:
+    """503 for a check that could not run and fails closed; worth retrying in a second."""
+    return problem(503, title, detail=detail, headers=[("Retry-After", "1")])
 
 
 #: The ASGI extension through which a server lets an app answer a WebSocket handshake with

@@ -24,6 +24,7 @@ from ._store import (
     CheckResult,
     EmbeddingUsage,
     LimitRequest,
+    LimitThroughCheck,
     LogBatch,
     NewApiKey,
     ProviderStats,
@@ -151,7 +152,7 @@ class CircuitBreaker:
             self._probing = False
 
 
-class ResilientStore:
+class ResilientStore(LimitThroughCheck):
     """A shared store (e.g. ConvexStore) that degrades instead of failing requests.
 
     Every call is bounded by `timeout` seconds and goes through a circuit breaker, so while
@@ -345,18 +346,6 @@ class ResilientStore:
                 self._owe(request)
         if replayed:
             logger.warning("Store back: %d limits consumed during the outage replayed", replayed)
-
-    async def limit(
-        self,
-        name: str,
-        config: LimitConfig,
-        *,
-        key: str | None = None,
-        count: float = 1.0,
-        reserve: bool = False,
-    ) -> LimitResult:
-        outcome = await self.check([LimitRequest(name, config, key, count, reserve)])
-        return outcome.results[0]
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
         if self.fallback is not None:

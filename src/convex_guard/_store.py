@@ -37,8 +37,33 @@ class LimitRequest:
     reserve: bool = False
 
 
+# Shared field lists. The bases declare `__slots__ = ()` and the public classes are slotted
+# (no instance dict), and dataclasses takes fields from the bases last to first, so a base
+# listed last (`_Stamped`, `_Identified`) puts its field first, where positional callers
+# have always passed it: `BotEvent(timestamp, fingerprint, …)`, `ApiKeyRecord(id, kind, …)`.
+
+
+@dataclass
+class _BotFields:
+    """What a bot check and the event that records its decision both say."""
+
+    __slots__ = ()
+    fingerprint: str
+    ip: str
+    user_agent: str
+    detection_type: BotDetectionType
+    action: BotAction
+    metadata: Metadata | None = None
+
+
+@dataclass
+class _Stamped:
+    __slots__ = ()
+    timestamp: float
+
+
 @dataclass(slots=True)
-class BotCheck:
+class BotCheck(_BotFields):
     """A flagged request whose fate also depends on its client's recent history.
 
     `action` is what the category policy alone asks for; the store escalates it (more than
@@ -53,12 +78,6 @@ class BotCheck:
     consumed whenever the bot is allowed, even if the request's own limits then deny.
     """
 
-    fingerprint: str
-    ip: str
-    user_agent: str
-    detection_type: BotDetectionType
-    action: BotAction
-    metadata: Metadata | None = None
     limit: LimitRequest | None = None
     client_key: str | None = None
 
@@ -83,17 +102,10 @@ class CheckResult:
 
 
 @dataclass(slots=True)
-class BotEvent:
+class BotEvent(_BotFields, _Stamped):
     """A recorded bot decision; `ip` is the client's address, `client_key` its limit key
     (what escalation counts per client), absent on events recorded without one."""
 
-    timestamp: float
-    fingerprint: str
-    ip: str
-    user_agent: str
-    detection_type: BotDetectionType
-    action: BotAction
-    metadata: Metadata | None = None
     client_key: str | None = None
 
 
@@ -105,11 +117,11 @@ class KeyRateLimit:
     period: float
 
 
-@dataclass(frozen=True, slots=True)
-class ApiKeyRecord:
-    """A stored API key: only its SHA-256 hash, never the key itself."""
+@dataclass(frozen=True)
+class _KeyFields:
+    """What a key to store and the stored record both say: only the key's SHA-256 hash."""
 
-    id: str
+    __slots__ = ()
     kind: ApiKeyKind
     key_hash: str
     prefix: str
@@ -119,22 +131,26 @@ class ApiKeyRecord:
     rate_limit: KeyRateLimit | None
     created_at: float
     expires_at: float | None
+
+
+@dataclass(frozen=True)
+class _Identified:
+    __slots__ = ()
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord(_KeyFields, _Identified):
+    """A stored API key: only its SHA-256 hash, never the key itself."""
+
     last_used: float | None
     request_count: int
     active: bool
 
 
 @dataclass(frozen=True, slots=True)
-class NewApiKey:
-    kind: ApiKeyKind
-    key_hash: str
-    prefix: str
-    name: str
-    owner: str | None
-    scopes: tuple[str, ...]
-    rate_limit: KeyRateLimit | None
-    created_at: float
-    expires_at: float | None
+class NewApiKey(_KeyFields):
+    """A key for `Store.create_api_key`: the record's fields but those the store assigns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +256,28 @@ class LogBatch:
     auth_failures: Sequence[AuthFailure] = ()
     bot_events: Sequence[BotEvent] = ()
     key_usage: Sequence[KeyUsage] = field(default_factory=tuple)
+
+
+class LimitThroughCheck:
+    """`Store.limit` as a `check` of that one limit, for a store that decides every limit there
+    (`ConvexStore`, `ResilientStore`). `MemoryStore` keeps a `limit` of its own: it is the
+    in-process hot path, and the request and result lists a `check` builds would cost it more
+    than the decision itself."""
+
+    __slots__ = ()
+
+    async def limit(
+        self: Store,
+        name: str,
+        config: LimitConfig,
+        *,
+        key: str | None = None,
+        count: float = 1.0,
+        reserve: bool = False,
+    ) -> LimitResult:
+        """Decide and consume one limit."""
+        outcome = await self.check([LimitRequest(name, config, key, count, reserve)])
+        return outcome.results[0]
 
 
 @runtime_checkable

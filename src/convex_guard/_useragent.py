@@ -12,7 +12,10 @@ from typing import Any, Final, Literal, get_args
 
 __all__ = [
     "BOT_CATEGORIES",
+    "SOURCES",
+    "AgentSource",
     "BotCategory",
+    "UserAgentClassifier",
     "UserAgentVerdict",
     "classify_user_agent",
     "classify_user_agent_uncached",
@@ -49,6 +52,11 @@ class UserAgentVerdict:
     name: str | None = None
 
 
+#: What bot detection asks about each request: any callable from a user-agent to a verdict.
+#: The default is `classify_user_agent`; the middleware calls whatever it is given as it is
+#: (a classifier that wants a cache brings its own, as the default does).
+UserAgentClassifier = Callable[[str], UserAgentVerdict]
+
 _HUMAN: Final = UserAgentVerdict(is_bot=False, category=None)
 _SUSPICIOUS: Final = UserAgentVerdict(is_bot=True, category="suspicious")
 
@@ -81,6 +89,52 @@ _TAG_CATEGORY: Final[dict[str, BotCategory]] = {
     "archiver": "other_bot",
     "academic": "other_bot",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSource:
+    """One list of known agents the default classifier is built from: a JSON file and its shape.
+
+    ``kind`` says how its entries are read: ``"patterns"`` are crawler-user-agents records (a
+    regex, the example user-agents it must match, tags naming its purpose); ``"names"`` are
+    agent names, matched case-insensitively as words, each with an optional ``category`` and
+    ``version`` (the name counts only as a product token, ``name/<digit>``). ``entries`` is
+    the key the list is under (None: the file is the list); ``category`` is for names that
+    carry none. The file's other text fields are its provenance (``DATA_PROVENANCE``).
+    """
+
+    name: str
+    kind: Literal["patterns", "names"]
+    package: str
+    resource: str
+    entries: str | None = None
+    category: BotCategory | None = None
+
+
+#: The lists, in order: of two rules of one category woken by one token, the earlier list's
+#: is tried first.
+SOURCES: Final[tuple[AgentSource, ...]] = (
+    # Search engines, SEO and feed crawlers, archivers, monitors, previews, HTTP libraries
+    # (crawler-user-agents on PyPI, MIT).
+    AgentSource("crawler_user_agents", "patterns", "crawleruseragents", "crawler-user-agents.json"),
+    # AI crawlers, assistants and agents by name (ai.robots.txt, MIT; vendored with its commit).
+    AgentSource(
+        "ai_robots_txt",
+        "names",
+        "convex_guard._data",
+        "ai_robots.json",
+        entries="agents",
+        category="ai_crawler",
+    ),
+    # Ours: headless browsers and automation, scanners, HTTP libraries, monitors and previews
+    # the lists miss, each entry naming its category.
+    AgentSource("curated", "names", "convex_guard._data", "user_agents_curated.json", "agents"),
+)
+
+#: Corrections applied to every list, from our file: ``category_overrides`` (an agent's
+#: category where a list's tags do not fit our policy, by lower-cased name) and
+#: ``version_required`` (names that are also common words: "Spider", "Code").
+CORRECTIONS: Final = ("convex_guard._data", "user_agents_curated.json")
 
 
 def _words(text: str) -> frozenset[str]:
@@ -132,8 +186,9 @@ _TOKEN_TABLE: Final = bytes(
 # Starts with a literal so the regex engine can skip ahead; the name is widened to its word after.
 _GENERIC_RE: Final = re.compile(r"(?:bot|crawler|crawl|spider|scraper)(?![a-z])|https?://")
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
-# A browser's platform comment: "(Linux; Android 9; CUBOT X19)". Device names live here and some
-# contain "bot"; bots put their name in a "(compatible; ...)" comment or after the platform.
+# The exclusion: a browser's platform comment, "(Linux; Android 9; CUBOT X19)". Device names
+# live there and some contain "bot" (real Cubot phones), so the generic words are looked for
+# only after it; bots put their name in a "(compatible; ...)" comment or after the platform.
 _PLATFORM_RE: Final = re.compile(r"\A\s*mozilla/[\d.]+\s*\((?![^)]*compatible)[^)]*\)")
 
 
@@ -270,24 +325,39 @@ def _name_rule(name: str, category: BotCategory, *, version: bool) -> tuple[_Rul
     return _Rule(category, verdict, lowered, None), keys
 
 
-def _build() -> tuple[dict[bytes, tuple[_Rule, ...]], dict[str, BotCategory], dict[str, Any]]:
-    curated = _load_json("convex_guard._data", "user_agents_curated.json")
-    ai_robots = _load_json("convex_guard._data", "ai_robots.json")
-    crawlers = _load_json("crawleruseragents", "crawler-user-agents.json")
-    overrides = {k: _category(v) for k, v in curated["category_overrides"].items()}
-    version_required = {n.lower() for n in curated["version_required"]}
+def _build(
+    sources: Iterable[AgentSource], corrections: tuple[str, str]
+) -> tuple[dict[bytes, tuple[_Rule, ...]], dict[str, BotCategory], dict[str, Any]]:
+    corrected = _load_json(*corrections)
+    overrides = {k: _category(v) for k, v in corrected["category_overrides"].items()}
+    version_required = {n.lower() for n in corrected["version_required"]}
 
-    built = [_crawler_rule(entry, overrides) for entry in crawlers]
-    for agent in ai_robots["agents"]:
-        name = agent["name"]
-        category = overrides.get(name.lower(), "ai_crawler")
-        built.append(_name_rule(name, category, version=name.lower() in version_required))
-    for agent in curated["agents"]:
-        built.append(
-            _name_rule(
-                agent["name"], _category(agent["category"]), version=agent.get("version", False)
-            )
-        )
+    built: list[tuple[_Rule, set[str]]] = []
+    provenance: dict[str, Any] = {}
+    for source in sources:
+        document = _load_json(source.package, source.resource)
+        entries = document if source.entries is None else document[source.entries]
+        if isinstance(document, dict):
+            about = {k: v for k, v in document.items() if isinstance(v, str)}
+            if about:
+                provenance[source.name] = about
+        counted = "patterns" if source.kind == "patterns" else "agents"
+        provenance[f"{source.name}_{counted}"] = len(entries)
+        for entry in entries:
+            if source.kind == "patterns":
+                built.append(_crawler_rule(entry, overrides))
+                continue
+            name = entry["name"]
+            lowered = name.lower()
+            given = entry.get("category")
+            if given is not None:
+                category = _category(given)
+            elif source.category is not None:
+                category = overrides.get(lowered, source.category)
+            else:
+                raise ValueError(f"{source.name}: agent {name!r} names no category")
+            version = entry.get("version", lowered in version_required)
+            built.append(_name_rule(name, category, version=version))
 
     index: dict[bytes, list[_Rule]] = {}
     unindexed: list[str] = []
@@ -300,13 +370,7 @@ def _build() -> tuple[dict[bytes, tuple[_Rule, ...]], dict[str, BotCategory], di
             unindexed.append(named or (rule.regex.pattern if rule.regex else rule.literal))
         for key in usable:
             index.setdefault(key.encode("ascii"), []).append(rule)
-    provenance = {
-        "ai_robots_txt": {k: v for k, v in ai_robots.items() if k != "agents"},
-        "ai_robots_txt_agents": len(ai_robots["agents"]),
-        "crawler_user_agents_patterns": len(crawlers),
-        "curated_agents": len(curated["agents"]),
-        "unindexed": unindexed,
-    }
+    provenance["unindexed"] = unindexed
     # Highest-priority rules first, so the search can stop at the first AI crawler it confirms.
     frozen = {
         key: tuple(sorted(rules, key=lambda r: _PRIORITY[r.category]))
@@ -315,7 +379,7 @@ def _build() -> tuple[dict[bytes, tuple[_Rule, ...]], dict[str, BotCategory], di
     return frozen, overrides, provenance
 
 
-_INDEX, _OVERRIDES, DATA_PROVENANCE = _build()
+_INDEX, _OVERRIDES, DATA_PROVENANCE = _build(SOURCES, CORRECTIONS)
 _KEYS: Final = frozenset(_INDEX)
 
 

@@ -23,7 +23,7 @@ from .._logging import ThrottledLog, printable
 from .._logwriter import LogWriter, run_lifespan
 from .._order import API_KEYS, mark
 from .._presets import seed_limits
-from .._problem import QUOTA_EXCEEDED, problem, refuse
+from .._problem import QUOTA_TITLE, problem, quota_exceeded, refuse, retry_after, unavailable
 from .._resilience import answers_checked
 from .._rules import _path_matcher, peer_ip
 from .._store import ApiKeyKind, ApiKeyRecord, AuthFailure, BotEvent, Store
@@ -275,11 +275,9 @@ class ApiKeyMiddleware:
         except Exception as exc:
             self._store_trouble.warning("API key lookup failed (%s): %r", printable(path), exc)
             ctx.rejected = "api_key_unavailable"
-            return problem(
-                503,
+            return unavailable(
                 "API key verification is unavailable",
-                detail="The key store did not answer in time; try again shortly.",
-                headers=[("Retry-After", "1")],
+                "The key store did not answer in time; try again shortly.",
             )
         status = key_status(record, now, route.kind)
         if status != "valid" or record is None:
@@ -378,15 +376,13 @@ class ApiKeyMiddleware:
         ctx.limits["apiKey"] = result
         if result.ok:
             return None
-        retry = str(max(1, math.ceil((result.retry_after or 0.0) / 1000)))
+        retry = retry_after(result.retry_after or 0.0)
         ctx.rejected = "rate_limited:apiKey"
-        return problem(
-            429,
-            "Request cannot be satisfied as assigned quota has been exceeded",
-            type=QUOTA_EXCEEDED,
+        return quota_exceeded(
+            QUOTA_TITLE,
+            ["apiKey"],
+            retry=retry,
             detail=f"This API key's quota is spent; retry after {retry} s.",
-            headers=[("Retry-After", retry)],
-            extra={"violated-policies": ["apiKey"]},
         )
 
     # -- refusals ---------------------------------------------------------------------------
@@ -462,17 +458,15 @@ class ApiKeyMiddleware:
             )
         )
         ctx.rejected = f"rate_limited:{FAILED_AUTH}"
-        retry = str(max(1, math.ceil((until - now) / 1000)))
+        retry = retry_after(until - now)
         self._throttle_log.warning(
             "Too many failed API key attempts from %s: throttled for %s s", printable(ip), retry
         )
-        return problem(
-            429,
+        return quota_exceeded(
             "Too many failed authentication attempts",
-            type=QUOTA_EXCEEDED,
+            [FAILED_AUTH],
+            retry=retry,
             detail=f"Too many failed API key attempts; retry after {retry} s.",
-            headers=[("Retry-After", retry)],
-            extra={"violated-policies": [FAILED_AUTH]},
         )
 
 

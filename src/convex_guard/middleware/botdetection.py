@@ -16,7 +16,7 @@ from .._context import GuardContext, PendingBot, guard_context
 from .._errors import ConfigurationError
 from .._headers import bounded, header_value
 from .._limits import LimitConfig
-from .._logging import ThrottledLog, logger
+from .._logging import ThrottledLog, logger, printable
 from .._order import (
     BOT,
     FINGERPRINT,
@@ -28,12 +28,12 @@ from .._order import (
     pass_lifespan,
 )
 from .._presets import seed_limits
-from .._problem import ABNORMAL_USAGE, problem, refuse
+from .._problem import ABNORMAL_USAGE, problem, refuse, unavailable
 from .._resilience import answers_checked, checked_answer
 from .._rules import _path_matcher, peer_ip
 from .._settings import GuardEnvironment
 from .._store import BotAction, BotCheck, BotDetectionType, BotVerdict, LimitRequest, Store
-from .._useragent import BOT_CATEGORIES, BotCategory, classify_user_agent
+from .._useragent import BOT_CATEGORIES, BotCategory, UserAgentClassifier, classify_user_agent
 
 #: What to do with a flagged user-agent: refuse it, challenge it, let it through but record
 #: the event (so escalation counts it), or let it through unrecorded.
@@ -62,6 +62,10 @@ DEFAULT_ALLOW_PATHS = ("/health",)
 #: (kube-probe, ELB-HealthChecker, Prometheus, …) is never recorded or escalated there.
 DEFAULT_PROBE_PATHS = ("/health", "/healthz", "/readyz", "/livez", "/metrics", "/ping")
 
+#: What `screen` hands `decide` when the classifier failed and the fail policy is closed: not a
+#: check for the store, the refusal's marker (compared by identity, never stored).
+_UNCLASSIFIED = BotCheck("", "", "", "suspicious_pattern", "blocked")
+
 
 def detection_type(category: BotCategory) -> BotDetectionType:
     if category == "ai_crawler":
@@ -87,6 +91,13 @@ class BotDetectionMiddleware:
     other bot on them is decided as anywhere) are matched as Starlette routes them. WebSocket
     handshakes are checked like requests and refused before accept.
 
+    `classifier`: any callable from a user-agent to a `UserAgentVerdict` (default:
+    `classify_user_agent`, cached); it is called on every checked request as it is, so one that
+    wants a cache brings its own (`functools.lru_cache(maxsize=4096)`, as the default does).
+    One that raises, or answers with a category the policy does not know, is a bug in the app:
+    the request follows `fail` (open: let through unchecked; closed: 503) and the failure is
+    logged once per interval, never a 500.
+
     Needs a fingerprint: run `FingerprintMiddleware` outside it (GuardMiddleware does). With
     `defer=True` the check is left in the guard context for the `RateLimitMiddleware` inside to
     decide together with the request's limits: one store round trip per request.
@@ -98,6 +109,7 @@ class BotDetectionMiddleware:
         *,
         store: Store,
         policy: Mapping[BotCategory, PolicyAction] | None = None,
+        classifier: UserAgentClassifier = classify_user_agent,
         allow_user_agents: Iterable[str | re.Pattern[str]] = (),
         allow_ips: Iterable[str] = (),
         allow_paths: Iterable[str] = DEFAULT_ALLOW_PATHS,
@@ -121,9 +133,12 @@ class BotDetectionMiddleware:
             raise ConfigurationError("timeout must be a positive number of seconds")
         if fail not in ("open", "closed"):
             raise ConfigurationError("fail must be 'open' or 'closed'")
+        if not callable(classifier):
+            raise ConfigurationError("classifier must be a callable from user-agent to verdict")
         self.app = app
         self.store = store
         self.policy = merged
+        self.classifier = classifier
         self._allow_agents = [
             p if isinstance(p, re.Pattern) else re.compile(p, re.IGNORECASE)
             for p in allow_user_agents
@@ -148,6 +163,7 @@ class BotDetectionMiddleware:
         self.fail = fail
         self.defer = defer
         self._trouble = ThrottledLog()
+        self._classifier_trouble = ThrottledLog()
         self._warned_no_fingerprint = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -184,12 +200,17 @@ class BotDetectionMiddleware:
         ua = ctx.user_agent
         if ua is None:
             ua = ctx.user_agent = header_value(scope["headers"], b"user-agent") or ""
-        verdict = classify_user_agent(ua)
-        if not verdict.is_bot or verdict.category is None or self._allowlisted(scope, ctx, ua):
+        try:
+            verdict = self.classifier(ua)
+            if not verdict.is_bot or verdict.category is None:
+                return None
+            category, agent = verdict.category, verdict.name
+            action = self.policy[category]  # KeyError: a category no policy names
+        except Exception as exc:  # a bug in the app's classifier: its fail policy decides
+            return self._unclassified(ua, exc)
+        if self._allowlisted(scope, ctx, ua):
             return None
-        category = verdict.category
         ctx.bot_category = category
-        action = self.policy[category]
         if action == "allow":
             return None
         if category == "monitor" and self._is_probe(path):
@@ -211,7 +232,7 @@ class BotDetectionMiddleware:
             user_agent=bounded(ua),
             detection_type=detection_type(category),
             action=_STORED_ACTION[action],
-            metadata={"category": category, "agent": verdict.name, "path": bounded(scope["path"])},
+            metadata={"category": category, "agent": agent, "path": bounded(scope["path"])},
             limit=LimitRequest("suspiciousBehavior", self.suspicious_limit, key=fingerprint),
             # Escalation counts per address too; not for "unknown", which clients without an
             # address share (one bot's history must not escalate all of them).
@@ -230,6 +251,12 @@ class BotDetectionMiddleware:
 
     async def decide(self, ctx: GuardContext, check: BotCheck) -> ASGIApp | None:
         """Decide `check` in the store now: the refusal to send, or None."""
+        if check is _UNCLASSIFIED:
+            ctx.rejected = "bot_check_unavailable"
+            return unavailable(
+                "Bot detection is unavailable",
+                "This request could not be checked; try again shortly.",
+            )
         try:
             if self._bounded:
                 async with asyncio.timeout(self.timeout):
@@ -242,6 +269,16 @@ class BotDetectionMiddleware:
             return self.unavailable(ctx, check)
         assert outcome.bot is not None  # `checked_answer`, or a store that checks its own
         return self._respond(ctx, outcome.bot)
+
+    def _unclassified(self, ua: str, exc: Exception) -> BotCheck | None:
+        """The fail policy, when the classifier failed: what `screen` answers."""
+        self._classifier_trouble.warning(
+            "Bot detection: the user-agent classifier failed on %r (%r); fail=%s applies",
+            printable(ua),
+            exc,
+            self.fail,
+        )
+        return _UNCLASSIFIED if self.fail == "closed" else None
 
     def unavailable(self, ctx: GuardContext, check: BotCheck) -> ASGIApp | None:
         """The fail policy, when the store cannot decide `check`: the refusal, or None.

@@ -32,7 +32,7 @@ from .._resilience import ResilientStore
 from .._rules import Rule, _path_matcher, preset_rules
 from .._settings import GuardEnvironment, load_environment, redact_url
 from .._store import Store
-from .._useragent import BotCategory
+from .._useragent import BotCategory, UserAgentClassifier, classify_user_agent
 from .apikeys import DEFAULT_CACHE_TTL, ApiKeyMiddleware, KeyRoute
 from .botdetection import (
     DEFAULT_ALLOW_PATHS,
@@ -88,7 +88,9 @@ class GuardSettings:
       (`bot_detection=False` turns it off). `bot_probe_paths`: where a `monitor` user-agent
       (kube-probe, ELB-HealthChecker, Prometheus, …) is let through unrecorded, never
       escalated (`/health`, `/healthz`, `/readyz`, `/livez`, `/metrics`, `/ping`; `()` for
-      nowhere); any other bot there is decided as anywhere.
+      nowhere); any other bot there is decided as anywhere. `bot_classifier`: any callable
+      from user-agent to `UserAgentVerdict` (default `classify_user_agent`, cached; a custom
+      one is called as it is, see `BotDetectionMiddleware`).
     - `exempt_paths`: skip every check and every log (health checks).
     - Every path is matched as Starlette routes it (without `root_path`), HEAD as GET;
       WebSocket handshakes on guarded paths get the same checks as requests.
@@ -113,6 +115,7 @@ class GuardSettings:
     ipv6_prefix: int = 64
     bot_detection: bool = True
     bot_policy: Mapping[BotCategory, PolicyAction] | None = None
+    bot_classifier: UserAgentClassifier = classify_user_agent
     bot_allow_user_agents: Sequence[str | re.Pattern[str]] = ()
     bot_allow_ips: Sequence[str] = ()
     bot_allow_paths: Sequence[str] = DEFAULT_ALLOW_PATHS
@@ -263,6 +266,7 @@ class GuardStack:
                 inner,
                 store=store,
                 policy=settings.bot_policy,
+                classifier=settings.bot_classifier,
                 allow_user_agents=settings.bot_allow_user_agents,
                 allow_ips=settings.bot_allow_ips,
                 allow_paths=settings.bot_allow_paths,

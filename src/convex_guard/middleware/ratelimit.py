@@ -15,7 +15,7 @@ from .._errors import ConfigurationError
 from .._headers import adding_headers
 from .._logging import ThrottledLog, logger, printable
 from .._order import API_KEYS, FINGERPRINT, RATE_LIMIT, mark, missing_outside, pass_lifespan
-from .._problem import QUOTA_EXCEEDED, problem, refuse
+from .._problem import QUOTA_TITLE, quota_exceeded, refuse, retry_after, unavailable
 from .._resilience import answers_checked, checked_answer
 from .._rules import Rule, ratelimit_field, ratelimit_template
 from .._store import LimitRequest, Store
@@ -137,11 +137,9 @@ class RateLimitMiddleware:
             # a request costing more than a limit can ever hold is never admitted.
             logger.warning("Rate limit: request cost refused: %s", exc)
             ctx.rejected = "rate_limited:cost"
-            return problem(
-                429,
+            return quota_exceeded(
                 "Request cost exceeds what the quota can ever admit",
-                type=QUOTA_EXCEEDED,
-                extra={"violated-policies": [rule.name for rule in rules]},
+                [rule.name for rule in rules],
             ), None
         except Exception as exc:
             self._store_trouble.warning(
@@ -176,16 +174,15 @@ class RateLimitMiddleware:
                 (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
             ]
             retry_ms = max(result.retry_after or 0.0 for _, result in violated)
-            retry = str(max(1, math.ceil(retry_ms / 1000)))
+            retry = retry_after(retry_ms)
             names = [rule.name for rule, _ in violated]
             ctx.rejected = "rate_limited:" + ",".join(names)
-            return problem(
-                429,
-                "Request cannot be satisfied as assigned quota has been exceeded",
-                type=QUOTA_EXCEEDED,
+            return quota_exceeded(
+                QUOTA_TITLE,
+                names,
+                retry=retry,
                 detail=f"Quota exceeded for {', '.join(names)}; retry after {retry} s.",
                 headers=[
-                    ("Retry-After", retry),
                     ("RateLimit-Policy", policy),
                     (
                         "RateLimit",
@@ -194,7 +191,6 @@ class RateLimitMiddleware:
                         ).decode("latin-1"),
                     ),
                 ],
-                extra={"violated-policies": names},
             ), None
         return None, [
             (b"ratelimit-policy", policy_bytes),
@@ -240,11 +236,9 @@ class RateLimitMiddleware:
 
     def _unavailable(self, ctx: GuardContext) -> ASGIApp:
         ctx.rejected = "rate_limit_unavailable"
-        return problem(
-            503,
+        return unavailable(
             "Rate limiting is unavailable",
-            detail="The rate-limit store did not answer in time; try again shortly.",
-            headers=[("Retry-After", "1")],
+            "The rate-limit store did not answer in time; try again shortly.",
         )
 
 
