@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import IO, Any, cast
 
+from . import __version__
 from ._apikeys import ApiKeys, CreatedKey, KeyNotFoundError
 from ._errors import ConfigurationError, GuardError
 from ._limits import DAY, HOUR, MINUTE, SECOND
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Manage API keys and read request and bot analytics from the Convex "
         "deployment named by CONVEX_SELF_HOSTED_URL / CONVEX_SELF_HOSTED_ADMIN_KEY.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     def command(parent: Any, name: str, help: str) -> argparse.ArgumentParser:
