@@ -87,6 +87,7 @@ def settle(read: Any, baseline: int, slack: int, timeout: float = 10.0) -> int:
     return value
 
 
+@pytest.mark.slow
 def test_paused_store_bounded_latency_no_leaks_no_loss(
     convex: ConvexTestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
