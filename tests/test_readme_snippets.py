@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from .conftest import serve
 from .wsgi_server import serve_wsgi
@@ -71,7 +72,7 @@ def test_starlette_snippet() -> None:
 
 def test_hand_stacked_snippet() -> None:
     namespace = run(snippet("### The five middlewares by hand"))
-    app = namespace["app"]
+    app: FastAPI = namespace["app"]
 
     @app.post("/api/ai/{provider}/chat")
     async def chat(provider: str) -> dict[str, str]:
