@@ -30,8 +30,9 @@ typecheck: $(STAMP)
 	$(BIN)/mypy src tests examples benchmarks
 
 # The pytest suite starts the loopback Convex test server, which needs convex/node_modules.
+# Branch coverage of src/convex_guard is checked against fail_under in pyproject.toml.
 pytest: $(STAMP) $(NPM_STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --cov --cov-report=term
 
 convex-test: $(NPM_STAMP)
 	cd convex && npm test && npm run typecheck

@@ -164,6 +164,7 @@ def test_brute_forcing_api_keys_is_throttled_and_recorded(
     assert not [s for s in secrets_ for text in everything if s in text]
 
 
+@pytest.mark.slow
 def test_no_secret_reaches_logs_errors_or_convex_rows(
     convex_server: ConvexTestServer,
     caplog: pytest.LogCaptureFixture,

@@ -81,6 +81,7 @@ def test_hash_is_sha256_hex() -> None:
     assert hash_key("") != NO_KEY and not re.fullmatch(r"[0-9a-f]{64}", NO_KEY)
 
 
+@pytest.mark.slow
 @given(st.text(max_size=300))
 def test_well_formed_accepts_only_bounded_tokens(text: str) -> None:
     ok = is_well_formed(text)

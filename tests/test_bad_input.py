@@ -198,6 +198,7 @@ def loop_and_app() -> Iterator[tuple[asyncio.Runner, Any, MemoryStore]]:
         yield runner, app, store
 
 
+@pytest.mark.slow
 @settings(
     max_examples=300,
     deadline=None,
@@ -262,6 +263,7 @@ def loop_and_ws_app() -> Iterator[tuple[asyncio.Runner, Any, MemoryStore]]:
 WS_FIRST = {"websocket.accept", "websocket.close", "websocket.http.response.start"}
 
 
+@pytest.mark.slow
 @settings(
     max_examples=200,
     deadline=None,

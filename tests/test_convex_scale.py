@@ -4,11 +4,13 @@ loopback server with its optimistic-concurrency emulation on, 1,000 requests fro
 
 from __future__ import annotations
 
+import pytest
 from benchmarks.convex_scale import run
 
 INSTANCES = 2
 
 
+@pytest.mark.slow
 def test_instances_share_limits_without_a_hot_document_or_a_failure() -> None:
     result = run(INSTANCES, 1000, occ=True)
     print("\n" + result.summary())

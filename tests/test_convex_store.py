@@ -130,6 +130,7 @@ async def test_watch_bot_events_pushes_new_events(convex_server: ConvexTestServe
     assert seen[0] == 0 and seen[-1] == 2
 
 
+@pytest.mark.slow
 def test_cli_watch_follows_the_deployment_live(convex_server: ConvexTestServer) -> None:
     """`convex-guard watch` prints an update each time Convex pushes new stats or events."""
     convex_server.reset()

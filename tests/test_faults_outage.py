@@ -99,6 +99,7 @@ def convex_guard_tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_outage_under_load_falls_back_and_loses_no_rows(
     convex: ConvexTestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -214,6 +215,7 @@ def test_outage_under_load_falls_back_and_loses_no_rows(
     assert not convex_guard_tracebacks(caplog)
 
 
+@pytest.mark.slow
 def test_without_fallback_each_rule_follows_its_fail_policy(
     convex: ConvexTestServer, caplog: pytest.LogCaptureFixture
 ) -> None:

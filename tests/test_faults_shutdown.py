@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import httpx
+import pytest
 
 from .conftest import ConvexTestServer
 from .fault_tools import BROWSER, chat, start_uvicorn
@@ -17,6 +18,7 @@ from .fault_tools import BROWSER, chat, start_uvicorn
 WORKERS = 8
 
 
+@pytest.mark.slow
 def test_sigterm_mid_load_flushes_every_row(convex_server: ConvexTestServer) -> None:
     convex_server.reset()
     env = {

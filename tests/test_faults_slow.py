@@ -95,6 +95,7 @@ def settle(read: Callable[[], int], baseline: int, slack: int, timeout: float = 
     return value
 
 
+@pytest.mark.slow
 def test_paused_store_bounded_latency_no_leaks_no_loss(
     convex: ConvexTestServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -52,6 +52,7 @@ operations = st.lists(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(
     ops=operations,
@@ -271,6 +272,7 @@ async def test_a_refused_lease_refuses_locally_until_retry_after(
         await store.close()
 
 
+@pytest.mark.slow
 async def test_covered_requests_make_no_call_and_keyed_limits_stay_exact(
     convex_server: ConvexTestServer,
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -29,7 +30,7 @@ EPS = 1e-6
 def test_token_bucket_never_admits_more_than_capacity_plus_refill(
     rate: int, period: int, capacity: int, steps: list[tuple[int, int]]
 ) -> None:
-    config = TokenBucket(rate=rate, period=period, capacity=capacity)
+    config = TokenBucket(rate=rate, period=timedelta(milliseconds=period), capacity=capacity)
     state = (float(capacity), 0.0)
     now = 0.0
     admitted: list[tuple[float, int]] = []
@@ -61,7 +62,9 @@ def test_fixed_window_never_admits_more_than_capacity_plus_rate_per_window(
     rate: int, period: int, extra: int, start: int, steps: list[tuple[int, int]]
 ) -> None:
     capacity = max(rate, 4) + extra
-    config = FixedWindow(rate=rate, period=period, capacity=capacity, start=start)
+    config = FixedWindow(
+        rate=rate, period=timedelta(milliseconds=period), capacity=capacity, start=start
+    )
     state = (float(capacity), float(start))
     now = float(start)
     admitted: list[tuple[float, int]] = []
@@ -103,13 +106,13 @@ limit_configs = st.one_of(
     st.builds(
         TokenBucket,
         rate=st.integers(1, 5),
-        period=st.integers(100, 1_000),
+        period=st.integers(100, 1_000).map(lambda ms: timedelta(milliseconds=ms)),
         capacity=st.integers(3, 6),
     ),
     st.builds(
         FixedWindow,
         rate=st.integers(3, 5),
-        period=st.integers(100, 1_000),
+        period=st.integers(100, 1_000).map(lambda ms: timedelta(milliseconds=ms)),
         start=st.just(0),
     ),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import fields
+from datetime import timedelta
 
 import pytest
 from pydantic import ValidationError
@@ -144,15 +145,16 @@ def test_full_at_tells_when_state_can_be_forgotten() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"rate": 0, "period": 1}, "rate"),
-        ({"rate": -1, "period": 1}, "rate"),
+        ({"rate": 0, "period": SECOND}, "rate"),
+        ({"rate": -1, "period": SECOND}, "rate"),
         ({"rate": 1, "period": 0}, "period"),
         ({"rate": 1, "period": math.inf}, "period"),
-        ({"rate": math.nan, "period": 1}, "rate"),
-        ({"rate": 1, "period": 1, "capacity": 0}, "capacity"),
-        ({"rate": 1, "period": 1, "max_reserved": -2}, "max_reserved"),
-        ({"rate": 1, "period": 1, "shards": 0}, "shards"),
-        ({"rate": 1, "period": 1, "capcity": 3}, "capcity"),
+        ({"rate": 30, "period": 60}, "period"),  # meant as a minute: a 60 ms window
+        ({"rate": math.nan, "period": SECOND}, "rate"),
+        ({"rate": 1, "period": SECOND, "capacity": 0}, "capacity"),
+        ({"rate": 1, "period": SECOND, "max_reserved": -2}, "max_reserved"),
+        ({"rate": 1, "period": SECOND, "shards": 0}, "shards"),
+        ({"rate": 1, "period": SECOND, "capcity": 3}, "capcity"),
     ],
 )
 def test_bad_config_names_the_field(kwargs: dict[str, float], field: str) -> None:
@@ -162,13 +164,35 @@ def test_bad_config_names_the_field(kwargs: dict[str, float], field: str) -> Non
         assert field in str(info.value)
 
 
+@pytest.mark.parametrize("kind", [TokenBucket, FixedWindow])
+def test_a_period_under_a_second_must_be_a_timedelta(kind: type[TokenBucket | FixedWindow]) -> None:
+    with pytest.raises(ValidationError, match=r"timedelta\(milliseconds=60\)"):
+        kind(rate=30, period=60)
+    with pytest.raises(ValidationError, match="period"):
+        kind(rate=30, period=999.5)
+    assert kind(rate=30, period=timedelta(milliseconds=60)).period == 60.0
+    assert kind(rate=30, period=SECOND).period == 1_000.0
+    assert kind(rate=30, period=1_500).period == 1_500.0  # a second or more: taken as ms
+
+
+@pytest.mark.parametrize("kind", [TokenBucket, FixedWindow])
+def test_a_timedelta_period_is_milliseconds_everywhere(
+    kind: type[TokenBucket | FixedWindow],
+) -> None:
+    assert kind(rate=30, period=timedelta(minutes=1)) == kind(rate=30, period=MINUTE)
+    assert kind(rate=1, period=timedelta(hours=2)).to_convex()["period"] == 2 * HOUR
+    for bad in (timedelta(0), timedelta(seconds=-1)):
+        with pytest.raises(ValidationError, match="period"):
+            kind(rate=1, period=bad)
+
+
 def test_fixed_window_start_must_be_finite() -> None:
     with pytest.raises(ValidationError, match="start"):
-        FixedWindow(rate=1, period=1, start=math.inf)
+        FixedWindow(rate=1, period=SECOND, start=math.inf)
 
 
 def test_configs_are_immutable() -> None:
-    config = TokenBucket(rate=1, period=1)
+    config = TokenBucket(rate=1, period=SECOND)
     with pytest.raises(ValidationError):
         config.rate = 5  # type: ignore[misc]
 
@@ -197,7 +221,7 @@ def test_to_convex_matches_the_component_validator_fields() -> None:
         "shards": 3.0,
         "start": 10.0,
     }
-    assert TokenBucket(rate=1, period=2).to_convex() == {
+    assert TokenBucket(rate=1, period=timedelta(milliseconds=2)).to_convex() == {
         "kind": "token bucket",
         "rate": 1.0,
         "period": 2.0,

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 
 import httpx
+import pytest
 
 from .conftest import ConvexTestServer
 from .fault_tools import BROWSER, UNKNOWN_MODEL, chat, start_uvicorn
@@ -45,6 +46,7 @@ async def drive(url: str) -> tuple[Counter[int], dict[str, int], float]:
     return Counter(by_model.values()), by_model, time.monotonic() - started
 
 
+@pytest.mark.slow
 def test_load_admits_exactly_the_limit_and_logs_every_request(
     convex_server: ConvexTestServer,
 ) -> None:

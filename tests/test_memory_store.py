@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from datetime import timedelta
 
 import pytest
 
@@ -46,7 +47,9 @@ async def test_refilled_state_is_forgotten_without_a_full_scan() -> None:
 async def test_memory_stays_bounded_under_a_stream_of_distinct_keys() -> None:
     clock = Clock()
     store = MemoryStore(clock=clock)
-    config = TokenBucket(rate=1, period=100)  # one token; full again 100 ms after use
+    config = TokenBucket(
+        rate=1, period=timedelta(milliseconds=100)
+    )  # one token; full again 100 ms after use
     peak = 0
     for i in range(50_000):
         clock.now += 1  # 1 new key per ms: ~100 keys are live at any time

@@ -143,6 +143,7 @@ def test_a_hanging_store_gets_fallback_decisions_exactly_the_limit(
 # -- 12: reconciliation ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_what_the_fallback_admitted_is_charged_to_the_shared_store_once(
     monkeypatch: pytest.MonkeyPatch, paused: ConvexTestServer
 ) -> None:
@@ -360,6 +361,7 @@ def garbage_apps() -> Iterator[tuple[asyncio.Runner, dict[tuple[str, str], Any]]
         yield runner, apps
 
 
+@pytest.mark.slow
 @settings(
     max_examples=200,
     deadline=None,

@@ -229,6 +229,7 @@ async def test_memory_provider_stats_survive_whatever_was_stored() -> None:
     assert math.isfinite(stats.average_latency)
 
 
+@pytest.mark.slow
 def test_a_poison_row_costs_neither_the_log_nor_keyed_requests(
     convex_server: ConvexTestServer,
 ) -> None:
@@ -388,6 +389,7 @@ def vars_of(row: Any) -> list[Any]:
     return [getattr(row, name) for name in row.__slots__]
 
 
+@pytest.mark.slow
 def test_made_up_providers_are_logged_as_other_and_stay_bounded() -> None:
     store = MemoryStore()
 

@@ -177,6 +177,7 @@ def test_failing_key_function_is_logged_and_follows_policy(
     assert "key or cost function failed" in caplog.text
 
 
+@pytest.mark.slow
 def test_concurrent_requests_admit_exactly_the_limit() -> None:
     store = MemoryStore()
     rules = [Rule("burst", FixedWindow(rate=50, period=HOUR), path="/api")]

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from .conftest import serve
 from .wsgi_server import serve_wsgi
@@ -112,3 +113,35 @@ def test_every_python_snippet_type_checks(tmp_path: Path) -> None:
 
     report = re.sub(r"\S*(readme_snippet_\d+\.py):(\d+)", readme_line, result.stdout)
     assert result.returncode == 0, report + result.stderr
+
+
+def test_starlette_snippet() -> None:
+    app = run(snippet("### Starlette"))["app"]
+    with serve(app, proxy_headers=False) as server, httpx.Client(base_url=server.url) as c:
+        ok = c.post("/api/ai/groq/chat")
+        assert ok.json() == {"provider": "groq"}
+        assert "groqRequests" in ok.headers["RateLimit-Policy"]
+        assert c.post("/api/ai/groq/chat", headers={"user-agent": "GPTBot/1.2"}).status_code == 403
+
+
+def test_hand_stacked_snippet() -> None:
+    namespace = run(snippet("### The five middlewares by hand"))
+    app: FastAPI = namespace["app"]
+
+    @app.post("/api/ai/{provider}/chat")
+    async def chat(provider: str) -> dict[str, str]:
+        return {"provider": provider}
+
+    with serve(app, proxy_headers=False) as server, httpx.Client(base_url=server.url) as c:
+        ok = c.post("/api/ai/openai/chat")  # the AI key route accepts anonymous callers
+        assert ok.json() == {"provider": "openai"}
+        assert "openaiRequests" in ok.headers["RateLimit-Policy"]
+        assert c.post("/api/embeddings").status_code == 401  # the default routes: key required
+        assert c.get("/api/admin/users").status_code == 401  # the snippet's own route
+        assert (
+            c.get("/api/admin/users", headers={"x-api-key": "cg_ai_" + "x" * 43}).status_code == 401
+        )
+        assert (
+            c.post("/api/ai/openai/chat", headers={"user-agent": "GPTBot/1.2"}).status_code == 403
+        )
+    assert [row.provider for row in namespace["store"].ai_logs] == ["openai", "openai"]

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
@@ -216,6 +217,7 @@ def stored(store: MemoryStore) -> dict[str, list[dict[str, Any]]]:
     }
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(request_specs, min_size=1, max_size=40))
 def test_single_pass_answers_and_stores_exactly_as_the_stack(
@@ -274,6 +276,7 @@ async def switched(fail: FailPolicy) -> tuple[GuardMiddleware, Switch, MemorySto
     return GuardMiddleware(inner(), settings=settings), switch, store
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(("open", "closed")),

@@ -169,6 +169,7 @@ async def test_reset_and_peek(harness: Harness) -> None:
     assert (await harness.store.peek("p", config, key="k")).remaining == 2
 
 
+@pytest.mark.slow
 async def test_concurrent_calls_admit_exactly_the_limit(harness: Harness) -> None:
     # 100 concurrent calls on one key are one hot document on Convex: the backend may answer
     # some of them 503 after its retries (StoreConflictError), never admit one twice. Every

@@ -1,5 +1,5 @@
-// The seed's six tables (docs/projects/structure/convex-database.md), plus the two this
-// project needs to scale: per-minute provider rollups and processed log-batch ids.
+// The seed's six tables, plus those this project needs to scale (docs/architecture.md, "The
+// schema"): provider rollups per writer, key usage per writer, processed log-batch ids.
 // The rate limiter component keeps its own tables (see convex.config.ts).
 import { defineSchema, defineTable } from "convex/server";
 import { v } from "convex/values";

@@ -11,7 +11,7 @@ describe("the seed's named limits", () => {
     expect(limitsJson).toEqual(AI_LIMITS);
   });
 
-  test("the seed's table, as in DESIGN.md §3", () => {
+  test("the seed's table, as in docs/architecture.md", () => {
     expect(Object.keys(AI_LIMITS)).toHaveLength(15);
     expect(AI_LIMITS.globalAIRequests).toEqual({ kind: "fixed window", rate: 10000, period: 3_600_000 });
     expect(AI_LIMITS.failedAuth).toEqual({ kind: "token bucket", rate: 10, period: 3_600_000, capacity: 10 });

@@ -1,5 +1,8 @@
 """convex-guard: bot detection, rate limits, API keys and AI request logs for Python web apps."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from ._apikeys import (
     NO_KEY,
     ApiKeys,
@@ -64,9 +67,14 @@ from .middleware.apikeys import ApiKeyMiddleware, KeyRoute
 from .middleware.botdetection import DEFAULT_POLICY as DEFAULT_BOT_POLICY
 from .middleware.botdetection import BotDetectionMiddleware
 from .middleware.fingerprint import FingerprintMiddleware
-from .middleware.guard import GuardMiddleware, GuardSettings
+from .middleware.guard import GuardMiddleware, GuardSettings, default_key_routes
 from .middleware.logger import RequestLoggerMiddleware, provider_from_path, report_usage
 from .middleware.ratelimit import RateLimitMiddleware
+
+try:
+    __version__ = _version("convex-guard")
+except PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BOT_CATEGORIES",
@@ -133,9 +141,11 @@ __all__ = [
     "UserAgentClassifier",
     "UserAgentVerdict",
     "Verification",
+    "__version__",
     "classify_user_agent",
     "classify_user_agent_uncached",
     "client_ip",
+    "default_key_routes",
     "fingerprint",
     "generate_key",
     "guard_context",

@@ -5,10 +5,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import cached_property
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 from ._errors import ConfigurationError
 
@@ -47,6 +55,23 @@ class _LimitBase(BaseModel):
     max_reserved: _Positive | None = None
     shards: Annotated[int, Field(ge=1)] | None = None
 
+    @field_validator("period", mode="wrap")
+    @classmethod
+    def _period_in_ms(cls, value: object, handler: ValidatorFunctionWrapHandler) -> float:
+        # Periods are milliseconds, as in the component, so `period=60` meant for a minute
+        # would silently be a 60 ms window. A number under one second is refused; a period
+        # that short must be asked for explicitly, as a timedelta.
+        if isinstance(value, timedelta):
+            return float(handler(value.total_seconds() * SECOND))
+        period = float(handler(value))
+        if period < SECOND:
+            raise ValueError(
+                f"period is in milliseconds: {value!r} would be a {period:g} ms window. "
+                f"Write seconds as {period:g} * SECOND (or MINUTE, HOUR, DAY), or a period "
+                f"under one second as timedelta(milliseconds={period:g})"
+            )
+        return period
+
     @cached_property
     def max(self) -> float:
         """The most tokens the limit holds: `capacity`, else `rate` (as in the component).
@@ -82,13 +107,20 @@ class _LimitBase(BaseModel):
 
 
 class TokenBucket(_LimitBase):
-    """Tokens refill continuously at `rate` per `period` (ms), up to `capacity`."""
+    """Tokens refill continuously at `rate` per `period`, up to `capacity`.
+
+    `period` is milliseconds (`SECOND`, `MINUTE`, `HOUR`, `DAY`) or a `datetime.timedelta`; a
+    number under one second (1000) is refused as a likely unit slip, so a shorter period is
+    given as a timedelta.
+    """
 
     kind: Literal["token bucket"] = "token bucket"
 
 
 class FixedWindow(_LimitBase):
-    """`rate` tokens are added at the start of each `period` (ms) window, up to `capacity`.
+    """`rate` tokens are added at the start of each `period` window, up to `capacity`.
+
+    `period` is milliseconds or a `datetime.timedelta`, as for `TokenBucket`.
 
     Windows are aligned to `start` (epoch ms) when given; otherwise each key's first window
     begins at a random point of the last period, so that keys do not all reset at once.

@@ -29,7 +29,7 @@ API_KEYS = "ApiKeyMiddleware"
 BOT = "BotDetectionMiddleware"
 RATE_LIMIT = "RateLimitMiddleware"
 
-#: The order of DESIGN.md §1, outermost first, for messages.
+#: The order of docs/architecture.md ("The request flow"), outermost first, for messages.
 ORDER = (LOGGER, FINGERPRINT, API_KEYS, BOT, RATE_LIMIT)
 
 HINT = (

@@ -1,4 +1,4 @@
-"""The seed's named limits (DESIGN.md §3), defined once on the Python side."""
+"""The seed's named limits (docs/architecture.md, "The seed's limits"), defined once here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration from the environment, under the seed's variable names (DESIGN.md §6)."""
+"""Configuration from the environment, under the seed's names (docs/architecture.md)."""
 
 from __future__ import annotations
 

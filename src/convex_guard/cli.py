@@ -20,6 +20,7 @@ from typing import IO, Any, NoReturn, cast
 
 import httpx
 
+from . import __version__
 from ._apikeys import ApiKeys, CreatedKey, KeyNotFoundError
 from ._errors import (
     ConfigurationError,
@@ -511,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Manage API keys and read request and bot analytics from the Convex "
         "deployment named by CONVEX_SELF_HOSTED_URL / CONVEX_SELF_HOSTED_ADMIN_KEY.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     groups = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     def command(parent: Any, name: str, help: str) -> argparse.ArgumentParser:

@@ -1,5 +1,6 @@
-// The seed's named limits (DESIGN.md §3), defined once here and kept equal to the Python
-// preset through ../../limits.json (a test on each side compares against that file).
+// The seed's named limits (docs/architecture.md, "The seed's limits"), defined once here
+// and kept equal to the Python preset through ../../limits.json (a test on each side compares
+// against that file).
 import { HOUR, MINUTE, RateLimiter, type RateLimitConfig } from "@convex-dev/rate-limiter";
 import { components } from "../_generated/api";
 

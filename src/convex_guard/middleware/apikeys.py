@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import lru_cache
 from typing import cast
 
@@ -126,7 +127,8 @@ def _presented_key(scope: Scope) -> str | None:
 @lru_cache(maxsize=256)
 def _key_limit(requests: int, period: float) -> LimitConfig:
     # Built once per distinct limit: a config is a pydantic model, too slow to build per request.
-    return FixedWindow(rate=requests, period=period)
+    # A key's stored period is milliseconds by contract, so a sub-second one is meant as given.
+    return FixedWindow(rate=requests, period=timedelta(milliseconds=period))
 
 
 class ApiKeyMiddleware:

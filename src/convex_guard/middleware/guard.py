@@ -1,4 +1,4 @@
-"""GuardMiddleware: the five middlewares stacked in the order of DESIGN.md §1, one setting."""
+"""GuardMiddleware: the five middlewares in the order of docs/architecture.md, one setting."""
 
 from __future__ import annotations
 
