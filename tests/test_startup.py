@@ -195,7 +195,8 @@ async def test_misconfigured_websocket_without_http_response_extension_closes_10
 
     for _ in range(3):
         await guard({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
-    assert sent == [{"type": "websocket.close", "code": 1011}] * 3
+    closed = {"type": "websocket.close", "code": 1011, "reason": "Internal Server Error"}
+    assert sent == [closed] * 3
     logged = [r.getMessage() for r in caplog.records if "Unknown GuardMiddleware" in r.getMessage()]
     assert len(logged) == 1
 
