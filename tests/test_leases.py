@@ -272,6 +272,54 @@ async def test_a_refused_lease_refuses_locally_until_retry_after(
         await store.close()
 
 
+class ArgsStore(CountingStore):
+    """A counting store that keeps the arguments of every `guard:check` it sends."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[Mapping[str, Any]] = []
+
+    async def _call(
+        self, kind: Literal["query", "mutation"], path: str, args: Mapping[str, Any]
+    ) -> Any:
+        if path == "guard:check":
+            self.sent.append(args)
+        return await super()._call(kind, path, args)
+
+
+async def test_a_refused_lease_is_not_asked_again_by_requests_that_call_anyway(
+    convex_server: ConvexTestServer,
+) -> None:
+    # Every request of a refused provider limit also has a keyed limit, so it calls: the call
+    # must not read the spent limit's shared document again (each grant another instance
+    # commits would conflict with it), and the refused request consumes none of its keyed
+    # limits.
+    convex_server.reset()
+    provider = FixedWindow(rate=2, period=MINUTE, start=0)
+    per_ip = FixedWindow(rate=100, period=HOUR, start=0)
+    store = ArgsStore(convex_server.url, convex_server.admin_key, timeout=10)
+
+    def request(ip: str) -> list[LimitRequest]:
+        return [LimitRequest("perplexityRequests", provider), LimitRequest("ip", per_ip, ip)]
+
+    try:
+        outcomes = [await store.check(request("198.51.100.7")) for _ in range(3)]
+        assert [o.ok for o in outcomes] == [True, True, False]
+        store.sent.clear()
+        for _ in range(4):
+            refused = await store.check(request("198.51.100.8"))
+            assert not refused.ok
+            assert not refused.results[0].ok and refused.results[0].retry_after is not None
+        assert len(store.sent) == 4  # the keyed limit still calls ...
+        for args in store.sent:  # ... without asking the spent limit again, and denied
+            assert "perplexityRequests" not in [lease["name"] for lease in args.get("leases", [])]
+            assert args["deny"] is True
+        fresh = await store.peek("ip", per_ip, key="198.51.100.8")
+        assert fresh.remaining == 100  # nothing of the refused requests was consumed
+    finally:
+        await store.close()
+
+
 @pytest.mark.slow
 async def test_covered_requests_make_no_call_and_keyed_limits_stay_exact(
     convex_server: ConvexTestServer,

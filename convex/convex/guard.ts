@@ -35,7 +35,8 @@ type CheckAnswer = Infer<typeof vCheckAnswer>;
  * `decideLease`). They are decided first and outside the all-or-nothing decision: a granted
  * block commits whatever the rest answers. A lease that grants less than its `need` denies the
  * request, so `limits` are then decided but none is consumed. `leases` in the answer are in
- * the order asked; without `leases` the answer is as it always was.
+ * the order asked; without `leases` the answer is as it always was. With `deny` the request is
+ * refused by the caller: its limits are decided but none is consumed (its bot is recorded).
  *
  * A bot still allowed by its history consumes its own `limit` (if given; denied → challenged).
  * A blocked or challenged bot consumes none of `limits` (`results` is empty). Otherwise the limits
@@ -49,12 +50,15 @@ export const check = internalMutation({
     limits: v.array(vLimitRequest),
     bot: v.optional(vBotCheck),
     leases: v.optional(v.array(vLeaseRequest)),
+    deny: v.optional(v.boolean()),
   },
   returns: vCheckAnswer,
-  handler: async (ctx, { limits, bot, leases }): Promise<CheckAnswer> => {
+  handler: async (ctx, { limits, bot, leases, deny }): Promise<CheckAnswer> => {
     const now = Date.now();
     let granted: LeaseResult[] | undefined;
-    let leaseDenied = false;
+    // `deny`: the caller refuses the request already (a lease it knows is spent until its
+    // retryAfter), so the limits are decided for their answers and none is consumed.
+    let leaseDenied = deny === true;
     if (leases !== undefined) {
       granted = [];
       for (const lease of leases) {

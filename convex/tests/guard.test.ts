@@ -309,6 +309,15 @@ describe("guard:check leases", () => {
     expect(peek.value).toBe(2);
   });
 
+  test("deny decides the keyed limits for their answers and consumes none", async () => {
+    const keyed = { name: "ip", key: "5.6.7.8", config: window };
+    const r = await t.mutation(internal.guard.check, { limits: [keyed], deny: true });
+    expect(r.ok).toBe(false);
+    expect(r.results.map((x) => x.ok)).toEqual([true]);
+    const peek = await t.query(internal.limits.peek, keyed);
+    expect(peek.value).toBe(2);
+  });
+
   test("a granted lease commits even when the keyed limits deny", async () => {
     const tight = { name: "ip", key: "k", config: { ...window, rate: 1 } };
     await t.mutation(internal.guard.check, { limits: [tight] });

@@ -529,11 +529,13 @@ class ConvexStore(LimitThroughCheck):
             return CheckResult(False, tuple(r for r in results if r is not None))
         if not keyed and not asks and not refused and bot is None:
             return CheckResult(True, tuple(r for r in results if r is not None))
-        # A call is made: a locally refused limit is asked again in it (no extra round trip;
-        # the mutation then rolls the keyed limits back), a running-low lease asks ahead for
-        # its next block, and idle leases hand their tokens back.
+        # A call is made. A locally refused limit is spent everywhere until its retryAfter: it
+        # is not asked again (that would read its shared document in every such call), the
+        # request is refused, and the mutation decides its keyed limits only for their answers
+        # (`deny`), consuming none. A running-low lease asks ahead for its next block, and
+        # idle leases hand their tokens back.
         for i, lease in refused:
-            asks.append((i, lease, lease.ask(limits[i].count, now)))
+            results[i] = lease.result(False, now)
         asked = {limits[i].name for i, _, _ in asks}
         ahead: list[tuple[str, Lease, float]] = []
         for i in local:
@@ -563,6 +565,8 @@ class ConvexStore(LimitThroughCheck):
             args["bot"] = _bot_check(bot)
         if leases:
             args["leases"] = leases
+        if refused:
+            args["deny"] = True
         mine = [name for name in asked if name not in self._asking]
         for name in mine:
             self._asking[name] = asyncio.Event()
@@ -581,7 +585,7 @@ class ConvexStore(LimitThroughCheck):
                 self._asking.pop(name).set()
         server_now = float(raw["now"])
         self._offset = server_now - self._clock()
-        ok = bool(raw["ok"])
+        ok = bool(raw["ok"]) and not refused
         answers = list(raw.get("leases") or ())
         for (i, lease, want), answer in zip(asks, answers, strict=False):
             covered = self._granted(lease, want, limits[i].count, answer, server_now)
