@@ -106,6 +106,48 @@ async def test_backend_503_and_429_become_typed_errors(
     assert ADMIN_KEY not in message
 
 
+@pytest.mark.parametrize("conflicts", [1, 2, 3])
+async def test_a_mutation_the_backend_gave_up_on_is_sent_again_twice_at_most(
+    conflicts: int,
+) -> None:
+    # An OCC failure committed nothing, so sending the mutation again cannot count it twice.
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(json.loads(request.content)["path"])
+        if len(paths) <= conflicts:
+            return httpx.Response(503, json=OCC_BODY)
+        return httpx.Response(200, json={"status": "success", "value": {"applied": True}})
+
+    store = stub(handler)
+    try:
+        if conflicts <= 2:
+            await store.write_logs(one_row())
+            assert paths == ["logs:writeBatch"] * (conflicts + 1)
+        else:
+            with pytest.raises(StoreConflictError):
+                await store.write_logs(one_row())
+            assert paths == ["logs:writeBatch"] * 3
+    finally:
+        await store.close()
+
+
+async def test_a_query_answered_503_is_not_sent_again() -> None:
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(json.loads(request.content)["path"])
+        return httpx.Response(503, json=OCC_BODY)
+
+    store = stub(handler)
+    try:
+        with pytest.raises(StoreConflictError):
+            await store.find_api_key("h")
+    finally:
+        await store.close()
+    assert paths == ["apiKeys:getByHash"]
+
+
 async def test_a_body_that_echoes_the_admin_key_is_scrubbed() -> None:
     echo = {**OCC_BODY, "message": f"{OCC_BODY['message']} (auth: Convex {ADMIN_KEY})"}
     store = stub(answering(503, echo))

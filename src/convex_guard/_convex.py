@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -52,6 +53,8 @@ DEFAULT_TIMEOUT = 2.0
 #: The backend's error codes (`{"code": ..., "message": ...}` bodies) for a mutation whose
 #: optimistic-concurrency retries ran out (HTTP 503) and for a full function queue (HTTP 429).
 OCC_FAILURE = "OptimisticConcurrencyControlFailure"
+#: How many more times a mutation the backend gave up on for conflicts is sent (see `_call`).
+CONFLICT_RESENDS = 2
 TOO_MANY_CONCURRENT = "TooManyConcurrentRequests"
 #: The most bot events one query returns (`BOT_EVENTS_CAP` in convex/ai/analytics.ts).
 BOT_EVENTS_PAGE = 1000
@@ -383,10 +386,31 @@ class ConvexStore(LimitThroughCheck):
     async def _call(
         self, kind: Literal["query", "mutation"], path: str, args: Mapping[str, Any]
     ) -> Json:
+        """One function call; a mutation the backend gave up on for conflicts is sent again.
+
+        The backend answers `OptimisticConcurrencyControlFailure` only after retrying the
+        mutation itself, and such a mutation committed nothing: sending it once or twice more
+        (after a short random pause, so that the writers it met spread out) cannot count
+        anything twice. The store's `timeout` still bounds each attempt, and the caller's
+        (`ResilientStore`) the whole.
+        """
         # Imported here: the `convex` package loads a native extension we only need for Convex.
-        from convex.values import convex_to_json, json_to_convex
+        from convex.values import convex_to_json
 
         body = {"path": path, "format": "convex_encoded_json", "args": convex_to_json(dict(args))}
+        attempt = 0
+        while True:
+            try:
+                return await self._post(kind, path, body)
+            except StoreConflictError:
+                if kind != "mutation" or attempt >= CONFLICT_RESENDS:
+                    raise
+            attempt += 1
+            await asyncio.sleep(random.uniform(0.05, 0.25) * attempt)
+
+    async def _post(self, kind: str, path: str, body: Mapping[str, Any]) -> Json:
+        from convex.values import json_to_convex
+
         try:
             response = await self._client.post(f"/api/{kind}", json=body)
         except httpx.TimeoutException:
