@@ -39,7 +39,6 @@ app = create_app(
         # The loopback server runs one call at a time: under 64 clients a call may queue for
         # a while, which is not an outage; a real backend answers within milliseconds.
         timeout=10.0,
-        writer_interval=0.2,
         store_fallback=False,
     ),
     upstream=None,
