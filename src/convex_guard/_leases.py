@@ -14,7 +14,7 @@ import math
 from ._limits import LimitConfig, LimitResult, _until_full, shard_factor
 
 #: Defaults of `ConvexStore`'s lease options.
-DEFAULT_HORIZON = 0.5  # seconds of this process's own recent demand per block
+DEFAULT_HORIZON = 1.0  # seconds of this process's own recent demand per block
 DEFAULT_FRACTION = 0.1  # the most of a limit's capacity one process holds at once
 DEFAULT_IDLE = 5.0  # seconds without an admission after which a lease's tokens go back
 
