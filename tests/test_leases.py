@@ -37,6 +37,20 @@ def wall_ms() -> float:
     return time.time() * 1000.0
 
 
+class ShiftedStore(CountingStore):
+    """A counting store on the test server whose clock runs `shift` ms ahead of the wall's."""
+
+    def __init__(self, server: ConvexTestServer, **options: Any) -> None:
+        self.shift = 0.0
+        super().__init__(
+            server.url,
+            server.admin_key,
+            timeout=10,
+            clock=lambda: wall_ms() + self.shift,
+            **options,
+        )
+
+
 # -- the sans-IO core ------------------------------------------------------------------------
 
 operations = st.lists(
@@ -217,20 +231,12 @@ async def test_an_idle_lease_goes_back_with_the_next_call(
 ) -> None:
     convex_server.reset()
     config = TokenBucket(rate=100, period=HOUR, capacity=100)
-    shift = [0.0]
-    store = CountingStore(
-        convex_server.url,
-        convex_server.admin_key,
-        timeout=10,
-        lease_horizon=10.0,
-        lease_idle=1.0,
-        clock=lambda: wall_ms() + shift[0],
-    )
+    store = ShiftedStore(convex_server, lease_horizon=10.0, lease_idle=1.0)
     try:
         for _ in range(3):
             await store.limit("groqRequests", config)
         assert store._leases["groqRequests"].tokens > 0
-        shift[0] += 2_000
+        store.shift += 2_000
         # A keyed request makes a call anyway: the idle lease rides along, no extra call.
         calls = store.calls["guard:check"]
         assert (await store.limit("ipAIRequests", config, key="1.2.3.4")).ok
@@ -246,13 +252,7 @@ async def test_a_refused_lease_refuses_locally_until_retry_after(
 ) -> None:
     convex_server.reset()
     config = FixedWindow(rate=3, period=MINUTE, start=0)
-    shift = [0.0]
-    store = CountingStore(
-        convex_server.url,
-        convex_server.admin_key,
-        timeout=10,
-        clock=lambda: wall_ms() + shift[0],
-    )
+    store = ShiftedStore(convex_server)
     try:
         results = [await store.limit("perplexityRequests", config) for _ in range(4)]
         assert [r.ok for r in results] == [True, True, True, False]
@@ -264,8 +264,8 @@ async def test_a_refused_lease_refuses_locally_until_retry_after(
             assert not again.ok and again.retry_after is not None
         assert store.calls["guard:check"] == calls  # no store call while refused
         # Past retryAfter (on both clocks) the limit is asked again and admits.
-        shift[0] += denied.retry_after + 1_000
-        convex_server.shift_clock(shift[0])
+        store.shift += denied.retry_after + 1_000
+        convex_server.shift_clock(store.shift)
         assert (await store.limit("perplexityRequests", config)).ok
         assert store.calls["guard:check"] == calls + 1
     finally:
@@ -388,22 +388,15 @@ async def test_a_fixed_windows_tokens_die_with_their_window(
 ) -> None:
     convex_server.reset()
     config = FixedWindow(rate=100, period=MINUTE, start=0)
-    shift = [0.0]
-    store = CountingStore(
-        convex_server.url,
-        convex_server.admin_key,
-        timeout=10,
-        lease_horizon=10.0,
-        clock=lambda: wall_ms() + shift[0],
-    )
+    store = ShiftedStore(convex_server, lease_horizon=10.0)
     try:
         for _ in range(3):
             assert (await store.limit("ollamaRequests", config)).ok
         lease = store._leases["ollamaRequests"]
         held, first_window = lease.tokens, lease.window
         assert held > 0 and first_window is not None
-        shift[0] += MINUTE
-        convex_server.shift_clock(shift[0])
+        store.shift += MINUTE
+        convex_server.shift_clock(store.shift)
         calls = store.calls["guard:check"]
         assert (await store.limit("ollamaRequests", config)).ok
         # The held tokens were dropped, not used in the next window: a new lease was taken.
