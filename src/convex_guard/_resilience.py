@@ -264,8 +264,12 @@ class ResilientStore(LimitThroughCheck):
     ) -> CheckResult:
         if self._owed and self.breaker.state != "open":
             # The store may be back: charge it what the fallback admitted, before it decides
-            # anything new (concurrent calls wait for the same replay).
-            await self._settle()
+            # anything new. While the circuit is half-open the replay in flight is its probe:
+            # the calls meanwhile are decided as the open circuit decides them, rather than
+            # each waiting out the probe's timeout when the store is still down.
+            replay = self._replaying
+            if replay is None or replay.done() or self.breaker.state == "closed":
+                await self._settle()
         try:
             return await self._guarded(lambda: self._primary_check(limits, bot), "check")
         except StoreError as exc:
