@@ -96,6 +96,9 @@ def settle(read: Callable[[], int], baseline: int, slack: int, timeout: float = 
 
 
 @pytest.mark.slow
+# Its latency bounds are of the guard's own code: coverage's tracer, which slows every line
+# of the client, the server and the writer sharing this process, is off for it.
+@pytest.mark.no_cover
 def test_paused_store_bounded_latency_no_leaks_no_loss(
     convex: ConvexTestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
