@@ -44,7 +44,7 @@ from convex_guard import (
     Store,
     report_usage,
 )
-from convex_guard._store import LogBatch
+from convex_guard.stores.base import LogBatch
 
 HUGE = 10**9
 BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:133.0) Gecko/20100101 Firefox/133.0"

@@ -43,7 +43,7 @@ from tests.convex_server.launch import ConvexTestServer, running_server
 from tests.fault_tools import BROWSER, chat, start_uvicorn
 
 from convex_guard import HOUR, FixedWindow, preset_rules
-from convex_guard._leases import largest_block
+from convex_guard.core.leases import largest_block
 
 CLIENTS = 64
 ADDRESSES = 200

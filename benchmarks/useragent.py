@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from benchmarks.useragent_accuracy import SEED_RE, load_labelled
-from convex_guard._useragent import classify_user_agent, classify_user_agent_uncached
+from convex_guard.core.useragent import classify_user_agent, classify_user_agent_uncached
 
 
 def ns_per_call(fn: Callable[[str], object], ua: str, loops: int, rounds: int) -> float:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from convex_guard._useragent import _TAG_CATEGORY, classify_user_agent_uncached
+from convex_guard.core.useragent import _TAG_CATEGORY, classify_user_agent_uncached
 
 LABELLED = Path(__file__).resolve().parent.parent / "tests" / "data" / "user_agents.csv"
 SEED_RE = re.compile(

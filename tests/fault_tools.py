@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from convex_guard import ConvexStore, LogBatch, MemoryStore, StoreError
-from convex_guard._resilience import BreakerState, CircuitBreaker
+from convex_guard.stores.resilient import BreakerState, CircuitBreaker
 
 BROWSER = (
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "

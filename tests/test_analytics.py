@@ -7,7 +7,7 @@ import math
 import pytest
 
 from convex_guard import ApiKeyList, MemoryStore
-from convex_guard._store import (
+from convex_guard.stores.base import (
     AIRequestLog,
     AuthFailure,
     BotEvent,

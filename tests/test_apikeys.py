@@ -22,26 +22,23 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from convex_guard import HOUR, MINUTE, MemoryStore, StoreError, TokenBucket
-from convex_guard._apikeys import (
-    DEFAULT_GRACE_MS,
-    DEFAULT_LIFETIME_MS,
-    NO_KEY,
-    ApiKeys,
-    KeyNotFoundError,
-    KeyRevokedError,
-    generate_key,
-    hash_key,
-    is_well_formed,
-)
-from convex_guard._context import guard_context
-from convex_guard._errors import ConfigurationError
-from convex_guard._logwriter import LogWriter
-from convex_guard._store import ApiKeyRecord, KeyRateLimit
+from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.keys import NO_KEY, generate_key, hash_key, is_well_formed
 from convex_guard.middleware.apikeys import (
     ApiKeyMiddleware,
     KeyRoute,
     _Malformed,
     _presented_key,
+)
+from convex_guard.middleware.context import guard_context
+from convex_guard.middleware.logwriter import LogWriter
+from convex_guard.stores.base import ApiKeyRecord, KeyRateLimit
+from convex_guard.stores.keys import (
+    DEFAULT_GRACE_MS,
+    DEFAULT_LIFETIME_MS,
+    ApiKeys,
+    KeyNotFoundError,
+    KeyRevokedError,
 )
 
 from .conftest import serve

@@ -34,7 +34,7 @@ from convex_guard import (
     UserAgentVerdict,
     classify_user_agent,
 )
-from convex_guard._useragent import DATA_PROVENANCE, SOURCES
+from convex_guard.core.useragent import DATA_PROVENANCE, SOURCES
 
 from .conftest import serve
 

@@ -24,9 +24,6 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from convex_guard import HOUR, MINUTE, MemoryStore
-from convex_guard._apikeys import hash_key
-from convex_guard._settings import redact_url
-from convex_guard._store import AIRequestLog, BotEvent, LogBatch
 from convex_guard.cli import (
     NO_DEPLOYMENT,
     main,
@@ -35,6 +32,9 @@ from convex_guard.cli import (
     scrub,
     store_from_environment,
 )
+from convex_guard.core.keys import hash_key
+from convex_guard.core.settings import redact_url
+from convex_guard.stores.base import AIRequestLog, BotEvent, LogBatch
 
 from .conftest import ConvexTestServer
 from .fault_tools import ROOT, free_port
@@ -234,7 +234,7 @@ def test_deployment_without_admin_key_or_store_module(
     assert main(["stats", "providers"]) == 2
     assert "CONVEX_SELF_HOSTED_ADMIN_KEY is not set" in capsys.readouterr().err
     monkeypatch.setenv("CONVEX_SELF_HOSTED_ADMIN_KEY", "secret-admin-key")
-    monkeypatch.setitem(sys.modules, "convex_guard._convex", None)  # import fails
+    monkeypatch.setitem(sys.modules, "convex_guard.stores.convex", None)  # import fails
     assert main(["stats", "providers"]) == 2
     err = capsys.readouterr().err
     assert "no ConvexStore" in err and "secret-admin-key" not in err
@@ -244,9 +244,9 @@ def test_store_from_environment_uses_convex_store(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CONVEX_URL", "http://127.0.0.1:3210")
     monkeypatch.setenv("CONVEX_SELF_HOSTED_ADMIN_KEY", "k")
     store = MemoryStore()
-    fake = types.ModuleType("convex_guard._convex")
+    fake = types.ModuleType("convex_guard.stores.convex")
     fake.ConvexStore = types.SimpleNamespace(from_env=lambda: store)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "convex_guard._convex", fake)
+    monkeypatch.setitem(sys.modules, "convex_guard.stores.convex", fake)
     assert store_from_environment() is store
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from convex_guard._clientip import ForwardedHeader, TrustedProxies, client_ip, ip_key, peer_keys
+from convex_guard.core.clientip import ForwardedHeader, TrustedProxies, client_ip, ip_key, peer_keys
 
 NONE = TrustedProxies()
 LB = TrustedProxies(["10.0.0.0/8", "2001:db8:ffff::/48"])

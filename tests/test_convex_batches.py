@@ -31,8 +31,8 @@ from convex_guard import (
     StoreOverloadedError,
     StoreUnavailableError,
 )
-from convex_guard._convex import _hidden, _redact_url
-from convex_guard._store import KeyUsage, NewApiKey
+from convex_guard.stores.base import KeyUsage, NewApiKey
+from convex_guard.stores.convex import _hidden, _redact_url
 
 from .conftest import ConvexTestServer
 from .fault_tools import free_port

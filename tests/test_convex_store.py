@@ -185,7 +185,7 @@ def test_guard_on_env_convex_is_resilient_and_shares_state(
     from starlette.routing import Route
 
     from convex_guard import GuardMiddleware, GuardSettings, ResilientStore, report_usage
-    from convex_guard.middleware.guard import resolve_store
+    from convex_guard.stores.resolve import resolve_store
 
     from .conftest import serve
 

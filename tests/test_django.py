@@ -33,14 +33,10 @@ from convex_guard import (  # noqa: E402
     GuardMiddleware,
     LimitRequest,
     MemoryStore,
-    _loopthread,
 )
-from convex_guard.django import (  # noqa: E402
-    DjangoGuardMiddleware,
-    _instances,
-    close_all,
-    guard_settings,
-)
+from convex_guard.django import DjangoGuardMiddleware, close_all, guard_settings  # noqa: E402
+from convex_guard.integrations import loopthread  # noqa: E402
+from convex_guard.integrations.django import _instances  # noqa: E402
 
 from .conftest import serve  # noqa: E402
 from .e2e_checks import (  # noqa: E402
@@ -99,7 +95,7 @@ def test_native_sync_path_uses_one_loop_thread(monkeypatch: pytest.MonkeyPatch) 
         return loop
 
     monkeypatch.setattr(asyncio, "new_event_loop", counting)
-    loop = _loopthread.loop()
+    loop = loopthread.loop()
     with (
         serve_wsgi(handler) as url,
         httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c,
@@ -108,8 +104,8 @@ def test_native_sync_path_uses_one_loop_thread(monkeypatch: pytest.MonkeyPatch) 
             assert c.post("/api/ai/groq/chat", json=CHAT).status_code == 200
     close_all()
     assert created == []
-    assert _loopthread.loop() is loop
-    assert len(store.threads) == 20 and set(store.threads) == {_loopthread.thread_id()}
+    assert loopthread.loop() is loop
+    assert len(store.threads) == 20 and set(store.threads) == {loopthread.thread_id()}
     assert [row.model for row in store.ai_logs] == ["gpt-4o-mini"] * 20
 
 

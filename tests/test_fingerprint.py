@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from convex_guard import FingerprintMiddleware
-from convex_guard._context import GuardContext
-from convex_guard._fingerprint import DEFAULT_FIELDS, canonical_form, fingerprint
+from convex_guard.core.fingerprint import DEFAULT_FIELDS, canonical_form, fingerprint
+from convex_guard.middleware.context import GuardContext
 
 BROWSER = [
     (b"host", b"example.com"),

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from convex_guard import LimitResult
-from convex_guard._headers import header_value
-from convex_guard._rules import ratelimit_field, ratelimit_template
+from convex_guard.core.headers import header_value
+from convex_guard.middleware.rules import ratelimit_field, ratelimit_template
 
 names = st.sampled_from([b"user-agent", b"User-Agent", b"USER-AGENT", b"accept", b"x-api-key"])
 headers = st.lists(st.tuples(names, st.binary(max_size=40)), max_size=8)

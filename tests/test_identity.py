@@ -26,9 +26,9 @@ from convex_guard import (
     Store,
     guard_context,
 )
-from convex_guard._apikeys import ApiKeys
-from convex_guard._convex import ConvexStore
-from convex_guard._store import ApiKeyRecord, BotEvent
+from convex_guard.stores.base import ApiKeyRecord, BotEvent
+from convex_guard.stores.convex import ConvexStore
+from convex_guard.stores.keys import ApiKeys
 from convex_guard.wsgi import GuardWSGIMiddleware, guard_scope
 
 from .conftest import ConvexTestServer, serve

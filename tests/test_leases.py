@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convex_guard import HOUR, MINUTE, ConfigurationError, FixedWindow, LimitRequest, TokenBucket
-from convex_guard._convex import ConvexStore
-from convex_guard._leases import Lease
-from convex_guard._rules import Rule
-from convex_guard._store import BotCheck
+from convex_guard.core.leases import Lease
+from convex_guard.middleware.rules import Rule
+from convex_guard.stores.base import BotCheck
+from convex_guard.stores.convex import ConvexStore
 
 from .conftest import ConvexTestServer
 

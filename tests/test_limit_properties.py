@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convex_guard import FixedWindow, LimitRequest, MemoryStore, TokenBucket
-from convex_guard._limits import decide
+from convex_guard.core.limits import decide
 
 # (time step in ms, count) pairs; counts stay within capacity so no call is a config error.
 steps = st.lists(

@@ -20,7 +20,7 @@ from convex_guard import (
     Rule,
     TokenBucket,
 )
-from convex_guard._limits import check_count, decide, full_at, initial_state
+from convex_guard.core.limits import check_count, decide, full_at, initial_state
 
 
 def test_units_are_milliseconds() -> None:

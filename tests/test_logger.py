@@ -17,13 +17,14 @@ from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 from convex_guard import MemoryStore, StoreError
-from convex_guard._apikeys import NO_KEY, ApiKeys
-from convex_guard._context import guard_context
-from convex_guard._errors import ConfigurationError
-from convex_guard._logwriter import LogWriter
-from convex_guard._store import AIRequestLog, AuthFailure, LogBatch, Store
+from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.keys import NO_KEY
 from convex_guard.middleware.apikeys import ApiKeyMiddleware, KeyRoute
+from convex_guard.middleware.context import guard_context
 from convex_guard.middleware.logger import RequestLoggerMiddleware, report_usage
+from convex_guard.middleware.logwriter import LogWriter
+from convex_guard.stores.base import AIRequestLog, AuthFailure, LogBatch, Store
+from convex_guard.stores.keys import ApiKeys
 
 from .conftest import serve
 

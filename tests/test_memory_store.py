@@ -15,8 +15,8 @@ from convex_guard import (
     MemoryStore,
     TokenBucket,
 )
-from convex_guard._memory import MAX_BATCH_IDS
-from convex_guard._store import AIRequestLog, AuthFailure, BotCheck, LogBatch
+from convex_guard.stores.base import AIRequestLog, AuthFailure, BotCheck, LogBatch
+from convex_guard.stores.memory import MAX_BATCH_IDS
 
 
 class Clock:

@@ -40,11 +40,11 @@ from convex_guard import (
     Rule,
     TokenBucket,
 )
-from convex_guard._rules import FailPolicy
-from convex_guard._store import BotVerdict
 from convex_guard.middleware.botdetection import BotDetectionMiddleware, PolicyAction
 from convex_guard.middleware.fingerprint import FingerprintMiddleware
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
+from convex_guard.middleware.rules import FailPolicy
+from convex_guard.stores.base import BotVerdict
 
 from .conftest import ConvexTestServer, serve
 from .fault_tools import BROWSER, Switch

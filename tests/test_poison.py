@@ -33,12 +33,12 @@ from convex_guard import (
     StoreError,
     StoreUnavailableError,
 )
-from convex_guard._context import guard_context
-from convex_guard._convex import _ai_log
-from convex_guard._logging import printable
-from convex_guard._logwriter import LogWriter
-from convex_guard._store import AIRequestLog, LogBatch
+from convex_guard.core.logs import printable
+from convex_guard.middleware.context import guard_context
 from convex_guard.middleware.logger import RequestLoggerMiddleware, report_usage
+from convex_guard.middleware.logwriter import LogWriter
+from convex_guard.stores.base import AIRequestLog, LogBatch
+from convex_guard.stores.convex import _ai_log
 
 from .conftest import ConvexTestServer, serve
 from .e2e_checks import BROWSER, CHAT, settings_for

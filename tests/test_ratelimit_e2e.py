@@ -29,8 +29,8 @@ from convex_guard import (
     StoreError,
     TokenBucket,
 )
-from convex_guard._problem import QUOTA_EXCEEDED
-from convex_guard._rules import FailPolicy
+from convex_guard.core.problem import QUOTA_EXCEEDED
+from convex_guard.middleware.rules import FailPolicy
 
 from .conftest import serve
 

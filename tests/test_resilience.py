@@ -19,7 +19,7 @@ from convex_guard import (
     MemoryStore,
     StoreError,
 )
-from convex_guard._resilience import CircuitBreaker, CircuitOpenError, ResilientStore
+from convex_guard.stores.resilient import CircuitBreaker, CircuitOpenError, ResilientStore
 
 from .fault_tools import breaker_state
 

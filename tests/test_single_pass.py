@@ -38,11 +38,11 @@ from convex_guard import (
     hash_key,
     report_usage,
 )
-from convex_guard._apikeys import display_prefix
-from convex_guard._rules import FailPolicy, _path_matcher
-from convex_guard._store import ApiKeyKind, NewApiKey
+from convex_guard.core.keys import ApiKeyKind, display_prefix
 from convex_guard.middleware.botdetection import PolicyAction
 from convex_guard.middleware.guard import exempt_matcher
+from convex_guard.middleware.rules import FailPolicy, _path_matcher
+from convex_guard.stores.base import NewApiKey
 
 from .e2e_checks import BROWSER, GPTBOT
 from .fault_tools import Switch

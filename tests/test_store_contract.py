@@ -28,8 +28,7 @@ from convex_guard import (
     StoreConflictError,
     TokenBucket,
 )
-from convex_guard._convex import ConvexStore
-from convex_guard._store import (
+from convex_guard.stores.base import (
     AIRequestLog,
     AuthFailure,
     BotCheck,
@@ -40,6 +39,7 @@ from convex_guard._store import (
     LogBatch,
     NewApiKey,
 )
+from convex_guard.stores.convex import ConvexStore
 
 from .conftest import ConvexTestServer
 

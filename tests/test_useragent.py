@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from convex_guard._useragent import (
+from convex_guard.core.useragent import (
     BOT_CATEGORIES,
     DATA_PROVENANCE,
     UserAgentVerdict,

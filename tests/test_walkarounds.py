@@ -38,9 +38,9 @@ from convex_guard import (
     RequestLoggerMiddleware,
     Rule,
 )
-from convex_guard._context import route_of
 from convex_guard.middleware.apikeys import ApiKeyMiddleware
 from convex_guard.middleware.botdetection import BotDetectionMiddleware
+from convex_guard.middleware.context import route_of
 from convex_guard.wsgi import GuardWSGIMiddleware
 
 from .conftest import serve

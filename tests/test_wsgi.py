@@ -17,8 +17,8 @@ from convex_guard import (
     ConfigurationError,
     LimitRequest,
     MemoryStore,
-    _loopthread,
 )
+from convex_guard.integrations import loopthread
 from convex_guard.wsgi import GuardWSGIMiddleware
 
 from .e2e_checks import BROWSER, CHAT, check_logs, create_key, exercise, settings_for
@@ -64,14 +64,14 @@ def test_sync_requests_share_one_loop_thread(monkeypatch: pytest.MonkeyPatch) ->
         return loop
 
     monkeypatch.setattr(asyncio, "new_event_loop", counting_new_event_loop)
-    loop = _loopthread.loop()
+    loop = loopthread.loop()
     with serve_wsgi(app) as url, httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c:
         for _ in range(20):
             assert c.post("/api/ai/openai/chat", json=CHAT).status_code == 200
     guard.close()
     assert created == []
-    assert _loopthread.loop() is loop
-    assert len(store.threads) == 20 and set(store.threads) == {_loopthread.thread_id()}
+    assert loopthread.loop() is loop
+    assert len(store.threads) == 20 and set(store.threads) == {loopthread.thread_id()}
     assert len(store.ai_logs) == 20
 
 

@@ -3,20 +3,8 @@
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from ._apikeys import (
-    NO_KEY,
-    ApiKeys,
-    CreatedKey,
-    KeyNotFoundError,
-    KeyRevokedError,
-    Verification,
-    generate_key,
-    hash_key,
-)
-from ._clientip import TrustedProxies, client_ip, ip_key
-from ._context import GuardContext, guard_context
-from ._convex import ConvexStore
-from ._errors import (
+from convex_guard.core.clientip import TrustedProxies, client_ip, ip_key
+from convex_guard.core.errors import (
     ConfigurationError,
     ConvexAuthError,
     ConvexFunctionNotFoundError,
@@ -29,16 +17,40 @@ from ._errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
-from ._fingerprint import DEFAULT_FIELDS as FINGERPRINT_FIELDS
-from ._fingerprint import fingerprint
-from ._limits import DAY, HOUR, MINUTE, SECOND, FixedWindow, LimitConfig, LimitResult, TokenBucket
-from ._logwriter import LogWriter
-from ._memory import MemoryStore
-from ._presets import seed_limits
-from ._resilience import CircuitBreaker, CircuitOpenError, ResilientStore
-from ._rules import Rule, preset_rules
-from ._settings import GuardEnvironment, load_environment
-from ._store import (
+from convex_guard.core.fingerprint import DEFAULT_FIELDS as FINGERPRINT_FIELDS
+from convex_guard.core.fingerprint import fingerprint
+from convex_guard.core.keys import NO_KEY, generate_key, hash_key
+from convex_guard.core.limits import (
+    DAY,
+    HOUR,
+    MINUTE,
+    SECOND,
+    FixedWindow,
+    LimitConfig,
+    LimitResult,
+    TokenBucket,
+)
+from convex_guard.core.presets import seed_limits
+from convex_guard.core.settings import GuardEnvironment, load_environment
+from convex_guard.core.useragent import (
+    BOT_CATEGORIES,
+    BotCategory,
+    UserAgentClassifier,
+    UserAgentVerdict,
+    classify_user_agent,
+    classify_user_agent_uncached,
+)
+from convex_guard.middleware.apikeys import ApiKeyMiddleware, KeyRoute
+from convex_guard.middleware.botdetection import DEFAULT_POLICY as DEFAULT_BOT_POLICY
+from convex_guard.middleware.botdetection import BotDetectionMiddleware
+from convex_guard.middleware.context import GuardContext, guard_context
+from convex_guard.middleware.fingerprint import FingerprintMiddleware
+from convex_guard.middleware.guard import GuardMiddleware, GuardSettings, default_key_routes
+from convex_guard.middleware.logger import RequestLoggerMiddleware, provider_from_path, report_usage
+from convex_guard.middleware.logwriter import LogWriter
+from convex_guard.middleware.ratelimit import RateLimitMiddleware
+from convex_guard.middleware.rules import Rule, preset_rules
+from convex_guard.stores.base import (
     AIRequestLog,
     ApiKeyList,
     ApiKeyRecord,
@@ -55,21 +67,16 @@ from ._store import (
     ProviderStats,
     Store,
 )
-from ._useragent import (
-    BOT_CATEGORIES,
-    BotCategory,
-    UserAgentClassifier,
-    UserAgentVerdict,
-    classify_user_agent,
-    classify_user_agent_uncached,
+from convex_guard.stores.convex import ConvexStore
+from convex_guard.stores.keys import (
+    ApiKeys,
+    CreatedKey,
+    KeyNotFoundError,
+    KeyRevokedError,
+    Verification,
 )
-from .middleware.apikeys import ApiKeyMiddleware, KeyRoute
-from .middleware.botdetection import DEFAULT_POLICY as DEFAULT_BOT_POLICY
-from .middleware.botdetection import BotDetectionMiddleware
-from .middleware.fingerprint import FingerprintMiddleware
-from .middleware.guard import GuardMiddleware, GuardSettings, default_key_routes
-from .middleware.logger import RequestLoggerMiddleware, provider_from_path, report_usage
-from .middleware.ratelimit import RateLimitMiddleware
+from convex_guard.stores.memory import MemoryStore
+from convex_guard.stores.resilient import CircuitBreaker, CircuitOpenError, ResilientStore
 
 try:
     __version__ = _version("convex-guard")

@@ -20,19 +20,19 @@ from typing import IO, Any, NoReturn, cast
 
 import httpx
 
-from . import __version__
-from ._apikeys import ApiKeys, CreatedKey, KeyNotFoundError
-from ._errors import (
+from convex_guard import __version__
+from convex_guard.core.errors import (
     ConfigurationError,
     ConvexAuthError,
     ConvexFunctionNotFoundError,
     GuardError,
     StoreError,
 )
-from ._limits import DAY, HOUR, MINUTE, SECOND
-from ._presets import AI_PROVIDERS
-from ._settings import load_environment, redact_url
-from ._store import ApiKeyRecord, BotEvent, KeyRateLimit, ProviderStats, Store
+from convex_guard.core.limits import DAY, HOUR, MINUTE, SECOND
+from convex_guard.core.presets import AI_PROVIDERS
+from convex_guard.core.settings import load_environment, redact_url
+from convex_guard.stores.base import ApiKeyRecord, BotEvent, KeyRateLimit, ProviderStats, Store
+from convex_guard.stores.keys import ApiKeys, CreatedKey, KeyNotFoundError
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -115,11 +115,11 @@ def store_from_environment() -> Store:
             EXIT_USAGE,
         )
     try:
-        module = importlib.import_module("convex_guard._convex")
+        module = importlib.import_module("convex_guard.stores.convex")
         factory = module.ConvexStore
     except (ImportError, AttributeError):
         raise CliError(
-            "convex-guard: this installation has no ConvexStore (convex_guard._convex); "
+            "convex-guard: this installation has no ConvexStore (convex_guard.stores.convex); "
             "upgrade convex-guard to talk to a deployment",
             EXIT_USAGE,
         ) from None

@@ -14,20 +14,28 @@ from typing import cast
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._apikeys import NO_KEY, hash_key, is_well_formed, key_status
-from .._clientip import UNKNOWN_CLIENT
-from .._context import GuardContext, Route, guard_context, matched_methods
-from .._errors import ConfigurationError, StoreAnswerError
-from .._headers import bounded, header_value
-from .._limits import FixedWindow, LimitConfig, LimitResult
-from .._logging import ThrottledLog, printable
-from .._logwriter import LogWriter, run_lifespan
-from .._order import API_KEYS, mark
-from .._presets import seed_limits
-from .._problem import QUOTA_TITLE, problem, quota_exceeded, refuse, retry_after, unavailable
-from .._resilience import answers_checked
-from .._rules import _path_matcher, peer_ip
-from .._store import ApiKeyKind, ApiKeyRecord, AuthFailure, BotEvent, Store
+from convex_guard.core.clientip import UNKNOWN_CLIENT
+from convex_guard.core.errors import ConfigurationError, StoreAnswerError
+from convex_guard.core.headers import bounded, header_value
+from convex_guard.core.keys import NO_KEY, ApiKeyKind, hash_key, is_well_formed
+from convex_guard.core.limits import FixedWindow, LimitConfig, LimitResult
+from convex_guard.core.logs import ThrottledLog, printable
+from convex_guard.core.presets import seed_limits
+from convex_guard.core.problem import (
+    QUOTA_TITLE,
+    problem,
+    quota_exceeded,
+    refuse,
+    retry_after,
+    unavailable,
+)
+from convex_guard.middleware.context import GuardContext, Route, guard_context, matched_methods
+from convex_guard.middleware.logwriter import LogWriter, run_lifespan
+from convex_guard.middleware.order import API_KEYS, mark
+from convex_guard.middleware.rules import _path_matcher, peer_ip
+from convex_guard.stores.base import ApiKeyRecord, AuthFailure, BotEvent, Store
+from convex_guard.stores.keys import key_status
+from convex_guard.stores.resilient import answers_checked
 
 DEFAULT_CACHE_TTL = 5.0
 DEFAULT_CACHE_SIZE = 10_000

@@ -11,13 +11,22 @@ from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._clientip import UNKNOWN_CLIENT
-from .._context import GuardContext, PendingBot, guard_context
-from .._errors import ConfigurationError
-from .._headers import bounded, header_value
-from .._limits import LimitConfig
-from .._logging import ThrottledLog, logger, printable
-from .._order import (
+from convex_guard.core.clientip import UNKNOWN_CLIENT
+from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.headers import bounded, header_value
+from convex_guard.core.limits import LimitConfig
+from convex_guard.core.logs import ThrottledLog, logger, printable
+from convex_guard.core.presets import seed_limits
+from convex_guard.core.problem import ABNORMAL_USAGE, problem, refuse, unavailable
+from convex_guard.core.settings import GuardEnvironment
+from convex_guard.core.useragent import (
+    BOT_CATEGORIES,
+    BotCategory,
+    UserAgentClassifier,
+    classify_user_agent,
+)
+from convex_guard.middleware.context import GuardContext, PendingBot, guard_context
+from convex_guard.middleware.order import (
     BOT,
     FINGERPRINT,
     HINT,
@@ -27,13 +36,16 @@ from .._order import (
     missing_outside,
     pass_lifespan,
 )
-from .._presets import seed_limits
-from .._problem import ABNORMAL_USAGE, problem, refuse, unavailable
-from .._resilience import answers_checked, checked_answer
-from .._rules import _path_matcher, peer_ip
-from .._settings import GuardEnvironment
-from .._store import BotAction, BotCheck, BotDetectionType, BotVerdict, LimitRequest, Store
-from .._useragent import BOT_CATEGORIES, BotCategory, UserAgentClassifier, classify_user_agent
+from convex_guard.middleware.rules import _path_matcher, peer_ip
+from convex_guard.stores.base import (
+    BotAction,
+    BotCheck,
+    BotDetectionType,
+    BotVerdict,
+    LimitRequest,
+    Store,
+)
+from convex_guard.stores.resilient import answers_checked, checked_answer
 
 #: What to do with a flagged user-agent: refuse it, challenge it, let it through but record
 #: the event (so escalation counts it), or let it through unrecorded.
@@ -292,7 +304,7 @@ class BotDetectionMiddleware:
         return None
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Fail the start-up when the order cannot work (see `convex_guard._order`)."""
+        """Fail the start-up when the order cannot work (see `convex_guard.middleware.order`)."""
         stack = mark(scope, BOT)
         problem = missing_outside(
             stack, BOT, FINGERPRINT, "escalates per fingerprint and none is computed"

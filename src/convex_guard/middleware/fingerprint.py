@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._clientip import (
+from convex_guard.core.clientip import (
     UNIX_SOCKET,
     UNKNOWN_CLIENT,
     ForwardedHeader,
@@ -14,12 +14,12 @@ from .._clientip import (
     client_ip,
     peer_keys,
 )
-from .._context import GuardContext, guard_context
-from .._errors import ConfigurationError
-from .._fingerprint import DEFAULT_FIELDS, fingerprint
-from .._headers import header_value
-from .._logging import logger
-from .._order import FINGERPRINT, mark
+from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.fingerprint import DEFAULT_FIELDS, fingerprint
+from convex_guard.core.headers import header_value
+from convex_guard.core.logs import logger
+from convex_guard.middleware.context import GuardContext, guard_context
+from convex_guard.middleware.order import FINGERPRINT, mark
 
 _UNKNOWN = (UNKNOWN_CLIENT, UNKNOWN_CLIENT)
 

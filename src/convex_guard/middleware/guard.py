@@ -13,35 +13,24 @@ from typing import Any, Literal
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._clientip import ForwardedHeader
-from .._context import guard_context, route_of
-from .._errors import ConfigurationError
-from .._limits import LimitConfig
-from .._logging import logger
-from .._logwriter import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_INTERVAL,
-    DEFAULT_MAX_BACKOFF,
-    DEFAULT_MAX_BUFFER,
-    LogWriter,
-)
-from .._memory import MemoryStore
-from .._presets import AI_PROVIDERS
-from .._problem import problem, refuse
-from .._resilience import ResilientStore
-from .._rules import Rule, _path_matcher, preset_rules
-from .._settings import GuardEnvironment, load_environment, redact_url
-from .._store import Store
-from .._useragent import BotCategory, UserAgentClassifier, classify_user_agent
-from .apikeys import DEFAULT_CACHE_TTL, ApiKeyMiddleware, KeyRoute
-from .botdetection import (
+from convex_guard.core.clientip import ForwardedHeader
+from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.limits import LimitConfig
+from convex_guard.core.logs import logger
+from convex_guard.core.presets import AI_PROVIDERS
+from convex_guard.core.problem import problem, refuse
+from convex_guard.core.settings import load_environment, redact_url
+from convex_guard.core.useragent import BotCategory, UserAgentClassifier, classify_user_agent
+from convex_guard.middleware.apikeys import DEFAULT_CACHE_TTL, ApiKeyMiddleware, KeyRoute
+from convex_guard.middleware.botdetection import (
     DEFAULT_ALLOW_PATHS,
     DEFAULT_PROBE_PATHS,
     BotDetectionMiddleware,
     PolicyAction,
 )
-from .fingerprint import FingerprintMiddleware
-from .logger import (
+from convex_guard.middleware.context import guard_context, route_of
+from convex_guard.middleware.fingerprint import FingerprintMiddleware
+from convex_guard.middleware.logger import (
     DEFAULT_AI_PATH,
     DEFAULT_EMBEDDINGS_PATH,
     RequestLoggerMiddleware,
@@ -49,11 +38,20 @@ from .logger import (
     handshake_status,
     provider_from_path,
 )
-from .ratelimit import RateLimitMiddleware
+from convex_guard.middleware.logwriter import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_INTERVAL,
+    DEFAULT_MAX_BACKOFF,
+    DEFAULT_MAX_BUFFER,
+    LogWriter,
+)
+from convex_guard.middleware.ratelimit import RateLimitMiddleware
+from convex_guard.middleware.rules import Rule, _path_matcher, preset_rules
+from convex_guard.stores.base import Store
+from convex_guard.stores.resilient import ResilientStore
+from convex_guard.stores.resolve import StoreChoice, resolve_store
 
 FailPolicy = Literal["open", "closed"]
-#: `"env"`: Convex when CONVEX_SELF_HOSTED_URL/CONVEX_URL is set, else memory.
-StoreChoice = Literal["env", "memory", "convex"]
 
 DEFAULT_EXEMPT_PATHS = ("/health",)
 
@@ -182,34 +180,6 @@ class GuardSettings:
         if unknown:
             raise ConfigurationError(f"Unknown GuardMiddleware option(s) {unknown}")
         return dataclasses.replace(self, **options)
-
-
-def resolve_store(
-    choice: Store | StoreChoice,
-    env: GuardEnvironment,
-    *,
-    timeout: float = 0.5,
-    fallback: bool = True,
-) -> tuple[Store, bool]:
-    """The store to use, and whether the guard created it (and so closes it at shutdown).
-
-    A Convex deployment named by the environment comes wrapped in a `ResilientStore`: calls
-    are bounded by `timeout`, a circuit breaker stops paying it while the deployment is down,
-    and (with `fallback`) limits are decided in this process meanwhile.
-    """
-    if not isinstance(choice, str):
-        return choice, False
-    if choice == "convex" or (choice == "env" and env.deployment_url):
-        from .._convex import ConvexStore
-
-        convex = ConvexStore.from_env(env)
-        return ResilientStore(convex, timeout=timeout, use_fallback=fallback), True
-    if choice == "env":
-        logger.warning(
-            "convex-guard: no CONVEX_SELF_HOSTED_URL/CONVEX_URL set; using the in-memory store "
-            "(limits, keys and logs are per process)"
-        )
-    return MemoryStore(), True
 
 
 @dataclass

@@ -13,16 +13,16 @@ from typing import Any, Protocol
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._apikeys import NO_KEY
-from .._context import GuardContext, Usage, guard_context, request_route
-from .._errors import ConfigurationError
-from .._headers import MAX_STORED
-from .._logging import logger, printable
-from .._logwriter import LogWriter, run_lifespan
-from .._order import LOGGER, mark
-from .._presets import AI_PROVIDERS
-from .._rules import _path_matcher, peer_ip
-from .._store import AIRequestLog, EmbeddingRequestLog, Store
+from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.headers import MAX_STORED
+from convex_guard.core.keys import NO_KEY
+from convex_guard.core.logs import logger, printable
+from convex_guard.core.presets import AI_PROVIDERS
+from convex_guard.middleware.context import GuardContext, Usage, guard_context, request_route
+from convex_guard.middleware.logwriter import LogWriter, run_lifespan
+from convex_guard.middleware.order import LOGGER, mark
+from convex_guard.middleware.rules import _path_matcher, peer_ip
+from convex_guard.stores.base import AIRequestLog, EmbeddingRequestLog, Store
 
 DEFAULT_AI_PATH = "/api/ai"
 DEFAULT_EMBEDDINGS_PATH = "/api/embeddings"

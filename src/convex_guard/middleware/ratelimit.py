@@ -10,15 +10,22 @@ from typing import cast
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .._context import STATE_KEY, GuardContext, Route, guard_context, route_of
-from .._errors import ConfigurationError
-from .._headers import adding_headers
-from .._logging import ThrottledLog, logger, printable
-from .._order import API_KEYS, FINGERPRINT, RATE_LIMIT, mark, missing_outside, pass_lifespan
-from .._problem import QUOTA_TITLE, quota_exceeded, refuse, retry_after, unavailable
-from .._resilience import answers_checked, checked_answer
-from .._rules import Rule, ratelimit_field, ratelimit_template
-from .._store import LimitRequest, Store
+from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.headers import adding_headers
+from convex_guard.core.logs import ThrottledLog, logger, printable
+from convex_guard.core.problem import QUOTA_TITLE, quota_exceeded, refuse, retry_after, unavailable
+from convex_guard.middleware.context import STATE_KEY, GuardContext, Route, guard_context, route_of
+from convex_guard.middleware.order import (
+    API_KEYS,
+    FINGERPRINT,
+    RATE_LIMIT,
+    mark,
+    missing_outside,
+    pass_lifespan,
+)
+from convex_guard.middleware.rules import Rule, ratelimit_field, ratelimit_template
+from convex_guard.stores.base import LimitRequest, Store
+from convex_guard.stores.resilient import answers_checked, checked_answer
 
 DEFAULT_TIMEOUT = 0.5
 _MATCH_CACHE_SIZE = 1024

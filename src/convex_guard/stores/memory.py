@@ -13,20 +13,20 @@ from dataclasses import fields, replace
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
-from ._errors import ConfigurationError
-from ._limits import (
+from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.keys import ApiKeyKind
+from convex_guard.core.limits import (
     LimitConfig,
     LimitResult,
     LimitState,
     check_count,
     full_at,
 )
-from ._store import (
+from convex_guard.stores.base import (
     BLOCK_AFTER,
     CHALLENGE_AFTER,
     ESCALATION_WINDOW_MS,
     AIRequestLog,
-    ApiKeyKind,
     ApiKeyList,
     ApiKeyRecord,
     AuthFailure,

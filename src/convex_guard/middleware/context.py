@@ -9,8 +9,8 @@ from typing import Any, cast
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp
 
-from ._limits import LimitResult
-from ._store import BotAction, BotCheck, BotVerdict
+from convex_guard.core.limits import LimitResult
+from convex_guard.stores.base import BotAction, BotCheck, BotVerdict
 
 STATE_KEY = "convex_guard"
 

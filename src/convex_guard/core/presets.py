@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ._limits import HOUR, MINUTE, FixedWindow, LimitConfig, TokenBucket
-from ._settings import GuardEnvironment, load_environment
+from convex_guard.core.limits import HOUR, MINUTE, FixedWindow, LimitConfig, TokenBucket
+from convex_guard.core.settings import GuardEnvironment, load_environment
 
 #: The seed's providers, each with its own limit named `<provider>Requests`.
 AI_PROVIDERS = ("openai", "openrouter", "groq", "perplexity", "ollama", "lmstudio")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._errors import ConfigurationError
+from convex_guard.core.errors import ConfigurationError
 
 STACK_KEY = "convex_guard.stack"
 

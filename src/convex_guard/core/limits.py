@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from ._errors import ConfigurationError
+from convex_guard.core.errors import ConfigurationError
 
 SECOND = 1000
 MINUTE = 60 * SECOND

@@ -10,12 +10,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from ._errors import ConfigurationError, StoreAnswerError, StoreError, StoreTimeoutError
-from ._limits import LimitConfig, LimitResult
-from ._logging import ThrottledLog, logger
-from ._memory import MemoryStore
-from ._store import (
-    ApiKeyKind,
+from convex_guard.core.errors import (
+    ConfigurationError,
+    StoreAnswerError,
+    StoreError,
+    StoreTimeoutError,
+)
+from convex_guard.core.keys import ApiKeyKind
+from convex_guard.core.limits import LimitConfig, LimitResult
+from convex_guard.core.logs import ThrottledLog, logger
+from convex_guard.stores.base import (
     ApiKeyList,
     ApiKeyRecord,
     BotCheck,
@@ -30,6 +34,7 @@ from ._store import (
     ProviderStats,
     Store,
 )
+from convex_guard.stores.memory import MemoryStore
 
 T = TypeVar("T")
 BreakerState = Literal["closed", "open", "half-open"]

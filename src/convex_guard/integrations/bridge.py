@@ -1,6 +1,6 @@
 """Run the ASGI guard stack for callers that are not ASGI apps: WSGI servers and Django.
 
-The stack runs on the process-wide guard loop (`_loopthread`), never on a loop of its own per
+The stack runs on the process-wide guard loop (`loopthread`), never on a loop of its own per
 request. The app itself does NOT run there: when a request gets past every check, the stack's
 innermost app hands control back to the caller (the WSGI server's thread, or Django's own
 event loop), which calls the real app where it would have been called anyway (thread-locals,
@@ -23,10 +23,10 @@ from typing import Any, Generic, TypeVar
 
 from starlette.types import Message, Receive, Scope, Send
 
-from . import _loopthread
-from ._errors import ConfigurationError
-from ._logging import logger
-from .middleware.guard import GuardSettings, GuardStack
+from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.logs import logger
+from convex_guard.integrations import loopthread
+from convex_guard.middleware.guard import GuardSettings, GuardStack
 
 T = TypeVar("T")
 
@@ -180,7 +180,7 @@ class GuardBridge:
                     return
                 raise
 
-        self._lifespan = _loopthread.submit(lifespan())
+        self._lifespan = loopthread.submit(lifespan())
         started.result(_STARTUP_TIMEOUT)
 
     def close(self) -> None:
@@ -193,7 +193,7 @@ class GuardBridge:
         queue, lifespan = self._shutdown, self._lifespan
         if queue is None or lifespan is None or lifespan.done():
             return
-        loop = _loopthread.loop()
+        loop = loopthread.loop()
         loop.call_soon_threadsafe(queue.put_nowait, {"type": "lifespan.shutdown"})
         try:
             lifespan.result(self.writer.shutdown_timeout + 5)
@@ -201,7 +201,7 @@ class GuardBridge:
             logger.warning("convex-guard: shutdown did not complete: %r", exc)
         if self.guard.owns_store:
             try:
-                _loopthread.run(self.store.close(), timeout=5)
+                loopthread.run(self.store.close(), timeout=5)
             except Exception as exc:
                 logger.warning("convex-guard: closing the store failed: %r", exc)
 
@@ -217,7 +217,7 @@ class GuardBridge:
     def run(self, scope: dict[str, Any], call_app: Callable[[], tuple[int, T]]) -> Outcome[T]:
         """Guard one request from a sync caller; `call_app()` runs the app, returns (status, x)."""
         handoff, capture = self._prepare(scope)
-        done = _loopthread.submit(self._drive(scope, capture))
+        done = loopthread.submit(self._drive(scope, capture))
         concurrent.futures.wait((handoff.reached, done), return_when="FIRST_COMPLETED")
         if not handoff.reached.done():
             done.result()
@@ -237,7 +237,7 @@ class GuardBridge:
     ) -> Outcome[T]:
         """Guard one request from an async caller (its own loop); the app runs on that loop."""
         handoff, capture = self._prepare(scope)
-        done = asyncio.wrap_future(_loopthread.submit(self._drive(scope, capture)))
+        done = asyncio.wrap_future(loopthread.submit(self._drive(scope, capture)))
         reached = asyncio.wrap_future(handoff.reached)
         await asyncio.wait((reached, done), return_when=asyncio.FIRST_COMPLETED)
         if not reached.done():

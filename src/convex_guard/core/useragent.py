@@ -121,20 +121,20 @@ SOURCES: Final[tuple[AgentSource, ...]] = (
     AgentSource(
         "ai_robots_txt",
         "names",
-        "convex_guard._data",
+        "convex_guard.core.data",
         "ai_robots.json",
         entries="agents",
         category="ai_crawler",
     ),
     # Ours: headless browsers and automation, scanners, HTTP libraries, monitors and previews
     # the lists miss, each entry naming its category.
-    AgentSource("curated", "names", "convex_guard._data", "user_agents_curated.json", "agents"),
+    AgentSource("curated", "names", "convex_guard.core.data", "user_agents_curated.json", "agents"),
 )
 
 #: Corrections applied to every list, from our file: ``category_overrides`` (an agent's
 #: category where a list's tags do not fit our policy, by lower-cased name) and
 #: ``version_required`` (names that are also common words: "Spider", "Code").
-CORRECTIONS: Final = ("convex_guard._data", "user_agents_curated.json")
+CORRECTIONS: Final = ("convex_guard.core.data", "user_agents_curated.json")
 
 
 def _words(text: str) -> frozenset[str]:

@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-from ._limits import LimitConfig, LimitResult
+from convex_guard.core.keys import ApiKeyKind
+from convex_guard.core.limits import LimitConfig, LimitResult
 
 BotDetectionType = Literal["bot_useragent", "ai_scraper", "suspicious_pattern", "rate_limit"]
 BotAction = Literal["blocked", "challenged", "allowed"]
-ApiKeyKind = Literal["ai", "embedding"]
 
 #: JSON-like metadata, kept small: it is stored with every bot event.
 Metadata = Mapping[str, str | int | float | bool | None]

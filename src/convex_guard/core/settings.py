@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ._errors import ConfigurationError
+from convex_guard.core.errors import ConfigurationError
 
 # The userinfo of a URL (`scheme://user:password@`), wherever one appears in a text. A
 # password with an unescaped `/`, `?` or `@` still counts: better one host too many hidden than

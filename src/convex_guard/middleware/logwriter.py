@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._errors import ConfigurationError, ConvexValidationError
-from ._logging import ThrottledLog, logger
-from ._store import (
+from convex_guard.core.errors import ConfigurationError, ConvexValidationError
+from convex_guard.core.logs import ThrottledLog, logger
+from convex_guard.stores.base import (
     AIRequestLog,
     AuthFailure,
     BotEvent,

@@ -10,13 +10,13 @@ from typing import Any, Literal
 
 from starlette.requests import Request
 
-from ._clientip import UNKNOWN_CLIENT, peer_keys
-from ._context import GuardContext, matched_methods
-from ._errors import ConfigurationError
-from ._limits import LimitConfig, LimitResult, check_count
-from ._presets import AI_PROVIDERS, seed_limits
-from ._settings import GuardEnvironment
-from ._store import LimitRequest
+from convex_guard.core.clientip import UNKNOWN_CLIENT, peer_keys
+from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.limits import LimitConfig, LimitResult, check_count
+from convex_guard.core.presets import AI_PROVIDERS, seed_limits
+from convex_guard.core.settings import GuardEnvironment
+from convex_guard.middleware.context import GuardContext, matched_methods
+from convex_guard.stores.base import LimitRequest
 
 KeyKind = Literal["global", "ip", "user", "api_key", "fingerprint"]
 #: A key function gets the request and returns the limit's key, or None to skip the rule.

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import SecretStr
 
-from ._errors import (
+from convex_guard.core.errors import (
     ConfigurationError,
     ConvexAuthError,
     ConvexFunctionNotFoundError,
@@ -25,12 +25,12 @@ from ._errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
-from ._leases import DEFAULT_FRACTION, DEFAULT_HORIZON, DEFAULT_IDLE, Lease
-from ._limits import LimitConfig, LimitResult, _until_full, check_count
-from ._settings import GuardEnvironment, load_environment
-from ._store import (
+from convex_guard.core.keys import ApiKeyKind
+from convex_guard.core.leases import DEFAULT_FRACTION, DEFAULT_HORIZON, DEFAULT_IDLE, Lease
+from convex_guard.core.limits import LimitConfig, LimitResult, _until_full, check_count
+from convex_guard.core.settings import GuardEnvironment, load_environment
+from convex_guard.stores.base import (
     AIRequestLog,
-    ApiKeyKind,
     ApiKeyList,
     ApiKeyRecord,
     AuthFailure,

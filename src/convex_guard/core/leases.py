@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from ._limits import LimitConfig, LimitResult, _until_full, shard_factor
+from convex_guard.core.limits import LimitConfig, LimitResult, _until_full, shard_factor
 
 #: Defaults of `ConvexStore`'s lease options.
 DEFAULT_HORIZON = 1.0  # seconds of this process's own recent demand per block
