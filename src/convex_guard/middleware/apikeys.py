@@ -33,7 +33,16 @@ from convex_guard.middleware.context import GuardContext, Route, guard_context, 
 from convex_guard.middleware.logwriter import LogWriter, run_lifespan
 from convex_guard.middleware.order import API_KEYS, mark
 from convex_guard.middleware.rules import _path_matcher, peer_ip
-from convex_guard.stores.base import ApiKeyRecord, AuthFailure, BotEvent, Store
+from convex_guard.stores.base import (
+    ApiKeyRecord,
+    AuthFailure,
+    BotEvent,
+    KeyStore,
+    LimitStore,
+    LogStore,
+    Store,
+    require,
+)
 from convex_guard.stores.keys import key_status
 from convex_guard.stores.resilient import answers_checked
 
@@ -185,6 +194,10 @@ class ApiKeyMiddleware:
             raise ConfigurationError("cache_size must be at least 1")
         if not 0 < timeout < math.inf:
             raise ConfigurationError("timeout must be a positive number of seconds")
+        # Keys are looked up, their own limits and the failed-auth limit decided, and auth
+        # failures written through the writer (a writer given brings a store it has checked).
+        needs = (KeyStore, LimitStore) if writer is not None else (KeyStore, LimitStore, LogStore)
+        require(store, needs, "ApiKeyMiddleware")
         self.app = app
         self.store = store
         self.routes = tuple(routes)

@@ -41,9 +41,10 @@ from convex_guard.stores.base import (
     BotAction,
     BotCheck,
     BotDetectionType,
+    BotStore,
     BotVerdict,
     LimitRequest,
-    Store,
+    require,
 )
 from convex_guard.stores.resilient import answers_checked, checked_answer
 
@@ -119,7 +120,7 @@ class BotDetectionMiddleware:
         self,
         app: ASGIApp,
         *,
-        store: Store,
+        store: BotStore,
         policy: Mapping[BotCategory, PolicyAction] | None = None,
         classifier: UserAgentClassifier = classify_user_agent,
         allow_user_agents: Iterable[str | re.Pattern[str]] = (),
@@ -147,6 +148,7 @@ class BotDetectionMiddleware:
             raise ConfigurationError("fail must be 'open' or 'closed'")
         if not callable(classifier):
             raise ConfigurationError("classifier must be a callable from user-agent to verdict")
+        require(store, (BotStore,), "BotDetectionMiddleware")
         self.app = app
         self.store = store
         self.policy = merged

@@ -47,7 +47,14 @@ from convex_guard.middleware.logwriter import (
 )
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
 from convex_guard.middleware.rules import Rule, _path_matcher, preset_rules
-from convex_guard.stores.base import Store
+from convex_guard.stores.base import (
+    BotStore,
+    KeyStore,
+    LimitStore,
+    LogStore,
+    Store,
+    require,
+)
 from convex_guard.stores.resilient import ResilientStore
 from convex_guard.stores.resolve import StoreChoice, resolve_store
 
@@ -70,7 +77,10 @@ class GuardSettings:
 
     - `store`: a `Store`, or `"env"` (default: `ConvexStore.from_env()` when
       `CONVEX_SELF_HOSTED_URL`/`CONVEX_URL` is set, else a `MemoryStore` with a warning that
-      limits are per process), `"memory"` or `"convex"`.
+      limits are per process), `"memory"` or `"convex"`. A store of your own needs only the
+      capabilities the other settings use: `LogStore` always (the request log),
+      `LimitStore` for `rules`, `BotStore` for `bot_detection`, `KeyStore` and `LimitStore`
+      for `key_routes`; a missing one is named at construction.
     - `rules`: rate-limit rules; `None` = `preset_rules()` (the seed's limits on `/api/ai/…`
       and `/api/embeddings`); `()` = no rate limiting.
     - `key_routes`: where API keys are required or accepted; `()` = no API keys.
@@ -105,7 +115,7 @@ class GuardSettings:
       decided during an outage reach the shared store once it is back.
     """
 
-    store: Store | StoreChoice = "env"
+    store: LogStore | StoreChoice = "env"
     rules: Sequence[Rule] | None = None
     key_routes: Sequence[KeyRoute] = field(default_factory=default_key_routes)
     trusted_proxies: Sequence[str] = ()
@@ -136,8 +146,18 @@ class GuardSettings:
     def __post_init__(self) -> None:
         if isinstance(self.store, str) and self.store not in ("env", "memory", "convex"):
             raise ConfigurationError("store must be a Store, 'env', 'memory' or 'convex'")
-        if not isinstance(self.store, str) and not isinstance(self.store, Store):
-            raise ConfigurationError(f"store {self.store!r} does not implement the Store protocol")
+        if not isinstance(self.store, str):
+            # What the configured middlewares call; a word names a store that has it all.
+            rates, keys = "rate limits (off with rules=())", "API keys (off with key_routes=())"
+            needs: dict[type, str] = {LogStore: "the request log (always on)"}
+            if self.rules is None or self.rules:
+                needs[LimitStore] = rates
+            if self.key_routes:
+                needs[LimitStore] = f"{rates} and {keys}" if LimitStore in needs else keys
+                needs[KeyStore] = keys
+            if self.bot_detection:
+                needs[BotStore] = "bot detection (off with bot_detection=False)"
+            require(self.store, needs, "GuardMiddleware")
         if not 0 < self.timeout < math.inf:
             raise ConfigurationError("timeout must be a positive number of seconds")
         if self.fail not in ("open", "closed"):

@@ -22,7 +22,7 @@ from convex_guard.middleware.context import GuardContext, Usage, guard_context, 
 from convex_guard.middleware.logwriter import LogWriter, run_lifespan
 from convex_guard.middleware.order import LOGGER, mark
 from convex_guard.middleware.rules import _path_matcher, peer_ip
-from convex_guard.stores.base import AIRequestLog, EmbeddingRequestLog, Store
+from convex_guard.stores.base import AIRequestLog, EmbeddingRequestLog, LogStore, require
 
 DEFAULT_AI_PATH = "/api/ai"
 DEFAULT_EMBEDDINGS_PATH = "/api/embeddings"
@@ -173,7 +173,7 @@ class RequestLoggerMiddleware:
         self,
         app: ASGIApp,
         *,
-        store: Store,
+        store: LogStore,
         writer: LogWriter | None = None,
         provider: ProviderResolver | None = None,
         providers: Iterable[str] | None = None,
@@ -186,6 +186,8 @@ class RequestLoggerMiddleware:
             providers = AI_PROVIDERS
         #: The providers logged by name; None: any name the custom resolver returns (bounded).
         self.providers = None if providers is None else _provider_set(providers)
+        # The rows go through the writer: a writer given brings a store it has checked.
+        require(store, (LogStore,) if writer is None else (), "RequestLoggerMiddleware")
         self.app = app
         self.store = store
         self.writer = writer if writer is not None else LogWriter.for_store(store)

@@ -22,7 +22,8 @@ from convex_guard.stores.base import (
     EmbeddingRequestLog,
     KeyUsage,
     LogBatch,
-    Store,
+    LogStore,
+    require,
 )
 
 Row = AIRequestLog | EmbeddingRequestLog | AuthFailure | BotEvent
@@ -75,7 +76,7 @@ class LogWriter:
 
     def __init__(
         self,
-        store: Store,
+        store: LogStore,
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         interval: float = DEFAULT_INTERVAL,
@@ -94,6 +95,7 @@ class LogWriter:
         ):
             if not 0 < value < float("inf"):
                 raise ConfigurationError(f"{name} must be a positive number of seconds")
+        require(store, (LogStore,), "LogWriter")
         self.store = store
         self.batch_size = batch_size
         self.interval = interval
@@ -122,7 +124,7 @@ class LogWriter:
         self._invalid = ThrottledLog()
 
     @classmethod
-    def for_store(cls, store: Store) -> LogWriter:
+    def for_store(cls, store: LogStore) -> LogWriter:
         """The one writer for `store`, so every middleware's rows share its batches."""
         writer = cls._shared.get(store)
         if writer is None:

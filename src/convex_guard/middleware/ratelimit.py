@@ -24,7 +24,7 @@ from convex_guard.middleware.order import (
     pass_lifespan,
 )
 from convex_guard.middleware.rules import Rule, ratelimit_field, ratelimit_template
-from convex_guard.stores.base import LimitRequest, Store
+from convex_guard.stores.base import LimitRequest, LimitStore, require
 from convex_guard.stores.resilient import answers_checked, checked_answer
 
 DEFAULT_TIMEOUT = 0.5
@@ -49,7 +49,7 @@ class RateLimitMiddleware:
         self,
         app: ASGIApp,
         *,
-        store: Store,
+        store: LimitStore,
         rules: Sequence[Rule],
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
@@ -60,6 +60,7 @@ class RateLimitMiddleware:
             raise ConfigurationError(f"Rule names must be unique: {names}")
         if not 0 < timeout < math.inf:
             raise ConfigurationError("timeout must be a positive number of seconds")
+        require(store, (LimitStore,), "RateLimitMiddleware")
         self.app = app
         self.store = store
         self.rules = tuple(rules)

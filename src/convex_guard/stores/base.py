@@ -1,4 +1,7 @@
-"""The one store protocol every middleware talks to, and the rows it keeps.
+"""What a middleware needs of its store, one capability protocol each, and the rows it keeps.
+
+`LimitStore`, `BotStore`, `KeyStore`, `LogStore`, `AnalyticsStore`; `Store` is all of them.
+Each middleware names the capabilities it needs and `require` checks them at construction.
 
 Types built on every request (limit requests, results, log rows) are plain slotted dataclasses,
 not frozen ones: a frozen dataclass costs several times as much to build. Treat them as
@@ -7,10 +10,12 @@ read-only all the same.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.keys import ApiKeyKind
 from convex_guard.core.limits import LimitConfig, LimitResult
 
@@ -150,7 +155,7 @@ class ApiKeyRecord(_KeyFields, _Identified):
 
 @dataclass(frozen=True, slots=True)
 class NewApiKey(_KeyFields):
-    """A key for `Store.create_api_key`: the record's fields but those the store assigns."""
+    """A key for `KeyStore.create_api_key`: the record's fields but those the store assigns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,15 +264,15 @@ class LogBatch:
 
 
 class LimitThroughCheck:
-    """`Store.limit` as a `check` of that one limit, for a store that decides every limit there
-    (`ConvexStore`, `ResilientStore`). `MemoryStore` keeps a `limit` of its own: it is the
-    in-process hot path, and the request and result lists a `check` builds would cost it more
-    than the decision itself."""
+    """`LimitStore.limit` as a `check` of that one limit, for a store that decides every limit
+    there (`ConvexStore`, `ResilientStore`, a store of your own). `MemoryStore` keeps a `limit`
+    of its own: it is the in-process hot path, and the request and result lists a `check`
+    builds would cost it more than the decision itself."""
 
     __slots__ = ()
 
     async def limit(
-        self: Store,
+        self: LimitStore,
         name: str,
         config: LimitConfig,
         *,
@@ -280,11 +285,25 @@ class LimitThroughCheck:
         return outcome.results[0]
 
 
-@runtime_checkable
-class Store(Protocol):
-    """Where shared state lives. Every method may raise `StoreError`; none blocks the loop."""
+# -- capabilities ------------------------------------------------------------------------------
+# What a middleware needs of its store, one protocol each; a store implements those it
+# supports (a Redis limiter: `LimitStore` alone) and `require` names what one lacks at
+# start-up. Every method may raise `StoreError` (the middlewares then follow their fail
+# policy); none may block the event loop. None needs a `close`: a store you pass is yours to
+# close, and the guard closes only the stores it creates (every `Store` has one).
 
-    # -- rate limits -------------------------------------------------------------------------
+
+@runtime_checkable
+class LimitStore(Protocol):
+    """Rate limits: state per (name, key), decided as `core.limits` decides it.
+
+    Each call is atomic for the keys it touches, across every process that shares the store:
+    two concurrent calls never both spend the last token. A count no waiting could admit
+    (more than the capacity without `reserve`) raises `ConfigurationError`, never a silent
+    deny. A store may answer a burst of concurrent calls on one key with `StoreConflictError`
+    for some of them, but never admit one twice.
+    """
+
     async def limit(
         self,
         name: str,
@@ -294,35 +313,63 @@ class Store(Protocol):
         count: float = 1.0,
         reserve: bool = False,
     ) -> LimitResult:
-        """Decide and consume one limit."""
+        """Decide and consume one limit (`LimitThroughCheck` implements it over `check`)."""
         ...
 
     async def check(
         self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
     ) -> CheckResult:
-        """The hot path, atomically: escalate and record `bot`, then decide all `limits`.
+        """The hot path: decide all `limits` in one atomic call, all consumed or none.
 
-        All limits are consumed or none is; a blocked or challenged bot consumes none.
+        `bot` comes only to a store that is also a `BotStore` (its history decides it, in the
+        same call): the middlewares that send one require that capability at start-up. A store
+        without it may raise on a `bot` it is given.
         """
         ...
-
-    async def reset(self, name: str, *, key: str | None = None) -> None: ...
 
     async def peek(self, name: str, config: LimitConfig, *, key: str | None = None) -> LimitResult:
         """What a request of count 0 would see now, consuming nothing."""
         ...
 
-    # -- bots ------------------------------------------------------------------------------
-    async def count_bot_events(self, fingerprint: str, since: float) -> int: ...
-
-    async def bot_events(self, *, since: float, limit: int = 100) -> list[BotEvent]:
-        """Most recent first."""
+    async def reset(self, name: str, *, key: str | None = None) -> None:
+        """Forget the state of (name, key): the next request sees the limit full."""
         ...
 
-    # -- API keys -----------------------------------------------------------------------------
+
+@runtime_checkable
+class BotStore(LimitStore, Protocol):
+    """Bot history: a `LimitStore` whose `check` also takes the request's `BotCheck`.
+
+    `check(limits, bot=…)` escalates the check by the events recorded in the last hour for its
+    fingerprint and its `client_key` (see `BotCheck`), consumes its `suspiciousBehavior` limit,
+    records the final decision as a `BotEvent` and decides `limits`, all in one atomic call:
+    a blocked or challenged bot consumes none of them. Bot events written through `write_logs`
+    (when the store is also a `LogStore`) join the same history.
+    """
+
+    async def count_bot_events(self, fingerprint: str, since: float) -> int:
+        """How many events were recorded for `fingerprint` at or after `since` (epoch ms)."""
+        ...
+
+    async def bot_events(self, *, since: float, limit: int = 100) -> list[BotEvent]:
+        """Events recorded at or after `since`, most recent first, at most `limit`."""
+        ...
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """API keys, kept as records that hold only the key's SHA-256 hash.
+
+    The store assigns `id`, starts `request_count` at 0 and `active` true. Usage
+    (`LogBatch.key_usage`) reaches a record through `write_logs` when the store is also a
+    `LogStore`.
+    """
+
     async def create_api_key(self, key: NewApiKey) -> ApiKeyRecord: ...
 
-    async def find_api_key(self, key_hash: str) -> ApiKeyRecord | None: ...
+    async def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        """The record of `key_hash`, revoked and expired ones too (the caller decides)."""
+        ...
 
     async def list_api_keys(
         self, *, kind: ApiKeyKind | None = None, owner: str | None = None
@@ -336,12 +383,29 @@ class Store(Protocol):
         *,
         active: bool | None = None,
         expires_at: float | None = None,
-    ) -> ApiKeyRecord | None: ...
-
-    # -- logs and analytics ---------------------------------------------------------------------
-    async def write_logs(self, batch: LogBatch) -> None:
-        """Write a batch of rows in one call; all rows land or none do (safe to retry)."""
+    ) -> ApiKeyRecord | None:
+        """Change the fields given; None when there is no such key."""
         ...
+
+
+@runtime_checkable
+class LogStore(Protocol):
+    """Where the log writer's batches go: request logs, auth failures, bot events, key usage."""
+
+    async def write_logs(self, batch: LogBatch) -> None:
+        """Write a batch of rows in one call; all rows land or none do.
+
+        Idempotent by `batch.id`: the writer retries a batch whose answer was lost with the
+        same id, and it must land once. A batch with a row the store will never accept is
+        refused whole with `ConvexValidationError`, `ValueError`, `TypeError` or
+        `OverflowError`: the writer then splits it until that row is dropped alone.
+        """
+        ...
+
+
+@runtime_checkable
+class AnalyticsStore(LogStore, Protocol):
+    """Figures over the rows `write_logs` was given (epoch ms, both ends of a range included)."""
 
     async def provider_stats(self, provider: str, start: float, end: float) -> ProviderStats: ...
 
@@ -349,4 +413,45 @@ class Store(Protocol):
 
     async def count_auth_failures(self, key_hash: str, since: float) -> int: ...
 
+
+@runtime_checkable
+class Store(BotStore, KeyStore, AnalyticsStore, Protocol):
+    """Every capability, and `close`: what `MemoryStore`, `ConvexStore` and `ResilientStore`
+    are, and what the guard needs with its default settings."""
+
     async def close(self) -> None: ...
+
+
+@functools.cache
+def capability_methods(capability: type) -> tuple[str, ...]:
+    """The methods a capability protocol declares, its bases' first, in declaration order."""
+    names: dict[str, None] = {}
+    for cls in reversed(capability.__mro__):
+        if cls is not Protocol and getattr(cls, "_is_protocol", False):
+            names.update((n, None) for n, v in vars(cls).items() if callable(v) and n[0] != "_")
+    return tuple(names)
+
+
+def require(store: object, needs: Iterable[type] | Mapping[type, str], who: str) -> None:
+    """Raise `ConfigurationError` unless `store` has every capability in `needs`.
+
+    The error names each capability missing, the methods it lacks (each once, under the
+    first capability that needs it) and, when `needs` maps capabilities to them, what needs
+    it, so a misconfigured app fails at start-up with one line saying what to implement or
+    turn off. Called once, at construction; nothing is checked per request.
+    """
+    reasons = needs if isinstance(needs, Mapping) else dict.fromkeys(needs, "")
+    named: set[str] = set()
+    gaps: list[str] = []
+    for capability, reason in reasons.items():
+        lacking = [
+            m for m in capability_methods(capability) if not callable(getattr(store, m, None))
+        ]
+        if not lacking:
+            continue
+        fresh = [m for m in lacking if m not in named]
+        named.update(fresh)
+        gap = capability.__name__ + (f" ({', '.join(fresh)})" if fresh else "")
+        gaps.append(f"{gap}, needed by {reason}" if reason else gap)
+    if gaps:
+        raise ConfigurationError(f"{who}: the store {type(store).__name__} lacks {'; '.join(gaps)}")

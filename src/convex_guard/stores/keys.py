@@ -22,7 +22,7 @@ from convex_guard.core.keys import (
     is_well_formed,
 )
 from convex_guard.core.limits import DAY
-from convex_guard.stores.base import ApiKeyRecord, KeyRateLimit, NewApiKey, Store
+from convex_guard.stores.base import ApiKeyRecord, KeyRateLimit, KeyStore, NewApiKey, require
 
 DEFAULT_LIFETIME_MS: Final = 30 * DAY  # the seed's default
 DEFAULT_GRACE_MS: Final = 1 * DAY
@@ -86,7 +86,7 @@ class KeyRevokedError(GuardError):
 
 
 class ApiKeys:
-    """Create, list, revoke, rotate and verify keys over any `Store`.
+    """Create, list, revoke, rotate and verify keys over any `KeyStore`.
 
     `clock()` returns epoch milliseconds (injectable for tests). `lifetime` is how long a new
     key lives (ms, `None` for no expiry); `grace` is how long a rotated key keeps working.
@@ -94,7 +94,7 @@ class ApiKeys:
 
     def __init__(
         self,
-        store: Store,
+        store: KeyStore,
         *,
         clock: Clock | None = None,
         lifetime: float | None = DEFAULT_LIFETIME_MS,
@@ -104,6 +104,7 @@ class ApiKeys:
             raise ConfigurationError("lifetime must be a positive number of ms, or None")
         if not 0 <= grace < float("inf"):
             raise ConfigurationError("grace must be a non-negative number of ms")
+        require(store, (KeyStore,), "ApiKeys")
         self.store = store
         self.clock: Clock = clock or _wall_clock_ms
         self.lifetime = lifetime

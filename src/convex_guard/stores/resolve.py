@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 from convex_guard.core.logs import logger
 from convex_guard.core.settings import GuardEnvironment
-from convex_guard.stores.base import Store
+from convex_guard.stores.base import LogStore, Store
 from convex_guard.stores.memory import MemoryStore
 from convex_guard.stores.resilient import ResilientStore
 
@@ -15,7 +15,7 @@ StoreChoice = Literal["env", "memory", "convex"]
 
 
 def resolve_store(
-    choice: Store | StoreChoice,
+    choice: LogStore | StoreChoice,
     env: GuardEnvironment,
     *,
     timeout: float = 0.5,
@@ -25,10 +25,12 @@ def resolve_store(
 
     A Convex deployment named by the environment comes wrapped in a `ResilientStore`: calls
     are bounded by `timeout`, a circuit breaker stops paying it while the deployment is down,
-    and (with `fallback`) limits are decided in this process meanwhile.
+    and (with `fallback`) limits are decided in this process meanwhile. A store given as an
+    object is used as it is: `GuardSettings` has checked that it has every capability the
+    configured middlewares call, and they call nothing else.
     """
     if not isinstance(choice, str):
-        return choice, False
+        return cast(Store, choice), False
     if choice == "convex" or (choice == "env" and env.deployment_url):
         from convex_guard.stores.convex import ConvexStore
 
