@@ -1,0 +1,434 @@
+"""The store contract: what a store promises, capability by capability, as pytest test classes.
+
+A store's project subclasses the classes of the capabilities its store has (`StoreContract`
+for all of them) under a name pytest collects, and gives them a `store` fixture that yields a
+fresh, empty store nobody else writes to while a test runs::
+
+    import pytest
+    from convex_guard.stores.testing import LimitStoreContract
+
+    class TestRedisLimiter(LimitStoreContract):
+        @pytest.fixture
+        async def store(self) -> AsyncIterator[RedisLimiter]:
+            limiter = RedisLimiter(url, prefix=uuid.uuid4().hex)
+            yield limiter
+            await limiter.aclose()
+
+The project configures pytest-asyncio in auto mode (`asyncio_mode = "auto"`: the tests and
+the fixture are coroutines) and registers the `slow` marker the concurrency test carries
+(`markers = ["slow: …"]`; `--strict-markers` refuses an unknown one).
+
+Time: the tests read and move time through the `clock` fixture, a `ContractClock`, which by
+default reads the wall clock and sleeps (the whole suite then waits a few seconds). A store
+with an injectable clock overrides `clock` with a `ShiftedClock` and builds the store on its
+`now`, and time moves without waiting. A store that never refuses concurrent calls sets
+`conflicts = False` on its class, and the concurrency test then expects every call answered.
+
+pytest is imported by this module only: importing `convex_guard` does not import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import ClassVar
+
+import pytest
+
+from convex_guard.core.errors import StoreConflictError
+from convex_guard.core.limits import HOUR, MINUTE, SECOND, FixedWindow, LimitResult, TokenBucket
+from convex_guard.stores.base import (
+    AIRequestLog,
+    AnalyticsStore,
+    AuthFailure,
+    BotCheck,
+    BotEvent,
+    BotStore,
+    EmbeddingRequestLog,
+    KeyRateLimit,
+    KeyStore,
+    KeyUsage,
+    LimitRequest,
+    LimitStore,
+    LogBatch,
+    LogStore,
+    NewApiKey,
+    Store,
+)
+
+
+class ContractClock:
+    """The time the contract sees: `now()` in epoch ms; `advance(ms)` lets that much pass."""
+
+    def now(self) -> float:
+        return time.time() * 1000.0
+
+    async def advance(self, ms: float) -> None:
+        await asyncio.sleep(ms / 1000.0)
+
+
+class ShiftedClock(ContractClock):
+    """The wall clock plus an offset that `advance` grows at once: give `now` to the store."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() * 1000.0 + self.offset
+
+    async def advance(self, ms: float) -> None:
+        self.offset += ms
+
+
+class _Contract:
+    #: Whether concurrent calls on one key may be refused with `StoreConflictError`.
+    conflicts: ClassVar[bool] = True
+
+    @pytest.fixture
+    def store(self) -> object:
+        raise NotImplementedError(f"{type(self).__name__} must override the `store` fixture")
+
+    @pytest.fixture
+    def clock(self) -> ContractClock:
+        return ContractClock()
+
+
+class LimitStoreContract(_Contract):
+    """`LimitStore`: the limits of `core.limits`, decided atomically, all or nothing."""
+
+    async def test_fixed_window_admits_rate_then_denies(
+        self, store: LimitStore, clock: ContractClock
+    ) -> None:
+        config = FixedWindow(rate=3, period=HOUR, start=0)
+        results = [await store.limit("ip", config, key="1.2.3.4") for _ in range(4)]
+        assert [r.ok for r in results] == [True, True, True, False]
+        assert [r.remaining for r in results[:3]] == [2, 1, 0]
+        denied = results[3]
+        next_window = (clock.now() // HOUR + 1) * HOUR
+        assert denied.retry_after is not None
+        assert denied.retry_after == pytest.approx(next_window - clock.now(), abs=2_000)
+        # Another key is unaffected.
+        assert (await store.limit("ip", config, key="5.6.7.8")).ok
+
+    async def test_token_bucket_retry_after_and_refill(
+        self, store: LimitStore, clock: ContractClock
+    ) -> None:
+        # A token every 2 s: short enough to wait for on a wall clock, long enough that ten
+        # calls to a remote store finish well within one token.
+        config = TokenBucket(rate=10, period=20 * SECOND, capacity=10)
+        for _ in range(10):
+            assert (await store.limit("user", config, key="ann")).ok
+        denied = await store.limit("user", config, key="ann")
+        assert not denied.ok and denied.retry_after is not None
+        assert denied.retry_after == pytest.approx(2 * SECOND, abs=1_000)
+        await clock.advance(denied.retry_after + 200)
+        assert (await store.limit("user", config, key="ann")).ok
+
+    async def test_count_and_reserve(self, store: LimitStore) -> None:
+        config = TokenBucket(rate=10, period=MINUTE, capacity=10, max_reserved=5)
+        assert (await store.limit("t", config, count=8)).ok
+        reserved = await store.limit("t", config, count=5, reserve=True)
+        assert reserved.ok and reserved.retry_after == pytest.approx(3 * 6_000, abs=500)
+        too_far = await store.limit("t", config, count=3, reserve=True)
+        assert not too_far.ok
+
+    async def test_check_is_all_or_nothing(self, store: LimitStore) -> None:
+        roomy = FixedWindow(rate=10, period=HOUR, start=0)
+        tight = FixedWindow(rate=1, period=HOUR, start=0)
+        first = await store.check([LimitRequest("a", roomy, "k"), LimitRequest("b", tight, "k")])
+        assert first.ok and [r.ok for r in first.results] == [True, True]
+        second = await store.check([LimitRequest("a", roomy, "k"), LimitRequest("b", tight, "k")])
+        assert not second.ok
+        assert [r.ok for r in second.results] == [True, False]
+        # The denied call consumed nothing from "a".
+        assert (await store.peek("a", roomy, key="k")).remaining == 9
+
+    async def test_reset_and_peek(self, store: LimitStore) -> None:
+        config = FixedWindow(rate=2, period=HOUR, start=0)
+        assert (await store.peek("p", config, key="k")).remaining == 2
+        await store.limit("p", config, key="k")
+        await store.limit("p", config, key="k")
+        assert (await store.peek("p", config, key="k")).remaining == 0
+        assert not (await store.limit("p", config, key="k")).ok
+        await store.reset("p", key="k")
+        assert (await store.peek("p", config, key="k")).remaining == 2
+
+    @pytest.mark.slow
+    async def test_concurrent_calls_admit_exactly_the_limit(self, store: LimitStore) -> None:
+        # 100 concurrent calls on one key are one hot document on Convex: the backend may
+        # answer some of them 503 after its retries (StoreConflictError), never admit one
+        # twice. Every call that was answered is admitted while the limit lasts, the rest
+        # refused.
+        config = FixedWindow(rate=30, period=HOUR, start=0)
+        results = await asyncio.gather(
+            *(store.limit("burst", config, key="k") for _ in range(100)),
+            return_exceptions=True,
+        )
+        answered = [r for r in results if isinstance(r, LimitResult)]
+        failed = [r for r in results if not isinstance(r, LimitResult)]
+        assert all(isinstance(e, StoreConflictError) for e in failed), failed
+        assert self.conflicts or not failed
+        assert sum(r.ok for r in answered) == min(30, len(answered))
+
+
+class BotStoreContract(_Contract):
+    """`BotStore`: a bot check escalated by its client's history, in the same atomic call."""
+
+    async def test_bot_escalation_and_events(self, store: BotStore, clock: ContractClock) -> None:
+        config = FixedWindow(rate=100, period=HOUR, start=0)
+        bot = BotCheck("fp-1", "203.0.113.9", "python-requests/2.32", "bot_useragent", "allowed")
+        actions = []
+        for _ in range(12):
+            outcome = await store.check([LimitRequest("ip", config, "203.0.113.9")], bot=bot)
+            assert outcome.bot is not None
+            actions.append(outcome.bot.action)
+            assert outcome.ok == (outcome.bot.action == "allowed")
+        assert actions == ["allowed"] * 5 + ["challenged"] * 5 + ["blocked"] * 2
+        assert (await store.peek("ip", config, key="203.0.113.9")).remaining == 95
+        since = clock.now() - MINUTE
+        events = await store.bot_events(since=since, limit=5)
+        assert len(events) == 5
+        assert events[0].action == "blocked"  # newest first
+        assert events[0].metadata is not None and events[0].metadata["previousAttempts"] == 11
+        assert await store.count_bot_events("fp-1", since) == 12
+        assert await store.count_bot_events("other", since) == 0
+
+    async def test_rotating_fingerprints_from_one_client_key_still_escalate(
+        self, store: BotStore
+    ) -> None:
+        client = f"2001:db8:{uuid.uuid4().int % 0xFFFF:x}::/64"
+        actions = []
+        for i in range(12):
+            bot = BotCheck(
+                f"fp-rotated-{i}",
+                "2001:db8::1",
+                "curl/8",
+                "bot_useragent",
+                "allowed",
+                client_key=client,
+            )
+            outcome = await store.check([], bot=bot)
+            assert outcome.bot is not None
+            actions.append(outcome.bot.action)
+        assert actions == ["allowed"] * 5 + ["challenged"] * 5 + ["blocked"] * 2
+        # The fingerprint's own history still counts when the client key's is shorter.
+        moved = BotCheck("fp-rotated-3", "192.0.2.1", "curl/8", "bot_useragent", "allowed")
+        outcome = await store.check([], bot=moved)
+        assert outcome.bot is not None and outcome.bot.previous_events == 1
+
+    async def test_bot_limit_exhaustion_challenges(
+        self, store: BotStore, clock: ContractClock
+    ) -> None:
+        suspicious = LimitRequest(
+            "suspiciousBehavior", FixedWindow(rate=2, period=HOUR, start=0), "fp"
+        )
+        bot = BotCheck("fp", "ip", "curl/8", "bot_useragent", "allowed", limit=suspicious)
+        actions = []
+        for _ in range(3):
+            outcome = await store.check([], bot=bot)
+            assert outcome.bot is not None
+            actions.append(outcome.bot.action)
+        assert actions == ["allowed", "allowed", "challenged"]
+        events = await store.bot_events(since=clock.now() - MINUTE)
+        assert [e.action for e in events] == ["challenged", "allowed", "allowed"]
+
+    async def test_policy_block_is_never_softened(self, store: BotStore) -> None:
+        bot = BotCheck("fp", "ip", "GPTBot/1.2", "ai_scraper", "blocked")
+        outcome = await store.check([LimitRequest("x", FixedWindow(rate=1, period=HOUR))], bot=bot)
+        assert not outcome.ok and outcome.bot is not None and outcome.bot.action == "blocked"
+
+
+def new_key(now: float) -> NewApiKey:
+    return NewApiKey(
+        kind="embedding",
+        key_hash="a" * 64,
+        prefix="cg_emb_abcd",
+        name="indexer",
+        owner="team-search",
+        scopes=("embeddings",),
+        rate_limit=KeyRateLimit(requests=50, period=MINUTE),
+        created_at=now,
+        expires_at=now + 30 * 24 * HOUR,
+    )
+
+
+class KeyStoreContract(_Contract):
+    """`KeyStore`: records found by hash, listed by kind and owner, revoked in place."""
+
+    async def test_api_key_lifecycle(self, store: KeyStore, clock: ContractClock) -> None:
+        now = clock.now()
+        created = await store.create_api_key(new_key(now))
+        assert created.active and created.request_count == 0 and created.last_used is None
+        assert created.rate_limit == KeyRateLimit(50, MINUTE)
+        found = await store.find_api_key("a" * 64)
+        assert found == created
+        assert await store.find_api_key("b" * 64) is None
+        await store.create_api_key(
+            NewApiKey("ai", "c" * 64, "cg_ai_x", "chat", None, (), None, now, None)
+        )
+        assert {k.name for k in await store.list_api_keys()} == {"indexer", "chat"}
+        assert [k.name for k in await store.list_api_keys(kind="ai")] == ["chat"]
+        assert [k.name for k in await store.list_api_keys(owner="team-search")] == ["indexer"]
+        revoked = await store.update_api_key(created.id, active=False)
+        assert revoked is not None and not revoked.active
+        assert await store.find_api_key("a" * 64) == revoked
+        assert await store.update_api_key("no-such-key", active=False) is None
+
+
+def ai_row(
+    t: float, provider: str, ok: bool, latency: float, tokens: int, cost: float
+) -> AIRequestLog:
+    return AIRequestLog(
+        timestamp=t,
+        provider=provider,
+        model="gpt-x",
+        fingerprint="fp",
+        ip="198.51.100.1",
+        success=ok,
+        latency_ms=latency,
+        tokens_used=tokens,
+        cost=cost,
+        error=None if ok else "upstream_error",
+    )
+
+
+def embedding_rows(now: float) -> list[EmbeddingRequestLog]:
+    return [
+        EmbeddingRequestLog("r1", "h" * 64, now, 4, 12.5, 40, True, "bge-small"),
+        EmbeddingRequestLog("r2", "h" * 64, now + 1, 2, 8.0, 0, False, "bge-small", "oops"),
+        EmbeddingRequestLog("r3", "z" * 64, now + 2, 9, 8.0, 90, True, "bge-small"),
+    ]
+
+
+class LogStoreContract(_Contract):
+    """`LogStore`: every kind of row the middlewares write, taken in one call, retries too."""
+
+    async def test_every_kind_of_row_is_taken_and_a_retry_lands_once(
+        self, store: LogStore, clock: ContractClock
+    ) -> None:
+        now = clock.now()
+        batch = LogBatch(
+            id=uuid.uuid4().hex,
+            ai_requests=[ai_row(now, "openai", True, 100, 10, 0.5)],
+            embedding_requests=embedding_rows(now),
+            auth_failures=[AuthFailure("x" * 64, now, "203.0.113.1", "curl/8")],
+            bot_events=[
+                BotEvent(now, "fp-9", "203.0.113.1", "curl/8", "rate_limit", "blocked", None)
+            ],
+        )
+        await store.write_logs(batch)
+        await store.write_logs(batch)  # a retry after a lost answer: the same id
+        await store.write_logs(LogBatch(id=uuid.uuid4().hex))  # nothing to write
+
+
+class AnalyticsStoreContract(_Contract):
+    """`AnalyticsStore`: figures over what `write_logs` was given, each batch counted once."""
+
+    async def test_provider_stats_from_batches(
+        self, store: AnalyticsStore, clock: ContractClock
+    ) -> None:
+        base = (clock.now() // HOUR - 2) * HOUR + 30_000  # inside an old minute, mid-minute
+        rows = [
+            ai_row(base, "openai", True, 100, 10, 0.5),
+            ai_row(base + 61_000, "openai", False, 300, 0, 0.0),
+            ai_row(base + 5 * MINUTE, "openai", True, 200, 20, 1.5),
+            ai_row(base + 10 * MINUTE, "groq", True, 50, 5, 0.1),
+        ]
+        await store.write_logs(LogBatch(id="b1", ai_requests=rows))
+        # The same batch again (a retry after a lost answer) lands once.
+        await store.write_logs(LogBatch(id="b1", ai_requests=rows))
+        stats = await store.provider_stats("openai", base - 1, base + HOUR)
+        assert stats.total_requests == 3
+        assert stats.success_rate == pytest.approx(2 / 3)
+        assert stats.average_latency == pytest.approx(200)
+        assert stats.total_tokens == 30
+        assert stats.total_cost == pytest.approx(2.0)
+        narrow = await store.provider_stats("openai", base + 60_000, base + 2 * MINUTE)
+        assert narrow.total_requests == 1 and narrow.success_rate == 0
+        empty = await store.provider_stats("perplexity", base, base + HOUR)
+        assert (empty.total_requests, empty.success_rate, empty.average_latency) == (0, 0.0, 0.0)
+        assert (empty.total_tokens, empty.total_cost) == (0, 0.0)
+
+    async def test_embedding_usage_and_auth_failures(
+        self, store: AnalyticsStore, clock: ContractClock
+    ) -> None:
+        now = clock.now()
+        await store.write_logs(
+            LogBatch(
+                id="b2",
+                embedding_requests=embedding_rows(now),
+                auth_failures=[
+                    AuthFailure("x" * 64, now, "203.0.113.1", "curl/8"),
+                    AuthFailure("x" * 64, now + 1, None, None),
+                ],
+            )
+        )
+        usage = await store.embedding_usage("h" * 64, now - 1, now + 10)
+        assert (usage.total_requests, usage.successful_requests) == (2, 1)
+        assert (usage.total_tokens, usage.total_items) == (40, 6)
+        assert await store.count_auth_failures("x" * 64, now - 1) == 2
+        assert await store.count_auth_failures("x" * 64, now + 1) == 1
+
+
+class StoreContract(
+    LimitStoreContract,
+    BotStoreContract,
+    KeyStoreContract,
+    LogStoreContract,
+    AnalyticsStoreContract,
+):
+    """`Store`: every capability's contract, and what `write_logs` does to the others: bot
+    events join the escalation history and key usage reaches the key's record."""
+
+    async def test_bot_events_written_in_a_batch_count_towards_escalation(
+        self, store: Store, clock: ContractClock
+    ) -> None:
+        now = clock.now()
+        client = f"198.51.100.{uuid.uuid4().int % 250}"
+        await store.write_logs(
+            LogBatch(
+                id=uuid.uuid4().hex,
+                bot_events=[
+                    BotEvent(
+                        now - i, f"fp-b{i}", client, "x", "rate_limit", "blocked", None, client
+                    )
+                    for i in range(6)
+                ],
+            )
+        )
+        late = BotCheck("fp-new", client, "curl/8", "bot_useragent", "allowed", client_key=client)
+        outcome = await store.check([], bot=late)
+        assert outcome.bot is not None and outcome.bot.action == "challenged"
+        assert outcome.bot.previous_events == 6
+        newest = (await store.bot_events(since=now - MINUTE, limit=1))[0]
+        assert (newest.fingerprint, newest.client_key) == ("fp-new", client)
+
+    async def test_bot_event_rows_are_listed(self, store: Store, clock: ContractClock) -> None:
+        now = clock.now()
+        event = BotEvent(now, "fp-9", "203.0.113.1", "curl/8", "rate_limit", "blocked", None)
+        await store.write_logs(LogBatch(id="b3", bot_events=[event]))
+        events = await store.bot_events(since=now - 1)
+        assert [(e.fingerprint, e.detection_type, e.action) for e in events] == [
+            ("fp-9", "rate_limit", "blocked")
+        ]
+        assert await store.count_bot_events("fp-9", now - 1) == 1
+
+    async def test_key_usage_reaches_the_key(self, store: Store, clock: ContractClock) -> None:
+        now = clock.now()
+        created = await store.create_api_key(new_key(now))
+        await store.write_logs(LogBatch(id="usage-1", key_usage=[KeyUsage(created.id, now + 5, 7)]))
+        used = await store.find_api_key("a" * 64)
+        assert used is not None and used.request_count == 7 and used.last_used == now + 5
+
+
+__all__ = [
+    "AnalyticsStoreContract",
+    "BotStoreContract",
+    "ContractClock",
+    "KeyStoreContract",
+    "LimitStoreContract",
+    "LogStoreContract",
+    "ShiftedClock",
+    "StoreContract",
+]
