@@ -39,6 +39,7 @@ from convex_guard import (
     MemoryStore,
     RateLimitMiddleware,
     RequestLoggerMiddleware,
+    ResilientStore,
     Rule,
 )
 from convex_guard.core.limits import LimitState, decide, initial_state
@@ -281,3 +282,12 @@ def test_importing_the_package_does_not_import_pytest() -> None:
     answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.strip() == "False"
+
+
+def test_a_resilient_store_needs_a_primary_with_every_capability() -> None:
+    # It answers for all of them, so the guard's check of it could not see what is missing.
+    with pytest.raises(ConfigurationError) as raised:
+        ResilientStore(DictLimits())  # type: ignore[arg-type]
+    message = str(raised.value)
+    assert message.startswith("ResilientStore: the store DictLimits lacks Store (")
+    assert "write_logs" in message and "close" in message and "check" not in message

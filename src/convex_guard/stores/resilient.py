@@ -33,6 +33,7 @@ from convex_guard.stores.base import (
     NewApiKey,
     ProviderStats,
     Store,
+    require,
 )
 from convex_guard.stores.memory import MemoryStore
 
@@ -209,6 +210,9 @@ class ResilientStore(LimitThroughCheck):
     ) -> None:
         if not 0 < timeout < math.inf:
             raise ConfigurationError("timeout must be a positive number of seconds")
+        # It answers for every capability, so a middleware's check of it says nothing of a
+        # primary that lacks one: the primary must have them all.
+        require(primary, (Store,), "ResilientStore")
         self.primary = primary
         self.fallback = (fallback or MemoryStore()) if use_fallback else None
         self.timeout = timeout
