@@ -426,9 +426,8 @@ class Store(BotStore, KeyStore, AnalyticsStore, Protocol):
 def capability_methods(capability: type) -> tuple[str, ...]:
     """The methods a capability protocol declares, its bases' first, in declaration order."""
     names: dict[str, None] = {}
-    for cls in reversed(capability.__mro__):
-        if cls is not Protocol and getattr(cls, "_is_protocol", False):
-            names.update((n, None) for n, v in vars(cls).items() if callable(v) and n[0] != "_")
+    for cls in reversed(capability.__mro__):  # `Protocol`, `Generic`, `object`: dunders only
+        names.update((n, None) for n, v in vars(cls).items() if callable(v) and n[0] != "_")
     return tuple(names)
 
 

@@ -14,9 +14,12 @@ fresh, empty store nobody else writes to while a test runs::
             yield limiter
             await limiter.aclose()
 
-The project configures pytest-asyncio in auto mode (`asyncio_mode = "auto"`: the tests and
-the fixture are coroutines) and registers the `slow` marker the concurrency test carries
-(`markers = ["slow: …"]`; `--strict-markers` refuses an unknown one).
+The project configures pytest-asyncio in auto mode (`asyncio_mode = "auto"`, and
+`asyncio_default_fixture_loop_scope = "function"`: the tests and the fixture are coroutines)
+and registers the `slow` marker the concurrency test carries (`markers = ["slow: …"]`;
+`--strict-markers` refuses an unknown one). pytest explains a failed `assert` in detail only
+in the modules it rewrites: call `pytest.register_assert_rewrite("convex_guard.stores.testing")`
+in the project's `conftest.py`, before anything imports this module.
 
 Time: the tests read and move time through the `clock` fixture, a `ContractClock`, which by
 default reads the wall clock and sleeps (the whole suite then waits a few seconds). A store
