@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import pytest
 
-from convex_guard.core.errors import StoreConflictError
+from convex_guard.core.errors import ConfigurationError, StoreConflictError
 from convex_guard.core.limits import HOUR, MINUTE, SECOND, FixedWindow, LimitResult, TokenBucket
 from convex_guard.stores.base import (
     AIRequestLog,
@@ -135,6 +135,20 @@ class LimitStoreContract(_Contract):
         assert reserved.ok and reserved.retry_after == pytest.approx(3 * 6_000, abs=500)
         too_far = await store.limit("t", config, count=3, reserve=True)
         assert not too_far.ok
+
+    async def test_a_count_no_waiting_could_admit_is_refused_as_a_configuration_error(
+        self, store: LimitStore
+    ) -> None:
+        config = TokenBucket(rate=10, period=MINUTE, capacity=10)
+        with pytest.raises(ConfigurationError):
+            await store.limit("big", config, key="k", count=11)
+        with pytest.raises(ConfigurationError):
+            await store.check(
+                [LimitRequest("small", config, "k"), LimitRequest("big", config, "k", 11)]
+            )
+        # Nothing was consumed by the refused calls.
+        assert (await store.peek("small", config, key="k")).remaining == 10
+        assert (await store.limit("big", config, key="k", count=10)).ok
 
     async def test_check_is_all_or_nothing(self, store: LimitStore) -> None:
         roomy = FixedWindow(rate=10, period=HOUR, start=0)
