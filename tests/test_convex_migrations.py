@@ -1,15 +1,21 @@
 """The Convex data migrations, run as an operator runs them, on the loopback deployment.
 
-`migrations:run` starts every pending migration and `migrations:status` says where each is
-(what `make convex-migrate` calls); the batches run on the deployment's scheduler.
+`migrations:run` starts every pending migration and `migrations:status` says where each is;
+`make convex-migrate` (convex/scripts/migrate.mjs) calls both. The batches run on the
+deployment's scheduler.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 
 from convex.http_client import ConvexHttpClient
+from convex.values import CoercibleToConvexValue
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +25,9 @@ from convex_guard.core.clientip import UNKNOWN_CLIENT, peer_keys
 from .conftest import ConvexTestServer
 
 MIGRATION = "migrations:backfillBotClientKey"
+# The client takes arguments of this type; the dicts below are declared so, not inferred.
+Args = dict[str, CoercibleToConvexValue]
+MIGRATE_SCRIPT = Path(__file__).parents[1] / "convex" / "scripts" / "migrate.mjs"
 
 # Any address, and IPv6 ones thick with zero hextets: how they are written ("::" for the
 # first longest run of two or more) is where two implementations can differ.
@@ -45,7 +54,7 @@ def migrate(client: ConvexHttpClient, timeout: float = 30) -> dict[str, object]:
         time.sleep(0.05)
 
 
-def old_event(ip: str, i: int, now: float) -> dict[str, object]:
+def old_event(ip: str, i: int, now: float) -> Args:
     """A bot event as the release before client keys wrote it: no `clientKey`."""
     return {
         "timestamp": now - i,
@@ -55,6 +64,20 @@ def old_event(ip: str, i: int, now: float) -> dict[str, object]:
         "detectionType": "bot_useragent",
         "action": "allowed",
     }
+
+
+def write_bot_events(client: ConvexHttpClient, events: list[Args]) -> None:
+    """One log batch of `events`, as the app's log writer sends it."""
+    empty: list[Args] = []
+    batch: Args = {
+        "batchId": "old",
+        "aiRequests": empty,
+        "embeddingRequests": empty,
+        "authFailures": empty,
+        "botEvents": list(events),
+        "keyUsage": empty,
+    }
+    client.mutation("logs:writeBatch", batch)
 
 
 @settings(
@@ -74,14 +97,13 @@ def test_backfilled_keys_are_the_ones_the_python_side_gives(
     ips.append(UNKNOWN_CLIENT)
     now = time.time() * 1000
     events = [old_event(ip, i, now) for i, ip in enumerate(ips)]
-    batch = {"batchId": "old", "aiRequests": [], "embeddingRequests": [], "authFailures": []}
-    client.mutation("logs:writeBatch", {**batch, "botEvents": events, "keyUsage": []})
+    write_bot_events(client, events)
 
     status = migrate(client)
 
     assert status == {**status, "name": MIGRATION, "state": "success", "processed": len(ips)}
     rows = convex_server.rows("botDetectionEvents")
-    expected = {ip: peer_keys(ip)[1] for ip in ips}
+    expected: dict[str, str | None] = {ip: peer_keys(ip)[1] for ip in ips}
     expected[UNKNOWN_CLIENT] = None  # no key, as events of clients without an address get
     assert {row["ip"]: row.get("clientKey") for row in rows} == expected
 
@@ -111,3 +133,75 @@ async def test_after_the_migration_escalation_counts_the_old_releases_events(
         assert await flag("fp-new-2", client_key) == ("blocked", 11)
     finally:
         await store.close()
+
+
+def run_script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`make convex-migrate`'s command, with the deployment given in `env`."""
+    return subprocess.run(
+        ["node", str(MIGRATE_SCRIPT), *args],
+        env={**os.environ, "CONVEX_MIGRATE_POLL_MS": "50", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_convex_migrate_runs_the_pending_migrations_and_waits(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    client = admin_client(convex_server)
+    now = time.time() * 1000
+    # Three batches of the component's 100: the script must wait for the scheduled two.
+    events = [old_event(f"198.51.{i // 256}.{i % 256}", i, now) for i in range(250)]
+    write_bot_events(client, events)
+    deployment = {
+        "CONVEX_SELF_HOSTED_URL": convex_server.url,
+        "CONVEX_SELF_HOSTED_ADMIN_KEY": convex_server.admin_key,
+    }
+
+    dry = run_script(deployment, '{"dryRun": true}')
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["DryRun"] == "No changes were committed."
+    assert not any("clientKey" in row for row in convex_server.rows("botDetectionEvents"))
+
+    done = run_script(deployment)
+    assert done.returncode == 0, done.stderr
+    assert f"{MIGRATION}: success, 250 rows processed" in done.stdout.splitlines()
+    rows = convex_server.rows("botDetectionEvents")
+    assert [row.get("clientKey") for row in rows] == [row["ip"] for row in rows]
+
+    again = run_script(deployment)
+    assert again.returncode == 0, again.stderr
+    assert '"Status": "Migration already done."' in again.stdout
+    for result in (dry, done, again):
+        assert convex_server.admin_key not in result.stdout + result.stderr
+
+
+def test_convex_migrate_refuses_a_bad_configuration(convex_server: ConvexTestServer) -> None:
+    key = "wrong-key-do-not-echo"
+    wrong = run_script(
+        {"CONVEX_SELF_HOSTED_URL": convex_server.url, "CONVEX_SELF_HOSTED_ADMIN_KEY": key}
+    )
+    assert wrong.returncode == 2
+    assert "refused the admin key" in wrong.stderr
+    with_password = convex_server.url.replace("//", "//user:secret-pw@")
+    credentials = run_script(
+        {"CONVEX_SELF_HOSTED_URL": with_password, "CONVEX_SELF_HOSTED_ADMIN_KEY": key}
+    )
+    assert credentials.returncode == 2
+    assert "carries credentials" in credentials.stderr
+    for result in (wrong, credentials):
+        for secret in (key, "secret-pw"):
+            assert secret not in result.stdout + result.stderr
+    unset = run_script({"CONVEX_SELF_HOSTED_URL": "", "CONVEX_SELF_HOSTED_ADMIN_KEY": "k"})
+    assert (unset.returncode, unset.stderr.strip()) == (
+        2,
+        "convex-migrate: set CONVEX_SELF_HOSTED_URL (the deployment's URL)",
+    )
+    bad_args = run_script(
+        {"CONVEX_SELF_HOSTED_URL": convex_server.url, "CONVEX_SELF_HOSTED_ADMIN_KEY": "k"}, "[1]"
+    )
+    assert bad_args.returncode == 2
+    assert "must be a JSON object" in bad_args.stderr
