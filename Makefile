@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPM_STAMP := convex/node_modules/.installed
 
-.PHONY: install demo test lint typecheck pytest convex-test convex-deploy bench clean
+.PHONY: install demo test lint typecheck pytest convex-test convex-deploy convex-migrate bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ convex-deploy: $(NPM_STAMP)
 	@test -n "$$CONVEX_SELF_HOSTED_URL" || { echo "set CONVEX_SELF_HOSTED_URL"; exit 2; }
 	@test -n "$$CONVEX_SELF_HOSTED_ADMIN_KEY" || { echo "set CONVEX_SELF_HOSTED_ADMIN_KEY"; exit 2; }
 	cd convex && npx convex deploy --yes
+
+# Run the data migrations the deployed functions define and the deployment has not finished,
+# and wait until they are done (see README, "Upgrading"). Needs only node: the script calls
+# migrations:run and migrations:status over the backend's HTTP API with the admin key.
+# MIGRATE_ARGS='{"dryRun": true}' tries the first pending batch and commits nothing.
+convex-migrate:
+	@test -n "$$CONVEX_SELF_HOSTED_URL" || { echo "set CONVEX_SELF_HOSTED_URL"; exit 2; }
+	@test -n "$$CONVEX_SELF_HOSTED_ADMIN_KEY" || { echo "set CONVEX_SELF_HOSTED_ADMIN_KEY"; exit 2; }
+	cd convex && node scripts/migrate.mjs '$(MIGRATE_ARGS)'
 
 # Benchmarks need wrk and valgrind (Debian's packages) for the HTTP tables; installed here when
 # missing.

@@ -31,7 +31,9 @@ export default defineSchema({
   botDetectionEvents: defineTable(vBotEvent)
     .index("by_timestamp", ["timestamp"])
     .index("by_fingerprint", ["fingerprint", "timestamp"])
-    // Escalation per client address (its limit key); rows without one are not in it.
+    // Escalation per client address (its limit key); rows without one are not in it (0.1's
+    // rows until migrations:backfillBotClientKey gives them theirs, which also reads them
+    // here, as clientKey undefined).
     .index("by_client_key", ["clientKey", "timestamp"]),
 
   // AI API keys. `key` is the seed's name for the SHA-256 hash of the key (never the key).

@@ -15,7 +15,10 @@ const require = createRequire(import.meta.url);
 const FUNCTIONS = join(process.cwd(), "convex");
 const OUT = join(FUNCTIONS, "_generated");
 /** Components used by convex.config.ts: name → package (its `_generated/component.js`). */
-const COMPONENTS = { rateLimiter: "@convex-dev/rate-limiter" };
+const COMPONENTS = {
+  rateLimiter: "@convex-dev/rate-limiter",
+  migrations: "@convex-dev/migrations",
+};
 
 const EXTENSIONS = [".js", ".mjs", ".cjs", ".ts", ".tsx", ".mts", ".cts", ".jsx"];
 

@@ -1,5 +1,6 @@
 /// <reference types="vite/client" />
-// A fresh convex-test deployment of our functions with the rate limiter component.
+// A fresh convex-test deployment of our functions with the rate limiter and migrations components.
+import { register as registerMigrations } from "@convex-dev/migrations/test";
 import { register } from "@convex-dev/rate-limiter/test";
 import { convexTest } from "convex-test";
 import schema from "../convex/schema";
@@ -10,6 +11,7 @@ export const modules = import.meta.glob("../convex/**/*.*s");
 export function newDeployment() {
   const t = convexTest({ schema, modules, transactionLimits: true });
   register(t, "rateLimiter");
+  registerMigrations(t, "migrations");
   return t;
 }
 

@@ -1,4 +1,4 @@
-// A convex-test deployment of convex/convex/ (with the rate limiter component), and calls
+// A convex-test deployment of convex/convex/ (with its components), and calls
 // into it by path, as the real backend's HTTP and sync APIs make them.
 import { AsyncLocalStorage } from "node:async_hooks";
 import { readdirSync } from "node:fs";
@@ -84,6 +84,8 @@ export async function loadCode(): Promise<Code> {
     await loadComponent("rateLimiter", rateLimiterDir),
     // The rate limiter's own child component, as its test helper registers it.
     await loadComponent("rateLimiter/batchWorker", batchWorkerDir),
+    // Where each data migration (convex/convex/migrations.ts) is: its cursor and state.
+    await loadComponent("migrations", packageDir("@convex-dev/migrations")),
   ];
   return { app, schema, components };
 }

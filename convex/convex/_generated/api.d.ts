@@ -16,6 +16,7 @@ import type * as crons from "../crons.js";
 import type * as embeddings_analytics from "../embeddings/analytics.js";
 import type * as embeddings_rateLimiting from "../embeddings/rateLimiting.js";
 import type * as guard from "../guard.js";
+import type * as lib_addresses from "../lib/addresses.js";
 import type * as lib_bots from "../lib/bots.js";
 import type * as lib_keys from "../lib/keys.js";
 import type * as lib_limits from "../lib/limits.js";
@@ -23,6 +24,7 @@ import type * as lib_logs from "../lib/logs.js";
 import type * as lib_validators from "../lib/validators.js";
 import type * as limits from "../limits.js";
 import type * as logs from "../logs.js";
+import type * as migrations from "../migrations.js";
 import type * as retention from "../retention.js";
 
 import type {
@@ -40,6 +42,7 @@ declare const fullApi: ApiFromModules<{
   "embeddings/analytics": typeof embeddings_analytics,
   "embeddings/rateLimiting": typeof embeddings_rateLimiting,
   "guard": typeof guard,
+  "lib/addresses": typeof lib_addresses,
   "lib/bots": typeof lib_bots,
   "lib/keys": typeof lib_keys,
   "lib/limits": typeof lib_limits,
@@ -47,6 +50,7 @@ declare const fullApi: ApiFromModules<{
   "lib/validators": typeof lib_validators,
   "limits": typeof limits,
   "logs": typeof logs,
+  "migrations": typeof migrations,
   "retention": typeof retention,
 }>;
 
@@ -72,4 +76,5 @@ export declare const internal: FilterApi<typeof fullApi, FunctionReference<any, 
 
 export declare const components: {
   "rateLimiter": import("@convex-dev/rate-limiter/_generated/component.js").ComponentApi<"rateLimiter">,
+  "migrations": import("@convex-dev/migrations/_generated/component.js").ComponentApi<"migrations">,
 };
