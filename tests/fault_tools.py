@@ -1,5 +1,5 @@
 """Shared pieces of the fault, abuse and load tests: a recording ConvexStore, request bodies,
-and counters of what a process holds open."""
+raw bytes on a socket, and counters of what a process holds open."""
 
 from __future__ import annotations
 
@@ -37,6 +37,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def raw_reply(port: int, request: bytes, *, until: bytes, timeout: float) -> bytes:
+    """Sends `request` as it is on a new loopback connection (HTTP clients refuse to send most
+    malformed requests) and reads the reply until `until` arrives or the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        reply = b""
+        while until not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
 
 
 def start_uvicorn(

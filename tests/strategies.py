@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, Literal
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -101,21 +101,21 @@ def guard_of(app: Any) -> GuardMiddleware:
     return node
 
 
-async def call(
-    app: Any,
-    method: str,
+def asgi_scope(
+    kind: Literal["http", "websocket"],
     path: str,
     headers: list[tuple[bytes, bytes]],
     client: object,
-    body: bytes,
     root_path: str = "",
-) -> tuple[int, list[Message]]:
+) -> dict[str, Any]:
+    """The scope a server builds for what a client sent: `path` as it arrived (it may hold
+    lone surrogates), under `root_path`; `client` the peer, `None` when the server knows
+    none, or "missing" for a server that leaves the key out."""
     scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "type": kind,
+        "asgi": {"version": "3.0", "spec_version": "2.3" if kind == "http" else "2.4"},
         "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
+        "scheme": "http" if kind == "http" else "ws",
         "path": root_path + path,
         "raw_path": (root_path + path).encode("utf-8", "surrogatepass"),
         "root_path": root_path,
@@ -126,6 +126,20 @@ async def call(
     }
     if client != "missing":
         scope["client"] = client
+    return scope
+
+
+async def call(
+    app: Any,
+    method: str,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    client: object,
+    body: bytes,
+    root_path: str = "",
+) -> tuple[int, list[Message]]:
+    scope = asgi_scope("http", path, headers, client, root_path)
+    scope["method"] = method
     sent: list[Message] = []
     chunks = [body]
 

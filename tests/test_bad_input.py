@@ -7,7 +7,6 @@ import asyncio
 import json
 import logging
 import math
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,9 +30,10 @@ from convex_guard import (
 )
 
 from .conftest import serve
-from .fault_tools import BROWSER
+from .fault_tools import BROWSER, raw_reply
 from .strategies import (
     CHAT_BODY,
+    asgi_scope,
     body_strategy,
     call,
     client_strategy,
@@ -175,22 +175,8 @@ def test_arbitrary_websocket_handshakes_never_500(
     caplog.set_level(logging.WARNING)
     caplog.clear()
     runner, app, store = loop_and_ws_app
-    scope: dict[str, Any] = {
-        "type": "websocket",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "scheme": "ws",
-        "path": root_path + path,
-        "raw_path": (root_path + path).encode("utf-8", "surrogatepass"),
-        "root_path": root_path,
-        "query_string": b"",
-        "headers": headers,
-        "server": ("127.0.0.1", 8000),
-        "subprotocols": [],
-        "state": {},
-    }
-    if client != "missing":
-        scope["client"] = client
+    scope = asgi_scope("websocket", path, headers, client, root_path)
+    scope["subprotocols"] = []
     if extension:
         scope["extensions"] = {"websocket.http.response": {}}
     sent: list[Message] = []
@@ -275,14 +261,7 @@ RAW_REQUESTS = [
 
 
 def raw_status(port: int, request: bytes) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        data = b""
-        while b"\r\n" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+    data = raw_reply(port, request, until=b"\r\n", timeout=10)
     assert data.startswith(b"HTTP/1.1 "), data[:100]
     return int(data.split()[1])
 
