@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -16,7 +18,10 @@ from examples.responder import ChatRequest, EmbeddingRequest, local_chat, local_
 from convex_guard import (
     MINUTE,
     ApiKeys,
+    BotCheck,
+    CheckResult,
     GuardSettings,
+    LimitRequest,
     MemoryStore,
     Rule,
     TokenBucket,
@@ -35,6 +40,21 @@ CHAT: dict[str, Any] = {
 EMBED: dict[str, Any] = {"model": "local-embedding-64", "input": ["first text", "second, text!"]}
 #: The burst limit of the tests (the preset's perplexity limit is 100 a minute).
 BURST = 3
+
+
+class ThreadRecordingStore(MemoryStore):
+    """Records the thread of every hot-path store call: a WSGI or Django request must reach
+    the store on the bridge's one loop thread, not on the server's worker thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    async def check(
+        self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
+    ) -> CheckResult:
+        self.threads.append(threading.get_ident())
+        return await super().check(limits, bot=bot)
 
 
 def small_rules() -> list[Rule]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -26,14 +24,7 @@ from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
 from django.test import override_settings  # noqa: E402
 
-from convex_guard import (  # noqa: E402
-    BotCheck,
-    CheckResult,
-    ConfigurationError,
-    GuardMiddleware,
-    LimitRequest,
-    MemoryStore,
-)
+from convex_guard import ConfigurationError, GuardMiddleware, MemoryStore  # noqa: E402
 from convex_guard.django import DjangoGuardMiddleware, close_all, guard_settings  # noqa: E402
 from convex_guard.integrations import loopthread  # noqa: E402
 from convex_guard.integrations.django import _instances  # noqa: E402
@@ -42,6 +33,7 @@ from .conftest import serve  # noqa: E402
 from .e2e_checks import (  # noqa: E402
     BROWSER,
     CHAT,
+    ThreadRecordingStore,
     check_logs,
     create_key,
     exercise,
@@ -52,18 +44,6 @@ from .wsgi_server import serve_wsgi  # noqa: E402
 
 NATIVE = ["convex_guard.django.DjangoGuardMiddleware", "django.middleware.common.CommonMiddleware"]
 PLAIN = ["django.middleware.common.CommonMiddleware"]
-
-
-class ThreadRecordingStore(MemoryStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.threads: list[int] = []
-
-    async def check(
-        self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
-    ) -> CheckResult:
-        self.threads.append(threading.get_ident())
-        return await super().check(limits, bot=bot)
 
 
 def guard_config(store: MemoryStore) -> dict[str, Any]:

@@ -3,40 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
 import pytest
 from examples.flask_app import create_app
 
-from convex_guard import (
-    BotCheck,
-    CheckResult,
-    ConfigurationError,
-    LimitRequest,
-    MemoryStore,
-)
+from convex_guard import ConfigurationError, MemoryStore
 from convex_guard.integrations import loopthread
 from convex_guard.wsgi import GuardWSGIMiddleware
 
-from .e2e_checks import BROWSER, CHAT, check_logs, create_key, exercise, settings_for
+from .e2e_checks import (
+    BROWSER,
+    CHAT,
+    ThreadRecordingStore,
+    check_logs,
+    create_key,
+    exercise,
+    settings_for,
+)
 from .wsgi_server import serve_wsgi
-
-
-class ThreadRecordingStore(MemoryStore):
-    """Records the thread of every hot-path store call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.threads: list[int] = []
-
-    async def check(
-        self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
-    ) -> CheckResult:
-        self.threads.append(threading.get_ident())
-        return await super().check(limits, bot=bot)
 
 
 def test_flask_end_to_end_under_a_wsgi_server() -> None:
