@@ -7,12 +7,14 @@ list of expected log rows hold for all of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
+import pytest
 from examples.responder import ChatRequest, EmbeddingRequest, local_chat, local_embeddings
 
 from convex_guard import (
@@ -27,6 +29,7 @@ from convex_guard import (
     TokenBucket,
     preset_rules,
 )
+from convex_guard.integrations import loopthread
 
 BROWSER = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -55,6 +58,29 @@ class ThreadRecordingStore(MemoryStore):
     ) -> CheckResult:
         self.threads.append(threading.get_ident())
         return await super().check(limits, bot=bot)
+
+
+@contextlib.contextmanager
+def one_loop_thread(
+    monkeypatch: pytest.MonkeyPatch, store: ThreadRecordingStore, calls: int
+) -> Iterator[None]:
+    """Around a sync app's requests (and its close): no event loop was created for them, the
+    bridge's loop thread is the one it was before, and each of the `calls` store calls ran on
+    it. A loop per request, or per worker thread, is what the bridge exists to avoid."""
+    created: list[object] = []
+    real = asyncio.new_event_loop
+
+    def counting_new_event_loop() -> asyncio.AbstractEventLoop:
+        loop = real()
+        created.append(loop)
+        return loop
+
+    monkeypatch.setattr(asyncio, "new_event_loop", counting_new_event_loop)
+    loop = loopthread.loop()
+    yield
+    assert created == []
+    assert loopthread.loop() is loop
+    assert len(store.threads) == calls and set(store.threads) == {loopthread.thread_id()}
 
 
 def small_rules() -> list[Rule]:

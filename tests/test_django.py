@@ -7,7 +7,6 @@ example project's settings, and each test builds its handler under `override_set
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
@@ -26,7 +25,6 @@ from django.test import override_settings  # noqa: E402
 
 from convex_guard import ConfigurationError, GuardMiddleware, MemoryStore  # noqa: E402
 from convex_guard.django import DjangoGuardMiddleware, close_all, guard_settings  # noqa: E402
-from convex_guard.integrations import loopthread  # noqa: E402
 from convex_guard.integrations.django import _instances  # noqa: E402
 
 from .conftest import serve  # noqa: E402
@@ -37,6 +35,7 @@ from .e2e_checks import (  # noqa: E402
     check_logs,
     create_key,
     exercise,
+    one_loop_thread,
     settings_for,
     small_rules,
 )
@@ -66,26 +65,14 @@ def test_native_sync_path_uses_one_loop_thread(monkeypatch: pytest.MonkeyPatch) 
     store = ThreadRecordingStore()
     with override_settings(MIDDLEWARE=NATIVE, CONVEX_GUARD=guard_config(store)):
         handler = WSGIHandler()
-    created: list[object] = []
-    real = asyncio.new_event_loop
-
-    def counting() -> asyncio.AbstractEventLoop:
-        loop = real()
-        created.append(loop)
-        return loop
-
-    monkeypatch.setattr(asyncio, "new_event_loop", counting)
-    loop = loopthread.loop()
-    with (
-        serve_wsgi(handler) as url,
-        httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c,
-    ):
-        for _ in range(20):
-            assert c.post("/api/ai/groq/chat", json=CHAT).status_code == 200
-    close_all()
-    assert created == []
-    assert loopthread.loop() is loop
-    assert len(store.threads) == 20 and set(store.threads) == {loopthread.thread_id()}
+    with one_loop_thread(monkeypatch, store, calls=20):
+        with (
+            serve_wsgi(handler) as url,
+            httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c,
+        ):
+            for _ in range(20):
+                assert c.post("/api/ai/groq/chat", json=CHAT).status_code == 200
+        close_all()
     assert [row.model for row in store.ai_logs] == ["gpt-4o-mini"] * 20
 
 

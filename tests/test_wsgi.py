@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,7 +10,6 @@ import pytest
 from examples.flask_app import create_app
 
 from convex_guard import ConfigurationError, MemoryStore
-from convex_guard.integrations import loopthread
 from convex_guard.wsgi import GuardWSGIMiddleware
 
 from .e2e_checks import (
@@ -21,6 +19,7 @@ from .e2e_checks import (
     check_logs,
     create_key,
     exercise,
+    one_loop_thread,
     settings_for,
 )
 from .wsgi_server import serve_wsgi
@@ -42,23 +41,14 @@ def test_sync_requests_share_one_loop_thread(monkeypatch: pytest.MonkeyPatch) ->
     store = ThreadRecordingStore()
     app = create_app(settings_for(store))
     guard: GuardWSGIMiddleware = app.extensions["convex_guard"]
-    created: list[object] = []
-    real = asyncio.new_event_loop
-
-    def counting_new_event_loop() -> asyncio.AbstractEventLoop:
-        loop = real()
-        created.append(loop)
-        return loop
-
-    monkeypatch.setattr(asyncio, "new_event_loop", counting_new_event_loop)
-    loop = loopthread.loop()
-    with serve_wsgi(app) as url, httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c:
-        for _ in range(20):
-            assert c.post("/api/ai/openai/chat", json=CHAT).status_code == 200
-    guard.close()
-    assert created == []
-    assert loopthread.loop() is loop
-    assert len(store.threads) == 20 and set(store.threads) == {loopthread.thread_id()}
+    with one_loop_thread(monkeypatch, store, calls=20):
+        with (
+            serve_wsgi(app) as url,
+            httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c,
+        ):
+            for _ in range(20):
+                assert c.post("/api/ai/openai/chat", json=CHAT).status_code == 200
+        guard.close()
     assert len(store.ai_logs) == 20
 
 
