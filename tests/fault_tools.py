@@ -16,8 +16,17 @@ from typing import Any
 
 import httpx
 
-from convex_guard import ConvexStore, LogBatch, MemoryStore, StoreError
-from convex_guard.stores.resilient import BreakerState, CircuitBreaker
+from convex_guard import (
+    CircuitBreaker,
+    ConvexStore,
+    GuardSettings,
+    LogBatch,
+    MemoryStore,
+    ResilientStore,
+    Rule,
+    StoreError,
+)
+from convex_guard.stores.resilient import BreakerState
 
 BROWSER = (
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -108,6 +117,26 @@ class RecordingConvexStore(ConvexStore):
     def accepted_snapshot(self) -> list[LogBatch]:
         with self._lock:
             return list(self.accepted)
+
+
+def resilient_settings(
+    url: str, admin_key: str, rules: list[Rule], *, timeout: float, cooldown: float
+) -> tuple[RecordingConvexStore, ResilientStore, GuardSettings]:
+    """A recording ConvexStore behind a ResilientStore (falling back, its breaker opening after
+    three failures), and the guard's settings over it: the same timeout, and a log writer that
+    flushes every 50 ms and retries within 200 ms, so a row lost in a fault shows soon."""
+    primary = RecordingConvexStore(url, admin_key)
+    store = ResilientStore(
+        primary, timeout=timeout, breaker=CircuitBreaker(threshold=3, cooldown=cooldown)
+    )
+    settings = GuardSettings(
+        store=store,
+        rules=rules,
+        timeout=timeout,
+        writer_interval=0.05,
+        writer_max_backoff=0.2,
+    )
+    return primary, store, settings
 
 
 def open_fds() -> int:
