@@ -1,16 +1,16 @@
 """One end-to-end scenario, run against every example (FastAPI, Starlette, Django, Flask).
 
 Each example serves the same routes over the same responder, so one list of requests and one
-list of expected log rows hold for all of them.
+list of expected log rows hold for all of them. The sync stacks (Flask, Django under WSGI)
+share one more check: their store calls all run on the bridge's one loop thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -30,6 +30,8 @@ from convex_guard import (
     preset_rules,
 )
 from convex_guard.integrations import loopthread
+
+from .wsgi_server import serve_wsgi
 
 BROWSER = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -60,13 +62,17 @@ class ThreadRecordingStore(MemoryStore):
         return await super().check(limits, bot=bot)
 
 
-@contextlib.contextmanager
-def one_loop_thread(
-    monkeypatch: pytest.MonkeyPatch, store: ThreadRecordingStore, calls: int
-) -> Iterator[None]:
-    """Around a sync app's requests (and its close): no event loop was created for them, the
-    bridge's loop thread is the one it was before, and each of the `calls` store calls ran on
-    it. A loop per request, or per worker thread, is what the bridge exists to avoid."""
+def chats_share_one_loop_thread(
+    monkeypatch: pytest.MonkeyPatch,
+    store: ThreadRecordingStore,
+    app: Any,
+    path: str,
+    close: Callable[[], None],
+) -> None:
+    """Twenty chats to the sync (WSGI) `app` under a threaded server, then `close()`: no event
+    loop was created for them, the bridge's loop thread is the one it was before, and every
+    store call ran on it. A loop per request, or per worker thread, is what the bridge
+    exists to avoid."""
     created: list[object] = []
     real = asyncio.new_event_loop
 
@@ -77,10 +83,13 @@ def one_loop_thread(
 
     monkeypatch.setattr(asyncio, "new_event_loop", counting_new_event_loop)
     loop = loopthread.loop()
-    yield
+    with serve_wsgi(app) as url, httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c:
+        for _ in range(20):
+            assert c.post(path, json=CHAT).status_code == 200
+    close()
     assert created == []
     assert loopthread.loop() is loop
-    assert len(store.threads) == calls and set(store.threads) == {loopthread.thread_id()}
+    assert len(store.threads) == 20 and set(store.threads) == {loopthread.thread_id()}
 
 
 def small_rules() -> list[Rule]:

@@ -18,7 +18,6 @@ import django
 
 django.setup()
 
-import httpx  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
 from django.test import override_settings  # noqa: E402
@@ -29,13 +28,11 @@ from convex_guard.integrations.django import _instances  # noqa: E402
 
 from .conftest import serve  # noqa: E402
 from .e2e_checks import (  # noqa: E402
-    BROWSER,
-    CHAT,
     ThreadRecordingStore,
+    chats_share_one_loop_thread,
     check_logs,
     create_key,
     exercise,
-    one_loop_thread,
     settings_for,
     small_rules,
 )
@@ -65,14 +62,7 @@ def test_native_sync_path_uses_one_loop_thread(monkeypatch: pytest.MonkeyPatch) 
     store = ThreadRecordingStore()
     with override_settings(MIDDLEWARE=NATIVE, CONVEX_GUARD=guard_config(store)):
         handler = WSGIHandler()
-    with one_loop_thread(monkeypatch, store, calls=20):
-        with (
-            serve_wsgi(handler) as url,
-            httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c,
-        ):
-            for _ in range(20):
-                assert c.post("/api/ai/groq/chat", json=CHAT).status_code == 200
-        close_all()
+    chats_share_one_loop_thread(monkeypatch, store, handler, "/api/ai/groq/chat", close_all)
     assert [row.model for row in store.ai_logs] == ["gpt-4o-mini"] * 20
 
 

@@ -13,13 +13,11 @@ from convex_guard import ConfigurationError, MemoryStore
 from convex_guard.wsgi import GuardWSGIMiddleware
 
 from .e2e_checks import (
-    BROWSER,
-    CHAT,
     ThreadRecordingStore,
+    chats_share_one_loop_thread,
     check_logs,
     create_key,
     exercise,
-    one_loop_thread,
     settings_for,
 )
 from .wsgi_server import serve_wsgi
@@ -41,14 +39,7 @@ def test_sync_requests_share_one_loop_thread(monkeypatch: pytest.MonkeyPatch) ->
     store = ThreadRecordingStore()
     app = create_app(settings_for(store))
     guard: GuardWSGIMiddleware = app.extensions["convex_guard"]
-    with one_loop_thread(monkeypatch, store, calls=20):
-        with (
-            serve_wsgi(app) as url,
-            httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c,
-        ):
-            for _ in range(20):
-                assert c.post("/api/ai/openai/chat", json=CHAT).status_code == 200
-        guard.close()
+    chats_share_one_loop_thread(monkeypatch, store, app, "/api/ai/openai/chat", guard.close)
     assert len(store.ai_logs) == 20
 
 
