@@ -1,27 +1,37 @@
 """One end-to-end scenario, run against every example (FastAPI, Starlette, Django, Flask).
 
 Each example serves the same routes over the same responder, so one list of requests and one
-list of expected log rows hold for all of them.
+list of expected log rows hold for all of them. The sync stacks (Flask, Django under WSGI)
+share one more check: their store calls all run on the bridge's one loop thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
+import pytest
 from examples.responder import ChatRequest, EmbeddingRequest, local_chat, local_embeddings
 
 from convex_guard import (
     MINUTE,
     ApiKeys,
+    BotCheck,
+    CheckResult,
     GuardSettings,
+    LimitRequest,
     MemoryStore,
     Rule,
     TokenBucket,
     preset_rules,
 )
+from convex_guard.integrations import loopthread
+
+from .wsgi_server import serve_wsgi
 
 BROWSER = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -35,6 +45,51 @@ CHAT: dict[str, Any] = {
 EMBED: dict[str, Any] = {"model": "local-embedding-64", "input": ["first text", "second, text!"]}
 #: The burst limit of the tests (the preset's perplexity limit is 100 a minute).
 BURST = 3
+
+
+class ThreadRecordingStore(MemoryStore):
+    """Records the thread of every hot-path store call: a WSGI or Django request must reach
+    the store on the bridge's one loop thread, not on the server's worker thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    async def check(
+        self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
+    ) -> CheckResult:
+        self.threads.append(threading.get_ident())
+        return await super().check(limits, bot=bot)
+
+
+def chats_share_one_loop_thread(
+    monkeypatch: pytest.MonkeyPatch,
+    store: ThreadRecordingStore,
+    app: Any,
+    path: str,
+    close: Callable[[], None],
+) -> None:
+    """Twenty chats to the sync (WSGI) `app` under a threaded server, then `close()`: no event
+    loop was created for them, the bridge's loop thread is the one it was before, and every
+    store call ran on it. A loop per request, or per worker thread, is what the bridge
+    exists to avoid."""
+    created: list[object] = []
+    real = asyncio.new_event_loop
+
+    def counting_new_event_loop() -> asyncio.AbstractEventLoop:
+        loop = real()
+        created.append(loop)
+        return loop
+
+    monkeypatch.setattr(asyncio, "new_event_loop", counting_new_event_loop)
+    loop = loopthread.loop()
+    with serve_wsgi(app) as url, httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c:
+        for _ in range(20):
+            assert c.post(path, json=CHAT).status_code == 200
+    close()
+    assert created == []
+    assert loopthread.loop() is loop
+    assert len(store.threads) == 20 and set(store.threads) == {loopthread.thread_id()}
 
 
 def small_rules() -> list[Rule]:

@@ -1,5 +1,5 @@
 """Shared pieces of the fault, abuse and load tests: a recording ConvexStore, request bodies,
-and counters of what a process holds open."""
+raw bytes on a socket, and counters of what a process holds open."""
 
 from __future__ import annotations
 
@@ -16,8 +16,17 @@ from typing import Any
 
 import httpx
 
-from convex_guard import ConvexStore, LogBatch, MemoryStore, StoreError
-from convex_guard.stores.resilient import BreakerState, CircuitBreaker
+from convex_guard import (
+    CircuitBreaker,
+    ConvexStore,
+    GuardSettings,
+    LogBatch,
+    MemoryStore,
+    ResilientStore,
+    Rule,
+    StoreError,
+)
+from convex_guard.stores.resilient import BreakerState
 
 BROWSER = (
     "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -37,6 +46,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def raw_reply(port: int, request: bytes, *, until: bytes, timeout: float) -> bytes:
+    """Sends `request` as it is on a new loopback connection (HTTP clients refuse to send most
+    malformed requests) and reads the reply until `until` arrives or the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        reply = b""
+        while until not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
 
 
 def start_uvicorn(
@@ -94,6 +117,26 @@ class RecordingConvexStore(ConvexStore):
     def accepted_snapshot(self) -> list[LogBatch]:
         with self._lock:
             return list(self.accepted)
+
+
+def resilient_settings(
+    url: str, admin_key: str, rules: list[Rule], *, timeout: float, cooldown: float
+) -> tuple[RecordingConvexStore, ResilientStore, GuardSettings]:
+    """A recording ConvexStore behind a ResilientStore (falling back, its breaker opening after
+    three failures), and the guard's settings over it: the same timeout, and a log writer that
+    flushes every 50 ms and retries within 200 ms, so a row lost in a fault shows soon."""
+    primary = RecordingConvexStore(url, admin_key)
+    store = ResilientStore(
+        primary, timeout=timeout, breaker=CircuitBreaker(threshold=3, cooldown=cooldown)
+    )
+    settings = GuardSettings(
+        store=store,
+        rules=rules,
+        timeout=timeout,
+        writer_interval=0.05,
+        writer_max_backoff=0.2,
+    )
+    return primary, store, settings
 
 
 def open_fds() -> int:

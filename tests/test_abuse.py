@@ -30,7 +30,7 @@ from convex_guard import (
 
 from .conftest import ConvexTestServer, serve
 from .fault_tools import BROWSER, chat
-from .test_bad_input import call, guard_of
+from .strategies import call, guard_of
 
 PER_IP = 5
 ATTEMPTS = 20

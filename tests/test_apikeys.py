@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import logging
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from convex_guard.stores.keys import (
 )
 
 from .conftest import serve
+from .fault_tools import raw_reply
 
 T0 = 1_800_000_000_000.0
 
@@ -341,14 +341,8 @@ def test_bad_header_bytes_are_a_clean_401(
         # Raw bytes on a socket: HTTP clients refuse to send most of these.
         lines = [b"POST /api/ai/openai/chat HTTP/1.1", b"host: x", b"content-length: 0"]
         lines += [name + b": " + value for name, value in headers]
-        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-            sock.sendall(b"\r\n".join(lines) + b"\r\n\r\n")
-            reply = b""
-            while b"\r\n\r\n" not in reply:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
+        request = b"\r\n".join(lines) + b"\r\n\r\n"
+        reply = raw_reply(server.port, request, until=b"\r\n\r\n", timeout=5)
     head = reply.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
     assert head.startswith("http/1.1 401 ")
     assert "content-type: application/problem+json" in head

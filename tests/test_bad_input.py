@@ -7,13 +7,12 @@ import asyncio
 import json
 import logging
 import math
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from examples.gateway import create_app
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
@@ -31,79 +30,25 @@ from convex_guard import (
 )
 
 from .conftest import serve
-from .fault_tools import BROWSER
+from .fault_tools import BROWSER, raw_reply
+from .strategies import (
+    CHAT_BODY,
+    asgi_scope,
+    body_strategy,
+    call,
+    client_strategy,
+    guard_of,
+    headers_strategy,
+    method_strategy,
+    on_one_app,
+    path_strategy,
+    root_path_strategy,
+)
 
-#: The longest string the guard may store from a client (`_headers.MAX_STORED`), with room
-#: for a prefix the guard adds itself.
+#: The longest string the guard may store from a client (`core.headers.MAX_STORED`), with
+#: room for a prefix the guard adds itself.
 MAX_STORED = 512
 STORED_SLACK = 64
-
-NAMES = [
-    b"user-agent",
-    b"x-forwarded-for",
-    b"forwarded",
-    b"x-real-ip",
-    b"authorization",
-    b"x-api-key",
-    b"accept-language",
-    b"accept-encoding",
-    b"content-type",
-    b"content-length",
-    b"host",
-    b"cookie",
-]
-METHODS = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "TRACE", "CONNECT"]
-PATHS = ["/api/ai/openai/chat", "/api/ai/perplexity/chat", "/api/embeddings", "/health", "/"]
-
-header_value = st.one_of(
-    st.binary(max_size=64),
-    st.binary(min_size=2000, max_size=20_000),  # huge
-    st.sampled_from(
-        [
-            b"Bearer",
-            b"Bearer ",
-            b"Bearer  cg_" + b"\xff" * 40,
-            b"Basic Zm9vOmJhcg==",
-            b"bearer cg_live_" + b"A" * 5000,
-            b"\xc3\x28\xa0\xa1 GPTBot \xe2\x82",
-            b'for="[::1]:80";proto=https, for=unknown, for=_hidden',
-            b"999.999.1.1, ::ffff:1.2.3.4, fe80::1%eth0, , ,",
-            b"Mozilla/5.0 (compatible; Googlebot/2.1)",
-            b"\x00\r\n\t",
-        ]
-    ),
-)
-headers_strategy = st.lists(
-    st.tuples(
-        st.one_of(st.sampled_from(NAMES), st.binary(min_size=1, max_size=40).map(bytes.lower)),
-        header_value,
-    ),
-    max_size=12,
-)
-path_strategy = st.one_of(
-    st.sampled_from(PATHS),
-    st.sampled_from(PATHS).map(lambda p: p + "/" * 3 + "%00../" * 10),
-    st.text(max_size=300).map(lambda t: "/" + t),
-    st.text(min_size=5000, max_size=20_000, alphabet="/a%.\u00e9\ud7ff").map(lambda t: "/" + t),
-)
-method_strategy = st.one_of(st.sampled_from(METHODS), st.text(min_size=1, max_size=50))
-client_strategy = st.one_of(
-    st.none(),
-    st.just("missing"),
-    st.tuples(
-        st.sampled_from(["127.0.0.1", "::1", "2001:db8::1", "garbage", "", "1.2.3.4.5"]),
-        st.integers(0, 65535),
-    ),
-)
-#: A server's `--root-path` or a Mount's prefix; the path the client asked for follows it.
-root_path_strategy = st.one_of(
-    st.sampled_from(["", "/gw", "/v1", "/gw/v1", "/api"]),
-    st.text(max_size=20).map(lambda t: "/" + t),
-)
-body_strategy = st.one_of(
-    st.just(json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()),
-    st.binary(max_size=200),
-)
 
 
 def guarded_app() -> tuple[Any, MemoryStore]:
@@ -114,58 +59,6 @@ def guarded_app() -> tuple[Any, MemoryStore]:
     ]
     settings_ = GuardSettings(store=store, rules=rules, writer_interval=0.05)
     return create_app(settings_, upstream=None), store
-
-
-def guard_of(app: Any) -> GuardMiddleware:
-    """The example app's GuardMiddleware (Starlette builds the stack on the first call)."""
-    node = app.middleware_stack
-    while node is not None and not isinstance(node, GuardMiddleware):
-        node = getattr(node, "app", None)
-    assert isinstance(node, GuardMiddleware)
-    return node
-
-
-async def call(
-    app: Any,
-    method: str,
-    path: str,
-    headers: list[tuple[bytes, bytes]],
-    client: object,
-    body: bytes,
-    root_path: str = "",
-) -> tuple[int, list[Message]]:
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": root_path + path,
-        "raw_path": (root_path + path).encode("utf-8", "surrogatepass"),
-        "root_path": root_path,
-        "query_string": b"",
-        "headers": headers,
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
-    if client != "missing":
-        scope["client"] = client
-    sent: list[Message] = []
-    chunks = [body]
-
-    async def receive() -> Message:
-        if chunks:
-            return {"type": "http.request", "body": chunks.pop(), "more_body": False}
-        await asyncio.sleep(3600)  # the client never disconnects during the call
-        raise AssertionError("unreachable")
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    await app(scope, receive, send)
-    starts = [m for m in sent if m["type"] == "http.response.start"]
-    assert len(starts) == 1, sent
-    return starts[0]["status"], sent
 
 
 def guard_problems(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -199,11 +92,7 @@ def loop_and_app() -> Iterator[tuple[asyncio.Runner, Any, MemoryStore]]:
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=300,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@on_one_app(300)
 @given(
     method=method_strategy,
     path=path_strategy,
@@ -264,11 +153,7 @@ WS_FIRST = {"websocket.accept", "websocket.close", "websocket.http.response.star
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@on_one_app(200)
 @given(
     path=path_strategy,
     headers=headers_strategy,
@@ -290,22 +175,8 @@ def test_arbitrary_websocket_handshakes_never_500(
     caplog.set_level(logging.WARNING)
     caplog.clear()
     runner, app, store = loop_and_ws_app
-    scope: dict[str, Any] = {
-        "type": "websocket",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "scheme": "ws",
-        "path": root_path + path,
-        "raw_path": (root_path + path).encode("utf-8", "surrogatepass"),
-        "root_path": root_path,
-        "query_string": b"",
-        "headers": headers,
-        "server": ("127.0.0.1", 8000),
-        "subprotocols": [],
-        "state": {},
-    }
-    if client != "missing":
-        scope["client"] = client
+    scope = asgi_scope("websocket", path, headers, client, root_path)
+    scope["subprotocols"] = []
     if extension:
         scope["extensions"] = {"websocket.http.response": {}}
     sent: list[Message] = []
@@ -390,14 +261,7 @@ RAW_REQUESTS = [
 
 
 def raw_status(port: int, request: bytes) -> int:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        data = b""
-        while b"\r\n" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+    data = raw_reply(port, request, until=b"\r\n", timeout=10)
     assert data.startswith(b"HTTP/1.1 "), data[:100]
     return int(data.split()[1])
 
@@ -418,12 +282,11 @@ def test_huge_non_utf8_values_are_stored_bounded(caplog: pytest.LogCaptureFixtur
     app, store = guarded_app()
     huge_bot = b"GPTBot/1.2 " + b"\xff\xfe" * 20_000
     huge_path = "/api/ai/openai/chat/" + "\u00e9" * 30_000
-    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
     async def run() -> list[int]:
         statuses = []
         for path, ua in ((huge_path, huge_bot), ("/api/ai/openai/chat", huge_bot)):
-            status, _ = await call(app, "POST", path, [(b"user-agent", ua)], ("::1", 1), chat)
+            status, _ = await call(app, "POST", path, [(b"user-agent", ua)], ("::1", 1), CHAT_BODY)
             statuses.append(status)
         status, _ = await call(
             app,

@@ -7,10 +7,7 @@ example project's settings, and each test builds its handler under `override_set
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -21,27 +18,18 @@ import django
 
 django.setup()
 
-import httpx  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.core.handlers.wsgi import WSGIHandler  # noqa: E402
 from django.test import override_settings  # noqa: E402
 
-from convex_guard import (  # noqa: E402
-    BotCheck,
-    CheckResult,
-    ConfigurationError,
-    GuardMiddleware,
-    LimitRequest,
-    MemoryStore,
-)
+from convex_guard import ConfigurationError, GuardMiddleware, MemoryStore  # noqa: E402
 from convex_guard.django import DjangoGuardMiddleware, close_all, guard_settings  # noqa: E402
-from convex_guard.integrations import loopthread  # noqa: E402
 from convex_guard.integrations.django import _instances  # noqa: E402
 
 from .conftest import serve  # noqa: E402
 from .e2e_checks import (  # noqa: E402
-    BROWSER,
-    CHAT,
+    ThreadRecordingStore,
+    chats_share_one_loop_thread,
     check_logs,
     create_key,
     exercise,
@@ -52,18 +40,6 @@ from .wsgi_server import serve_wsgi  # noqa: E402
 
 NATIVE = ["convex_guard.django.DjangoGuardMiddleware", "django.middleware.common.CommonMiddleware"]
 PLAIN = ["django.middleware.common.CommonMiddleware"]
-
-
-class ThreadRecordingStore(MemoryStore):
-    def __init__(self) -> None:
-        super().__init__()
-        self.threads: list[int] = []
-
-    async def check(
-        self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
-    ) -> CheckResult:
-        self.threads.append(threading.get_ident())
-        return await super().check(limits, bot=bot)
 
 
 def guard_config(store: MemoryStore) -> dict[str, Any]:
@@ -86,26 +62,7 @@ def test_native_sync_path_uses_one_loop_thread(monkeypatch: pytest.MonkeyPatch) 
     store = ThreadRecordingStore()
     with override_settings(MIDDLEWARE=NATIVE, CONVEX_GUARD=guard_config(store)):
         handler = WSGIHandler()
-    created: list[object] = []
-    real = asyncio.new_event_loop
-
-    def counting() -> asyncio.AbstractEventLoop:
-        loop = real()
-        created.append(loop)
-        return loop
-
-    monkeypatch.setattr(asyncio, "new_event_loop", counting)
-    loop = loopthread.loop()
-    with (
-        serve_wsgi(handler) as url,
-        httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c,
-    ):
-        for _ in range(20):
-            assert c.post("/api/ai/groq/chat", json=CHAT).status_code == 200
-    close_all()
-    assert created == []
-    assert loopthread.loop() is loop
-    assert len(store.threads) == 20 and set(store.threads) == {loopthread.thread_id()}
+    chats_share_one_loop_thread(monkeypatch, store, handler, "/api/ai/groq/chat", close_all)
     assert [row.model for row in store.ai_logs] == ["gpt-4o-mini"] * 20
 
 

@@ -26,7 +26,14 @@ from convex_guard import (
 
 from .conftest import serve
 from .convex_server.launch import ConvexTestServer, running_server
-from .fault_tools import BROWSER, UNKNOWN_MODEL, RecordingConvexStore, breaker_state, chat
+from .fault_tools import (
+    BROWSER,
+    UNKNOWN_MODEL,
+    RecordingConvexStore,
+    breaker_state,
+    chat,
+    resilient_settings,
+)
 
 TIMEOUT = 0.5
 COOLDOWN = 0.5
@@ -104,21 +111,13 @@ def test_outage_under_load_falls_back_and_loses_no_rows(
     convex: ConvexTestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    primary = RecordingConvexStore(convex.url, convex.admin_key)
-    store = ResilientStore(
-        primary, timeout=TIMEOUT, breaker=CircuitBreaker(threshold=3, cooldown=COOLDOWN)
-    )
     rules = [
         Rule("outageIp", FixedWindow(rate=100_000, period=HOUR), key="ip", path="/api/ai"),
         # Three an hour per IP: decided by the in-process fallback during the outage.
         Rule("tight", FixedWindow(rate=3, period=HOUR), key="ip", path="/api/ai/perplexity"),
     ]
-    settings = GuardSettings(
-        store=store,
-        rules=rules,
-        timeout=TIMEOUT,
-        writer_interval=0.05,
-        writer_max_backoff=0.2,
+    primary, store, settings = resilient_settings(
+        convex.url, convex.admin_key, rules, timeout=TIMEOUT, cooldown=COOLDOWN
     )
     app = create_app(settings, upstream=None)
     # uvicorn must not rewrite the client from X-Forwarded-For: the guard decides alone.

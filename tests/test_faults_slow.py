@@ -22,7 +22,6 @@ from convex_guard import (
     HOUR,
     CircuitBreaker,
     FixedWindow,
-    GuardSettings,
     LimitRequest,
     MemoryStore,
     ResilientStore,
@@ -33,11 +32,11 @@ from .conftest import serve
 from .convex_server.launch import ConvexTestServer, running_server
 from .fault_tools import (
     BROWSER,
-    RecordingConvexStore,
     breaker_state,
     chat,
     open_fds,
     open_sockets,
+    resilient_settings,
     tasks_in,
 )
 
@@ -103,17 +102,9 @@ def test_paused_store_bounded_latency_no_leaks_no_loss(
     convex: ConvexTestServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    primary = RecordingConvexStore(convex.url, convex.admin_key)
-    store = ResilientStore(
-        primary, timeout=TIMEOUT, breaker=CircuitBreaker(threshold=3, cooldown=COOLDOWN)
-    )
     rules = [Rule("slowIp", FixedWindow(rate=100_000, period=HOUR), key="ip", path="/api/ai")]
-    settings = GuardSettings(
-        store=store,
-        rules=rules,
-        timeout=TIMEOUT,
-        writer_interval=0.05,
-        writer_max_backoff=0.2,
+    primary, _, settings = resilient_settings(
+        convex.url, convex.admin_key, rules, timeout=TIMEOUT, cooldown=COOLDOWN
     )
     spy = LoopSpy(create_app(settings, upstream=None))
     with serve(spy, proxy_headers=False) as server:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal, TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -38,17 +38,38 @@ def wall_ms() -> float:
 
 
 class ShiftedStore(CountingStore):
-    """A counting store on the test server whose clock runs `shift` ms ahead of the wall's."""
+    """A counting store whose clock runs `shift` ms ahead of the wall's."""
 
-    def __init__(self, server: ConvexTestServer, **options: Any) -> None:
+    def __init__(self, *args: Any, **options: Any) -> None:
         self.shift = 0.0
-        super().__init__(
-            server.url,
-            server.admin_key,
-            timeout=10,
-            clock=lambda: wall_ms() + self.shift,
-            **options,
-        )
+        super().__init__(*args, clock=lambda: wall_ms() + self.shift, **options)
+
+
+S = TypeVar("S", bound=ConvexStore)
+
+
+class Connect:
+    """Opens stores of a kind on the test server; the `connect` fixture closes them all after
+    the test, passed or failed (a store the test closed itself is closed again, harmlessly)."""
+
+    def __init__(self, server: ConvexTestServer) -> None:
+        self.server = server
+        self.opened: list[ConvexStore] = []
+
+    def __call__(self, kind: type[S], **options: Any) -> S:
+        store = kind(self.server.url, self.server.admin_key, timeout=10, **options)
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture
+async def connect(convex_server: ConvexTestServer) -> AsyncIterator[Connect]:
+    """Stores on a freshly reset test server: each test starts from no limit state."""
+    convex_server.reset()
+    stores = Connect(convex_server)
+    yield stores
+    for store in stores.opened:
+        await store.close()
 
 
 # -- the sans-IO core ------------------------------------------------------------------------
@@ -165,16 +186,10 @@ def test_a_count_a_sharded_limit_cannot_take_in_one_call_is_a_startup_error() ->
 # -- ConvexStore across instances --------------------------------------------------------------
 
 
-async def test_instances_share_a_global_window_within_the_bound(
-    convex_server: ConvexTestServer,
-) -> None:
-    convex_server.reset()
+async def test_instances_share_a_global_window_within_the_bound(connect: Connect) -> None:
     limit = 300
     config = FixedWindow(rate=limit, period=HOUR, start=0)
-    stores = [
-        CountingStore(convex_server.url, convex_server.admin_key, timeout=10, lease_fraction=0.1)
-        for _ in range(4)
-    ]
+    stores = [connect(CountingStore, lease_fraction=0.1) for _ in range(4)]
     admitted = Counter[int]()
 
     async def drive(index: int, store: ConvexStore) -> None:
@@ -184,92 +199,70 @@ async def test_instances_share_a_global_window_within_the_bound(
             )
             admitted[index] += sum(r.ok for r in outcomes)
 
-    try:
-        await asyncio.gather(*(drive(i, s) for i, s in enumerate(stores)))
-        leases = [s._leases["globalAIRequests"] for s in stores]
-        total = sum(admitted.values())
-        largest = max(lease.largest for lease in leases)
-        held = sum(lease.tokens for lease in leases)
-        assert 1 < largest <= 0.1 * limit
-        assert total <= limit + len(stores) * largest
-        assert total >= limit - held
-        # Every admission spent a granted token, and a lease took many of them per call.
-        calls = sum(s.calls["guard:check"] for s in stores)
-        assert total == sum(lease.used for lease in leases)
-        assert calls < total / 2
-    finally:
-        for store in stores:
-            await store.close()
+    await asyncio.gather(*(drive(i, s) for i, s in enumerate(stores)))
+    leases = [s._leases["globalAIRequests"] for s in stores]
+    total = sum(admitted.values())
+    largest = max(lease.largest for lease in leases)
+    held = sum(lease.tokens for lease in leases)
+    assert 1 < largest <= 0.1 * limit
+    assert total <= limit + len(stores) * largest
+    assert total >= limit - held
+    # Every admission spent a granted token, and a lease took many of them per call.
+    calls = sum(s.calls["guard:check"] for s in stores)
+    assert total == sum(lease.used for lease in leases)
+    assert calls < total / 2
 
 
-async def test_a_token_bucket_hands_unused_tokens_back_at_close(
-    convex_server: ConvexTestServer,
-) -> None:
-    convex_server.reset()
+async def test_a_token_bucket_hands_unused_tokens_back_at_close(connect: Connect) -> None:
     config = TokenBucket(rate=100, period=HOUR, capacity=100)
-    store = CountingStore(
-        convex_server.url, convex_server.admin_key, timeout=10, lease_horizon=10.0
-    )
+    store = connect(CountingStore, lease_horizon=10.0)
     for _ in range(3):
         assert (await store.limit("openaiRequests", config)).ok
     lease = store._leases["openaiRequests"]
     assert lease.tokens > 0
     held = lease.tokens
-    peeker = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
-    try:
-        before = (await peeker.peek("openaiRequests", config)).remaining
-        assert before == pytest.approx(100 - 3 - held, abs=0.1)
-        await store.close()
-        after = (await peeker.peek("openaiRequests", config)).remaining
-        assert after == pytest.approx(100 - 3, abs=0.1)
-    finally:
-        await peeker.close()
+    peeker = connect(ConvexStore)
+    before = (await peeker.peek("openaiRequests", config)).remaining
+    assert before == pytest.approx(100 - 3 - held, abs=0.1)
+    await store.close()
+    after = (await peeker.peek("openaiRequests", config)).remaining
+    assert after == pytest.approx(100 - 3, abs=0.1)
 
 
-async def test_an_idle_lease_goes_back_with_the_next_call(
-    convex_server: ConvexTestServer,
-) -> None:
-    convex_server.reset()
+async def test_an_idle_lease_goes_back_with_the_next_call(connect: Connect) -> None:
     config = TokenBucket(rate=100, period=HOUR, capacity=100)
-    store = ShiftedStore(convex_server, lease_horizon=10.0, lease_idle=1.0)
-    try:
-        for _ in range(3):
-            await store.limit("groqRequests", config)
-        assert store._leases["groqRequests"].tokens > 0
-        store.shift += 2_000
-        # A keyed request makes a call anyway: the idle lease rides along, no extra call.
-        calls = store.calls["guard:check"]
-        assert (await store.limit("ipAIRequests", config, key="1.2.3.4")).ok
-        assert store.calls["guard:check"] == calls + 1
-        assert store._leases["groqRequests"].tokens == 0
-        assert (await store.peek("groqRequests", config)).remaining == pytest.approx(97, abs=0.1)
-    finally:
-        await store.close()
+    store = connect(ShiftedStore, lease_horizon=10.0, lease_idle=1.0)
+    for _ in range(3):
+        await store.limit("groqRequests", config)
+    assert store._leases["groqRequests"].tokens > 0
+    store.shift += 2_000
+    # A keyed request makes a call anyway: the idle lease rides along, no extra call.
+    calls = store.calls["guard:check"]
+    assert (await store.limit("ipAIRequests", config, key="1.2.3.4")).ok
+    assert store.calls["guard:check"] == calls + 1
+    assert store._leases["groqRequests"].tokens == 0
+    assert (await store.peek("groqRequests", config)).remaining == pytest.approx(97, abs=0.1)
 
 
 async def test_a_refused_lease_refuses_locally_until_retry_after(
-    convex_server: ConvexTestServer,
+    connect: Connect, convex_server: ConvexTestServer
 ) -> None:
-    convex_server.reset()
     config = FixedWindow(rate=3, period=MINUTE, start=0)
-    store = ShiftedStore(convex_server)
-    try:
-        results = [await store.limit("perplexityRequests", config) for _ in range(4)]
-        assert [r.ok for r in results] == [True, True, True, False]
-        denied = results[3]
-        assert denied.retry_after is not None and 0 < denied.retry_after <= MINUTE
-        calls = store.calls["guard:check"]
-        for _ in range(5):
-            again = await store.limit("perplexityRequests", config)
-            assert not again.ok and again.retry_after is not None
-        assert store.calls["guard:check"] == calls  # no store call while refused
-        # Past retryAfter (on both clocks) the limit is asked again and admits.
-        store.shift += denied.retry_after + 1_000
-        convex_server.shift_clock(store.shift)
-        assert (await store.limit("perplexityRequests", config)).ok
-        assert store.calls["guard:check"] == calls + 1
-    finally:
-        await store.close()
+    store = connect(ShiftedStore)
+    results = [await store.limit("perplexityRequests", config) for _ in range(4)]
+    assert [r.ok for r in results] == [True, True, True, False]
+    denied = results[3]
+    assert denied.retry_after is not None and 0 < denied.retry_after <= MINUTE
+    calls = store.calls["guard:check"]
+    for _ in range(5):
+        again = await store.limit("perplexityRequests", config)
+        assert not again.ok and again.retry_after is not None
+    assert store.calls["guard:check"] == calls  # no store call while refused
+    # Past retryAfter (on both clocks) the limit is asked again and admits.
+    store.shift += denied.retry_after + 1_000
+    convex_server.shift_clock(store.shift)
+    assert (await store.limit("perplexityRequests", config)).ok
+    assert store.calls["guard:check"] == calls + 1
 
 
 class ArgsStore(CountingStore):
@@ -288,147 +281,116 @@ class ArgsStore(CountingStore):
 
 
 async def test_a_refused_lease_is_not_asked_again_by_requests_that_call_anyway(
-    convex_server: ConvexTestServer,
+    connect: Connect,
 ) -> None:
     # Every request of a refused provider limit also has a keyed limit, so it calls: the call
     # must not read the spent limit's shared document again (each grant another instance
     # commits would conflict with it), and the refused request consumes none of its keyed
     # limits.
-    convex_server.reset()
     provider = FixedWindow(rate=2, period=MINUTE, start=0)
     per_ip = FixedWindow(rate=100, period=HOUR, start=0)
-    store = ArgsStore(convex_server.url, convex_server.admin_key, timeout=10)
+    store = connect(ArgsStore)
 
     def request(ip: str) -> list[LimitRequest]:
         return [LimitRequest("perplexityRequests", provider), LimitRequest("ip", per_ip, ip)]
 
-    try:
-        outcomes = [await store.check(request("198.51.100.7")) for _ in range(3)]
-        assert [o.ok for o in outcomes] == [True, True, False]
-        store.sent.clear()
-        for _ in range(4):
-            refused = await store.check(request("198.51.100.8"))
-            assert not refused.ok
-            assert not refused.results[0].ok and refused.results[0].retry_after is not None
-        assert len(store.sent) == 4  # the keyed limit still calls ...
-        for args in store.sent:  # ... without asking the spent limit again, and denied
-            assert "perplexityRequests" not in [lease["name"] for lease in args.get("leases", [])]
-            assert args["deny"] is True
-        fresh = await store.peek("ip", per_ip, key="198.51.100.8")
-        assert fresh.remaining == 100  # nothing of the refused requests was consumed
-    finally:
-        await store.close()
+    outcomes = [await store.check(request("198.51.100.7")) for _ in range(3)]
+    assert [o.ok for o in outcomes] == [True, True, False]
+    store.sent.clear()
+    for _ in range(4):
+        refused = await store.check(request("198.51.100.8"))
+        assert not refused.ok
+        assert not refused.results[0].ok and refused.results[0].retry_after is not None
+    assert len(store.sent) == 4  # the keyed limit still calls ...
+    for args in store.sent:  # ... without asking the spent limit again, and denied
+        assert "perplexityRequests" not in [lease["name"] for lease in args.get("leases", [])]
+        assert args["deny"] is True
+    fresh = await store.peek("ip", per_ip, key="198.51.100.8")
+    assert fresh.remaining == 100  # nothing of the refused requests was consumed
 
 
 @pytest.mark.slow
 async def test_covered_requests_make_no_call_and_keyed_limits_stay_exact(
-    convex_server: ConvexTestServer,
+    connect: Connect,
 ) -> None:
-    convex_server.reset()
     global_ = FixedWindow(rate=1_000, period=HOUR, start=0)
     per_ip = FixedWindow(rate=30, period=HOUR, start=0)
-    stores = [
-        CountingStore(convex_server.url, convex_server.admin_key, timeout=10, lease_horizon=5.0)
-        for _ in range(4)
-    ]
-    try:
-        # Warm a lease on the global limit, then requests covered locally make no call.
-        store = stores[0]
-        for _ in range(5):
-            await store.limit("globalAIRequests", global_)
-        assert store._leases["globalAIRequests"].tokens > 0
-        calls = store.calls["guard:check"]
-        while store._leases["globalAIRequests"].tokens >= 1:
-            assert (await store.limit("globalAIRequests", global_)).ok
-        assert store.calls["guard:check"] == calls
-        # A keyed limit is decided per request, exactly, across instances.
-        warm_used = store._leases["globalAIRequests"].used
-        outcomes = await asyncio.gather(
-            *(
-                s.check(
-                    [
-                        LimitRequest("globalAIRequests", global_),
-                        LimitRequest("ipAIRequests", per_ip, "203.0.113.9"),
-                    ]
-                )
-                for s in stores
-                for _ in range(25)
+    stores = [connect(CountingStore, lease_horizon=5.0) for _ in range(4)]
+    # Warm a lease on the global limit, then requests covered locally make no call.
+    store = stores[0]
+    for _ in range(5):
+        await store.limit("globalAIRequests", global_)
+    assert store._leases["globalAIRequests"].tokens > 0
+    calls = store.calls["guard:check"]
+    while store._leases["globalAIRequests"].tokens >= 1:
+        assert (await store.limit("globalAIRequests", global_)).ok
+    assert store.calls["guard:check"] == calls
+    # A keyed limit is decided per request, exactly, across instances.
+    warm_used = store._leases["globalAIRequests"].used
+    outcomes = await asyncio.gather(
+        *(
+            s.check(
+                [
+                    LimitRequest("globalAIRequests", global_),
+                    LimitRequest("ipAIRequests", per_ip, "203.0.113.9"),
+                ]
             )
+            for s in stores
+            for _ in range(25)
         )
-        assert sum(o.ok for o in outcomes) == 30
-        # A request its keyed limit denied put its global token back in the local pool.
-        leases = [s._leases["globalAIRequests"] for s in stores]
-        assert sum(lease.used for lease in leases) == warm_used + 30
-        peek = await stores[1].peek("ipAIRequests", per_ip, key="203.0.113.9")
-        assert peek.remaining == 0
-    finally:
-        for s in stores:
-            await s.close()
+    )
+    assert sum(o.ok for o in outcomes) == 30
+    # A request its keyed limit denied put its global token back in the local pool.
+    leases = [s._leases["globalAIRequests"] for s in stores]
+    assert sum(lease.used for lease in leases) == warm_used + 30
+    peek = await stores[1].peek("ipAIRequests", per_ip, key="203.0.113.9")
+    assert peek.remaining == 0
 
 
-async def test_a_blocked_bot_spends_no_leased_token(convex_server: ConvexTestServer) -> None:
-    convex_server.reset()
+async def test_a_blocked_bot_spends_no_leased_token(connect: Connect) -> None:
     config = FixedWindow(rate=100, period=HOUR, start=0)
-    store = CountingStore(convex_server.url, convex_server.admin_key, timeout=10)
-    try:
-        assert (await store.limit("globalAIRequests", config)).ok
-        lease = store._leases["globalAIRequests"]
-        used = lease.used
-        bot = BotCheck("fp-9", "203.0.113.5", "curl/8", "bot_useragent", "blocked")
-        outcome = await store.check([LimitRequest("globalAIRequests", config)], bot=bot)
-        assert not outcome.ok and outcome.bot is not None and outcome.bot.action == "blocked"
-        assert outcome.results == ()
-        assert lease.used == used
-    finally:
-        await store.close()
+    store = connect(CountingStore)
+    assert (await store.limit("globalAIRequests", config)).ok
+    lease = store._leases["globalAIRequests"]
+    used = lease.used
+    bot = BotCheck("fp-9", "203.0.113.5", "curl/8", "bot_useragent", "blocked")
+    outcome = await store.check([LimitRequest("globalAIRequests", config)], bot=bot)
+    assert not outcome.ok and outcome.bot is not None and outcome.bot.action == "blocked"
+    assert outcome.results == ()
+    assert lease.used == used
 
 
 async def test_a_fixed_windows_tokens_die_with_their_window(
-    convex_server: ConvexTestServer,
+    connect: Connect, convex_server: ConvexTestServer
 ) -> None:
-    convex_server.reset()
     config = FixedWindow(rate=100, period=MINUTE, start=0)
-    store = ShiftedStore(convex_server, lease_horizon=10.0)
-    try:
-        for _ in range(3):
-            assert (await store.limit("ollamaRequests", config)).ok
-        lease = store._leases["ollamaRequests"]
-        held, first_window = lease.tokens, lease.window
-        assert held > 0 and first_window is not None
-        store.shift += MINUTE
-        convex_server.shift_clock(store.shift)
-        calls = store.calls["guard:check"]
+    store = connect(ShiftedStore, lease_horizon=10.0)
+    for _ in range(3):
         assert (await store.limit("ollamaRequests", config)).ok
-        # The held tokens were dropped, not used in the next window: a new lease was taken.
-        assert store.calls["guard:check"] == calls + 1
-        assert lease.dropped == held
-        assert lease.window == first_window + MINUTE
-        await store.close()
-        # Only the new window's unused tokens went back, to the new window.
-        peeker = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
-        try:
-            assert (await peeker.peek("ollamaRequests", config)).remaining == pytest.approx(99)
-        finally:
-            await peeker.close()
-    finally:
-        await store.close()  # a second close is harmless
+    lease = store._leases["ollamaRequests"]
+    held, first_window = lease.tokens, lease.window
+    assert held > 0 and first_window is not None
+    store.shift += MINUTE
+    convex_server.shift_clock(store.shift)
+    calls = store.calls["guard:check"]
+    assert (await store.limit("ollamaRequests", config)).ok
+    # The held tokens were dropped, not used in the next window: a new lease was taken.
+    assert store.calls["guard:check"] == calls + 1
+    assert lease.dropped == held
+    assert lease.window == first_window + MINUTE
+    await store.close()
+    # Only the new window's unused tokens went back, to the new window.
+    peeker = connect(ConvexStore)
+    assert (await peeker.peek("ollamaRequests", config)).remaining == pytest.approx(99)
 
 
-async def test_concurrent_requests_share_one_block_in_flight(
-    convex_server: ConvexTestServer,
-) -> None:
-    convex_server.reset()
+async def test_concurrent_requests_share_one_block_in_flight(connect: Connect) -> None:
     config = FixedWindow(rate=1_000, period=HOUR, start=0)
-    store = CountingStore(convex_server.url, convex_server.admin_key, timeout=10)
-    try:
-        outcomes = await asyncio.gather(
-            *(store.limit("globalAIRequests", config) for _ in range(64))
-        )
-        assert all(r.ok for r in outcomes)
-        # The first asks alone; the rest wait for its answer, and the next ask is sized for
-        # the queue: a handful of writes of the shared document, not 64.
-        assert store.calls["guard:check"] <= 4
-        lease = store._leases["globalAIRequests"]
-        assert lease.used == 64 and lease.largest <= 100
-    finally:
-        await store.close()
+    store = connect(CountingStore)
+    outcomes = await asyncio.gather(*(store.limit("globalAIRequests", config) for _ in range(64)))
+    assert all(r.ok for r in outcomes)
+    # The first asks alone; the rest wait for its answer, and the next ask is sized for
+    # the queue: a handful of writes of the shared document, not 64.
+    assert store.calls["guard:check"] <= 4
+    lease = store._leases["globalAIRequests"]
+    assert lease.used == 64 and lease.largest <= 100

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from examples.gateway import create_app
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -48,7 +48,14 @@ from convex_guard.stores.base import BotVerdict
 
 from .conftest import ConvexTestServer, serve
 from .fault_tools import BROWSER, Switch
-from .test_bad_input import call, headers_strategy, method_strategy, path_strategy
+from .strategies import (
+    CHAT_BODY,
+    call,
+    headers_strategy,
+    method_strategy,
+    on_one_app,
+    path_strategy,
+)
 
 TIMEOUT = 0.3
 #: `ResilientStore`'s default cooldown, which the env-configured store uses.
@@ -362,11 +369,7 @@ def garbage_apps() -> Iterator[tuple[asyncio.Runner, dict[tuple[str, str], Any]]
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+@on_one_app(200)
 @given(
     store=st.sampled_from(
         [(m, f) for m in [*GARBAGE, *CONVEX_GARBAGE] for f in ("open", "closed")]
@@ -386,8 +389,7 @@ def test_no_request_gets_a_500_from_a_store_answering_garbage(
     headers: list[tuple[bytes, bytes]],
 ) -> None:
     runner, apps = garbage_apps
-    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
-    status, _ = runner.run(call(apps[store], method, path, headers, ("127.0.0.1", 5000), body))
+    status, _ = runner.run(call(apps[store], method, path, headers, ("127.0.0.1", 5000), CHAT_BODY))
     assert status < 500 or status == 503, (status, store, method, path[:80])
 
 

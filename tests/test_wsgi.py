@@ -2,41 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import httpx
 import pytest
 from examples.flask_app import create_app
 
-from convex_guard import (
-    BotCheck,
-    CheckResult,
-    ConfigurationError,
-    LimitRequest,
-    MemoryStore,
-)
-from convex_guard.integrations import loopthread
+from convex_guard import ConfigurationError, MemoryStore
 from convex_guard.wsgi import GuardWSGIMiddleware
 
-from .e2e_checks import BROWSER, CHAT, check_logs, create_key, exercise, settings_for
+from .e2e_checks import (
+    ThreadRecordingStore,
+    chats_share_one_loop_thread,
+    check_logs,
+    create_key,
+    exercise,
+    settings_for,
+)
 from .wsgi_server import serve_wsgi
-
-
-class ThreadRecordingStore(MemoryStore):
-    """Records the thread of every hot-path store call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.threads: list[int] = []
-
-    async def check(
-        self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
-    ) -> CheckResult:
-        self.threads.append(threading.get_ident())
-        return await super().check(limits, bot=bot)
 
 
 def test_flask_end_to_end_under_a_wsgi_server() -> None:
@@ -55,23 +39,7 @@ def test_sync_requests_share_one_loop_thread(monkeypatch: pytest.MonkeyPatch) ->
     store = ThreadRecordingStore()
     app = create_app(settings_for(store))
     guard: GuardWSGIMiddleware = app.extensions["convex_guard"]
-    created: list[object] = []
-    real = asyncio.new_event_loop
-
-    def counting_new_event_loop() -> asyncio.AbstractEventLoop:
-        loop = real()
-        created.append(loop)
-        return loop
-
-    monkeypatch.setattr(asyncio, "new_event_loop", counting_new_event_loop)
-    loop = loopthread.loop()
-    with serve_wsgi(app) as url, httpx.Client(base_url=url, headers={"user-agent": BROWSER}) as c:
-        for _ in range(20):
-            assert c.post("/api/ai/openai/chat", json=CHAT).status_code == 200
-    guard.close()
-    assert created == []
-    assert loopthread.loop() is loop
-    assert len(store.threads) == 20 and set(store.threads) == {loopthread.thread_id()}
+    chats_share_one_loop_thread(monkeypatch, store, app, "/api/ai/openai/chat", guard.close)
     assert len(store.ai_logs) == 20
 
 
