@@ -15,6 +15,9 @@ from starlette.types import ASGIApp
 
 from .convex_server.launch import ConvexTestServer, running_server
 
+# The store contract suite lives in the package: pytest rewrites only the asserts it is told of.
+pytest.register_assert_rewrite("convex_guard.stores.testing")
+
 __all__ = ["ConvexTestServer", "RunningServer", "convex_server", "serve"]
 
 
