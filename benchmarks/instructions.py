@@ -26,12 +26,16 @@ Options:
 - `--variants NAME...` (default: bare guard asgi-ratelimit slowapi-asgi).
 - `--modes MODE...` (default: in-process uvicorn).
 - `--baseline REV` (repeatable): also measure git revision REV (a commit id, tag or branch) in
-  the same run. Its tree is exported (`git archive REV`) into a temporary directory and run
-  with that tree's `src`, then its root, first on PYTHONPATH, so its `convex_guard` and its
-  benchmarks/apps.py build the variants; in-process, its app is driven by this tree's
-  benchmarks/drive.py, so the loop is the same whatever that revision's benchmarks held. The
-  tables then give each tree's figure and this tree's over the baseline's, per variant and
-  mode: 1.05x is 5% more instructions per request than at REV.
+  the same run. Its tree is exported (`git archive REV`) into a temporary directory, and its
+  `convex_guard` (that tree's `src` first on PYTHONPATH) and its benchmarks/apps.py build the
+  variants: over uvicorn, uvicorn imports that tree's `benchmarks.apps` from its root; in-process,
+  this tree's benchmarks/drive.py loads that file and drives the app, so the loop is
+  the same whatever that revision's benchmarks held. The tables then give each tree's figure
+  and this tree's over the baseline's per variant and mode (1.05x: 5% more instructions per
+  request than at REV). Each baseline doubles the run's time.
+
+"ratio to bare" and "ratio to slowapi-asgi" are this tree's, the other way up: how many times
+as fast as that variant, by instructions (0.5x: twice the instructions per request).
 
 This tree is measured as it is on disk (uncommitted changes included), with its own `src` first
 on PYTHONPATH whatever package the environment has installed.
