@@ -1,35 +1,66 @@
-"""User-space instructions per request of the uvicorn server, counted by valgrind's callgrind.
+"""Instructions per request, counted by valgrind's callgrind: in-process and over uvicorn.
 
 Run: `make bench` (or `.venv/bin/python -m benchmarks.instructions`). Wall-clock ratios under
 wrk (benchmarks/http_overhead.py) drift by ±0.05 between runs on a shared machine; an
-instruction count does not: callgrind counts what the server process executes, and that is the
-same run after run whatever else the machine does. Each variant of benchmarks/apps.py is served
-by uvicorn (one worker, uvloop + httptools, no access log) under
-`valgrind --tool=callgrind` (Debian's package; `make bench` installs it) and sent a fixed
-number of browser requests over 32 keep-alive connections by a client in this process (not
-under valgrind). Every variant is run twice, with a tenth of the requests and with all of them,
-and the difference of the two counts over the difference of the requests served cancels the
-start-up and shutdown cost. Two servers run at a time: the counts do not depend on the load.
+instruction count does not: callgrind counts what one process executes, and that is the same
+run after run whatever else the machine does. Each variant of benchmarks/apps.py is measured in
+two modes, each in its own process under `valgrind --tool=callgrind` (Debian's package;
+`make bench` installs it):
+
+- in-process: benchmarks/drive.py calls the variant's ASGI app directly in a loop (the request
+  and loop of benchmarks/cpu.py): the app and its middlewares alone, no server, no socket.
+- uvicorn: the variant is served by uvicorn (one worker, uvloop + httptools, no access log) and
+  sent browser requests over 32 keep-alive connections by a client in this process (not under
+  valgrind); the count is the server process's.
+
+Every variant is run twice in each mode, with a tenth of the requests and with all of them, and
+the difference of the two counts over the difference of the requests served cancels the
+start-up and shutdown cost. Two processes run at a time: the counts do not depend on the load.
 One exception: slowapi's `limits` memory storage expires keys from a 10 ms timer thread, whose
 work follows the wall time rather than the requests, so its count moves by about 1% between
 runs and is somewhat inflated (valgrind's slowdown gives it more firings per request).
+
+Options:
+
+- `--requests N` (default 1500): the long run's requests; the short run's are N // 10.
+- `--variants NAME...` (default: bare guard asgi-ratelimit slowapi-asgi).
+- `--modes MODE...` (default: in-process uvicorn).
+- `--baseline REV` (repeatable): also measure git revision REV (a commit id, tag or branch) in
+  the same run. Its tree is exported (`git archive REV`) into a temporary directory, and its
+  `convex_guard` (that tree's `src` first on PYTHONPATH) and its benchmarks/apps.py build the
+  variants: over uvicorn, uvicorn imports that tree's `benchmarks.apps` from its root; in-process,
+  this tree's benchmarks/drive.py loads that file and drives the app, so the loop is
+  the same whatever that revision's benchmarks held. The tables then give each tree's figure
+  and this tree's over the baseline's per variant and mode (1.05x: 5% more instructions per
+  request than at REV). Each baseline doubles the run's time.
+
+"ratio to bare" and "ratio to slowapi-asgi" are this tree's, the other way up: how many times
+as fast as that variant, by instructions (0.5x: twice the instructions per request).
+
+This tree is measured as it is on disk (uncommitted changes included), with its own `src` first
+on PYTHONPATH whatever package the environment has installed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -37,6 +68,7 @@ from benchmarks.apps import PATH, VARIANTS
 from benchmarks.http_overhead import BROWSER, ROOT, free_port
 
 DEFAULT_VARIANTS = ("bare", "guard", "asgi-ratelimit", "slowapi-asgi")
+MODES = ("in-process", "uvicorn")
 CONNECTIONS = 32
 HEADERS = {"User-Agent": BROWSER, "Accept-Language": "en-US,en;q=0.9"}
 #: Valgrind runs the server about 50x slower than natively: start-up takes 50-70 s alone, and
@@ -44,15 +76,42 @@ HEADERS = {"User-Agent": BROWSER, "Accept-Language": "en-US,en;q=0.9"}
 STARTUP_SECONDS = 300.0
 #: The longest the server may take to answer one request or to exit after SIGINT.
 STALL_SECONDS = 120.0
+#: The longest an in-process run may take (its start-up included), under valgrind.
+DRIVE_SECONDS = 900.0
+CALLGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
 COLLECTED = re.compile(rb"^==(\d+)== Collected : (\d+)$", re.MULTILINE)
 _ports_lock = threading.Lock()
 _ports_taken: set[int] = set()
 
 
 @dataclass(frozen=True)
+class Tree:
+    """A source tree to measure: this one, or a baseline revision's exported copy."""
+
+    label: str
+    root: Path
+
+    @property
+    def current(self) -> bool:
+        return self.root == ROOT
+
+    def env(self, variant: str, *, path: tuple[Path, ...]) -> dict[str, str]:
+        """The environment of a measured process: `path` first on PYTHONPATH."""
+        inherited = os.environ.get("PYTHONPATH")
+        pythonpath = [str(entry) for entry in path] + ([inherited] if inherited else [])
+        return {
+            **os.environ,
+            "VARIANT": variant,
+            "PYTHONPATH": os.pathsep.join(pythonpath),
+            # A fixed hash seed: the same dict and set probing on every run.
+            "PYTHONHASHSEED": "0",
+        }
+
+
+@dataclass(frozen=True)
 class Run:
-    served: int  # requests answered 200, the health check's included
-    instructions: int  # callgrind's total for the server process
+    served: int  # requests answered 200 (over uvicorn, the health check's included)
+    instructions: int  # callgrind's total for the measured process
 
 
 def unique_port() -> int:
@@ -66,7 +125,7 @@ def unique_port() -> int:
 
 def server_command(port: int) -> list[str]:
     return [
-        *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
+        *CALLGRIND,
         *(sys.executable, "-m", "uvicorn", "--factory", "benchmarks.apps:make"),
         *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
         *("--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"),
@@ -131,15 +190,23 @@ async def load(port: int, requests: int, connections: int) -> int:
     return sum(counts)
 
 
-def run(variant: str, requests: int) -> Run:
+def collected(output: bytes, pid: int, what: str) -> int:
+    """The instruction total callgrind printed for process `pid` in its stderr `output`."""
+    match = COLLECTED.search(output)
+    if match is None or int(match.group(1)) != pid:
+        tail = output.decode(errors="replace")[-2000:]
+        raise RuntimeError(f"{what}: no callgrind summary in its stderr:\n{tail}")
+    return int(match.group(2))
+
+
+def run_uvicorn(tree: Tree, variant: str, requests: int) -> Run:
     """Serve `variant` under callgrind, send it `requests` requests, stop it, read its count."""
     port = unique_port()
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
             server_command(port),
-            cwd=ROOT,
-            # A fixed hash seed: the same dict and set probing on every run.
-            env={**os.environ, "VARIANT": variant, "PYTHONHASHSEED": "0"},
+            cwd=tree.root,  # uvicorn imports `benchmarks.apps` from its working directory
+            env=tree.env(variant, path=(tree.root / "src", tree.root)),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
@@ -157,63 +224,167 @@ def run(variant: str, requests: int) -> Run:
                 process.wait()
         stderr.seek(0)
         output = stderr.read()
-    match = COLLECTED.search(output)
-    if match is None or int(match.group(1)) != process.pid:
+    what = f"{tree.label} {variant} over uvicorn"
+    return Run(served=served, instructions=collected(output, process.pid, what))
+
+
+def run_in_process(tree: Tree, variant: str, requests: int) -> Run:
+    """Drive `variant`'s app `requests` times in a process under callgrind; read its count.
+
+    The driver is always this tree's benchmarks/drive.py (run from this tree's root); a
+    baseline tree only lends its `src` and its benchmarks/apps.py.
+    """
+    command = [*CALLGRIND, sys.executable, "-m", "benchmarks.drive", variant, str(requests)]
+    if not tree.current:
+        command += ["--apps", str(tree.root / "benchmarks" / "apps.py")]
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=tree.env(variant, path=(tree.root / "src", ROOT)),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            process.wait(timeout=DRIVE_SECONDS)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        stderr.seek(0)
+        output = stderr.read()
+    what = f"{tree.label} {variant} in-process"
+    if process.returncode != 0:
         tail = output.decode(errors="replace")[-2000:]
-        raise RuntimeError(f"{variant}: no callgrind summary in the server's stderr:\n{tail}")
-    return Run(served=served, instructions=int(match.group(2)))
+        raise RuntimeError(f"{what}: the driver exited with {process.returncode}:\n{tail}")
+    return Run(served=requests, instructions=collected(output, process.pid, what))
 
 
-def measure(variants: list[str], requests: int) -> dict[str, float]:
+RUNNERS = {"in-process": run_in_process, "uvicorn": run_uvicorn}
+
+
+@contextmanager
+def exported(revision: str) -> Iterator[Tree]:
+    """Git revision `revision`'s tree, extracted into a temporary directory for the run."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", f"{revision}^{{commit}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", commit], capture_output=True, check=True
+        ).stdout
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"--baseline {revision}: {exc.stderr.strip() or exc}") from None
+    with tempfile.TemporaryDirectory(prefix=f"baseline-{commit}-") as directory:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(directory, filter="data")
+        root = Path(directory)
+        if not (root / "benchmarks" / "apps.py").is_file():
+            raise SystemExit(f"--baseline {revision}: its tree has no benchmarks/apps.py")
+        label = revision if revision.startswith(commit) else f"{revision} ({commit})"
+        yield Tree(label=label, root=root)
+
+
+Key = tuple[str, str, str]  # (tree label, mode, variant)
+
+
+def measure(
+    trees: list[Tree], modes: list[str], variants: list[str], requests: int
+) -> dict[Key, float]:
     """Instructions per request of each variant: the difference of a short and a long run."""
     small = max(requests // 10, 1)
     if small >= requests:
         raise SystemExit(f"--requests must be at least 2, got {requests}")
-    jobs = [(variant, count) for variant in variants for count in (requests, small)]
-    with ThreadPoolExecutor(2) as pool:  # two cores: two servers at a time
-        futures = {job: pool.submit(run, *job) for job in jobs}
+    jobs = [
+        (tree, mode, variant, count)
+        for tree in trees
+        for mode in modes
+        for variant in variants
+        for count in (requests, small)
+    ]
+    with ThreadPoolExecutor(2) as pool:  # two cores: two measured processes at a time
+        futures = {job: pool.submit(RUNNERS[job[1]], job[0], job[2], job[3]) for job in jobs}
         runs = {job: future.result() for job, future in futures.items()}
-    per_request: dict[str, float] = {}
-    for variant in variants:
-        full, short = runs[variant, requests], runs[variant, small]
-        per_request[variant] = (full.instructions - short.instructions) / (
-            full.served - short.served
-        )
+    per_request: dict[Key, float] = {}
+    for tree in trees:
+        for mode in modes:
+            for variant in variants:
+                full = runs[tree, mode, variant, requests]
+                short = runs[tree, mode, variant, small]
+                per_request[tree.label, mode, variant] = (
+                    full.instructions - short.instructions
+                ) / (full.served - short.served)
     return per_request
 
 
-def table(per_request: dict[str, float]) -> str:
-    bare = per_request.get("bare")
-    slow = per_request.get("slowapi-asgi")
-    lines = [
-        "| variant | instructions/request | ratio to bare | ratio to slowapi-asgi |",
-        "|---|---:|---:|---:|",
-    ]
-    for variant, count in per_request.items():
-        vs_bare = f"{bare / count:.2f}x" if bare else "-"
-        vs_slow = f"{slow / count:.2f}x" if slow else "-"
-        lines.append(f"| {variant} | {count / 1000:,.1f} k | {vs_bare} | {vs_slow} |")
+def table(per_request: dict[Key, float], trees: list[Tree], mode: str, variants: list[str]) -> str:
+    """One mode's table: this tree's figure, each baseline's and the ratio, and this tree's
+    ratios to bare and to slowapi-asgi (how many times as fast, by instructions)."""
+    this, *baselines = (tree.label for tree in trees)
+    bare = per_request.get((this, mode, "bare"))
+    slow = per_request.get((this, mode, "slowapi-asgi"))
+    header = ["variant", this]
+    for label in baselines:
+        header += [label, f"{this} / {label}"]
+    header += ["ratio to bare", "ratio to slowapi-asgi"]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for variant in variants:
+        count = per_request[this, mode, variant]
+        cells = [variant, f"{count / 1000:,.1f} k"]
+        for label in baselines:
+            old = per_request[label, mode, variant]
+            cells += [f"{old / 1000:,.1f} k", f"{count / old:.3f}x"]
+        cells += [
+            f"{bare / count:.2f}x" if bare else "-",
+            f"{slow / count:.2f}x" if slow else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=1500)
     parser.add_argument("--variants", nargs="*", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--modes", nargs="*", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="REV",
+        help="also measure this git revision's tree in the same run (repeatable)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         raise SystemExit(
             "valgrind is not installed: `make bench` installs it (apt-get install valgrind)"
         )
-    per_request = measure(args.variants, args.requests)
+    with ExitStack() as stack:
+        trees = [Tree(label="this tree", root=ROOT)]
+        trees += [stack.enter_context(exported(revision)) for revision in args.baseline]
+        per_request = measure(trees, args.modes, args.variants, args.requests)
     small = max(args.requests // 10, 1)
+    described = {
+        "in-process": "callgrind instructions of a process calling the ASGI app directly "
+        "(benchmarks/drive.py)",
+        "uvicorn": f"callgrind instructions of the uvicorn process, over {CONNECTIONS} "
+        "keep-alive connections, uvicorn 1 worker (uvloop, httptools)",
+    }
+    sections = [
+        f"{mode}: {described[mode]}, {args.requests} minus {small} requests\n\n"
+        f"{table(per_request, trees, mode, args.variants)}"
+        for mode in args.modes
+    ]
     print(
-        f"callgrind instructions of the uvicorn process, {args.requests} minus {small} requests "
-        f"over {CONNECTIONS} keep-alive connections, uvicorn 1 worker (uvloop, httptools)\n\n"
-        f"{table(per_request)}\n\n"
-        "User-space instructions of the server process only: the kernel's socket work, the "
-        "same per request for every variant, is not counted, so wall-clock ratios are closer "
-        "to 1. The same count on every run, except slowapi-asgi's (±1%: the "
+        "\n\n".join(sections) + "\n\n"
+        "User-space instructions of the measured process only: over uvicorn the kernel's "
+        "socket work, the same per request for every variant, is not counted, so wall-clock "
+        "ratios are closer to 1. The same count on every run, except slowapi-asgi's (±1%: the "
         "`limits` memory storage expires keys from a 10 ms timer thread, whose work follows "
         "the wall time, which valgrind stretches)."
     )

@@ -145,9 +145,8 @@ class FixedWindow(_LimitBase):
 LimitConfig = TokenBucket | FixedWindow
 
 
-# Not frozen: a frozen dataclass costs three times as much to build, and one is built for every
-# limit of every request. Treat it as read-only all the same. The deciders of `_compile` build
-# admitted results field by field, without `__init__`.
+# Not frozen: a frozen dataclass's `__init__` sets each field through `object.__setattr__`, and
+# one result is built for every limit of every request. Treat it as read-only all the same.
 @dataclass(slots=True)
 class LimitResult:
     """The answer to one limit.
@@ -241,12 +240,6 @@ def _compile(config: LimitConfig) -> Decider:
     rate = config.rate
     period = config.period
     max_reserved = config.max_reserved
-    ceil = math.ceil
-    result = LimitResult
-    # An admitted result, the one built on nearly every decision, is filled in slot by slot:
-    # calling the dataclass costs 1.9 k instructions, this 1.2 k. A new field of LimitResult
-    # must be set here too (a test checks that every field is).
-    new = object.__new__
 
     def over(
         states: States,
@@ -260,10 +253,10 @@ def _compile(config: LimitConfig) -> Decider:
         """Below zero: admitted against reserved tokens, or denied."""
         if reserve_ok(value):
             states[key] = (value, ts)
-            return result(True, retry, 0.0, _until_full(config, value, ts, now))
+            return LimitResult(True, retry, 0.0, _until_full(config, value, ts, now))
         # Denied: report what the caller still has, the tokens available before this count.
         still = available if available > 0 else 0.0
-        return result(False, retry, still, _until_full(config, still, ts, now))
+        return LimitResult(False, retry, still, _until_full(config, still, ts, now))
 
     def reserve_ok(value: float) -> bool:
         return max_reserved is None or -value <= max_reserved
@@ -288,16 +281,11 @@ def _compile(config: LimitConfig) -> Decider:
             value = available - count
             if value >= 0.0:
                 states[key] = (value, now)
-                admitted = new(result)
-                admitted.ok = True
-                admitted.retry_after = None
-                admitted.remaining = value
-                admitted.reset_after = (cap - value) / per_ms
-                return admitted
+                return LimitResult(True, None, value, (cap - value) / per_ms)
             if reserve:
                 return over(states, key, available, value, now, now, -value / per_ms)
             still = available if available > 0 else 0.0
-            return result(False, -value / per_ms, still, (cap - still) / per_ms)
+            return LimitResult(False, -value / per_ms, still, (cap - still) / per_ms)
 
         return token_bucket
 
@@ -315,19 +303,13 @@ def _compile(config: LimitConfig) -> Decider:
         ts += windows * period
         if value >= 0.0:
             states[key] = (value, ts)
-            admitted = new(result)
-            admitted.ok = True
-            admitted.retry_after = None
-            admitted.remaining = value
-            admitted.reset_after = (
-                ts + period * ceil((cap - value) / rate) - now if value < cap else 0.0
-            )
-            return admitted
-        retry = ts + period * ceil(-value / rate) - now
+            full_in = ts + period * math.ceil((cap - value) / rate) - now if value < cap else 0.0
+            return LimitResult(True, None, value, full_in)
+        retry = ts + period * math.ceil(-value / rate) - now
         if reserve:
             return over(states, key, available, value, ts, now, retry)
         still = available if available > 0 else 0.0
-        return result(False, retry, still, _until_full(config, still, ts, now))
+        return LimitResult(False, retry, still, _until_full(config, still, ts, now))
 
     return fixed_window
 

@@ -426,14 +426,16 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                 end -= 1  # "Fetch/" and "fetch" name the same span
             found.append((_PRIORITY[rule.category], start, end, rule, match))
     best = None
+    best_order = None
     for candidate in found:
         rank, start, end, rule, _ = candidate
         for _, s, e, _, _ in found:
             if s <= start and end <= e and e - s > end - start:
                 break  # inside a longer match
         else:
-            if best is None or (rank, rule.verdict is None) < (best[0], best[3].verdict is None):
-                best = candidate
+            order = (rank, rule.verdict is None)
+            if best_order is None or order < best_order:
+                best, best_order = candidate, order
     if best is None:
         return None
     _, start, end, rule, match = best

@@ -291,10 +291,10 @@ class MemoryStore:
             if not sweep:
                 break
             entry = sweep.popleft()
-            if now < entry[2]:
+            old_name, old_key, old_full = entry
+            if now < old_full:
                 sweep.append(entry)
                 continue
-            old_name, old_key, _ = entry
             old = limits.get(old_name)
             held = old.states.get(old_key) if old is not None else None
             if old is None or held is None:
