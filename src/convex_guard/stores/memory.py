@@ -13,6 +13,7 @@ from dataclasses import fields, replace
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
+from convex_guard.alerts.rules import AlertRule
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.keys import ApiKeyKind
 from convex_guard.core.limits import (
@@ -22,7 +23,6 @@ from convex_guard.core.limits import (
     check_count,
     full_at,
 )
-from convex_guard.alerts.rules import AlertRule
 from convex_guard.stores.alertbook import AlertBook
 from convex_guard.stores.base import (
     BLOCK_AFTER,

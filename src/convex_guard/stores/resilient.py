@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+from convex_guard.alerts.rules import AlertRule
 from convex_guard.core.errors import (
     ConfigurationError,
     StoreAnswerError,
@@ -19,7 +20,6 @@ from convex_guard.core.errors import (
 from convex_guard.core.keys import ApiKeyKind
 from convex_guard.core.limits import LimitConfig, LimitResult
 from convex_guard.core.logs import ThrottledLog, logger
-from convex_guard.alerts.rules import AlertRule
 from convex_guard.stores.base import (
     Alert,
     AlertOutcome,
@@ -444,9 +444,7 @@ class ResilientStore(LimitThroughCheck):
     def _alerting(self) -> AlertStore:
         primary = self.primary
         if not isinstance(primary, AlertStore):
-            raise ConfigurationError(
-                f"alerts: the store {type(primary).__name__} lacks AlertStore"
-            )
+            raise ConfigurationError(f"alerts: the store {type(primary).__name__} lacks AlertStore")
         return primary
 
     async def _alert_call(self, call: Callable[[], Awaitable[T]], what: str) -> T:

@@ -39,10 +39,12 @@ from typing import ClassVar
 
 import pytest
 
+from convex_guard.alerts.rules import AlertRule
 from convex_guard.core.errors import ConfigurationError, StoreConflictError
 from convex_guard.core.limits import HOUR, MINUTE, SECOND, FixedWindow, LimitResult, TokenBucket
 from convex_guard.stores.base import (
     AIRequestLog,
+    AlertStore,
     AnalyticsStore,
     AuthFailure,
     BotCheck,
@@ -439,7 +441,68 @@ class StoreContract(
         assert used is not None and used.request_count == 7 and used.last_used == now + 5
 
 
+class AlertStoreContract(_Contract):
+    """`AlertStore`: rules evaluated with `write_logs`, one alert per (kind, subject) per
+    cool-down, and delivery claims that exactly one claimer wins until its lease runs out.
+    The store must also be a `LogStore` (the rows the rules count come through it)."""
+
+    RULES = (AlertRule("auth_failures", threshold=3, window_ms=HOUR, cooldown_ms=HOUR),)
+
+    async def _failures(self, store: AlertStore, clock: ContractClock, n: int, key: str) -> None:
+        assert isinstance(store, LogStore)
+        for _ in range(n):
+            now = clock.now()
+            row = AuthFailure(key, now, "192.0.2.77", "curl/8")
+            await store.write_logs(LogBatch(id=uuid.uuid4().hex, auth_failures=[row]))
+
+    async def test_an_auth_failure_spike_opens_one_alert_per_subject_over_the_cooldown(
+        self, store: AlertStore, clock: ContractClock
+    ) -> None:
+        store.configure_alerts(self.RULES)
+        start = clock.now()
+        key = "e" * 64
+        await self._failures(store, clock, 3, key)
+        assert await store.alerts(since=start - 1) == []
+        await self._failures(store, clock, 2, key)
+        alerts = await store.alerts(since=start - 1)
+        assert sorted(a.subject for a in alerts) == ["client:192.0.2.77", f"key:{key}"]
+        for alert in alerts:
+            assert (alert.kind, alert.threshold, alert.window_ms) == ("auth_failures", 3, HOUR)
+            assert (alert.count, alert.status, alert.attempts) == (2, "pending", 0)
+            assert alert.value == 4  # read up to threshold + 1: enough to decide
+        assert {a.id for a in await store.pending_alerts()} == {a.id for a in alerts}
+        await clock.advance(HOUR)
+        await self._failures(store, clock, 4, key)
+        later = await store.alerts(since=start - 1)
+        assert len(later) == 4 and len({a.id for a in later}) == 4
+        assert later[0].last_seen >= later[-1].last_seen
+
+    async def test_a_claim_is_exclusive_until_its_lease_runs_out(
+        self, store: AlertStore, clock: ContractClock
+    ) -> None:
+        store.configure_alerts(self.RULES)
+        await self._failures(store, clock, 4, "no-key")  # no key: the client's alert only
+        [alert] = await store.pending_alerts()
+        assert alert.subject == "client:192.0.2.77"
+        assert await store.claim_alert(alert.id, "A", 2 * SECOND)
+        assert not await store.claim_alert(alert.id, "B", 2 * SECOND)
+        assert await store.pending_alerts() == []
+        await clock.advance(2 * SECOND + 1)
+        assert await store.claim_alert(alert.id, "B", MINUTE)  # A died: its lease ran out
+        assert not await store.mark_alert(alert.id, "A", "delivered")
+        assert await store.mark_alert(alert.id, "B", "retry")
+        [again] = await store.pending_alerts()
+        assert (again.id, again.attempts) == (alert.id, 2)
+        assert await store.claim_alert(alert.id, "C", MINUTE)
+        assert await store.mark_alert(alert.id, "C", "failed")
+        [done] = await store.alerts(since=0)
+        assert (done.status, done.attempts) == ("failed", 3)
+        assert not await store.claim_alert(alert.id, "D", MINUTE)
+        assert await store.pending_alerts() == []
+
+
 __all__ = [
+    "AlertStoreContract",
     "AnalyticsStoreContract",
     "BotStoreContract",
     "ContractClock",
