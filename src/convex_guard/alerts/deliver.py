@@ -185,7 +185,8 @@ class AlertDeliverer:
         assert queue is not None, "start() first"
         room = queue.maxsize - queue.qsize()
         try:
-            pending = await self.store.pending_alerts(limit=self.settings.queue_size)
+            # Twice what fits, so that what does not fit is seen, and counted.
+            pending = await self.store.pending_alerts(limit=2 * self.settings.queue_size)
         except Exception as exc:
             self._store_trouble.warning("Alerts: the store did not answer: %r", exc)
             return 0
