@@ -1,5 +1,6 @@
 // Anomaly rules, evaluated by the batch mutation: once for every instance, where the rows land.
-// The same rules as the Python side's convex_guard/alerts/rules.py (a test keeps them alike).
+// The same rules as the Python side's convex_guard/alerts/rules.py, which MemoryStore evaluates;
+// the store contract (AlertStoreContract) holds both stores to the same answers.
 import type { GenericMutationCtx } from "convex/server";
 import { v, type Infer } from "convex/values";
 import type { DataModel } from "../_generated/dataModel";
