@@ -27,10 +27,10 @@ from starlette.routing import Route
 from convex_guard import ConvexStore, GuardMiddleware, GuardSettings, MemoryStore, generate_key
 from convex_guard.alerts import DEFAULT_RULES, AlertRule
 from convex_guard.alerts.deliver import AlertDeliverer, AlertSettings, alert_body
-from convex_guard.alerts.rules import evaluate, opens_new, window
+from convex_guard.alerts.rules import WatchedLimit, evaluate, opens_new, spent, window
 from convex_guard.cli import main as cli_main
 from convex_guard.core.errors import ConfigurationError
-from convex_guard.core.limits import HOUR, MINUTE
+from convex_guard.core.limits import HOUR, MINUTE, FixedWindow, TokenBucket
 from convex_guard.stores.base import Alert, AuthFailure, LogBatch
 
 from .conftest import ConvexTestServer, RunningServer, serve
@@ -43,7 +43,7 @@ BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.
 @given(threshold=st.integers(0, 10_000), count=st.integers(0, 20_000))
 def test_a_count_rule_fires_exactly_above_its_threshold(threshold: int, count: int) -> None:
     for kind in ("auth_failures", "bot_wave"):
-        rule = AlertRule(kind, threshold=threshold, window_ms=MINUTE)  # type: ignore[arg-type]
+        rule = AlertRule(kind, threshold=threshold, window_ms=MINUTE)
         found = evaluate(rule, "s", count)
         assert (found is not None) == (count > threshold)
         if found is not None:
@@ -71,10 +71,31 @@ def test_an_error_rate_needs_enough_requests_and_a_share_above_the_threshold(
         assert 0 < found.value <= 1
 
 
+@given(
+    rate=st.integers(1, 10_000),
+    remaining=st.floats(-1e5, 1e5),
+    threshold=st.floats(0, 0.99),
+    bucket=st.booleans(),
+)
+def test_a_limit_alerts_when_more_than_its_threshold_share_is_spent(
+    rate: int, remaining: float, threshold: float, bucket: bool
+) -> None:
+    config = TokenBucket(rate=rate, period=HOUR) if bucket else FixedWindow(rate=rate, period=HOUR)
+    watched = WatchedLimit("globalAIRequests", config)
+    rule = AlertRule("limit_exhaustion", threshold, HOUR, limits=(watched,))
+    used, capacity = spent(config, remaining)
+    assert 0 <= used <= capacity == rate
+    found = evaluate(rule, watched.subject, used, capacity, window_ms=config.period)
+    share = min(max(rate - remaining, 0), rate) / rate
+    assert (found is not None) == (share > threshold)
+    if found is not None:
+        assert found.subject == "limit:globalAIRequests" and found.window_ms == HOUR
+
+
 @given(now=st.floats(1e12, 2e12), minutes=st.integers(1, 60))
 def test_minute_rules_count_whole_minutes_that_have_ended(now: float, minutes: int) -> None:
     for kind in ("bot_wave", "error_rate"):
-        rule = AlertRule(kind, 0.5, minutes * MINUTE)  # type: ignore[arg-type]
+        rule = AlertRule(kind, 0.5, minutes * MINUTE)
         start, end = window(rule, now)
         assert end <= now < end + MINUTE and end % MINUTE == 0
         assert end - start == minutes * MINUTE
@@ -116,6 +137,13 @@ def test_findings_open_one_alert_per_cooldown(gaps: list[float], cooldown: float
         {"kind": "error_rate", "threshold": 1.5, "window_ms": MINUTE},
         {"kind": "auth_failures", "threshold": math.nan, "window_ms": HOUR},
         {"kind": "auth_failures", "threshold": 1, "window_ms": 0},
+        {"kind": "limit_exhaustion", "threshold": 0.9, "window_ms": HOUR},  # no limits
+        {
+            "kind": "bot_wave",
+            "threshold": 1,
+            "window_ms": MINUTE,
+            "limits": (WatchedLimit("g", TokenBucket(rate=1, period=HOUR)),),
+        },
     ],
 )
 def test_a_bad_rule_fails_at_construction(options: dict[str, Any]) -> None:
@@ -132,7 +160,7 @@ def test_bad_alert_settings_fail_at_construction() -> None:
         {"rules": DEFAULT_RULES[0]},
     ):
         with pytest.raises(ConfigurationError):
-            AlertSettings(**options)  # type: ignore[arg-type]
+            AlertSettings(**options)
     hidden = AlertSettings(webhook_url="https://user:secret@hooks.example/x")
     assert "secret" not in repr(hidden)
 
@@ -453,7 +481,7 @@ def test_alerts_need_an_alert_store() -> None:
     guard = GuardMiddleware(
         PlainTextResponse("x"),
         settings=GuardSettings(
-            store=LogsOnly(),  # type: ignore[arg-type]
+            store=LogsOnly(),
             rules=(),
             key_routes=(),
             bot_detection=False,

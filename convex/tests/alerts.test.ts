@@ -29,7 +29,9 @@ function failure(keyHash: string, ip: string, timestamp = Date.now()): AuthFailu
   return { keyHash, timestamp, ip, userAgent: "curl/8" };
 }
 
-async function write(rows: Partial<typeof emptyBatch>, writer: string, alertRules = RULES) {
+type Rows = { aiRequests?: AIRequest[]; authFailures?: AuthFailure[]; botEvents?: BotEvent[] };
+
+async function write(rows: Rows, writer: string, alertRules: AlertRule[] = RULES) {
   batches += 1;
   return t.mutation(internal.logs.writeBatch, {
     ...emptyBatch,
@@ -37,7 +39,7 @@ async function write(rows: Partial<typeof emptyBatch>, writer: string, alertRule
     batchId: `b${batches}`,
     writer,
     alertRules,
-  } as never);
+  });
 }
 
 async function allAlerts() {
@@ -125,6 +127,32 @@ describe("bot waves and error rates, over whole minutes that have ended", () => 
     expect(await allAlerts()).toEqual([]); // 3 requests: fewer than minRequests
     await write({ aiRequests: [row(false)] }, "w2");
     expect(await allAlerts()).toMatchObject([{ kind: "error_rate", subject: "provider:groq", value: 0.75 }]);
+  });
+});
+
+describe("limits near exhaustion", () => {
+  test("a watched limit with more than the threshold of its tokens spent alerts, with its period", async () => {
+    const config = { kind: "fixed window" as const, rate: 10, period: H, start: T0 };
+    const limits = [{ name: "perKey", key: "key-1", config }];
+    const rule: AlertRule = { kind: "limit_exhaustion", threshold: 0.8, windowMs: H, cooldownMs: H, minRequests: 0, limits };
+    const spend = async (n: number) => {
+      for (let i = 0; i < n; i++) {
+        await t.mutation(internal.guard.check, { limits: [{ name: "perKey", key: "key-1", config }] });
+      }
+    };
+    await write({}, "w", [rule]);
+    await spend(8);
+    await write({}, "w", [rule]);
+    expect(await allAlerts()).toEqual([]); // 80% spent: not more than the threshold
+    await spend(1);
+    await write({}, "w", [rule]);
+    expect(await allAlerts()).toMatchObject([
+      { kind: "limit_exhaustion", subject: "limit:perKey:key-1", value: 0.9, threshold: 0.8, windowMs: H },
+    ]);
+    // The next window refills it: nothing new, and the open alert is left as it was.
+    vi.setSystemTime(Date.now() + H);
+    await write({}, "w", [rule]);
+    expect(await allAlerts()).toMatchObject([{ count: 1 }]);
   });
 });
 

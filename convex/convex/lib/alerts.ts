@@ -4,15 +4,18 @@
 import type { GenericMutationCtx } from "convex/server";
 import { v, type Infer } from "convex/values";
 import type { DataModel } from "../_generated/dataModel";
+import { limitState } from "./limits";
 import { MINUTE } from "./logs";
-import type { AIRequest, AuthFailure } from "./validators";
+import { vLimitConfig, type AIRequest, type AuthFailure, type LimitConfig } from "./validators";
 
 type Ctx = Pick<GenericMutationCtx<DataModel>, "db">;
+type EvalCtx = Pick<GenericMutationCtx<DataModel>, "db" | "runQuery">;
 
 export const vAlertKind = v.union(
   v.literal("auth_failures"),
   v.literal("bot_wave"),
   v.literal("error_rate"),
+  v.literal("limit_exhaustion"),
 );
 export type AlertKind = Infer<typeof vAlertKind>;
 
@@ -23,6 +26,10 @@ export const vAlertRule = v.object({
   windowMs: v.number(),
   cooldownMs: v.number(),
   minRequests: v.number(),
+  // limit_exhaustion: the limits whose spent share it watches (`WatchedLimit`).
+  limits: v.optional(
+    v.array(v.object({ name: v.string(), key: v.optional(v.string()), config: vLimitConfig })),
+  ),
 });
 export type AlertRule = Infer<typeof vAlertRule>;
 
@@ -52,6 +59,8 @@ export const alertFields = {
 export const MAX_SUBJECTS = 50;
 /** Rollup rows an error-rate evaluation reads at most (minutes x writers). */
 export const MAX_ROLLUPS = 2000;
+/** Limits a limit_exhaustion rule reads at most per batch (`MAX_WATCHED` in rules.py). */
+export const MAX_WATCHED = 20;
 export const ALL_CLIENTS = "all";
 const NO_KEY = "no-key";
 
@@ -70,21 +79,42 @@ export function windowOf(rule: AlertRule, now: number): [number, number] {
   return [end - rule.windowMs, end];
 }
 
-export type Finding = { kind: AlertKind; subject: string; value: number; rule: AlertRule };
+export type Finding = {
+  kind: AlertKind;
+  subject: string;
+  value: number;
+  windowMs: number;
+  rule: AlertRule;
+};
+
+/** Kinds whose value is a share (0 to 1) of a total. */
+const SHARES: AlertKind[] = ["error_rate", "limit_exhaustion"];
 
 export function evaluate(
   rule: AlertRule,
   subject: string,
   count: number,
   total?: number,
+  windowMs: number = rule.windowMs,
 ): Finding | null {
   let value = count;
-  if (rule.kind === "error_rate") {
+  if (SHARES.includes(rule.kind)) {
     if (total === undefined || total <= 0 || total < rule.minRequests) return null;
-    value = count / total;
+    value = Math.min(Math.max(count, 0) / total, 1);
   }
   if (!(value > rule.threshold)) return null;
-  return { kind: rule.kind, subject, value, rule };
+  return { kind: rule.kind, subject, value, windowMs, rule };
+}
+
+/** The tokens a limit holds at `now`, from its stored state (as the component refills). */
+export function remainingAt(config: LimitConfig, state: { value: number; ts: number }, now: number): number {
+  const capacity = config.capacity ?? config.rate;
+  const elapsed = Math.max(0, now - state.ts);
+  const refill =
+    config.kind === "token bucket"
+      ? (elapsed * config.rate) / config.period
+      : Math.floor(elapsed / config.period) * config.rate;
+  return Math.min(state.value + refill, capacity);
 }
 
 function distinct(values: Iterable<string | null>): string[] {
@@ -102,7 +132,7 @@ function distinct(values: Iterable<string | null>): string[] {
  * index read (`threshold` + 1 rows; the rollups of the window's minutes).
  */
 export async function evaluateAlerts(
-  ctx: Ctx,
+  ctx: EvalCtx,
   rules: AlertRule[],
   batch: { authFailures: AuthFailure[]; aiRequests: AIRequest[] },
   now: number,
@@ -165,6 +195,19 @@ export async function evaluateAlerts(
     if (found !== null) findings.push(found);
   }
 
+  const exhaustion = byKind.get("limit_exhaustion");
+  for (const watched of (exhaustion?.limits ?? []).slice(0, MAX_WATCHED)) {
+    if (exhaustion === undefined) break;
+    const { name, key, config } = watched;
+    // The component's state (one shard sampled, as the hot path does): a bounded read.
+    const state = await limitState(ctx, name, key, config, now);
+    const capacity = config.capacity ?? config.rate;
+    const spent = Math.min(Math.max(capacity - remainingAt(config, state, now), 0), capacity);
+    const subject = key === undefined ? `limit:${name}` : `limit:${name}:${key}`;
+    const found = evaluate(exhaustion, subject, spent, capacity, config.period);
+    if (found !== null) findings.push(found);
+  }
+
   for (const finding of findings) await raiseAlert(ctx, finding, now);
 }
 
@@ -192,7 +235,7 @@ export async function raiseAlert(ctx: Ctx, finding: Finding, now: number): Promi
     subject: finding.subject,
     value: finding.value,
     threshold: finding.rule.threshold,
-    windowMs: finding.rule.windowMs,
+    windowMs: finding.windowMs,
     firstSeen: now,
     lastSeen: now,
     count: 1,

@@ -14,10 +14,35 @@ from typing import Any, Final, Literal
 
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.keys import NO_KEY
-from convex_guard.core.limits import HOUR, MINUTE
+from convex_guard.core.limits import HOUR, MINUTE, LimitConfig
 
-AlertKind = Literal["auth_failures", "bot_wave", "error_rate"]
-KINDS: Final = ("auth_failures", "bot_wave", "error_rate")
+AlertKind = Literal["auth_failures", "bot_wave", "error_rate", "limit_exhaustion"]
+KINDS: Final = ("auth_failures", "bot_wave", "error_rate", "limit_exhaustion")
+#: Kinds whose value is a share (0 to 1) of a total, and whose threshold is one.
+SHARES: Final = ("error_rate", "limit_exhaustion")
+#: Limits one `limit_exhaustion` rule watches at most (each is read with every batch).
+MAX_WATCHED: Final = 20
+
+
+@dataclass(frozen=True, slots=True)
+class WatchedLimit:
+    """A limit whose state a `limit_exhaustion` rule reads: `name` (and `key`, for a keyed
+    limit's one key, e.g. an API key's id), with the config the guard decides it by."""
+
+    name: str
+    config: LimitConfig
+    key: str | None = None
+
+    @property
+    def subject(self) -> str:
+        return f"limit:{self.name}" if self.key is None else f"limit:{self.name}:{self.key}"
+
+    def to_convex(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "config": self.config.to_convex()}
+        if self.key is not None:
+            out["key"] = self.key
+        return out
+
 
 #: Subjects an evaluation looks at per batch and kind, at most: the reads a batch mutation
 #: makes stay bounded however many distinct clients one batch holds.
@@ -35,6 +60,9 @@ class AlertRule:
       the minute the hot path is still writing.
     - `error_rate`: the share of failed requests of one provider over the last `window_ms` of
       whole minutes, judged only with at least `min_requests` requests in it.
+    - `limit_exhaustion`: the share of each of `limits` spent now (1 - remaining / capacity),
+      read with every batch: limits near exhaustion, until budgets exist. `window_ms` is not
+      used by it: each alert's window is its limit's period.
 
     `cooldown_ms`: after an alert opens, the same (kind, subject) updates it (`count`,
     `last_seen`, `value`) instead of opening another, until `cooldown_ms` after it opened.
@@ -45,6 +73,7 @@ class AlertRule:
     window_ms: float
     cooldown_ms: float = HOUR
     min_requests: int = 0
+    limits: tuple[WatchedLimit, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -57,10 +86,18 @@ class AlertRule:
                 raise ConfigurationError(f"Alert rule {name} must be finite and not negative")
         if self.window_ms <= 0:
             raise ConfigurationError("Alert rule window_ms must be positive")
-        if self.kind != "auth_failures" and self.window_ms % MINUTE:
+        if self.kind in ("bot_wave", "error_rate") and self.window_ms % MINUTE:
             raise ConfigurationError(f"A {self.kind} rule's window_ms must be whole minutes")
-        if self.kind == "error_rate" and self.threshold >= 1:
-            raise ConfigurationError("An error_rate threshold is a share, below 1 (0.5 = 50%)")
+        if self.kind in SHARES and self.threshold >= 1:
+            raise ConfigurationError(f"A {self.kind} threshold is a share, below 1 (0.5 = 50%)")
+        if isinstance(self.limits, (str, WatchedLimit)) or not all(
+            isinstance(w, WatchedLimit) for w in self.limits
+        ):
+            raise ConfigurationError("Alert rule limits must be a tuple of WatchedLimit")
+        if (self.kind == "limit_exhaustion") != bool(self.limits):
+            raise ConfigurationError("limits are what a limit_exhaustion rule, and only it, needs")
+        if len(self.limits) > MAX_WATCHED:
+            raise ConfigurationError(f"A rule watches at most {MAX_WATCHED} limits")
         if isinstance(self.min_requests, bool) or not isinstance(self.min_requests, int):
             raise ConfigurationError("Alert rule min_requests must be a whole number")
         if self.min_requests < 0:
@@ -79,6 +116,7 @@ class AlertRule:
             "windowMs": float(self.window_ms),
             "cooldownMs": float(self.cooldown_ms),
             "minRequests": float(self.min_requests),
+            **({"limits": [w.to_convex() for w in self.limits]} if self.limits else {}),
         }
 
 
@@ -137,22 +175,37 @@ def provider_subject(provider: str) -> str:
 ALL_CLIENTS: Final = "all"
 
 
-def evaluate(rule: AlertRule, subject: str, count: int, total: int | None = None) -> Finding | None:
+def evaluate(
+    rule: AlertRule,
+    subject: str,
+    count: float,
+    total: float | None = None,
+    *,
+    window_ms: float | None = None,
+) -> Finding | None:
     """Whether `rule` fires for `subject`: a `Finding`, or None.
 
     `count` is the rows counted in `window(rule, now)` (read up to `rule.read_cap`: more
     cannot change the answer); for `error_rate` it is the failed requests and `total` all
-    requests, and the value is their share.
+    requests, and for `limit_exhaustion` the tokens spent and `total` the capacity: the
+    value is then their share. `window_ms`: the finding's window when it is not the rule's
+    (a limit's period).
     """
-    if rule.kind == "error_rate":
+    if rule.kind in SHARES:
         if total is None or total <= 0 or total < rule.min_requests:
             return None
-        value = count / total
+        value = min(max(count, 0) / total, 1.0)
     else:
         value = float(count)
     if not value > rule.threshold:
         return None
-    return Finding(rule.kind, subject, value, rule.threshold, rule.window_ms)
+    return Finding(rule.kind, subject, value, rule.threshold, window_ms or rule.window_ms)
+
+
+def spent(config: LimitConfig, remaining: float) -> tuple[float, float]:
+    """(tokens spent, capacity) of a limit with `remaining` tokens, for `evaluate`."""
+    capacity = float(config.max)
+    return min(max(capacity - remaining, 0.0), capacity), capacity
 
 
 def opens_new(first_seen: float | None, now: float, cooldown_ms: float) -> bool:

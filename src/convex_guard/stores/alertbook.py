@@ -19,12 +19,14 @@ from convex_guard.alerts.rules import (
     AlertKind,
     AlertRule,
     Finding,
+    WatchedLimit,
     client_subject,
     evaluate,
     key_subject,
     opens_new,
     provider_subject,
     rules_by_kind,
+    spent,
     window,
 )
 from convex_guard.core.limits import MINUTE
@@ -48,16 +50,26 @@ class AlertBook:
         self._open: dict[tuple[str, str], str] = {}  # (kind, subject) -> latest alert id
         self._claims: dict[str, tuple[str, float]] = {}  # id -> (owner, lease end)
         self._ids = itertools.count(1)
+        #: The limits whose remaining tokens `observe` wants with each batch.
+        self.watched: tuple[WatchedLimit, ...] = ()
 
     def configure(self, rules: Sequence[AlertRule]) -> None:
         self._rules = rules_by_kind(rules)
+        limits = self._rules.get("limit_exhaustion")
+        self.watched = () if limits is None else limits.limits
 
     # -- evaluation ------------------------------------------------------------------------
-    def observe(self, batch: LogBatch, bot_events: Sequence[BotEvent]) -> None:
+    def observe(
+        self,
+        batch: LogBatch,
+        bot_events: Sequence[BotEvent],
+        remaining: Sequence[tuple[WatchedLimit, float]] = (),
+    ) -> None:
         """Count the batch's rows and raise or update an alert for every rule that fires.
 
         `bot_events` is the store's whole event history in timestamp order (bot waves count
-        every flagged request, those `check` recorded too).
+        every flagged request, those `check` recorded too); `remaining`, the tokens left now
+        in each of `watched`.
         """
         if not self._rules:
             return
@@ -111,6 +123,15 @@ class AlertBook:
             found = evaluate(wave, ALL_CLIENTS, min(hi - lo, wave.read_cap))
             if found is not None:
                 findings.append(found)
+        exhaustion = self._rules.get("limit_exhaustion")
+        if exhaustion is not None:
+            for watched, left in remaining:
+                used, capacity = spent(watched.config, left)
+                found = evaluate(
+                    exhaustion, watched.subject, used, capacity, window_ms=watched.config.period
+                )
+                if found is not None:
+                    findings.append(found)
         for finding in findings:
             self._raise(finding, now)
 

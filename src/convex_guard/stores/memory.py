@@ -439,7 +439,9 @@ class MemoryStore:
                     last_used=max(usage.last_used, record.last_used or 0.0),
                     request_count=record.request_count + usage.requests,
                 )
-        self._alert_book.observe(batch, self._bot_events)
+        watched = self._alert_book.watched
+        remaining = [(w, (await self.peek(w.name, w.config, key=w.key)).remaining) for w in watched]
+        self._alert_book.observe(batch, self._bot_events, remaining)
 
     async def provider_stats(self, provider: str, start: float, end: float) -> ProviderStats:
         rows = self._ai_logs.where(

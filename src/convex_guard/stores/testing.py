@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import pytest
 
-from convex_guard.alerts.rules import AlertRule
+from convex_guard.alerts.rules import AlertRule, WatchedLimit
 from convex_guard.core.errors import ConfigurationError, StoreConflictError
 from convex_guard.core.limits import HOUR, MINUTE, SECOND, FixedWindow, LimitResult, TokenBucket
 from convex_guard.stores.base import (
@@ -499,6 +499,23 @@ class AlertStoreContract(_Contract):
         assert (done.status, done.attempts) == ("failed", 3)
         assert not await store.claim_alert(alert.id, "D", MINUTE)
         assert await store.pending_alerts() == []
+
+    async def test_a_watched_limit_near_exhaustion_alerts(
+        self, store: AlertStore, clock: ContractClock
+    ) -> None:
+        assert isinstance(store, LimitStore) and isinstance(store, LogStore)
+        name, key = f"perKey-{uuid.uuid4().hex[:8]}", "key-1"
+        config = FixedWindow(rate=10, period=HOUR, start=clock.now())
+        watched = WatchedLimit(name, config, key)
+        rule = AlertRule("limit_exhaustion", threshold=0.8, window_ms=HOUR, limits=(watched,))
+        store.configure_alerts([rule])
+        for spent in (8, 1):
+            for _ in range(spent):
+                assert (await store.limit(name, config, key=key)).ok
+            await store.write_logs(LogBatch(id=uuid.uuid4().hex))
+        [alert] = await store.alerts(since=0)
+        assert (alert.kind, alert.subject) == ("limit_exhaustion", f"limit:{name}:{key}")
+        assert (alert.value, alert.threshold, alert.window_ms) == (0.9, 0.8, HOUR)
 
 
 __all__ = [
