@@ -27,7 +27,14 @@ from starlette.routing import Route
 from convex_guard import ConvexStore, GuardMiddleware, GuardSettings, MemoryStore, generate_key
 from convex_guard.alerts import DEFAULT_RULES, AlertRule
 from convex_guard.alerts.deliver import AlertDeliverer, AlertSettings, alert_body
-from convex_guard.alerts.rules import WatchedLimit, evaluate, opens_new, spent, window
+from convex_guard.alerts.rules import (
+    MAX_COUNT_THRESHOLD,
+    WatchedLimit,
+    evaluate,
+    opens_new,
+    spent,
+    window,
+)
 from convex_guard.cli import main as cli_main
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.limits import HOUR, MINUTE, FixedWindow, TokenBucket
@@ -40,7 +47,7 @@ BROWSER = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.
 # -- the rules, pure --------------------------------------------------------------------------
 
 
-@given(threshold=st.integers(0, 10_000), count=st.integers(0, 20_000))
+@given(threshold=st.integers(0, MAX_COUNT_THRESHOLD), count=st.integers(0, 10_000))
 def test_a_count_rule_fires_exactly_above_its_threshold(threshold: int, count: int) -> None:
     for kind in ("auth_failures", "bot_wave"):
         rule = AlertRule(kind, threshold=threshold, window_ms=MINUTE)
@@ -137,6 +144,7 @@ def test_findings_open_one_alert_per_cooldown(gaps: list[float], cooldown: float
         {"kind": "error_rate", "threshold": 1.5, "window_ms": MINUTE},
         {"kind": "auth_failures", "threshold": math.nan, "window_ms": HOUR},
         {"kind": "auth_failures", "threshold": 1, "window_ms": 0},
+        {"kind": "bot_wave", "threshold": 5000, "window_ms": MINUTE},  # reads too many rows
         {"kind": "limit_exhaustion", "threshold": 0.9, "window_ms": HOUR},  # no limits
         {
             "kind": "bot_wave",
@@ -436,6 +444,32 @@ def test_a_failing_webhook_is_retried_with_backoff_then_delivered_or_failed(
     assert (alert.status, alert.attempts) == ("failed", 2)
     assert (deliverer.sent, deliverer.retried, deliverer.failed) == (0, 1, 1)
     assert "handed back for a retry" in caplog.text and "marked failed" in caplog.text
+
+
+def test_closing_mid_post_hands_the_alert_back_for_another_instance() -> None:
+    hanging = Hanging()
+
+    async def run() -> tuple[list[Alert], list[Alert]]:
+        store = MemoryStore()
+        store.configure_alerts([AlertRule("auth_failures", threshold=0, window_ms=HOUR)])
+        row = AuthFailure("no-key", time.time() * 1000, "192.0.2.5")
+        await store.write_logs(LogBatch("b", auth_failures=[row]))
+        deliverer = AlertDeliverer(store, fast(hanging.url, timeout=30))
+        await deliverer.start()
+        for _ in range(200):
+            if hanging.accepted:
+                break
+            await asyncio.sleep(0.02)
+        assert await store.pending_alerts() == []  # claimed, its post hanging
+        await deliverer.close()
+        return await store.pending_alerts(), await store.alerts(since=0)
+
+    try:
+        pending, [alert] = asyncio.run(run())
+    finally:
+        hanging.close()
+    assert [a.id for a in pending] == [alert.id]  # claimable now, not after the lease
+    assert (alert.status, alert.attempts) == ("pending", 1)
 
 
 def test_a_full_queue_leaves_alerts_pending_and_counts_them() -> None:

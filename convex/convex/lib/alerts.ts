@@ -58,14 +58,16 @@ export const alertFields = {
 /** Subjects looked at per batch and kind, at most: a batch's reads stay bounded. */
 export const MAX_SUBJECTS = 50;
 /** Rollup rows an error-rate evaluation reads at most (minutes x writers). */
-export const MAX_ROLLUPS = 2000;
+export const MAX_ROLLUPS = 500;
+/** The most rows a count reads (the Python side refuses thresholds above MAX_COUNT_THRESHOLD). */
+export const MAX_COUNT_READ = 4001;
 /** Limits a limit_exhaustion rule reads at most per batch (`MAX_WATCHED` in rules.py). */
 export const MAX_WATCHED = 20;
 export const ALL_CLIENTS = "all";
 const NO_KEY = "no-key";
 
 export function readCap(rule: AlertRule): number {
-  return Math.floor(rule.threshold) + 1;
+  return Math.min(Math.floor(rule.threshold) + 1, MAX_COUNT_READ);
 }
 
 /**

@@ -141,6 +141,7 @@ class AlertDeliverer:
         self._client: httpx.AsyncClient | None = None
         self._queue: asyncio.Queue[Alert] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._sending: Alert | None = None  # claimed, being delivered now
         self._store_trouble = ThrottledLog()
         self._full = ThrottledLog()
 
@@ -173,6 +174,9 @@ class AlertDeliverer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         queue = self._queue
+        if self._sending is not None:  # cut short mid-post: its outcome is unknown, send again
+            await self._end(self._sending, "retry")
+            self._sending = None
         while queue is not None and not queue.empty():
             await self._end(queue.get_nowait(), "retry")
         if self._client is not None:
@@ -218,8 +222,9 @@ class AlertDeliverer:
         queue = self._queue
         assert queue is not None
         while True:
-            alert = await queue.get()
-            await self._deliver(alert)
+            self._sending = await queue.get()
+            await self._deliver(self._sending)
+            self._sending = None
 
     async def _deliver(self, alert: Alert) -> None:
         logger.warning("Alert: %s", describe(alert))

@@ -20,6 +20,9 @@ AlertKind = Literal["auth_failures", "bot_wave", "error_rate", "limit_exhaustion
 KINDS: Final = ("auth_failures", "bot_wave", "error_rate", "limit_exhaustion")
 #: Kinds whose value is a share (0 to 1) of a total, and whose threshold is one.
 SHARES: Final = ("error_rate", "limit_exhaustion")
+#: The largest count threshold: a count reads up to threshold + 1 rows in the batch's own
+#: transaction, which Convex bounds (16,384 rows read, with the batch's own work).
+MAX_COUNT_THRESHOLD: Final = 4000
 #: Limits one `limit_exhaustion` rule watches at most (each is read with every batch).
 MAX_WATCHED: Final = 20
 
@@ -88,6 +91,10 @@ class AlertRule:
             raise ConfigurationError("Alert rule window_ms must be positive")
         if self.kind in ("bot_wave", "error_rate") and self.window_ms % MINUTE:
             raise ConfigurationError(f"A {self.kind} rule's window_ms must be whole minutes")
+        if self.kind not in SHARES and self.threshold > MAX_COUNT_THRESHOLD:
+            raise ConfigurationError(
+                f"A {self.kind} threshold is at most {MAX_COUNT_THRESHOLD} (rows read per batch)"
+            )
         if self.kind in SHARES and self.threshold >= 1:
             raise ConfigurationError(f"A {self.kind} threshold is a share, below 1 (0.5 = 50%)")
         if isinstance(self.limits, (str, WatchedLimit)) or not all(
