@@ -500,6 +500,29 @@ class AlertStoreContract(_Contract):
         assert not await store.claim_alert(alert.id, "D", MINUTE)
         assert await store.pending_alerts() == []
 
+    async def test_bot_waves_and_error_rates_are_judged_over_minutes_that_ended(
+        self, store: AlertStore, clock: ContractClock
+    ) -> None:
+        assert isinstance(store, LogStore)
+        store.configure_alerts(
+            [
+                AlertRule("bot_wave", threshold=3, window_ms=MINUTE),
+                AlertRule("error_rate", threshold=0.5, window_ms=2 * MINUTE, min_requests=4),
+            ]
+        )
+        if clock.now() % MINUTE > 55 * SECOND:  # the minute must not end while this runs
+            await clock.advance(6 * SECOND)
+        ended = clock.now() // MINUTE * MINUTE  # the start of this minute: the last one ended
+        provider = f"p-{uuid.uuid4().hex[:8]}"
+        bots = [
+            BotEvent(ended - 1000 - i, f"fp-w{i}", "192.0.2.8", "x", "bot_useragent", "allowed")
+            for i in range(4)
+        ]
+        rows = [ai_row(ended - 2 * SECOND, provider, i == 0, 5.0, 1, 0.0) for i in range(4)]
+        await store.write_logs(LogBatch(id=uuid.uuid4().hex, ai_requests=rows, bot_events=bots))
+        found = {(a.kind, a.subject): a.value for a in await store.alerts(since=0)}
+        assert found == {("bot_wave", "all"): 4, ("error_rate", f"provider:{provider}"): 0.75}
+
     async def test_a_watched_limit_near_exhaustion_alerts(
         self, store: AlertStore, clock: ContractClock
     ) -> None:
