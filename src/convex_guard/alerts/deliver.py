@@ -31,6 +31,8 @@ DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_QUEUE_SIZE = 100
 #: Added to the time one delivery can take, so a slow but live claimer keeps its lease.
 _LEASE_MARGIN = 5.0
+#: Seconds `close()` spends handing claimed alerts back, at most.
+_CLOSE_TIMEOUT = 5.0
 
 
 def alert_body(alert: Alert) -> dict[str, Any]:
@@ -174,11 +176,17 @@ class AlertDeliverer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         queue = self._queue
-        if self._sending is not None:  # cut short mid-post: its outcome is unknown, send again
-            await self._end(self._sending, "retry")
-            self._sending = None
+        back = [] if self._sending is None else [self._sending]  # cut short mid-post: resend
+        self._sending = None
         while queue is not None and not queue.empty():
-            await self._end(queue.get_nowait(), "retry")
+            back.append(queue.get_nowait())
+        try:
+            # Bounded: what is not handed back in time waits for its lease to run out.
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                for alert in back:
+                    await self._end(alert, "retry")
+        except TimeoutError:
+            logger.warning("Alerts: store slow at shutdown; claimed alerts wait for their lease")
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -222,8 +230,13 @@ class AlertDeliverer:
         queue = self._queue
         assert queue is not None
         while True:
-            self._sending = await queue.get()
-            await self._deliver(self._sending)
+            alert = self._sending = await queue.get()
+            try:
+                await self._deliver(alert)
+            except Exception:
+                # A bug or an error nobody foresaw must not end delivery for this process.
+                logger.exception("Alert %s: delivery failed unexpectedly", alert.id)
+                await self._end(alert, "retry")
             self._sending = None
 
     async def _deliver(self, alert: Alert) -> None:
@@ -259,7 +272,7 @@ class AlertDeliverer:
                 delay *= 2
             try:
                 response = await client.post(url, json=body)
-            except httpx.HTTPError as exc:
+            except Exception as exc:  # httpx's errors, and whatever a transport raises
                 logger.warning(
                     "Alert %s: webhook %s: %s", alert.id, redact_url(url), type(exc).__name__
                 )
