@@ -83,6 +83,15 @@ describe("auth failures", () => {
     expect(alerts[0].firstSeen - alerts[1].firstSeen).toBe(H);
   });
 
+  test("a batch of more subjects than MAX_SUBJECTS evaluates a bounded number, within the transaction limits", async () => {
+    const rows = Array.from({ length: 60 }, (_, i) => failure(i.toString(16).padStart(64, "0"), `10.0.0.${i}`));
+    for (let round = 0; round < 11; round++) await write({ authFailures: rows }, `w${round}`);
+    // Every subject is over the threshold; each batch evaluates MAX_SUBJECTS (50) of each kind.
+    const alerts = await t.query(internal.alerts.list, { since: 0, limit: 500 });
+    expect(alerts.length).toBe(100);
+    expect(alerts.every((a) => a.value === 11)).toBe(true);
+  }, 60_000);
+
   test("without rules nothing is evaluated", async () => {
     for (let i = 0; i < 12; i++) await write({ authFailures: [failure("c".repeat(64), "192.0.2.4")] }, "w", []);
     expect(await allAlerts()).toEqual([]);
