@@ -16,12 +16,12 @@ import pytest
 
 from convex_guard import HOUR, FixedWindow, MemoryStore
 from convex_guard.stores.convex import ConvexStore
-from convex_guard.stores.testing import ShiftedClock, StoreContract
+from convex_guard.stores.testing import AlertStoreContract, ShiftedClock, StoreContract
 
 from .conftest import ConvexTestServer
 
 
-class TestMemoryStore(StoreContract):
+class TestMemoryStore(StoreContract, AlertStoreContract):
     conflicts = False
 
     @pytest.fixture
@@ -45,7 +45,7 @@ class ServerClock(ShiftedClock):
         self.server.shift_clock(self.offset)
 
 
-class TestConvexStore(StoreContract):
+class TestConvexStore(StoreContract, AlertStoreContract):
     @pytest.fixture
     def clock(self, convex_server: ConvexTestServer) -> ServerClock:
         convex_server.reset()

@@ -1,6 +1,7 @@
 // Batched log writes: one mutation per flush of the Python logger, idempotent by batch id.
 import { v } from "convex/values";
 import { internalMutation } from "./_generated/server";
+import { evaluateAlerts, vAlertRule } from "./lib/alerts";
 import {
   applyKeyUsage,
   insertAIRequests,
@@ -25,6 +26,11 @@ import {
  * `writer` names the sender (one id per app process): the rollups and key-usage rows a batch
  * patches are that writer's own, so batches of different instances never write the same
  * document and never conflict. Without it, batches share one set of rows, as before.
+ *
+ * `alertRules` (the Python side's configured rules, sent with every batch: the instances'
+ * own settings decide, and a deployment needs no variable of its own) are evaluated against
+ * the rows now stored, in this same transaction: one anomaly is one alert, whichever
+ * instance's batch finds it.
  */
 export const writeBatch = internalMutation({
   args: {
@@ -35,6 +41,7 @@ export const writeBatch = internalMutation({
     authFailures: v.array(vAuthFailure),
     botEvents: v.array(vBotEvent),
     keyUsage: v.array(vKeyUsage),
+    alertRules: v.optional(v.array(vAlertRule)),
   },
   returns: v.object({ applied: v.boolean() }),
   handler: async (ctx, args) => {
@@ -49,6 +56,9 @@ export const writeBatch = internalMutation({
     await insertAuthFailures(ctx, args.authFailures);
     await insertBotEvents(ctx, args.botEvents);
     await applyKeyUsage(ctx, args.keyUsage, args.writer);
+    if (args.alertRules !== undefined && args.alertRules.length > 0) {
+      await evaluateAlerts(ctx, args.alertRules, args, Date.now());
+    }
     return { applied: true };
   },
 });

@@ -3,6 +3,7 @@
 // The rate limiter component keeps its own tables (see convex.config.ts).
 import { defineSchema, defineTable } from "convex/server";
 import { v } from "convex/values";
+import { alertFields } from "./lib/alerts";
 import { vAIRequest, vAuthFailure, vBotEvent, vEmbeddingRequest } from "./lib/validators";
 
 // The sums a provider rollup keeps, per minute or per hour, for one writer (one app
@@ -78,7 +79,9 @@ export default defineSchema({
   embeddingAuthFailures: defineTable(vAuthFailure)
     .index("by_key", ["keyHash", "timestamp"])
     // For retention: the seed's only index leads with the key.
-    .index("by_timestamp", ["timestamp"]),
+    .index("by_timestamp", ["timestamp"])
+    // For the auth-failure alert per client address.
+    .index("by_ip", ["ip", "timestamp"]),
 
   // ---- Scale ----------------------------------------------------------------------------------
   // One row per provider per minute per writer (`minute` = epoch ms at the minute's start),
@@ -115,4 +118,12 @@ export default defineSchema({
   })
     .index("by_batch_id", ["batchId"])
     .index("by_processed_at", ["processedAt"]),
+
+  // ---- Alerts ---------------------------------------------------------------------------------
+  // Anomalies the batch mutation found (lib/alerts.ts), one row per (kind, subject) per
+  // cool-down; `owner`/`leaseUntil` hold the delivery claim of one instance.
+  alerts: defineTable(alertFields)
+    .index("by_kind_subject", ["kind", "subject", "firstSeen"])
+    .index("by_last_seen", ["lastSeen"])
+    .index("by_status", ["status", "firstSeen"]),
 });

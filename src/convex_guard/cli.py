@@ -31,7 +31,15 @@ from convex_guard.core.errors import (
 from convex_guard.core.limits import DAY, HOUR, MINUTE, SECOND
 from convex_guard.core.presets import AI_PROVIDERS
 from convex_guard.core.settings import load_environment, redact_url
-from convex_guard.stores.base import ApiKeyRecord, BotEvent, KeyRateLimit, ProviderStats, Store
+from convex_guard.stores.base import (
+    Alert,
+    AlertStore,
+    ApiKeyRecord,
+    BotEvent,
+    KeyRateLimit,
+    ProviderStats,
+    Store,
+)
 from convex_guard.stores.keys import ApiKeys, CreatedKey, KeyNotFoundError
 
 EXIT_OK = 0
@@ -357,6 +365,30 @@ class _Cli:
         self.emit(table(["TIME", "TYPE", "ACTION", "IP", "FINGERPRINT", "USER AGENT"], rows))
         return EXIT_OK
 
+    async def alerts_recent(self, args: argparse.Namespace) -> int:
+        if not isinstance(self.store, AlertStore):
+            raise CliError(f"convex-guard: the store {type(self.store).__name__} keeps no alerts")
+        alerts = await self.store.alerts(since=self.clock() - args.since, limit=args.limit)
+        if args.json:
+            self.emit_json([_alert_json(a) for a in alerts])
+            return EXIT_OK
+        rows = [
+            [
+                _when(a.last_seen),
+                a.kind,
+                a.subject[:48],
+                f"{a.value:g} > {a.threshold:g}",
+                _span(a.window_ms),
+                a.count,
+                a.status,
+            ]
+            for a in alerts
+        ]
+        self.emit(
+            table(["LAST SEEN", "KIND", "SUBJECT", "VALUE", "WINDOW", "COUNT", "STATUS"], rows)
+        )
+        return EXIT_OK
+
     async def watch_live(self, args: argparse.Namespace) -> int:
         """Provider stats and recent bot events, reprinted whenever Convex pushes a change.
 
@@ -556,6 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
     recent.add_argument("--since", type=parse_duration, default=HOUR, metavar="DURATION")
     recent.add_argument("--limit", type=int, default=50)
 
+    alerts = command(groups, "alerts", "recent anomaly alerts, the most recently seen first")
+    alerts.set_defaults(command="recent")
+    alerts.add_argument("--since", type=parse_duration, default=HOUR, metavar="DURATION")
+    alerts.add_argument("--limit", type=int, default=50)
+
     watch = command(groups, "watch", "provider stats and bot events, pushed live by Convex")
     watch.set_defaults(command="live")
     watch.add_argument("--since", type=parse_duration, default=HOUR, metavar="DURATION")
@@ -635,6 +672,23 @@ def _interrupt_at_once() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _alert_json(alert: Alert) -> dict[str, Any]:
+    """An alert as `alerts --json` prints it: what the webhook gets, and its delivery state."""
+    return {
+        "id": alert.id,
+        "kind": alert.kind,
+        "subject": alert.subject,
+        "value": alert.value,
+        "threshold": alert.threshold,
+        "windowMs": alert.window_ms,
+        "firstSeen": alert.first_seen,
+        "lastSeen": alert.last_seen,
+        "count": alert.count,
+        "status": alert.status,
+        "attempts": alert.attempts,
+    }
 
 
 def scrub(text: str) -> str:

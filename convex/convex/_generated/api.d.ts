@@ -10,6 +10,7 @@
 
 import type * as ai_analytics from "../ai/analytics.js";
 import type * as ai_rateLimiting from "../ai/rateLimiting.js";
+import type * as alerts from "../alerts.js";
 import type * as apiKeys from "../apiKeys.js";
 import type * as bots from "../bots.js";
 import type * as crons from "../crons.js";
@@ -17,6 +18,7 @@ import type * as embeddings_analytics from "../embeddings/analytics.js";
 import type * as embeddings_rateLimiting from "../embeddings/rateLimiting.js";
 import type * as guard from "../guard.js";
 import type * as lib_addresses from "../lib/addresses.js";
+import type * as lib_alerts from "../lib/alerts.js";
 import type * as lib_bots from "../lib/bots.js";
 import type * as lib_keys from "../lib/keys.js";
 import type * as lib_limits from "../lib/limits.js";
@@ -36,6 +38,7 @@ import type {
 declare const fullApi: ApiFromModules<{
   "ai/analytics": typeof ai_analytics,
   "ai/rateLimiting": typeof ai_rateLimiting,
+  "alerts": typeof alerts,
   "apiKeys": typeof apiKeys,
   "bots": typeof bots,
   "crons": typeof crons,
@@ -43,6 +46,7 @@ declare const fullApi: ApiFromModules<{
   "embeddings/rateLimiting": typeof embeddings_rateLimiting,
   "guard": typeof guard,
   "lib/addresses": typeof lib_addresses,
+  "lib/alerts": typeof lib_alerts,
   "lib/bots": typeof lib_bots,
   "lib/keys": typeof lib_keys,
   "lib/limits": typeof lib_limits,

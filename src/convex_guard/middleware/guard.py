@@ -43,6 +43,7 @@ from convex_guard.middleware.logwriter import (
     DEFAULT_INTERVAL,
     DEFAULT_MAX_BACKOFF,
     DEFAULT_MAX_BUFFER,
+    CompanionFactory,
     LogWriter,
 )
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
@@ -113,6 +114,9 @@ class GuardSettings:
       the store is down (`writer_max_backoff` seconds: how soon rows flow after recovery).
       A `ResilientStore` without `on_outage_events` gets the writer's `add`, so bot events
       decided during an outage reach the shared store once it is back.
+    - `alerts`: anomaly alerts (`convex_guard.alerts.AlertSettings`: rules, webhook); the
+      store evaluates the rules with each log batch and the deliverer runs beside the log
+      writer. The store must be an `AlertStore`. None (default): no alerts.
     """
 
     store: LogStore | StoreChoice = "env"
@@ -142,6 +146,7 @@ class GuardSettings:
     writer_max_buffer: int = DEFAULT_MAX_BUFFER
     writer_max_backoff: float = DEFAULT_MAX_BACKOFF
     store_fallback: bool = True
+    alerts: CompanionFactory | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.store, str) and self.store not in ("env", "memory", "convex"):
@@ -242,6 +247,8 @@ class GuardStack:
         )
         if isinstance(store, ResilientStore) and store.on_outage_events is None:
             store.on_outage_events = writer.add
+        if settings.alerts is not None:
+            writer.companions.append(settings.alerts.attach(store))
         rules = settings.rules
         if rules is None:
             rules = [dataclasses.replace(r, fail=settings.fail) for r in preset_rules(env)]

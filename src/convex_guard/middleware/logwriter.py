@@ -9,7 +9,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,6 +43,22 @@ INVALID_BATCH_ERRORS: tuple[type[Exception], ...] = (
     OverflowError,
     TypeError,
 )
+
+
+class Companion(Protocol):
+    """A service that runs beside the writer (the alert deliverer): started with it at lifespan
+    start-up, closed after its last flush at shutdown."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class CompanionFactory(Protocol):
+    """What `GuardSettings(alerts=…)` takes (`convex_guard.alerts.AlertSettings`): it builds
+    its companion over the guard's store. Typed here so the middleware imports nothing of it."""
+
+    def attach(self, store: object) -> Companion: ...
 
 
 class LogWriter:
@@ -122,6 +138,8 @@ class LogWriter:
         self._overflow = ThrottledLog()
         self._store_trouble = ThrottledLog()
         self._invalid = ThrottledLog()
+        #: Started by `start()` and closed by `close()` (after the flush), in this order.
+        self.companions: list[Companion] = []
 
     @classmethod
     def for_store(cls, store: LogStore) -> LogWriter:
@@ -202,6 +220,8 @@ class LogWriter:
     async def start(self) -> None:
         self._closed = False
         self.start_nowait()
+        for companion in self.companions:
+            await companion.start()
 
     async def close(self) -> None:
         """Stop the flusher and write everything buffered, within `shutdown_timeout` seconds.
@@ -230,6 +250,8 @@ class LogWriter:
             self._pending.clear()
             self._pending_rows = 0
             logger.warning("Log writer: store unavailable at shutdown; %d rows lost", lost)
+        for companion in self.companions:
+            await companion.close()
 
     # -- flushing ------------------------------------------------------------------------------
     async def _run(self) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+from convex_guard.alerts.rules import AlertRule
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.keys import ApiKeyKind
 from convex_guard.core.limits import LimitConfig, LimitResult
@@ -454,3 +455,64 @@ def require(store: object, needs: Iterable[type] | Mapping[type, str], who: str)
         gaps.append(f"{gap}, needed by {reason}" if reason else gap)
     if gaps:
         raise ConfigurationError(f"{who}: the store {type(store).__name__} lacks {'; '.join(gaps)}")
+
+
+# -- alerts --------------------------------------------------------------------------------------
+# Anomaly alerts: the store evaluates the configured rules where it writes the rows they count
+# (`write_logs`; on Convex the batch mutation, once for every instance) and keeps the alerts;
+# the deliverer (`convex_guard.alerts.deliver`) claims each one so that one instance sends it.
+
+AlertStatus = Literal["pending", "delivered", "failed"]
+AlertOutcome = Literal["delivered", "failed", "retry"]
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """One anomaly, deduplicated over its rule's cool-down.
+
+    `subject` says what it is about: `key:<SHA-256 of the key>`, `client:<address>`,
+    `provider:<name>` or `all`; never a raw key. `value` is what was measured last (a count
+    read up to `threshold` + 1, or an error share), over `window_ms`; `count` how many
+    evaluations found it between `first_seen` and `last_seen`. `attempts` counts the claims
+    made to deliver it; `status` is `pending` until one succeeds or the attempts run out.
+    """
+
+    id: str
+    kind: str
+    subject: str
+    value: float
+    threshold: float
+    window_ms: float
+    first_seen: float
+    last_seen: float
+    count: int
+    status: AlertStatus
+    attempts: int
+
+
+@runtime_checkable
+class AlertStore(Protocol):
+    """Alerts the store raises from the rows it is given, and their delivery claims."""
+
+    def configure_alerts(self, rules: Sequence[AlertRule]) -> None:
+        """Evaluate `rules` from now on, with every `write_logs` (`()`: none)."""
+        ...
+
+    async def alerts(self, *, since: float, limit: int = 100) -> list[Alert]:
+        """Alerts seen (`last_seen`) at or after `since`, most recent first, at most `limit`."""
+        ...
+
+    async def pending_alerts(self, *, limit: int = 100) -> list[Alert]:
+        """Pending alerts no live claim holds, oldest first: what a deliverer may claim."""
+        ...
+
+    async def claim_alert(self, alert_id: str, owner: str, lease_ms: float) -> bool:
+        """Take `alert_id` for delivery for `lease_ms`; true for exactly one of concurrent
+        claimers. A pending alert whose lease ran out (its claimer died) can be claimed again.
+        Each successful claim counts one of the alert's `attempts`."""
+        ...
+
+    async def mark_alert(self, alert_id: str, owner: str, outcome: AlertOutcome) -> bool:
+        """End `owner`'s claim: `delivered`, `failed` (given up: final), or `retry` (back to
+        pending, for any instance to claim). False when `owner` no longer holds the claim."""
+        ...

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import SecretStr
 
+from convex_guard.alerts.rules import AlertRule
 from convex_guard.core.errors import (
     ConfigurationError,
     ConvexAuthError,
@@ -31,6 +32,8 @@ from convex_guard.core.limits import LimitConfig, LimitResult, _until_full, chec
 from convex_guard.core.settings import GuardEnvironment, load_environment
 from convex_guard.stores.base import (
     AIRequestLog,
+    Alert,
+    AlertOutcome,
     ApiKeyList,
     ApiKeyRecord,
     AuthFailure,
@@ -362,6 +365,8 @@ class ConvexStore(LimitThroughCheck):
             },
             transport=transport,
         )
+        # `alertRules` for every batch, once `configure_alerts` gave some.
+        self._alert_args: dict[str, Any] = {}
 
     @classmethod
     def from_env(cls, env: GuardEnvironment | None = None, **options: Any) -> ConvexStore:
@@ -786,6 +791,7 @@ class ConvexStore(LimitThroughCheck):
                 "authFailures": [_auth_failure(row) for row in batch.auth_failures],
                 "botEvents": [_bot_event_json(row) for row in batch.bot_events],
                 "keyUsage": [_key_usage(row) for row in batch.key_usage],
+                **self._alert_args,
             },
         )
 
@@ -874,6 +880,37 @@ class ConvexStore(LimitThroughCheck):
             if subscription.inner.exists():
                 subscription.unsubscribe()
 
+    # -- alerts ------------------------------------------------------------------------------
+    def configure_alerts(self, rules: Sequence[AlertRule]) -> None:
+        # Sent with every batch rather than set on the deployment: the instances' settings
+        # are the one place rules are configured, and a batch is where the rows are counted.
+        converted = [rule.to_convex() for rule in rules]
+        self._alert_args = {"alertRules": converted} if converted else {}
+
+    async def alerts(self, *, since: float, limit: int = 100) -> list[Alert]:
+        raw = await self._call(
+            "query", "alerts:list", {"since": float(since), "limit": float(max(limit, 0))}
+        )
+        return [_alert(row) for row in raw]
+
+    async def pending_alerts(self, *, limit: int = 100) -> list[Alert]:
+        raw = await self._call("query", "alerts:pending", {"limit": float(max(limit, 0))})
+        return [_alert(row) for row in raw]
+
+    async def claim_alert(self, alert_id: str, owner: str, lease_ms: float) -> bool:
+        raw = await self._call(
+            "mutation",
+            "alerts:claim",
+            {"id": alert_id, "owner": owner, "leaseMs": float(lease_ms)},
+        )
+        return bool(raw)
+
+    async def mark_alert(self, alert_id: str, owner: str, outcome: AlertOutcome) -> bool:
+        raw = await self._call(
+            "mutation", "alerts:mark", {"id": alert_id, "owner": owner, "outcome": outcome}
+        )
+        return bool(raw)
+
     async def close(self) -> None:
         """Hand back every lease's unused tokens (one call), then close the connections.
 
@@ -904,6 +941,25 @@ def _provider_stats(raw: Mapping[str, Any]) -> ProviderStats:
         total_tokens=int(raw["totalTokens"]),
         total_cost=float(raw["totalCost"]),
         truncated=bool(raw["truncated"]),
+    )
+
+
+def _alert(raw: Mapping[str, Any]) -> Alert:
+    status = raw["status"]
+    if status not in ("pending", "delivered", "failed"):
+        raise ValueError(f"unknown alert status {status!r}")
+    return Alert(
+        id=str(raw["id"]),
+        kind=str(raw["kind"]),
+        subject=str(raw["subject"]),
+        value=float(raw["value"]),
+        threshold=float(raw["threshold"]),
+        window_ms=float(raw["windowMs"]),
+        first_seen=float(raw["firstSeen"]),
+        last_seen=float(raw["lastSeen"]),
+        count=int(raw["count"]),
+        status=status,
+        attempts=int(raw["attempts"]),
     )
 
 

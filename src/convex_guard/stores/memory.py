@@ -13,6 +13,7 @@ from dataclasses import fields, replace
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
+from convex_guard.alerts.rules import AlertRule
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.keys import ApiKeyKind
 from convex_guard.core.limits import (
@@ -22,11 +23,14 @@ from convex_guard.core.limits import (
     check_count,
     full_at,
 )
+from convex_guard.stores.alertbook import AlertBook
 from convex_guard.stores.base import (
     BLOCK_AFTER,
     CHALLENGE_AFTER,
     ESCALATION_WINDOW_MS,
     AIRequestLog,
+    Alert,
+    AlertOutcome,
     ApiKeyList,
     ApiKeyRecord,
     AuthFailure,
@@ -133,6 +137,7 @@ class MemoryStore:
         # kept (a writer retries a batch within seconds), so memory stays bounded.
         self._batches: set[str] = set()
         self._batch_order: deque[str] = deque()
+        self._alert_book = AlertBook(self._clock)
 
     def __repr__(self) -> str:
         return f"MemoryStore(limit_keys={self.limit_keys}, api_keys={len(self._keys)})"
@@ -434,6 +439,9 @@ class MemoryStore:
                     last_used=max(usage.last_used, record.last_used or 0.0),
                     request_count=record.request_count + usage.requests,
                 )
+        watched = self._alert_book.watched
+        remaining = [(w, (await self.peek(w.name, w.config, key=w.key)).remaining) for w in watched]
+        self._alert_book.observe(batch, self._bot_events, remaining)
 
     async def provider_stats(self, provider: str, start: float, end: float) -> ProviderStats:
         rows = self._ai_logs.where(
@@ -472,6 +480,22 @@ class MemoryStore:
                 lambda row: row.key_hash == key_hash and row.timestamp >= since
             )
         )
+
+    # -- alerts ------------------------------------------------------------------------------
+    def configure_alerts(self, rules: Sequence[AlertRule]) -> None:
+        self._alert_book.configure(rules)
+
+    async def alerts(self, *, since: float, limit: int = 100) -> list[Alert]:
+        return self._alert_book.recent(since, limit)
+
+    async def pending_alerts(self, *, limit: int = 100) -> list[Alert]:
+        return self._alert_book.pending(limit)
+
+    async def claim_alert(self, alert_id: str, owner: str, lease_ms: float) -> bool:
+        return self._alert_book.claim(alert_id, owner, lease_ms)
+
+    async def mark_alert(self, alert_id: str, owner: str, outcome: AlertOutcome) -> bool:
+        return self._alert_book.mark(alert_id, owner, outcome)
 
     # -- inspection, for tests and the CLI ---------------------------------------------------
     @property

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+from convex_guard.alerts.rules import AlertRule
 from convex_guard.core.errors import (
     ConfigurationError,
     StoreAnswerError,
@@ -20,6 +21,9 @@ from convex_guard.core.keys import ApiKeyKind
 from convex_guard.core.limits import LimitConfig, LimitResult
 from convex_guard.core.logs import ThrottledLog, logger
 from convex_guard.stores.base import (
+    Alert,
+    AlertOutcome,
+    AlertStore,
     ApiKeyList,
     ApiKeyRecord,
     BotCheck,
@@ -432,6 +436,47 @@ class ResilientStore(LimitThroughCheck):
     async def count_auth_failures(self, key_hash: str, since: float) -> int:
         return await self._guarded(
             lambda: self.primary.count_auth_failures(key_hash, since), "count_auth_failures"
+        )
+
+    # -- alerts: the primary's, outside the request path's breaker ---------------------------
+    # The deliverer polls on its own task and retries by itself; its calls must not open the
+    # circuit that keyed requests depend on, so they are only bounded by the timeout.
+    def _alerting(self) -> AlertStore:
+        primary = self.primary
+        if not isinstance(primary, AlertStore):
+            raise ConfigurationError(f"alerts: the store {type(primary).__name__} lacks AlertStore")
+        return primary
+
+    async def _alert_call(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await call()
+        except TimeoutError:
+            raise StoreTimeoutError(f"{what}: no answer within {self.timeout} s") from None
+
+    def configure_alerts(self, rules: Sequence[AlertRule]) -> None:
+        # Only the shared store evaluates: the rows of an outage reach it later, through
+        # the log writer's retries, and are evaluated then, once for every instance.
+        self._alerting().configure_alerts(rules)
+
+    async def alerts(self, *, since: float, limit: int = 100) -> list[Alert]:
+        store = self._alerting()
+        return await self._alert_call(lambda: store.alerts(since=since, limit=limit), "alerts")
+
+    async def pending_alerts(self, *, limit: int = 100) -> list[Alert]:
+        store = self._alerting()
+        return await self._alert_call(lambda: store.pending_alerts(limit=limit), "pending_alerts")
+
+    async def claim_alert(self, alert_id: str, owner: str, lease_ms: float) -> bool:
+        store = self._alerting()
+        return await self._alert_call(
+            lambda: store.claim_alert(alert_id, owner, lease_ms), "claim_alert"
+        )
+
+    async def mark_alert(self, alert_id: str, owner: str, outcome: AlertOutcome) -> bool:
+        store = self._alerting()
+        return await self._alert_call(
+            lambda: store.mark_alert(alert_id, owner, outcome), "mark_alert"
         )
 
     async def close(self) -> None:

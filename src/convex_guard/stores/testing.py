@@ -39,10 +39,12 @@ from typing import ClassVar
 
 import pytest
 
+from convex_guard.alerts.rules import AlertRule, WatchedLimit
 from convex_guard.core.errors import ConfigurationError, StoreConflictError
 from convex_guard.core.limits import HOUR, MINUTE, SECOND, FixedWindow, LimitResult, TokenBucket
 from convex_guard.stores.base import (
     AIRequestLog,
+    AlertStore,
     AnalyticsStore,
     AuthFailure,
     BotCheck,
@@ -439,7 +441,108 @@ class StoreContract(
         assert used is not None and used.request_count == 7 and used.last_used == now + 5
 
 
+class AlertStoreContract(_Contract):
+    """`AlertStore`: rules evaluated with `write_logs`, one alert per (kind, subject) per
+    cool-down, and delivery claims that exactly one claimer wins until its lease runs out.
+    The store must also be a `LogStore` (the rows the rules count come through it)."""
+
+    RULES = (AlertRule("auth_failures", threshold=3, window_ms=HOUR, cooldown_ms=HOUR),)
+
+    async def _failures(self, store: AlertStore, clock: ContractClock, n: int, key: str) -> None:
+        assert isinstance(store, LogStore)
+        for _ in range(n):
+            now = clock.now()
+            row = AuthFailure(key, now, "192.0.2.77", "curl/8")
+            await store.write_logs(LogBatch(id=uuid.uuid4().hex, auth_failures=[row]))
+
+    async def test_an_auth_failure_spike_opens_one_alert_per_subject_over_the_cooldown(
+        self, store: AlertStore, clock: ContractClock
+    ) -> None:
+        store.configure_alerts(self.RULES)
+        start = clock.now()
+        key = "e" * 64
+        await self._failures(store, clock, 3, key)
+        assert await store.alerts(since=start - 1) == []
+        await self._failures(store, clock, 2, key)
+        alerts = await store.alerts(since=start - 1)
+        assert sorted(a.subject for a in alerts) == ["client:192.0.2.77", f"key:{key}"]
+        for alert in alerts:
+            assert (alert.kind, alert.threshold, alert.window_ms) == ("auth_failures", 3, HOUR)
+            assert (alert.count, alert.status, alert.attempts) == (2, "pending", 0)
+            assert alert.value == 4  # read up to threshold + 1: enough to decide
+        assert {a.id for a in await store.pending_alerts()} == {a.id for a in alerts}
+        await clock.advance(HOUR)
+        await self._failures(store, clock, 4, key)
+        later = await store.alerts(since=start - 1)
+        assert len(later) == 4 and len({a.id for a in later}) == 4
+        assert later[0].last_seen >= later[-1].last_seen
+
+    async def test_a_claim_is_exclusive_until_its_lease_runs_out(
+        self, store: AlertStore, clock: ContractClock
+    ) -> None:
+        store.configure_alerts(self.RULES)
+        await self._failures(store, clock, 4, "no-key")  # no key: the client's alert only
+        [alert] = await store.pending_alerts()
+        assert alert.subject == "client:192.0.2.77"
+        assert await store.claim_alert(alert.id, "A", 2 * SECOND)
+        assert not await store.claim_alert(alert.id, "B", 2 * SECOND)
+        assert await store.pending_alerts() == []
+        await clock.advance(2 * SECOND + 1)
+        assert await store.claim_alert(alert.id, "B", MINUTE)  # A died: its lease ran out
+        assert not await store.mark_alert(alert.id, "A", "delivered")
+        assert await store.mark_alert(alert.id, "B", "retry")
+        [again] = await store.pending_alerts()
+        assert (again.id, again.attempts) == (alert.id, 2)
+        assert await store.claim_alert(alert.id, "C", MINUTE)
+        assert await store.mark_alert(alert.id, "C", "failed")
+        [done] = await store.alerts(since=0)
+        assert (done.status, done.attempts) == ("failed", 3)
+        assert not await store.claim_alert(alert.id, "D", MINUTE)
+        assert await store.pending_alerts() == []
+
+    async def test_bot_waves_and_error_rates_are_judged_over_minutes_that_ended(
+        self, store: AlertStore, clock: ContractClock
+    ) -> None:
+        assert isinstance(store, LogStore)
+        store.configure_alerts(
+            [
+                AlertRule("bot_wave", threshold=3, window_ms=MINUTE),
+                AlertRule("error_rate", threshold=0.5, window_ms=2 * MINUTE, min_requests=4),
+            ]
+        )
+        if clock.now() % MINUTE > 55 * SECOND:  # the minute must not end while this runs
+            await clock.advance(6 * SECOND)
+        ended = clock.now() // MINUTE * MINUTE  # the start of this minute: the last one ended
+        provider = f"p-{uuid.uuid4().hex[:8]}"
+        bots = [
+            BotEvent(ended - 1000 - i, f"fp-w{i}", "192.0.2.8", "x", "bot_useragent", "allowed")
+            for i in range(4)
+        ]
+        rows = [ai_row(ended - 2 * SECOND, provider, i == 0, 5.0, 1, 0.0) for i in range(4)]
+        await store.write_logs(LogBatch(id=uuid.uuid4().hex, ai_requests=rows, bot_events=bots))
+        found = {(a.kind, a.subject): a.value for a in await store.alerts(since=0)}
+        assert found == {("bot_wave", "all"): 4, ("error_rate", f"provider:{provider}"): 0.75}
+
+    async def test_a_watched_limit_near_exhaustion_alerts(
+        self, store: AlertStore, clock: ContractClock
+    ) -> None:
+        assert isinstance(store, LimitStore) and isinstance(store, LogStore)
+        name, key = f"perKey-{uuid.uuid4().hex[:8]}", "key-1"
+        config = FixedWindow(rate=10, period=HOUR, start=clock.now())
+        watched = WatchedLimit(name, config, key)
+        rule = AlertRule("limit_exhaustion", threshold=0.8, window_ms=HOUR, limits=(watched,))
+        store.configure_alerts([rule])
+        for spent in (8, 1):
+            for _ in range(spent):
+                assert (await store.limit(name, config, key=key)).ok
+            await store.write_logs(LogBatch(id=uuid.uuid4().hex))
+        [alert] = await store.alerts(since=0)
+        assert (alert.kind, alert.subject) == ("limit_exhaustion", f"limit:{name}:{key}")
+        assert (alert.value, alert.threshold, alert.window_ms) == (0.9, 0.8, HOUR)
+
+
 __all__ = [
+    "AlertStoreContract",
     "AnalyticsStoreContract",
     "BotStoreContract",
     "ContractClock",
