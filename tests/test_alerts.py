@@ -27,7 +27,8 @@ from starlette.routing import Route
 from convex_guard import ConvexStore, GuardMiddleware, GuardSettings, MemoryStore, generate_key
 from convex_guard.alerts import DEFAULT_RULES, AlertRule
 from convex_guard.alerts.deliver import AlertDeliverer, AlertSettings, alert_body
-from convex_guard.alerts.rules import (
+from convex_guard.cli import main as cli_main
+from convex_guard.core.alerts import (
     MAX_COUNT_THRESHOLD,
     WatchedLimit,
     evaluate,
@@ -35,7 +36,6 @@ from convex_guard.alerts.rules import (
     spent,
     window,
 )
-from convex_guard.cli import main as cli_main
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.limits import HOUR, MINUTE, FixedWindow, TokenBucket
 from convex_guard.stores.base import Alert, AuthFailure, LogBatch

@@ -1,18 +1,12 @@
-"""Anomaly alerts: rules the stores evaluate (`rules`), and their delivery (`deliver`).
+"""Anomaly alerts: the rules (`core.alerts`, evaluated by the stores) and their delivery.
 
-`rules` is sans-IO and imports only the core, so the stores can evaluate it; `deliver`
-imports the stores. Only the rules are imported eagerly, so a store importing them never
-imports the deliverer (and httpx) back.
+The rules are sans-IO and live in the core, so the stores evaluate them where the rows are
+written; the deliverer here reads what the stores raised and posts it, exactly once across
+instances.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-from convex_guard.alerts.rules import DEFAULT_RULES, AlertKind, AlertRule, Finding
-
-if TYPE_CHECKING:
-    from convex_guard.alerts.deliver import AlertDeliverer, AlertSettings
+from convex_guard.alerts.deliver import AlertDeliverer, AlertSettings
+from convex_guard.core.alerts import DEFAULT_RULES, AlertKind, AlertRule, Finding, WatchedLimit
 
 __all__ = [
     "DEFAULT_RULES",
@@ -21,12 +15,5 @@ __all__ = [
     "AlertRule",
     "AlertSettings",
     "Finding",
+    "WatchedLimit",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in ("AlertDeliverer", "AlertSettings"):
-        from convex_guard.alerts import deliver
-
-        return getattr(deliver, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

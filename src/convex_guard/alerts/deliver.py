@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from convex_guard.alerts.rules import DEFAULT_RULES, AlertRule
+from convex_guard.core.alerts import DEFAULT_RULES, AlertRule
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.logs import ThrottledLog, logger
 from convex_guard.core.settings import redact_url

@@ -13,7 +13,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from convex_guard.alerts.rules import (
+from convex_guard.core.alerts import (
     ALL_CLIENTS,
     MAX_SUBJECTS,
     AlertKind,

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import SecretStr
 
-from convex_guard.alerts.rules import AlertRule
+from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import (
     ConfigurationError,
     ConvexAuthError,

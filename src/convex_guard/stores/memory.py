@@ -13,7 +13,7 @@ from dataclasses import fields, replace
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
-from convex_guard.alerts.rules import AlertRule
+from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.keys import ApiKeyKind
 from convex_guard.core.limits import (

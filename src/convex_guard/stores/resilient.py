@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from convex_guard.alerts.rules import AlertRule
+from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import (
     ConfigurationError,
     StoreAnswerError,

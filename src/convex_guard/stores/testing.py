@@ -39,7 +39,7 @@ from typing import ClassVar
 
 import pytest
 
-from convex_guard.alerts.rules import AlertRule, WatchedLimit
+from convex_guard.core.alerts import AlertRule, WatchedLimit
 from convex_guard.core.errors import ConfigurationError, StoreConflictError
 from convex_guard.core.limits import HOUR, MINUTE, SECOND, FixedWindow, LimitResult, TokenBucket
 from convex_guard.stores.base import (
