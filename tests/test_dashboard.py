@@ -1,0 +1,307 @@
+"""The dashboard: its token, its snapshot's figures, its live updates, no key ever shown.
+
+Every test serves the dashboard with uvicorn (`serve`) and talks to it over HTTP, against a
+MemoryStore and against ConvexStore on the loopback Convex server, with known rows; one test
+drives the page itself in Debian's chromium through Playwright.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+
+import httpx
+import pytest
+
+from convex_guard import MemoryStore
+from convex_guard.dashboard import Dashboard, app, parse_window, window_range
+from convex_guard.stores.base import (
+    AIRequestLog,
+    AuthFailure,
+    BotEvent,
+    KeyUsage,
+    LogBatch,
+    histogram_percentile,
+)
+from convex_guard.stores.convex import ConvexStore
+from convex_guard.stores.keys import ApiKeys, CreatedKey
+
+from .conftest import ConvexTestServer, serve
+
+MINUTE = 60_000
+TOKEN = "t0ken-for-the-dashboard-tests"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+#: A fixed "now", mid-minute, so that every row falls in the bucket it is meant for.
+NOW = (time.time() * 1000 // MINUTE) * MINUTE + 30_000
+
+
+def ai(
+    at: float, provider: str, latency: float, tokens: int, cost: float, error: str | None = None
+) -> AIRequestLog:
+    return AIRequestLog(
+        timestamp=at,
+        provider=provider,
+        model="m",
+        fingerprint="fp",
+        ip="198.51.100.7",
+        success=error is None,
+        latency_ms=latency,
+        tokens_used=tokens,
+        cost=cost,
+        error=error,
+    )
+
+
+def known_rows(now: float, key_id: str) -> LogBatch:
+    """7 requests (4 succeed; a limit, a key and a bot refusal), 3 bot events, 3 failures."""
+    return LogBatch(
+        id=uuid.uuid4().hex,
+        ai_requests=[
+            ai(now - 5 * MINUTE, "openai", 20, 10, 0.10),
+            ai(now - 4 * MINUTE, "openai", 40, 20, 0.20),
+            ai(now - 3 * MINUTE, "openai", 80, 30, 0.30),
+            ai(now - 2 * MINUTE, "openai", 900, 0, 0.0, "rate_limited:requests"),
+            ai(now - 1 * MINUTE, "openai", 5, 0, 0.0, "api_key_missing"),
+            ai(now - 2 * MINUTE, "anthropic", 300, 5, 0.05),
+            ai(now, "anthropic", 3000, 0, 0.0, "bot_blocked"),
+        ],
+        bot_events=[
+            BotEvent(now - MINUTE, "fp-1", "203.0.113.9", "curl/8", "bot_useragent", "blocked"),
+            BotEvent(now - MINUTE + 1, "fp-1", "203.0.113.9", "curl/8", "bot_useragent", "blocked"),
+            BotEvent(now, "fp-2", "203.0.113.10", "GPTBot/1", "ai_scraper", "challenged"),
+        ],
+        auth_failures=[
+            AuthFailure("f" * 64, now - MINUTE + i, "203.0.113.9", "curl/8") for i in range(3)
+        ],
+        key_usage=[KeyUsage(key_id, now, 7)],
+    )
+
+
+def more_rows(now: float) -> LogBatch:
+    return LogBatch(
+        id=uuid.uuid4().hex,
+        ai_requests=[ai(now, "openai", 30, 1, 0.01) for _ in range(3)],
+    )
+
+
+async def seeded(store: Any) -> CreatedKey:
+    created = await ApiKeys(store).create("billing-service", owner="team-a")
+    await store.write_logs(known_rows(NOW, created.record.id))
+    return created
+
+
+def check_known_figures(snap: dict[str, Any]) -> None:
+    assert snap["bucketMs"] == MINUTE and snap["end"] - snap["start"] == 15 * MINUTE
+    totals = snap["totals"]
+    assert totals["requests"] == 7
+    assert totals["successRate"] == pytest.approx(4 / 7)
+    assert (totals["p50"], totals["p95"]) == (100, 5000)
+    assert totals["tokens"] == 65 and totals["cost"] == pytest.approx(0.65)
+    assert (totals["authFailures"], totals["botEvents"]) == (3, 3)
+    by_name = {p["provider"]: p for p in snap["providers"]}
+    assert sorted(by_name) == ["anthropic", "openai"]
+    openai = by_name["openai"]
+    assert openai["requests"][-6:] == [1, 1, 1, 1, 1, 0]
+    assert (openai["p50"], openai["p95"], openai["tokens"]) == (50, 1000, 60)
+    assert (by_name["anthropic"]["p50"], by_name["anthropic"]["p95"]) == (500, 5000)
+    assert snap["refusals"] == {"limit": 1, "bot": 1, "key": 1, "budget": 0}
+    assert snap["botEvents"] == [
+        {"type": "ai_scraper", "action": "challenged", "count": 1},
+        {"type": "bot_useragent", "action": "blocked", "count": 2},
+    ]
+    assert snap["botSeries"][-2:] == [2, 1] and snap["authFailures"][-2:] == [3, 0]
+    assert [(k["name"], k["requests"]) for k in snap["topKeys"]] == [("billing-service", 7)]
+
+
+@pytest.fixture
+def memory() -> Iterator[tuple[MemoryStore, CreatedKey]]:
+    store = MemoryStore()
+    created = asyncio.run(seeded(store))
+    yield store, created
+
+
+def dashboard(store: Any, **options: Any) -> Dashboard:
+    return app(store, token=TOKEN, window=15 * MINUTE, clock=lambda: NOW, **options)
+
+
+# -- the token --------------------------------------------------------------------------------
+
+
+def test_every_route_is_a_bare_401_without_the_right_token(
+    memory: tuple[MemoryStore, CreatedKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, _ = memory
+    caplog.set_level(logging.WARNING, "convex_guard.dashboard")
+    with serve(dashboard(store)) as server, httpx.Client(base_url=server.url) as client:
+        answers = []
+        for path in ("/", "/static/app.js", "/api/snapshot", "/api/events", "/nowhere"):
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong-token-of-some-length"},
+                {"Authorization": f"Basic {TOKEN}"},
+                {"Cookie": "dashboard_token=wrong"},
+                {"Authorization": f"Bearer {TOKEN[:-1]}"},
+            ):
+                answers.append(client.get(path, headers=headers))
+            answers.append(client.get(f"{path}?token=nope"))
+        assert {r.status_code for r in answers} == {401}
+        assert {r.content for r in answers} == {b'{"title":"Unauthorized","status":401}'}
+        assert all(r.headers["www-authenticate"] == 'Bearer realm="dashboard"' for r in answers)
+        # The right token, after all the wrong ones: nothing was locked or cached.
+        assert client.get("/api/snapshot", headers=BEARER).status_code == 200
+    assert "Dashboard refused GET /api/snapshot from 127.0.0.1: a wrong token" in caplog.text
+    assert TOKEN not in caplog.text and "nope" not in caplog.text
+
+
+def test_the_token_in_the_address_becomes_a_cookie(memory: tuple[MemoryStore, CreatedKey]) -> None:
+    store, _ = memory
+    with serve(dashboard(store)) as server, httpx.Client(base_url=server.url) as client:
+        first = client.get(f"/?token={TOKEN}")
+        assert first.status_code == 303 and first.headers["location"] == "/"
+        cookie = first.headers["set-cookie"]
+        assert f"dashboard_token={TOKEN}" in cookie and "HttpOnly" in cookie
+        assert "samesite=strict" in cookie.lower()
+        assert first.headers["referrer-policy"] == "no-referrer"
+        page = client.get("/")  # the client kept the cookie
+        assert page.status_code == 200 and "<title>convex-guard dashboard</title>" in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
+        assert client.get("/static/missing.js").status_code == 404
+
+
+def test_a_generated_token_is_long_and_never_in_the_repr() -> None:
+    board = app(MemoryStore())
+    assert len(board.token) >= 32 and board.token not in repr(board)
+    assert app(MemoryStore()).token != board.token
+    with pytest.raises(ValueError, match="at least 16"):
+        app(MemoryStore(), token="short")
+
+
+# -- the snapshot -----------------------------------------------------------------------------
+
+
+def test_snapshot_figures_from_a_memory_store(memory: tuple[MemoryStore, CreatedKey]) -> None:
+    store, created = memory
+    with serve(dashboard(store)) as server, httpx.Client(base_url=server.url) as client:
+        answer = client.get("/api/snapshot", headers=BEARER)
+        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+        check_known_figures(answer.json())
+        page = (
+            client.get("/", headers=BEARER).text + client.get("/static/app.js", headers=BEARER).text
+        )
+    # Neither the key nor its hash, anywhere the dashboard answers.
+    for secret in (created.key, created.record.key_hash):
+        assert secret not in answer.text and secret not in page
+
+
+def test_bad_windows_are_a_400_with_a_reason(
+    memory: tuple[MemoryStore, CreatedKey], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, _ = memory
+    caplog.set_level(logging.WARNING, "convex_guard.dashboard")
+    with (
+        serve(dashboard(store)) as server,
+        httpx.Client(base_url=server.url, headers=BEARER) as client,
+    ):
+        for window in ("0m", "31d", "1y", "-1h", "1h;drop", "9" * 50 + "m"):
+            for path in ("/api/snapshot", "/api/events"):
+                answer = client.get(path, params={"window": window})
+                assert answer.status_code == 400, (path, window)
+                assert answer.json()["detail"].startswith("window must be")
+        assert client.get("/api/snapshot", params={"window": "6h"}).json()["bucketMs"] == 6 * MINUTE
+    assert "Dashboard: bad window '1y'" in caplog.text
+
+
+def test_windows_and_buckets() -> None:
+    assert parse_window("15m") == 15 * MINUTE and parse_window(None) == 60 * MINUTE
+    assert window_range(60 * MINUTE, NOW) == (NOW - 30_000 - 59 * MINUTE, NOW + 30_000, MINUTE)
+    start, end, bucket = window_range(7 * 24 * 60 * MINUTE, NOW)
+    assert bucket == 3 * 60 * MINUTE and (end - start) / bucket == 56 and end > NOW
+    assert histogram_percentile([0] * 12, 0.5) == 0
+
+
+# -- live ------------------------------------------------------------------------------------
+
+
+def snapshots(client: httpx.Client, path: str, timeout: float) -> Iterator[dict[str, Any]]:
+    """The `snapshot` events of an event stream, as they come."""
+    with client.stream("GET", path, headers=BEARER, timeout=timeout) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "snapshot":
+                yield json.loads(line[6:])
+
+
+def test_events_push_a_new_snapshot_after_new_rows_on_memory(
+    memory: tuple[MemoryStore, CreatedKey],
+) -> None:
+    store, _ = memory
+    with (
+        serve(dashboard(store, poll_interval=0.05)) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        updates = snapshots(client, "/api/events", timeout=5)
+        check_known_figures(next(updates))
+        asyncio.run(store.write_logs(more_rows(NOW)))
+        assert next(updates)["totals"]["requests"] == 10
+        updates.close()
+
+
+@pytest.fixture
+def convex(convex_server: ConvexTestServer) -> Iterator[tuple[ConvexTestServer, CreatedKey]]:
+    convex_server.reset()
+
+    async def seed() -> CreatedKey:
+        store = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
+        try:
+            return await seeded(store)
+        finally:
+            await store.close()
+
+    yield convex_server, asyncio.run(seed())
+
+
+def test_snapshot_and_live_updates_on_convex(convex: tuple[ConvexTestServer, CreatedKey]) -> None:
+    server_, created = convex
+    store = ConvexStore(server_.url, server_.admin_key, timeout=10)
+    with (
+        serve(dashboard(store, throttle=0.05)) as server,
+        httpx.Client(base_url=server.url) as client,
+    ):
+        answer = client.get("/api/snapshot", headers=BEARER)
+        check_known_figures(answer.json())
+        assert created.key not in answer.text and created.record.key_hash not in answer.text
+        assert server_.admin_key not in answer.text
+        # Pushed by the subscription, not polled: the poll interval is far longer than the wait.
+        updates = snapshots(client, "/api/events", timeout=20)
+        check_known_figures(next(updates))
+
+        async def write() -> None:
+            writer = ConvexStore(server_.url, server_.admin_key, timeout=10)
+            try:
+                await writer.write_logs(more_rows(NOW))
+            finally:
+                await writer.close()
+
+        asyncio.run(write())
+        assert next(updates)["totals"]["requests"] == 10
+        updates.close()
+
+
+def test_the_static_files_ship_in_the_package() -> None:
+    static = resources.files("convex_guard.dashboard") / "static"
+    names = {entry.name for entry in static.iterdir()}
+    assert {"index.html", "app.js", "app.css"} <= names
+    html = (static / "index.html").read_text()
+    # Nothing fetched from elsewhere at run time.
+    assert "http" not in html.replace('"http://www.w3.org', "")
