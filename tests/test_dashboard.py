@@ -10,6 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -305,3 +311,37 @@ def test_the_static_files_ship_in_the_package() -> None:
     html = (static / "index.html").read_text()
     # Nothing fetched from elsewhere at run time.
     assert "http" not in html.replace('"http://www.w3.org', "")
+
+
+def test_the_cli_serves_the_dashboard_and_prints_where(
+    convex: tuple[ConvexTestServer, CreatedKey],
+) -> None:
+    server_, created = convex
+    env = {
+        **os.environ,
+        "CONVEX_SELF_HOSTED_URL": server_.url,
+        "CONVEX_SELF_HOSTED_ADMIN_KEY": server_.admin_key,
+    }
+    env.pop("CONVEX_GUARD_DASHBOARD_TOKEN", None)
+    command = [sys.executable, "-m", "convex_guard.cli", "dashboard", "--port", "0"]
+    process = subprocess.Popen(
+        [*command, "--window", "15m"], stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert process.stderr is not None
+        ready, _, _ = select.select([process.stderr], [], [], 20)
+        assert ready, "the dashboard printed no address"
+        line = process.stderr.readline()
+        found = re.search(r"at (http://127\.0\.0\.1:\d+/)\?token=([\w-]{32,})$", line.strip())
+        assert found is not None, line
+        with httpx.Client(base_url=found.group(1), follow_redirects=True) as client:
+            page = client.get("/", params={"token": found.group(2)})
+            assert page.status_code == 200 and page.url.query == b""
+            answer = client.get("/api/snapshot", params={"window": "15m"})
+        assert answer.json()["totals"]["requests"] == 7
+        assert created.key not in answer.text
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=15)
+    assert process.returncode in (0, 130)
+    assert server_.admin_key not in line + rest
