@@ -16,10 +16,12 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -345,3 +347,83 @@ def test_the_cli_serves_the_dashboard_and_prints_where(
         _, rest = process.communicate(timeout=15)
     assert process.returncode in (0, 130)
     assert server_.admin_key not in line + rest
+
+
+# -- in a real browser ----------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make test` when missing
+
+
+@pytest.mark.slow  # 5-8 s: chromium's start and two waits for the page
+def test_the_page_in_chromium_shows_the_figures_and_follows_new_rows(
+    memory: tuple[MemoryStore, CreatedKey], tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    store, created = memory
+    with (
+        serve(dashboard(store, poll_interval=0.1)) as server,
+        sync_playwright() as playwright,
+    ):
+        # Root in a container has no user namespace for chromium's sandbox.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1500})
+            # The page runs under its own CSP (no eval): Playwright's locator assertions do
+            # too, where `wait_for_function` would not.
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(f"{server.url}/?token={TOKEN}")
+            assert page.url == f"{server.url}/"  # the token left the address bar
+            expect(page.locator("#tile-requests")).to_have_text("7")
+            tiles = {
+                name: page.text_content(f"#tile-{name}")
+                for name in ("success", "p50", "p95", "tokens", "cost", "auth", "bots")
+            }
+            assert tiles == {
+                "success": "57.1%",
+                "p50": "100 ms",
+                "p95": "5,000 ms",
+                "tokens": "65",
+                "cost": "$0.6500",
+                "auth": "3",
+                "bots": "3",
+            }
+
+            def value(key: str) -> str | None:
+                return page.get_attribute(f'[data-key="{key}"]', "data-value")
+
+            assert [value(f"refusals/{r}") for r in ("limit", "bot", "key", "budget")] == [
+                "1",
+                "1",
+                "1",
+                "0",
+            ]
+            assert value("bots/bot_useragent/blocked") == "2"
+            assert value("bots/ai_scraper/challenged") == "1"
+            assert page.text_content('[data-key="p95/openai"] .value') == "1,000 ms"
+            assert page.text_content('[data-key="success/anthropic"] .value') == "50%"
+            assert page.text_content('[data-key="tokens/openai"] .value') == "60"
+            label = f"billing-service ({created.record.prefix}…)"
+            assert page.text_content(f'[data-key="keys/{created.record.id}"] text') == label
+            line = '[data-key="rpm/openai"]'
+            assert page.get_attribute(line, "data-total") == "5"
+            points = page.get_attribute(line, "points")
+            expect(page.locator("#status")).to_have_class(re.compile(r"\blive\b"))
+
+            # Playwright's sync API runs a loop of its own here: write from another thread.
+            writing = threading.Thread(target=asyncio.run, args=(store.write_logs(more_rows(NOW)),))
+            writing.start()
+            writing.join()
+            expect(page.locator(line)).to_have_attribute("data-total", "8")
+            assert page.get_attribute(line, "points") != points  # the chart was redrawn
+            assert page.text_content("#tile-requests") == "10"
+            shot = tmp_path / "dashboard.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 20_000
+            html = page.content()
+            assert created.key not in html and created.record.key_hash not in html
+            assert errors == []
+        finally:
+            browser.close()

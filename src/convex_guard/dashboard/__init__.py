@@ -54,6 +54,7 @@ _UNITS = {"m": MINUTE, "h": HOUR, "d": DAY}
 _ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
     "app.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 _SECURITY_HEADERS = {
     "Cache-Control": "no-store",

@@ -31,6 +31,13 @@
   const fmtMs = (n) => `${fmt(n)} ms`;
   const fmtCost = (n) => `$${n.toFixed(n !== 0 && Math.abs(n) < 1 ? 4 : 2)}`;
 
+  /** Draw at the box's own width, so that text keeps its size whatever the layout. */
+  const widthOf = (id, fallback) => Math.max(280, Math.floor($(id).clientWidth) || fallback);
+
+  /** Room for the longest label (about 6.5 px a character at 11 px), at most a third. */
+  const labelWidth = (labels, width) =>
+    Math.min(width / 3, Math.max(80, 12 + 6.5 * Math.max(...labels.map((l) => l.length))));
+
   function replace(id, node) {
     const box = $(id);
     box.replaceChildren(node);
@@ -56,8 +63,9 @@
 
   /** Horizontal bars: items [{key, label, value, text, color}], scaled to `max` (or the largest). */
   function bars(id, items, max) {
-    const W = 560, ROW = 24, LABEL = 170, VALUE = 90;
+    const W = widthOf(id, 560), ROW = 24, VALUE = 90;
     if (items.length === 0) return replace(id, empty(W, 60));
+    const LABEL = labelWidth(items.map((i) => i.label), W);
     const top = max || Math.max(...items.map((i) => i.value)) || 1;
     const root = svg("svg", { viewBox: `0 0 ${W} ${items.length * ROW + 4}` });
     items.forEach((item, n) => {
@@ -74,8 +82,9 @@
 
   /** Stacked horizontal bars: groups [{key, label, parts: [{name, value, color}]}]. */
   function stacked(id, groups) {
-    const W = 560, ROW = 24, LABEL = 170, VALUE = 60;
+    const W = widthOf(id, 560), ROW = 24, VALUE = 60;
     if (groups.length === 0) return replace(id, empty(W, 60));
+    const LABEL = labelWidth(groups.map((g) => g.label), W);
     const totals = groups.map((g) => g.parts.reduce((s, p) => s + p.value, 0));
     const top = Math.max(...totals) || 1;
     const root = svg("svg", { viewBox: `0 0 ${W} ${groups.length * ROW + 4}` });
@@ -99,7 +108,7 @@
 
   /** Lines over the snapshot's buckets: series [{key, name, values, color}]. */
   function lines(id, snap, series, unit) {
-    const W = 960, H = 220, L = 48, R = 12, T = 10, B = 24;
+    const W = widthOf(id, 960), H = 220, L = 48, R = 12, T = 10, B = 24;
     const n = series.length ? series[0].values.length : 0;
     if (n === 0) return replace(id, empty(W, H));
     const top = Math.max(1, ...series.flatMap((s) => s.values));
@@ -112,11 +121,12 @@
       axis.append(svg("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "gridline" }));
       axis.append(svg("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end" }, decimal.format(v)));
     }
-    for (const i of [0, Math.floor((n - 1) / 2), n - 1]) {
+    const anchors = ["start", "middle", "end"];
+    [0, Math.floor((n - 1) / 2), n - 1].forEach((i, k) => {
       const at = new Date(snap.start + i * snap.bucketMs);
       const label = snap.bucketMs >= 3600000 ? at.toLocaleString([], { month: "short", day: "numeric", hour: "2-digit" }) : at.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
-      axis.append(svg("text", { x: x(i), y: H - 6, "text-anchor": "middle" }, label));
-    }
+      axis.append(svg("text", { x: x(i), y: H - 6, "text-anchor": anchors[k] }, label));
+    });
     root.append(axis);
     for (const s of series) {
       const points = s.values.map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
@@ -128,7 +138,10 @@
     replace(id, root);
   }
 
+  let shown = null;
+
   function render(snap) {
+    shown = snap;
     const t = snap.totals;
     $("tile-requests").textContent = fmt(t.requests);
     $("tile-success").textContent = t.requests ? fmtRate(t.successRate) : "–";
@@ -257,5 +270,10 @@
       });
     }
     start();
+  });
+  let resizing = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(() => shown && render(shown), 150);
   });
 })();
