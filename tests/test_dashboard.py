@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -237,7 +237,9 @@ def test_windows_and_buckets() -> None:
 # -- live ------------------------------------------------------------------------------------
 
 
-def snapshots(client: httpx.Client, path: str, timeout: float) -> Iterator[dict[str, Any]]:
+def snapshots(
+    client: httpx.Client, path: str, timeout: float
+) -> Generator[dict[str, Any], None, None]:
     """The `snapshot` events of an event stream, as they come."""
     with client.stream("GET", path, headers=BEARER, timeout=timeout) as stream:
         assert stream.status_code == 200
