@@ -429,3 +429,18 @@ def test_the_page_in_chromium_shows_the_figures_and_follows_new_rows(
             assert errors == []
         finally:
             browser.close()
+
+
+def test_mounted_under_a_path(memory: tuple[MemoryStore, CreatedKey]) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    store, _ = memory
+    site = Starlette(routes=[Mount("/ops/dashboard", app=dashboard(store))])
+    with serve(site) as server, httpx.Client(base_url=server.url) as client:
+        first = client.get(f"/ops/dashboard/?token={TOKEN}")
+        assert first.status_code == 303 and first.headers["location"] == "/ops/dashboard/"
+        assert "Path=/ops/dashboard/" in first.headers["set-cookie"]
+        assert client.get("/ops/dashboard/").status_code == 200
+        assert client.get("/ops/dashboard/api/snapshot").json()["totals"]["requests"] == 7
+        assert client.get("/ops/dashboard/static/app.css").status_code == 200

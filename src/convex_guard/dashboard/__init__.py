@@ -172,7 +172,7 @@ class Dashboard:
                 headers={"WWW-Authenticate": 'Bearer realm="dashboard"', **_SECURITY_HEADERS},
                 media_type="application/problem+json",
             )
-        elif from_query and scope["path"] in ("", "/") and scope["method"] == "GET":
+        elif from_query and _route_path(scope) in ("", "/") and scope["method"] == "GET":
             # Trade the token in the address for a cookie, and drop it from the address bar.
             root = scope.get("root_path", "") + "/"
             response = RedirectResponse(root, status_code=303, headers=_SECURITY_HEADERS)
@@ -308,6 +308,14 @@ class Dashboard:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _route_path(scope: Scope) -> str:
+    """The path inside this app: mounted (`Mount("/ops", app)`), the full path starts with
+    the mount's `root_path`."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 def _encode(snapshot: DashboardSnapshot) -> bytes:
