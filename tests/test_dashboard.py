@@ -8,6 +8,7 @@ drives the page itself in Debian's chromium through Playwright.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -28,17 +29,21 @@ import httpx
 import pytest
 
 from convex_guard import MemoryStore
+from convex_guard.cli import main
+from convex_guard.core.errors import StoreUnavailableError
 from convex_guard.dashboard import Dashboard, app, parse_window, window_range
 from convex_guard.stores.base import (
     AIRequestLog,
     AuthFailure,
     BotEvent,
+    DashboardSnapshot,
     KeyUsage,
     LogBatch,
     histogram_percentile,
 )
 from convex_guard.stores.convex import ConvexStore
 from convex_guard.stores.keys import ApiKeys, CreatedKey
+from convex_guard.stores.resilient import ResilientStore
 
 from .conftest import ConvexTestServer, serve
 
@@ -444,3 +449,56 @@ def test_mounted_under_a_path(memory: tuple[MemoryStore, CreatedKey]) -> None:
         assert client.get("/ops/dashboard/").status_code == 200
         assert client.get("/ops/dashboard/api/snapshot").json()["totals"]["requests"] == 7
         assert client.get("/ops/dashboard/static/app.css").status_code == 200
+
+
+def test_the_cli_in_process_with_a_token_of_yours(
+    memory: tuple[MemoryStore, CreatedKey], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = memory
+    monkeypatch.setenv("CONVEX_GUARD_DASHBOARD_TOKEN", TOKEN)
+    err = io.StringIO()
+    seen: dict[str, Any] = {}
+
+    def visit() -> None:
+        try:
+            deadline = time.monotonic() + 10
+            while "dashboard of" not in err.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            seen["line"] = err.getvalue()
+            found = re.search(r"at (http://127\.0\.0\.1:\d+/)$", seen["line"].strip())
+            assert found is not None
+            with httpx.Client(base_url=found.group(1), headers=BEARER) as client:
+                seen["snapshot"] = client.get("/api/snapshot", params={"window": "15m"}).json()
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    visitor = threading.Thread(target=visit)
+    visitor.start()
+    code = main(["dashboard", "--port", "0"], store=store, stderr=err)
+    visitor.join(10)
+    assert code in (0, 130), err.getvalue()
+    assert TOKEN not in seen["line"]  # a token you gave is yours to hand on
+    assert seen["snapshot"]["totals"]["requests"] == 7
+
+
+class FailingStore(MemoryStore):
+    async def dashboard(self, start: float, end: float, bucket_ms: float) -> DashboardSnapshot:
+        raise StoreUnavailableError("down at http://***@store.example")
+
+
+def test_a_store_that_fails_is_a_503_and_an_unavailable_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "convex_guard.dashboard")
+    board = dashboard(ResilientStore(FailingStore()))
+    with serve(board) as server, httpx.Client(base_url=server.url, headers=BEARER) as client:
+        answer = client.get("/api/snapshot")
+        assert answer.status_code == 503
+        assert answer.json() == {
+            "title": "Store unavailable",
+            "status": 503,
+            "detail": "The store did not answer; retry shortly.",
+        }
+        events = client.get("/api/events", timeout=5)
+        assert events.status_code == 200 and events.text == "event: unavailable\ndata: {}\n\n"
+    assert "the store failed" in caplog.text
