@@ -2,6 +2,13 @@
 // by the batch mutation), bot events, auth failures and key usage, with capped reads.
 import { beforeEach, describe, expect, test } from "vitest";
 import { internal } from "../convex/_generated/api";
+import {
+  AUTH_FAILURE_READ_CAP,
+  BOT_EVENT_READ_CAP,
+  KEY_READ_CAP,
+  ROLLUP_READ_CAP,
+  USAGE_READ_CAP,
+} from "../convex/dashboard";
 import { LATENCY_BOUNDS_MS, latencyBucket, refusalReason } from "../convex/lib/logs";
 import type { AIRequest } from "../convex/lib/validators";
 import { newDeployment, T0, type Deployment } from "./setup";
@@ -139,4 +146,51 @@ describe("snapshot", () => {
       await expect(t.query(internal.dashboard.snapshot, args)).rejects.toThrow();
     }
   });
+
+  test(
+    "every cap reached at once: one query within Convex's read limits, truncated",
+    { timeout: 120_000 },
+    async () => {
+      const chunks = async (n: number, insert: (i: number, ctx: any) => Promise<unknown>) => {
+        for (let from = 0; from < n; from += 2_000) {
+          await t.run(async (ctx) => {
+            for (let i = from; i < Math.min(n, from + 2_000); i++) await insert(i, ctx);
+          });
+        }
+      };
+      const sums = { requests: 1, successes: 1, latencySum: 5, tokens: 1, cost: 0 };
+      await chunks(ROLLUP_READ_CAP + 1, (i, ctx) =>
+        ctx.db.insert("providerRollups", { provider: `p${i % 7}`, writer: `w${i}`, minute: T0 + (i % 60) * MIN, ...sums }),
+      );
+      await chunks(BOT_EVENT_READ_CAP + 1, (i, ctx) =>
+        ctx.db.insert("botDetectionEvents", {
+          timestamp: T0 + (i % 60) * MIN, fingerprint: `f${i}`, ip: "192.0.2.1",
+          userAgent: "x".repeat(200), detectionType: "ai_scraper", action: "blocked",
+        }),
+      );
+      await chunks(AUTH_FAILURE_READ_CAP + 1, (i, ctx) =>
+        ctx.db.insert("embeddingAuthFailures", { keyHash: "k".repeat(64), timestamp: T0 + (i % 60) * MIN, userAgent: "y".repeat(200) }),
+      );
+      const base = { prefix: "cg_", scopes: ["a", "b"], createdAt: T0, requestCount: 1, active: true };
+      await chunks(KEY_READ_CAP + 1, (i, ctx) => ctx.db.insert("apiKeys", { ...base, key: `${i}`.padStart(64, "0"), name: `k${i}` }));
+      await chunks(KEY_READ_CAP + 1, (i, ctx) =>
+        ctx.db.insert("embeddingApiKeys", { ...base, keyHash: `${i}`.padStart(64, "1"), name: `e${i}` }),
+      );
+      await chunks(USAGE_READ_CAP + 1, (i, ctx) =>
+        ctx.db.insert("apiKeyUsage", { keyId: `missing${i}`, writer: "w", requests: 1, lastUsed: T0, updatedAt: T0 + i }),
+      );
+      const snap = await t.query(internal.dashboard.snapshot, { start: T0, end: T0 + 60 * MIN, bucketMs: MIN });
+      expect(snap.truncated).toBe(true);
+      const requests = snap.providers.reduce((n, p) => n + p.requests.reduce((a, b) => a + b, 0), 0);
+      expect(requests).toBe(ROLLUP_READ_CAP);
+      expect(snap.botSeries.reduce((a, b) => a + b, 0)).toBe(BOT_EVENT_READ_CAP);
+      expect(snap.authFailures.reduce((a, b) => a + b, 0)).toBe(AUTH_FAILURE_READ_CAP);
+      expect(snap.topKeys).toHaveLength(10);
+      // What the query read at most (each cap, plus the one row that tells it was reached):
+      // under the backend's 16,384 documents per query, which convex-test does not hold to.
+      const reads =
+        ROLLUP_READ_CAP + BOT_EVENT_READ_CAP + AUTH_FAILURE_READ_CAP + 2 * KEY_READ_CAP + USAGE_READ_CAP + 5;
+      expect(reads).toBeLessThan(16_384);
+    },
+  );
 });
