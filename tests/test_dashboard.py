@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -502,3 +502,29 @@ def test_a_store_that_fails_is_a_503_and_an_unavailable_event(
         events = client.get("/api/events", timeout=5)
         assert events.status_code == 200 and events.text == "event: unavailable\ndata: {}\n\n"
     assert "the store failed" in caplog.text
+
+
+class BurstStore(MemoryStore):
+    """A store whose subscription pushes 20 changes in 0.1 s, then nothing."""
+
+    async def watch_dashboard(
+        self, start: float, end: float, bucket_ms: float
+    ) -> AsyncIterator[DashboardSnapshot]:
+        for _ in range(20):
+            await self.write_logs(more_rows(NOW))
+            yield await self.dashboard(start, end, bucket_ms)
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(60)
+
+
+def test_a_burst_of_pushes_reaches_the_page_as_the_first_and_the_latest() -> None:
+    board = dashboard(BurstStore(), throttle=0.3, poll_interval=0.01)
+    with serve(board) as server, httpx.Client(base_url=server.url) as client:
+        updates = snapshots(client, "/api/events", timeout=1.5)
+        # The first push goes at once (3 rows, or a few more on a busy machine), the 19 others
+        # within the next 0.3 s as one: the latest.
+        assert next(updates)["totals"]["requests"] < 60
+        assert next(updates)["totals"]["requests"] == 60
+        with pytest.raises(httpx.ReadTimeout):
+            next(updates)  # and nothing since, though the store is polled every 10 ms
+        updates.close()
