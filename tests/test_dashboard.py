@@ -31,7 +31,7 @@ import pytest
 from convex_guard import MemoryStore
 from convex_guard.cli import main
 from convex_guard.core.errors import StoreUnavailableError
-from convex_guard.dashboard import Dashboard, app, parse_window, window_range
+from convex_guard.dashboard import Dashboard, app, parse_window, window_label, window_range
 from convex_guard.stores.base import (
     AIRequestLog,
     AuthFailure,
@@ -192,8 +192,9 @@ def test_a_generated_token_is_long_and_never_in_the_repr() -> None:
     board = app(MemoryStore())
     assert len(board.token) >= 32 and board.token not in repr(board)
     assert app(MemoryStore()).token != board.token
-    with pytest.raises(ValueError, match="at least 16"):
-        app(MemoryStore(), token="short")
+    for bad in ("short", "sixteen chars; and more", "a" * 15, "ünïcödé-tökén-of-länd"):
+        with pytest.raises(ValueError, match="at least 16 characters of"):
+            app(MemoryStore(), token=bad)
 
 
 # -- the snapshot -----------------------------------------------------------------------------
@@ -237,6 +238,9 @@ def test_windows_and_buckets() -> None:
     start, end, bucket = window_range(7 * 24 * 60 * MINUTE, NOW)
     assert bucket == 3 * 60 * MINUTE and (end - start) / bucket == 56 and end > NOW
     assert histogram_percentile([0] * 12, 0.5) == 0
+    labels = [window_label(w * MINUTE) for w in (15, 60, 6 * 60, 24 * 60, 7 * 24 * 60, 1.5)]
+    assert labels == ["15m", "1h", "6h", "24h", "7d", "2m"]
+    assert all(parse_window(label) for label in labels)
 
 
 # -- live ------------------------------------------------------------------------------------
@@ -383,6 +387,8 @@ def test_the_page_in_chromium_shows_the_figures_and_follows_new_rows(
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.goto(f"{server.url}/?token={TOKEN}")
             assert page.url == f"{server.url}/"  # the token left the address bar
+            # The page opens with the dashboard's own window.
+            expect(page.locator('button[data-window="15m"]')).to_have_class("active")
             expect(page.locator("#tile-requests")).to_have_text("7")
             tiles = {
                 name: page.text_content(f"#tile-{name}")

@@ -531,7 +531,14 @@ class _Cli:
         except ValueError as exc:
             raise CliError(f"convex-guard: {exc}", EXIT_USAGE) from None
         server = uvicorn.Server(
-            uvicorn.Config(board, host=args.host, port=args.port, log_level="warning")
+            # An open page holds an event stream: Ctrl-C waits for it 2 s at most.
+            uvicorn.Config(
+                board,
+                host=args.host,
+                port=args.port,
+                log_level="warning",
+                timeout_graceful_shutdown=2,
+            )
         )
         serving = asyncio.create_task(server.serve())
         while not server.started:

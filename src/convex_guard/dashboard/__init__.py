@@ -50,6 +50,8 @@ COOKIE = "dashboard_token"
 KEEPALIVE_SECONDS = 15.0
 
 _WINDOW = re.compile(r"^(\d{1,4})(m|h|d)$")
+#: What a token may hold: it goes in a cookie and an address as it is.
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,1024}")
 _UNITS = {"m": MINUTE, "h": HOUR, "d": DAY}
 _ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
@@ -91,6 +93,16 @@ def parse_window(text: str | None, default: float = DEFAULT_WINDOW) -> float:
     return window
 
 
+def window_label(window: float) -> str:
+    """A window as `parse_window` reads it and the page's buttons say it (`6h`, `24h`, `7d`;
+    minutes rounded up)."""
+    if window % DAY == 0 and window > DAY:
+        return f"{int(window // DAY)}d"
+    if window % HOUR == 0:
+        return f"{int(window // HOUR)}h"
+    return f"{math.ceil(window / MINUTE)}m"
+
+
 def window_range(window: float, now: float) -> tuple[float, float, float]:
     """`(start, end, bucket_ms)` of the window ending with the bucket that holds `now`.
 
@@ -122,8 +134,10 @@ class Dashboard:
         clock: Clock = _wall_ms,
     ) -> None:
         require(store, {DashboardStore: "the dashboard"}, "convex_guard.dashboard")
-        if token is not None and len(token) < 16:
-            raise ValueError("the dashboard token must be at least 16 characters")
+        if token is not None and _TOKEN.fullmatch(token) is None:
+            raise ValueError(
+                "the dashboard token must be at least 16 characters of A-Z a-z 0-9 . _ ~ + / = -"
+            )
         if not 0 < poll_interval < math.inf or not 0 <= throttle < math.inf:
             raise ValueError("poll_interval must be positive and throttle not negative")
         if not MINUTE <= window <= MAX_WINDOW:
@@ -136,7 +150,12 @@ class Dashboard:
         self.throttle = throttle
         self.clock = clock
         static = resources.files(__package__) / "static"
-        self._index = (static / "index.html").read_bytes()
+        # The page opens with this app's window (the CLI's --window).
+        self._index = (
+            (static / "index.html")
+            .read_bytes()
+            .replace(b'data-window="1h"', f'data-window="{window_label(window)}"'.encode(), 1)
+        )
         self._assets = {
             name: ((static / name).read_bytes(), kind) for name, kind in _ASSETS.items()
         }
@@ -351,4 +370,4 @@ def app(
     )
 
 
-__all__ = ["Dashboard", "app", "parse_window", "window_range"]
+__all__ = ["Dashboard", "app", "parse_window", "window_label", "window_range"]

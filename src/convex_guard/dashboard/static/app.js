@@ -7,10 +7,10 @@
   const ACTIONS = { allowed: "#6fd08c", challenged: "#f7b84f", blocked: "#e66f7a" };
   const REASONS = { limit: "#f7b84f", bot: "#e66f7a", key: "#b58cf0", budget: "#5ad1d1" };
   const POLL_MS = 5000;
-  const WINDOWS = ["15m", "1h", "6h", "24h", "7d"];
 
-  const params = new URLSearchParams(location.search);
-  let windowName = WINDOWS.includes(params.get("window")) ? params.get("window") : "1h";
+  // The window in the address, else the one the dashboard was started with.
+  const asked = new URLSearchParams(location.search).get("window");
+  let windowName = /^\d{1,4}[mhd]$/.test(asked || "") ? asked : document.body.dataset.window || "1h";
   let source = null;
   let pollTimer = null;
   let generation = 0;
