@@ -365,6 +365,16 @@ def test_the_cli_serves_the_dashboard_and_prints_where(
 CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make test` when missing
 
 
+class NoLiveStore(MemoryStore):
+    """A store whose subscriptions fail at once: the page must poll."""
+
+    async def watch_dashboard(
+        self, start: float, end: float, bucket_ms: float
+    ) -> AsyncIterator[DashboardSnapshot]:
+        raise StoreUnavailableError("no subscriptions today")
+        yield  # an async generator all the same
+
+
 @pytest.mark.slow  # 5-8 s: chromium's start and two waits for the page
 def test_the_page_in_chromium_shows_the_figures_and_follows_new_rows(
     memory: tuple[MemoryStore, CreatedKey], tmp_path: Path
@@ -438,6 +448,19 @@ def test_the_page_in_chromium_shows_the_figures_and_follows_new_rows(
             html = page.content()
             assert created.key not in html and created.record.key_hash not in html
             assert errors == []
+
+            # Live updates that fail: the page polls instead, and still follows new rows.
+            other_store = NoLiveStore()
+            with serve(dashboard(other_store, poll_interval=0.1)) as other:
+                page.goto(f"{other.url}/?token={TOKEN}")
+                expect(page.locator("#tile-requests")).to_have_text("0")
+                expect(page.locator("#status")).to_have_text(re.compile("polling"))
+                writing = threading.Thread(
+                    target=asyncio.run, args=(other_store.write_logs(more_rows(NOW)),)
+                )
+                writing.start()
+                writing.join()
+                expect(page.locator("#tile-requests")).to_have_text("3")
         finally:
             browser.close()
 

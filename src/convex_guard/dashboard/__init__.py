@@ -150,11 +150,13 @@ class Dashboard:
         self.throttle = throttle
         self.clock = clock
         static = resources.files(__package__) / "static"
-        # The page opens with this app's window (the CLI's --window).
+        # The page opens with this app's window (the CLI's --window), and polls as often as
+        # this app polls its store when its event stream fails.
         self._index = (
             (static / "index.html")
             .read_bytes()
             .replace(b'data-window="1h"', f'data-window="{window_label(window)}"'.encode(), 1)
+            .replace(b'data-poll="5000"', f'data-poll="{round(poll_interval * 1000)}"'.encode(), 1)
         )
         self._assets = {
             name: ((static / name).read_bytes(), kind) for name, kind in _ASSETS.items()

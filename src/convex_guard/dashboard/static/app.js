@@ -6,7 +6,7 @@
   const COLORS = ["#4fa3f7", "#f7b84f", "#6fd08c", "#e66f7a", "#b58cf0", "#5ad1d1"];
   const ACTIONS = { allowed: "#6fd08c", challenged: "#f7b84f", blocked: "#e66f7a" };
   const REASONS = { limit: "#f7b84f", bot: "#e66f7a", key: "#b58cf0", budget: "#5ad1d1" };
-  const POLL_MS = 5000;
+  const POLL_MS = Math.max(100, Number(document.body.dataset.poll) || 5000);
 
   // The window in the address, else the one the dashboard was started with.
   const asked = new URLSearchParams(location.search).get("window");
