@@ -40,6 +40,7 @@ from convex_guard.stores.base import (
     KeyUsage,
     LogBatch,
     histogram_percentile,
+    latency_bucket,
 )
 from convex_guard.stores.convex import ConvexStore
 from convex_guard.stores.keys import ApiKeys, CreatedKey
@@ -238,6 +239,8 @@ def test_windows_and_buckets() -> None:
     start, end, bucket = window_range(7 * 24 * 60 * MINUTE, NOW)
     assert bucket == 3 * 60 * MINUTE and (end - start) / bucket == 56 and end > NOW
     assert histogram_percentile([0] * 12, 0.5) == 0
+    # Inclusive upper bounds, the last bucket open (as convex/convex/lib/logs.ts buckets).
+    assert [latency_bucket(ms) for ms in (0, 10, 10.5, 30_000, 30_001)] == [0, 0, 1, 10, 11]
     labels = [window_label(w * MINUTE) for w in (15, 60, 6 * 60, 24 * 60, 7 * 24 * 60, 1.5)]
     assert labels == ["15m", "1h", "6h", "24h", "7d", "2m"]
     assert all(parse_window(label) for label in labels)

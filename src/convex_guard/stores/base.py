@@ -489,7 +489,7 @@ _MINUTE_MS = 60_000
 
 def refusal_reason(error: str | None) -> RefusalReason | None:
     """Why the guard refused a logged request, from its `error`; None if it did not."""
-    if error:
+    if error and isinstance(error, str):  # rows written straight to a store skip the checks
         for prefix, reason in _REFUSAL_PREFIXES:
             if error.startswith(prefix):
                 return reason

@@ -8,7 +8,7 @@ import math
 import random as _random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import fields, replace
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
@@ -49,7 +49,6 @@ from convex_guard.stores.base import (
     ProviderStats,
     RefusalReason,
     check_dashboard_range,
-    latency_bucket,
     refusal_reason,
 )
 
@@ -488,19 +487,25 @@ class MemoryStore:
         buckets = check_dashboard_range(start, end, bucket_ms)
         providers: dict[str, _Series] = {}
         refusals: dict[RefusalReason, int] = {}
-        for row in self._ai_logs.where(lambda row: start <= row.timestamp < end):
-            series = providers.get(row.provider)
+        # Read off the stored tuples: a dataclass per row would cost most of the time, and
+        # this runs on the app's event loop once per refresh of every open page.
+        at, provider, success, latency, error, tokens, cost = _AI_FIELDS
+        bounds = LATENCY_BOUNDS_MS
+        for row in self._ai_logs.between(start, end):
+            series = providers.get(row[provider])
             if series is None:
-                series = providers[row.provider] = _Series(buckets)
-            i = int((row.timestamp - start) // bucket_ms)
+                series = providers[row[provider]] = _Series(buckets)
+            i = int((row[at] - start) // bucket_ms)
             series.requests[i] += 1
-            series.successes[i] += 1 if row.success else 0
-            series.tokens += _known(row.tokens_used)
-            series.cost += _known(row.cost)
-            series.latency[latency_bucket(_known(row.latency_ms))] += 1
-            reason = refusal_reason(row.error)
-            if reason is not None:
-                refusals[reason] = refusals.get(reason, 0) + 1
+            if row[success]:
+                series.successes[i] += 1
+            series.tokens += _known(row[tokens])
+            series.cost += _known(row[cost])
+            series.latency[bisect.bisect_left(bounds, _known(row[latency]))] += 1
+            if row[error] is not None:
+                reason = refusal_reason(row[error])
+                if reason is not None:
+                    refusals[reason] = refusals.get(reason, 0) + 1
         events = self._bot_events
         first = bisect.bisect_left(events, start, key=lambda e: e.timestamp)
         last = bisect.bisect_left(events, end, key=lambda e: e.timestamp)
@@ -511,8 +516,9 @@ class MemoryStore:
             by_kind[kind] = by_kind.get(kind, 0) + 1
             bot_series[int((event.timestamp - start) // bucket_ms)] += 1
         failures = [0] * buckets
-        for failure in self._auth_failures.where(lambda row: start <= row.timestamp < end):
-            failures[int((failure.timestamp - start) // bucket_ms)] += 1
+        failed_at = _AUTH_FAILURE_TIMESTAMP
+        for failure in self._auth_failures.between(start, end):
+            failures[int((failure[failed_at] - start) // bucket_ms)] += 1
         ranked = sorted(self._keys.values(), key=lambda r: (-r.request_count, r.id))[:TOP_KEYS]
         return DashboardSnapshot(
             start=start,
@@ -637,6 +643,20 @@ class _Rows(Generic[R]):
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def between(self, start: float, end: float) -> Iterator[tuple[Any, ...]]:
+        """The stored tuples (fields in declaration order) of the rows in `[start, end)`."""
+        ts = self._timestamp
+        return (row for row in self._rows if start <= row[ts] < end)
+
+
+_AI_NAMES = [f.name for f in fields(AIRequestLog)]
+#: Where a stored AI row's tuple holds what a snapshot reads.
+_AI_FIELDS = tuple(
+    _AI_NAMES.index(name)
+    for name in ("timestamp", "provider", "success", "latency_ms", "error", "tokens_used", "cost")
+)
+_AUTH_FAILURE_TIMESTAMP = [f.name for f in fields(AuthFailure)].index("timestamp")
 
 
 class _Series:
