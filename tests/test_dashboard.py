@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -27,12 +28,15 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from convex_guard import MemoryStore
 from convex_guard.cli import main
 from convex_guard.core.errors import StoreUnavailableError
 from convex_guard.dashboard import Dashboard, app, parse_window, window_label, window_range
 from convex_guard.stores.base import (
+    LATENCY_BOUNDS_MS,
     AIRequestLog,
     AuthFailure,
     BotEvent,
@@ -560,3 +564,27 @@ def test_a_burst_of_pushes_reaches_the_page_as_the_first_and_the_latest() -> Non
         with pytest.raises(httpx.ReadTimeout):
             next(updates)  # and nothing since, though the store is polled every 10 ms
         updates.close()
+
+
+@given(
+    latencies=st.lists(st.floats(0, 60_000, allow_nan=False), min_size=1, max_size=200),
+    q=st.sampled_from([0.5, 0.95, 0.99, 1.0]),
+)
+def test_the_histogram_percentile_is_the_bucket_of_the_nearest_rank(
+    latencies: list[float], q: float
+) -> None:
+    counts = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+    for ms in latencies:
+        counts[latency_bucket(ms)] += 1
+    exact = sorted(latencies)[math.ceil(q * len(latencies)) - 1]  # the nearest-rank quantile
+    bucket = min(latency_bucket(exact), len(LATENCY_BOUNDS_MS) - 1)
+    assert histogram_percentile(counts, q) == LATENCY_BOUNDS_MS[bucket]
+    assert histogram_percentile(counts, q) >= min(exact, LATENCY_BOUNDS_MS[-1])
+
+
+def test_both_stores_bucket_latencies_alike() -> None:
+    """The Convex rollups' bounds are the Python side's: the percentiles agree."""
+    source = (Path(__file__).parents[1] / "convex" / "convex" / "lib" / "logs.ts").read_text()
+    found = re.search(r"export const LATENCY_BOUNDS_MS = \[([\d, ]+)\];", source)
+    assert found is not None
+    assert tuple(float(n) for n in found.group(1).split(",")) == LATENCY_BOUNDS_MS
