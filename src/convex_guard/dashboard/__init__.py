@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl, urlencode
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -31,6 +31,7 @@ from starlette.routing import Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from convex_guard.core.errors import StoreError
+from convex_guard.core.logs import printable
 from convex_guard.stores.base import DashboardSnapshot, DashboardStore, require
 
 logger = logging.getLogger("convex_guard.dashboard")
@@ -182,9 +183,9 @@ class Dashboard:
             client = scope.get("client")
             logger.warning(
                 "Dashboard refused %s %s from %s: %s token",
-                scope["method"],
-                scope["path"],
-                client[0] if client else "unknown",
+                printable(scope["method"]),
+                printable(scope["path"]),
+                printable(client[0]) if client else "unknown",
                 "no" if given is None else "a wrong",
             )
             response: ASGIApp = JSONResponse(
@@ -196,7 +197,13 @@ class Dashboard:
         elif from_query and _route_path(scope) in ("", "/") and scope["method"] == "GET":
             # Trade the token in the address for a cookie, and drop it from the address bar.
             root = scope.get("root_path", "") + "/"
-            response = RedirectResponse(root, status_code=303, headers=_SECURITY_HEADERS)
+            kept = [
+                (k, v)
+                for k, v in parse_qsl(scope["query_string"].decode("latin-1"))
+                if k != "token"
+            ]
+            target = root + ("?" + urlencode(kept) if kept else "")
+            response = RedirectResponse(target, status_code=303, headers=_SECURITY_HEADERS)
             response.set_cookie(COOKIE, self.token, path=root, httponly=True, samesite="strict")
         else:
             response = self._router
@@ -238,7 +245,7 @@ class Dashboard:
         try:
             return parse_window(text, self.window)
         except BadWindowError as exc:
-            logger.warning("Dashboard: bad window %r", (text or "")[:40])
+            logger.warning("Dashboard: bad window %s", printable(text or "", 40))
             return _problem(400, "Bad Request", str(exc))
 
     async def _snapshot(self, request: Request) -> Response:
