@@ -593,3 +593,30 @@ def test_both_stores_bucket_latencies_alike() -> None:
     found = re.search(r"export const LATENCY_BOUNDS_MS = \[([\d, ]+)\];", source)
     assert found is not None
     assert tuple(float(n) for n in found.group(1).split(",")) == LATENCY_BOUNDS_MS
+
+
+class CountingStore(MemoryStore):
+    """A store whose subscription pushes one snapshot, and counts the subscriptions."""
+
+    subscriptions = 0
+
+    async def watch_dashboard(
+        self, start: float, end: float, bucket_ms: float
+    ) -> AsyncIterator[DashboardSnapshot]:
+        self.subscriptions += 1
+        yield await self.dashboard(start, end, bucket_ms)
+        await asyncio.sleep(60)
+
+
+def test_the_subscription_is_renewed_when_the_window_moves_on() -> None:
+    store = CountingStore()
+    # 0.3 s before a bucket ends: the window moves on, and the range subscribed to with it.
+    end_of_bucket = (NOW // MINUTE + 1) * MINUTE - 300
+    board = app(store, token=TOKEN, window=15 * MINUTE, clock=lambda: end_of_bucket, throttle=0)
+    with serve(board) as server, httpx.Client(base_url=server.url) as client:
+        updates = snapshots(client, "/api/events", timeout=1.5)
+        assert next(updates)["totals"]["requests"] == 0
+        with pytest.raises(httpx.ReadTimeout):
+            next(updates)  # the same figures from each new subscription are not sent again
+        updates.close()
+    assert store.subscriptions >= 3

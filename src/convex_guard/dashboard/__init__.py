@@ -305,7 +305,7 @@ class Dashboard:
         self, updates: AsyncIterator[DashboardSnapshot], until: float
     ) -> AsyncIterator[bytes]:
         """The latest of `updates` at most once per `throttle` seconds, until `until`
-        (monotonic seconds); b"" when nothing came for `KEEPALIVE_SECONDS`."""
+        (monotonic seconds); b"" after `KEEPALIVE_SECONDS` without one."""
         latest: list[DashboardSnapshot] = []
         arrived = asyncio.Event()
         failed: list[BaseException] = []
@@ -320,17 +320,22 @@ class Dashboard:
                 arrived.set()
 
         task = asyncio.create_task(consume())
+        sent = time.monotonic()
         try:
             while (left := until - time.monotonic()) > 0:
+                quiet = KEEPALIVE_SECONDS - (time.monotonic() - sent)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), min(left, KEEPALIVE_SECONDS))
+                    await asyncio.wait_for(arrived.wait(), max(0.0, min(left, quiet)))
                 if failed:
                     raise failed[0]
                 if not arrived.is_set():
-                    yield b""
+                    if time.monotonic() - sent >= KEEPALIVE_SECONDS:
+                        yield b""
+                        sent = time.monotonic()
                     continue
                 arrived.clear()
                 yield _encode(latest[0])
+                sent = time.monotonic()
                 await asyncio.sleep(self.throttle)
         finally:
             task.cancel()
