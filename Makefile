@@ -29,9 +29,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy src tests examples benchmarks
 
+# The dashboard's browser test drives Debian's chromium (through Playwright, a dev extra):
+# installed here when missing, as `bench` installs wrk.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update -qq && apt-get install -y -qq chromium \
+		|| { echo "install chromium (apt-get install chromium) for the dashboard's browser test"; exit 2; }
+
 # The pytest suite starts the loopback Convex test server, which needs convex/node_modules.
 # Branch coverage of src/convex_guard is checked against fail_under in pyproject.toml.
-pytest: $(STAMP) $(NPM_STAMP)
+pytest: $(STAMP) $(NPM_STAMP) $(CHROMIUM)
 	$(BIN)/pytest -q --cov --cov-report=term
 
 convex-test: $(NPM_STAMP)

@@ -17,6 +17,13 @@ const rollup = {
   latencySum: v.number(),
   tokens: v.number(),
   cost: v.number(),
+  // For the dashboard (rollups written before it have neither): requests per latency bucket
+  // (lib/logs.ts LATENCY_BOUNDS_MS, plus one for the slower) and the requests the guard
+  // refused, by reason.
+  latencyBuckets: v.optional(v.array(v.number())),
+  refusals: v.optional(
+    v.object({ limit: v.number(), bot: v.number(), key: v.number(), budget: v.number() }),
+  ),
 };
 
 export default defineSchema({

@@ -537,6 +537,56 @@ class _Cli:
         self.emit(table(["TIME", "TYPE", "ACTION", "IP"], bot_rows))
         self.out.flush()
 
+    # -- the dashboard ------------------------------------------------------------------------
+    async def dashboard_serve(self, args: argparse.Namespace) -> int:
+        """Serve the dashboard (convex_guard.dashboard) until Ctrl-C.
+
+        The address goes to stderr once the server listens, with the token in it when the
+        token was generated (a token you pass is yours to hand on); never the admin key.
+        """
+        try:
+            import uvicorn
+
+            from convex_guard.dashboard import app as dashboard_app
+        except ImportError:
+            raise CliError(
+                "convex-guard: the dashboard needs uvicorn: pip install 'convex-guard[dashboard]'",
+                EXIT_USAGE,
+            ) from None
+        where = redact_url(str(getattr(self.store, "url", "the store")))
+        if hasattr(self.store, "watch_dashboard"):
+            # The Convex client blocks the event loop while it connects: be sure it can.
+            await self._check_deployment(where, DEFAULT_WATCH_TIMEOUT)
+        given = args.token or os.environ.get("CONVEX_GUARD_DASHBOARD_TOKEN") or None
+        try:
+            board = dashboard_app(cast(Any, self.store), token=given, window=args.window)
+        except ValueError as exc:
+            raise CliError(f"convex-guard: {exc}", EXIT_USAGE) from None
+        server = uvicorn.Server(
+            # An open page holds an event stream: Ctrl-C waits for it 2 s at most.
+            uvicorn.Config(
+                board,
+                host=args.host,
+                port=args.port,
+                log_level="warning",
+                timeout_graceful_shutdown=2,
+            )
+        )
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            if serving.done():
+                await serving
+                raise CliError(f"convex-guard: could not listen on {args.host}:{args.port}")
+            await asyncio.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        url = f"http://{host}:{port}/"
+        if given is None:
+            url += f"?token={board.token}"
+        print(f"convex-guard: dashboard of {where} at {url}", file=self.err, flush=True)
+        await serving
+        return EXIT_OK
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -607,6 +657,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up (exit 1) when the deployment does not answer, or then send its first "
         f"update, within this (default {DEFAULT_WATCH_TIMEOUT:g}); Ctrl-C exits with 130",
     )
+    board = groups.add_parser(
+        "dashboard",
+        help="serve a live dashboard of the deployment's analytics",
+        description="Serve a live dashboard (charts, pushed by Convex) of the deployment's "
+        "requests, refusals, bot events, auth failures and keys.",
+    )
+    board.set_defaults(command="serve")
+    board.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    board.add_argument("--port", type=int, default=8050, help="port to listen on (8050)")
+    board.add_argument(
+        "--token",
+        help="the token the page asks for (default: $CONVEX_GUARD_DASHBOARD_TOKEN, else one "
+        "is generated and printed with the address)",
+    )
+    board.add_argument("--window", type=parse_duration, default=HOUR, metavar="DURATION", help="1h")
     return parser
 
 

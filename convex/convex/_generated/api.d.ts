@@ -14,6 +14,7 @@ import type * as alerts from "../alerts.js";
 import type * as apiKeys from "../apiKeys.js";
 import type * as bots from "../bots.js";
 import type * as crons from "../crons.js";
+import type * as dashboard from "../dashboard.js";
 import type * as embeddings_analytics from "../embeddings/analytics.js";
 import type * as embeddings_rateLimiting from "../embeddings/rateLimiting.js";
 import type * as guard from "../guard.js";
@@ -42,6 +43,7 @@ declare const fullApi: ApiFromModules<{
   "apiKeys": typeof apiKeys,
   "bots": typeof bots,
   "crons": typeof crons,
+  "dashboard": typeof dashboard,
   "embeddings/analytics": typeof embeddings_analytics,
   "embeddings/rateLimiting": typeof embeddings_rateLimiting,
   "guard": typeof guard,

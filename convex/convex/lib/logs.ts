@@ -23,14 +23,52 @@ export function hourOf(timestamp: number): number {
   return Math.floor(timestamp / HOUR) * HOUR;
 }
 
+/**
+ * Upper bounds (ms, inclusive) of the rollups' latency buckets; one more bucket holds the
+ * slower requests. The Python side's `LATENCY_BOUNDS_MS` (convex_guard.stores.base) is the
+ * same: percentiles are read off these buckets, alike on every store.
+ */
+export const LATENCY_BOUNDS_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000];
+
+export type Refusals = { limit: number; bot: number; key: number; budget: number };
+
+/** How a logged row's `error` starts when the guard refused it, by reason (the middlewares'
+ * rejection reasons; the Python side's `refusal_reason` reads them alike). */
+const REFUSAL_PREFIXES: [string, keyof Refusals][] = [
+  ["rate_limited:", "limit"],
+  ["bot_blocked", "bot"],
+  ["bot_challenged", "bot"],
+  ["api_key_invalid", "key"],
+  ["api_key_missing", "key"],
+  ["api_key_scope", "key"],
+  ["budget_exceeded", "budget"],
+];
+
+export function refusalReason(error: string | undefined): keyof Refusals | undefined {
+  if (!error) return undefined;
+  for (const [prefix, reason] of REFUSAL_PREFIXES) if (error.startsWith(prefix)) return reason;
+  return undefined;
+}
+
+export function latencyBucket(latencyMs: number): number {
+  const i = LATENCY_BOUNDS_MS.findIndex((bound) => latencyMs <= bound);
+  return i === -1 ? LATENCY_BOUNDS_MS.length : i;
+}
+
+export const noRefusals = (): Refusals => ({ limit: 0, bot: 0, key: 0, budget: 0 });
+export const noLatencies = (): number[] => Array(LATENCY_BOUNDS_MS.length + 1).fill(0);
+
 type Sums = { requests: number; successes: number; latencySum: number; tokens: number; cost: number };
-type Slot = Sums & { provider: string; start: number };
+/** What a rollup adds since the dashboard; rollups written before it lack both. */
+type Histograms = { latencyBuckets: number[]; refusals: Refusals };
+type Slot = Sums & Histograms & { provider: string; start: number };
 
 function fold(slots: Map<string, Slot>, provider: string, start: number, row: AIRequest): void {
   const id = `${start}\u0000${provider}`;
   let slot = slots.get(id);
   if (slot === undefined) {
-    slot = { provider, start, requests: 0, successes: 0, latencySum: 0, tokens: 0, cost: 0 };
+    slot = { provider, start, requests: 0, successes: 0, latencySum: 0, tokens: 0, cost: 0,
+      latencyBuckets: noLatencies(), refusals: noRefusals() };
     slots.set(id, slot);
   }
   slot.requests += 1;
@@ -38,15 +76,38 @@ function fold(slots: Map<string, Slot>, provider: string, start: number, row: AI
   slot.latencySum += row.latencyMs;
   slot.tokens += row.tokensUsed ?? 0;
   slot.cost += row.cost ?? 0;
+  slot.latencyBuckets[latencyBucket(row.latencyMs)] += 1;
+  const reason = refusalReason(row.error);
+  if (reason !== undefined) slot.refusals[reason] += 1;
 }
 
-function added<T extends Sums>(existing: T, more: Sums): Sums {
+/** Element-wise sums; a rollup written before the dashboard has no buckets (zeros). */
+export function addedBuckets(existing: number[] | undefined, more: number[]): number[] {
+  return more.map((n, i) => n + (existing?.[i] ?? 0));
+}
+
+export function addedRefusals(existing: Refusals | undefined, more: Refusals): Refusals {
+  const base = existing ?? noRefusals();
+  return {
+    limit: base.limit + more.limit,
+    bot: base.bot + more.bot,
+    key: base.key + more.key,
+    budget: base.budget + more.budget,
+  };
+}
+
+function added<T extends Sums & Partial<Histograms>>(
+  existing: T,
+  more: Sums & Histograms,
+): Sums & Histograms {
   return {
     requests: existing.requests + more.requests,
     successes: existing.successes + more.successes,
     latencySum: existing.latencySum + more.latencySum,
     tokens: existing.tokens + more.tokens,
     cost: existing.cost + more.cost,
+    latencyBuckets: addedBuckets(existing.latencyBuckets, more.latencyBuckets),
+    refusals: addedRefusals(existing.refusals, more.refusals),
   };
 }
 

@@ -11,6 +11,7 @@ read-only all the same.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -515,4 +516,216 @@ class AlertStore(Protocol):
     async def mark_alert(self, alert_id: str, owner: str, outcome: AlertOutcome) -> bool:
         """End `owner`'s claim: `delivered`, `failed` (given up: final), or `retry` (back to
         pending, for any instance to claim). False when `owner` no longer holds the claim."""
+
+
+# -- the dashboard -----------------------------------------------------------------------------
+# One read per refresh of `convex-guard dashboard`: every figure of a window, bucketed.
+
+#: Upper bounds (ms, inclusive) of the latency histogram's buckets; one more bucket holds the
+#: slower requests. The Convex rollups keep the same buckets (`LATENCY_BOUNDS_MS` in
+#: convex/convex/lib/logs.ts), so both stores answer the same percentiles.
+LATENCY_BOUNDS_MS: tuple[float, ...] = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
+
+RefusalReason = Literal["limit", "bot", "key", "budget"]
+REFUSAL_REASONS: tuple[RefusalReason, ...] = ("limit", "bot", "key", "budget")
+#: How a logged request's `error` starts when the guard refused it, by reason (the
+#: middlewares' `GuardContext.rejected`; the convex rollups classify alike).
+_REFUSAL_PREFIXES: tuple[tuple[str, RefusalReason], ...] = (
+    ("rate_limited:", "limit"),
+    ("bot_blocked", "bot"),
+    ("bot_challenged", "bot"),
+    ("api_key_invalid", "key"),
+    ("api_key_missing", "key"),
+    ("api_key_scope", "key"),
+    ("budget_exceeded", "budget"),
+)
+
+#: The most buckets one snapshot holds: a chart wider than this says nothing more.
+MAX_DASHBOARD_BUCKETS = 500
+#: How many keys a snapshot's `top_keys` lists.
+TOP_KEYS = 10
+
+_MINUTE_MS = 60_000
+
+
+def refusal_reason(error: str | None) -> RefusalReason | None:
+    """Why the guard refused a logged request, from its `error`; None if it did not."""
+    if error and isinstance(error, str):  # rows written straight to a store skip the checks
+        for prefix, reason in _REFUSAL_PREFIXES:
+            if error.startswith(prefix):
+                return reason
+    return None
+
+
+def latency_bucket(latency_ms: float) -> int:
+    """The histogram bucket of a latency: the first bound at or above it."""
+    for i, bound in enumerate(LATENCY_BOUNDS_MS):
+        if latency_ms <= bound:
+            return i
+    return len(LATENCY_BOUNDS_MS)
+
+
+def histogram_percentile(counts: Sequence[int], q: float) -> float:
+    """The `q` quantile (0 < q <= 1) of a latency histogram: the upper bound of the bucket
+    holding it (the last bound for the open bucket), 0 for no requests. Coarse by design:
+    what a fixed-bucket rollup can answer, the same on every store."""
+    total = sum(counts)
+    if total <= 0:
+        return 0.0
+    rank = max(1, math.ceil(q * total - 1e-9))  # 0.95 * 60 must not round up to 58
+    seen = 0
+    for i, n in enumerate(counts):
+        seen += n
+        if seen >= rank:
+            return float(LATENCY_BOUNDS_MS[min(i, len(LATENCY_BOUNDS_MS) - 1)])
+    return float(LATENCY_BOUNDS_MS[-1])
+
+
+def check_dashboard_range(start: float, end: float, bucket_ms: float) -> int:
+    """The number of buckets of a snapshot's range, or `ValueError` for a range a store cannot
+    bucket: `bucket_ms` whole minutes, `start` and `end` multiples of it, at most
+    `MAX_DASHBOARD_BUCKETS` buckets."""
+    if not (bucket_ms >= _MINUTE_MS and bucket_ms % _MINUTE_MS == 0):
+        raise ValueError("bucket_ms must be a whole number of minutes")
+    if start % bucket_ms or end % bucket_ms or end <= start:
+        raise ValueError("start and end must be multiples of bucket_ms, with start < end")
+    buckets = int((end - start) // bucket_ms)
+    if buckets > MAX_DASHBOARD_BUCKETS:
+        raise ValueError(f"at most {MAX_DASHBOARD_BUCKETS} buckets per snapshot")
+    return buckets
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSeries:
+    """One provider over a snapshot's window: `requests` and `successes` per bucket, totals,
+    and the latency histogram (`LATENCY_BOUNDS_MS`) of every request in the window."""
+
+    provider: str
+    requests: tuple[int, ...]
+    successes: tuple[int, ...]
+    tokens: int
+    cost: float
+    latency_histogram: tuple[int, ...]
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests)
+
+    @property
+    def success_rate(self) -> float:
+        total = self.total_requests
+        return sum(self.successes) / total if total else 0.0
+
+    @property
+    def p50(self) -> float:
+        return histogram_percentile(self.latency_histogram, 0.5)
+
+    @property
+    def p95(self) -> float:
+        return histogram_percentile(self.latency_histogram, 0.95)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUsageSummary:
+    """A key as the dashboard shows it: never its hash, only what identifies it to a person
+    (the prefix is what the key's owner sees at the start of it)."""
+
+    id: str
+    name: str
+    prefix: str
+    kind: ApiKeyKind
+    requests: int
+    last_used: float | None
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DashboardSnapshot:
+    """Every figure of the dashboard over `[start, end)` (epoch ms), in buckets of `bucket_ms`.
+
+    `refusals` counts the logged requests the guard refused, by reason; `bot_events` counts
+    events by `(detection_type, action)`; `bot_series` and `auth_failures` are per bucket.
+    `top_keys` ranks keys by their requests since they were created (usage is not kept per
+    window). `truncated` is true when the store stopped reading at a cap: some figures then
+    cover only part of the window.
+    """
+
+    start: float
+    end: float
+    bucket_ms: float
+    providers: tuple[ProviderSeries, ...]
+    refusals: Mapping[RefusalReason, int]
+    bot_events: Mapping[tuple[BotDetectionType, BotAction], int]
+    bot_series: tuple[int, ...]
+    auth_failures: tuple[int, ...]
+    top_keys: tuple[KeyUsageSummary, ...]
+    truncated: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        """The snapshot as the dashboard page reads it (JSON-ready, keys in camelCase)."""
+        histogram = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+        for series in self.providers:
+            for i, n in enumerate(series.latency_histogram):
+                histogram[i] += n
+        requests = sum(s.total_requests for s in self.providers)
+        successes = sum(sum(s.successes) for s in self.providers)
+        return {
+            "start": self.start,
+            "end": self.end,
+            "bucketMs": self.bucket_ms,
+            "truncated": self.truncated,
+            "totals": {
+                "requests": requests,
+                "successRate": successes / requests if requests else 0.0,
+                "p50": histogram_percentile(histogram, 0.5),
+                "p95": histogram_percentile(histogram, 0.95),
+                "tokens": sum(s.tokens for s in self.providers),
+                "cost": sum(s.cost for s in self.providers),
+                "authFailures": sum(self.auth_failures),
+                "botEvents": sum(self.bot_series),
+            },
+            "providers": [
+                {
+                    "provider": s.provider,
+                    "requests": list(s.requests),
+                    "successes": list(s.successes),
+                    "totalRequests": s.total_requests,
+                    "successRate": s.success_rate,
+                    "p50": s.p50,
+                    "p95": s.p95,
+                    "tokens": s.tokens,
+                    "cost": s.cost,
+                }
+                for s in self.providers
+            ],
+            "refusals": {reason: self.refusals.get(reason, 0) for reason in REFUSAL_REASONS},
+            "botEvents": [
+                {"type": kind, "action": action, "count": n}
+                for (kind, action), n in sorted(self.bot_events.items())
+            ],
+            "botSeries": list(self.bot_series),
+            "authFailures": list(self.auth_failures),
+            "topKeys": [
+                {
+                    "id": k.id,
+                    "name": k.name,
+                    "prefix": k.prefix,
+                    "kind": k.kind,
+                    "requests": k.requests,
+                    "lastUsed": k.last_used,
+                    "active": k.active,
+                }
+                for k in self.top_keys
+            ],
+        }
+
+
+@runtime_checkable
+class DashboardStore(AnalyticsStore, Protocol):
+    """What `convex_guard.dashboard` reads: one snapshot per refresh (`check_dashboard_range`
+    says which ranges a store must take). A capability of its own, so that an analytics
+    store written before the dashboard still is one."""
+
+    async def dashboard(self, start: float, end: float, bucket_ms: float) -> DashboardSnapshot:
+        """Every figure of `[start, end)` in buckets of `bucket_ms`, in one read."""
         ...

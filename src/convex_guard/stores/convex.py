@@ -31,6 +31,7 @@ from convex_guard.core.leases import DEFAULT_FRACTION, DEFAULT_HORIZON, DEFAULT_
 from convex_guard.core.limits import LimitConfig, LimitResult, _until_full, check_count
 from convex_guard.core.settings import GuardEnvironment, load_environment
 from convex_guard.stores.base import (
+    REFUSAL_REASONS,
     AIRequestLog,
     Alert,
     AlertOutcome,
@@ -41,15 +42,19 @@ from convex_guard.stores.base import (
     BotEvent,
     BotVerdict,
     CheckResult,
+    DashboardSnapshot,
     EmbeddingRequestLog,
     EmbeddingUsage,
     KeyRateLimit,
     KeyUsage,
+    KeyUsageSummary,
     LimitRequest,
     LimitThroughCheck,
     LogBatch,
     NewApiKey,
+    ProviderSeries,
     ProviderStats,
+    check_dashboard_range,
 )
 
 DEFAULT_TIMEOUT = 2.0
@@ -911,6 +916,22 @@ class ConvexStore(LimitThroughCheck):
         )
         return bool(raw)
 
+    # -- the dashboard --------------------------------------------------------------------------
+    async def dashboard(self, start: float, end: float, bucket_ms: float) -> DashboardSnapshot:
+        """One `dashboard:snapshot` query: rollups, bot events, auth failures and keys, each
+        read bounded (see convex/convex/dashboard.ts)."""
+        check_dashboard_range(start, end, bucket_ms)
+        raw = await self._call("query", "dashboard:snapshot", _range_args(start, end, bucket_ms))
+        return _snapshot(raw, start, end, bucket_ms)
+
+    async def watch_dashboard(
+        self, start: float, end: float, bucket_ms: float
+    ) -> AsyncIterator[DashboardSnapshot]:
+        """The snapshot of a fixed range, pushed by Convex whenever a figure in it changes."""
+        check_dashboard_range(start, end, bucket_ms)
+        async for raw in self._subscribe("dashboard:snapshot", _range_args(start, end, bucket_ms)):
+            yield _snapshot(raw, start, end, bucket_ms)
+
     async def close(self) -> None:
         """Hand back every lease's unused tokens (one call), then close the connections.
 
@@ -960,6 +981,49 @@ def _alert(raw: Mapping[str, Any]) -> Alert:
         count=int(raw["count"]),
         status=status,
         attempts=int(raw["attempts"]),
+    )
+
+
+def _range_args(start: float, end: float, bucket_ms: float) -> dict[str, Any]:
+    return {"start": float(start), "end": float(end), "bucketMs": float(bucket_ms)}
+
+
+def _snapshot(
+    raw: Mapping[str, Any], start: float, end: float, bucket_ms: float
+) -> DashboardSnapshot:
+    refusals = raw["refusals"]
+    return DashboardSnapshot(
+        start=start,
+        end=end,
+        bucket_ms=bucket_ms,
+        providers=tuple(
+            ProviderSeries(
+                provider=str(p["provider"]),
+                requests=tuple(int(n) for n in p["requests"]),
+                successes=tuple(int(n) for n in p["successes"]),
+                tokens=int(p["tokens"]),
+                cost=float(p["cost"]),
+                latency_histogram=tuple(int(n) for n in p["latencyBuckets"]),
+            )
+            for p in raw["providers"]
+        ),
+        refusals={reason: int(refusals[reason]) for reason in REFUSAL_REASONS},
+        bot_events={(e["type"], e["action"]): int(e["count"]) for e in raw["botEvents"]},
+        bot_series=tuple(int(n) for n in raw["botSeries"]),
+        auth_failures=tuple(int(n) for n in raw["authFailures"]),
+        top_keys=tuple(
+            KeyUsageSummary(
+                id=str(k["id"]),
+                name=str(k["name"]),
+                prefix=str(k["prefix"]),
+                kind=k["kind"],
+                requests=int(k["requests"]),
+                last_used=float(k["lastUsed"]) if k.get("lastUsed") is not None else None,
+                active=bool(k["active"]),
+            )
+            for k in raw["topKeys"]
+        ),
+        truncated=bool(raw["truncated"]),
     )
 
 

@@ -8,7 +8,7 @@ import math
 import random as _random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import fields, replace
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
@@ -28,6 +28,8 @@ from convex_guard.stores.base import (
     BLOCK_AFTER,
     CHALLENGE_AFTER,
     ESCALATION_WINDOW_MS,
+    LATENCY_BOUNDS_MS,
+    TOP_KEYS,
     AIRequestLog,
     Alert,
     AlertOutcome,
@@ -36,15 +38,22 @@ from convex_guard.stores.base import (
     AuthFailure,
     BotAction,
     BotCheck,
+    BotDetectionType,
     BotEvent,
     BotVerdict,
     CheckResult,
+    DashboardSnapshot,
     EmbeddingRequestLog,
     EmbeddingUsage,
+    KeyUsageSummary,
     LimitRequest,
     LogBatch,
     NewApiKey,
+    ProviderSeries,
     ProviderStats,
+    RefusalReason,
+    check_dashboard_range,
+    refusal_reason,
 )
 
 Clock = Callable[[], float]
@@ -497,6 +506,58 @@ class MemoryStore:
     async def mark_alert(self, alert_id: str, owner: str, outcome: AlertOutcome) -> bool:
         return self._alert_book.mark(alert_id, owner, outcome)
 
+    # -- the dashboard --------------------------------------------------------------------------
+    async def dashboard(self, start: float, end: float, bucket_ms: float) -> DashboardSnapshot:
+        buckets = check_dashboard_range(start, end, bucket_ms)
+        providers: dict[str, _Series] = {}
+        refusals: dict[RefusalReason, int] = {}
+        # Read off the stored tuples: a dataclass per row would cost most of the time, and
+        # this runs on the app's event loop once per refresh of every open page.
+        at, provider, success, latency, error, tokens, cost = _AI_FIELDS
+        bounds = LATENCY_BOUNDS_MS
+        for row in self._ai_logs.between(start, end):
+            series = providers.get(row[provider])
+            if series is None:
+                series = providers[row[provider]] = _Series(buckets)
+            i = int((row[at] - start) // bucket_ms)
+            series.requests[i] += 1
+            if row[success]:
+                series.successes[i] += 1
+            series.tokens += _known(row[tokens])
+            series.cost += _known(row[cost])
+            series.latency[bisect.bisect_left(bounds, _known(row[latency]))] += 1
+            if row[error] is not None:
+                reason = refusal_reason(row[error])
+                if reason is not None:
+                    refusals[reason] = refusals.get(reason, 0) + 1
+        events = self._bot_events
+        first = bisect.bisect_left(events, start, key=lambda e: e.timestamp)
+        last = bisect.bisect_left(events, end, key=lambda e: e.timestamp)
+        by_kind: dict[tuple[BotDetectionType, BotAction], int] = {}
+        bot_series = [0] * buckets
+        for event in events[first:last]:
+            kind = (event.detection_type, event.action)
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+            bot_series[int((event.timestamp - start) // bucket_ms)] += 1
+        failures = [0] * buckets
+        failed_at = _AUTH_FAILURE_TIMESTAMP
+        for failure in self._auth_failures.between(start, end):
+            failures[int((failure[failed_at] - start) // bucket_ms)] += 1
+        ranked = sorted(self._keys.values(), key=lambda r: (-r.request_count, r.id))[:TOP_KEYS]
+        return DashboardSnapshot(
+            start=start,
+            end=end,
+            bucket_ms=bucket_ms,
+            providers=tuple(s.freeze(p) for p, s in sorted(providers.items())),
+            refusals=refusals,
+            bot_events=by_kind,
+            bot_series=tuple(bot_series),
+            auth_failures=tuple(failures),
+            top_keys=tuple(_key_summary(r) for r in ranked),
+            truncated=self._ai_logs.dropped_since(start)
+            or self._auth_failures.dropped_since(start),
+        )
+
     # -- inspection, for tests and the CLI ---------------------------------------------------
     @property
     def ai_logs(self) -> list[AIRequestLog]:
@@ -606,3 +667,52 @@ class _Rows(Generic[R]):
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def between(self, start: float, end: float) -> Iterator[tuple[Any, ...]]:
+        """The stored tuples (fields in declaration order) of the rows in `[start, end)`."""
+        ts = self._timestamp
+        return (row for row in self._rows if start <= row[ts] < end)
+
+
+_AI_NAMES = [f.name for f in fields(AIRequestLog)]
+#: Where a stored AI row's tuple holds what a snapshot reads.
+_AI_FIELDS = tuple(
+    _AI_NAMES.index(name)
+    for name in ("timestamp", "provider", "success", "latency_ms", "error", "tokens_used", "cost")
+)
+_AUTH_FAILURE_TIMESTAMP = [f.name for f in fields(AuthFailure)].index("timestamp")
+
+
+class _Series:
+    """A provider's figures while a snapshot adds them up."""
+
+    __slots__ = ("cost", "latency", "requests", "successes", "tokens")
+
+    def __init__(self, buckets: int) -> None:
+        self.requests = [0] * buckets
+        self.successes = [0] * buckets
+        self.tokens: float = 0
+        self.cost: float = 0.0
+        self.latency = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+
+    def freeze(self, provider: str) -> ProviderSeries:
+        return ProviderSeries(
+            provider,
+            tuple(self.requests),
+            tuple(self.successes),
+            int(self.tokens),
+            float(self.cost),
+            tuple(self.latency),
+        )
+
+
+def _key_summary(record: ApiKeyRecord) -> KeyUsageSummary:
+    return KeyUsageSummary(
+        id=record.id,
+        name=record.name,
+        prefix=record.prefix,
+        kind=record.kind,
+        requests=record.request_count,
+        last_used=record.last_used,
+        active=record.active,
+    )

@@ -30,6 +30,8 @@ from convex_guard.stores.base import (
     BotEvent,
     BotVerdict,
     CheckResult,
+    DashboardSnapshot,
+    DashboardStore,
     EmbeddingUsage,
     LimitRequest,
     LimitThroughCheck,
@@ -478,6 +480,16 @@ class ResilientStore(LimitThroughCheck):
         return await self._alert_call(
             lambda: store.mark_alert(alert_id, owner, outcome), "mark_alert"
         )
+
+    # -- the dashboard --------------------------------------------------------------------------
+    async def dashboard(self, start: float, end: float, bucket_ms: float) -> DashboardSnapshot:
+        """The primary's snapshot, bounded and through the breaker like any analytics call."""
+        primary = self.primary
+        if not isinstance(primary, DashboardStore):
+            raise ConfigurationError(
+                f"ResilientStore: the store {type(primary).__name__} has no dashboard"
+            )
+        return await self._guarded(lambda: primary.dashboard(start, end, bucket_ms), "dashboard")
 
     async def close(self) -> None:
         if self._owed and self.breaker.state != "open":

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import pytest
 
@@ -50,6 +50,7 @@ from convex_guard.stores.base import (
     BotCheck,
     BotEvent,
     BotStore,
+    DashboardStore,
     EmbeddingRequestLog,
     KeyRateLimit,
     KeyStore,
@@ -390,12 +391,73 @@ class AnalyticsStoreContract(_Contract):
         assert await store.count_auth_failures("x" * 64, now + 1) == 1
 
 
+class DashboardStoreContract(_Contract):
+    """`DashboardStore`: one snapshot of a window, bucketed, the same figures on every store
+    (latency percentiles off the shared `LATENCY_BOUNDS_MS` buckets)."""
+
+    async def test_dashboard_snapshot_from_batches(
+        self, store: Store, clock: ContractClock
+    ) -> None:
+        board = cast(DashboardStore, store)  # with keys and logs: what the snapshot reads
+        hour = (clock.now() // HOUR - 3) * HOUR  # a whole hour, long past
+        rows = [
+            ai_row(hour + 1_000, "openai", True, 20, 10, 0.5),
+            ai_row(hour + 2_000, "openai", True, 80, 20, 1.5),
+            ai_row(hour + MINUTE + 5, "openai", False, 900, 0, 0.0),
+            ai_row(hour + 2 * MINUTE, "groq", True, 3_000, 5, 0.25),
+            ai_row(hour + 3 * MINUTE, "groq", True, 5, 5, 0.25),  # past the range's end
+        ]
+        rows[2].error = "rate_limited:requests"
+        events = [
+            BotEvent(hour + 5, "fp-d", "203.0.113.4", "curl/8", "bot_useragent", "blocked"),
+            BotEvent(hour + 6, "fp-d", "203.0.113.4", "curl/8", "bot_useragent", "blocked"),
+            BotEvent(hour + MINUTE, "fp-e", "203.0.113.5", "GPTBot", "ai_scraper", "challenged"),
+        ]
+        failures = [AuthFailure("x" * 64, hour + 2 * MINUTE + 1, "203.0.113.1", "curl/8")]
+        created = await store.create_api_key(new_key(clock.now()))
+        await store.write_logs(
+            LogBatch(
+                id=uuid.uuid4().hex,
+                ai_requests=rows,
+                bot_events=events,
+                auth_failures=failures,
+                key_usage=[KeyUsage(created.id, hour + 9, 4)],
+            )
+        )
+        snap = await board.dashboard(hour, hour + 3 * MINUTE, MINUTE)
+        assert (snap.start, snap.end, snap.bucket_ms) == (hour, hour + 3 * MINUTE, MINUTE)
+        assert [p.provider for p in snap.providers] == ["groq", "openai"]
+        groq, openai = snap.providers
+        assert openai.requests == (2, 1, 0) and openai.successes == (2, 0, 0)
+        assert openai.tokens == 30 and openai.cost == pytest.approx(2.0)
+        assert openai.success_rate == pytest.approx(2 / 3)
+        assert (openai.p50, openai.p95) == (100, 1000)
+        assert groq.requests == (0, 0, 1) and (groq.p50, groq.p95) == (5000, 5000)
+        assert snap.refusals.get("limit") == 1 and not snap.refusals.get("bot")
+        assert dict(snap.bot_events) == {
+            ("bot_useragent", "blocked"): 2,
+            ("ai_scraper", "challenged"): 1,
+        }
+        assert snap.bot_series == (2, 1, 0)
+        assert snap.auth_failures == (0, 0, 1)
+        assert [(k.id, k.name, k.requests) for k in snap.top_keys] == [
+            (created.id, created.name, 4)
+        ]
+        assert not snap.truncated
+        hourly = await board.dashboard(hour, hour + 2 * HOUR, HOUR)
+        assert [p.total_requests for p in hourly.providers] == [2, 3]
+        assert hourly.providers[0].requests == (2, 0)
+        with pytest.raises(ValueError):
+            await board.dashboard(hour + 1, hour + MINUTE + 1, MINUTE)
+
+
 class StoreContract(
     LimitStoreContract,
     BotStoreContract,
     KeyStoreContract,
     LogStoreContract,
     AnalyticsStoreContract,
+    DashboardStoreContract,
 ):
     """`Store`: every capability's contract, and what `write_logs` does to the others: bot
     events join the escalation history and key usage reaches the key's record."""
@@ -546,6 +608,7 @@ __all__ = [
     "AnalyticsStoreContract",
     "BotStoreContract",
     "ContractClock",
+    "DashboardStoreContract",
     "KeyStoreContract",
     "LimitStoreContract",
     "LogStoreContract",
