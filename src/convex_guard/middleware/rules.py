@@ -165,8 +165,7 @@ def authenticated_user(scope: MutableMapping[str, Any]) -> str | None:
 def ratelimit_template(names: Iterable[str]) -> bytes:
     """The IETF `RateLimit` field of these policies, `%d` where each one's numbers go.
 
-    Built once per route: filling it costs less than formatting each item on every request
-    (13.5 k instructions against 18.3 k for three limits).
+    Built once per route: filling it costs less than formatting each item on every request.
     """
     quoted = [name.replace("%", "%%") for name in names]  # a literal % in a name stays one
     return ", ".join([f'"{name}";r=%d;t=%d' for name in quoted]).encode("latin-1")
