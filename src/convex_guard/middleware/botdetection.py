@@ -66,6 +66,7 @@ DEFAULT_ALLOW_PATHS = ("/health",)
 #: (kube-probe, ELB-HealthChecker, Prometheus, …) is never recorded or escalated there.
 DEFAULT_PROBE_PATHS = ("/health", "/healthz", "/readyz", "/livez", "/metrics", "/ping")
 
+
 def detection_type(category: BotCategory) -> BotDetectionType:
     if category == "ai_crawler":
         return "ai_scraper"
