@@ -139,5 +139,6 @@ def current_context(scope: MutableMapping[str, Any]) -> GuardContext | None:
 
 def request_route(scope: MutableMapping[str, Any]) -> Route:
     """The request's route: its guard context's when it has one, else computed now."""
-    ctx = current_context(scope)
-    return ctx.route if ctx is not None else route_of(scope)
+    state = scope.get("state")
+    ctx = state.get(STATE_KEY) if state else None
+    return cast(GuardContext, ctx).route if ctx is not None else route_of(scope)
