@@ -134,7 +134,10 @@ def guard_context(scope: MutableMapping[str, Any], route: Route | None = None) -
 def current_context(scope: MutableMapping[str, Any]) -> GuardContext | None:
     """The request's guard context if a middleware outside made one, else None (none is made)."""
     state = scope.get("state")
-    return cast(GuardContext | None, state.get(STATE_KEY)) if state else None
+    if not state:
+        return None
+    ctx: GuardContext | None = state.get(STATE_KEY)
+    return ctx
 
 
 def request_route(scope: MutableMapping[str, Any]) -> Route:
