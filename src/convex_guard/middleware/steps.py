@@ -83,8 +83,9 @@ class StepRunner:
     The before-steps in order, the first refusal wins (sent with `core.problem.refuse`, so a
     WebSocket handshake is refused before accept); one wrapped `send` adds the headers the
     steps asked for to the response start (or the WebSocket accept) and records the status for
-    the after-steps, which run in `finally` with what was raised. Other scopes pass through to
-    `app`, the lifespan through `lifespan`.
+    the after-steps, which run in `finally` with what was raised: each one whose before-step
+    ran, as each middleware of a stack finishes only the requests that reached it. Other
+    scopes pass through to `app`, the lifespan through `lifespan`.
     """
 
     def __init__(self, app: ASGIApp, steps: Sequence[Step]) -> None:
@@ -92,7 +93,12 @@ class StepRunner:
         self.steps = tuple(steps)
         # The bound methods, taken once: read on every request.
         self._befores = tuple(step.before for step in self.steps)
-        self._afters = tuple(step.after for step in self.steps if isinstance(step, FinishingStep))
+        # Each after-step with its position: it runs when its own before-step did.
+        self._afters = tuple(
+            (position, step.after)
+            for position, step in enumerate(self.steps)
+            if isinstance(step, FinishingStep)
+        )
 
     def context(self, scope: Scope) -> GuardContext | None:
         """The request's guard context, or None to hand the request to the app unguarded."""
@@ -115,9 +121,11 @@ class StepRunner:
             return
         afters = self._afters
         raised: BaseException | None = None
+        started = 0  # the before-steps started: as far as a stack of middlewares would get
         try:
             refusal: Refusal | None = None
             for before in self._befores:
+                started += 1
                 outcome = before(scope, receive, ctx)
                 if outcome is None:
                     continue
@@ -146,8 +154,9 @@ class StepRunner:
             raised = exc
             raise
         finally:
-            for after in afters:
-                after(scope, ctx, raised)
+            for position, after in afters:
+                if position < started:
+                    after(scope, ctx, raised)
 
 
 def _wrapped_send(
