@@ -95,6 +95,7 @@ def test_any_bytes_never_raise(headers: list[tuple[bytes, bytes]]) -> None:
 @pytest.mark.parametrize("client", [None, ("", 0), (None, 0)])
 def test_a_request_without_a_usable_peer_is_the_unknown_client(client: Any) -> None:
     ctx = GuardContext()
-    FingerprintMiddleware(None).identify({"headers": [], "client": client}, ctx)  # type: ignore[arg-type]
+    scope = {"headers": [], "client": client}
+    FingerprintMiddleware(None).before(scope, None, ctx)  # type: ignore[arg-type]
     assert (ctx.client_ip, ctx.client_key) == ("unknown", "unknown")
     assert ctx.fingerprint and ctx.user_agent == ""

@@ -39,7 +39,7 @@ from convex_guard import (
     Rule,
     report_usage,
 )
-from convex_guard.middleware.guard import SinglePass
+from convex_guard.middleware.guard import GuardRunner
 
 from .conftest import serve
 from .e2e_checks import BROWSER, CHAT, GPTBOT, check_logs, create_key, exercise, settings_for
@@ -164,7 +164,7 @@ def test_the_writer_is_shared_and_flushed_at_shutdown() -> None:
     inner = Starlette(routes=[Route("/api/ai/{p}/chat", health, methods=["POST"])])
     guard = GuardMiddleware(inner, settings=GuardSettings(store=store, writer_interval=60))
     single = guard.guard.app
-    assert isinstance(single, SinglePass)
+    assert isinstance(single, GuardRunner)
     stack = logger_mw = single.stacked
     assert isinstance(logger_mw, RequestLoggerMiddleware)
     layers: list[Any] = []
@@ -181,8 +181,8 @@ def test_the_writer_is_shared_and_flushed_at_shutdown() -> None:
     ]
     assert layers[2].writer is logger_mw.writer is guard.writer
     assert layers[3].defer is True
-    # HTTP requests take the same middlewares' steps in one pass; lifespan goes down the stack.
-    assert [single.fingerprint, single.keys, single.bots, single.limiter] == layers[1:]
+    # HTTP requests take the same middlewares' steps in one loop; lifespan goes down the stack.
+    assert list(single.steps) == layers
     with serve(guard, proxy_headers=False) as server:
         httpx.post(server.url + "/api/ai/openai/chat")
         # A 60 s interval: nothing is written until shutdown.
@@ -328,7 +328,7 @@ def test_parts_can_be_turned_off() -> None:
 def test_bot_detection_without_rules_decides_on_its_own() -> None:
     store = CountingStore()
     guard = GuardMiddleware(Starlette(), store=store, rules=())
-    bot = guard.guard.app.bots
+    bot = guard.guard.bots
     assert isinstance(bot, BotDetectionMiddleware) and bot.defer is False
     with serve(guard, proxy_headers=False) as server:
         blocked = httpx.post(server.url + "/api/ai/openai/chat", headers={"user-agent": GPTBOT})

@@ -9,10 +9,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from enum import Enum
 from functools import lru_cache
-from typing import cast
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope
 
 from convex_guard.core.clientip import UNKNOWN_CLIENT
 from convex_guard.core.errors import ConfigurationError, StoreAnswerError
@@ -21,18 +21,12 @@ from convex_guard.core.keys import NO_KEY, ApiKeyKind, hash_key, is_well_formed
 from convex_guard.core.limits import FixedWindow, LimitConfig, LimitResult
 from convex_guard.core.logs import ThrottledLog, printable
 from convex_guard.core.presets import seed_limits
-from convex_guard.core.problem import (
-    QUOTA_TITLE,
-    problem,
-    quota_exceeded,
-    refuse,
-    retry_after,
-    unavailable,
-)
-from convex_guard.middleware.context import GuardContext, Route, guard_context, matched_methods
-from convex_guard.middleware.logwriter import LogWriter, run_lifespan
-from convex_guard.middleware.order import API_KEYS, mark
+from convex_guard.core.problem import QUOTA_TITLE, problem, quota_exceeded, retry_after, unavailable
+from convex_guard.middleware.context import GuardContext, Route, matched_methods
+from convex_guard.middleware.logwriter import LogWriter
+from convex_guard.middleware.order import API_KEYS
 from convex_guard.middleware.rules import _path_matcher, peer_ip
+from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
 from convex_guard.stores.base import (
     ApiKeyRecord,
     AuthFailure,
@@ -54,7 +48,6 @@ MAX_HEADER_BYTES = 1024
 FAILED_AUTH = "failedAuth"
 REALM = 'Bearer realm="convex-guard"'
 _ROUTE_CACHE_SIZE = 1024
-_UNSEEN = object()
 
 Clock = Callable[[], float]
 
@@ -95,6 +88,41 @@ class KeyRoute:
 
     def matches(self, path: str, method: str) -> bool:
         return (self._methods is None or method in self._methods) and self._matches_path(path)
+
+
+class KeyRefusal(Enum):
+    """Why a request was refused a key: its `ctx.rejected`, status, RFC 6750 error and text."""
+
+    MISSING = (
+        "api_key_missing",
+        401,
+        None,
+        "Unauthorized",
+        "This route requires an API key (Authorization: Bearer, or X-API-Key).",
+    )
+    INVALID = (
+        "api_key_invalid",
+        401,
+        "invalid_token",
+        "Unauthorized",
+        "The API key is invalid, revoked or expired.",
+    )
+    SCOPE = (
+        "api_key_scope",
+        403,
+        "insufficient_scope",
+        "Forbidden",
+        "The API key lacks a scope this route requires.",
+    )
+
+    def __init__(
+        self, rejected: str, status: int, error: str | None, title: str, detail: str
+    ) -> None:
+        self.rejected = rejected
+        self.status = status
+        self.error = error
+        self.title = title
+        self.detail = detail
 
 
 class _Malformed(Exception):
@@ -148,7 +176,7 @@ def _key_limit(requests: int, period: float) -> LimitConfig:
     return FixedWindow(rate=requests, period=timedelta(milliseconds=period))
 
 
-class ApiKeyMiddleware:
+class ApiKeyMiddleware(StepMiddleware):
     """Verify API keys on the routes in `routes` (first match wins) and fill the guard context.
 
     The key's hash is looked up in the store; positive lookups are cached in-process for
@@ -172,6 +200,8 @@ class ApiKeyMiddleware:
     seconds makes keyed requests fail closed with 503: a key that cannot be checked is not
     trusted.
     """
+
+    marker = API_KEYS
 
     def __init__(
         self,
@@ -198,11 +228,11 @@ class ApiKeyMiddleware:
         # failures written through the writer (a writer given brings a store it has checked).
         needs = (KeyStore, LimitStore) if writer is not None else (KeyStore, LimitStore, LogStore)
         require(store, needs, "ApiKeyMiddleware")
-        self.app = app
+        super().__init__(app)
         self.store = store
         self.routes = tuple(routes)
         # Which route (or none) a (method, path) falls under: the same few come back.
-        self._routes_for: dict[tuple[str, str], KeyRoute | object | None] = {}
+        self._routes_for: dict[Route, KeyRoute | None] = {}
         self.writer = writer if writer is not None else LogWriter.for_store(store)
         self.cache_ttl = cache_ttl
         self.cache_size = cache_size
@@ -222,73 +252,59 @@ class ApiKeyMiddleware:
         self._throttle_log = ThrottledLog()
         self._store_trouble = ThrottledLog()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            mark(scope, API_KEYS)
-            await run_lifespan(self.app, (self.writer,), scope, receive, send)
-            return
-        if scope["type"] != "http" and scope["type"] != "websocket":
-            await self.app(scope, receive, send)
-            return
-        answer = await self.authenticate(scope, guard_context(scope))
-        if answer is None:
-            await self.app(scope, receive, send)
-        else:
-            await refuse(answer, scope, receive, send)
+    def writers(self) -> tuple[LogWriter, ...]:
+        return (self.writer,)
 
-    async def authenticate(self, scope: Scope, ctx: GuardContext) -> ASGIApp | None:
-        """Check the request's key and fill the context; the refusal to send, or None to pass."""
-        presented = self.screen(scope, ctx.route)
-        return None if presented is None else await self.verify(scope, ctx, *presented)
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
+        """The key check to await, when the route takes a key and one is presented or needed.
 
-    def screen(
-        self, scope: Scope, request: Route
-    ) -> tuple[KeyRoute, str | _Malformed | None] | None:
-        """The route and what was presented, when there is a key to check; else None.
-
-        `request` is the request's (method, path) as matched (`_context.route_of`: without
-        `root_path`, HEAD as GET). Synchronous, so that a request off the keyed routes or
-        anonymous where a key is optional costs no await; `authenticate` is this and then
-        `verify`, which `GuardMiddleware` calls in the same order.
+        A request off the keyed routes, or anonymous where a key is optional, awaits nothing.
         """
-        found = self._routes_for.get(request, _UNSEEN)
-        if found is _UNSEEN:
-            method, path = request
-            found = next((r for r in self.routes if r.matches(path, method)), None)
-            if len(self._routes_for) >= _ROUTE_CACHE_SIZE:
-                self._routes_for.clear()  # many distinct paths: memory stays bounded
-            self._routes_for[request] = found
-        route = cast(KeyRoute | None, found)
+        route = self._route_for(ctx.route)
         if route is None:
             return None
-
-        raw: str | _Malformed | None
         try:
-            raw = _presented_key(scope)
+            key = _presented_key(scope)
         except _Malformed as exc:
-            raw = exc
-        if raw is None and not route.required:
-            return None  # anonymous, where a key is optional
-        return route, raw
+            ip = ctx.client_ip or peer_ip(scope)
+            self._bad_input.warning(
+                "API key refused from %s on %s: %s", printable(ip), printable(scope["path"]), exc
+            )
+            return self._fail(scope, ctx, ip, self.clock(), NO_KEY, KeyRefusal.INVALID)
+        if key is not None:
+            return self._verify(scope, ctx, route, key)
+        if route.required:
+            ip = ctx.client_ip or peer_ip(scope)
+            return self._fail(scope, ctx, ip, self.clock(), NO_KEY, KeyRefusal.MISSING)
+        return None  # anonymous, where a key is optional
 
-    async def verify(
-        self, scope: Scope, ctx: GuardContext, route: KeyRoute, raw: str | _Malformed | None
-    ) -> ASGIApp | None:
-        """Verify what `screen` found: fill the context, or the refusal to send."""
+    def _route_for(self, request: Route) -> KeyRoute | None:
+        """The key route a (method, path) falls under, if any: the same few come back.
+
+        `request` is the request's route as matched (`context.route_of`: without
+        `root_path`, HEAD as GET).
+        """
+        routes_for = self._routes_for
+        try:
+            return routes_for[request]
+        except KeyError:
+            method, path = request
+            found = next((r for r in self.routes if r.matches(path, method)), None)
+            if len(routes_for) >= _ROUTE_CACHE_SIZE:
+                routes_for.clear()  # many distinct paths: memory stays bounded
+            routes_for[request] = found
+            return found
+
+    async def _verify(
+        self, scope: Scope, ctx: GuardContext, route: KeyRoute, raw: str
+    ) -> Refusal | None:
+        """Verify a well-formed presented key: fill the context, or the refusal to send."""
         path: str = scope["path"]
         now = self.clock()
         ip = ctx.client_ip or peer_ip(scope)
         # Failed attempts are counted per client key (an IPv6 client's /64 when the fingerprint
         # middleware runs), so a guesser cannot reset the count by hopping addresses.
         client = ctx.client_key or ip
-        if isinstance(raw, _Malformed):
-            self._bad_input.warning(
-                "API key refused from %s on %s: %s", printable(ip), printable(path), raw
-            )
-            return await self._fail(scope, ctx, ip, now, NO_KEY, 401, "invalid_token")
-        if raw is None:
-            return await self._fail(scope, ctx, ip, now, NO_KEY, 401, None)
-
         key_hash = hash_key(raw)
         del raw  # from here on only the hash exists
         if self._throttled_until(client, now) and key_hash not in self._known_valid:
@@ -314,12 +330,10 @@ class ApiKeyMiddleware:
                 status,
                 key_hash[:12],
             )
-            return await self._fail(scope, ctx, ip, now, key_hash, 401, "invalid_token")
+            return await self._fail(scope, ctx, ip, now, key_hash, KeyRefusal.INVALID)
         missing = [s for s in route.scopes if s not in record.scopes]
         if missing:
-            return await self._fail(
-                scope, ctx, ip, now, key_hash, 403, "insufficient_scope", missing
-            )
+            return await self._fail(scope, ctx, ip, now, key_hash, KeyRefusal.SCOPE, missing)
 
         ctx.api_key_id = record.id
         ctx.api_key_name = record.name
@@ -385,7 +399,7 @@ class ApiKeyMiddleware:
         del self._throttled[ip]
         return False
 
-    async def _within_key_limit(self, ctx: GuardContext, record: ApiKeyRecord) -> ASGIApp | None:
+    async def _within_key_limit(self, ctx: GuardContext, record: ApiKeyRecord) -> Refusal | None:
         limit = record.rate_limit
         assert limit is not None
         try:
@@ -416,10 +430,9 @@ class ApiKeyMiddleware:
         ip: str,
         now: float,
         key_hash: str,
-        status: int,
-        error: str | None,
+        refusal: KeyRefusal,
         missing: Sequence[str] = (),
-    ) -> ASGIApp:
+    ) -> Refusal:
         """Record the failure, charge the IP's failed-auth limit: the 401/403 or 429 to send."""
         user_agent = _user_agent(scope, ctx) or None
         self.writer.add(AuthFailure(key_hash=key_hash, timestamp=now, ip=ip, user_agent=user_agent))
@@ -438,33 +451,23 @@ class ApiKeyMiddleware:
                 return self._throttle(scope, ctx, ip, now, until)
 
         challenge = REALM
-        if error is not None:
-            challenge += f', error="{error}"'
+        if refusal.error is not None:
+            challenge += f', error="{refusal.error}"'
         if missing:
             challenge += f', scope="{" ".join(missing)}"'
-        if status == 403:
-            ctx.rejected = "api_key_scope"
-            title, detail = "Forbidden", "The API key lacks a scope this route requires."
-        else:
-            ctx.rejected = "api_key_invalid" if error else "api_key_missing"
-            title = "Unauthorized"
-            detail = (
-                "The API key is invalid, revoked or expired."
-                if error
-                else "This route requires an API key (Authorization: Bearer, or X-API-Key)."
-            )
+        ctx.rejected = refusal.rejected
         extra: dict[str, object] = {"required-scopes": list(missing)} if missing else {}
         return problem(
-            status,
-            title,
-            detail=detail,
+            refusal.status,
+            refusal.title,
+            detail=refusal.detail,
             headers=[("WWW-Authenticate", challenge)],
             extra=extra,
         )
 
     def _throttle(
         self, scope: Scope, ctx: GuardContext, ip: str, now: float, until: float
-    ) -> ASGIApp:
+    ) -> Refusal:
         user_agent = _user_agent(scope, ctx)
         client = ctx.client_key or ip
         self.writer.add(

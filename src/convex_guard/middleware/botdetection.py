@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope
 
 from convex_guard.core.clientip import UNKNOWN_CLIENT
 from convex_guard.core.errors import ConfigurationError
@@ -17,7 +17,7 @@ from convex_guard.core.headers import bounded, header_value
 from convex_guard.core.limits import LimitConfig
 from convex_guard.core.logs import ThrottledLog, logger, printable
 from convex_guard.core.presets import seed_limits
-from convex_guard.core.problem import ABNORMAL_USAGE, problem, refuse, unavailable
+from convex_guard.core.problem import ABNORMAL_USAGE, problem, unavailable
 from convex_guard.core.settings import GuardEnvironment
 from convex_guard.core.useragent import (
     BOT_CATEGORIES,
@@ -25,18 +25,10 @@ from convex_guard.core.useragent import (
     UserAgentClassifier,
     classify_user_agent,
 )
-from convex_guard.middleware.context import GuardContext, PendingBot, guard_context
-from convex_guard.middleware.order import (
-    BOT,
-    FINGERPRINT,
-    HINT,
-    RATE_LIMIT,
-    check_inside,
-    mark,
-    missing_outside,
-    pass_lifespan,
-)
+from convex_guard.middleware.context import GuardContext, PendingBot
+from convex_guard.middleware.order import BOT, FINGERPRINT, HINT, RATE_LIMIT, missing_outside
 from convex_guard.middleware.rules import _path_matcher, peer_ip
+from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
 from convex_guard.stores.base import (
     BotAction,
     BotCheck,
@@ -75,10 +67,6 @@ DEFAULT_ALLOW_PATHS = ("/health",)
 #: (kube-probe, ELB-HealthChecker, Prometheus, …) is never recorded or escalated there.
 DEFAULT_PROBE_PATHS = ("/health", "/healthz", "/readyz", "/livez", "/metrics", "/ping")
 
-#: What `screen` hands `decide` when the classifier failed and the fail policy is closed: not a
-#: check for the store, the refusal's marker (compared by identity, never stored).
-_UNCLASSIFIED = BotCheck("", "", "", "suspicious_pattern", "blocked")
-
 
 def detection_type(category: BotCategory) -> BotDetectionType:
     if category == "ai_crawler":
@@ -88,7 +76,7 @@ def detection_type(category: BotCategory) -> BotDetectionType:
     return "bot_useragent"
 
 
-class BotDetectionMiddleware:
+class BotDetectionMiddleware(StepMiddleware):
     """Classify each request's user-agent and decide per category and per client.
 
     A flagged request is checked against the last hour of its fingerprint and of its client
@@ -115,6 +103,8 @@ class BotDetectionMiddleware:
     `defer=True` the check is left in the guard context for the `RateLimitMiddleware` inside to
     decide together with the request's limits: one store round trip per request.
     """
+
+    marker = BOT
 
     def __init__(
         self,
@@ -149,7 +139,7 @@ class BotDetectionMiddleware:
         if not callable(classifier):
             raise ConfigurationError("classifier must be a callable from user-agent to verdict")
         require(store, (BotStore,), "BotDetectionMiddleware")
-        self.app = app
+        super().__init__(app)
         self.store = store
         self.policy = merged
         self.classifier = classifier
@@ -180,33 +170,10 @@ class BotDetectionMiddleware:
         self._classifier_trouble = ThrottledLog()
         self._warned_no_fingerprint = False
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await self._lifespan(scope, receive, send)
-            return
-        if scope["type"] != "http" and scope["type"] != "websocket":
-            await self.app(scope, receive, send)
-            return
-        answer = await self.inspect(scope, guard_context(scope))
-        if answer is None:
-            await self.app(scope, receive, send)
-        else:
-            await refuse(answer, scope, receive, send)
-
-    async def inspect(self, scope: Scope, ctx: GuardContext) -> ASGIApp | None:
-        """Decide the request's user-agent: the refusal to send, or None to let it through.
-
-        With `defer` the check is left in `ctx.pending_bot` for the rate limiter to decide.
-        """
-        check = self.screen(scope, ctx)
-        return None if check is None else await self.decide(ctx, check)
-
-    def screen(self, scope: Scope, ctx: GuardContext) -> BotCheck | None:
-        """The check the store must decide now, or None: nothing to decide, or deferred.
-
-        Synchronous, so that a person's request (the common case) costs no await; `inspect`
-        is this and then `decide`, which `GuardMiddleware` calls in the same order.
-        """
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
+        """The store's decision on a flagged request, to await; None for a person's request
+        (the common case, which awaits nothing) and for a check deferred to the rate limiter
+        (`ctx.pending_bot`)."""
         path = ctx.route[1]
         for match in self._allow_paths:
             if match(path):
@@ -221,7 +188,7 @@ class BotDetectionMiddleware:
             category, agent = verdict.category, verdict.name
             action = self.policy[category]  # KeyError: a category no policy names
         except Exception as exc:  # a bug in the app's classifier: its fail policy decides
-            return self._unclassified(ua, exc)
+            return self._unclassified(ctx, ua, exc)
         if self._allowlisted(scope, ctx, ua):
             return None
         ctx.bot_category = category
@@ -254,23 +221,17 @@ class BotDetectionMiddleware:
         )
         if self.defer:
 
-            def respond(outcome: BotVerdict | None) -> ASGIApp | None:
+            def respond(outcome: BotVerdict | None) -> Refusal | None:
                 if outcome is None:
                     return self.unavailable(ctx, check)
                 return self._respond(ctx, outcome)
 
             ctx.pending_bot = PendingBot(check, respond)
             return None
-        return check
+        return self._decide(ctx, check)
 
-    async def decide(self, ctx: GuardContext, check: BotCheck) -> ASGIApp | None:
+    async def _decide(self, ctx: GuardContext, check: BotCheck) -> Refusal | None:
         """Decide `check` in the store now: the refusal to send, or None."""
-        if check is _UNCLASSIFIED:
-            ctx.rejected = "bot_check_unavailable"
-            return unavailable(
-                "Bot detection is unavailable",
-                "This request could not be checked; try again shortly.",
-            )
         try:
             if self._bounded:
                 async with asyncio.timeout(self.timeout):
@@ -284,17 +245,23 @@ class BotDetectionMiddleware:
         assert outcome.bot is not None  # `checked_answer`, or a store that checks its own
         return self._respond(ctx, outcome.bot)
 
-    def _unclassified(self, ua: str, exc: Exception) -> BotCheck | None:
-        """The fail policy, when the classifier failed: what `screen` answers."""
+    def _unclassified(self, ctx: GuardContext, ua: str, exc: Exception) -> Refusal | None:
+        """The fail policy, when the classifier failed: closed refuses with 503."""
         self._classifier_trouble.warning(
             "Bot detection: the user-agent classifier failed on %r (%r); fail=%s applies",
             printable(ua),
             exc,
             self.fail,
         )
-        return _UNCLASSIFIED if self.fail == "closed" else None
+        if self.fail != "closed":
+            return None
+        ctx.rejected = "bot_check_unavailable"
+        return unavailable(
+            "Bot detection is unavailable",
+            "This request could not be checked; try again shortly.",
+        )
 
-    def unavailable(self, ctx: GuardContext, check: BotCheck) -> ASGIApp | None:
+    def unavailable(self, ctx: GuardContext, check: BotCheck) -> Refusal | None:
         """The fail policy, when the store cannot decide `check`: the refusal, or None.
 
         The one implementation of it, whether the check was decided here or deferred to the
@@ -305,24 +272,20 @@ class BotDetectionMiddleware:
             return self._respond(ctx, BotVerdict(check.action, 0))
         return None
 
-    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Fail the start-up when the order cannot work (see `convex_guard.middleware.order`)."""
-        stack = mark(scope, BOT)
-        problem = missing_outside(
-            stack, BOT, FINGERPRINT, "escalates per fingerprint and none is computed"
+    def order_problem(self, outside: list[str]) -> str | None:
+        """Escalation is per fingerprint: `FingerprintMiddleware` must run outside."""
+        return missing_outside(
+            outside, BOT, FINGERPRINT, "escalates per fingerprint and none is computed"
         )
-        if problem is None and self.defer:
 
-            def needs_limiter(inner: list[str]) -> str | None:
-                if RATE_LIMIT in inner:
-                    return None
-                return (
-                    f"{BOT}(defer=True) leaves its check to {RATE_LIMIT}, which does not run "
-                    f"inside it: add {RATE_LIMIT} inside (after) it, or set defer=False. {HINT}"
-                )
-
-            receive = check_inside(stack, needs_limiter, receive, send)
-        await pass_lifespan(self.app, scope, receive, send, problem)
+    def inside_problem(self, inside: list[str]) -> str | None:
+        """A deferred check needs the rate limiter inside to decide it."""
+        if not self.defer or RATE_LIMIT in inside:
+            return None
+        return (
+            f"{BOT}(defer=True) leaves its check to {RATE_LIMIT}, which does not run "
+            f"inside it: add {RATE_LIMIT} inside (after) it, or set defer=False. {HINT}"
+        )
 
     def _allowlisted(self, scope: Scope, ctx: GuardContext, ua: str) -> bool:
         if any(pattern.search(ua) for pattern in self._allow_agents):
@@ -338,7 +301,7 @@ class BotDetectionMiddleware:
             )
         return False
 
-    def _respond(self, ctx: GuardContext, outcome: BotVerdict) -> ASGIApp | None:
+    def _respond(self, ctx: GuardContext, outcome: BotVerdict) -> Refusal | None:
         action = ctx.bot_action = outcome.action
         if action == "blocked":
             ctx.rejected = "bot_blocked"

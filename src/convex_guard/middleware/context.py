@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -62,6 +63,24 @@ class GuardContext:
     #: What `report_usage` recorded; None until the app reports something (most requests
     #: never do, so none pays for an empty one).
     usage: Usage | None = None
+    #: The request logger's entry while the request is in flight (None: not logged); the
+    #: runner records the response's status in it (`middleware/steps.py`).
+    log_entry: LogEntry | None = None
+    #: Headers a step wants on the response (the rate limiter's `RateLimit` fields), added by
+    #: the runner that ran that step, on the response start or the WebSocket accept.
+    response_headers: list[tuple[bytes, bytes]] | None = None
+
+
+class LogEntry:
+    """One logged request in flight: what it is (`provider`, None for an embedding), when."""
+
+    __slots__ = ("provider", "started", "status", "timestamp")
+
+    def __init__(self, provider: str | None, timestamp: float) -> None:
+        self.provider = provider
+        self.timestamp = timestamp
+        self.started = time.perf_counter()
+        self.status = 0
 
 
 @dataclass(slots=True)
@@ -110,6 +129,15 @@ def guard_context(scope: MutableMapping[str, Any], route: Route | None = None) -
     if ctx is None:
         ctx = state[STATE_KEY] = GuardContext(route_of(scope) if route is None else route)
     return cast(GuardContext, ctx)
+
+
+def current_context(scope: MutableMapping[str, Any]) -> GuardContext | None:
+    """The request's guard context if a middleware outside made one, else None (none is made)."""
+    state = scope.get("state")
+    if not state:
+        return None
+    ctx: GuardContext | None = state.get(STATE_KEY)
+    return ctx
 
 
 def request_route(scope: MutableMapping[str, Any]) -> Route:

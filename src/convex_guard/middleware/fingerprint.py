@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope
 
 from convex_guard.core.clientip import (
     UNIX_SOCKET,
@@ -18,13 +18,14 @@ from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.fingerprint import DEFAULT_FIELDS, fingerprint
 from convex_guard.core.headers import header_value
 from convex_guard.core.logs import logger
-from convex_guard.middleware.context import GuardContext, guard_context
-from convex_guard.middleware.order import FINGERPRINT, mark
+from convex_guard.middleware.context import GuardContext
+from convex_guard.middleware.order import FINGERPRINT
+from convex_guard.middleware.steps import StepMiddleware
 
 _UNKNOWN = (UNKNOWN_CLIENT, UNKNOWN_CLIENT)
 
 
-class FingerprintMiddleware:
+class FingerprintMiddleware(StepMiddleware):
     """Put `client_ip`, `client_key`, `fingerprint` and `user_agent` into the guard context.
 
     `X-Forwarded-For` (or `Forwarded`, with `forwarded_header="forwarded"`) is read only when
@@ -39,6 +40,8 @@ class FingerprintMiddleware:
     that many buckets). The fingerprint is xxh3-64 over `fields` (header names) in a
     canonical form: the same headers in any order or case give the same value.
     """
+
+    marker = FINGERPRINT
 
     def __init__(
         self,
@@ -58,7 +61,7 @@ class FingerprintMiddleware:
         except ValueError as exc:
             raise ConfigurationError(f"trusted_proxies: {exc}") from None
         self._trusting = bool(self.trusted)
-        self.app = app
+        super().__init__(app)
         self.forwarded_header: ForwardedHeader = forwarded_header
         self.ipv6_prefix = ipv6_prefix
         self.fields = (
@@ -70,18 +73,8 @@ class FingerprintMiddleware:
             raise ConfigurationError("fields must name at least one header")
         self._warned_no_peer = False
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind != "http" and kind != "websocket":  # a WebSocket handshake is identified too
-            if kind == "lifespan":
-                mark(scope, FINGERPRINT)
-            await self.app(scope, receive, send)
-            return
-        self.identify(scope, guard_context(scope))
-        await self.app(scope, receive, send)
-
-    def identify(self, scope: Scope, ctx: GuardContext) -> None:
-        """Fill the context's client fields and fingerprint (`GuardMiddleware` calls it too)."""
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> None:
+        """Fill the context's client fields and fingerprint; never refuses."""
         headers = scope["headers"]
         client = scope.get("client")
         peer = client[0] if client else None

@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convex_guard.core.clientip import ForwardedHeader
@@ -28,14 +27,12 @@ from convex_guard.middleware.botdetection import (
     BotDetectionMiddleware,
     PolicyAction,
 )
-from convex_guard.middleware.context import guard_context, route_of
+from convex_guard.middleware.context import GuardContext, guard_context, route_of
 from convex_guard.middleware.fingerprint import FingerprintMiddleware
 from convex_guard.middleware.logger import (
     DEFAULT_AI_PATH,
     DEFAULT_EMBEDDINGS_PATH,
     RequestLoggerMiddleware,
-    client_gone,
-    handshake_status,
     provider_from_path,
 )
 from convex_guard.middleware.logwriter import (
@@ -48,6 +45,7 @@ from convex_guard.middleware.logwriter import (
 )
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
 from convex_guard.middleware.rules import Rule, _path_matcher, preset_rules
+from convex_guard.middleware.steps import StepRunner
 from convex_guard.stores.base import (
     BotStore,
     KeyStore,
@@ -212,8 +210,8 @@ class GuardStack:
     """The five middlewares around `inner`, with the store and the writer they share.
 
     `stacked` is the outermost of them, the whole stack as middlewares; `app` runs the same
-    middlewares' steps in a single pass (what `GuardMiddleware` and the WSGI/Django bridge
-    serve requests with).
+    middlewares' steps in one loop (what `GuardMiddleware` and the WSGI/Django bridge serve
+    requests with).
     """
 
     inner: ASGIApp
@@ -229,8 +227,8 @@ class GuardStack:
     limiter: RateLimitMiddleware | None
 
     @functools.cached_property
-    def app(self) -> SinglePass:
-        return SinglePass(self)
+    def app(self) -> GuardRunner:
+        return GuardRunner(self)
 
     @classmethod
     def build(cls, app: ASGIApp, settings: GuardSettings) -> GuardStack:
@@ -313,98 +311,35 @@ class GuardStack:
         )
 
 
-class SinglePass:
-    """The stack of `GuardStack`, run as one middleware on HTTP requests and WebSocket handshakes.
+class GuardRunner(StepRunner):
+    """The steps of `GuardStack`'s middlewares, run in one loop on HTTP requests and WebSocket
+    handshakes: what the stacked middlewares do, in their order, without a layer of calls and
+    a wrapped `send` per middleware.
 
-    Each HTTP request goes through the same steps the stacked middlewares take, in the same
-    order (`begin`, `identify`, `screen`/`verify`, `screen`/`decide`, `decide`, `finish`), but
-    in one coroutine with one wrapped `send`: five layers of calls and wrappers cost more than
-    the work itself. Lifespan (the order checks, the writer's start and flush) goes through
-    the stack as built, then `on_shutdown`; exempt paths go straight to the app.
+    Lifespan (the order checks, the writers' start and flush) goes through the stack as built,
+    then `on_shutdown`; exempt paths go straight to the app.
     """
 
     def __init__(
         self, stack: GuardStack, *, on_shutdown: Callable[[], Awaitable[None]] | None = None
     ) -> None:
-        # The stack's parts, as attributes of this object: read on every request.
-        self.app = stack.inner
+        parts = (stack.stacked, stack.fingerprint, stack.keys, stack.bots, stack.limiter)
+        super().__init__(stack.inner, [step for step in parts if step is not None])
         self.stacked = stack.stacked
-        self.fingerprint = stack.fingerprint
-        self.keys = stack.keys
-        self.bots = stack.bots
-        self.limiter = stack.limiter
         self.is_exempt = stack.is_exempt
         self.on_shutdown = on_shutdown
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind != "http" and kind != "websocket":
-            if kind == "lifespan" and self.on_shutdown is not None:
-                await self.stacked(scope, receive, self._closing_send(send))
-            else:
-                await self.stacked(scope, receive, send)
-            return
+    def context(self, scope: Scope) -> GuardContext | None:
         # The one place a request's route (path without root_path, HEAD as GET) is computed.
         route = route_of(scope)
         if self.is_exempt(route[1]):
-            await self.app(scope, receive, send)
-            return
-        ctx = guard_context(scope, route)
-        logger = self.stacked
-        entry = logger.begin(scope)
-        headers: list[tuple[bytes, bytes]] | None = None
+            return None
+        return guard_context(scope, route)
 
-        if kind == "http":
-
-            async def guarded_send(message: Message) -> None:
-                if message["type"] == "http.response.start":
-                    if entry is not None:
-                        entry.status = message["status"]
-                    if headers is not None:
-                        message["headers"] = [*message.get("headers", ()), *headers]
-                await send(message)
-
-        else:  # a WebSocket handshake: checked as a request, refused before accept
-
-            async def guarded_send(message: Message) -> None:
-                if entry is not None and not entry.status:
-                    entry.status = handshake_status(message)
-                if headers is not None and message["type"] == "websocket.accept":
-                    message["headers"] = [*message.get("headers", ()), *headers]
-                await send(message)
-
-        raised: BaseException | None = None
-        try:
-            # The stack's order: fingerprint, API key, bot check, limits; the first refusal wins.
-            self.fingerprint.identify(scope, ctx)
-            # Each middleware's synchronous screen first: a person's request awaits only the
-            # store call that decides its limits.
-            answer = None
-            keys = self.keys
-            if keys is not None:
-                presented = keys.screen(scope, route)
-                if presented is not None:
-                    answer = await keys.verify(scope, ctx, *presented)
-            bots = self.bots
-            if answer is None and bots is not None:
-                check = bots.screen(scope, ctx)
-                if check is not None:
-                    answer = await bots.decide(ctx, check)
-            if answer is None and self.limiter is not None:
-                answer, headers = await self.limiter.decide(scope, receive, ctx)
-            if answer is None:
-                await self.app(scope, receive, guarded_send)
-            else:
-                await refuse(answer, scope, receive, guarded_send)
-        except ClientDisconnect as exc:
-            raised = exc
-            client_gone(scope)
-        except BaseException as exc:
-            raised = exc
-            raise
-        finally:
-            if entry is not None:
-                logger.finish(scope, ctx, entry, raised)
+    async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.on_shutdown is not None:
+            send = self._closing_send(send)
+        await self.stacked(scope, receive, send)
 
     def _closing_send(self, send: Send) -> Send:
         """Run `on_shutdown` (close the store the guard created) once the writer has flushed."""
@@ -421,7 +356,7 @@ class SinglePass:
         return closing_send
 
 
-class GuardMiddleware(SinglePass):
+class GuardMiddleware(GuardRunner):
     """Logger → fingerprint → API keys → bot detection → rate limits, configured at once.
 
     `app.add_middleware(GuardMiddleware)` guards the seed's routes with the seed's limits on the
@@ -461,7 +396,7 @@ class GuardMiddleware(SinglePass):
             return
         self.store = self.guard.store
         self.writer = self.guard.writer
-        # The single pass is this middleware itself: no extra layer per request.
+        # The runner is this middleware itself: no extra layer per request.
         super().__init__(
             self.guard, on_shutdown=self.store.close if self.guard.owns_store else None
         )
@@ -514,6 +449,7 @@ def exempt_matcher(paths: Iterable[str]) -> Callable[[str], bool]:
 
 __all__ = [
     "GuardMiddleware",
+    "GuardRunner",
     "GuardSettings",
     "GuardStack",
     "MisconfiguredGuard",

@@ -10,18 +10,24 @@ import uuid
 from collections.abc import Callable, Iterable, MutableMapping
 from typing import Any, Protocol
 
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope
 
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.headers import MAX_STORED
 from convex_guard.core.keys import NO_KEY
-from convex_guard.core.logs import logger, printable
+from convex_guard.core.logs import printable
 from convex_guard.core.presets import AI_PROVIDERS
-from convex_guard.middleware.context import GuardContext, Usage, guard_context, request_route
-from convex_guard.middleware.logwriter import LogWriter, run_lifespan
-from convex_guard.middleware.order import LOGGER, mark
+from convex_guard.middleware.context import (
+    GuardContext,
+    LogEntry,
+    Usage,
+    guard_context,
+    request_route,
+)
+from convex_guard.middleware.logwriter import LogWriter
+from convex_guard.middleware.order import LOGGER
 from convex_guard.middleware.rules import _path_matcher, peer_ip
+from convex_guard.middleware.steps import StepMiddleware
 from convex_guard.stores.base import AIRequestLog, EmbeddingRequestLog, LogStore, require
 
 DEFAULT_AI_PATH = "/api/ai"
@@ -117,16 +123,6 @@ def _amount(name: str, value: object, cap: float) -> float:
     return number
 
 
-def client_gone(scope: Scope) -> None:
-    """One debug line for a request whose client went away mid-body (Starlette raises
-    `ClientDisconnect`): routine on the internet, not an error worth a traceback."""
-    logger.debug(
-        "Client disconnected mid-request: %s %s",
-        printable(scope.get("method", "")),
-        printable(scope.get("path", "")),
-    )
-
-
 def provider_from_path(prefix: str = DEFAULT_AI_PATH) -> ProviderResolver:
     """The default resolver: the segment after `prefix` (`/api/ai/{provider}/…`)."""
     base = prefix.rstrip("/") + "/"
@@ -145,7 +141,7 @@ def _wall_clock_ms() -> float:
     return time.time() * 1000.0
 
 
-class RequestLoggerMiddleware:
+class RequestLoggerMiddleware(StepMiddleware):
     """Time each request and record it as an AI or embedding request log; run it outermost.
 
     AI requests are those `provider` resolves a provider for (by default the `{provider}`
@@ -169,6 +165,8 @@ class RequestLoggerMiddleware:
     for apps run without lifespan.
     """
 
+    marker = LOGGER
+
     def __init__(
         self,
         app: ASGIApp,
@@ -188,7 +186,7 @@ class RequestLoggerMiddleware:
         self.providers = None if providers is None else _provider_set(providers)
         # The rows go through the writer: a writer given brings a store it has checked.
         require(store, (LogStore,) if writer is None else (), "RequestLoggerMiddleware")
-        self.app = app
+        super().__init__(app)
         self.store = store
         self.writer = writer if writer is not None else LogWriter.for_store(store)
         self.provider: ProviderResolver = provider or provider_from_path()
@@ -199,64 +197,24 @@ class RequestLoggerMiddleware:
         # The wall clock is read inline on every request: a call through `clock` costs more.
         self._wall = clock is None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            mark(scope, LOGGER)
-            await run_lifespan(self.app, (self.writer,), scope, receive, send)
-            return
-        kind = scope["type"]
-        if kind != "http" and kind != "websocket":
-            await self.app(scope, receive, send)
-            return
-        ctx = guard_context(scope)  # made here, so its route is computed once for all
-        entry = self.begin(scope)
-        if entry is None:
-            try:
-                await self.app(scope, receive, send)
-            except ClientDisconnect:
-                client_gone(scope)
-            return
+    def writers(self) -> tuple[LogWriter, ...]:
+        return (self.writer,)
 
-        async def send_status(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                entry.status = message["status"]
-            await send(message)
-
-        async def send_handshake_status(message: Message) -> None:
-            if not entry.status:
-                entry.status = handshake_status(message)
-            await send(message)
-
-        raised: BaseException | None = None
-        try:
-            await self.app(scope, receive, send_status if kind == "http" else send_handshake_status)
-        except ClientDisconnect as exc:
-            raised = exc
-            client_gone(scope)
-        except BaseException as exc:
-            raised = exc
-            raise
-        finally:
-            self.finish(scope, ctx, entry, raised)
-
-    def begin(self, scope: Scope) -> LogEntry | None:
-        """Start timing a request that is logged; None for one that is not.
-
-        The caller sets the entry's `status` from the response start and calls `finish`
-        (`GuardMiddleware` does both in its own single pass).
-        """
-        if self._is_embedding(request_route(scope)[1]):
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> None:
+        """Start timing a request that is logged (`ctx.log_entry`); others are not logged."""
+        if self._is_embedding(ctx.route[1]):
             provider = None
         else:
             provider = self.provider(scope)
             if provider is None:
-                return None
-        return LogEntry(provider, time.time() * 1000.0 if self._wall else self.clock())
+                return
+        ctx.log_entry = LogEntry(provider, time.time() * 1000.0 if self._wall else self.clock())
 
-    def finish(
-        self, scope: Scope, ctx: GuardContext, entry: LogEntry, raised: BaseException | None
-    ) -> None:
+    def after(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
         """Buffer the request's row: failed if the guard refused it, it erred or raised."""
+        entry = ctx.log_entry
+        if entry is None:
+            return
         latency = (time.perf_counter() - entry.started) * 1000.0
         status = entry.status
         error = ctx.rejected
@@ -327,24 +285,6 @@ class RequestLoggerMiddleware:
         )
 
 
-def handshake_status(message: Message) -> int:
-    """The status a WebSocket handshake's row records from the first message the app sends.
-
-    101 when accepted (a connection accepted and later closed stays one row, of 101), the
-    HTTP answer's status when refused through the `websocket.http.response` extension, 403
-    for a close before accept (the server answers 403 to it). 0 for anything else.
-    """
-    kind = message["type"]
-    if kind == "websocket.accept":
-        return 101
-    if kind == "websocket.http.response.start":
-        status: int = message["status"]
-        return status
-    if kind == "websocket.close":
-        return 403
-    return 0
-
-
 def _provider_set(providers: Iterable[str]) -> frozenset[str]:
     if isinstance(providers, str):
         raise ConfigurationError("providers must be a list of names, not one string")
@@ -367,15 +307,3 @@ def _raised_error(raised: BaseException) -> str | None:
     if isinstance(raised, Exception):
         return type(raised).__name__
     return None
-
-
-class LogEntry:
-    """One logged request in flight: what it is (`provider`, None for an embedding), when."""
-
-    __slots__ = ("provider", "started", "status", "timestamp")
-
-    def __init__(self, provider: str | None, timestamp: float) -> None:
-        self.provider = provider
-        self.timestamp = timestamp
-        self.started = time.perf_counter()
-        self.status = 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from convex_guard.core.errors import ConfigurationError
 
@@ -83,12 +83,3 @@ def check_inside(
         return message
 
     return checked_receive
-
-
-async def pass_lifespan(
-    app: ASGIApp, scope: Scope, receive: Receive, send: Send, problem: str | None
-) -> None:
-    """Fail the start-up with `problem`, or pass the lifespan on to `app`."""
-    if problem is not None:
-        await fail_startup(problem, receive, send)
-    await app(scope, receive, send)

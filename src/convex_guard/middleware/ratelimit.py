@@ -8,22 +8,22 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from starlette.requests import HTTPConnection, Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope
 
 from convex_guard.core.errors import ConfigurationError
-from convex_guard.core.headers import adding_headers
 from convex_guard.core.logs import ThrottledLog, logger, printable
-from convex_guard.core.problem import QUOTA_TITLE, quota_exceeded, refuse, retry_after, unavailable
-from convex_guard.middleware.context import STATE_KEY, GuardContext, Route, guard_context, route_of
-from convex_guard.middleware.order import (
-    API_KEYS,
-    FINGERPRINT,
-    RATE_LIMIT,
-    mark,
-    missing_outside,
-    pass_lifespan,
+from convex_guard.core.problem import QUOTA_TITLE, quota_exceeded, retry_after, unavailable
+from convex_guard.middleware.context import (
+    GuardContext,
+    PendingBot,
+    Route,
+    current_context,
+    guard_context,
+    route_of,
 )
+from convex_guard.middleware.order import API_KEYS, FINGERPRINT, RATE_LIMIT, missing_outside
 from convex_guard.middleware.rules import Rule, ratelimit_field, ratelimit_template
+from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
 from convex_guard.stores.base import LimitRequest, LimitStore, require
 from convex_guard.stores.resilient import answers_checked, checked_answer
 
@@ -31,7 +31,7 @@ DEFAULT_TIMEOUT = 0.5
 _MATCH_CACHE_SIZE = 1024
 
 
-class RateLimitMiddleware:
+class RateLimitMiddleware(StepMiddleware):
     """Decide all matching `rules` together: all pass and are consumed, or none is consumed.
 
     A denied request gets 429 with `Retry-After`, the IETF `RateLimit-Policy`/`RateLimit`
@@ -44,6 +44,8 @@ class RateLimitMiddleware:
     A bot check that `BotDetectionMiddleware(defer=True)` left in the guard context is decided
     in the same store call, so a request costs one round trip whatever it triggers.
     """
+
+    marker = RATE_LIMIT
 
     def __init__(
         self,
@@ -61,7 +63,7 @@ class RateLimitMiddleware:
         if not 0 < timeout < math.inf:
             raise ConfigurationError("timeout must be a positive number of seconds")
         require(store, (LimitStore,), "RateLimitMiddleware")
-        self.app = app
+        super().__init__(app)
         self.store = store
         self.rules = tuple(rules)
         self.timeout = timeout
@@ -72,29 +74,15 @@ class RateLimitMiddleware:
         # Which rules match a (method, path): the same few routes come back on every request.
         self._matches: dict[tuple[str, str], _Matched] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind != "http" and kind != "websocket":  # a handshake is limited like a request
-            if kind == "lifespan":
-                await pass_lifespan(self.app, scope, receive, send, self._order_problem(scope))
-                return
-            await self.app(scope, receive, send)
-            return
-        state = scope.get("state")
-        ctx = state.get(STATE_KEY) if state else None
+    def context(self, scope: Scope) -> GuardContext | None:
+        """The guard context, none made (the request goes to the app) when no rule matches."""
+        ctx = current_context(scope)
         if ctx is None:
             route = route_of(scope)
             if not self._matching(route).rules:
-                await self.app(scope, receive, send)  # nothing to decide: no context needed
-                return
+                return None
             ctx = guard_context(scope, route)
-        answer, headers = await self.decide(scope, receive, ctx)
-        if answer is not None:
-            await refuse(answer, scope, receive, send)
-        elif headers is None:
-            await self.app(scope, receive, send)
-        else:
-            await self.app(scope, receive, adding_headers(send, headers))
+        return ctx
 
     def _matching(self, route: Route) -> _Matched:
         """The rules matching the request's (method, path), cached: the same routes come back."""
@@ -107,18 +95,15 @@ class RateLimitMiddleware:
             self._matches[route] = matched
         return matched
 
-    async def decide(
-        self, scope: Scope, receive: Receive, ctx: GuardContext
-    ) -> tuple[ASGIApp | None, list[tuple[bytes, bytes]] | None]:
-        """Decide the request's limits (and a deferred bot check) in one store call.
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
+        """What the request asks of the store: None when nothing, else the decision to await.
 
-        Returns the refusal to send, or None and the `RateLimit-Policy`/`RateLimit` fields
-        to add to the response (None when no limit applied). `GuardMiddleware` calls it too.
+        A deferred bot check (`ctx.pending_bot`) is decided in the same store call.
         """
         matched = self._matching(ctx.route)
         pending = ctx.pending_bot
         if not matched.rules and pending is None:
-            return None, None
+            return None
 
         rules: Sequence[Rule]
         limits: Sequence[LimitRequest]
@@ -128,10 +113,22 @@ class RateLimitMiddleware:
         else:
             rules, limits, refusal = self._wanted(scope, receive, ctx, matched)
             if refusal is not None:
-                return refusal, None
+                return refusal
         if not rules and pending is None:
-            return None, None
+            return None
+        return self._decide(scope, ctx, matched, rules, limits, pending)
 
+    async def _decide(
+        self,
+        scope: Scope,
+        ctx: GuardContext,
+        matched: _Matched,
+        rules: Sequence[Rule],
+        limits: Sequence[LimitRequest],
+        pending: PendingBot | None,
+    ) -> Refusal | None:
+        """Decide the limits (and the deferred bot check) in one store call: the refusal, or
+        None with the `RateLimit-Policy`/`RateLimit` fields in `ctx.response_headers`."""
         try:
             bot = pending.check if pending is not None else None
             if self._bounded:
@@ -148,7 +145,7 @@ class RateLimitMiddleware:
             return quota_exceeded(
                 "Request cost exceeds what the quota can ever admit",
                 [rule.name for rule in rules],
-            ), None
+            )
         except Exception as exc:
             self._store_trouble.warning(
                 "Rate-limit store unavailable (%s): %r", printable(scope["path"]), exc
@@ -157,17 +154,17 @@ class RateLimitMiddleware:
                 # The bot middleware's own fail policy, as when it asks the store itself.
                 refusal = pending.respond(None)
                 if refusal is not None:
-                    return refusal, None
+                    return refusal
             if any(rule.fail == "closed" for rule in rules):
-                return self._unavailable(ctx), None
-            return None, None
+                return self._unavailable(ctx)
+            return None
 
         if pending is not None and outcome.bot is not None:
             answer = pending.respond(outcome.bot)
             if answer is not None:
-                return answer, None
+                return answer
         if not rules:
-            return None, None
+            return None
         results = outcome.results
         limits_seen = ctx.limits
         for rule, result in zip(rules, results):  # noqa: B905 (`checked_answer` checks lengths)
@@ -199,11 +196,17 @@ class RateLimitMiddleware:
                         ).decode("latin-1"),
                     ),
                 ],
-            ), None
-        return None, [
+            )
+        fields = [
             (b"ratelimit-policy", policy_bytes),
             (b"ratelimit", ratelimit_field(template, results)),
         ]
+        added = ctx.response_headers
+        if added is None:
+            ctx.response_headers = fields
+        else:
+            added += fields
+        return None
 
     def _wanted(
         self, scope: Scope, receive: Receive, ctx: GuardContext, matched: _Matched
@@ -229,14 +232,13 @@ class RateLimitMiddleware:
         applied = matched.rules
         return (applied if len(rules) == len(applied) else rules), limits, None
 
-    def _order_problem(self, scope: Scope) -> str | None:
+    def order_problem(self, outside: list[str]) -> str | None:
         """Rules keyed by what an outer middleware fills need that middleware outside."""
-        stack = mark(scope, RATE_LIMIT)
         for kind, needs in (("api_key", API_KEYS), ("fingerprint", FINGERPRINT)):
             names = [rule.name for rule in self.rules if rule.key == kind]
             if names:
                 problem = missing_outside(
-                    stack, RATE_LIMIT, needs, f"has {kind!r} rules ({', '.join(names)})"
+                    outside, RATE_LIMIT, needs, f"has {kind!r} rules ({', '.join(names)})"
                 )
                 if problem is not None:
                     return problem

@@ -1,0 +1,254 @@
+"""The one code path of a guarded request: each middleware is a `Step`, run by `StepRunner`.
+
+A step does its part of a request before the app (fill the guard context, or refuse), and
+the logger's also after it (the request's row). `StepRunner` runs a sequence of steps around an
+app: each middleware runs its own one step (`StepMiddleware`), `GuardMiddleware` the steps of
+the whole stack in one loop, so a stack built by hand and the guard answer alike.
+
+A step's `before` is synchronous, so a request with nothing to decide in the store awaits
+nothing: when it has something to await (a store call), it answers the coroutine that decides
+it, and the runner awaits that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from convex_guard.core.logs import logger, printable
+from convex_guard.core.problem import refuse
+from convex_guard.middleware.context import GuardContext, LogEntry, guard_context
+from convex_guard.middleware.logwriter import LogWriter, run_lifespan
+from convex_guard.middleware.order import check_inside, fail_startup, mark
+
+#: What a step answers instead of the app: an ASGI app (a problem response, a challenge page).
+Refusal = ASGIApp
+#: A decision a step awaits (a store call); it answers the refusal, or None to go on.
+Decision = Coroutine[Any, Any, Refusal | None]
+#: What a step's `before` answers: None to go on, the refusal to send, or a decision to await.
+#: A refusal is callable (an ASGI app) and a decision is not, which is how they are told apart.
+Before = Refusal | Decision | None
+
+
+class Step(Protocol):
+    """One middleware's part of a request, and of the lifespan.
+
+    `before` runs before the app, in the stack's order; the first refusal wins and the steps
+    after it do not run. A step that wants response headers added (the rate limiter's
+    `RateLimit-Policy`/`RateLimit`) puts them in `ctx.response_headers`.
+    """
+
+    #: The name the lifespan's order checks know this step by (`middleware/order.py`).
+    marker: str
+
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
+        """Fill the context; None to go on, a refusal, or a decision to await (see `Before`)."""
+        ...
+
+    def order_problem(self, outside: list[str]) -> str | None:
+        """What is wrong with the middlewares outside this one (`outside`: outermost first,
+        this one last), checked as the lifespan passes in; None when nothing is."""
+        ...
+
+    def inside_problem(self, inside: list[str]) -> str | None:
+        """What is wrong with the middlewares inside this one, checked when the startup
+        message goes by (every inner one has marked itself then); None when nothing is."""
+        ...
+
+    def writers(self) -> tuple[LogWriter, ...]:
+        """The log writers this step fills: started at lifespan startup, flushed at shutdown."""
+        ...
+
+
+@runtime_checkable
+class FinishingStep(Step, Protocol):
+    """A step with a part after the app too: the request logger's row.
+
+    A runner with such a step records the response's status in `ctx.log_entry`, and takes a
+    client gone mid-body (Starlette's `ClientDisconnect`) as the request's end: one debug line,
+    not an exception for the server to log.
+    """
+
+    def after(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
+        """The request is over: `raised` is what the app (or a step) raised, else None."""
+        ...
+
+
+class StepRunner:
+    """Runs `steps` around `app` on HTTP requests and WebSocket handshakes.
+
+    The before-steps in order, the first refusal wins (sent with `core.problem.refuse`, so a
+    WebSocket handshake is refused before accept); one wrapped `send` adds the headers the
+    steps asked for to the response start (or the WebSocket accept) and records the status for
+    the after-steps, which run in `finally` with what was raised: each one whose before-step
+    ran, as each middleware of a stack finishes only the requests that reached it. Other
+    scopes pass through to `app`, the lifespan through `lifespan`.
+    """
+
+    def __init__(self, app: ASGIApp, steps: Sequence[Step]) -> None:
+        self.app = app
+        self.steps = tuple(steps)
+        # The bound methods, taken once: read on every request.
+        self._befores = tuple(step.before for step in self.steps)
+        # Each after-step with its position: it runs when its own before-step did.
+        self._afters = tuple(
+            (position, step.after)
+            for position, step in enumerate(self.steps)
+            if isinstance(step, FinishingStep)
+        )
+
+    def context(self, scope: Scope) -> GuardContext | None:
+        """The request's guard context, or None to hand the request to the app unguarded."""
+        return guard_context(scope)
+
+    async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
+            if kind == "lifespan":
+                await self.lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        ctx = self.context(scope)
+        if ctx is None:
+            await self.app(scope, receive, send)
+            return
+        afters = self._afters
+        raised: BaseException | None = None
+        started = 0  # the before-steps started: as far as a stack of middlewares would get
+        try:
+            refusal: Refusal | None = None
+            for before in self._befores:
+                started += 1
+                outcome = before(scope, receive, ctx)
+                if outcome is None:
+                    continue
+                if not callable(outcome):  # a decision to await
+                    outcome = await outcome
+                    if outcome is None:
+                        continue
+                refusal = outcome
+                break
+            headers = ctx.response_headers
+            if headers is not None:
+                ctx.response_headers = None  # this runner adds them; an outer one must not
+            entry = ctx.log_entry if afters else None
+            if entry is not None or headers is not None:
+                send = _wrapped_send(send, kind, entry, headers)
+            if refusal is None:
+                await self.app(scope, receive, send)
+            else:
+                await refuse(refusal, scope, receive, send)
+        except ClientDisconnect as exc:
+            if not afters:
+                raise
+            raised = exc
+            client_gone(scope)
+        except BaseException as exc:
+            raised = exc
+            raise
+        finally:
+            for position, after in afters:
+                if position < started:
+                    after(scope, ctx, raised)
+
+
+def _wrapped_send(
+    send: Send, kind: str, entry: LogEntry | None, headers: list[tuple[bytes, bytes]] | None
+) -> Send:
+    """`send`, recording the status in `entry` and adding `headers` to the response start."""
+    if kind == "http":
+
+        async def http_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                if entry is not None:
+                    entry.status = message["status"]
+                if headers is not None:
+                    message["headers"] = [*message.get("headers", ()), *headers]
+            await send(message)
+
+        return http_send
+
+    async def handshake_send(message: Message) -> None:  # refused before accept, or accepted
+        if entry is not None and not entry.status:
+            entry.status = handshake_status(message)
+        if headers is not None and message["type"] == "websocket.accept":
+            message["headers"] = [*message.get("headers", ()), *headers]
+        await send(message)
+
+    return handshake_send
+
+
+def handshake_status(message: Message) -> int:
+    """The status a WebSocket handshake's row records from the first message the app sends.
+
+    101 when accepted (a connection accepted and later closed stays one row, of 101), the
+    HTTP answer's status when refused through the `websocket.http.response` extension, 403
+    for a close before accept (the server answers 403 to it). 0 for anything else.
+    """
+    kind = message["type"]
+    if kind == "websocket.accept":
+        return 101
+    if kind == "websocket.http.response.start":
+        status: int = message["status"]
+        return status
+    if kind == "websocket.close":
+        return 403
+    return 0
+
+
+def client_gone(scope: Scope) -> None:
+    """One debug line for a request whose client went away mid-body (Starlette raises
+    `ClientDisconnect`): routine on the internet, not an error worth a traceback."""
+    logger.debug(
+        "Client disconnected mid-request: %s %s",
+        printable(scope.get("method", "")),
+        printable(scope.get("path", "")),
+    )
+
+
+class StepMiddleware(StepRunner):
+    """A middleware that is one step: its `__call__` runs that step around `app`.
+
+    Its lifespan part is the same for every middleware: mark itself in the lifespan scope,
+    fail the start-up on an order problem, and start and flush its writers around the app's
+    lifespan. Subclasses implement `before` (and the logger `after`).
+    """
+
+    marker: str
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__(app, (self,))
+
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
+        raise NotImplementedError
+
+    def order_problem(self, outside: list[str]) -> str | None:
+        return None
+
+    def inside_problem(self, inside: list[str]) -> str | None:
+        return None
+
+    def writers(self) -> tuple[LogWriter, ...]:
+        return ()
+
+    async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        stack = mark(scope, self.marker)
+        problem = self.order_problem(stack)
+        if problem is not None:
+            await fail_startup(problem, receive, send)
+        receive = check_inside(stack, self.inside_problem, receive, send)
+        writers = self.writers()
+        if writers:
+            await run_lifespan(self.app, writers, scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+__all__ = ["Before", "Decision", "FinishingStep", "Refusal", "Step", "StepMiddleware", "StepRunner"]

@@ -1,0 +1,157 @@
+"""The step interface (`middleware/steps.py`): what a step answers before the app, what the
+runner does with it, and that a request with nothing to decide in the store awaits nothing."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope
+
+from convex_guard import (
+    HOUR,
+    ApiKeyMiddleware,
+    BotDetectionMiddleware,
+    FixedWindow,
+    KeyRoute,
+    MemoryStore,
+    RateLimitMiddleware,
+    Rule,
+)
+from convex_guard.core.problem import problem
+from convex_guard.middleware.context import GuardContext, LogEntry, route_of
+from convex_guard.middleware.steps import (
+    Before,
+    FinishingStep,
+    Refusal,
+    StepMiddleware,
+    StepRunner,
+)
+
+from .conftest import serve
+from .e2e_checks import BROWSER, GPTBOT
+
+
+class Deny(StepMiddleware):
+    """Refuses a request carrying `x-deny` (synchronously, or after an await with `x-later`)."""
+
+    marker = "Deny"
+
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
+        headers = dict(scope["headers"])
+        if b"x-deny" in headers:
+            return problem(418, "Denied")
+        if b"x-later" in headers:
+            return self._later()
+        return None
+
+    async def _later(self) -> Refusal | None:
+        return problem(451, "Denied later")
+
+
+class Tag(StepMiddleware):
+    """Asks for a response header, and records what it saw after the app."""
+
+    marker = "Tag"
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.seen: list[tuple[int, str | None]] = []
+
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> None:
+        ctx.response_headers = [(b"x-tag", b"1")]
+        ctx.log_entry = LogEntry(None, 0.0)
+
+    def after(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
+        assert ctx.log_entry is not None
+        self.seen.append((ctx.log_entry.status, type(raised).__name__ if raised else None))
+
+
+async def hello(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("hello")
+
+
+async def boom(request: Request) -> PlainTextResponse:
+    raise RuntimeError("boom")
+
+
+def app() -> Starlette:
+    return Starlette(routes=[Route("/", hello), Route("/boom", boom)])
+
+
+def test_the_first_refusal_wins_and_later_steps_do_not_run() -> None:
+    inner = app()
+    tag = Tag(inner)
+    runner = StepRunner(inner, [Deny(inner), tag])
+    assert isinstance(tag, FinishingStep) and not isinstance(Deny(inner), FinishingStep)
+    with serve(runner) as server, httpx.Client(base_url=server.url) as client:
+        denied = client.get("/", headers={"x-deny": "1"})
+        later = client.get("/", headers={"x-later": "1"})
+        passed = client.get("/")
+    assert denied.status_code == 418 and "x-tag" not in denied.headers
+    assert later.status_code == 451 and later.json()["title"] == "Denied later"
+    assert passed.status_code == 200 and passed.headers["x-tag"] == "1"
+    # Only the request that got to the tag step was finished by it: with the status sent.
+    assert tag.seen == [(200, None)]
+
+
+def test_a_finishing_step_gets_the_status_and_what_was_raised() -> None:
+    inner = app()
+    tag = Tag(inner)
+    with serve(tag) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/").headers["x-tag"] == "1"
+        assert client.get("/boom").status_code == 500
+    assert tag.seen == [(200, None), (500, "RuntimeError")]
+
+
+def scope_for(path: str, agent: str, **headers: str) -> dict[str, Any]:
+    raw = [(b"user-agent", agent.encode())]
+    raw += [(k.encode(), v.encode()) for k, v in headers.items()]
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "root_path": "",
+        "headers": raw,
+        "client": ("203.0.113.7", 4000),
+    }
+
+
+async def no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b""}
+
+
+async def test_nothing_to_decide_in_the_store_awaits_nothing() -> None:
+    store = MemoryStore()
+    keys = ApiKeyMiddleware(None, store=store, routes=[KeyRoute("/api/ai", required=False)])  # type: ignore[arg-type]
+    bots = BotDetectionMiddleware(None, store=store)  # type: ignore[arg-type]
+    limiter = RateLimitMiddleware(
+        None,  # type: ignore[arg-type]
+        store=store,
+        rules=[Rule("ai", FixedWindow(rate=10, period=HOUR), path="/api/ai")],
+    )
+    person = scope_for("/api/ai/openai/chat", BROWSER)
+    ctx = GuardContext(route_of(person), fingerprint="f", client_ip="203.0.113.7")
+    # Anonymous on an optional-key route, and a browser: synchronous, nothing to await.
+    assert keys.before(person, no_body, ctx) is None
+    assert bots.before(person, no_body, ctx) is None
+    # A presented key and a crawler each need the store: a decision, which the runner awaits.
+    keyed = scope_for("/api/ai/openai/chat", BROWSER, authorization="Bearer cg_ai_x")
+    decision = keys.before(keyed, no_body, ctx)
+    assert inspect.iscoroutine(decision)
+    refusal = await decision
+    assert callable(refusal) and ctx.rejected == "api_key_invalid"
+    flagged = scope_for("/api/ai/openai/chat", GPTBOT)
+    crawler = bots.before(flagged, no_body, GuardContext(route_of(flagged), fingerprint="g"))
+    assert inspect.iscoroutine(crawler) and callable(await crawler)
+    # The limits always need the store; off the limited routes the limiter awaits nothing.
+    limited = limiter.before(person, no_body, ctx)
+    assert inspect.iscoroutine(limited) and await limited is None
+    assert [name for name, _ in ctx.response_headers or ()] == [b"ratelimit-policy", b"ratelimit"]
+    elsewhere = scope_for("/x", BROWSER)
+    assert limiter.before(elsewhere, no_body, GuardContext(route_of(elsewhere))) is None
