@@ -21,6 +21,7 @@ from typing import IO, Any, NoReturn, cast
 import httpx
 
 from convex_guard import __version__
+from convex_guard.alerts.deliver import alert_body
 from convex_guard.core.errors import (
     ConfigurationError,
     ConvexAuthError,
@@ -741,19 +742,9 @@ def _interrupt_at_once() -> Iterator[None]:
 
 def _alert_json(alert: Alert) -> dict[str, Any]:
     """An alert as `alerts --json` prints it: what the webhook gets, and its delivery state."""
-    return {
-        "id": alert.id,
-        "kind": alert.kind,
-        "subject": alert.subject,
-        "value": alert.value,
-        "threshold": alert.threshold,
-        "windowMs": alert.window_ms,
-        "firstSeen": alert.first_seen,
-        "lastSeen": alert.last_seen,
-        "count": alert.count,
-        "status": alert.status,
-        "attempts": alert.attempts,
-    }
+    body = alert_body(alert)
+    del body["source"]
+    return {**body, "status": alert.status, "attempts": alert.attempts}
 
 
 def scrub(text: str) -> str:

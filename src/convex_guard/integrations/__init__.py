@@ -1,1 +1,1 @@
-"""The guard under WSGI apps and Django: its single pass run on a loop thread of its own."""
+"""The guard under WSGI apps and Django: its steps run on a loop thread of its own."""
