@@ -45,7 +45,11 @@ pytest: $(STAMP) $(NPM_STAMP) $(CHROMIUM)
 convex-test: $(NPM_STAMP)
 	cd convex && npm test && npm run typecheck
 
-test: lint typecheck convex-test pytest
+# The checks that need no server run side by side, while chromium installs if missing; then the
+# suite, which has the machine to itself (some of its tests compare latencies).
+test:
+	$(MAKE) --no-print-directory --output-sync=target -j4 lint typecheck convex-test $(CHROMIUM)
+	$(MAKE) --no-print-directory pytest
 
 # Deploy convex/ to the self-hosted backend named by CONVEX_SELF_HOSTED_URL (see README).
 convex-deploy: $(NPM_STAMP)

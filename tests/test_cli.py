@@ -397,7 +397,8 @@ def test_sigint_after_the_first_update_exits_at_once(convex_server: ConvexTestSe
     try:
         assert process.stdout is not None
         first = json.loads(process.stdout.readline())
-        assert "providers" in first and first["botEvents"] == []
+        # The first update arrived (what it holds depends on the tests before this one).
+        assert "providers" in first and isinstance(first["botEvents"], list)
         interrupted = time.monotonic()
         process.send_signal(signal.SIGINT)
         code, _, err = finish(process, 30)
