@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 __all__ = [
     "UNIX_SOCKET",
@@ -15,6 +15,7 @@ __all__ = [
     "TrustedProxies",
     "client_ip",
     "ip_key",
+    "peer_ip",
     "peer_keys",
 ]
 
@@ -206,3 +207,12 @@ def peer_keys(peer: str, ipv6_prefix: int = 64) -> tuple[str, str]:
     if address is None:
         return UNKNOWN_CLIENT, UNKNOWN_CLIENT
     return ip_key(address, 128), ip_key(address, ipv6_prefix)
+
+
+def peer_ip(scope: Mapping[str, Any]) -> str:
+    """The TCP peer's limit key (IPv6 by its /64), trusting no header: when no fingerprint runs."""
+    client = scope.get("client")
+    if not client or not client[0]:
+        return UNKNOWN_CLIENT
+    _, key = peer_keys(client[0])
+    return key

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from starlette.types import ASGIApp, Receive, Scope
 
-from convex_guard.core.clientip import UNKNOWN_CLIENT
+from convex_guard.core.clientip import UNKNOWN_CLIENT, peer_ip
 from convex_guard.core.errors import ConfigurationError, StoreAnswerError
 from convex_guard.core.headers import bounded, header_value
 from convex_guard.core.keys import NO_KEY, ApiKeyKind, hash_key, is_well_formed
@@ -25,7 +25,7 @@ from convex_guard.core.problem import QUOTA_TITLE, problem, quota_exceeded, retr
 from convex_guard.middleware.context import GuardContext, Route, matched_methods
 from convex_guard.middleware.logwriter import LogWriter
 from convex_guard.middleware.order import API_KEYS
-from convex_guard.middleware.rules import _path_matcher, peer_ip
+from convex_guard.middleware.rules import _path_matcher
 from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
 from convex_guard.stores.base import (
     ApiKeyRecord,

@@ -11,7 +11,7 @@ from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope
 
-from convex_guard.core.clientip import UNKNOWN_CLIENT
+from convex_guard.core.clientip import UNKNOWN_CLIENT, peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.headers import bounded, header_value
 from convex_guard.core.limits import LimitConfig
@@ -27,7 +27,7 @@ from convex_guard.core.useragent import (
 )
 from convex_guard.middleware.context import GuardContext, PendingBot
 from convex_guard.middleware.order import BOT, FINGERPRINT, HINT, RATE_LIMIT, missing_outside
-from convex_guard.middleware.rules import _path_matcher, peer_ip
+from convex_guard.middleware.rules import _path_matcher
 from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
 from convex_guard.stores.base import (
     BotAction,

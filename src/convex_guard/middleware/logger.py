@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Receive, Scope
 
+from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.headers import MAX_STORED
 from convex_guard.core.keys import NO_KEY
@@ -26,7 +27,7 @@ from convex_guard.middleware.context import (
 )
 from convex_guard.middleware.logwriter import LogWriter
 from convex_guard.middleware.order import LOGGER
-from convex_guard.middleware.rules import _path_matcher, peer_ip
+from convex_guard.middleware.rules import _path_matcher
 from convex_guard.middleware.steps import StepMiddleware
 from convex_guard.stores.base import AIRequestLog, EmbeddingRequestLog, LogStore, require
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from starlette.requests import Request
 
-from convex_guard.core.clientip import UNKNOWN_CLIENT, peer_keys
+from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.limits import LimitConfig, LimitResult, check_count
 from convex_guard.core.presets import AI_PROVIDERS, seed_limits
@@ -144,13 +144,6 @@ class Rule:
         assert callable(key)
         value = key(request())
         return value is not None, value
-
-
-def peer_ip(scope: MutableMapping[str, Any]) -> str:
-    """The TCP peer's key (IPv6 by its /64), trusting no header: when no fingerprint runs."""
-    client = scope.get("client")
-    peer = client[0] if client else None
-    return peer_keys(peer)[1] if peer else UNKNOWN_CLIENT
 
 
 def authenticated_user(scope: MutableMapping[str, Any]) -> str | None:
