@@ -37,7 +37,9 @@ from convex_guard.core.alerts import (
     window,
 )
 from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.keys import NO_KEY
 from convex_guard.core.limits import HOUR, MINUTE, FixedWindow, TokenBucket
+from convex_guard.stores import alertbook
 from convex_guard.stores.base import Alert, AuthFailure, LogBatch
 
 from .conftest import ConvexTestServer, RunningServer, serve
@@ -523,3 +525,38 @@ def test_alerts_need_an_alert_store() -> None:
         ),
     )
     assert guard.error is not None and "AlertStore" in str(guard.error)
+
+
+# -- the in-process alert book is bounded -------------------------------------------------------
+
+
+def test_the_memory_alert_book_is_bounded_finished_alerts_first(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(alertbook, "MAX_ALERTS", 3)
+    now = [1_000_000_000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    store.configure_alerts([AlertRule("auth_failures", threshold=0, window_ms=HOUR)])
+
+    async def fail_from(ip: str) -> None:
+        row = AuthFailure(NO_KEY, now[0], ip, "curl/8")
+        await store.write_logs(LogBatch(id=ip, auth_failures=[row]))
+        now[0] += 1
+
+    async def run() -> list[str]:
+        for i in range(3):
+            await fail_from(f"192.0.2.{i}")
+        # The first one delivered: the next alert over the bound drops it, not a pending one.
+        first = (await store.pending_alerts(limit=1))[0]
+        assert await store.claim_alert(first.id, "me", 60_000)
+        assert await store.mark_alert(first.id, "me", "delivered")
+        await fail_from("192.0.2.3")
+        assert "dropped" not in caplog.text
+        # Now every kept alert is pending: the oldest goes, and an error says so.
+        await fail_from("192.0.2.4")
+        return sorted(a.subject for a in await store.alerts(since=0, limit=100))
+
+    with caplog.at_level(logging.ERROR, "convex_guard"):
+        subjects = asyncio.run(run())
+    assert subjects == ["client:192.0.2.2", "client:192.0.2.3", "client:192.0.2.4"]
+    assert "dropped the oldest pending alert, auth_failures on client:192.0.2.1" in caplog.text

@@ -132,5 +132,7 @@ export default defineSchema({
   alerts: defineTable(alertFields)
     .index("by_kind_subject", ["kind", "subject", "firstSeen"])
     .index("by_last_seen", ["lastSeen"])
-    .index("by_status", ["status", "firstSeen"]),
+    .index("by_status", ["status", "firstSeen"])
+    // For retention: the finished alerts (delivered, failed) by when they were last seen.
+    .index("by_status_last_seen", ["status", "lastSeen"]),
 });
