@@ -527,6 +527,84 @@ def test_alerts_need_an_alert_store() -> None:
     assert guard.error is not None and "AlertStore" in str(guard.error)
 
 
+# -- an IPv6 client hopping addresses inside its /64 is one subject ----------------------------
+
+NETWORK = "2001:db8:1:2::/64"
+
+
+def rotating_spike(server: RunningServer, keys: list[str]) -> list[int]:
+    """One IPv6 client (behind the trusted loopback proxy) presenting each bad key from
+    another address of its /64."""
+    with httpx.Client(base_url=server.url, headers={"user-agent": BROWSER}, timeout=10) as c:
+        return [
+            c.post(
+                "/api/embeddings",
+                json={"input": ["a"]},
+                headers={"Authorization": f"Bearer {k}", "x-forwarded-for": f"2001:db8:1:2::{n:x}"},
+            ).status_code
+            for n, k in enumerate(keys, start=1)
+        ]
+
+
+def rotating_guard(store: Any, alerts: AlertSettings) -> GuardMiddleware:
+    inner = Starlette(routes=[Route("/api/embeddings", ok, methods=["POST"])])
+    settings = GuardSettings(
+        store=store, writer_interval=0.05, alerts=alerts, trusted_proxies=("127.0.0.1",)
+    )
+    return GuardMiddleware(inner, settings=settings)
+
+
+def check_one_network_alert(posts: list[tuple[float, dict[str, Any], str]]) -> None:
+    [(_, body, _)] = posts
+    assert (body["kind"], body["subject"], body["value"]) == (
+        "auth_failures",
+        f"client:{NETWORK}",
+        11,
+    )
+
+
+def test_an_ipv6_client_rotating_inside_its_network_raises_one_alert_on_memory(
+    hook: tuple[Hook, RunningServer],
+) -> None:
+    receiver, hook_server = hook
+    store = MemoryStore()
+    guard = rotating_guard(store, fast(f"{hook_server.url}/hook"))
+    keys = [generate_key("embedding") for _ in range(11)]
+    with serve(guard, proxy_headers=False) as server:
+        assert rotating_spike(server, keys) == [401] * 10 + [429]
+        wait_for(lambda: len(receiver.posts) == 1, what="the webhook post")
+        time.sleep(0.3)  # more polls: still one post
+    check_one_network_alert(receiver.posts)
+    failures = store.auth_failures
+    assert len({f.ip for f in failures}) == 11 and {f.client_key for f in failures} == {NETWORK}
+    assert [a.subject for a in asyncio.run(store.alerts(since=0))] == [f"client:{NETWORK}"]
+
+
+def test_an_ipv6_client_rotating_inside_its_network_raises_one_alert_on_convex(
+    convex_server: ConvexTestServer, hook: tuple[Hook, RunningServer]
+) -> None:
+    convex_server.reset()
+    receiver, hook_server = hook
+    store = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
+    guard = rotating_guard(store, fast(f"{hook_server.url}/hook", retries=0))
+    guard.writer.companions.append(Closer(store))
+    keys = [generate_key("embedding") for _ in range(11)]
+    with serve(guard, proxy_headers=False) as server:
+        assert rotating_spike(server, keys) == [401] * 10 + [429]
+        wait_for(lambda: len(receiver.posts) == 1, what="the webhook post")
+        time.sleep(0.3)
+    check_one_network_alert(receiver.posts)
+
+    async def listed() -> list[Alert]:
+        reader = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
+        try:
+            return await reader.alerts(since=0)
+        finally:
+            await reader.close()
+
+    assert [a.subject for a in asyncio.run(listed())] == [f"client:{NETWORK}"]
+
+
 # -- the in-process alert book is bounded -------------------------------------------------------
 
 

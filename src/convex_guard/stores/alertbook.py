@@ -81,7 +81,8 @@ class AlertBook:
             start, _ = window(auth, now)
             touched: dict[str, None] = {}
             for row in batch.auth_failures:
-                for subject in (key_subject(row.key_hash), client_subject(row.ip)):
+                client = client_subject(row.client_key or row.ip)
+                for subject in (key_subject(row.key_hash), client):
                     if subject is None:
                         continue
                     times = self._failures.get(subject)

@@ -199,12 +199,17 @@ class EmbeddingRequestLog:
 
 @dataclass(slots=True)
 class AuthFailure:
-    """A failed authentication; `key_hash` is the hash of the presented key, or `NO_KEY`."""
+    """A failed authentication; `key_hash` is the hash of the presented key, or `NO_KEY`.
+
+    `client_key`: the client's limit key (`GuardContext.client_key`: an IPv6 client's network),
+    which the auth-failure alert counts per; None on rows from before it (then `ip` is used).
+    """
 
     key_hash: str
     timestamp: float
     ip: str | None = None
     user_agent: str | None = None
+    client_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
