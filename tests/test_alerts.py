@@ -37,7 +37,9 @@ from convex_guard.core.alerts import (
     window,
 )
 from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.keys import NO_KEY
 from convex_guard.core.limits import HOUR, MINUTE, FixedWindow, TokenBucket
+from convex_guard.stores import alertbook
 from convex_guard.stores.base import Alert, AuthFailure, LogBatch
 
 from .conftest import ConvexTestServer, RunningServer, serve
@@ -523,3 +525,116 @@ def test_alerts_need_an_alert_store() -> None:
         ),
     )
     assert guard.error is not None and "AlertStore" in str(guard.error)
+
+
+# -- an IPv6 client hopping addresses inside its /64 is one subject ----------------------------
+
+NETWORK = "2001:db8:1:2::/64"
+
+
+def rotating_spike(server: RunningServer, keys: list[str]) -> list[int]:
+    """One IPv6 client (behind the trusted loopback proxy) presenting each bad key from
+    another address of its /64."""
+    with httpx.Client(base_url=server.url, headers={"user-agent": BROWSER}, timeout=10) as c:
+        return [
+            c.post(
+                "/api/embeddings",
+                json={"input": ["a"]},
+                headers={"Authorization": f"Bearer {k}", "x-forwarded-for": f"2001:db8:1:2::{n:x}"},
+            ).status_code
+            for n, k in enumerate(keys, start=1)
+        ]
+
+
+def rotating_guard(store: Any, alerts: AlertSettings) -> GuardMiddleware:
+    inner = Starlette(routes=[Route("/api/embeddings", ok, methods=["POST"])])
+    settings = GuardSettings(
+        store=store, writer_interval=0.05, alerts=alerts, trusted_proxies=("127.0.0.1",)
+    )
+    return GuardMiddleware(inner, settings=settings)
+
+
+def check_one_network_alert(posts: list[tuple[float, dict[str, Any], str]]) -> None:
+    [(_, body, _)] = posts
+    assert (body["kind"], body["subject"], body["value"]) == (
+        "auth_failures",
+        f"client:{NETWORK}",
+        11,
+    )
+
+
+def test_an_ipv6_client_rotating_inside_its_network_raises_one_alert_on_memory(
+    hook: tuple[Hook, RunningServer],
+) -> None:
+    receiver, hook_server = hook
+    store = MemoryStore()
+    guard = rotating_guard(store, fast(f"{hook_server.url}/hook"))
+    keys = [generate_key("embedding") for _ in range(11)]
+    with serve(guard, proxy_headers=False) as server:
+        assert rotating_spike(server, keys) == [401] * 10 + [429]
+        wait_for(lambda: len(receiver.posts) == 1, what="the webhook post")
+        time.sleep(0.3)  # more polls: still one post
+    check_one_network_alert(receiver.posts)
+    failures = store.auth_failures
+    assert len({f.ip for f in failures}) == 11 and {f.client_key for f in failures} == {NETWORK}
+    assert [a.subject for a in asyncio.run(store.alerts(since=0))] == [f"client:{NETWORK}"]
+
+
+def test_an_ipv6_client_rotating_inside_its_network_raises_one_alert_on_convex(
+    convex_server: ConvexTestServer, hook: tuple[Hook, RunningServer]
+) -> None:
+    convex_server.reset()
+    receiver, hook_server = hook
+    store = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
+    guard = rotating_guard(store, fast(f"{hook_server.url}/hook", retries=0))
+    guard.writer.companions.append(Closer(store))
+    keys = [generate_key("embedding") for _ in range(11)]
+    with serve(guard, proxy_headers=False) as server:
+        assert rotating_spike(server, keys) == [401] * 10 + [429]
+        wait_for(lambda: len(receiver.posts) == 1, what="the webhook post")
+        time.sleep(0.3)
+    check_one_network_alert(receiver.posts)
+
+    async def listed() -> list[Alert]:
+        reader = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
+        try:
+            return await reader.alerts(since=0)
+        finally:
+            await reader.close()
+
+    assert [a.subject for a in asyncio.run(listed())] == [f"client:{NETWORK}"]
+
+
+# -- the in-process alert book is bounded -------------------------------------------------------
+
+
+def test_the_memory_alert_book_is_bounded_finished_alerts_first(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(alertbook, "MAX_ALERTS", 3)
+    now = [1_000_000_000.0]
+    store = MemoryStore(clock=lambda: now[0])
+    store.configure_alerts([AlertRule("auth_failures", threshold=0, window_ms=HOUR)])
+
+    async def fail_from(ip: str) -> None:
+        row = AuthFailure(NO_KEY, now[0], ip, "curl/8")
+        await store.write_logs(LogBatch(id=ip, auth_failures=[row]))
+        now[0] += 1
+
+    async def run() -> list[str]:
+        for i in range(3):
+            await fail_from(f"192.0.2.{i}")
+        # The first one delivered: the next alert over the bound drops it, not a pending one.
+        first = (await store.pending_alerts(limit=1))[0]
+        assert await store.claim_alert(first.id, "me", 60_000)
+        assert await store.mark_alert(first.id, "me", "delivered")
+        await fail_from("192.0.2.3")
+        assert "dropped" not in caplog.text
+        # Now every kept alert is pending: the oldest goes, and an error says so.
+        await fail_from("192.0.2.4")
+        return sorted(a.subject for a in await store.alerts(since=0, limit=100))
+
+    with caplog.at_level(logging.ERROR, "convex_guard"):
+        subjects = asyncio.run(run())
+    assert subjects == ["client:192.0.2.2", "client:192.0.2.3", "client:192.0.2.4"]
+    assert "dropped the oldest pending alert, auth_failures on client:192.0.2.1" in caplog.text

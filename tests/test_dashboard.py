@@ -620,3 +620,68 @@ def test_the_subscription_is_renewed_when_the_window_moves_on() -> None:
             next(updates)  # the same figures from each new subscription are not sent again
         updates.close()
     assert store.subscriptions >= 3
+
+
+# -- behind a ResilientStore (what the environment's Convex store comes wrapped in) ----------
+
+
+def test_behind_a_resilient_store_the_dashboard_follows_the_subscription(
+    convex: tuple[ConvexTestServer, CreatedKey],
+) -> None:
+    server_, _ = convex
+    store = ResilientStore(ConvexStore(server_.url, server_.admin_key, timeout=10), timeout=10)
+    assert hasattr(store, "watch_dashboard")
+    # Pushed by the subscription: the dashboard would poll once a minute.
+    board = dashboard(store, throttle=0.05, poll_interval=60)
+    with serve(board) as server, httpx.Client(base_url=server.url) as client:
+        updates = snapshots(client, "/api/events", timeout=20)
+        check_known_figures(next(updates))
+
+        async def write() -> None:
+            writer = ConvexStore(server_.url, server_.admin_key, timeout=10)
+            try:
+                await writer.write_logs(more_rows(NOW))
+            finally:
+                await writer.close()
+
+        started = time.monotonic()
+        asyncio.run(write())
+        assert next(updates)["totals"]["requests"] == 10
+        assert time.monotonic() - started < 20
+        updates.close()
+    assert store.breaker.state == "closed"
+
+
+def test_a_resilient_store_over_a_store_without_subscriptions_has_none() -> None:
+    store = ResilientStore(MemoryStore())
+    assert not hasattr(store, "watch_dashboard")
+    assert getattr(store, "watch_dashboard", None) is None
+
+
+class BrokenFeedStore(MemoryStore):
+    """A store whose subscription pushes one snapshot, then fails with no StoreError."""
+
+    async def watch_dashboard(
+        self, start: float, end: float, bucket_ms: float
+    ) -> AsyncIterator[DashboardSnapshot]:
+        yield await self.dashboard(start, end, bucket_ms)
+        await asyncio.sleep(0.05)
+        raise RuntimeError("the connection dropped")
+
+
+def test_a_failing_subscription_behind_a_resilient_store_ends_the_stream_for_polling(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "convex_guard.dashboard")
+    store = ResilientStore(BrokenFeedStore())
+    board = dashboard(store, throttle=0)
+    with serve(board) as server, httpx.Client(base_url=server.url, headers=BEARER) as client:
+        for _ in range(4):  # more failures than the breaker's threshold
+            events = client.get("/api/events", timeout=5)
+            assert events.status_code == 200
+            assert events.text.startswith("event: snapshot\ndata: ")
+            assert events.text.endswith("event: unavailable\ndata: {}\n\n")
+        # Not one of them counted against the request path's circuit: polling still answers.
+        assert store.breaker.state == "closed"
+        assert client.get("/api/snapshot").status_code == 200
+    assert "RuntimeError: the connection dropped" in caplog.text

@@ -1,7 +1,9 @@
 // Retention: raw rows older than CONVEX_GUARD_RETENTION_DAYS (default 30) are deleted in
 // bounded batches; the hourly cron (crons.ts) starts a run, which reschedules itself while
-// more remain.
+// more remain. Alerts go by the same period once they are finished (delivered or failed).
 import type {
+  DocumentByName,
+  FieldTypeFromFieldPath,
   GenericDatabaseReader,
   GenericDataModel,
   IndexNames,
@@ -19,15 +21,33 @@ export const DEFAULT_RETENTION_DAYS = 30;
 export const BATCH = 500;
 const DAY = 24 * 60 * 60 * 1000;
 
-/** A table, one of its indexes and that index's first field: checked against the schema. */
+/**
+ * A table, one of its indexes and the time field the range is on, checked against the
+ * schema: the index's first field, or its second after `prefix`, an equality on its first
+ * (the range then covers only the rows with that value).
+ */
 type TimeIndex = {
   [T in TableNames]: {
-    [I in IndexNames<NamedTableInfo<DataModel, T>>]: {
-      table: T;
-      index: I;
-      field: NamedIndex<NamedTableInfo<DataModel, T>, I>[0];
-      grace: number;
-    };
+    [I in IndexNames<NamedTableInfo<DataModel, T>>]:
+      | {
+          table: T;
+          index: I;
+          field: NamedIndex<NamedTableInfo<DataModel, T>, I>[0];
+          grace: number;
+          prefix?: undefined;
+        }
+      | {
+          table: T;
+          index: I;
+          prefix: {
+            [F in NamedIndex<NamedTableInfo<DataModel, T>, I>[0]]: readonly [
+              F,
+              FieldTypeFromFieldPath<DocumentByName<DataModel, T>, F>,
+            ];
+          }[NamedIndex<NamedTableInfo<DataModel, T>, I>[0]];
+          field: NamedIndex<NamedTableInfo<DataModel, T>, I>[1];
+          grace: number;
+        };
   }[IndexNames<NamedTableInfo<DataModel, T>>];
 }[TableNames];
 
@@ -44,6 +64,19 @@ const PURGED = [
   // A rollup goes once its whole minute (hour) is older than the cutoff.
   { table: "providerRollups", index: "by_minute", field: "minute", grace: 60_000 },
   { table: "providerHourlyRollups", index: "by_hour", field: "hour", grace: 3_600_000 },
+  // An alert goes once it is finished and was last seen before the cutoff. A pending one
+  // stays, however old: only a deliverer (which knows its attempts) ends it, delivered or
+  // failed, and deleting it first would lose an alert nobody was told of.
+  ...(["delivered", "failed"] as const).map(
+    (status) =>
+      ({
+        table: "alerts",
+        index: "by_status_last_seen",
+        prefix: ["status", status],
+        field: "lastSeen",
+        grace: 0,
+      }) as const,
+  ),
 ] as const satisfies readonly TimeIndex[];
 
 export function retentionDays(): number {
@@ -73,10 +106,16 @@ export const purge = internalMutation({
     // database; PURGED's entries were checked against the schema above.
     const db = ctx.db as unknown as GenericDatabaseReader<GenericDataModel>;
     const batches: { _id: Id<TableNames> }[][] = [];
-    for (const { table, index, field, grace } of PURGED) {
+    for (const entry of PURGED) {
+      const { table, index, field, grace } = entry;
+      const prefix = "prefix" in entry ? entry.prefix : undefined;
       const rows = await db
         .query(table)
-        .withIndex(index, (q) => q.lt(field, cutoff - grace))
+        .withIndex(index, (q) => {
+          // After the equality the untyped builder no longer knows which fields remain.
+          const range = prefix === undefined ? q : (q.eq(prefix[0], prefix[1]) as unknown as typeof q);
+          return range.lt(field, cutoff - grace);
+        })
         .take(BATCH);
       batches.push(rows as { _id: Id<TableNames> }[]);
     }

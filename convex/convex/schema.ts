@@ -87,8 +87,10 @@ export default defineSchema({
     .index("by_key", ["keyHash", "timestamp"])
     // For retention: the seed's only index leads with the key.
     .index("by_timestamp", ["timestamp"])
-    // For the auth-failure alert per client address.
-    .index("by_ip", ["ip", "timestamp"]),
+    // For the auth-failure alert per client: its limit key, so an IPv6 client hopping
+    // addresses inside its network is one subject. Rows written without a key are stored
+    // under their ip (lib/logs.ts); rows stored before keys, under none, are not counted.
+    .index("by_client_key", ["clientKey", "timestamp"]),
 
   // ---- Scale ----------------------------------------------------------------------------------
   // One row per provider per minute per writer (`minute` = epoch ms at the minute's start),
@@ -132,5 +134,7 @@ export default defineSchema({
   alerts: defineTable(alertFields)
     .index("by_kind_subject", ["kind", "subject", "firstSeen"])
     .index("by_last_seen", ["lastSeen"])
-    .index("by_status", ["status", "firstSeen"]),
+    .index("by_status", ["status", "firstSeen"])
+    // For retention: the finished alerts (delivered, failed) by when they were last seen.
+    .index("by_status_last_seen", ["status", "lastSeen"]),
 });

@@ -73,6 +73,29 @@ describe("auth failures", () => {
     expect((await allAlerts()).map((a) => a.subject)).toEqual(["client:203.0.113.9"]);
   });
 
+  test("an IPv6 client rotating through its /64 is one subject: its client key", async () => {
+    const net = "2001:db8:1:2::/64";
+    for (let n = 1; n <= 11; n++) {
+      const row = { ...failure(`key-${n}`, `2001:db8:1:2::${n.toString(16)}`), clientKey: net };
+      await write({ authFailures: [row] }, `w${n % 2}`);
+    }
+    expect(await allAlerts()).toMatchObject([{ kind: "auth_failures", subject: `client:${net}`, value: 11 }]);
+    const stored = await t.run(async (ctx) => ctx.db.query("embeddingAuthFailures").collect());
+    expect(new Set(stored.map((r) => r.ip)).size).toBe(11);
+    expect(new Set(stored.map((r) => r.clientKey))).toEqual(new Set([net]));
+  });
+
+  test("failures sent without a client key are keyed, and counted, by their ip", async () => {
+    for (let i = 0; i < 6; i++) await write({ authFailures: [failure("no-key", "192.0.2.44")] }, "old");
+    // The same client from an instance that sends its key (an IPv4 address is its own key).
+    for (let i = 0; i < 5; i++) {
+      await write({ authFailures: [{ ...failure("no-key", "192.0.2.44"), clientKey: "192.0.2.44" }] }, "new");
+    }
+    expect((await allAlerts()).map((a) => [a.subject, a.value])).toEqual([["client:192.0.2.44", 11]]);
+    const stored = await t.run(async (ctx) => ctx.db.query("embeddingAuthFailures").collect());
+    expect(stored.every((r) => r.clientKey === "192.0.2.44")).toBe(true);
+  });
+
   test("after the cool-down a running anomaly opens a new alert", async () => {
     for (let i = 0; i < 11; i++) await write({ authFailures: [failure("b".repeat(64), "")] }, "w");
     expect(await allAlerts()).toHaveLength(1);

@@ -73,3 +73,84 @@ describe("retention", () => {
     expect(await counts()).toEqual({ ai: 0, bots: 0, emb: 0, fail: 0, rollups: 0, hourly: 0 });
   });
 });
+
+describe("retention of alerts", () => {
+  type Status = "pending" | "delivered" | "failed";
+  async function seed(subject: string, status: Status, lastSeen: number, firstSeen = lastSeen, attempts = 0) {
+    await t.run(async (ctx) => {
+      await ctx.db.insert("alerts", {
+        kind: "auth_failures",
+        subject,
+        value: 11,
+        threshold: 10,
+        windowMs: 3_600_000,
+        firstSeen,
+        lastSeen,
+        count: 1,
+        status,
+        attempts,
+        // A claim whose lease ran out long ago: the alert is pending again, for any deliverer.
+        ...(attempts > 0 ? { owner: "gone", leaseUntil: lastSeen + 60_000 } : {}),
+      });
+    });
+  }
+  async function left() {
+    const rows = await t.run(async (ctx) => ctx.db.query("alerts").collect());
+    return rows.map((r) => r.subject).sort();
+  }
+
+  test("finished alerts last seen before the cutoff go; pending ones stay, however old", async () => {
+    await seed("old-delivered", "delivered", NOW - 31 * DAY);
+    await seed("old-failed", "failed", NOW - 40 * DAY, NOW - 40 * DAY, 3);
+    await seed("old-pending", "pending", NOW - 31 * DAY);
+    await seed("old-pending-retried", "pending", NOW - 35 * DAY, NOW - 35 * DAY, 2);
+    await seed("new-delivered", "delivered", NOW - 29 * DAY);
+    await seed("new-pending", "pending", NOW - DAY);
+    // Opened before the cutoff, but seen again since (within its cool-down): it stays.
+    await seed("seen-again", "delivered", NOW - 29 * DAY, NOW - 31 * DAY);
+    expect(await t.mutation(internal.retention.purge, {})).toEqual({ deleted: 2, more: false });
+    expect(await left()).toEqual([
+      "new-delivered",
+      "new-pending",
+      "old-pending",
+      "old-pending-retried",
+      "seen-again",
+    ]);
+    // Delivered later, an old pending alert goes with the next run.
+    await t.mutation(internal.alerts.claim, { id: await idOf("old-pending"), owner: "me", leaseMs: 60_000 });
+    await t.mutation(internal.alerts.mark, { id: await idOf("old-pending"), owner: "me", outcome: "delivered" });
+    expect(await t.mutation(internal.retention.purge, {})).toEqual({ deleted: 1, more: false });
+    expect(await left()).not.toContain("old-pending");
+  });
+
+  test("CONVEX_GUARD_RETENTION_DAYS sets the alerts' retention too", async () => {
+    vi.stubEnv("CONVEX_GUARD_RETENTION_DAYS", "7");
+    await seed("a", "failed", NOW - 8 * DAY);
+    await seed("b", "delivered", NOW - 6 * DAY);
+    await t.mutation(internal.retention.purge, {});
+    expect(await left()).toEqual(["b"]);
+  });
+
+  test("old pending alerts past a batch never keep a run rescheduling itself", async () => {
+    for (let i = 0; i < BATCH + 5; i++) await seed(`p${i}`, "pending", NOW - 60 * DAY);
+    await seed("done", "delivered", NOW - 60 * DAY);
+    expect(await t.mutation(internal.retention.purge, {})).toEqual({ deleted: 1, more: false });
+    expect((await left()).length).toBe(BATCH + 5);
+  });
+
+  test("a batch of finished alerts beyond BATCH is finished by the rescheduled run", async () => {
+    for (let i = 0; i < BATCH + 3; i++) await seed(`d${i}`, "delivered", NOW - 31 * DAY);
+    const first = await t.mutation(internal.retention.purge, {});
+    expect(first).toEqual({ deleted: BATCH, more: true });
+    await t.finishAllScheduledFunctions(vi.runAllTimers);
+    expect(await left()).toEqual([]);
+  });
+});
+
+async function idOf(subject: string): Promise<string> {
+  const row = await t.run(async (ctx) =>
+    (await ctx.db.query("alerts").collect()).find((r) => r.subject === subject),
+  );
+  if (row === undefined) throw new Error(`no alert ${subject}`);
+  return row._id;
+}

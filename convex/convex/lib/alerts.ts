@@ -155,12 +155,13 @@ export async function evaluateAlerts(
       const found = evaluate(auth, `key:${keyHash}`, rows.length);
       if (found !== null) findings.push(found);
     }
-    for (const ip of distinct(batch.authFailures.map((r) => (r.ip ? r.ip : null)))) {
+    // Per client key (as insertAuthFailures stored it: the row's, else its ip).
+    for (const client of distinct(batch.authFailures.map((r) => r.clientKey || r.ip || null))) {
       const rows = await ctx.db
         .query("embeddingAuthFailures")
-        .withIndex("by_ip", (q) => q.eq("ip", ip).gte("timestamp", start))
+        .withIndex("by_client_key", (q) => q.eq("clientKey", client).gte("timestamp", start))
         .take(cap);
-      const found = evaluate(auth, `client:${ip}`, rows.length);
+      const found = evaluate(auth, `client:${client}`, rows.length);
       if (found !== null) findings.push(found);
     }
   }

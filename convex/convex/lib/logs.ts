@@ -165,8 +165,15 @@ export async function insertEmbeddingRequests(
   for (const row of rows) await ctx.db.insert("embeddingRequests", row);
 }
 
+/**
+ * A failure without a client key (from an instance older than keys, or the seed's
+ * `logAuthFailure`) is keyed by its address: the alert per client still counts it.
+ */
 export async function insertAuthFailures(ctx: Ctx, rows: AuthFailure[]): Promise<void> {
-  for (const row of rows) await ctx.db.insert("embeddingAuthFailures", row);
+  for (const row of rows) {
+    const clientKey = row.clientKey || row.ip || undefined;
+    await ctx.db.insert("embeddingAuthFailures", clientKey === undefined ? row : { ...row, clientKey });
+  }
 }
 
 export async function insertBotEvents(ctx: Ctx, rows: BotEvent[]): Promise<void> {

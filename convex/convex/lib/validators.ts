@@ -152,11 +152,16 @@ export const vEmbeddingRequest = v.object({
 });
 export type EmbeddingRequest = Infer<typeof vEmbeddingRequest>;
 
+/**
+ * A failed authentication; `clientKey` is the client address's limit key (an IPv6 client's
+ * network), absent on rows from before it and from callers that send none.
+ */
 export const vAuthFailure = v.object({
   keyHash: v.string(),
   timestamp: v.number(),
   ip: v.optional(v.string()),
   userAgent: v.optional(v.string()),
+  clientKey: v.optional(v.string()),
 });
 export type AuthFailure = Infer<typeof vAuthFailure>;
 

@@ -56,8 +56,9 @@ MAX_SUBJECTS: Final = 50
 class AlertRule:
     """One rule: `kind` fires when its value over `window_ms` exceeds `threshold`.
 
-    - `auth_failures`: failed authentications of one key hash, or of one client address, in
-      the last `window_ms` (sliding); the seed's "more than 10 an hour" is the default.
+    - `auth_failures`: failed authentications of one key hash, or of one client (its limit
+      key: an IPv6 client's network), in the last `window_ms` (sliding); the seed's "more
+      than 10 an hour" is the default.
     - `bot_wave`: flagged requests (bot events, any action) of all clients together per
       `window_ms`, counted over whole minutes that have ended, so the evaluation never reads
       the minute the hot path is still writing.
@@ -170,8 +171,10 @@ def key_subject(key_hash: str) -> str | None:
     return None if key_hash == NO_KEY else f"key:{key_hash}"
 
 
-def client_subject(ip: str | None) -> str | None:
-    return None if not ip else f"client:{ip}"
+def client_subject(client_key: str | None) -> str | None:
+    """The subject of a client's failures: its limit key (an IPv6 client's network, so one
+    hopping addresses inside it is one subject), or its address on rows without a key."""
+    return None if not client_key else f"client:{client_key}"
 
 
 def provider_subject(provider: str) -> str:

@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from convex_guard.core.errors import StoreError
 from convex_guard.core.logs import printable
-from convex_guard.stores.base import DashboardSnapshot, DashboardStore, require
+from convex_guard.stores.base import DashboardSnapshot, DashboardStore, dashboard_feed, require
 
 logger = logging.getLogger("convex_guard.dashboard")
 
@@ -282,7 +282,7 @@ class Dashboard:
 
     async def _updates(self, window: float) -> AsyncIterator[bytes]:
         """Each new snapshot's JSON once (b"" when nothing changed for a while)."""
-        watch = getattr(self.store, "watch_dashboard", None)
+        watch = dashboard_feed(self.store)
         last = b""
         while True:
             start, end, bucket = window_range(window, self.clock())

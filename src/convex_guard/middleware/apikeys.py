@@ -435,8 +435,12 @@ class ApiKeyMiddleware(StepMiddleware):
     ) -> Refusal:
         """Record the failure, charge the IP's failed-auth limit: the 401/403 or 429 to send."""
         user_agent = _user_agent(scope, ctx) or None
-        self.writer.add(AuthFailure(key_hash=key_hash, timestamp=now, ip=ip, user_agent=user_agent))
         client = ctx.client_key or ip
+        self.writer.add(
+            AuthFailure(
+                key_hash=key_hash, timestamp=now, ip=ip, user_agent=user_agent, client_key=client
+            )
+        )
         try:
             result = await self._limit(FAILED_AUTH, self.failed_auth, client)
         except Exception as exc:

@@ -30,6 +30,7 @@ from convex_guard.core.alerts import (
     window,
 )
 from convex_guard.core.limits import MINUTE
+from convex_guard.core.logs import logger
 from convex_guard.stores.base import Alert, AlertOutcome, BotEvent, LogBatch
 
 #: Alerts kept at most; the oldest finished (delivered or failed) ones go first.
@@ -80,7 +81,8 @@ class AlertBook:
             start, _ = window(auth, now)
             touched: dict[str, None] = {}
             for row in batch.auth_failures:
-                for subject in (key_subject(row.key_hash), client_subject(row.ip)):
+                client = client_subject(row.client_key or row.ip)
+                for subject in (key_subject(row.key_hash), client):
                     if subject is None:
                         continue
                     times = self._failures.get(subject)
@@ -168,6 +170,14 @@ class AlertBook:
             (a for a in self._alerts.values() if a.status != "pending"),
             next(iter(self._alerts.values())),
         )
+        if victim.status == "pending":
+            # Every kept alert is pending (no deliverer keeps up): one is lost, and said so.
+            logger.error(
+                "Alert book full (%d): dropped the oldest pending alert, %s on %s",
+                MAX_ALERTS,
+                victim.kind,
+                victim.subject,
+            )
         del self._alerts[victim.id]
         self._claims.pop(victim.id, None)
         if self._open.get((victim.kind, victim.subject)) == victim.id:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -199,12 +199,17 @@ class EmbeddingRequestLog:
 
 @dataclass(slots=True)
 class AuthFailure:
-    """A failed authentication; `key_hash` is the hash of the presented key, or `NO_KEY`."""
+    """A failed authentication; `key_hash` is the hash of the presented key, or `NO_KEY`.
+
+    `client_key`: the client's limit key (`GuardContext.client_key`: an IPv6 client's network),
+    which the auth-failure alert counts per; None on rows from before it (then `ip` is used).
+    """
 
     key_hash: str
     timestamp: float
     ip: str | None = None
     user_agent: str | None = None
+    client_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -729,3 +734,18 @@ class DashboardStore(AnalyticsStore, Protocol):
     async def dashboard(self, start: float, end: float, bucket_ms: float) -> DashboardSnapshot:
         """Every figure of `[start, end)` in buckets of `bucket_ms`, in one read."""
         ...
+
+
+#: `watch_dashboard(start, end, bucket_ms)`: the snapshot of a fixed range, pushed as it changes.
+DashboardFeed = Callable[[float, float, float], AsyncIterator[DashboardSnapshot]]
+
+
+def dashboard_feed(store: object) -> DashboardFeed | None:
+    """The store's pushed snapshots (its `watch_dashboard`), or None: the dashboard polls.
+
+    An optional method rather than a capability, looked up as an attribute: a wrapper
+    (`ResilientStore`) has it only while what it wraps does, so the dashboard and the CLI,
+    asking the attribute, decide alike. A feed that fails raises `StoreError`.
+    """
+    watch = getattr(store, "watch_dashboard", None)
+    return watch if callable(watch) else None

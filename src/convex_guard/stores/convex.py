@@ -236,6 +236,7 @@ def _auth_failure(row: AuthFailure) -> dict[str, Any]:
             "timestamp": float(row.timestamp),
             "ip": row.ip,
             "userAgent": row.user_agent,
+            "clientKey": row.client_key,
         }
     )
 

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -30,6 +30,7 @@ from convex_guard.stores.base import (
     BotEvent,
     BotVerdict,
     CheckResult,
+    DashboardFeed,
     DashboardSnapshot,
     DashboardStore,
     EmbeddingUsage,
@@ -39,6 +40,7 @@ from convex_guard.stores.base import (
     NewApiKey,
     ProviderStats,
     Store,
+    dashboard_feed,
     require,
 )
 from convex_guard.stores.memory import MemoryStore
@@ -490,6 +492,39 @@ class ResilientStore(LimitThroughCheck):
                 f"ResilientStore: the store {type(primary).__name__} has no dashboard"
             )
         return await self._guarded(lambda: primary.dashboard(start, end, bucket_ms), "dashboard")
+
+    @property
+    def watch_dashboard(self) -> DashboardFeed:
+        """The primary's pushed snapshots, when it has them (else there is no such attribute,
+        and the dashboard polls `dashboard`).
+
+        Like the alert calls, the subscription bypasses the breaker: a long-lived stream that
+        fails says little of the request path, and must not open the circuit keyed requests
+        depend on. Any failure of it ends the iteration with a `StoreError`, on which the
+        dashboard tells the page to poll (through the breaker, as every snapshot goes).
+        """
+        feed = dashboard_feed(self.primary)
+        if feed is None:
+            raise AttributeError(
+                f"'ResilientStore': the store {type(self.primary).__name__} pushes no snapshots"
+            )
+        return functools.partial(self._followed, feed)
+
+    @staticmethod
+    async def _followed(
+        feed: DashboardFeed, start: float, end: float, bucket_ms: float
+    ) -> AsyncIterator[DashboardSnapshot]:
+        try:
+            async for snapshot in feed(start, end, bucket_ms):
+                if not isinstance(snapshot, DashboardSnapshot):
+                    raise StoreAnswerError(
+                        f"watch_dashboard pushed a {type(snapshot).__name__}, not a snapshot"
+                    )
+                yield snapshot
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"watch_dashboard: {type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
         if self._owed and self.breaker.state != "open":
