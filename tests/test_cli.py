@@ -278,7 +278,14 @@ def cli_process(url: str, *argv: str, admin_key: str = "admin-s3cr3t-key") -> su
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As a terminal starts a command: a suite run in the background (`make test &`, a
+        # non-interactive shell's `&`) has SIGINT ignored, and the child would inherit that.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(process: subprocess.Popen[str], within: float) -> tuple[int, str, str]:
