@@ -19,7 +19,7 @@ export const MAX_BUCKETS = 500;
 /**
  * Caps on the rows one snapshot reads, each answered with `truncated: true` when reached.
  * Together (6000 + 3000 + 3000 + 4000 key rollups + TOP_KEYS × (a key document and
- * LAST_USED_READS of its newest rollups), 16,090 with the one row past each cap) they stay
+ * LAST_USED_READS of its newest rollups), 16,094 with the one row past each cap) they stay
  * under a query's 16,384 documents: a day of minute rollups for four providers from one
  * writer, or 30 days of hourly ones from eight; six hours of minute rollups of eleven keys
  * used every minute by one writer, or a week of hourly ones of 23.
