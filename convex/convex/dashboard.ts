@@ -1,5 +1,5 @@
 // The dashboard's one read per refresh: every figure of a window, bucketed, from the
-// provider rollups (never raw request rows), bot events, auth failures and key usage.
+// provider and key rollups (never raw request rows), bot events and auth failures.
 import { v } from "convex/values";
 import { internalQuery } from "./_generated/server";
 import {
@@ -11,22 +11,27 @@ import {
   noRefusals,
   type Refusals,
 } from "./lib/logs";
+import { findKeyById } from "./lib/keys";
 import { vBotAction, vDetectionType, vKind } from "./lib/validators";
 
 /** The most buckets one snapshot holds (the Python side's MAX_DASHBOARD_BUCKETS). */
 export const MAX_BUCKETS = 500;
 /**
  * Caps on the rows one snapshot reads, each answered with `truncated: true` when reached.
- * Together (6000 + 3000 + 3000 + 2 × 256 keys + 2048 usage rows) they stay under a query's
- * 16,384 documents: a day of minute rollups for four providers from one writer, or 30 days of
- * hourly ones from eight.
+ * Together (6000 + 3000 + 3000 + 4000 key rollups + TOP_KEYS × (a key document and
+ * LAST_USED_READS of its newest rollups), 16,094 with the one row past each cap) they stay
+ * under a query's 16,384 documents: a day of minute rollups for four providers from one
+ * writer, or 30 days of hourly ones from eight; six hours of minute rollups of eleven keys
+ * used every minute by one writer, or a week of hourly ones of 23.
  */
 export const ROLLUP_READ_CAP = 6000;
 export const BOT_EVENT_READ_CAP = 3000;
 export const AUTH_FAILURE_READ_CAP = 3000;
-export const KEY_READ_CAP = 256;
-export const USAGE_READ_CAP = 2048;
+export const KEY_ROLLUP_READ_CAP = 4000;
 export const TOP_KEYS = 10;
+/** A top key's newest minute rollups read for its last use (more writers in one minute may
+ * hide a later use by at most that minute). */
+export const LAST_USED_READS = 8;
 
 const vRefusals = v.object({
   limit: v.number(),
@@ -91,7 +96,8 @@ type Series = {
  * hours (then read from the hourly rollups), with `start` and `end` multiples of it. Per
  * provider: requests and successes per bucket, tokens, cost and the latency histogram; the
  * refused requests by reason; bot events by type and action and per bucket; auth failures per
- * bucket; the keys with the most requests since created. Bounded reads (the caps above).
+ * bucket; the keys with the most requests in the window (from the key rollups, hourly ones
+ * for whole-hour buckets, as for the providers). Bounded reads (the caps above).
  * Rollups written before the dashboard carry no latency buckets or refusals: they count in
  * the requests but not in the percentiles.
  */
@@ -197,54 +203,61 @@ export const snapshot = internalQuery({
     for (const f of capped(failures, AUTH_FAILURE_READ_CAP))
       authFailures[bucketOf(f.timestamp)] += 1;
 
-    // Keys: the documents' counts plus the writers' usage rows not yet folded into them.
-    const usage = capped(
-      await ctx.db
-        .query("apiKeyUsage")
-        .withIndex("by_updated")
-        .order("desc")
-        .take(USAGE_READ_CAP + 1),
-      USAGE_READ_CAP,
+    // Keys: their rollups in the window, summed over writers; only the top ones' documents.
+    const keyRollups = capped<{
+      keyId: string;
+      requests: number;
+      lastUsed: number;
+    }>(
+      bucketMs % HOUR === 0
+        ? await ctx.db
+            .query("keyHourlyRollups")
+            .withIndex("by_hour", (q) => q.gte("hour", start).lt("hour", end))
+            .take(KEY_ROLLUP_READ_CAP + 1)
+        : await ctx.db
+            .query("keyRollups")
+            .withIndex("by_minute", (q) =>
+              q.gte("minute", start).lt("minute", end),
+            )
+            .take(KEY_ROLLUP_READ_CAP + 1),
+      KEY_ROLLUP_READ_CAP,
     );
-    const pending = new Map<string, { requests: number; lastUsed: number }>();
-    for (const u of usage) {
-      const p = pending.get(u.keyId) ?? { requests: 0, lastUsed: u.lastUsed };
-      p.requests += u.requests;
-      p.lastUsed = Math.max(p.lastUsed, u.lastUsed);
-      pending.set(u.keyId, p);
+    const perKey = new Map<string, { requests: number; lastUsed: number }>();
+    for (const r of keyRollups) {
+      const sum = perKey.get(r.keyId) ?? { requests: 0, lastUsed: r.lastUsed };
+      sum.requests += r.requests;
+      sum.lastUsed = Math.max(sum.lastUsed, r.lastUsed);
+      perKey.set(r.keyId, sum);
     }
-    const keys = [
-      ...capped(
-        await ctx.db.query("apiKeys").take(KEY_READ_CAP + 1),
-        KEY_READ_CAP,
-      ).map((d) => ({
-        doc: d,
-        kind: "ai" as const,
-      })),
-      ...capped(
-        await ctx.db.query("embeddingApiKeys").take(KEY_READ_CAP + 1),
-        KEY_READ_CAP,
-      ).map((d) => ({ doc: d, kind: "embedding" as const })),
-    ].map(({ doc, kind }) => {
-      const more = pending.get(doc._id);
-      const lastUsed =
-        more === undefined
-          ? doc.lastUsed
-          : Math.max(doc.lastUsed ?? 0, more.lastUsed);
-      return {
-        id: doc._id as string,
+    const ranked = [...perKey]
+      .sort(
+        ([a, x], [b, y]) =>
+          y.requests - x.requests || (a < b ? -1 : a > b ? 1 : 0),
+      )
+      .slice(0, TOP_KEYS);
+    const topKeys = [];
+    for (const [id, sum] of ranked) {
+      const found = await findKeyById(ctx, id);
+      if (found === null) continue; // deleted since: its rollups age out
+      const { doc } = found;
+      // Its latest use, in or after the window: its newest minute's rows (one per writer).
+      const newest = await ctx.db
+        .query("keyRollups")
+        .withIndex("by_key_minute", (q) => q.eq("keyId", id))
+        .order("desc")
+        .take(LAST_USED_READS);
+      let lastUsed = Math.max(doc.lastUsed ?? 0, sum.lastUsed);
+      for (const r of newest) lastUsed = Math.max(lastUsed, r.lastUsed);
+      topKeys.push({
+        id,
         name: doc.name,
         prefix: doc.prefix,
-        kind,
-        requests: doc.requestCount + (more?.requests ?? 0),
-        ...(lastUsed === undefined ? {} : { lastUsed }),
+        kind: found.kind,
+        requests: sum.requests,
+        lastUsed,
         active: doc.active,
-      };
-    });
-    keys.sort(
-      (a, b) =>
-        b.requests - a.requests || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0),
-    );
+      });
+    }
 
     return {
       providers: [...providers]
@@ -254,7 +267,7 @@ export const snapshot = internalQuery({
       botEvents: [...byKind.values()],
       botSeries,
       authFailures,
-      topKeys: keys.slice(0, TOP_KEYS),
+      topKeys,
       truncated,
     };
   },

@@ -64,6 +64,8 @@ const PURGED = [
   // A rollup goes once its whole minute (hour) is older than the cutoff.
   { table: "providerRollups", index: "by_minute", field: "minute", grace: 60_000 },
   { table: "providerHourlyRollups", index: "by_hour", field: "hour", grace: 3_600_000 },
+  { table: "keyRollups", index: "by_minute", field: "minute", grace: 60_000 },
+  { table: "keyHourlyRollups", index: "by_hour", field: "hour", grace: 3_600_000 },
   // An alert goes once it is finished and was last seen before the cutoff. A pending one
   // stays, however old: only a deliverer (which knows its attempts) ends it, delivered or
   // failed, and deleting it first would lose an alert nobody was told of.

@@ -26,6 +26,14 @@ const rollup = {
   ),
 };
 
+// A key's requests in one minute or hour from one writer, and its latest use among them.
+const keyRollup = {
+  keyId: v.string(),
+  writer: v.optional(v.string()),
+  requests: v.number(),
+  lastUsed: v.number(),
+};
+
 export default defineSchema({
   // ---- AI services ------------------------------------------------------------------------
   // Row shapes live in lib/validators.ts, shared with the functions that write them. The seed's
@@ -119,6 +127,19 @@ export default defineSchema({
   })
     .index("by_key_writer", ["keyId", "writer"])
     .index("by_updated", ["updatedAt"]),
+
+  // Requests per key (of either table, by document id) per minute per writer, written with
+  // the key usage of each batch (attributed to the minute of the usage's latest use: a flush
+  // holds a few seconds of use), so the dashboard ranks keys within its window. Per writer,
+  // like the provider rollups: no two instances patch the same row.
+  keyRollups: defineTable({ ...keyRollup, minute: v.number() })
+    .index("by_key_minute", ["keyId", "minute", "writer"])
+    .index("by_minute", ["minute"]),
+
+  // The same per hour, for windows read in whole hours.
+  keyHourlyRollups: defineTable({ ...keyRollup, hour: v.number() })
+    .index("by_key_hour", ["keyId", "hour", "writer"])
+    .index("by_hour", ["hour"]),
 
   // Ids of log batches already written: a batch retried after a lost answer lands once.
   logBatches: defineTable({

@@ -1,13 +1,14 @@
 // The dashboard snapshot: bucketed figures from the rollups (histograms and refusals written
-// by the batch mutation), bot events, auth failures and key usage, with capped reads.
+// by the batch mutation), bot events, auth failures and key rollups, with capped reads.
 import { beforeEach, describe, expect, test } from "vitest";
 import { internal } from "../convex/_generated/api";
 import {
   AUTH_FAILURE_READ_CAP,
   BOT_EVENT_READ_CAP,
-  KEY_READ_CAP,
+  KEY_ROLLUP_READ_CAP,
+  LAST_USED_READS,
   ROLLUP_READ_CAP,
-  USAGE_READ_CAP,
+  TOP_KEYS,
 } from "../convex/dashboard";
 import { LATENCY_BOUNDS_MS, latencyBucket, refusalReason } from "../convex/lib/logs";
 import type { AIRequest } from "../convex/lib/validators";
@@ -117,23 +118,87 @@ describe("snapshot", () => {
     expect(snap.providers[0].latencyBuckets.reduce((a, b) => a + b, 0)).toBe(1);
   });
 
-  test("top keys add the writers' usage rows to the documents' counts", async () => {
+  test("top keys: requests within the window, summed over writers", async () => {
     const ids = await t.run(async (ctx) => {
-      const base = { prefix: "cg_ai_", scopes: [], createdAt: T0, requestCount: 1, active: true };
+      const base = { prefix: "cg_ai_", scopes: [], createdAt: T0, requestCount: 1000, active: true };
       return [
         await ctx.db.insert("apiKeys", { ...base, key: "a".repeat(64), name: "alpha" }),
-        await ctx.db.insert("apiKeys", { ...base, key: "b".repeat(64), name: "beta" }),
+        await ctx.db.insert("embeddingApiKeys", { ...base, keyHash: "b".repeat(64), name: "beta", active: false }),
       ];
     });
     await t.mutation(internal.logs.writeBatch, {
       ...emptyBatch,
-      batchId: "k",
+      batchId: "k1",
       writer: "w1",
-      keyUsage: [{ keyId: ids[1], lastUsed: T0 + 5, requests: 6 }],
+      keyUsage: [
+        { keyId: ids[0], lastUsed: T0 + 5, requests: 2 },
+        { keyId: ids[1], lastUsed: T0 + MIN + 5, requests: 3 },
+        { keyId: "nosuchkey", lastUsed: T0 + 5, requests: 9 },
+      ],
     });
-    const snap = await t.query(internal.dashboard.snapshot, { start: T0, end: T0 + MIN, bucketMs: MIN });
-    expect(snap.topKeys.map((k) => [k.name, k.requests])).toEqual([["beta", 7], ["alpha", 1]]);
+    await t.mutation(internal.logs.writeBatch, {
+      ...emptyBatch,
+      batchId: "k2",
+      writer: "w2",
+      keyUsage: [
+        { keyId: ids[1], lastUsed: T0 + 2 * MIN + 7, requests: 4 },
+        { keyId: ids[0], lastUsed: T0 + 3 * MIN, requests: 50 }, // past the window's end
+        { keyId: ids[0], lastUsed: T0 - 1, requests: 40 }, // before its start
+      ],
+    });
+    const snap = await t.query(internal.dashboard.snapshot, { start: T0, end: T0 + 3 * MIN, bucketMs: MIN });
+    expect(snap.topKeys).toEqual([
+      { id: ids[1], name: "beta", prefix: "cg_ai_", kind: "embedding", requests: 7, lastUsed: T0 + 2 * MIN + 7, active: false },
+      { id: ids[0], name: "alpha", prefix: "cg_ai_", kind: "ai", requests: 2, lastUsed: T0 + 3 * MIN, active: true },
+    ]);
     expect(JSON.stringify(snap)).not.toContain("a".repeat(64));
+    const rows = await t.run(async (ctx) => (await ctx.db.query("keyRollups").collect()).length);
+    expect(rows).toBe(5); // one per (key, minute, writer)
+    const later = await t.query(internal.dashboard.snapshot, { start: T0 + 3 * MIN, end: T0 + 4 * MIN, bucketMs: MIN });
+    expect(later.topKeys.map((k) => [k.name, k.requests])).toEqual([["alpha", 50]]);
+  });
+
+  test("top keys over whole hours read the hourly key rollups", async () => {
+    const H0 = Math.ceil(T0 / H) * H;
+    const id = await t.run(async (ctx) =>
+      ctx.db.insert("apiKeys", {
+        prefix: "cg_ai_", scopes: [], createdAt: T0, requestCount: 0, active: true, key: "c".repeat(64), name: "gamma",
+      }),
+    );
+    for (const [n, at] of [[1, H0 + 5], [2, H0 + H + 7 * MIN], [4, H0 + 7 * H]] as const) {
+      await t.mutation(internal.logs.writeBatch, {
+        ...emptyBatch,
+        batchId: `h${n}`,
+        writer: `w${n}`,
+        keyUsage: [{ keyId: id, lastUsed: at, requests: n }],
+      });
+    }
+    // The minute rollups are gone: an hourly snapshot still counts the hours.
+    await t.run(async (ctx) => {
+      for (const r of await ctx.db.query("keyRollups").collect()) await ctx.db.delete(r._id);
+    });
+    const snap = await t.query(internal.dashboard.snapshot, { start: H0, end: H0 + 7 * H, bucketMs: H });
+    expect(snap.topKeys.map((k) => [k.name, k.requests])).toEqual([["gamma", 3]]);
+    const minutes = await t.query(internal.dashboard.snapshot, { start: H0, end: H0 + 2 * H, bucketMs: MIN * 15 });
+    expect(minutes.topKeys).toEqual([]);
+  });
+
+  test("retention purges old key rollups, minute and hourly, like the provider rollups", async () => {
+    const now = Date.now();
+    const old = Math.floor((now - 31 * 24 * H) / H) * H;
+    const recent = Math.floor((now - 24 * H) / H) * H;
+    await t.run(async (ctx) => {
+      for (const at of [old, recent]) {
+        await ctx.db.insert("keyRollups", { keyId: "k", writer: "w", minute: at, requests: 1, lastUsed: at });
+        await ctx.db.insert("keyHourlyRollups", { keyId: "k", writer: "w", hour: at, requests: 1, lastUsed: at });
+      }
+    });
+    await t.mutation(internal.retention.purge, {});
+    const left = await t.run(async (ctx) => ({
+      minutes: (await ctx.db.query("keyRollups").collect()).map((r) => r.minute),
+      hours: (await ctx.db.query("keyHourlyRollups").collect()).map((r) => r.hour),
+    }));
+    expect(left).toEqual({ minutes: [recent], hours: [recent] });
   });
 
   test("ranges a snapshot cannot bucket are refused", async () => {
@@ -172,12 +237,15 @@ describe("snapshot", () => {
         ctx.db.insert("embeddingAuthFailures", { keyHash: "k".repeat(64), timestamp: T0 + (i % 60) * MIN, userAgent: "y".repeat(200) }),
       );
       const base = { prefix: "cg_", scopes: ["a", "b"], createdAt: T0, requestCount: 1, active: true };
-      await chunks(KEY_READ_CAP + 1, (i, ctx) => ctx.db.insert("apiKeys", { ...base, key: `${i}`.padStart(64, "0"), name: `k${i}` }));
-      await chunks(KEY_READ_CAP + 1, (i, ctx) =>
-        ctx.db.insert("embeddingApiKeys", { ...base, keyHash: `${i}`.padStart(64, "1"), name: `e${i}` }),
-      );
-      await chunks(USAGE_READ_CAP + 1, (i, ctx) =>
-        ctx.db.insert("apiKeyUsage", { keyId: `missing${i}`, writer: "w", requests: 1, lastUsed: T0, updatedAt: T0 + i }),
+      const keyIds = await t.run(async (ctx) => {
+        const ids: string[] = [];
+        for (let i = 0; i < 2 * TOP_KEYS; i++) {
+          ids.push(await ctx.db.insert("apiKeys", { ...base, key: `${i}`.padStart(64, "0"), name: `k${i}` }));
+        }
+        return ids;
+      });
+      await chunks(KEY_ROLLUP_READ_CAP + 1, (i, ctx) =>
+        ctx.db.insert("keyRollups", { keyId: keyIds[i % keyIds.length], writer: `w${i}`, minute: T0 + (i % 60) * MIN, requests: 1, lastUsed: T0 }),
       );
       const snap = await t.query(internal.dashboard.snapshot, { start: T0, end: T0 + 60 * MIN, bucketMs: MIN });
       expect(snap.truncated).toBe(true);
@@ -185,11 +253,12 @@ describe("snapshot", () => {
       expect(requests).toBe(ROLLUP_READ_CAP);
       expect(snap.botSeries.reduce((a, b) => a + b, 0)).toBe(BOT_EVENT_READ_CAP);
       expect(snap.authFailures.reduce((a, b) => a + b, 0)).toBe(AUTH_FAILURE_READ_CAP);
-      expect(snap.topKeys).toHaveLength(10);
+      expect(snap.topKeys).toHaveLength(TOP_KEYS);
+      expect(snap.topKeys.reduce((n, k) => n + k.requests, 0)).toBeLessThanOrEqual(KEY_ROLLUP_READ_CAP);
       // What the query read at most (each cap, plus the one row that tells it was reached):
       // under the backend's 16,384 documents per query, which convex-test does not hold to.
       const reads =
-        ROLLUP_READ_CAP + BOT_EVENT_READ_CAP + AUTH_FAILURE_READ_CAP + 2 * KEY_READ_CAP + USAGE_READ_CAP + 5;
+        ROLLUP_READ_CAP + BOT_EVENT_READ_CAP + AUTH_FAILURE_READ_CAP + KEY_ROLLUP_READ_CAP + 4 + TOP_KEYS * (1 + LAST_USED_READS);
       expect(reads).toBeLessThan(16_384);
     },
   );

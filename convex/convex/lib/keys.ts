@@ -4,6 +4,8 @@ import type { DataModel, Doc } from "../_generated/dataModel";
 import type { ApiKeyRecord } from "./validators";
 
 const SECOND = 1000;
+const MINUTE = 60 * SECOND;
+const HOUR = 60 * MINUTE;
 /**
  * Usage rows read per key, at most. A key has one row per writer that used it since its last
  * fold (retention folds rows idle for FOLD_IDLE_MS), so this is far above what is met.
@@ -61,6 +63,49 @@ export async function addKeyUsage(
       requests: row.requests + requests,
       lastUsed: Math.max(row.lastUsed, lastUsed),
       updatedAt: now,
+    });
+  }
+}
+
+/**
+ * Add `requests` to `writer`'s rollups of the key for the minute and the hour of `lastUsed`
+ * (a flush's usage is a few seconds of use, counted at its latest): what the dashboard ranks
+ * keys by within a window. Only `writer`'s own rows, as for the provider rollups.
+ */
+export async function addKeyRollups(
+  ctx: Writer,
+  keyId: string,
+  writer: string | undefined,
+  requests: number,
+  lastUsed: number,
+): Promise<void> {
+  const mine = writer === undefined ? {} : { writer };
+  const minute = Math.floor(lastUsed / MINUTE) * MINUTE;
+  const byMinute = await ctx.db
+    .query("keyRollups")
+    .withIndex("by_key_minute", (q) =>
+      q.eq("keyId", keyId).eq("minute", minute).eq("writer", writer),
+    )
+    .unique();
+  if (byMinute === null) {
+    await ctx.db.insert("keyRollups", { keyId, minute, ...mine, requests, lastUsed });
+  } else {
+    await ctx.db.patch(byMinute._id, {
+      requests: byMinute.requests + requests,
+      lastUsed: Math.max(byMinute.lastUsed, lastUsed),
+    });
+  }
+  const hour = Math.floor(lastUsed / HOUR) * HOUR;
+  const byHour = await ctx.db
+    .query("keyHourlyRollups")
+    .withIndex("by_key_hour", (q) => q.eq("keyId", keyId).eq("hour", hour).eq("writer", writer))
+    .unique();
+  if (byHour === null) {
+    await ctx.db.insert("keyHourlyRollups", { keyId, hour, ...mine, requests, lastUsed });
+  } else {
+    await ctx.db.patch(byHour._id, {
+      requests: byHour.requests + requests,
+      lastUsed: Math.max(byHour.lastUsed, lastUsed),
     });
   }
 }

@@ -8,7 +8,7 @@ import type {
   EmbeddingRequest,
   KeyUsage,
 } from "./validators";
-import { addKeyUsage, findKeyById } from "./keys";
+import { addKeyRollups, addKeyUsage, findKeyById } from "./keys";
 
 type Ctx = Pick<GenericMutationCtx<DataModel>, "db">;
 
@@ -182,7 +182,8 @@ export async function insertBotEvents(ctx: Ctx, rows: BotEvent[]): Promise<void>
 
 /**
  * Add usage to keys (unknown or malformed ids are skipped); returns how many were updated.
- * The usage goes to `writer`'s own usage row of each key, never to the key document.
+ * The usage goes to `writer`'s own usage row of each key, never to the key document, and to
+ * `writer`'s per-minute and per-hour rollups of the key (the dashboard's top keys).
  */
 export async function applyKeyUsage(
   ctx: Ctx,
@@ -195,6 +196,7 @@ export async function applyKeyUsage(
     const found = await findKeyById(ctx, u.keyId);
     if (found === null) continue;
     await addKeyUsage(ctx, found.doc._id, writer, u.requests, u.lastUsed, now);
+    await addKeyRollups(ctx, found.doc._id, writer, u.requests, u.lastUsed);
     updated += 1;
   }
   return updated;

@@ -650,9 +650,10 @@ class DashboardSnapshot:
 
     `refusals` counts the logged requests the guard refused, by reason; `bot_events` counts
     events by `(detection_type, action)`; `bot_series` and `auth_failures` are per bucket.
-    `top_keys` ranks keys by their requests since they were created (usage is not kept per
-    window). `truncated` is true when the store stopped reading at a cap: some figures then
-    cover only part of the window.
+    `top_keys` ranks keys by their requests within the window (a batch's use of a key counts
+    at its latest use, so a flush spanning a minute's end counts in the later minute), with
+    `last_used` the key's latest use. `truncated` is true when the store stopped reading at a
+    cap: some figures then cover only part of the window.
     """
 
     start: float

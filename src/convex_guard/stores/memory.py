@@ -9,7 +9,7 @@ import random as _random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
@@ -58,7 +58,7 @@ from convex_guard.stores.base import (
 
 Clock = Callable[[], float]
 Random = Callable[[], float]
-R = TypeVar("R", AIRequestLog, EmbeddingRequestLog, AuthFailure)
+R = TypeVar("R", AIRequestLog, EmbeddingRequestLog, AuthFailure, "_KeyUse")
 
 #: How many applied batch ids a MemoryStore remembers to make retries idempotent.
 MAX_BATCH_IDS = 10_000
@@ -142,6 +142,8 @@ class MemoryStore:
         self._ai_logs = _Rows(AIRequestLog, max_rows)
         self._embedding_logs = _Rows(EmbeddingRequestLog, max_rows)
         self._auth_failures = _Rows(AuthFailure, max_rows)
+        # Each batch's use of each key, at its latest use: the dashboard's top keys per window.
+        self._key_uses = _Rows(_KeyUse, max_rows)
         # Batch ids already applied, so a retried batch lands once; only the most recent are
         # kept (a writer retries a batch within seconds), so memory stays bounded.
         self._batches: set[str] = set()
@@ -448,6 +450,11 @@ class MemoryStore:
                     last_used=max(usage.last_used, record.last_used or 0.0),
                     request_count=record.request_count + usage.requests,
                 )
+        self._key_uses.extend(
+            _KeyUse(u.last_used, u.key_id, u.requests)
+            for u in batch.key_usage
+            if u.key_id in self._keys
+        )
         watched = self._alert_book.watched
         remaining = [(w, (await self.peek(w.name, w.config, key=w.key)).remaining) for w in watched]
         self._alert_book.observe(batch, self._bot_events, remaining)
@@ -543,7 +550,12 @@ class MemoryStore:
         failed_at = _AUTH_FAILURE_TIMESTAMP
         for failure in self._auth_failures.between(start, end):
             failures[int((failure[failed_at] - start) // bucket_ms)] += 1
-        ranked = sorted(self._keys.values(), key=lambda r: (-r.request_count, r.id))[:TOP_KEYS]
+        # A batch's use of a key counts at its latest use, as the Convex key rollups count it.
+        per_key: dict[str, int] = {}
+        for _, key_id, n in self._key_uses.between(start, end):
+            per_key[key_id] = per_key.get(key_id, 0) + n
+        ranked = sorted(per_key.items(), key=lambda kv: (-kv[1], kv[0]))
+        top = [(self._keys[k], n) for k, n in ranked if k in self._keys][:TOP_KEYS]
         return DashboardSnapshot(
             start=start,
             end=end,
@@ -553,9 +565,10 @@ class MemoryStore:
             bot_events=by_kind,
             bot_series=tuple(bot_series),
             auth_failures=tuple(failures),
-            top_keys=tuple(_key_summary(r) for r in ranked),
+            top_keys=tuple(_key_summary(r, n) for r, n in top),
             truncated=self._ai_logs.dropped_since(start)
-            or self._auth_failures.dropped_since(start),
+            or self._auth_failures.dropped_since(start)
+            or self._key_uses.dropped_since(start),
         )
 
     # -- inspection, for tests and the CLI ---------------------------------------------------
@@ -683,6 +696,15 @@ _AI_FIELDS = tuple(
 _AUTH_FAILURE_TIMESTAMP = [f.name for f in fields(AuthFailure)].index("timestamp")
 
 
+@dataclass(frozen=True, slots=True)
+class _KeyUse:
+    """Requests of one key in one batch, at the batch's latest use of it."""
+
+    timestamp: float
+    key_id: str
+    requests: int
+
+
 class _Series:
     """A provider's figures while a snapshot adds them up."""
 
@@ -706,13 +728,13 @@ class _Series:
         )
 
 
-def _key_summary(record: ApiKeyRecord) -> KeyUsageSummary:
+def _key_summary(record: ApiKeyRecord, requests: int) -> KeyUsageSummary:
     return KeyUsageSummary(
         id=record.id,
         name=record.name,
         prefix=record.prefix,
         kind=record.kind,
-        requests=record.request_count,
+        requests=requests,
         last_used=record.last_used,
         active=record.active,
     )

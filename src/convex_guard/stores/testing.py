@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from dataclasses import replace
 from typing import ClassVar, cast
 
 import pytest
@@ -449,6 +450,39 @@ class DashboardStoreContract(_Contract):
         assert hourly.providers[0].requests == (2, 0)
         with pytest.raises(ValueError):
             await board.dashboard(hour + 1, hour + MINUTE + 1, MINUTE)
+
+    async def test_dashboard_top_keys_within_the_window(
+        self, store: Store, clock: ContractClock
+    ) -> None:
+        board = cast(DashboardStore, store)
+        hour = (clock.now() // HOUR - 3) * HOUR
+        first = await store.create_api_key(new_key(clock.now()))
+        second = await store.create_api_key(
+            replace(new_key(clock.now()), kind="ai", key_hash="b" * 64, name="second")
+        )
+        uses = [
+            KeyUsage(first.id, hour - 1, 100),  # before the window
+            KeyUsage(first.id, hour + 5, 2),
+            KeyUsage(second.id, hour + MINUTE + 9, 3),
+            KeyUsage(first.id, hour + 2 * MINUTE, 50),  # at the window's end: outside
+        ]
+        for use in uses:  # one batch each, as flushes of different minutes
+            await store.write_logs(LogBatch(id=uuid.uuid4().hex, key_usage=[use]))
+        await store.write_logs(
+            LogBatch(id=uuid.uuid4().hex, key_usage=[KeyUsage(second.id, hour + MINUTE + 20, 1)])
+        )
+        snap = await board.dashboard(hour, hour + 2 * MINUTE, MINUTE)
+        assert [(k.id, k.name, k.requests) for k in snap.top_keys] == [
+            (second.id, "second", 4),
+            (first.id, first.name, 2),
+        ]
+        assert snap.top_keys[0].last_used == hour + MINUTE + 20
+        assert snap.top_keys[1].last_used == hour + 2 * MINUTE  # its latest use, after the window
+        later = await board.dashboard(hour + 2 * MINUTE, hour + 3 * MINUTE, MINUTE)
+        assert [(k.id, k.requests) for k in later.top_keys] == [(first.id, 50)]
+        hourly = await board.dashboard(hour - HOUR, hour + HOUR, HOUR)
+        assert [(k.id, k.requests) for k in hourly.top_keys] == [(first.id, 152), (second.id, 4)]
+        assert not snap.truncated
 
 
 class StoreContract(
