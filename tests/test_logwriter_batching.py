@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
-from convex_guard import AIRequestLog, LogBatch, LogWriter, MemoryStore
+from convex_guard import (
+    MINUTE,
+    AIRequestLog,
+    ApiKeys,
+    ConvexStore,
+    LogBatch,
+    LogWriter,
+    MemoryStore,
+    hash_key,
+)
+
+from .conftest import ConvexTestServer
 
 
 class SlowStore(MemoryStore):
@@ -36,3 +48,34 @@ async def test_batches_do_not_shrink_to_the_store_latency() -> None:
     # Every batch but the last of each timer flush is full: no trickle of tiny batches.
     assert sum(size == 50 for size in store.batch_sizes) >= 10
     assert len(store.batch_sizes) <= 15
+
+
+async def _uses_across_a_minute_counted_in_each(store: MemoryStore | ConvexStore) -> None:
+    """One flush holding uses on both sides of a minute's end counts each in its own minute."""
+    created = await ApiKeys(store).create("minute-edge")
+    writer = LogWriter(store, interval=3600)
+    edge = (time.time() * 1000 // MINUTE - 10) * MINUTE  # a minute's start, ten minutes ago
+    for when in (edge - 2, edge - 1, edge + 1):
+        writer.record_key_usage(created.record.id, when)
+    await writer.close()  # one flush, one batch
+    before = await store.dashboard(edge - MINUTE, edge, MINUTE)
+    after = await store.dashboard(edge, edge + MINUTE, MINUTE)
+    assert [(k.id, k.requests) for k in before.top_keys] == [(created.record.id, 2)]
+    assert [(k.id, k.requests) for k in after.top_keys] == [(created.record.id, 1)]
+    found = await store.find_api_key(hash_key(created.key))
+    assert found is not None and found.request_count == 3
+
+
+async def test_key_uses_across_a_minute_are_counted_in_each_on_memory() -> None:
+    await _uses_across_a_minute_counted_in_each(MemoryStore())
+
+
+async def test_key_uses_across_a_minute_are_counted_in_each_on_convex(
+    convex_server: ConvexTestServer,
+) -> None:
+    convex_server.reset()
+    store = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
+    try:
+        await _uses_across_a_minute_counted_in_each(store)
+    finally:
+        await store.close()

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convex_guard.core.errors import ConfigurationError, ConvexValidationError
+from convex_guard.core.limits import MINUTE
 from convex_guard.core.logs import ThrottledLog, logger
 from convex_guard.stores.base import (
     AIRequestLog,
@@ -125,7 +126,9 @@ class LogWriter:
         #: Batches the store accepted; for tests and health checks.
         self.batches_written = 0
         self._rows: deque[Row] = deque()
-        self._usage: dict[str, KeyUsage] = {}
+        # Per key and minute of use: a flush spanning a minute's end counts each use in its own
+        # minute, as the dashboard's per-key rollups bucket them.
+        self._usage: dict[tuple[str, int], KeyUsage] = {}
         # Taken from the buffer, not yet accepted, in order: one batch, or the parts of one
         # being split (kept here so a flush cut short resumes them, never the whole again).
         self._pending: deque[LogBatch] = deque()
@@ -181,16 +184,17 @@ class LogWriter:
             self._wake.set()
 
     def record_key_usage(self, key_id: str, when: float) -> None:
-        """Count one use of a key; uses are summed per key until the next flush."""
-        usage = self._usage.get(key_id)
+        """Count one use of a key; uses are summed per key and minute until the next flush."""
+        slot = (key_id, int(when // MINUTE))
+        usage = self._usage.get(slot)
         if usage is None:
             if self.buffered >= self.max_buffer:
                 self.dropped += 1
                 self._overflow.warning("Log buffer full: dropped a key usage update")
                 return
-            self._usage[key_id] = KeyUsage(key_id, when, 1)
+            self._usage[slot] = KeyUsage(key_id, when, 1)
         else:
-            self._usage[key_id] = KeyUsage(key_id, max(when, usage.last_used), usage.requests + 1)
+            self._usage[slot] = KeyUsage(key_id, max(when, usage.last_used), usage.requests + 1)
         self._started()
 
     # -- lifecycle -----------------------------------------------------------------------------
