@@ -132,7 +132,7 @@ def _instances(
         "CONVEX_SELF_HOSTED_URL": convex.url,
         "CONVEX_SELF_HOSTED_ADMIN_KEY": convex.admin_key,
         "SCALE_GLOBAL_LIMIT": str(global_limit),
-        "SCALE_WINDOW_START": str(time.time() * 1000),
+        "SCALE_WINDOW_START": str(int(time.time() * 1000)),
     }
     started: list[tuple[subprocess.Popen[str], str]] = []
     try:

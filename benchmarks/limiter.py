@@ -52,7 +52,7 @@ def peak_bytes_per_key(keys: int) -> float:
     """Peak traced memory of a MemoryStore holding `keys` live limit states, per key."""
     store = MemoryStore()
     # Windows aligned to now, so no state is full again (and forgotten) while we count.
-    config = FixedWindow(rate=HUGE, period=MINUTE, start=time.time() * 1000)
+    config = FixedWindow(rate=HUGE, period=MINUTE, start=int(time.time() * 1000))
     names = [f"k{i}" for i in range(keys)]
 
     async def fill() -> None:

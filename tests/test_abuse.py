@@ -39,7 +39,7 @@ FAILED_AUTH = 10  # the seed's failedAuth: 10 an hour
 
 def per_ip_settings(store: Any, **options: Any) -> GuardSettings:
     # The window starts now, so it cannot roll over during the test.
-    window = FixedWindow(rate=PER_IP, period=HOUR, start=time.time() * 1000)
+    window = FixedWindow(rate=PER_IP, period=HOUR, start=int(time.time() * 1000))
     return GuardSettings(
         store=store,
         rules=[Rule("perIp", window, key="ip", path="/api/ai")],

@@ -288,6 +288,19 @@ def test_events_push_a_new_snapshot_after_new_rows_on_memory(
         updates.close()
 
 
+def write_more_rows(server_: ConvexTestServer) -> None:
+    """New rows from another client of the deployment, as another instance would write them."""
+
+    async def write() -> None:
+        writer = ConvexStore(server_.url, server_.admin_key, timeout=10)
+        try:
+            await writer.write_logs(more_rows(NOW))
+        finally:
+            await writer.close()
+
+    asyncio.run(write())
+
+
 @pytest.fixture
 def convex(convex_server: ConvexTestServer) -> Iterator[tuple[ConvexTestServer, CreatedKey]]:
     convex_server.reset()
@@ -317,14 +330,7 @@ def test_snapshot_and_live_updates_on_convex(convex: tuple[ConvexTestServer, Cre
         updates = snapshots(client, "/api/events", timeout=20)
         check_known_figures(next(updates))
 
-        async def write() -> None:
-            writer = ConvexStore(server_.url, server_.admin_key, timeout=10)
-            try:
-                await writer.write_logs(more_rows(NOW))
-            finally:
-                await writer.close()
-
-        asyncio.run(write())
+        write_more_rows(server_)
         assert next(updates)["totals"]["requests"] == 10
         updates.close()
 
@@ -637,15 +643,8 @@ def test_behind_a_resilient_store_the_dashboard_follows_the_subscription(
         updates = snapshots(client, "/api/events", timeout=20)
         check_known_figures(next(updates))
 
-        async def write() -> None:
-            writer = ConvexStore(server_.url, server_.admin_key, timeout=10)
-            try:
-                await writer.write_logs(more_rows(NOW))
-            finally:
-                await writer.close()
-
         started = time.monotonic()
-        asyncio.run(write())
+        write_more_rows(server_)
         assert next(updates)["totals"]["requests"] == 10
         assert time.monotonic() - started < 20
         updates.close()

@@ -21,6 +21,12 @@ from convex_guard.stores.convex import ConvexStore
 from .conftest import ConvexTestServer
 
 
+def fresh_window(rate: int, period: float, **options: Any) -> FixedWindow:
+    """A fixed window that began a second ago on the wall clock the server shares: a test
+    takes seconds, so it never crosses a window's end unless it moves the clock itself."""
+    return FixedWindow(rate=rate, period=period, start=int(time.time() * 1000) - 1000, **options)
+
+
 class CountingStore(ConvexStore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -155,7 +161,7 @@ def test_lease_never_admits_more_than_it_was_granted(
 
 
 def test_block_follows_demand_and_stays_under_the_cap() -> None:
-    config = FixedWindow(rate=1_000, period=HOUR, start=0)
+    config = fresh_window(1_000, HOUR)
     lease = Lease(config, horizon=1.0, fraction=0.1)
     now = 5_000.0
     assert lease.ask(1, now) == 1  # no demand yet: just the request's own count
@@ -188,7 +194,7 @@ def test_a_count_a_sharded_limit_cannot_take_in_one_call_is_a_startup_error() ->
 
 async def test_instances_share_a_global_window_within_the_bound(connect: Connect) -> None:
     limit = 300
-    config = FixedWindow(rate=limit, period=HOUR, start=0)
+    config = fresh_window(limit, HOUR)
     stores = [connect(CountingStore, lease_fraction=0.1) for _ in range(4)]
     admitted = Counter[int]()
 
@@ -247,7 +253,7 @@ async def test_an_idle_lease_goes_back_with_the_next_call(connect: Connect) -> N
 async def test_a_refused_lease_refuses_locally_until_retry_after(
     connect: Connect, convex_server: ConvexTestServer
 ) -> None:
-    config = FixedWindow(rate=3, period=MINUTE, start=0)
+    config = fresh_window(3, MINUTE)
     store = connect(ShiftedStore)
     results = [await store.limit("perplexityRequests", config) for _ in range(4)]
     assert [r.ok for r in results] == [True, True, True, False]
@@ -287,8 +293,8 @@ async def test_a_refused_lease_is_not_asked_again_by_requests_that_call_anyway(
     # must not read the spent limit's shared document again (each grant another instance
     # commits would conflict with it), and the refused request consumes none of its keyed
     # limits.
-    provider = FixedWindow(rate=2, period=MINUTE, start=0)
-    per_ip = FixedWindow(rate=100, period=HOUR, start=0)
+    provider = fresh_window(2, MINUTE)
+    per_ip = fresh_window(100, HOUR)
     store = connect(ArgsStore)
 
     def request(ip: str) -> list[LimitRequest]:
@@ -313,8 +319,8 @@ async def test_a_refused_lease_is_not_asked_again_by_requests_that_call_anyway(
 async def test_covered_requests_make_no_call_and_keyed_limits_stay_exact(
     connect: Connect,
 ) -> None:
-    global_ = FixedWindow(rate=1_000, period=HOUR, start=0)
-    per_ip = FixedWindow(rate=30, period=HOUR, start=0)
+    global_ = fresh_window(1_000, HOUR)
+    per_ip = fresh_window(30, HOUR)
     stores = [connect(CountingStore, lease_horizon=5.0) for _ in range(4)]
     # Warm a lease on the global limit, then requests covered locally make no call.
     store = stores[0]
@@ -348,7 +354,7 @@ async def test_covered_requests_make_no_call_and_keyed_limits_stay_exact(
 
 
 async def test_a_blocked_bot_spends_no_leased_token(connect: Connect) -> None:
-    config = FixedWindow(rate=100, period=HOUR, start=0)
+    config = fresh_window(100, HOUR)
     store = connect(CountingStore)
     assert (await store.limit("globalAIRequests", config)).ok
     lease = store._leases["globalAIRequests"]
@@ -363,7 +369,7 @@ async def test_a_blocked_bot_spends_no_leased_token(connect: Connect) -> None:
 async def test_a_fixed_windows_tokens_die_with_their_window(
     connect: Connect, convex_server: ConvexTestServer
 ) -> None:
-    config = FixedWindow(rate=100, period=MINUTE, start=0)
+    config = fresh_window(100, MINUTE)
     store = connect(ShiftedStore, lease_horizon=10.0)
     for _ in range(3):
         assert (await store.limit("ollamaRequests", config)).ok
@@ -385,7 +391,7 @@ async def test_a_fixed_windows_tokens_die_with_their_window(
 
 
 async def test_concurrent_requests_share_one_block_in_flight(connect: Connect) -> None:
-    config = FixedWindow(rate=1_000, period=HOUR, start=0)
+    config = fresh_window(1_000, HOUR)
     store = connect(CountingStore)
     outcomes = await asyncio.gather(*(store.limit("globalAIRequests", config) for _ in range(64)))
     assert all(r.ok for r in outcomes)

@@ -184,9 +184,11 @@ def test_a_timedelta_period_is_milliseconds_everywhere(
             kind(rate=1, period=bad)
 
 
-def test_fixed_window_start_must_be_finite() -> None:
-    with pytest.raises(ValidationError, match="start"):
-        FixedWindow(rate=1, period=SECOND, start=math.inf)
+@pytest.mark.parametrize("start", [math.inf, math.nan, 1_796_182_520_705.5])
+def test_fixed_window_start_must_be_finite_whole_milliseconds(start: float) -> None:
+    with pytest.raises(ValidationError, match="whole milliseconds"):
+        FixedWindow(rate=1, period=SECOND, start=start)
+    assert FixedWindow(rate=1, period=SECOND, start=1_796_182_520_705.0).start is not None
 
 
 def test_configs_are_immutable() -> None:

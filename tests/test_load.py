@@ -57,7 +57,7 @@ def test_load_admits_exactly_the_limit_and_logs_every_request(
         "CONVEX_SELF_HOSTED_ADMIN_KEY": convex_server.admin_key,
         "LOAD_LIMIT": str(LIMIT),
         # The window starts now: it cannot roll over during the run.
-        "LOAD_WINDOW_START": str(time.time() * 1000),
+        "LOAD_WINDOW_START": str(int(time.time() * 1000)),
     }
     process, url = start_uvicorn("tests.load_app:app", env, "--log-level", "warning")
     try:

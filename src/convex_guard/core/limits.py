@@ -130,9 +130,13 @@ class FixedWindow(_LimitBase):
     start: float | None = None
 
     @model_validator(mode="after")
-    def _start_is_finite(self) -> FixedWindow:
-        if self.start is not None and not math.isfinite(self.start):
-            raise ValueError("start must be a finite epoch time in milliseconds")
+    def _start_is_whole_milliseconds(self) -> FixedWindow:
+        # The Convex component turns `start` into a BigInt: a fraction of a millisecond would
+        # fail every request there, so it is refused here, on every store alike.
+        if self.start is not None and not (
+            math.isfinite(self.start) and float(self.start).is_integer()
+        ):
+            raise ValueError("start must be a finite epoch time in whole milliseconds")
         return self
 
     def to_convex(self) -> dict[str, object]:

@@ -624,7 +624,7 @@ class AlertStoreContract(_Contract):
     ) -> None:
         assert isinstance(store, LimitStore) and isinstance(store, LogStore)
         name, key = f"perKey-{uuid.uuid4().hex[:8]}", "key-1"
-        config = FixedWindow(rate=10, period=HOUR, start=clock.now())
+        config = FixedWindow(rate=10, period=HOUR, start=int(clock.now()))
         watched = WatchedLimit(name, config, key)
         rule = AlertRule("limit_exhaustion", threshold=0.8, window_ms=HOUR, limits=(watched,))
         store.configure_alerts([rule])
