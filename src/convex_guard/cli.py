@@ -40,6 +40,7 @@ from convex_guard.stores.base import (
     KeyRateLimit,
     ProviderStats,
     Store,
+    dashboard_feed,
 )
 from convex_guard.stores.keys import ApiKeys, CreatedKey, KeyNotFoundError
 
@@ -555,7 +556,7 @@ class _Cli:
                 EXIT_USAGE,
             ) from None
         where = redact_url(str(getattr(self.store, "url", "the store")))
-        if hasattr(self.store, "watch_dashboard"):
+        if dashboard_feed(self.store) is not None:
             # The Convex client blocks the event loop while it connects: be sure it can.
             await self._check_deployment(where, DEFAULT_WATCH_TIMEOUT)
         given = args.token or os.environ.get("CONVEX_GUARD_DASHBOARD_TOKEN") or None
