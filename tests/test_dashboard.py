@@ -21,10 +21,10 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -549,6 +549,39 @@ def test_a_store_that_fails_is_a_503_and_an_unavailable_event(
         events = client.get("/api/events", timeout=5)
         assert events.status_code == 200 and events.text == "event: unavailable\ndata: {}\n\n"
     assert "the store failed" in caplog.text
+
+
+class GarbageConvexStore(ConvexStore):
+    """A ConvexStore whose deployment answers `dashboard:snapshot` with something else."""
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__("http://127.0.0.1:9", "admin-key", timeout=1)
+        self.answer = answer
+
+    async def _call(
+        self, kind: Literal["query", "mutation"], path: str, args: Mapping[str, Any]
+    ) -> Any:
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [None, [], {}, {"providers": "x"}, {"providers": [{"provider": 1}], "refusals": {}}],
+    ids=["null", "list", "empty", "wrong-type", "missing-fields"],
+)
+def test_a_snapshot_of_the_wrong_shape_is_a_503_never_a_500(
+    answer: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "convex_guard.dashboard")
+    store = GarbageConvexStore(answer)
+    with (
+        serve(dashboard(store)) as server,
+        httpx.Client(base_url=server.url, headers=BEARER) as client,
+    ):
+        answer_ = client.get("/api/snapshot")
+        assert answer_.status_code == 503, answer_.text
+    assert "dashboard:snapshot" in caplog.text
+    asyncio.run(store.close())
 
 
 class BurstStore(MemoryStore):

@@ -20,6 +20,7 @@ from convex_guard.core.errors import (
     ConvexAuthError,
     ConvexFunctionNotFoundError,
     ConvexValidationError,
+    StoreAnswerError,
     StoreConflictError,
     StoreError,
     StoreOverloadedError,
@@ -923,7 +924,7 @@ class ConvexStore(LimitThroughCheck):
         read bounded (see convex/convex/dashboard.ts)."""
         check_dashboard_range(start, end, bucket_ms)
         raw = await self._call("query", "dashboard:snapshot", _range_args(start, end, bucket_ms))
-        return _snapshot(raw, start, end, bucket_ms)
+        return _checked_snapshot(raw, start, end, bucket_ms)
 
     async def watch_dashboard(
         self, start: float, end: float, bucket_ms: float
@@ -931,7 +932,7 @@ class ConvexStore(LimitThroughCheck):
         """The snapshot of a fixed range, pushed by Convex whenever a figure in it changes."""
         check_dashboard_range(start, end, bucket_ms)
         async for raw in self._subscribe("dashboard:snapshot", _range_args(start, end, bucket_ms)):
-            yield _snapshot(raw, start, end, bucket_ms)
+            yield _checked_snapshot(raw, start, end, bucket_ms)
 
     async def close(self) -> None:
         """Hand back every lease's unused tokens (one call), then close the connections.
@@ -983,6 +984,15 @@ def _alert(raw: Mapping[str, Any]) -> Alert:
         status=status,
         attempts=int(raw["attempts"]),
     )
+
+
+def _checked_snapshot(raw: Any, start: float, end: float, bucket_ms: float) -> DashboardSnapshot:
+    """The snapshot in an answer, or `StoreAnswerError` when the answer has another shape (a
+    deployment running other functions): a failed call for the dashboard, never a 500."""
+    try:
+        return _snapshot(raw, start, end, bucket_ms)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise StoreAnswerError(f"dashboard:snapshot: {type(exc).__name__}: {exc}") from exc
 
 
 def _range_args(start: float, end: float, bucket_ms: float) -> dict[str, Any]:
