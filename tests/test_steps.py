@@ -24,6 +24,7 @@ from convex_guard import (
     Rule,
 )
 from convex_guard.core.problem import problem
+from convex_guard.middleware.body import BodyTooLarge, read_body
 from convex_guard.middleware.context import GuardContext, LogEntry, route_of
 from convex_guard.middleware.steps import (
     Before,
@@ -155,3 +156,45 @@ async def test_nothing_to_decide_in_the_store_awaits_nothing() -> None:
     assert [name for name, _ in ctx.response_headers or ()] == [b"ratelimit-policy", b"ratelimit"]
     elsewhere = scope_for("/x", BROWSER)
     assert limiter.before(elsewhere, no_body, GuardContext(route_of(elsewhere))) is None
+
+
+class Peek(StepMiddleware):
+    """Reads the body before the app (at most 16 bytes), twice, as two steps would."""
+
+    marker = "Peek"
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.seen: list[bytes] = []
+
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
+        return self._read(receive, ctx) if scope["type"] == "http" else None
+
+    async def _read(self, receive: Receive, ctx: GuardContext) -> Refusal | None:
+        try:
+            first = await read_body(ctx, receive, 16)
+        except BodyTooLarge as exc:
+            return problem(413, f"over {exc.limit}")
+        again = await read_body(ctx, receive, 16)
+        assert again is first  # read once, whoever asks
+        self.seen.append(first)
+        return None
+
+
+async def echo(request: Request) -> PlainTextResponse:
+    return PlainTextResponse((await request.body()).decode())
+
+
+def test_a_step_that_reads_the_body_hands_the_app_the_same_bytes() -> None:
+    peek = Peek(Starlette(routes=[Route("/", echo, methods=["POST"])]))
+
+    def chunks(*parts: bytes) -> Any:
+        yield from parts  # sent chunked: the body arrives in several messages
+
+    with serve(peek) as server, httpx.Client(base_url=server.url) as client:
+        whole = client.post("/", content=b"hello")
+        streamed = client.post("/", content=chunks(b"he", b"ll", b"o!"))
+        big = client.post("/", content=chunks(b"x" * 10, b"y" * 10, b"z" * 10))
+    assert whole.text == "hello" and streamed.text == "hello!"
+    assert big.status_code == 413 and big.json()["title"] == "over 16"
+    assert peek.seen == [b"hello", b"hello!"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from starlette._utils import get_route_path
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive
 
 from convex_guard.core.limits import LimitResult
 from convex_guard.stores.base import BotAction, BotCheck, BotVerdict
@@ -66,6 +66,13 @@ class GuardContext:
     #: The request logger's entry while the request is in flight (None: not logged); the
     #: runner records the response's status in it (`middleware/steps.py`).
     log_entry: LogEntry | None = None
+    #: The request body, when a step read it before the app (`middleware/body.py`); the app
+    #: gets the same bytes through `receive` below.
+    body: bytes | None = None
+    #: The `receive` the app gets instead of the server's, when a step reads or watches the
+    #: body (a replay of what it read, a byte count that refuses an oversized stream): each
+    #: such step wraps the one before it (`ctx.receive or receive`).
+    receive: Receive | None = None
     #: Headers a step wants on the response (the rate limiter's `RateLimit` fields), added by
     #: the runner that ran that step, on the response start or the WebSocket accept.
     response_headers: list[tuple[bytes, bytes]] | None = None

@@ -142,6 +142,10 @@ class StepRunner:
             if entry is not None or headers is not None:
                 send = _wrapped_send(send, kind, entry, headers)
             if refusal is None:
+                replaced = ctx.receive
+                if replaced is not None:
+                    ctx.receive = None  # this runner hands it on; an outer one must not
+                    receive = replaced
                 await self.app(scope, receive, send)
             else:
                 await refuse(refusal, scope, receive, send)
