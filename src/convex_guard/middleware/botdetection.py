@@ -12,6 +12,7 @@ from typing import Literal
 from starlette.types import ASGIApp, Receive, Scope
 
 from convex_guard.core.clientip import UNKNOWN_CLIENT, peer_ip
+from convex_guard.core.crawlers import CrawlerVerdict
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.headers import bounded, header_value
 from convex_guard.core.limits import LimitConfig
@@ -25,6 +26,7 @@ from convex_guard.core.useragent import (
     UserAgentClassifier,
     classify_user_agent,
 )
+from convex_guard.middleware.botverify import CrawlerVerifier
 from convex_guard.middleware.context import GuardContext, PendingBot
 from convex_guard.middleware.order import BOT, FINGERPRINT, HINT, RATE_LIMIT, missing_outside
 from convex_guard.middleware.rules import _path_matcher
@@ -92,6 +94,16 @@ class BotDetectionMiddleware(StepMiddleware):
     other bot on them is decided as anywhere) are matched as Starlette routes them. WebSocket
     handshakes are checked like requests and refused before accept.
 
+    `verifier`: checks what a bot claims to be (`CrawlerVerifier`: published crawler
+    ranges, forward-confirmed reverse DNS, Web Bot Auth signatures; None: no checks). A
+    `spoofed` claim gets `spoofed_action` (default block) whatever its category; a
+    `verified` one named in `allow_verified` (a crawler's name or user-agent token such as
+    `googlebot` or `GPTBot`, a signed agent's host such as `chatgpt.com`, or `*`) is let
+    through unrecorded, and any other verified one follows its category's policy. A valid
+    Web Bot Auth signature makes the request a verified bot whatever its user-agent says
+    (category `other_bot` when the user-agent is a browser's). The verdict and its evidence
+    are in the bot event's metadata (`verification`, `verifiedName`, `method`, `evidence`).
+
     `classifier`: any callable from a user-agent to a `UserAgentVerdict` (default:
     `classify_user_agent`, cached); it is called on every checked request as it is, so one that
     wants a cache brings its own (`functools.lru_cache(maxsize=4096)`, as the default does).
@@ -122,6 +134,9 @@ class BotDetectionMiddleware(StepMiddleware):
         timeout: float = 0.5,
         fail: Literal["open", "closed"] = "open",
         defer: bool = False,
+        verifier: CrawlerVerifier | None = None,
+        allow_verified: Iterable[str] = (),
+        spoofed_action: PolicyAction = "block",
     ) -> None:
         merged = dict(DEFAULT_POLICY)
         for category, action in (policy or {}).items():
@@ -138,8 +153,16 @@ class BotDetectionMiddleware(StepMiddleware):
             raise ConfigurationError("fail must be 'open' or 'closed'")
         if not callable(classifier):
             raise ConfigurationError("classifier must be a callable from user-agent to verdict")
+        if spoofed_action not in _STORED_ACTION:
+            raise ConfigurationError(f"spoofed_action must be one of {sorted(_STORED_ACTION)}")
+        if isinstance(allow_verified, str):
+            raise ConfigurationError("allow_verified must be a list, not one string")
         require(store, (BotStore,), "BotDetectionMiddleware")
         super().__init__(app)
+        self.verifier = verifier
+        self._allow_verified = frozenset(name.lower() for name in allow_verified)
+        self._allow_agents_verified = self._allow_verified_agents(verifier)
+        self.spoofed_action: PolicyAction = spoofed_action
         self.store = store
         self.policy = merged
         self.classifier = classifier
@@ -181,20 +204,36 @@ class BotDetectionMiddleware(StepMiddleware):
         ua = ctx.user_agent
         if ua is None:
             ua = ctx.user_agent = header_value(scope["headers"], b"user-agent") or ""
+        signed = None
+        if self.verifier is not None and self.verifier.web_bot_auth:
+            method = scope.get("method", "GET")
+            signed = self.verifier.signature(method, _url(scope), scope["headers"])
         try:
             verdict = self.classifier(ua)
-            if not verdict.is_bot or verdict.category is None:
+            if verdict.is_bot and verdict.category is not None:
+                category, agent = verdict.category, verdict.name
+            elif signed is not None and signed.status != "pending":
+                category, agent = "other_bot", signed.name  # a signed agent in a browser
+            else:
                 return None
-            category, agent = verdict.category, verdict.name
             action = self.policy[category]  # KeyError: a category no policy names
         except Exception as exc:  # a bug in the app's classifier: its fail policy decides
             return self._unclassified(ctx, ua, exc)
         if self._allowlisted(scope, ctx, ua):
             return None
+        claim = signed
+        if self.verifier is not None and (claim is None or claim.status == "pending"):
+            claim = self.verifier.crawler(ua, ctx.client_ip or peer_ip(scope)) or claim
+        if claim is not None:
+            if claim.status == "verified" and self._allowed_verified(claim):
+                ctx.bot_category = category
+                return None
+            if claim.status == "spoofed":
+                action = self.spoofed_action
         ctx.bot_category = category
         if action == "allow":
             return None
-        if category == "monitor" and self._is_probe(path):
+        if category == "monitor" and self._is_probe(path) and claim is None:
             return None  # a health check is what a probe path is for: never escalated
 
         fingerprint = ctx.fingerprint
@@ -213,7 +252,7 @@ class BotDetectionMiddleware(StepMiddleware):
             user_agent=bounded(ua),
             detection_type=detection_type(category),
             action=_STORED_ACTION[action],
-            metadata={"category": category, "agent": agent, "path": bounded(scope["path"])},
+            metadata=_metadata(category, agent, bounded(scope["path"]), claim),
             limit=LimitRequest("suspiciousBehavior", self.suspicious_limit, key=fingerprint),
             # Escalation counts per address too; not for "unknown", which clients without an
             # address share (one bot's history must not escalate all of them).
@@ -287,6 +326,24 @@ class BotDetectionMiddleware(StepMiddleware):
             f"inside it: add {RATE_LIMIT} inside (after) it, or set defer=False. {HINT}"
         )
 
+    def _allowed_verified(self, claim: CrawlerVerdict) -> bool:
+        allowed = self._allow_verified
+        if not allowed:
+            return False
+        name = claim.name.lower()
+        return "*" in allowed or name in allowed or name in self._allow_agents_verified
+
+    def _allow_verified_agents(self, verifier: CrawlerVerifier | None) -> frozenset[str]:
+        """The crawler names whose user-agent tokens `allow_verified` names (`GPTBot` →
+        `gptbot`, `Googlebot` → `googlebot`), computed once."""
+        if verifier is None:
+            return frozenset()
+        return frozenset(
+            crawler.name
+            for crawler in verifier.ranges.crawlers
+            if any(agent.lower() in self._allow_verified for agent in crawler.agents)
+        )
+
     def _allowlisted(self, scope: Scope, ctx: GuardContext, ua: str) -> bool:
         if any(pattern.search(ua) for pattern in self._allow_agents):
             return True
@@ -322,6 +379,37 @@ class BotDetectionMiddleware(StepMiddleware):
                 headers=[("Retry-After", "60")],
             )
         return None
+
+
+def _metadata(
+    category: str, agent: str | None, path: str, claim: CrawlerVerdict | None
+) -> dict[str, str | int | float | bool | None]:
+    """The bot event's metadata: what was decided about the request, and why."""
+    metadata: dict[str, str | int | float | bool | None] = {
+        "category": category,
+        "agent": agent,
+        "path": path,
+    }
+    if claim is not None:
+        metadata["verification"] = claim.status
+        metadata["verifiedName"] = bounded(claim.name)
+        metadata["method"] = claim.method
+        metadata["evidence"] = bounded(claim.evidence)
+    return metadata
+
+
+def _url(scope: Scope) -> str:
+    """The request's absolute URL as the client sent it: scheme, Host header, raw path and
+    query (what a signature's `@authority` and `@target-uri` are read from)."""
+    host = header_value(scope["headers"], b"host")
+    if not host:
+        server = scope.get("server") or ("localhost", None)
+        host = server[0] if server[1] is None else f"{server[0]}:{server[1]}"
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else scope.get("path", "/")
+    query = scope.get("query_string", b"")
+    url = f"{scope.get('scheme', 'http')}://{host}{path or '/'}"
+    return url + "?" + query.decode("latin-1") if query else url
 
 
 __all__ = ["DEFAULT_POLICY", "BotDetectionMiddleware", "PolicyAction"]

@@ -27,6 +27,7 @@ from convex_guard.middleware.botdetection import (
     BotDetectionMiddleware,
     PolicyAction,
 )
+from convex_guard.middleware.botverify import CrawlerVerifier
 from convex_guard.middleware.context import GuardContext, guard_context, route_of
 from convex_guard.middleware.fingerprint import FingerprintMiddleware
 from convex_guard.middleware.logger import (
@@ -98,6 +99,12 @@ class GuardSettings:
       nowhere); any other bot there is decided as anywhere. `bot_classifier`: any callable
       from user-agent to `UserAgentVerdict` (default `classify_user_agent`, cached; a custom
       one is called as it is, see `BotDetectionMiddleware`).
+    - `bot_verify`: check what bots claim to be (published crawler ranges, forward-confirmed
+      reverse DNS, Web Bot Auth signatures; see `CrawlerVerifier`), with `bot_verifier` if
+      given, else one with the defaults (the system's nameservers). A spoofed claim gets
+      `bot_spoofed_action` (default `"block"`); verified crawlers and signed agents named
+      in `bot_allow_verified` (`["googlebot", "bingbot", "chatgpt.com"]`, or `["*"]`) are let
+      through unrecorded, other verified ones follow their category's policy.
     - `exempt_paths`: skip every check and every log (health checks).
     - Every path is matched as Starlette routes it (without `root_path`), HEAD as GET;
       WebSocket handshakes on guarded paths get the same checks as requests.
@@ -131,6 +138,10 @@ class GuardSettings:
     bot_allow_paths: Sequence[str] = DEFAULT_ALLOW_PATHS
     bot_probe_paths: Sequence[str] = DEFAULT_PROBE_PATHS
     bot_challenge: ASGIApp | None = None
+    bot_verify: bool = True
+    bot_verifier: CrawlerVerifier | None = None
+    bot_allow_verified: Sequence[str] = ()
+    bot_spoofed_action: PolicyAction = "block"
     suspicious_limit: LimitConfig | None = None
     exempt_paths: Sequence[str] = DEFAULT_EXEMPT_PATHS
     ai_path: str = DEFAULT_AI_PATH
@@ -176,6 +187,7 @@ class GuardSettings:
             "bot_allow_ips",
             "bot_allow_paths",
             "bot_probe_paths",
+            "bot_allow_verified",
         ):
             if isinstance(getattr(self, name), str):
                 raise ConfigurationError(f"{name} must be a list, not one string")
@@ -272,6 +284,11 @@ class GuardStack:
                 fail=settings.fail,
                 # One store round trip per request: the limiter decides the bot check too.
                 defer=bool(rules),
+                verifier=(settings.bot_verifier or CrawlerVerifier())
+                if settings.bot_verify
+                else None,
+                allow_verified=settings.bot_allow_verified,
+                spoofed_action=settings.bot_spoofed_action,
             )
         if settings.key_routes:
             inner = keys = ApiKeyMiddleware(
