@@ -447,10 +447,11 @@ def test_signature_claims_and_directories_sans_io() -> None:
     assert claim is not None and claim.keyid == "k" and claim.label == "sig2"
     assert claim.directory == "https://agent.example/.well-known/http-message-signatures-directory"
     assert signature_claim([(b"signature-input", b'sig1=("@method");tag="x"')]) is None
+    # Without signature-agent covered, without created, without keyid, too long.
     for broken in (
-        b'sig1=("@authority");created=1;expires=2;keyid="k";tag="web-bot-auth"',  # no signature-agent
-        b'sig1=("@authority" "signature-agent");keyid="k";tag="web-bot-auth"',  # no created
-        b'sig1=("@authority" "signature-agent");created=1;expires=2;tag="web-bot-auth"',  # no keyid
+        b'sig1=("@authority");created=1;expires=2;keyid="k";tag="web-bot-auth"',
+        b'sig1=("@authority" "signature-agent");keyid="k";tag="web-bot-auth"',
+        b'sig1=("@authority" "signature-agent");created=1;expires=2;tag="web-bot-auth"',
         b"web-bot-auth" * 400,
     ):
         with pytest.raises(MalformedSignature):
