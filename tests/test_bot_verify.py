@@ -499,3 +499,67 @@ def test_ranges_from_a_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> N
     assert ranges.network_of(bot, "::ffff:192.0.2.9") == "192.0.2.0/24"
     assert ranges.network_of(bot, "2001:db8::1") == "2001:db8::/32"
     assert ranges.network_of(bot, "198.51.100.1") is None
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+def range_files_app(missing: str) -> Starlette:
+    """The operators' range files at their own paths, with made-up prefixes; `missing` 404s."""
+
+    async def file(request: Request) -> JSONResponse:
+        path = request.url.path
+        if path == missing:
+            return JSONResponse({"error": "gone"}, status_code=404)
+        octet = sum(path.encode()) % 250
+        body = {
+            "creationTime": "2026-11-30T10:00:00.000000",
+            "prefixes": [{"ipv4Prefix": f"203.0.{octet}.0/24"}, {"ipv6Prefix": "2001:db8:7::/48"}],
+        }
+        return JSONResponse(body)
+
+    return Starlette(routes=[Route("/{path:path}", file)])
+
+
+def test_update_ranges_refreshes_the_data_from_the_operators_urls(tmp_path: Any) -> None:
+    import io
+
+    from convex_guard.cli import main
+
+    output = tmp_path / "ranges.json"
+    with serve(range_files_app(missing="/applebot.json")) as server:
+        out, err = io.StringIO(), io.StringIO()
+        code = main(
+            ["bots", "update-ranges", "--output", str(output), "--base-url", server.url],
+            stdout=out,
+            stderr=err,
+        )
+    assert code == 1, err.getvalue()  # one file could not be fetched: said, and kept
+    lines = {line.split()[0]: line for line in out.getvalue().splitlines()[1:]}
+    assert lines["googlebot"].split()[1:] == ["2", "2026-11-30T10:00:00.000000", "updated"]
+    assert "404" in lines["applebot"] and lines["yandexbot"].endswith("reverse DNS only")
+    ranges = CrawlerRanges.load(output)
+    google = ranges.by_name("googlebot")
+    apple = ranges.by_name("applebot")
+    assert google is not None and apple is not None
+    assert google.prefixes[1] == "2001:db8:7::/48"
+    assert google.retrieved["url"] == server.url + "/static/search/apis/ipranges/googlebot.json"
+    assert apple.prefixes == default_ranges().by_name("applebot").prefixes  # type: ignore[union-attr]
+    # Without a place to write, a clear usage error.
+    err = io.StringIO()
+    assert main(["bots", "update-ranges"], stdout=io.StringIO(), stderr=err) == 2
+    assert "--output" in err.getvalue()
+
+
+def test_bots_recent_shows_what_was_verified_and_why(guarded: Guarded) -> None:
+    import io
+
+    from convex_guard.cli import main
+
+    guarded.get("8.8.4.4", CLAUDEBOT)
+    out = io.StringIO()
+    assert main(["bots", "recent"], store=guarded.store, stdout=out, stderr=io.StringIO()) == 0
+    text = out.getvalue()
+    assert "VERIFIED" in text.splitlines()[0] and "EVIDENCE" in text.splitlines()[0]
+    row = next(line for line in text.splitlines() if "8.8.4.4" in line)
+    assert "spoofed claudebot" in row and "ip 8.8.4.4 not in claudebot ranges" in row

@@ -22,6 +22,7 @@ import httpx
 
 from convex_guard import __version__
 from convex_guard.alerts.deliver import alert_body
+from convex_guard.core.crawlers import RANGES_ENV, CrawlerRanges, parse_range_file
 from convex_guard.core.errors import (
     ConfigurationError,
     ConvexAuthError,
@@ -30,6 +31,7 @@ from convex_guard.core.errors import (
     StoreError,
 )
 from convex_guard.core.limits import DAY, HOUR, MINUTE, SECOND
+from convex_guard.core.logs import printable
 from convex_guard.core.presets import AI_PROVIDERS
 from convex_guard.core.settings import load_environment, redact_url
 from convex_guard.stores.base import (
@@ -52,6 +54,10 @@ EXIT_INTERRUPTED = 130
 
 #: `watch --timeout`: seconds for the deployment to answer, and then for its first update.
 DEFAULT_WATCH_TIMEOUT = 5.0
+#: `bots update-ranges`: another origin for every operator URL (a mirror, a test server).
+RANGES_BASE_ENV = "CONVEX_GUARD_RANGES_BASE_URL"
+#: The largest range file `update-ranges` reads (Google's is about 30 kB).
+MAX_RANGE_FILE = 4 * 1024 * 1024
 
 NO_DEPLOYMENT = (
     "convex-guard: no Convex deployment configured; set CONVEX_SELF_HOSTED_URL (or CONVEX_URL) "
@@ -225,6 +231,92 @@ def _keys_table(records: Sequence[ApiKeyRecord], now: float) -> str:
     return table([*headers, "EXPIRES", "LAST USED", "REQUESTS"], rows)
 
 
+def _verification(event: BotEvent) -> str:
+    """`verified googlebot`, `spoofed claudebot`, or `-` for an event with no claim checked."""
+    meta = event.metadata or {}
+    status = meta.get("verification")
+    if not status:
+        return "-"
+    return printable(f"{status} {meta.get('verifiedName') or ''}".strip(), 40)
+
+
+def update_ranges(args: argparse.Namespace, out: IO[str], err: IO[str]) -> int:
+    """Fetch every crawler's range file again and write the data file bot detection reads.
+
+    One line per crawler; a file that cannot be fetched or read keeps the prefixes it had
+    (the command then exits 1). The file is replaced whole (written beside it, renamed).
+    """
+    output = args.output or os.environ.get(RANGES_ENV)
+    if not output:
+        raise CliError(
+            f"convex-guard: give --output, or set {RANGES_ENV} (the file bot detection reads)",
+            EXIT_USAGE,
+        )
+    base = (args.base_url or os.environ.get(RANGES_BASE_ENV) or "").rstrip("/")
+    current = CrawlerRanges.load(output) if os.path.exists(output) else CrawlerRanges.load()
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    entries: list[dict[str, Any]] = []
+    rows: list[list[object]] = []
+    failed = 0
+    with httpx.Client(timeout=args.timeout, follow_redirects=True) as client:
+        for crawler in current.crawlers:
+            entry: dict[str, Any] = {
+                "name": crawler.name,
+                "operator": crawler.operator,
+                "agents": list(crawler.agents),
+                "url": crawler.url,
+                "reverse_dns": list(crawler.reverse_dns),
+                "created": crawler.created,
+                "prefixes": list(crawler.prefixes),
+                "retrieved": dict(crawler.retrieved),
+            }
+            entries.append({k: v for k, v in entry.items() if v not in (None, [], {})})
+            if crawler.url is None:
+                rows.append([crawler.name, 0, "-", "reverse DNS only"])
+                continue
+            url = crawler.url
+            if base:
+                parts = httpx.URL(url)
+                url = base + parts.raw_path.decode("ascii")
+            try:
+                response = client.get(url)
+                response.raise_for_status()
+                if len(response.content) > MAX_RANGE_FILE:
+                    raise ValueError(f"larger than {MAX_RANGE_FILE} bytes")
+                created, prefixes = parse_range_file(response.json())
+                if not prefixes:
+                    raise ValueError("no prefixes")
+            except Exception as exc:
+                failed += 1
+                why = printable(redact_url(str(exc)) or type(exc).__name__, 80)
+                rows.append([crawler.name, len(crawler.prefixes), crawler.created or "-", why])
+                continue
+            entries[-1].update(
+                created=created,
+                prefixes=prefixes,
+                retrieved={"url": url, "date": today},
+            )
+            entries[-1] = {k: v for k, v in entries[-1].items() if v is not None}
+            rows.append([crawler.name, len(prefixes), created or "-", "updated"])
+    if failed == len([c for c in current.crawlers if c.url]):
+        print(table(["CRAWLER", "PREFIXES", "CREATED", "STATUS"], rows), file=out)
+        raise CliError("convex-guard: no range file could be fetched; nothing written")
+    data = {
+        "description": "Crawler ranges written by `convex-guard bots update-ranges`.",
+        "date": today,
+        "crawlers": entries,
+    }
+    CrawlerRanges.from_json(data)  # what bot detection will read must parse
+    temporary = f"{output}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+        handle.write("\n")
+    os.replace(temporary, output)
+    print(table(["CRAWLER", "PREFIXES", "CREATED", "STATUS"], rows), file=out)
+    print(f"convex-guard: wrote {output}", file=err)
+    return EXIT_ERROR if failed else EXIT_OK
+
+
 def _event_json(event: BotEvent) -> dict[str, object]:
     return {
         "timestamp": event.timestamp,
@@ -360,11 +452,14 @@ class _Cli:
                 e.action,
                 e.ip,
                 e.fingerprint[:16],
-                e.user_agent[:60] or "-",
+                printable(e.user_agent, 60) or "-",
+                _verification(e),
+                printable((e.metadata or {}).get("evidence") or "-", 80),
             ]
             for e in events
         ]
-        self.emit(table(["TIME", "TYPE", "ACTION", "IP", "FINGERPRINT", "USER AGENT"], rows))
+        headers = ["TIME", "TYPE", "ACTION", "IP", "FINGERPRINT", "USER AGENT", "VERIFIED"]
+        self.emit(table([*headers, "EVIDENCE"], rows))
         return EXIT_OK
 
     async def alerts_recent(self, args: argparse.Namespace) -> int:
@@ -639,6 +734,19 @@ def build_parser() -> argparse.ArgumentParser:
     recent = command(bot_commands, "recent", "the most recent bot events first")
     recent.add_argument("--since", type=parse_duration, default=HOUR, metavar="DURATION")
     recent.add_argument("--limit", type=int, default=50)
+    ranges = bot_commands.add_parser(
+        "update-ranges",
+        help="fetch the crawlers' published address ranges again",
+        description="Fetch every crawler's published range file (Google, Bing, Apple, OpenAI, "
+        "Perplexity, Anthropic, DuckDuckGo) and write the file bot detection reads "
+        f"(${RANGES_ENV}).",
+    )
+    ranges.add_argument("--output", help=f"the file to write (default: ${RANGES_ENV})")
+    ranges.add_argument(
+        "--base-url",
+        help=f"fetch every file from this origin instead (a mirror; default: ${RANGES_BASE_ENV})",
+    )
+    ranges.add_argument("--timeout", type=parse_seconds, default=10.0, metavar="SECONDS")
 
     alerts = command(groups, "alerts", "recent anomaly alerts, the most recently seen first")
     alerts.set_defaults(command="recent")
@@ -791,6 +899,8 @@ def main(
         return status
 
     try:
+        if args.group == "bots" and args.command == "update-ranges":
+            return update_ranges(args, out, err)  # needs no store
         if store is None:
             store = store_from_environment()
         cli = _Cli(store, clock or (lambda: time.time() * 1000.0), out, err)
