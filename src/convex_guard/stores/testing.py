@@ -215,6 +215,25 @@ class BotStoreContract(_Contract):
         assert await store.count_bot_events("fp-1", since) == 12
         assert await store.count_bot_events("other", since) == 0
 
+    async def test_bot_events_keep_their_evidence(
+        self, store: BotStore, clock: ContractClock
+    ) -> None:
+        """What bot detection decided and why (`verification`, `evidence`, …) comes back
+        as it was stored, with the store's `previousAttempts` beside it."""
+        metadata = {
+            "category": "search_engine",
+            "agent": "Googlebot",
+            "path": "/",
+            "verification": "spoofed",
+            "verifiedName": "googlebot",
+            "method": "ranges",
+            "evidence": "ip 8.8.4.4 not in googlebot ranges (2026-08-20)",
+        }
+        bot = BotCheck("fp-ev", "8.8.4.4", "Googlebot/2.1", "bot_useragent", "blocked", metadata)
+        await store.check((), bot=bot)
+        (event,) = await store.bot_events(since=clock.now() - MINUTE, limit=1)
+        assert {**metadata, "previousAttempts": 0} == dict(event.metadata or {})
+
     async def test_rotating_fingerprints_from_one_client_key_still_escalate(
         self, store: BotStore
     ) -> None:
