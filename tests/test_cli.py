@@ -197,7 +197,17 @@ def test_bots_recent(run: Run) -> None:
     code, out, _ = run("bots", "recent")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["TIME", "TYPE", "ACTION", "IP", "FINGERPRINT", "USER", "AGENT"]
+    assert lines[0].split() == [
+        "TIME",
+        "TYPE",
+        "ACTION",
+        "IP",
+        "FINGERPRINT",
+        "USER",
+        "AGENT",
+        "VERIFIED",
+        "EVIDENCE",
+    ]
     assert lines[2].split() == [
         "2027-01-15",
         "07:55:00Z",
@@ -206,6 +216,8 @@ def test_bots_recent(run: Run) -> None:
         "2.2.2.2",
         "fp-new",
         "GPTBot/1.0",
+        "-",  # no claim was checked: neither verified nor spoofed, no evidence
+        "-",
     ]
     assert "fp-old" in lines[3] and len(lines) == 4
     data = json.loads(run("bots", "recent", "--since", "1d", "--limit", "2", "--json")[1])
