@@ -38,8 +38,11 @@ async function keysOf(ctx: QueryCtx, table: "apiKeys" | "embeddingApiKeys", owne
   return all.withIndex("by_user", (q) => q.eq("userId", owner)).take(LIST_CAP + 1);
 }
 
-/** The most audit entries one auditLog page returns (ConvexStore's AUDIT_PAGE). */
-export const AUDIT_PAGE_CAP = 500;
+/**
+ * The most audit entries one auditLog page returns (ConvexStore's AUDIT_PAGE): a page stays
+ * under a query's 16 MiB read while entries average below 80 KB (a key's scopes, twice).
+ */
+export const AUDIT_PAGE_CAP = 200;
 
 /**
  * Store a new key and its `key.created` entry (by `actor`, default "unknown"; `related`: the

@@ -75,7 +75,7 @@ TOO_MANY_CONCURRENT = "TooManyConcurrentRequests"
 #: The most bot events one query returns (`BOT_EVENTS_CAP` in convex/ai/analytics.ts).
 BOT_EVENTS_PAGE = 1000
 #: The most audit entries one query returns (`AUDIT_PAGE_CAP` in convex/convex/apiKeys.ts).
-AUDIT_PAGE = 500
+AUDIT_PAGE = 200
 Json = Any
 
 logger = logging.getLogger("convex_guard.store")
