@@ -18,6 +18,8 @@ from convex_guard.core.errors import ConfigurationError, StoreError, StoreUnavai
 from convex_guard.core.keys import KEY_PREFIXES, display_prefix, hash_key
 from convex_guard.stores import convex as convex_module
 from convex_guard.stores.base import (
+    AUDITED_KEY_FIELDS,
+    MAX_ACTOR_LENGTH,
     UNKNOWN_ACTOR,
     ApiKeyRecord,
     AuditStore,
@@ -217,6 +219,17 @@ async def test_convex_store_pages_through_the_trail(
     page = int(source.split("export const AUDIT_PAGE_CAP = ", 1)[1].split(";", 1)[0])
     monkeypatch.undo()
     assert page == convex_module.AUDIT_PAGE
+
+
+def test_both_sides_audit_the_same_fields_and_actors() -> None:
+    source = (ROOT / "convex" / "convex" / "lib" / "audit.ts").read_text()
+    length = int(source.split("export const MAX_ACTOR_LENGTH = ", 1)[1].split(";", 1)[0])
+    assert length == MAX_ACTOR_LENGTH
+    fields = source.split("const FIELDS = [", 1)[1].split("]", 1)[0]
+    camel = [f.strip().strip('"') for f in fields.split(",")]
+    assert camel == list(convex_module._AUDIT_FIELDS)
+    assert tuple(convex_module._AUDIT_FIELDS.values()) == AUDITED_KEY_FIELDS
+    assert f'UNKNOWN_ACTOR = "{UNKNOWN_ACTOR}"' in source
 
 
 # -- the service and ResilientStore ------------------------------------------------------------
