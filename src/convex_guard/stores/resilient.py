@@ -6,9 +6,9 @@ import asyncio
 import functools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import (
@@ -58,6 +58,14 @@ REPLAY_CHUNK = 64
 #: enough to exceed it drops the excess (counted and logged), so memory stays bounded.
 MAX_OWED = 100_000
 _BOT_ACTIONS = frozenset(("blocked", "challenged", "allowed"))
+
+
+class _AuditEntries(Protocol):
+    """`AuditStore.audit_entries`, as a value."""
+
+    def __call__(
+        self, *, since: float = 0.0, record: str | None = None, limit: int = 100
+    ) -> Coroutine[Any, Any, list[AuditEntry]]: ...
 
 
 def _keeps_audit(store: object) -> bool:
@@ -454,7 +462,7 @@ class ResilientStore(LimitThroughCheck):
         return given
 
     @property
-    def audit_entries(self) -> Callable[..., Awaitable[list[AuditEntry]]]:
+    def audit_entries(self) -> _AuditEntries:
         """The primary's audit trail, when it keeps one (else there is no such attribute, so
         `require` and `isinstance(store, AuditStore)` see what the primary is). Reads go
         through the breaker like every key call."""
