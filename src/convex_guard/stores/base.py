@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, cast, runtime_checkable
 
 from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import ConfigurationError
@@ -831,6 +831,14 @@ def check_actor(actor: str) -> str:
     if _RAW_KEY.search(text):
         raise ConfigurationError("An audit actor must not contain an API key")
     return text
+
+
+def check_update_action(action: str) -> AuditAction:
+    """`action` if an update may record it, else `ConfigurationError` (`key.created` is the
+    creation's own)."""
+    if action not in AUDIT_ACTIONS or action == "key.created":
+        raise ConfigurationError(f"{action!r} is not an action of a key update")
+    return cast(AuditAction, action)
 
 
 def audit_changes(before: ApiKeyRecord | None, after: ApiKeyRecord) -> tuple[AuditChange, ...]:

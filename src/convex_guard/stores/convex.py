@@ -63,6 +63,7 @@ from convex_guard.stores.base import (
     ProviderStats,
     check_actor,
     check_dashboard_range,
+    check_update_action,
 )
 
 DEFAULT_TIMEOUT = 2.0
@@ -835,7 +836,7 @@ class ConvexStore(LimitThroughCheck):
                     "active": active,
                     "expiresAt": float(expires_at) if expires_at is not None else None,
                     "actor": check_actor(actor),
-                    "action": action,
+                    "action": check_update_action(action),
                     "related": related,
                 }
             ),

@@ -25,7 +25,6 @@ from convex_guard.core.limits import (
 )
 from convex_guard.stores.alertbook import AlertBook
 from convex_guard.stores.base import (
-    AUDIT_ACTIONS,
     BLOCK_AFTER,
     CHALLENGE_AFTER,
     ESCALATION_WINDOW_MS,
@@ -59,6 +58,7 @@ from convex_guard.stores.base import (
     audit_changes,
     check_actor,
     check_dashboard_range,
+    check_update_action,
     refusal_reason,
 )
 
@@ -445,9 +445,7 @@ class MemoryStore:
         action: AuditAction = "key.updated",
         related: str | None = None,
     ) -> ApiKeyRecord | None:
-        who = check_actor(actor)
-        if action not in AUDIT_ACTIONS or action == "key.created":
-            raise ConfigurationError(f"{action!r} is not an action of a key update")
+        who, action = check_actor(actor), check_update_action(action)
         before = record = self._keys.get(key_id)
         if record is None:
             return None

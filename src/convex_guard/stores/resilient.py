@@ -69,8 +69,9 @@ class _AuditEntries(Protocol):
 
 
 def _keeps_audit(store: object) -> bool:
-    # An attribute test, not `isinstance(store, AuditStore)`: that reads attributes statically
-    # and so would take a `ResilientStore` around a store without a trail for one.
+    # An attribute test, not `isinstance(store, AuditStore)`: from Python 3.12 on that reads
+    # attributes statically, and so would take a `ResilientStore` around a store without a
+    # trail for one.
     return callable(getattr(store, "audit_entries", None))
 
 
@@ -464,8 +465,8 @@ class ResilientStore(LimitThroughCheck):
     @property
     def audit_entries(self) -> _AuditEntries:
         """The primary's audit trail, when it keeps one (else there is no such attribute, so
-        `require` and `isinstance(store, AuditStore)` see what the primary is). Reads go
-        through the breaker like every key call."""
+        `require`, `ApiKeys` and the CLI see what the primary is). Reads go through the
+        breaker like every key call."""
         primary = self.primary
         if not _keeps_audit(primary):
             raise AttributeError(
