@@ -113,8 +113,9 @@ export function auditRetentionDays(): number | undefined {
 
 /**
  * Delete up to BATCH rows older than `cutoff` (epoch ms; default now minus the retention)
- * from each table, fold up to BATCH key-usage rows idle for FOLD_IDLE_MS into their keys,
- * and schedule the next run at once if any table had more.
+ * from each table, and audit entries older than `auditCutoff` (default: none, unless
+ * CONVEX_GUARD_AUDIT_RETENTION_DAYS is set), fold up to BATCH key-usage rows idle for
+ * FOLD_IDLE_MS into their keys, and schedule the next run at once if any table had more.
  */
 export const purge = internalMutation({
   args: { cutoff: v.optional(v.number()), auditCutoff: v.optional(v.number()) },
