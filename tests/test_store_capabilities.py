@@ -253,7 +253,8 @@ def limit_only_middlewares(app: ASGIApp) -> dict[str, Callable[[], object]]:
             store  # type: ignore[arg-type]
         ),
         "ApiKeys: the store DictLimits lacks KeyStore (create_api_key, find_api_key, "
-        "list_api_keys, update_api_key)": lambda: ApiKeys(store),  # type: ignore[arg-type]
+        "list_api_keys, update_api_key); AuditStore (audit_entries), needed by the audit "
+        "trail (off with audit=False)": lambda: ApiKeys(store),  # type: ignore[arg-type]
         "RateLimitMiddleware: the store object lacks LimitStore (limit, check, peek, reset)": (
             lambda: RateLimitMiddleware(
                 app,

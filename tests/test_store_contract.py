@@ -16,12 +16,17 @@ import pytest
 
 from convex_guard import HOUR, FixedWindow, MemoryStore
 from convex_guard.stores.convex import ConvexStore
-from convex_guard.stores.testing import AlertStoreContract, ShiftedClock, StoreContract
+from convex_guard.stores.testing import (
+    AlertStoreContract,
+    AuditStoreContract,
+    ShiftedClock,
+    StoreContract,
+)
 
 from .conftest import ConvexTestServer
 
 
-class TestMemoryStore(StoreContract, AlertStoreContract):
+class TestMemoryStore(StoreContract, AlertStoreContract, AuditStoreContract):
     conflicts = False
 
     @pytest.fixture
@@ -45,7 +50,7 @@ class ServerClock(ShiftedClock):
         self.server.shift_clock(self.offset)
 
 
-class TestConvexStore(StoreContract, AlertStoreContract):
+class TestConvexStore(StoreContract, AlertStoreContract, AuditStoreContract):
     @pytest.fixture
     def clock(self, convex_server: ConvexTestServer) -> ServerClock:
         convex_server.reset()

@@ -1,8 +1,10 @@
 // API keys of both kinds ("ai" → apiKeys, "embedding" → embeddingApiKeys) as one record
-// shape. Only the SHA-256 hash of a key is ever stored.
+// shape. Only the SHA-256 hash of a key is ever stored. Every change (create, update) inserts
+// its audit entry (lib/audit.ts) in the same mutation: both commit, or neither.
 import { v } from "convex/values";
 import type { Doc } from "./_generated/dataModel";
 import { internalMutation, internalQuery, type QueryCtx } from "./_generated/server";
+import { auditArgs, checkActor, recordAudit, vAuditAction, vAuditEntry } from "./lib/audit";
 import {
   findKeyByHash,
   findKeyById,
@@ -36,11 +38,21 @@ async function keysOf(ctx: QueryCtx, table: "apiKeys" | "embeddingApiKeys", owne
   return all.withIndex("by_user", (q) => q.eq("userId", owner)).take(LIST_CAP + 1);
 }
 
-/** Store a new key; the returned record's `id` is the document id. */
+/**
+ * The most audit entries one auditLog page returns (ConvexStore's AUDIT_PAGE): a page stays
+ * under a query's 16 MiB read while entries average below 80 KB (a key's scopes, twice).
+ */
+export const AUDIT_PAGE_CAP = 200;
+
+/**
+ * Store a new key and its `key.created` entry (by `actor`, default "unknown"; `related`: the
+ * key it replaces, on a rotation); the returned record's `id` is the document id.
+ */
 export const create = internalMutation({
-  args: newApiKeyFields,
+  args: { ...newApiKeyFields, ...auditArgs },
   returns: vApiKeyRecord,
-  handler: async (ctx, args): Promise<ApiKeyRecord> => {
+  handler: async (ctx, { actor: givenActor, related, ...args }): Promise<ApiKeyRecord> => {
+    const actor = checkActor(givenActor); // before any write: a refusal leaves nothing
     const common = {
       prefix: args.prefix,
       name: args.name,
@@ -77,7 +89,9 @@ export const create = internalMutation({
       found = doc === null ? null : { kind: "embedding", doc };
     }
     if (found === null) throw new Error("inserted key vanished");
-    return toRecord(found, { requests: 0, lastUsed: undefined, truncated: false });
+    const record = toRecord(found, { requests: 0, lastUsed: undefined, truncated: false });
+    await recordAudit(ctx, { action: "key.created", actor, before: null, after: record, related });
+    return record;
   },
 });
 
@@ -123,20 +137,70 @@ export const list = internalQuery({
   },
 });
 
-/** Change `active` and/or `expiresAt` (absent = unchanged); null when the id is unknown. */
+/**
+ * Change `active` and/or `expiresAt` (absent = unchanged) and record the entry (`action`,
+ * default "key.updated"; its changes empty when nothing differed); null, and no entry, when
+ * the id is unknown.
+ */
 export const update = internalMutation({
-  args: { id: v.string(), active: v.optional(v.boolean()), expiresAt: v.optional(v.number()) },
+  args: {
+    id: v.string(),
+    active: v.optional(v.boolean()),
+    expiresAt: v.optional(v.number()),
+    action: v.optional(vAuditAction),
+    ...auditArgs,
+  },
   returns: v.union(vApiKeyRecord, v.null()),
-  handler: async (ctx, { id, active, expiresAt }) => {
+  handler: async (ctx, { id, active, expiresAt, action = "key.updated", actor, related }) => {
+    const who = checkActor(actor);
+    if (action === "key.created") throw new Error("key.created is not an action of an update");
     const found = await findKeyById(ctx, id);
     if (found === null) return null;
+    // Usage is not audited: the state before needs no usage rows read.
+    const before = toRecord(found, { requests: 0, lastUsed: undefined, truncated: false });
     const patch = {
       ...(active === undefined ? {} : { active }),
       ...(expiresAt === undefined ? {} : { expiresAt }),
     };
     await ctx.db.patch(found.doc._id, patch);
     const again = await findKeyById(ctx, id);
-    return again === null ? null : readRecord(ctx, again);
+    if (again === null) return null;
+    const after = await readRecord(ctx, again);
+    await recordAudit(ctx, { action, actor: who, before, after, related });
+    return after;
+  },
+});
+
+/**
+ * Audit entries at or after `since`, of one `record` (key id) when given, newest first: one
+ * page of at most AUDIT_PAGE_CAP (ConvexStore pages through with `continueCursor`).
+ */
+export const auditLog = internalQuery({
+  args: {
+    since: v.optional(v.number()),
+    record: v.optional(v.string()),
+    numItems: v.optional(v.number()),
+    cursor: v.optional(v.union(v.string(), v.null())),
+  },
+  returns: v.object({
+    page: v.array(vAuditEntry),
+    isDone: v.boolean(),
+    continueCursor: v.string(),
+  }),
+  handler: async (ctx, { since = 0, record, numItems, cursor = null }) => {
+    const n = Math.max(1, Math.min(Math.floor(numItems ?? 100), AUDIT_PAGE_CAP));
+    const rows =
+      record === undefined
+        ? ctx.db.query("auditLog").withIndex("by_timestamp", (q) => q.gte("timestamp", since))
+        : ctx.db
+            .query("auditLog")
+            .withIndex("by_record", (q) => q.eq("record", record).gte("timestamp", since));
+    const result = await rows.order("desc").paginate({ numItems: n, cursor });
+    return {
+      page: result.page.map(({ _id, _creationTime, ...entry }) => ({ id: _id, ...entry })),
+      isDone: result.isDone,
+      continueCursor: result.continueCursor,
+    };
   },
 });
 

@@ -1,6 +1,7 @@
 // Retention: raw rows older than CONVEX_GUARD_RETENTION_DAYS (default 30) are deleted in
 // bounded batches; the hourly cron (crons.ts) starts a run, which reschedules itself while
 // more remain. Alerts go by the same period once they are finished (delivered or failed).
+// The audit trail (auditLog) is kept for ever unless CONVEX_GUARD_AUDIT_RETENTION_DAYS is set.
 import type {
   DocumentByName,
   FieldTypeFromFieldPath,
@@ -94,15 +95,36 @@ export function retentionDays(): number {
 }
 
 /**
+ * How many days audit entries are kept: undefined (for ever, the default) unless
+ * CONVEX_GUARD_AUDIT_RETENTION_DAYS is set. Apart from the rows' retention: who changed a key
+ * is asked long after the requests it served are gone.
+ */
+export function auditRetentionDays(): number | undefined {
+  const raw = process.env.CONVEX_GUARD_AUDIT_RETENTION_DAYS;
+  if (raw === undefined || raw.trim() === "") return undefined;
+  const days = Number(raw);
+  if (!Number.isFinite(days) || days <= 0) {
+    throw new Error(
+      `CONVEX_GUARD_AUDIT_RETENTION_DAYS must be a positive number of days, got ${JSON.stringify(raw)}`,
+    );
+  }
+  return days;
+}
+
+/**
  * Delete up to BATCH rows older than `cutoff` (epoch ms; default now minus the retention)
- * from each table, fold up to BATCH key-usage rows idle for FOLD_IDLE_MS into their keys,
- * and schedule the next run at once if any table had more.
+ * from each table, and audit entries older than `auditCutoff` (default: none, unless
+ * CONVEX_GUARD_AUDIT_RETENTION_DAYS is set), fold up to BATCH key-usage rows idle for
+ * FOLD_IDLE_MS into their keys, and schedule the next run at once if any table had more.
  */
 export const purge = internalMutation({
-  args: { cutoff: v.optional(v.number()) },
+  args: { cutoff: v.optional(v.number()), auditCutoff: v.optional(v.number()) },
   returns: v.object({ deleted: v.number(), more: v.boolean() }),
   handler: async (ctx, args) => {
     const cutoff = args.cutoff ?? Date.now() - retentionDays() * DAY;
+    const auditDays = auditRetentionDays();
+    const auditCutoff =
+      args.auditCutoff ?? (auditDays === undefined ? undefined : Date.now() - auditDays * DAY);
     // One loop over the tables: TypeScript cannot follow a table, its index and field
     // together through a union, so the loop reads through the untyped view of the
     // database; PURGED's entries were checked against the schema above.
@@ -121,6 +143,14 @@ export const purge = internalMutation({
         .take(BATCH);
       batches.push(rows as { _id: Id<TableNames> }[]);
     }
+    if (auditCutoff !== undefined) {
+      batches.push(
+        await ctx.db
+          .query("auditLog")
+          .withIndex("by_timestamp", (q) => q.lt("timestamp", auditCutoff))
+          .take(BATCH),
+      );
+    }
     let deleted = 0;
     for (const rows of batches) {
       for (const row of rows) {
@@ -131,7 +161,12 @@ export const purge = internalMutation({
     const folded = await foldIdleUsage(ctx, Date.now() - FOLD_IDLE_MS, BATCH);
     deleted += folded;
     const more = folded === BATCH || batches.some((rows) => rows.length === BATCH);
-    if (more) await ctx.scheduler.runAfter(0, internal.retention.purge, { cutoff });
+    if (more) {
+      await ctx.scheduler.runAfter(0, internal.retention.purge, {
+        cutoff,
+        ...(auditCutoff === undefined ? {} : { auditCutoff }),
+      });
+    }
     return { deleted, more };
   },
 });

@@ -4,6 +4,7 @@
 import { defineSchema, defineTable } from "convex/server";
 import { v } from "convex/values";
 import { alertFields } from "./lib/alerts";
+import { auditFields } from "./lib/audit";
 import { vAIRequest, vAuthFailure, vBotEvent, vEmbeddingRequest } from "./lib/validators";
 
 // The sums a provider rollup keeps, per minute or per hour, for one writer (one app
@@ -158,4 +159,12 @@ export default defineSchema({
     .index("by_status", ["status", "firstSeen"])
     // For retention: the finished alerts (delivered, failed) by when they were last seen.
     .index("by_status_last_seen", ["status", "lastSeen"]),
+
+  // ---- Audit trail ----------------------------------------------------------------------------
+  // One append-only row per change of a key (lib/audit.ts), inserted by the mutation making
+  // the change. `record` is the key's document id (never the key, its hash or prefix).
+  // Kept for ever unless CONVEX_GUARD_AUDIT_RETENTION_DAYS is set (retention.ts).
+  auditLog: defineTable(auditFields)
+    .index("by_timestamp", ["timestamp"])
+    .index("by_record", ["record", "timestamp"]),
 });

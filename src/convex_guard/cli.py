@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import getpass
 import importlib
 import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -35,14 +38,19 @@ from convex_guard.core.logs import printable
 from convex_guard.core.presets import AI_PROVIDERS
 from convex_guard.core.settings import load_environment, redact_url
 from convex_guard.stores.base import (
+    UNKNOWN_ACTOR,
     Alert,
     AlertStore,
     ApiKeyRecord,
+    AuditEntry,
+    AuditStore,
+    AuditValue,
     BotEvent,
     KeyRateLimit,
     ProviderStats,
     Store,
     dashboard_feed,
+    require,
 )
 from convex_guard.stores.keys import ApiKeys, CreatedKey, KeyNotFoundError
 
@@ -329,6 +337,74 @@ def _event_json(event: BotEvent) -> dict[str, object]:
     }
 
 
+# -- the audit trail ---------------------------------------------------------------------------
+def default_actor() -> str:
+    """Who the key commands record as the actor without `--actor`: `user@host`, as the OS
+    names them (`unknown` for a part it cannot tell, e.g. a container without a user)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no login name, no $USER: getuser raises OSError or KeyError
+        user = UNKNOWN_ACTOR
+    return f"{user or UNKNOWN_ACTOR}@{socket.gethostname() or UNKNOWN_ACTOR}"
+
+
+_AUDIT_JSON_FIELDS = {"rate_limit": "rateLimit", "expires_at": "expiresAt"}
+
+
+def _audit_json_value(value: AuditValue) -> object:
+    if isinstance(value, KeyRateLimit):
+        return {"requests": value.requests, "period": value.period}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _audit_json(entry: AuditEntry) -> dict[str, object]:
+    return {
+        "id": entry.id,
+        "timestamp": entry.timestamp,
+        "action": entry.action,
+        "keyId": entry.record,
+        "actor": entry.actor,
+        "related": entry.related,
+        "changes": [
+            {
+                "field": _AUDIT_JSON_FIELDS.get(c.field, c.field),
+                "before": _audit_json_value(c.before),
+                "after": _audit_json_value(c.after),
+            }
+            for c in entry.changes
+        ],
+    }
+
+
+def _audit_text(field: str, value: AuditValue) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, KeyRateLimit):
+        return f"{value.requests}/{_span(value.period)}"
+    if isinstance(value, tuple):
+        return ",".join(value) or "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if field == "expires_at" and isinstance(value, int | float):
+        return _when(value)
+    return str(value)
+
+
+def _audit_changes(entry: AuditEntry) -> str:
+    parts = []
+    for c in entry.changes:
+        if c.before is None and entry.action == "key.created":
+            parts.append(f"{c.field}={_audit_text(c.field, c.after)}")
+        else:
+            before, after = _audit_text(c.field, c.before), _audit_text(c.field, c.after)
+            parts.append(f"{c.field}: {before} -> {after}")
+    if entry.related is not None:
+        parts.append(("replaces " if entry.action == "key.created" else "by ") + entry.related)
+    return "; ".join(parts) or "-"
+
+
 # -- commands ----------------------------------------------------------------------------------
 class _Cli:
     def __init__(self, store: Store, clock: Clock, out: IO[str], err: IO[str]) -> None:
@@ -336,7 +412,11 @@ class _Cli:
         self.clock = clock
         self.out = out
         self.err = err
-        self.keys = ApiKeys(store, clock=clock)
+
+    @functools.cached_property
+    def keys(self) -> ApiKeys:
+        # Built when a key command runs: the other commands need no audit trail of the store.
+        return ApiKeys(self.store, clock=self.clock)
 
     def emit(self, text: str) -> None:
         print(text, file=self.out)
@@ -362,6 +442,7 @@ class _Cli:
             scopes=args.scope or (),
             rate_limit=args.rate_limit,
             lifetime=lifetime,
+            actor=args.actor or default_actor(),
         )
         self._created(created, args, "created")
         return EXIT_OK
@@ -376,7 +457,7 @@ class _Cli:
         return EXIT_OK
 
     async def keys_revoke(self, args: argparse.Namespace) -> int:
-        record = await self.keys.revoke(args.key_id)
+        record = await self.keys.revoke(args.key_id, actor=args.actor or default_actor())
         if args.json:
             self.emit_json(_key_json(record))
         else:
@@ -384,7 +465,9 @@ class _Cli:
         return EXIT_OK
 
     async def keys_rotate(self, args: argparse.Namespace) -> int:
-        created = await self.keys.rotate(args.key_id, grace=args.grace)
+        created = await self.keys.rotate(
+            args.key_id, grace=args.grace, actor=args.actor or default_actor()
+        )
         old = await self.keys.get(args.key_id)
         if args.json:
             self.emit_json(
@@ -398,6 +481,25 @@ class _Cli:
             return EXIT_OK
         self._created(created, args, f"replaces {old.id}")
         self.emit(f"The old key keeps working until {_when(old.expires_at)}.")
+        return EXIT_OK
+
+    async def audit_list(self, args: argparse.Namespace) -> int:
+        try:
+            require(self.store, (AuditStore,), "audit")
+        except ConfigurationError:
+            raise CliError(
+                f"convex-guard: the store {type(self.store).__name__} keeps no audit trail"
+            ) from None
+        store = cast(AuditStore, self.store)
+        since = 0.0 if args.since is None else self.clock() - args.since
+        entries = await store.audit_entries(since=since, record=args.key, limit=args.limit)
+        if args.json:
+            self.emit_json([_audit_json(e) for e in entries])
+            return EXIT_OK
+        rows = [
+            [_when(e.timestamp), e.action, e.record, e.actor, _audit_changes(e)] for e in entries
+        ]
+        self.emit(table(["TIME", "ACTION", "KEY", "ACTOR", "CHANGES"], rows))
         return EXIT_OK
 
     async def stats_providers(self, args: argparse.Namespace) -> int:
@@ -722,6 +824,19 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = command(key_commands, "rotate", "replace a key; the old one works for --grace")
     rotate.add_argument("key_id")
     rotate.add_argument("--grace", type=parse_duration, default=DAY, metavar="DURATION")
+    for changing in (create, revoke, rotate):
+        changing.add_argument(
+            "--actor",
+            help="who the audit trail records as making the change (default: user@host)",
+        )
+
+    audit = command(groups, "audit", "the audit trail of key changes, the most recent first")
+    audit.set_defaults(command="list")
+    audit.add_argument(
+        "--since", type=parse_duration, metavar="DURATION", help="only this recent (default: all)"
+    )
+    audit.add_argument("--key", metavar="ID", help="only the changes of this key (its id)")
+    audit.add_argument("--limit", type=int, default=50)
 
     stats = groups.add_parser("stats", help="request analytics")
     stats_commands = stats.add_subparsers(dest="command", required=True, metavar="REPORT")

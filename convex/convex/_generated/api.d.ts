@@ -20,6 +20,7 @@ import type * as embeddings_rateLimiting from "../embeddings/rateLimiting.js";
 import type * as guard from "../guard.js";
 import type * as lib_addresses from "../lib/addresses.js";
 import type * as lib_alerts from "../lib/alerts.js";
+import type * as lib_audit from "../lib/audit.js";
 import type * as lib_bots from "../lib/bots.js";
 import type * as lib_keys from "../lib/keys.js";
 import type * as lib_limits from "../lib/limits.js";
@@ -49,6 +50,7 @@ declare const fullApi: ApiFromModules<{
   "guard": typeof guard,
   "lib/addresses": typeof lib_addresses,
   "lib/alerts": typeof lib_alerts,
+  "lib/audit": typeof lib_audit,
   "lib/bots": typeof lib_bots,
   "lib/keys": typeof lib_keys,
   "lib/limits": typeof lib_limits,

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, cast, runtime_checkable
 
 from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import ConfigurationError
@@ -750,3 +751,136 @@ def dashboard_feed(store: object) -> DashboardFeed | None:
     """
     watch = getattr(store, "watch_dashboard", None)
     return watch if callable(watch) else None
+
+
+# -- the audit trail -----------------------------------------------------------------------------
+# Who changed which key, when, and how: one append-only entry per administrative change,
+# written by the store in the same atomic step as the change (on Convex, the same mutation),
+# so there is never a change without its entry nor an entry without its change.
+
+AuditAction = Literal["key.created", "key.revoked", "key.rotated", "key.updated"]
+AUDIT_ACTIONS: tuple[AuditAction, ...] = (
+    "key.created",
+    "key.revoked",
+    "key.rotated",
+    "key.updated",
+)
+#: What an entry records as its actor when the caller names none.
+UNKNOWN_ACTOR = "unknown"
+#: The longest actor an entry takes (`convex/convex/lib/audit.ts` holds the same).
+MAX_ACTOR_LENGTH = 200
+#: The fields of a key an entry compares, as `ApiKeyRecord` names them. Neither the hash nor
+#: the display prefix (the first characters of the raw key): an entry names its key by id.
+AUDITED_KEY_FIELDS: tuple[str, ...] = (
+    "kind",
+    "name",
+    "owner",
+    "scopes",
+    "rate_limit",
+    "expires_at",
+    "active",
+)
+
+AuditValue = str | float | bool | tuple[str, ...] | KeyRateLimit | None
+
+# A key's text as `core.keys.generate_key` makes it: an actor that holds one is refused, so an
+# entry never carries a raw key even when a caller pastes one where its name should be.
+_RAW_KEY = re.compile(r"cg_(?:ai|emb)_[0-9A-Za-z]{16,}")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditChange:
+    """One field of the record, before and after the change (None: absent, or no record)."""
+
+    field: str
+    before: AuditValue
+    after: AuditValue
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One administrative change, as the store recorded it.
+
+    `timestamp` is the store's time of the change (epoch ms); `record` the id of the record
+    changed (a key's id; never the key, its hash or its prefix); `actor` who asked for it, as
+    the caller named them (`UNKNOWN_ACTOR` when it did not); `changes` the fields whose value
+    differs, in `AUDITED_KEY_FIELDS` order (every set field on `key.created`; none when a call
+    set what was already there). `related` is the other key of a rotation: the new key's id
+    on the old key's `key.rotated`, the old key's id on the new key's `key.created`.
+    """
+
+    id: str
+    timestamp: float
+    action: AuditAction
+    record: str
+    actor: str
+    changes: tuple[AuditChange, ...]
+    related: str | None = None
+
+
+def check_actor(actor: str) -> str:
+    """`actor` as an entry records it (stripped), or `ConfigurationError` for one it cannot:
+    empty, longer than `MAX_ACTOR_LENGTH`, with control characters, or holding a raw key."""
+    if not isinstance(actor, str):
+        raise ConfigurationError("An audit actor must be a string")
+    text = actor.strip()
+    if not text or len(text) > MAX_ACTOR_LENGTH:
+        raise ConfigurationError(f"An audit actor must be 1 to {MAX_ACTOR_LENGTH} characters")
+    if not text.isprintable():
+        raise ConfigurationError("An audit actor must not contain control characters")
+    if _RAW_KEY.search(text):
+        raise ConfigurationError("An audit actor must not contain an API key")
+    return text
+
+
+def check_update_action(action: str) -> AuditAction:
+    """`action` if an update may record it, else `ConfigurationError` (`key.created` is the
+    creation's own)."""
+    if action not in AUDIT_ACTIONS or action == "key.created":
+        raise ConfigurationError(f"{action!r} is not an action of a key update")
+    return cast(AuditAction, action)
+
+
+def audit_changes(before: ApiKeyRecord | None, after: ApiKeyRecord) -> tuple[AuditChange, ...]:
+    """The audited fields that differ between two states of a key (`before` None: created)."""
+    changes = []
+    for name in AUDITED_KEY_FIELDS:
+        old = None if before is None else getattr(before, name)
+        new = getattr(after, name)
+        if old != new:
+            changes.append(AuditChange(name, old, new))
+    return tuple(changes)
+
+
+@runtime_checkable
+class AuditStore(KeyStore, Protocol):
+    """A `KeyStore` that records every change of a key as an `AuditEntry`, in the same atomic
+    step as the change: a write that fails leaves no entry, and no entry is written without
+    its change. Direct calls record `UNKNOWN_ACTOR`; `ApiKeys` passes the caller's actor.
+
+    An actor `check_actor` refuses is refused with `ConfigurationError` before anything is
+    written. `update_api_key` on an existing key always records one entry (`action`, default
+    `key.updated`), its `changes` empty when nothing differed; on a missing key, none.
+    """
+
+    async def create_api_key(
+        self, key: NewApiKey, *, actor: str = UNKNOWN_ACTOR, related: str | None = None
+    ) -> ApiKeyRecord: ...
+
+    async def update_api_key(
+        self,
+        key_id: str,
+        *,
+        active: bool | None = None,
+        expires_at: float | None = None,
+        actor: str = UNKNOWN_ACTOR,
+        action: AuditAction = "key.updated",
+        related: str | None = None,
+    ) -> ApiKeyRecord | None: ...
+
+    async def audit_entries(
+        self, *, since: float = 0.0, record: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        """Entries at or after `since` (epoch ms), of `record` only when given, most recent
+        first, at most `limit`."""
+        ...

@@ -32,12 +32,18 @@ from convex_guard.core.leases import DEFAULT_FRACTION, DEFAULT_HORIZON, DEFAULT_
 from convex_guard.core.limits import LimitConfig, LimitResult, _until_full, check_count
 from convex_guard.core.settings import GuardEnvironment, load_environment
 from convex_guard.stores.base import (
+    AUDITED_KEY_FIELDS,
     REFUSAL_REASONS,
+    UNKNOWN_ACTOR,
     AIRequestLog,
     Alert,
     AlertOutcome,
     ApiKeyList,
     ApiKeyRecord,
+    AuditAction,
+    AuditChange,
+    AuditEntry,
+    AuditValue,
     AuthFailure,
     BotCheck,
     BotEvent,
@@ -55,7 +61,9 @@ from convex_guard.stores.base import (
     NewApiKey,
     ProviderSeries,
     ProviderStats,
+    check_actor,
     check_dashboard_range,
+    check_update_action,
 )
 
 DEFAULT_TIMEOUT = 2.0
@@ -67,6 +75,8 @@ CONFLICT_RESENDS = 2
 TOO_MANY_CONCURRENT = "TooManyConcurrentRequests"
 #: The most bot events one query returns (`BOT_EVENTS_CAP` in convex/ai/analytics.ts).
 BOT_EVENTS_PAGE = 1000
+#: The most audit entries one query returns (`AUDIT_PAGE_CAP` in convex/convex/apiKeys.ts).
+AUDIT_PAGE = 200
 Json = Any
 
 logger = logging.getLogger("convex_guard.store")
@@ -264,6 +274,42 @@ def _api_key(raw: Mapping[str, Any]) -> ApiKeyRecord:
         last_used=float(raw["lastUsed"]) if raw.get("lastUsed") is not None else None,
         request_count=int(raw["requestCount"]),
         active=bool(raw["active"]),
+    )
+
+
+#: An audited field as `apiKeys.ts` names it (camelCase) -> as `ApiKeyRecord` names it.
+_AUDIT_FIELDS = {
+    "".join(w.capitalize() if i else w for i, w in enumerate(name.split("_"))): name
+    for name in AUDITED_KEY_FIELDS
+}
+
+
+def _audit_value(raw: Any) -> AuditValue:
+    if isinstance(raw, list):
+        return tuple(raw)
+    if isinstance(raw, dict):
+        return KeyRateLimit(int(raw["requests"]), float(raw["period"]))
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return float(raw)
+    return raw  # type: ignore[no-any-return]
+
+
+def _audit_entry(raw: Mapping[str, Any]) -> AuditEntry:
+    return AuditEntry(
+        id=raw["id"],
+        timestamp=float(raw["timestamp"]),
+        action=raw["action"],
+        record=raw["record"],
+        actor=raw["actor"],
+        changes=tuple(
+            AuditChange(
+                _AUDIT_FIELDS.get(c["field"], c["field"]),
+                _audit_value(c.get("before")),
+                _audit_value(c.get("after")),
+            )
+            for c in raw["changes"]
+        ),
+        related=raw.get("related"),
     )
 
 
@@ -732,7 +778,10 @@ class ConvexStore(LimitThroughCheck):
         return events[:limit]
 
     # -- API keys -----------------------------------------------------------------------------
-    async def create_api_key(self, key: NewApiKey) -> ApiKeyRecord:
+    async def create_api_key(
+        self, key: NewApiKey, *, actor: str = UNKNOWN_ACTOR, related: str | None = None
+    ) -> ApiKeyRecord:
+        """Create the key and its `key.created` entry in one mutation (both or neither)."""
         args = _drop_none(
             {
                 "kind": key.kind,
@@ -751,6 +800,8 @@ class ConvexStore(LimitThroughCheck):
                 ),
                 "createdAt": float(key.created_at),
                 "expiresAt": float(key.expires_at) if key.expires_at is not None else None,
+                "actor": check_actor(actor),
+                "related": related,
             }
         )
         return _api_key(await self._call("mutation", "apiKeys:create", args))
@@ -771,7 +822,11 @@ class ConvexStore(LimitThroughCheck):
         *,
         active: bool | None = None,
         expires_at: float | None = None,
+        actor: str = UNKNOWN_ACTOR,
+        action: AuditAction = "key.updated",
+        related: str | None = None,
     ) -> ApiKeyRecord | None:
+        """Patch the key and record its entry in one mutation (both or neither)."""
         raw = await self._call(
             "mutation",
             "apiKeys:update",
@@ -780,10 +835,38 @@ class ConvexStore(LimitThroughCheck):
                     "id": key_id,
                     "active": active,
                     "expiresAt": float(expires_at) if expires_at is not None else None,
+                    "actor": check_actor(actor),
+                    "action": check_update_action(action),
+                    "related": related,
                 }
             ),
         )
         return _api_key(raw) if raw is not None else None
+
+    async def audit_entries(
+        self, *, since: float = 0.0, record: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        """Pages of `AUDIT_PAGE` entries, newest first, until `limit` or the end."""
+        entries: list[AuditEntry] = []
+        cursor: str | None = None
+        while len(entries) < limit:
+            page = await self._call(
+                "query",
+                "apiKeys:auditLog",
+                _drop_none(
+                    {
+                        "since": float(since),
+                        "record": record,
+                        "numItems": float(min(AUDIT_PAGE, limit - len(entries))),
+                    }
+                )
+                | {"cursor": cursor},
+            )
+            entries.extend(_audit_entry(row) for row in page["page"])
+            if page["isDone"]:
+                break
+            cursor = page["continueCursor"]
+        return entries[:limit]
 
     # -- logs and analytics ---------------------------------------------------------------------
     async def write_logs(self, batch: LogBatch) -> None:

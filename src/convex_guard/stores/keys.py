@@ -2,6 +2,9 @@
 
 Only the SHA-256 hash of a key is ever stored or logged; the raw key exists once, in the
 `CreatedKey` handed back by `ApiKeys.create` / `ApiKeys.rotate`, whose repr hides it.
+
+Every change goes to the store's audit trail (`AuditStore`) with the actor who made it, in
+the same store call as the change.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import builtins
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from convex_guard.core.errors import ConfigurationError, GuardError
 from convex_guard.core.keys import (
@@ -22,7 +25,16 @@ from convex_guard.core.keys import (
     is_well_formed,
 )
 from convex_guard.core.limits import DAY
-from convex_guard.stores.base import ApiKeyRecord, KeyRateLimit, KeyStore, NewApiKey, require
+from convex_guard.stores.base import (
+    UNKNOWN_ACTOR,
+    ApiKeyRecord,
+    AuditStore,
+    KeyRateLimit,
+    KeyStore,
+    NewApiKey,
+    check_actor,
+    require,
+)
 
 DEFAULT_LIFETIME_MS: Final = 30 * DAY  # the seed's default
 DEFAULT_GRACE_MS: Final = 1 * DAY
@@ -90,6 +102,11 @@ class ApiKeys:
 
     `clock()` returns epoch milliseconds (injectable for tests). `lifetime` is how long a new
     key lives (ms, `None` for no expiry); `grace` is how long a rotated key keeps working.
+
+    Each change is recorded in the store's audit trail, so the store must be an `AuditStore`
+    (checked here, at construction); `actor` names who makes the changes (each call may name
+    another), `UNKNOWN_ACTOR` when nobody is named. `audit=False` takes a plain `KeyStore`
+    and records nothing: for a store of your own that keeps no trail, knowingly.
     """
 
     def __init__(
@@ -99,13 +116,24 @@ class ApiKeys:
         clock: Clock | None = None,
         lifetime: float | None = DEFAULT_LIFETIME_MS,
         grace: float = DEFAULT_GRACE_MS,
+        actor: str = UNKNOWN_ACTOR,
+        audit: bool = True,
     ) -> None:
         if lifetime is not None and not 0 < lifetime < float("inf"):
             raise ConfigurationError("lifetime must be a positive number of ms, or None")
         if not 0 <= grace < float("inf"):
             raise ConfigurationError("grace must be a non-negative number of ms")
-        require(store, (KeyStore,), "ApiKeys")
+        if audit:
+            require(
+                store,
+                {KeyStore: "", AuditStore: "the audit trail (off with audit=False)"},
+                "ApiKeys",
+            )
+        else:
+            require(store, (KeyStore,), "ApiKeys")
         self.store = store
+        self.actor = check_actor(actor)
+        self.audit = audit
         self.clock: Clock = clock or _wall_clock_ms
         self.lifetime = lifetime
         self.grace = grace
@@ -119,6 +147,35 @@ class ApiKeys:
         scopes: Iterable[str] = (),
         rate_limit: KeyRateLimit | None = None,
         lifetime: float | Literal["default"] | None = "default",
+        actor: str | None = None,
+    ) -> CreatedKey:
+        return await self._create(
+            name,
+            kind=kind,
+            owner=owner,
+            scopes=scopes,
+            rate_limit=rate_limit,
+            lifetime=lifetime,
+            audit=self._audit(actor),
+        )
+
+    def _audit(self, actor: str | None, **more: Any) -> dict[str, Any]:
+        """The audit arguments of a store write: none without a trail, else who (checked now,
+        before anything is written) and what."""
+        if not self.audit:
+            return {}
+        return {"actor": self.actor if actor is None else check_actor(actor), **more}
+
+    async def _create(
+        self,
+        name: str,
+        *,
+        kind: ApiKeyKind,
+        owner: str | None,
+        scopes: Iterable[str],
+        rate_limit: KeyRateLimit | None,
+        lifetime: float | Literal["default"] | None,
+        audit: dict[str, Any],
     ) -> CreatedKey:
         if not name.strip():
             raise ConfigurationError("A key needs a non-empty name")
@@ -141,7 +198,8 @@ class ApiKeys:
                 rate_limit=rate_limit,
                 created_at=now,
                 expires_at=None if life is None else now + life,
-            )
+            ),
+            **audit,
         )
         return CreatedKey(record, raw)
 
@@ -156,35 +214,52 @@ class ApiKeys:
                 return record
         raise KeyNotFoundError(f"No API key with id {key_id!r}")
 
-    async def revoke(self, key_id: str) -> ApiKeyRecord:
+    async def revoke(self, key_id: str, *, actor: str | None = None) -> ApiKeyRecord:
         """Deactivate a key at once (middlewares notice within their cache time)."""
-        record = await self.store.update_api_key(key_id, active=False)
+        record = await self.store.update_api_key(
+            key_id, active=False, **self._audit(actor, action="key.revoked")
+        )
         if record is None:
             raise KeyNotFoundError(f"No API key with id {key_id!r}")
         return record
 
-    async def rotate(self, key_id: str, *, grace: float | None = None) -> CreatedKey:
+    async def rotate(
+        self, key_id: str, *, grace: float | None = None, actor: str | None = None
+    ) -> CreatedKey:
         """A new key like the old one; the old one expires after `grace` ms (default: 24 h).
 
         The grace period lets deployed clients switch over; an old key that would expire
-        sooner anyway keeps its earlier expiry.
+        sooner anyway keeps its earlier expiry. Two changes, two entries: the new key's
+        `key.created` and the old key's `key.rotated` (its `expires_at`, unless it was
+        already sooner), each naming the other key as `related`.
         """
         grace = self.grace if grace is None else grace
         if not 0 <= grace < float("inf"):
             raise ConfigurationError("grace must be a non-negative number of ms")
+        self._audit(actor)  # a bad actor is refused before the new key exists
         old = await self.get(key_id)
         if not old.active:
             raise KeyRevokedError(f"Key {key_id!r} is revoked; create a new key instead")
-        created = await self.create(
+        created = await self._create(
             old.name,
             kind=old.kind,
             owner=old.owner,
             scopes=old.scopes,
             rate_limit=old.rate_limit,
+            lifetime="default",
+            audit=self._audit(actor, related=key_id),
         )
         until = self.clock() + grace
-        if old.expires_at is None or old.expires_at > until:
-            await self.store.update_api_key(key_id, expires_at=until)
+        expires = until if old.expires_at is None or old.expires_at > until else None
+        if self.audit:
+            # Recorded even when the expiry stays: who rotated the key, and into which.
+            await self.store.update_api_key(
+                key_id,
+                expires_at=expires,
+                **self._audit(actor, action="key.rotated", related=created.record.id),
+            )
+        elif expires is not None:
+            await self.store.update_api_key(key_id, expires_at=expires)
         return created
 
     async def verify(self, raw: str, *, kind: ApiKeyKind | None = None) -> Verification:

@@ -30,11 +30,14 @@ from convex_guard.stores.base import (
     ESCALATION_WINDOW_MS,
     LATENCY_BOUNDS_MS,
     TOP_KEYS,
+    UNKNOWN_ACTOR,
     AIRequestLog,
     Alert,
     AlertOutcome,
     ApiKeyList,
     ApiKeyRecord,
+    AuditAction,
+    AuditEntry,
     AuthFailure,
     BotAction,
     BotCheck,
@@ -52,7 +55,10 @@ from convex_guard.stores.base import (
     ProviderSeries,
     ProviderStats,
     RefusalReason,
+    audit_changes,
+    check_actor,
     check_dashboard_range,
+    check_update_action,
     refusal_reason,
 )
 
@@ -62,6 +68,8 @@ R = TypeVar("R", AIRequestLog, EmbeddingRequestLog, AuthFailure, "_KeyUse")
 
 #: How many applied batch ids a MemoryStore remembers to make retries idempotent.
 MAX_BATCH_IDS = 10_000
+#: How many audit entries a MemoryStore keeps by default (`max_audit_entries`).
+MAX_AUDIT_ENTRIES = 10_000
 
 _SEVERITY: dict[BotAction, int] = {"allowed": 0, "challenged": 1, "blocked": 2}
 
@@ -109,6 +117,10 @@ class MemoryStore:
     Rows (logs, events, auth failures) are kept up to `max_rows` per table, oldest dropped
     first: this store is for one process and its demo, not for an audit trail.
 
+    Its audit trail (`AuditStore`) keeps the last `max_audit_entries` entries; older ones are
+    dropped, oldest first, and counted in `dropped_audit_entries`. It ends with the process:
+    a trail that must outlive it belongs in a shared store.
+
     Limit state that has fully refilled carries no information, so it is forgotten: every new
     key sweeps the two oldest keys and drops those that are full again. Memory stays bounded by
     the keys active within one refill time, with no periodic scan over all keys.
@@ -120,9 +132,12 @@ class MemoryStore:
         random: Random | None = None,
         *,
         max_rows: int = 100_000,
+        max_audit_entries: int = MAX_AUDIT_ENTRIES,
     ) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
+        if max_audit_entries < 1:
+            raise ValueError("max_audit_entries must be at least 1")
         self._max_rows = max_rows
         self._clock: Clock = clock or _wall_clock_ms
         # The wall clock is read inline on the hot path: a call through `_clock` costs more
@@ -149,6 +164,10 @@ class MemoryStore:
         self._batches: set[str] = set()
         self._batch_order: deque[str] = deque()
         self._alert_book = AlertBook(self._clock)
+        self._audit: deque[AuditEntry] = deque(maxlen=max_audit_entries)
+        self._audit_ids = itertools.count(1)
+        #: Audit entries dropped to keep the last `max_audit_entries`.
+        self.dropped_audit_entries = 0
 
     def __repr__(self) -> str:
         return f"MemoryStore(limit_keys={self.limit_keys}, api_keys={len(self._keys)})"
@@ -379,7 +398,10 @@ class MemoryStore:
         return events[start:][::-1]
 
     # -- API keys -----------------------------------------------------------------------------
-    async def create_api_key(self, key: NewApiKey) -> ApiKeyRecord:
+    async def create_api_key(
+        self, key: NewApiKey, *, actor: str = UNKNOWN_ACTOR, related: str | None = None
+    ) -> ApiKeyRecord:
+        who = check_actor(actor)  # before anything is written: a refusal leaves no trace
         record = ApiKeyRecord(
             id=f"mem_{next(self._ids)}",
             kind=key.kind,
@@ -397,6 +419,7 @@ class MemoryStore:
         )
         self._keys[record.id] = record
         self._key_ids[record.key_hash] = record.id
+        self._record_audit("key.created", None, record, who, related)
         return record
 
     async def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
@@ -418,8 +441,12 @@ class MemoryStore:
         *,
         active: bool | None = None,
         expires_at: float | None = None,
+        actor: str = UNKNOWN_ACTOR,
+        action: AuditAction = "key.updated",
+        related: str | None = None,
     ) -> ApiKeyRecord | None:
-        record = self._keys.get(key_id)
+        who, action = check_actor(actor), check_update_action(action)
+        before = record = self._keys.get(key_id)
         if record is None:
             return None
         if active is not None:
@@ -427,7 +454,43 @@ class MemoryStore:
         if expires_at is not None:
             record = replace(record, expires_at=expires_at)
         self._keys[key_id] = record
+        self._record_audit(action, before, record, who, related)
         return record
+
+    # -- the audit trail ------------------------------------------------------------------------
+    def _record_audit(
+        self,
+        action: AuditAction,
+        before: ApiKeyRecord | None,
+        after: ApiKeyRecord,
+        actor: str,
+        related: str | None,
+    ) -> None:
+        """Append the entry of a change just made (no await between them: both or neither)."""
+        if len(self._audit) == self._audit.maxlen:
+            self.dropped_audit_entries += 1
+        self._audit.append(
+            AuditEntry(
+                id=f"audit_{next(self._audit_ids)}",
+                timestamp=self._clock(),
+                action=action,
+                record=after.id,
+                actor=actor,
+                changes=audit_changes(before, after),
+                related=related,
+            )
+        )
+
+    async def audit_entries(
+        self, *, since: float = 0.0, record: str | None = None, limit: int = 100
+    ) -> list[AuditEntry]:
+        found: list[AuditEntry] = []
+        for entry in reversed(self._audit):
+            if len(found) >= limit:
+                break
+            if entry.timestamp >= since and (record is None or entry.record == record):
+                found.append(entry)
+        return found
 
     # -- logs and analytics ---------------------------------------------------------------------
     async def write_logs(self, batch: LogBatch) -> None:

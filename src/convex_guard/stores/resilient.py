@@ -6,9 +6,9 @@ import asyncio
 import functools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import (
@@ -26,6 +26,9 @@ from convex_guard.stores.base import (
     AlertStore,
     ApiKeyList,
     ApiKeyRecord,
+    AuditAction,
+    AuditEntry,
+    AuditStore,
     BotCheck,
     BotEvent,
     BotVerdict,
@@ -55,6 +58,21 @@ REPLAY_CHUNK = 64
 #: enough to exceed it drops the excess (counted and logged), so memory stays bounded.
 MAX_OWED = 100_000
 _BOT_ACTIONS = frozenset(("blocked", "challenged", "allowed"))
+
+
+class _AuditEntries(Protocol):
+    """`AuditStore.audit_entries`, as a value."""
+
+    def __call__(
+        self, *, since: float = 0.0, record: str | None = None, limit: int = 100
+    ) -> Coroutine[Any, Any, list[AuditEntry]]: ...
+
+
+def _keeps_audit(store: object) -> bool:
+    # An attribute test, not `isinstance(store, AuditStore)`: from Python 3.12 on that reads
+    # attributes statically, and so would take a `ResilientStore` around a store without a
+    # trail for one.
+    return callable(getattr(store, "audit_entries", None))
 
 
 def answers_checked(store: object) -> bool:
@@ -392,8 +410,16 @@ class ResilientStore(LimitThroughCheck):
             lambda: self.primary.bot_events(since=since, limit=limit), "bot_events"
         )
 
-    async def create_api_key(self, key: NewApiKey) -> ApiKeyRecord:
-        return await self._guarded(lambda: self.primary.create_api_key(key), "create_api_key")
+    # Key writes have no fallback: while the circuit is open they fail, entry and change
+    # alike, since the primary writes both in one call. One that times out may have committed
+    # (both) or not (neither); `audit_entries` tells which.
+    async def create_api_key(
+        self, key: NewApiKey, *, actor: str | None = None, related: str | None = None
+    ) -> ApiKeyRecord:
+        audit = self._audit_args(actor, related=related)
+        return await self._guarded(
+            lambda: self.primary.create_api_key(key, **audit), "create_api_key"
+        )
 
     async def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
         return await self._guarded(lambda: self.primary.find_api_key(key_hash), "find_api_key")
@@ -411,11 +437,53 @@ class ResilientStore(LimitThroughCheck):
         *,
         active: bool | None = None,
         expires_at: float | None = None,
+        actor: str | None = None,
+        action: AuditAction | None = None,
+        related: str | None = None,
     ) -> ApiKeyRecord | None:
+        audit = self._audit_args(actor, action=action, related=related)
         return await self._guarded(
-            lambda: self.primary.update_api_key(key_id, active=active, expires_at=expires_at),
+            lambda: self.primary.update_api_key(
+                key_id, active=active, expires_at=expires_at, **audit
+            ),
             "update_api_key",
         )
+
+    def _audit_args(self, actor: str | None, **more: str | None) -> dict[str, str]:
+        """The audit arguments to pass on: those given, for a primary that keeps a trail.
+
+        A primary without one is given none (its old signature), and asking it to record
+        an actor is refused: a change must not happen without the entry it was asked for.
+        """
+        given = {k: v for k, v in {"actor": actor, **more}.items() if v is not None}
+        if given and not _keeps_audit(self.primary):
+            raise ConfigurationError(
+                f"audit: the store {type(self.primary).__name__} keeps no audit trail"
+            )
+        return given
+
+    @property
+    def audit_entries(self) -> _AuditEntries:
+        """The primary's audit trail, when it keeps one (else there is no such attribute, so
+        `require`, `ApiKeys` and the CLI see what the primary is). Reads go through the
+        breaker like every key call."""
+        primary = self.primary
+        if not _keeps_audit(primary):
+            raise AttributeError(
+                f"'ResilientStore': the store {type(primary).__name__} keeps no audit trail"
+            )
+
+        async def audit_entries(
+            *, since: float = 0.0, record: str | None = None, limit: int = 100
+        ) -> list[AuditEntry]:
+            return await self._guarded(
+                lambda: cast(AuditStore, primary).audit_entries(
+                    since=since, record=record, limit=limit
+                ),
+                "audit_entries",
+            )
+
+        return audit_entries
 
     async def write_logs(self, batch: LogBatch) -> None:
         # Bounded, but outside the request path's breaker: a log outage, or a batch refused

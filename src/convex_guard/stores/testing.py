@@ -42,11 +42,16 @@ import pytest
 
 from convex_guard.core.alerts import AlertRule, WatchedLimit
 from convex_guard.core.errors import ConfigurationError, StoreConflictError
+from convex_guard.core.keys import generate_key
 from convex_guard.core.limits import HOUR, MINUTE, SECOND, FixedWindow, LimitResult, TokenBucket
 from convex_guard.stores.base import (
+    UNKNOWN_ACTOR,
     AIRequestLog,
     AlertStore,
     AnalyticsStore,
+    AuditChange,
+    AuditEntry,
+    AuditStore,
     AuthFailure,
     BotCheck,
     BotEvent,
@@ -63,6 +68,7 @@ from convex_guard.stores.base import (
     NewApiKey,
     Store,
 )
+from convex_guard.stores.keys import ApiKeys
 
 
 class ContractClock:
@@ -656,9 +662,126 @@ class AlertStoreContract(_Contract):
         assert (alert.value, alert.threshold, alert.window_ms) == (0.9, 0.8, HOUR)
 
 
+class AuditStoreContract(_Contract):
+    """`AuditStore`: one entry per key change, in the same atomic step as the change (a write
+    that fails leaves none, and no entry without its change), read back newest first, by time
+    and by key, and never holding a raw key, its hash or its prefix."""
+
+    async def test_each_change_writes_exactly_one_entry(
+        self, store: AuditStore, clock: ContractClock
+    ) -> None:
+        start = clock.now()
+        created = await store.create_api_key(new_key(start), actor=" ann@build-01 ")
+        [entry] = await store.audit_entries()
+        assert (entry.action, entry.record, entry.actor, entry.related) == (
+            "key.created",
+            created.id,
+            "ann@build-01",
+            None,
+        )
+        assert entry.timestamp == pytest.approx(start, abs=5_000)
+        assert entry.changes == (
+            AuditChange("kind", None, "embedding"),
+            AuditChange("name", None, "indexer"),
+            AuditChange("owner", None, "team-search"),
+            AuditChange("scopes", None, ("embeddings",)),
+            AuditChange("rate_limit", None, KeyRateLimit(50, MINUTE)),
+            AuditChange("expires_at", None, start + 30 * 24 * HOUR),
+            AuditChange("active", None, True),
+        )
+        await clock.advance(2_000)
+        middle = clock.now() - 1_000
+        revoked = await store.update_api_key(
+            created.id, active=False, actor="bob", action="key.revoked"
+        )
+        assert revoked is not None and not revoked.active
+        later = await store.update_api_key(created.id, expires_at=start + HOUR)
+        assert later is not None and later.expires_at == start + HOUR
+        again = await store.update_api_key(created.id, active=False)  # nothing differs
+        assert again == later
+        other = await store.create_api_key(
+            NewApiKey("ai", "c" * 64, "cg_ai_x", "chat", None, (), None, start, None)
+        )
+        entries = await store.audit_entries()
+        assert [(e.action, e.record, e.actor) for e in entries] == [
+            ("key.created", other.id, UNKNOWN_ACTOR),
+            ("key.updated", created.id, UNKNOWN_ACTOR),
+            ("key.updated", created.id, UNKNOWN_ACTOR),
+            ("key.revoked", created.id, "bob"),
+            ("key.created", created.id, "ann@build-01"),
+        ]
+        assert [e.changes for e in entries[1:4]] == [
+            (),
+            (AuditChange("expires_at", start + 30 * 24 * HOUR, start + HOUR),),
+            (AuditChange("active", True, False),),
+        ]
+        assert len({e.id for e in entries}) == 5
+        assert [e.action for e in await store.audit_entries(record=created.id, limit=2)] == [
+            "key.updated",
+            "key.updated",
+        ]
+        assert [e.record for e in await store.audit_entries(since=middle)] == [
+            other.id,
+            created.id,
+            created.id,
+            created.id,
+        ]
+        assert await store.audit_entries(record="no-such-key") == []
+        assert len(await store.audit_entries(since=middle, record=created.id)) == 3
+
+    async def test_a_change_that_fails_leaves_no_entry(
+        self, store: AuditStore, clock: ContractClock
+    ) -> None:
+        now = clock.now()
+        assert await store.update_api_key("no-such-key", active=False, actor="ops") is None
+        for actor in ("", "  ", "x" * 201, "tab\there", "me " + generate_key("ai")):
+            with pytest.raises(ConfigurationError, match="actor"):
+                await store.create_api_key(new_key(now), actor=actor)
+        assert await store.list_api_keys() == []
+        assert await store.audit_entries() == []
+        created = await store.create_api_key(new_key(now))
+        with pytest.raises(ConfigurationError, match="actor"):
+            await store.update_api_key(created.id, active=False, actor="")
+        assert (await store.find_api_key("a" * 64)) == created
+        assert [e.action for e in await store.audit_entries()] == ["key.created"]
+
+    async def test_every_entry_has_its_change_and_none_holds_a_key(
+        self, store: AuditStore, clock: ContractClock
+    ) -> None:
+        keys = ApiKeys(store, clock=clock.now, actor="ops@admin")
+        first = await keys.create("billing", owner="team-a", scopes=["chat"], actor="ann@ci")
+        second = await keys.rotate(first.record.id, grace=HOUR)
+        await keys.revoke(second.record.id, actor="bob@laptop")
+        entries = await store.audit_entries()
+        assert [(e.action, e.record, e.actor, e.related) for e in entries] == [
+            ("key.revoked", second.record.id, "bob@laptop", None),
+            ("key.rotated", first.record.id, "ops@admin", second.record.id),
+            ("key.created", second.record.id, "ops@admin", first.record.id),
+            ("key.created", first.record.id, "ann@ci", None),
+        ]
+        [rotated] = entries[1].changes
+        assert rotated.field == "expires_at" and rotated.after is not None
+        # Every entry's change happened: each key is in the state its newest entry ends
+        # with, and every key has its entries (none was changed without one).
+        records = {r.id: r for r in await store.list_api_keys()}
+        newest: dict[str, AuditEntry] = {}
+        for entry in entries:
+            newest.setdefault(entry.record, entry)
+        assert set(newest) == set(records)
+        for key_id, entry in newest.items():
+            for change in entry.changes:
+                assert getattr(records[key_id], change.field) == change.after
+        text = repr(entries)
+        for created in (first, second):
+            assert created.key not in text
+            assert created.record.key_hash not in text
+            assert created.record.prefix not in text
+
+
 __all__ = [
     "AlertStoreContract",
     "AnalyticsStoreContract",
+    "AuditStoreContract",
     "BotStoreContract",
     "ContractClock",
     "DashboardStoreContract",
