@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from convex_guard import HOUR, MINUTE, MemoryStore
 from convex_guard.cli import default_actor, main
 from convex_guard.core.errors import ConfigurationError, StoreError, StoreUnavailableError
-from convex_guard.core.keys import KEY_PREFIXES, display_prefix, hash_key
+from convex_guard.core.keys import KEY_PREFIXES, ApiKeyKind, display_prefix, hash_key
 from convex_guard.stores import convex as convex_module
 from convex_guard.stores.base import (
     AUDITED_KEY_FIELDS,
@@ -274,12 +274,12 @@ class Flaky(MemoryStore):
 
     down = False
 
-    async def create_api_key(self, key: NewApiKey, **audit: str | None) -> ApiKeyRecord:  # type: ignore[override]
+    async def create_api_key(self, key: NewApiKey, **audit: str | None) -> ApiKeyRecord:
         if self.down:
             raise StoreUnavailableError("primary down")
         return await super().create_api_key(key, **audit)  # type: ignore[arg-type]
 
-    async def update_api_key(self, key_id: str, **fields: object) -> ApiKeyRecord | None:  # type: ignore[override]
+    async def update_api_key(self, key_id: str, **fields: object) -> ApiKeyRecord | None:
         if self.down:
             raise StoreUnavailableError("primary down")
         return await super().update_api_key(key_id, **fields)  # type: ignore[arg-type]
@@ -337,7 +337,7 @@ texts = st.text(max_size=40)
 @st.composite
 def key_changes(draw: st.DrawFn) -> tuple[str, NewApiKey, str, str]:
     raw = draw(raw_keys)
-    kind = "ai" if raw.startswith(KEY_PREFIXES["ai"]) else "embedding"
+    kind: ApiKeyKind = "ai" if raw.startswith(KEY_PREFIXES["ai"]) else "embedding"
     new = NewApiKey(
         kind=kind,
         key_hash=hash_key(raw),
@@ -376,10 +376,10 @@ async def _change_and_check(store: AuditStore, case: tuple[str, NewApiKey, str, 
         revoked = True
     except ConfigurationError:
         revoked = False
-    entries = await store.audit_entries(record=record.id)
-    assert [e.action for e in entries] == ["key.revoked"] * revoked + ["key.created"]
-    assert entries[-1].actor == (expected or UNKNOWN_ACTOR)
-    for text in (repr(entries), repr([e.changes for e in entries])):
+    trail = await store.audit_entries(record=record.id)
+    assert [e.action for e in trail] == ["key.revoked"] * revoked + ["key.created"]
+    assert trail[-1].actor == (expected or UNKNOWN_ACTOR)
+    for text in (repr(trail), repr([e.changes for e in trail])):
         assert raw not in text and new.key_hash not in text and new.prefix not in text
 
 
