@@ -512,3 +512,47 @@ def test_refusals_are_logged_recorded_and_escalate(caplog: pytest.LogCaptureFixt
     lines = [r.getMessage() for r in caplog.records if "Request body refused" in r.getMessage()]
     assert len(lines) == 5
     assert lines[0] == "Request body refused (content_type, 415): POST /upload from 127.0.0.1"
+
+
+# -- the example gateway -------------------------------------------------------------------------
+
+
+def test_the_gateway_refuses_a_huge_body_and_answers_valid_ones_as_before() -> None:
+    from examples.gateway import create_app
+
+    from .e2e_checks import CHAT, create_key, settings_for
+
+    store = MemoryStore()
+    key = create_key(store)
+    checked = create_app(settings_for(store), upstream=None)
+    unchecked = create_app(settings_for(MemoryStore(), body_rules=()), upstream=None)
+    headers = {"user-agent": BROWSER, "content-type": "application/json"}
+    answers = []
+    for app in (checked, unchecked):
+        with (
+            serve(app, proxy_headers=False) as server,
+            httpx.Client(base_url=server.url, headers=headers, timeout=30) as client,
+        ):
+            answers.append(client.post("/api/ai/openai/chat", json=CHAT).json())
+            if app is checked:
+                for declare in (True, False):
+                    source = Source(HUGE)
+                    extra = {"content-length": str(HUGE)} if declare else {}
+                    huge = client.post("/api/ai/openai/chat", content=iter(source), headers=extra)
+                    assert huge.status_code == 413 and huge.json()["max-bytes"] == 2**20
+                    assert source.sent < 32 * 1024 * 1024
+                # Embeddings: the key first, then 8 MiB.
+                big = Source(9 * 2**20)
+                over = client.post(
+                    "/api/embeddings",
+                    content=iter(big),
+                    headers={"authorization": f"Bearer {key}"},
+                )
+                assert over.status_code == 413 and over.json()["max-bytes"] == 8 * 2**20
+                plain = client.post(
+                    "/api/ai/openai/chat",
+                    content=json.dumps(CHAT),
+                    headers={"content-type": "text/plain"},
+                )
+                assert plain.status_code == 415
+    assert answers[0] == answers[1]  # a valid request's answer is the same
