@@ -341,6 +341,47 @@ def test_refusals_before_reading_anything() -> None:
     assert (b"accept-post", b"application/json") in start["headers"]
 
 
+def test_the_overflow_latch_answers_413_whatever_the_app_does_next() -> None:
+    """The app reading a streamed body past the limit: told the client went, its answer to
+    that (a 400 of its own, as FastAPI sends) dropped, and the client gets the 413."""
+    seen: list[int] = []
+
+    async def own_answer(scope: Scope, receive: Receive, send: Send) -> None:
+        got = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            got += len(message["body"])
+        seen.append(got)
+        await send({"type": "http.response.start", "status": 400, "headers": []})
+        await send({"type": "http.response.body", "body": b"error parsing the body"})
+
+    async def started_first(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        await send({"type": "http.response.body", "body": b"partial"})
+
+    headers = [(b"content-type", b"application/octet-stream")]
+    chunks = [b"x" * 1000] * (LIMIT // 1000 + 5)
+    guard = RequestValidationMiddleware(own_answer, rules=RULES)
+    client = Client(chunks)
+    asyncio.run(guard(http_scope("/upload", headers), client.receive, client.send))
+    assert client.status == 413 and json.loads(client.body)["max-bytes"] == LIMIT
+    assert seen == [LIMIT // 1000 * 1000]  # all but the chunk that passed the limit
+    assert client.pulled == seen[0] + 1000
+
+    # A response the app started first is the app's: it ends it, the request log says why.
+    client = Client(chunks)
+    scope = http_scope("/upload", headers)
+    asyncio.run(
+        RequestValidationMiddleware(started_first, rules=RULES)(scope, client.receive, client.send)
+    )
+    assert client.status == 200 and client.body == b"partial"
+    assert scope["state"][STATE_KEY].rejected == "invalid_body:too_large"
+
+
 # -- a real server and a real client ------------------------------------------------------------
 
 
