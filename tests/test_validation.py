@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from convex_guard import GuardMiddleware, MemoryStore
+from convex_guard import HOUR, MINUTE, ConvexStore, GuardMiddleware, LogBatch, MemoryStore
 from convex_guard.core.bodycheck import BodyProblem, check_json, declared_length
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.middleware.context import STATE_KEY, GuardContext
@@ -31,6 +32,8 @@ from convex_guard.middleware.validation import (
     RequestValidationMiddleware,
     default_body_rules,
 )
+from convex_guard.stores.base import REFUSAL_REASONS, refusal_reason
+from convex_guard.stores.testing import ai_row
 
 from .conftest import serve
 
@@ -597,3 +600,35 @@ def test_the_gateway_refuses_a_huge_body_and_answers_valid_ones_as_before() -> N
                 )
                 assert plain.status_code == 415
     assert answers[0] == answers[1]  # a valid request's answer is the same
+
+
+# -- the request log's reasons --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", "convex"])
+def test_validation_refusals_are_a_reason_of_their_own(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """Both stores classify a row's `invalid_body:` error alike: the dashboard's `body`."""
+    store: MemoryStore | ConvexStore
+    if kind == "convex":
+        server = request.getfixturevalue("convex_server")
+        server.reset()
+        store = ConvexStore(server.url, server.admin_key, timeout=10)
+    else:
+        store = MemoryStore()
+    assert refusal_reason("invalid_body:json") == "body"
+
+    async def run() -> dict[str, int]:
+        hour = (time.time() * 1000 // HOUR - 2) * HOUR
+        rows = [ai_row(hour + 1_000 + n, "openai", False, 5, 0, 0.0) for n in range(3)]
+        rows[0].error, rows[1].error = "invalid_body:too_large", "invalid_body:json"
+        rows[2].error = "rate_limited:ipAIRequests"
+        try:
+            await store.write_logs(LogBatch(id=uuid.uuid4().hex, ai_requests=rows))
+            snap = await store.dashboard(hour, hour + MINUTE, MINUTE)
+        finally:
+            await store.close()
+        return {reason: snap.refusals.get(reason, 0) for reason in REFUSAL_REASONS}
+
+    assert asyncio.run(run()) == {"limit": 1, "bot": 0, "key": 0, "budget": 0, "body": 2}
