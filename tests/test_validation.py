@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -632,3 +633,40 @@ def test_validation_refusals_are_a_reason_of_their_own(
         return {reason: snap.refusals.get(reason, 0) for reason in REFUSAL_REASONS}
 
     assert asyncio.run(run()) == {"limit": 1, "bot": 0, "key": 0, "budget": 0, "body": 2}
+
+
+def test_under_a_wsgi_server_the_headers_are_checked() -> None:
+    """Behind the WSGI bridge the guard sees headers only: the declared size and the type are
+    refused as under ASGI, with no hop-by-hop field (wsgiref refuses a response with one)."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from convex_guard.wsgi import GuardWSGIMiddleware
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        start_response("200 OK", [("content-type", "application/octet-stream")])
+        return [body]
+
+    guarded = GuardWSGIMiddleware(
+        app, store=MemoryStore(), rules=(), key_routes=(), bot_detection=False, body_rules=RULES
+    )
+    server = make_server("127.0.0.1", 0, guarded, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    json_type = {"content-type": "application/json"}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.server_port}", timeout=10) as c:
+            ok = c.post("/json", content=b'{"a": 1}', headers=json_type)
+            big = c.post("/json", content=b"1" * (LIMIT + 1), headers=json_type)
+            wrong = c.post("/upload", content=b"x", headers={"content-type": "text/plain"})
+    finally:
+        server.shutdown()
+        server.server_close()
+        guarded.close()
+    assert (ok.status_code, ok.content) == (200, b'{"a": 1}')
+    assert big.status_code == 413 and big.json()["max-bytes"] == LIMIT
+    assert wrong.status_code == 415

@@ -121,6 +121,7 @@ class BodyRule:
         else:
             object.__setattr__(self, "_types", None)
         object.__setattr__(self, "_matches_path", _path_matcher(self.path))
+        object.__setattr__(self, "methods", tuple(self.methods))  # hashable, like the rule
         object.__setattr__(self, "_methods", matched_methods(self.methods))
 
     def matches(self, path: str, method: str) -> bool:
