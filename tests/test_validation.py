@@ -520,6 +520,10 @@ def test_a_content_length_lie_never_gets_a_500(guarded: tuple[str, MemoryStore])
     answer = raw_request(url, head % 5, b'{"a":1}' + b"x" * 100_000)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
     assert b"500" not in answer.split(b"\r\n")[0]
+    # A client that waits for `100 Continue` before sending never has to send at all.
+    expecting = head.replace(b"\r\n\r\n", b"\r\nexpect: 100-continue\r\n\r\n")
+    answer = raw_request(url, expecting % HUGE, b"")
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:80]
     with httpx.Client(base_url=url) as client:
         assert client.post("/json", json={"a": 1}).status_code == 200
 
