@@ -256,7 +256,7 @@ def chunked(body: bytes, cuts: list[int]) -> list[bytes]:
     seed=st.binary(min_size=1, max_size=16),
     as_json=st.booleans(),
     cuts=st.lists(st.integers(0, 4 * LIMIT), max_size=6),
-    declared=st.sampled_from(["correct", "small", "large", "absent"]),
+    declared=st.sampled_from(["correct", "small", "large", "absent", "zero"]),
     route=st.sampled_from(["/json", "/upload"]),
     guard=st.sampled_from([STANDALONE, GUARDED]),
 )
@@ -275,6 +275,7 @@ def test_any_body_chunking_and_declared_length(
         body = (seed * size)[:size]
     chunks = chunked(body, cuts)
     length = {"correct": len(body), "small": max(0, len(body) - 7), "large": len(body) + 7}
+    length["zero"] = 0  # declared empty, whatever comes
     headers = [
         (
             b"content-type",

@@ -71,8 +71,8 @@ class BodyRule:
       app reads the same bytes. Without `json`, the body streams to the app as it arrives.
     - `methods`: the methods checked (default POST, PUT, PATCH).
 
-    A request declaring an empty body (`Content-Length: 0`) passes, whatever its type: the
-    app answers what an empty request means. One without `Content-Type` on a JSON route is
+    A request declaring an empty body (`Content-Length: 0`) passes the type and JSON checks:
+    the app answers what an empty request means (its size is still counted). One without `Content-Type` on a JSON route is
     checked as JSON (RFC 9110 §8.3 lets a recipient examine the data); on another route with
     `content_types` it is 415 unless it declares no body at all.
     """
@@ -239,9 +239,11 @@ class RequestValidationMiddleware(StepMiddleware):
             length = declared_length(lengths)
         except BodyProblem as exc:
             return self._refuse(scope, ctx, "length", 400, "Bad Request", str(exc), closing=True)
-        if length == 0:
-            return None
         limit = rule.max_bytes
+        if length == 0:
+            # Nothing to type or parse; the meter still holds a server that lets more through.
+            ctx.receive = _Meter(ctx.receive or receive, limit, self, scope, ctx)
+            return None
         if length is not None and length > limit:
             return self._too_large(scope, ctx, limit, closing=True)
         types = rule._types
