@@ -72,9 +72,9 @@ class BodyRule:
     - `methods`: the methods checked (default POST, PUT, PATCH).
 
     A request declaring an empty body (`Content-Length: 0`) passes the type and JSON checks:
-    the app answers what an empty request means (its size is still counted). One without `Content-Type` on a JSON route is
-    checked as JSON (RFC 9110 §8.3 lets a recipient examine the data); on another route with
-    `content_types` it is 415 unless it declares no body at all.
+    the app answers what an empty request means (its size is still counted). One without
+    `Content-Type` on a JSON route is checked as JSON (RFC 9110 §8.3 lets a recipient examine
+    the data); on another route with `content_types` it is 415 unless it declares no body.
     """
 
     path: str | re.Pattern[str] | None
