@@ -5,6 +5,12 @@
 - `POST /api/embeddings`: needs an embedding API key (no key → 401).
 - `GET /health`: exempt from every check.
 
+Request bodies are the guard's to bound (`GuardSettings.body_rules`, by default
+`default_body_rules()`): a chat body over 1 MiB or an embedding batch over 8 MiB is refused
+with 413 as it arrives (before any of it is read when `Content-Length` says so), a body that
+is not JSON with 415 or 400, so a handler's `await request.body()` reads the bytes the guard
+has already checked, never more.
+
 With `GATEWAY_UPSTREAM_URL` (and `GATEWAY_UPSTREAM_API_KEY`) set, calls go to that
 OpenAI-compatible API; otherwise the local responder answers, so the demo works offline.
 Either way the model, tokens and cost reach the request log through `report_usage`.

@@ -128,7 +128,7 @@ def check_known_figures(snap: dict[str, Any]) -> None:
     assert openai["requests"][-6:] == [1, 1, 1, 1, 1, 0]
     assert (openai["p50"], openai["p95"], openai["tokens"]) == (50, 1000, 60)
     assert (by_name["anthropic"]["p50"], by_name["anthropic"]["p95"]) == (500, 5000)
-    assert snap["refusals"] == {"limit": 1, "bot": 1, "key": 1, "budget": 0}
+    assert snap["refusals"] == {"limit": 1, "bot": 1, "key": 1, "budget": 0, "body": 0}
     assert snap["botEvents"] == [
         {"type": "ai_scraper", "action": "challenged", "count": 1},
         {"type": "bot_useragent", "action": "blocked", "count": 2},

@@ -10,6 +10,7 @@ import {
   noLatencies,
   noRefusals,
   type Refusals,
+  type StoredRefusals,
 } from "./lib/logs";
 import { findKeyById } from "./lib/keys";
 import { vBotAction, vDetectionType, vKind } from "./lib/validators";
@@ -38,6 +39,7 @@ const vRefusals = v.object({
   bot: v.number(),
   key: v.number(),
   budget: v.number(),
+  body: v.number(),
 });
 
 const vSnapshot = v.object({
@@ -80,7 +82,7 @@ type Rollup = {
   tokens: number;
   cost: number;
   latencyBuckets?: number[];
-  refusals?: Refusals;
+  refusals?: StoredRefusals;
 };
 
 type Series = {

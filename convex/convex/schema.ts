@@ -23,7 +23,14 @@ const rollup = {
   // refused, by reason.
   latencyBuckets: v.optional(v.array(v.number())),
   refusals: v.optional(
-    v.object({ limit: v.number(), bot: v.number(), key: v.number(), budget: v.number() }),
+    v.object({
+      limit: v.number(),
+      bot: v.number(),
+      key: v.number(),
+      budget: v.number(),
+      // Refused by request validation; rollups written before it have none.
+      body: v.optional(v.number()),
+    }),
   ),
 };
 

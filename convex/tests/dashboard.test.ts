@@ -89,7 +89,7 @@ describe("snapshot", () => {
     expect(openai.cost).toBeCloseTo(0.75);
     expect(openai.latencyBuckets[latencyBucket(20)]).toBe(2);
     expect(openai.latencyBuckets[latencyBucket(400)]).toBe(1);
-    expect(snap.refusals).toEqual({ limit: 1, bot: 1, key: 1, budget: 0 });
+    expect(snap.refusals).toEqual({ limit: 1, bot: 1, key: 1, budget: 0, body: 0 });
     expect(snap.botEvents).toEqual([{ type: "bot_useragent", action: "blocked", count: 2 }]);
     expect(snap.botSeries).toEqual([2, 0, 0]);
     expect(snap.authFailures).toEqual([0, 0, 1]);

@@ -50,6 +50,11 @@ from convex_guard.middleware.logger import RequestLoggerMiddleware, provider_fro
 from convex_guard.middleware.logwriter import LogWriter
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
 from convex_guard.middleware.rules import Rule, preset_rules
+from convex_guard.middleware.validation import (
+    BodyRule,
+    RequestValidationMiddleware,
+    default_body_rules,
+)
 from convex_guard.stores.base import (
     AIRequestLog,
     AnalyticsStore,
@@ -104,6 +109,7 @@ __all__ = [
     "ApiKeyRecord",
     "ApiKeys",
     "AuthFailure",
+    "BodyRule",
     "BotCategory",
     "BotCheck",
     "BotDetectionMiddleware",
@@ -144,6 +150,7 @@ __all__ = [
     "ProviderStats",
     "RateLimitMiddleware",
     "RequestLoggerMiddleware",
+    "RequestValidationMiddleware",
     "ResilientStore",
     "Rule",
     "Store",
@@ -162,6 +169,7 @@ __all__ = [
     "classify_user_agent",
     "classify_user_agent_uncached",
     "client_ip",
+    "default_body_rules",
     "default_key_routes",
     "fingerprint",
     "generate_key",

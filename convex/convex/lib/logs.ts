@@ -30,7 +30,9 @@ export function hourOf(timestamp: number): number {
  */
 export const LATENCY_BOUNDS_MS = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000];
 
-export type Refusals = { limit: number; bot: number; key: number; budget: number };
+export type Refusals = { limit: number; bot: number; key: number; budget: number; body: number };
+/** Refusals as a rollup stores them: one written before request validation has no `body`. */
+export type StoredRefusals = Omit<Refusals, "body"> & { body?: number };
 
 /** How a logged row's `error` starts when the guard refused it, by reason (the middlewares'
  * rejection reasons; the Python side's `refusal_reason` reads them alike). */
@@ -42,6 +44,7 @@ const REFUSAL_PREFIXES: [string, keyof Refusals][] = [
   ["api_key_missing", "key"],
   ["api_key_scope", "key"],
   ["budget_exceeded", "budget"],
+  ["invalid_body:", "body"],
 ];
 
 export function refusalReason(error: string | undefined): keyof Refusals | undefined {
@@ -55,7 +58,7 @@ export function latencyBucket(latencyMs: number): number {
   return i === -1 ? LATENCY_BOUNDS_MS.length : i;
 }
 
-export const noRefusals = (): Refusals => ({ limit: 0, bot: 0, key: 0, budget: 0 });
+export const noRefusals = (): Refusals => ({ limit: 0, bot: 0, key: 0, budget: 0, body: 0 });
 export const noLatencies = (): number[] => Array(LATENCY_BOUNDS_MS.length + 1).fill(0);
 
 type Sums = { requests: number; successes: number; latencySum: number; tokens: number; cost: number };
@@ -86,17 +89,21 @@ export function addedBuckets(existing: number[] | undefined, more: number[]): nu
   return more.map((n, i) => n + (existing?.[i] ?? 0));
 }
 
-export function addedRefusals(existing: Refusals | undefined, more: Refusals): Refusals {
+export function addedRefusals(
+  existing: StoredRefusals | undefined,
+  more: StoredRefusals,
+): Refusals {
   const base = existing ?? noRefusals();
   return {
     limit: base.limit + more.limit,
     bot: base.bot + more.bot,
     key: base.key + more.key,
     budget: base.budget + more.budget,
+    body: (base.body ?? 0) + (more.body ?? 0),
   };
 }
 
-function added<T extends Sums & Partial<Histograms>>(
+function added<T extends Sums & { latencyBuckets?: number[]; refusals?: StoredRefusals }>(
   existing: T,
   more: Sums & Histograms,
 ): Sums & Histograms {

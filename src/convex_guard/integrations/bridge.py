@@ -280,6 +280,22 @@ def _wait_quietly(done: concurrent.futures.Future[None]) -> None:
         logger.debug("guard stack ended with the app's exception", exc_info=True)
 
 
+#: Hop-by-hop fields (RFC 9110 §7.6.1) are the server's to send: PEP 3333 forbids a WSGI app
+#: to set them (wsgiref refuses the response), so the guard's `Connection: close` stays here.
+_HOP_BY_HOP = frozenset(
+    [
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    ]
+)
+
+
 class _Capture:
     """The outermost `send`: what the guard said (its own response, or the headers it adds)."""
 
@@ -294,6 +310,7 @@ class _Capture:
             self.headers = [
                 (name.decode("latin-1"), value.decode("latin-1"))
                 for name, value in message.get("headers", ())
+                if name.lower() not in _HOP_BY_HOP
             ]
         elif message["type"] == "http.response.body":
             self.body += message.get("body", b"")

@@ -47,6 +47,11 @@ from convex_guard.middleware.logwriter import (
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
 from convex_guard.middleware.rules import Rule, _path_matcher, preset_rules
 from convex_guard.middleware.steps import StepRunner
+from convex_guard.middleware.validation import (
+    BodyRule,
+    RequestValidationMiddleware,
+    default_body_rules,
+)
 from convex_guard.stores.base import (
     BotStore,
     KeyStore,
@@ -119,6 +124,11 @@ class GuardSettings:
       the store is down (`writer_max_backoff` seconds: how soon rows flow after recovery).
       A `ResilientStore` without `on_outage_events` gets the writer's `add`, so bot events
       decided during an outage reach the shared store once it is back.
+    - `body_rules`: request validation (`BodyRule`s: body size while it streams, media types,
+      JSON well-formedness), the first matching rule per request; `None` =
+      `default_body_rules()` (JSON of at most 1 MiB on `/api/ai/…`, `/v1/chat/completions`
+      and `/v1/completions`, 8 MiB on `/api/embeddings` and `/v1/embeddings`); `()` = none.
+      Refusals (413, 415, 400) are logged, in the request log and counted in escalation.
     - `alerts`: anomaly alerts (`convex_guard.alerts.AlertSettings`: rules, webhook); the
       store evaluates the rules with each log batch and the deliverer runs beside the log
       writer. The store must be an `AlertStore`. None (default): no alerts.
@@ -156,6 +166,7 @@ class GuardSettings:
     writer_max_backoff: float = DEFAULT_MAX_BACKOFF
     store_fallback: bool = True
     alerts: CompanionFactory | None = None
+    body_rules: Sequence[BodyRule] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.store, str) and self.store not in ("env", "memory", "convex"):
@@ -195,6 +206,12 @@ class GuardSettings:
             raise ConfigurationError("providers must be a list, not one string")
         for path in self.exempt_paths:
             _path_matcher(path)
+        if self.body_rules is not None:
+            if isinstance(self.body_rules, BodyRule | str):
+                raise ConfigurationError("body_rules must be a list of BodyRule")
+            for rule in self.body_rules:
+                if not isinstance(rule, BodyRule):
+                    raise ConfigurationError(f"body_rules must be BodyRule objects, not {rule!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> GuardSettings:
@@ -237,6 +254,7 @@ class GuardStack:
     keys: ApiKeyMiddleware | None
     bots: BotDetectionMiddleware | None
     limiter: RateLimitMiddleware | None
+    validation: RequestValidationMiddleware | None = None
 
     @functools.cached_property
     def app(self) -> GuardRunner:
@@ -263,7 +281,13 @@ class GuardStack:
         if rules is None:
             rules = [dataclasses.replace(r, fail=settings.fail) for r in preset_rules(env)]
         inner = app
-        limiter = bots = keys = None
+        limiter = bots = keys = validation = None
+        # Innermost: only a request every other check admitted has its body read.
+        body_rules = settings.body_rules
+        if body_rules is None:
+            body_rules = default_body_rules()
+        if body_rules:
+            inner = validation = RequestValidationMiddleware(inner, rules=body_rules, writer=writer)
         if rules:
             inner = limiter = RateLimitMiddleware(
                 inner, store=store, rules=rules, timeout=settings.timeout
@@ -325,6 +349,7 @@ class GuardStack:
             keys=keys,
             bots=bots,
             limiter=limiter,
+            validation=validation,
         )
 
 
@@ -340,8 +365,17 @@ class GuardRunner(StepRunner):
     def __init__(
         self, stack: GuardStack, *, on_shutdown: Callable[[], Awaitable[None]] | None = None
     ) -> None:
-        parts = (stack.stacked, stack.fingerprint, stack.keys, stack.bots, stack.limiter)
-        super().__init__(stack.inner, [step for step in parts if step is not None])
+        parts = (
+            stack.stacked,
+            stack.fingerprint,
+            stack.keys,
+            stack.bots,
+            stack.limiter,
+            stack.validation,
+        )
+        # With validation, the app behind its answering wrapper (a streamed body's 413).
+        app = stack.inner if stack.validation is None else stack.validation.app
+        super().__init__(app, [step for step in parts if step is not None])
         self.stacked = stack.stacked
         self.is_exempt = stack.is_exempt
         self.on_shutdown = on_shutdown

@@ -532,8 +532,8 @@ class AlertStore(Protocol):
 #: convex/convex/lib/logs.ts), so both stores answer the same percentiles.
 LATENCY_BOUNDS_MS: tuple[float, ...] = (10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000)
 
-RefusalReason = Literal["limit", "bot", "key", "budget"]
-REFUSAL_REASONS: tuple[RefusalReason, ...] = ("limit", "bot", "key", "budget")
+RefusalReason = Literal["limit", "bot", "key", "budget", "body"]
+REFUSAL_REASONS: tuple[RefusalReason, ...] = ("limit", "bot", "key", "budget", "body")
 #: How a logged request's `error` starts when the guard refused it, by reason (the
 #: middlewares' `GuardContext.rejected`; the convex rollups classify alike).
 _REFUSAL_PREFIXES: tuple[tuple[str, RefusalReason], ...] = (
@@ -544,6 +544,7 @@ _REFUSAL_PREFIXES: tuple[tuple[str, RefusalReason], ...] = (
     ("api_key_missing", "key"),
     ("api_key_scope", "key"),
     ("budget_exceeded", "budget"),
+    ("invalid_body:", "body"),  # request validation: 413, 415, 400
 )
 
 #: The most buckets one snapshot holds: a chart wider than this says nothing more.

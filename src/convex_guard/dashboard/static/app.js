@@ -5,7 +5,7 @@
   const SVG = "http://www.w3.org/2000/svg";
   const COLORS = ["#4fa3f7", "#f7b84f", "#6fd08c", "#e66f7a", "#b58cf0", "#5ad1d1"];
   const ACTIONS = { allowed: "#6fd08c", challenged: "#f7b84f", blocked: "#e66f7a" };
-  const REASONS = { limit: "#f7b84f", bot: "#e66f7a", key: "#b58cf0", budget: "#5ad1d1" };
+  const REASONS = { limit: "#f7b84f", bot: "#e66f7a", key: "#b58cf0", budget: "#5ad1d1", body: "#8fd16a" };
   const POLL_MS = Math.max(100, Number(document.body.dataset.poll) || 5000);
 
   // The window in the address, else the one the dashboard was started with.
