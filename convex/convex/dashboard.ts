@@ -52,6 +52,7 @@ const vSnapshot = v.object({
     }),
   ),
   refusals: vRefusals,
+  shadowRefusals: vRefusals,
   botEvents: v.array(
     v.object({ type: vDetectionType, action: vBotAction, count: v.number() }),
   ),
@@ -81,6 +82,7 @@ type Rollup = {
   cost: number;
   latencyBuckets?: number[];
   refusals?: Refusals;
+  shadowRefusals?: Refusals;
 };
 
 type Series = {
@@ -142,6 +144,7 @@ export const snapshot = internalQuery({
           ).map((r) => ({ ...r, at: r.minute }));
     const providers = new Map<string, Series>();
     let refusals: Refusals = noRefusals();
+    let shadowRefusals: Refusals = noRefusals();
     for (const r of capped(rollups, ROLLUP_READ_CAP)) {
       let series = providers.get(r.provider);
       if (series === undefined) {
@@ -167,6 +170,8 @@ export const snapshot = internalQuery({
       }
       if (r.refusals !== undefined)
         refusals = addedRefusals(r.refusals, refusals);
+      if (r.shadowRefusals !== undefined)
+        shadowRefusals = addedRefusals(r.shadowRefusals, shadowRefusals);
     }
 
     const events = await ctx.db
@@ -264,6 +269,7 @@ export const snapshot = internalQuery({
         .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
         .map(([provider, s]) => ({ provider, ...s })),
       refusals,
+      shadowRefusals,
       botEvents: [...byKind.values()],
       botSeries,
       authFailures,

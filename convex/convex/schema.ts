@@ -24,6 +24,11 @@ const rollup = {
   refusals: v.optional(
     v.object({ limit: v.number(), bot: v.number(), key: v.number(), budget: v.number() }),
   ),
+  // The requests a shadow rule would have refused, by reason (rollups from before shadow
+  // rules have none: zeros).
+  shadowRefusals: v.optional(
+    v.object({ limit: v.number(), bot: v.number(), key: v.number(), budget: v.number() }),
+  ),
 };
 
 // A key's requests in one minute or hour from one writer, and its latest use among them.

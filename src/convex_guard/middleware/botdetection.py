@@ -102,6 +102,11 @@ class BotDetectionMiddleware(StepMiddleware):
     Needs a fingerprint: run `FingerprintMiddleware` outside it (GuardMiddleware does). With
     `defer=True` the check is left in the guard context for the `RateLimitMiddleware` inside to
     decide together with the request's limits: one store round trip per request.
+
+    `shadow=True` decides and records as ever (the bot event says blocked or challenged, and
+    escalation counts it) but lets the request through, its log row's `shadow` saying what
+    it would have got (`bot_blocked`, `bot_challenged`). The fail policy (`fail="closed"`'s
+    503) is not a decision about the client and stays as configured.
     """
 
     marker = BOT
@@ -122,6 +127,7 @@ class BotDetectionMiddleware(StepMiddleware):
         timeout: float = 0.5,
         fail: Literal["open", "closed"] = "open",
         defer: bool = False,
+        shadow: bool = False,
     ) -> None:
         merged = dict(DEFAULT_POLICY)
         for category, action in (policy or {}).items():
@@ -166,6 +172,7 @@ class BotDetectionMiddleware(StepMiddleware):
         self._bounded = not answers_checked(store)
         self.fail = fail
         self.defer = defer
+        self.shadow = shadow
         self._trouble = ThrottledLog()
         self._classifier_trouble = ThrottledLog()
         self._warned_no_fingerprint = False
@@ -303,6 +310,10 @@ class BotDetectionMiddleware(StepMiddleware):
 
     def _respond(self, ctx: GuardContext, outcome: BotVerdict) -> Refusal | None:
         action = ctx.bot_action = outcome.action
+        if self.shadow:
+            if action != "allowed":
+                ctx.shadow = "bot_blocked" if action == "blocked" else "bot_challenged"
+            return None
         if action == "blocked":
             ctx.rejected = "bot_blocked"
             return problem(

@@ -228,14 +228,14 @@ class RequestLoggerMiddleware(StepMiddleware):
         if provider is None:
             self.writer.add(self._embedding_row(ctx, entry.timestamp, latency, error))
         else:
-            self.writer.add(self._ai_row(scope, ctx, provider, entry.timestamp, latency, error))
+            self.writer.add(self._ai_row(scope, ctx, provider, entry, latency, error))
 
     def _ai_row(
         self,
         scope: Scope,
         ctx: GuardContext,
         provider: str,
-        timestamp: float,
+        entry: LogEntry,
         latency: float,
         error: str | None,
     ) -> AIRequestLog:
@@ -253,10 +253,12 @@ class RequestLoggerMiddleware(StepMiddleware):
         user_id = ctx.user_id
         if user_id is not None and len(user_id) > MAX_STORED:
             user_id = user_id[:MAX_STORED]
+        first = entry.first_output  # a stream's first output
+        shadow = ctx.shadow
         # Positional, in the fields' order: keywords cost more than the rest of the row
         # (one row per request).
         return AIRequestLog(
-            timestamp,
+            entry.timestamp,
             provider,
             usage.model or UNKNOWN_MODEL,
             ctx.fingerprint or "",
@@ -267,6 +269,8 @@ class RequestLoggerMiddleware(StepMiddleware):
             error,
             usage.tokens,
             usage.cost,
+            None if first is None else (first - entry.started) * 1000.0,
+            shadow if shadow is None else shadow[:MAX_STORED],
         )
 
     def _embedding_row(
