@@ -174,11 +174,13 @@ def local_chat(provider: str, request: ChatRequest) -> Reply:
 
 
 async def local_chat_stream(
-    provider: str, request: ChatRequest, *, include_usage: bool, delay: float = STREAM_DELAY
+    provider: str, request: ChatRequest, *, include_usage: bool, delay: float | None = None
 ) -> AsyncIterator[bytes]:
     """`local_chat`'s answer streamed word by word, in OpenAI's chunk shape: a first chunk
     with the role, one per word, one with `finish_reason`, then (when `include_usage`) the
-    usage event (`choices: []`), and `data: [DONE]`."""
+    usage event (`choices: []`), and `data: [DONE]`. `delay`: seconds between words
+    (default `STREAM_DELAY`)."""
+    pause = STREAM_DELAY if delay is None else delay
     reply = local_chat(provider, request)
     body = reply.body
     text: str = body["choices"][0]["message"]["content"]
@@ -199,7 +201,7 @@ async def local_chat_stream(
     yield delta({"role": "assistant", "content": ""})
     words = text.split(" ")
     for i, word in enumerate(words):
-        await asyncio.sleep(delay)
+        await asyncio.sleep(pause)
         yield delta({"content": word if i == len(words) - 1 else word + " "})
     yield delta({}, "stop")
     if include_usage:

@@ -180,7 +180,7 @@ class RateLimitMiddleware(StepMiddleware):
         )
         if not outcome.ok:
             checked = await self._shadowed(scope, ctx, rules, limits, results, policy)
-            if not isinstance(checked, tuple):
+            if checked is None or not isinstance(checked, tuple):
                 return checked
             results = checked
             for rule, result in zip(rules, results):  # noqa: B905 (as above)
@@ -204,24 +204,32 @@ class RateLimitMiddleware(StepMiddleware):
         limits: Sequence[LimitRequest],
         results: Sequence[LimitResult],
         policy: str,
-    ) -> Refusal | tuple[LimitResult, ...]:
-        """A denied check: the 429 when an enforced rule refused, else (only shadow rules
-        refused) the results to answer with, once the rules that admitted the request are
-        consumed in a second store call, as if the shadow rules were not there. The shadow
-        rules' refusal goes to `ctx.shadow` either way."""
-        violated = [
-            (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
-        ]
-        shadowed = [rule.name for rule, _ in violated if rule.shadow]
-        if shadowed:
-            ctx.shadow = "rate_limited:" + ",".join(shadowed)
-        enforced = [(rule, result) for rule, result in violated if not rule.shadow]
-        if enforced:
-            return self._refusal(ctx, enforced, policy)
-        admitted = [i for i, result in enumerate(results) if result.ok]
-        final = list(results)
-        if not admitted:
-            return tuple(final)
+    ) -> Refusal | tuple[LimitResult, ...] | None:
+        """A denied check: the 429 when an enforced rule refused, else (only shadow rules, or
+        a bot check in shadow mode, refused) the results to answer with, once the limits that
+        admitted the request are consumed in a second store call, as if what refused in
+        shadow were not there (None: that call failed open, no fields). The shadow rules'
+        refusal goes to `ctx.shadow` either way."""
+        final: list[LimitResult] | None = None
+        if len(results) != len(rules):
+            # The bot's verdict (in shadow mode) stopped the store before any limit.
+            admitted = list(range(len(rules)))
+        else:
+            violated = [
+                (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
+            ]
+            shadowed = [rule.name for rule, _ in violated if rule.shadow]
+            if shadowed:
+                note = "rate_limited:" + ",".join(shadowed)
+                # After a bot verdict in shadow mode, which stays first (its reason counts).
+                ctx.shadow = note if ctx.shadow is None else f"{ctx.shadow} {note}"
+            enforced = [(rule, result) for rule, result in violated if not rule.shadow]
+            if enforced:
+                return self._refusal(ctx, enforced, policy)
+            admitted = [i for i, result in enumerate(results) if result.ok]
+            final = list(results)
+            if not admitted:
+                return tuple(final)
         try:
             wanted = [limits[i] for i in admitted]
             if self._bounded:
@@ -236,9 +244,12 @@ class RateLimitMiddleware(StepMiddleware):
             )
             if any(rules[i].fail == "closed" for i in admitted):
                 return self._unavailable(ctx)
-            return tuple(final)
-        for i, result in zip(admitted, again.results):  # noqa: B905 (checked lengths)
-            final[i] = result
+            return None if final is None else tuple(final)
+        if final is None:
+            final = list(again.results)
+        else:
+            for i, result in zip(admitted, again.results):  # noqa: B905 (checked lengths)
+                final[i] = result
         if not again.ok:  # another request took the last tokens in between
             return await self._shadowed(scope, ctx, rules, limits, final, policy)
         return tuple(final)
