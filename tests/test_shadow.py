@@ -19,8 +19,10 @@ from starlette.routing import Route
 from convex_guard import (
     HOUR,
     MINUTE,
+    ConfigurationError,
     ConvexStore,
     GuardMiddleware,
+    GuardSettings,
     KeyRoute,
     MemoryStore,
     Rule,
@@ -163,3 +165,9 @@ def test_a_shadow_guard_refuses_nothing_but_keys_stay_enforced(stores: tuple[Any
         assert [row.shadow for row in rows[1:4]] == [None] + ["rate_limited:tight"] * 2
         assert all(row.success for row in rows[:4])
         assert rows[4].error == "api_key_missing" and rows[4].shadow is None
+
+
+@pytest.mark.parametrize("options", [{"shadow": "yes"}, {"provider": "openai"}])
+def test_bad_shadow_and_provider_settings_fail_at_construction(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        GuardSettings(store=MemoryStore(), **options)

@@ -160,3 +160,11 @@ def test_event_stream_content_type() -> None:
     assert not is_event_stream([(b"content-type", b"application/json")])
     assert not is_event_stream([])
     assert not is_event_stream(None)
+
+
+def test_the_bounds_are_report_usages() -> None:
+    from convex_guard.core import streamusage
+    from convex_guard.middleware import logger
+
+    assert streamusage.MAX_TOKENS == logger.MAX_TOKENS
+    assert streamusage.MAX_MODEL_LENGTH == logger.MAX_MODEL_LENGTH

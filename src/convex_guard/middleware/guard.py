@@ -193,6 +193,10 @@ class GuardSettings:
                 raise ConfigurationError(f"{name} must be a list, not one string")
         if isinstance(self.providers, str):
             raise ConfigurationError("providers must be a list, not one string")
+        if not isinstance(self.shadow, bool):
+            raise ConfigurationError("shadow must be True or False")
+        if self.provider is not None and not callable(self.provider):
+            raise ConfigurationError("provider must be a function of the ASGI scope")
         for path in self.exempt_paths:
             _path_matcher(path)
 

@@ -71,7 +71,8 @@ def report_usage(
     log: `tokens` and `items` are ints (not bools) from 0 to `MAX_TOKENS` (10**12) and
     `MAX_ITEMS` (10**9), `cost` a finite number from 0 to `MAX_COST` (1e9), `model` a string
     of at most `MAX_MODEL_LENGTH` (256) printable characters. A number from an upstream's
-    answer is the app's to check before it reports it.
+    answer is the app's to check before it reports it. For a streamed answer the logger reads
+    what is not reported off the stream itself (its usage event): what is reported wins.
     """
     scope = (
         request_or_scope if isinstance(request_or_scope, MutableMapping) else request_or_scope.scope
@@ -160,6 +161,12 @@ class RequestLoggerMiddleware(StepMiddleware):
     other provider is logged as `other`, its raw name cut to 64 characters and escaped in the
     row's `error` (`provider:<name>`, after the request's own error if it has one); it does
     not make the request count as failed.
+
+    A `text/event-stream` response is read as it is sent, chunk by chunk and unbuffered:
+    what the app did not report comes from the stream's final usage event (OpenAI's
+    `stream_options.include_usage` shape), and the row gets `ttft_ms`, the time to the first
+    output (see `middleware.steps.stream_usage`). Rows carry `shadow` when a shadow rule or
+    a guard in shadow mode would have refused the request.
 
     Rows go through `writer` (by default the store's shared `LogWriter`), which this
     middleware starts at lifespan startup and flushes completely at shutdown; see `LogWriter`
