@@ -28,7 +28,7 @@ from convex_guard import (
     Rule,
     TokenBucket,
 )
-from convex_guard.stores.base import DashboardSnapshot, ProviderStats
+from convex_guard.stores.base import AIRequestLog, DashboardSnapshot, LogBatch, ProviderStats
 
 from .conftest import ConvexTestServer, serve
 from .e2e_checks import BROWSER
@@ -171,3 +171,25 @@ def test_a_shadow_guard_refuses_nothing_but_keys_stay_enforced(stores: tuple[Any
 def test_bad_shadow_and_provider_settings_fail_at_construction(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         GuardSettings(store=MemoryStore(), **options)
+
+
+def test_convex_stores_the_new_row_fields(convex_server: ConvexTestServer) -> None:
+    """`ttft_ms` and `shadow` pass the deployment's validator (a field it did not know would
+    refuse the whole batch) and the stats count the shadow row."""
+    convex_server.reset()
+    now = time.time() * 1000
+
+    async def run() -> ProviderStats:
+        store = ConvexStore(convex_server.url, convex_server.admin_key, timeout=10)
+        try:
+            row = AIRequestLog(now, "groq", "m", "f", "192.0.2.1", True, 80.0, ttft_ms=12.5)
+            shadowed = AIRequestLog(
+                now, "groq", "m", "f", "192.0.2.1", True, 5.0, shadow="rate_limited:trial"
+            )
+            await store.write_logs(LogBatch("b1", ai_requests=[row, shadowed]))
+            return await store.provider_stats("groq", now - MINUTE, now + MINUTE)
+        finally:
+            await store.close()
+
+    stats = asyncio.run(run())
+    assert stats.total_requests == 2 and stats.shadow_refusals == 1

@@ -82,13 +82,25 @@ async def streamed(request: Request) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
+async def ticks(request: Request) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(3):
+            yield f"event: tick\ndata: {i}\n\n".encode()
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
 async def plain(request: Request) -> JSONResponse:
     return JSONResponse({"usage": USAGE})
 
 
 def make_app(store: MemoryStore, *, stacked: bool = False) -> Any:
     app = Starlette(
-        routes=[Route(PATH, streamed, methods=["POST"]), Route("/api/ai/openai/plain", plain)]
+        routes=[
+            Route(PATH, streamed, methods=["POST"]),
+            Route("/api/ai/openai/plain", plain),
+            Route("/api/ai/openai/ticks", ticks),
+        ]
     )
     app.state.gates = Gates()
     if stacked:  # the logger alone, as a middleware of its own
@@ -218,6 +230,17 @@ def test_other_responses_are_not_read(server: tuple[RunningServer, MemoryStore, 
         assert client.get("/api/ai/openai/plain").json() == {"usage": USAGE}
     [row] = rows_after(store, seen)
     assert row.tokens_used is None and row.ttft_ms is None
+
+
+def test_an_event_stream_of_another_shape_reports_nothing(
+    server: tuple[RunningServer, MemoryStore, Gates],
+) -> None:
+    running, store, _ = server
+    seen = len(store.ai_logs)
+    with httpx.Client(base_url=running.url, timeout=10) as client:
+        assert "data: 2" in client.get("/api/ai/openai/ticks").text
+    [row] = rows_after(store, seen)
+    assert row.tokens_used is None and row.ttft_ms is None and row.model == "unknown"
 
 
 def test_the_logger_alone_reads_streams_too() -> None:

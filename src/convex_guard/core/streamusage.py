@@ -46,8 +46,9 @@ class UsageReader:
     """Reads one response stream: `feed` each body chunk, in order, as it is sent.
 
     After the stream: `usage` (the last valid usage event, None if none came), `model`
-    (the first chunk's), `done` (`[DONE]` arrived), `problem` (why a usage event was
-    ignored, for the log) and `estimated_completion_tokens` (see the module's docstring).
+    (the first chunk's), `done` (`[DONE]` arrived), `chunks` (events of the OpenAI shape),
+    `problem` (why a usage event was ignored, for the log) and `estimated_completion_tokens`
+    (see the module's docstring).
     """
 
     __slots__ = (
@@ -57,6 +58,7 @@ class UsageReader:
         "_line",
         "_line_size",
         "_skipping",
+        "chunks",
         "done",
         "model",
         "problem",
@@ -77,6 +79,8 @@ class UsageReader:
         self.done = False
         self.problem: str | None = None
         self.text_chars = 0
+        #: Chunks of the OpenAI shape read so far (events with a `choices` list).
+        self.chunks = 0
         #: Events that carried generated output so far (text, a tool call, a refusal).
         self.tokens_seen = 0
 
@@ -197,6 +201,7 @@ class UsageReader:
             self.model = model
         choices = event.get("choices")
         if isinstance(choices, list):
+            self.chunks += 1
             output = False
             for choice in choices:
                 if isinstance(choice, dict) and self._read_choice(choice):

@@ -217,7 +217,8 @@ def stream_usage(ctx: GuardContext, reader: UsageReader, trouble: ThrottledLog) 
     usage event (the client went away first, the upstream was not asked for one, or its
     numbers were not token counts: logged, then ignored) it is the completion tokens the
     text sent amounts to (`UsageReader.estimated_completion_tokens`, four characters a
-    token), when the stream carried any chunk of output or ended; the prompt is not in it.
+    token; 0 when it was cut off before any), once the stream was seen to be of that shape;
+    the prompt is not in it.
     `model` is the stream's own.
     """
     if reader.problem is not None:
@@ -236,7 +237,7 @@ def stream_usage(ctx: GuardContext, reader: UsageReader, trouble: ThrottledLog) 
                 if total is None:
                     total = read.prompt_tokens
             usage.tokens = total
-        elif reader.tokens_seen or reader.done:
+        elif reader.chunks or reader.tokens_seen or reader.done:
             usage.tokens = reader.estimated_completion_tokens
 
 
