@@ -14,7 +14,6 @@ from convex_guard.core.streamusage import (
     MAX_EVENT_BYTES,
     StreamUsage,
     UsageReader,
-    is_event_stream,
 )
 
 
@@ -152,14 +151,6 @@ def test_tool_calls_and_legacy_text_are_output() -> None:
     )
     assert firsts == [0] and reader.tokens_seen == 2
     assert reader.text_chars == len('{"a": 1}') + 3
-
-
-def test_event_stream_content_type() -> None:
-    assert is_event_stream([(b"content-type", b"text/event-stream; charset=utf-8")])
-    assert is_event_stream([(b"x", b"y"), (b"Content-Type", b"Text/Event-Stream")])
-    assert not is_event_stream([(b"content-type", b"application/json")])
-    assert not is_event_stream([])
-    assert not is_event_stream(None)
 
 
 def test_the_bounds_are_report_usages() -> None:

@@ -277,22 +277,9 @@ def _arguments_chars(calls: list[object]) -> int:
     return total
 
 
-def is_event_stream(headers: object) -> bool:
-    """Whether a response start's headers (ASGI: (name, value) byte pairs) say
-    `Content-Type: text/event-stream`."""
-    if not isinstance(headers, (list, tuple)):
-        return False
-    for pair in headers:
-        name, value = pair
-        if name.lower() == b"content-type":
-            return bytes(value[:17]).lower() == b"text/event-stream"
-    return False
-
-
 __all__ = [
     "CHARS_PER_TOKEN",
     "MAX_EVENT_BYTES",
     "StreamUsage",
     "UsageReader",
-    "is_event_stream",
 ]

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convex_guard.core.logs import ThrottledLog, logger, printable
 from convex_guard.core.problem import refuse
-from convex_guard.core.streamusage import UsageReader, is_event_stream
+from convex_guard.core.streamusage import UsageReader
 from convex_guard.middleware.context import GuardContext, LogEntry, Usage, guard_context
 from convex_guard.middleware.logwriter import LogWriter, run_lifespan
 from convex_guard.middleware.order import check_inside, fail_startup, mark
@@ -186,8 +186,13 @@ def _wrapped_send(
             if message["type"] == "http.response.start":
                 if entry is not None:
                     entry.status = message["status"]
-                    if is_event_stream(message.get("headers")):
-                        entry.stream = UsageReader()
+                    # Inline, not `is_event_stream`: every logged response passes here. ASGI
+                    # header names are lower case; a media type may be in any case.
+                    for name, value in message.get("headers", ()):
+                        if name == b"content-type":
+                            if value[:17].lower() == b"text/event-stream":
+                                entry.stream = UsageReader()
+                            break
                 if headers is not None:
                     message["headers"] = [*message.get("headers", ()), *headers]
                 await send(message)
