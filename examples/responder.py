@@ -244,7 +244,7 @@ def _usage_event(event: bytes, reader: UsageReader) -> bool:
     data = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
     try:
         parsed = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     if not (isinstance(parsed, dict) and parsed.get("choices") == [] and parsed.get("usage")):
         return False

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from convex_guard import GuardMiddleware, GuardSettings, MemoryStore, report_usage
-from convex_guard.core.streamusage import CHARS_PER_TOKEN
+from convex_guard.core.streamusage import CHARS_PER_TOKEN, UsageReader
 from convex_guard.middleware.logger import RequestLoggerMiddleware
 from convex_guard.middleware.logwriter import LogWriter
 from convex_guard.stores.base import AIRequestLog
@@ -248,3 +248,21 @@ def test_the_logger_alone_reads_streams_too() -> None:
     with serve(make_app(store, stacked=True)) as running:
         _, row, _ = stream_once(running, "usage", store)
     assert row.tokens_used == 42 and row.ttft_ms is not None
+
+
+def test_a_failing_reader_leaves_the_stream_whole(
+    server: tuple[RunningServer, MemoryStore, Gates],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    running, store, _ = server
+
+    def broken(self: UsageReader, chunk: bytes) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(UsageReader, "feed", broken)
+    with caplog.at_level(logging.ERROR, logger="convex_guard"):
+        text, row, _ = stream_once(running, "usage", store)
+    assert text.endswith("data: [DONE]\n\n") and "word5" in text
+    assert row.success and row.tokens_used is None
+    assert any("reader failed" in r.getMessage() for r in caplog.records)

@@ -159,3 +159,9 @@ def test_the_bounds_are_report_usages() -> None:
 
     assert streamusage.MAX_TOKENS == logger.MAX_TOKENS
     assert streamusage.MAX_MODEL_LENGTH == logger.MAX_MODEL_LENGTH
+
+
+def test_json_nested_past_the_decoders_depth_is_skipped() -> None:
+    deep = b"data: " + b"[" * (MAX_EVENT_BYTES - 10) + b"\n\n"
+    reader, _ = read([deep, event({"choices": [], "usage": USAGE})])
+    assert reader.usage == StreamUsage(11, 7, 18)

@@ -185,8 +185,8 @@ class UsageReader:
             return
         try:
             event = json.loads(payload)
-        except ValueError:  # not JSON (or not UTF-8): not an event this reader knows
-            return
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the
+            return  # decoder's depth: not an event this reader knows
         if isinstance(event, dict):
             self._read(event)
 

@@ -178,7 +178,8 @@ def _wrapped_send(
 
     A logged event-stream response (`Content-Type: text/event-stream`) gets a `UsageReader`
     in `entry.stream`, fed each body chunk after it is handed on (nothing is held back: the
-    client gets every chunk as the app sends it); other responses pay one test per message.
+    client gets every chunk as the app sends it); other responses pay a look at their
+    content type.
     """
     if kind == "http":
 
@@ -186,8 +187,8 @@ def _wrapped_send(
             if message["type"] == "http.response.start":
                 if entry is not None:
                     entry.status = message["status"]
-                    # Inline, not `is_event_stream`: every logged response passes here. ASGI
-                    # header names are lower case; a media type may be in any case.
+                    # Inline: every logged response passes here. ASGI header names are
+                    # lower case; a media type may be in any case.
                     for name, value in message.get("headers", ()):
                         if name == b"content-type":
                             if value[:17].lower() == b"text/event-stream":
@@ -200,8 +201,13 @@ def _wrapped_send(
             await send(message)
             if entry is not None:
                 reader = entry.stream
-                if reader is not None and reader.feed(message.get("body", b"")):
-                    entry.first_output = time.perf_counter()
+                if reader is not None:
+                    try:
+                        if reader.feed(message.get("body", b"")):
+                            entry.first_output = time.perf_counter()
+                    except Exception:  # a bug in the reader must not break the app's stream
+                        logger.exception("Stream usage reader failed; the stream is not read")
+                        entry.stream = None
 
         return http_send
 
@@ -223,8 +229,7 @@ def stream_usage(ctx: GuardContext, reader: UsageReader, trouble: ThrottledLog) 
     numbers were not token counts: logged, then ignored) it is the completion tokens the
     text sent amounts to (`UsageReader.estimated_completion_tokens`, four characters a
     token; 0 when it was cut off before any), once the stream was seen to be of that shape;
-    the prompt is not in it.
-    `model` is the stream's own.
+    the prompt is not in it. `model` is the stream's own.
     """
     if reader.problem is not None:
         trouble.warning("Stream usage event ignored: %s", reader.problem)
