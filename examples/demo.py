@@ -52,7 +52,7 @@ def token_rules() -> list[Rule]:
         ),
         Rule(
             "keyDailyBudget",
-            FixedWindow(rate=KEY_DAILY_BUDGET_USD, period=DAY),
+            FixedWindow(rate=KEY_DAILY_BUDGET_USD, period=DAY, start=0),  # UTC days
             key="api_key",
             path=COMPLETIONS_PATH,
             **usd,
