@@ -16,7 +16,8 @@ import uvicorn
 
 from convex_guard import DAY, MINUTE, ApiKeys, FixedWindow, MemoryStore, Rule, preset_rules
 
-from .gateway import COMPLETIONS_PATH, create_app, gateway_settings
+from .gateway import COMPLETIONS_PATH, COMPLETIONS_PROVIDER, create_app, gateway_settings
+from .responder import PRICE_PER_MILLION
 
 HOST = "127.0.0.1"
 PORT = int(os.environ.get("PORT", "8000"))
@@ -27,21 +28,24 @@ KEY_TOKENS_PER_MINUTE = 20_000
 #: What one AI key may spend a day, in USD: at the local responder's illustrative price
 #: (0.60 USD per million tokens, about 35 tokens a call) some 25 calls.
 KEY_DAILY_BUDGET_USD = 0.0005
+#: The demo's models, priced as the gateway prices its `openai` answers (USD per million
+#: tokens): what the budget reserves on arrival (the prompt and `max_tokens`) and charges.
+DEMO_PRICES = {"gpt-4o-mini": PRICE_PER_MILLION[COMPLETIONS_PROVIDER]}
 
 
 def token_rules() -> list[Rule]:
     """The per-key token limit and daily cost budget, as rules whose unit is not requests.
 
-    Written against `Rule(unit=…)`: `"tokens"` reserves each request's estimate on arrival
-    and settles on the usage reported (or read off the stream), `"usd"` charges the cost
-    reported and refuses with the `budget-exceeded` problem. A build whose `Rule` has no
-    `unit` yet gets none of the two (`budget_rules_available`).
+    `Rule(unit="tokens")` reserves each request's estimate on arrival and settles on the
+    usage reported (or read off the stream); `unit="cost"` does the same in USD, at
+    `DEMO_PRICES`, and refuses with the `budget-exceeded` problem. A build whose `Rule` has
+    no `unit` gets neither (`budget_rules_available`).
     """
     if not budget_rules_available():
         return []
     # Keywords through a dict: this module type-checks with and without `Rule.unit`.
     tokens: dict[str, Any] = {"unit": "tokens"}
-    usd: dict[str, Any] = {"unit": "usd"}
+    usd: dict[str, Any] = {"unit": "cost", "prices": DEMO_PRICES}
     return [
         Rule(
             "keyTokensPerMinute",
@@ -103,11 +107,13 @@ Demo AI key (shown once), for the OpenAI-compatible {COMPLETIONS_PATH}: {ai_key}
      -d '{stream}'
 """
     if budget_rules_available():
+        small = chat[:-1] + ',"max_tokens":50}'
         text += f"""
 5. The key's daily budget ({KEY_DAILY_BUDGET_USD} USD) running out: 200s, then 429
-   (budget-exceeded) once the calls have cost what the day allows:
+   (budget-exceeded) once the calls have cost what the day allows (each reserves its
+   prompt and max_tokens on arrival, and is charged what it used):
    for i in $(seq 1 40); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST \\
-     {base}{COMPLETIONS_PATH} -H 'Authorization: Bearer {ai_key}' -d '{chat}'; done; echo
+     {base}{COMPLETIONS_PATH} -H 'Authorization: Bearer {ai_key}' -d '{small}'; done; echo
 """
     return text
 
