@@ -38,6 +38,7 @@ from convex_guard import (
     report_usage,
 )
 from convex_guard.core.streamusage import StreamUsage
+from convex_guard.middleware.context import request_route
 
 from .responder import (
     EVENT_STREAM,
@@ -73,9 +74,9 @@ _per_provider = provider_from_path()
 
 
 def gateway_provider(scope: Scope) -> str | None:
-    """The request log's provider: `/api/ai/{provider}/…`, and `openai` for `/v1/…`."""
-    path: str = scope.get("path", "")
-    if path == COMPLETIONS_PATH:
+    """The request log's provider: `/api/ai/{provider}/…`, and `openai` for `/v1/…` (paths
+    as Starlette routes them, without the `root_path` of a mount)."""
+    if request_route(scope)[1] == COMPLETIONS_PATH:
         return COMPLETIONS_PROVIDER
     return _per_provider(scope)
 
