@@ -3,6 +3,10 @@
 Request validation (pydantic), a deterministic local responder so the demo works offline, and
 an optional OpenAI-compatible upstream (`GATEWAY_UPSTREAM_URL`, `GATEWAY_UPSTREAM_API_KEY`).
 
+The local responder also streams (`local_chat_stream`): word by word, as server-sent events in
+OpenAI's chunk shape, ending with the usage event when asked (`stream_options.include_usage`)
+and `data: [DONE]`. `relay` passes a stream on to the client, chunk by chunk.
+
 Token counts from the local responder are an approximation: a token is a run of word
 characters or a single punctuation mark (`\\w+|[^\\w\\s]`), which is close to, but not the same
 as, a BPE tokenizer's count. Costs use an illustrative price per million tokens per provider.
@@ -10,6 +14,7 @@ as, a BPE tokenizer's count. Costs use an illustrative price per million tokens 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -17,11 +22,15 @@ import math
 import os
 import re
 import struct
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import httpx
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from convex_guard.core.streamusage import StreamUsage, UsageReader
 
 PROVIDERS = ("openai", "openrouter", "groq", "perplexity", "ollama", "lmstudio")
 #: Illustrative USD prices per million tokens, for the request log's cost column.
@@ -39,6 +48,9 @@ DEFAULT_UPSTREAM_TIMEOUT = 30.0
 #: The most tokens one answer is believed to use (what `report_usage` accepts); a larger,
 #: negative, fractional or missing count from an upstream is logged as unknown.
 MAX_TOKENS = 10**12
+#: Seconds between the local responder's streamed words: slow enough to watch in a terminal.
+STREAM_DELAY = 0.02
+EVENT_STREAM = "text/event-stream"
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 
 logger = logging.getLogger(__name__)
@@ -60,12 +72,32 @@ class ChatMessage(BaseModel):
     content: Annotated[str, Field(max_length=32_000)]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
 class ChatRequest(BaseModel):
     """The OpenAI chat-completions body, the fields the gateway needs (others are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
     model: ModelName
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    #: Only `POST /v1/chat/completions` streams; the per-provider route ignores both.
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def upstream_body(self, *, stream: bool) -> dict[str, Any]:
+        """What is forwarded: a stream always asks for its usage (the request log reads it)."""
+        body = self.model_dump(exclude={"stream", "stream_options"})
+        if stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        return body
 
 
 class EmbeddingRequest(BaseModel):
@@ -139,6 +171,85 @@ def local_chat(provider: str, request: ChatRequest) -> Reply:
         request.model,
         prompt + completion,
     )
+
+
+async def local_chat_stream(
+    provider: str, request: ChatRequest, *, include_usage: bool, delay: float | None = None
+) -> AsyncIterator[bytes]:
+    """`local_chat`'s answer streamed word by word, in OpenAI's chunk shape: a first chunk
+    with the role, one per word, one with `finish_reason`, then (when `include_usage`) the
+    usage event (`choices: []`), and `data: [DONE]`. `delay`: seconds between words
+    (default `STREAM_DELAY`)."""
+    pause = STREAM_DELAY if delay is None else delay
+    reply = local_chat(provider, request)
+    body = reply.body
+    text: str = body["choices"][0]["message"]["content"]
+    base = {
+        "id": body["id"],
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body["model"],
+    }
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
+
+    def event(choices: list[dict[str, Any]], **more: Any) -> bytes:
+        return b"data: " + json.dumps({**base, "choices": choices, **more}).encode() + b"\n\n"
+
+    def delta(content: dict[str, str], finish: str | None = None) -> bytes:
+        return event([{"index": 0, "delta": content, "finish_reason": finish}], **extra)
+
+    yield delta({"role": "assistant", "content": ""})
+    words = text.split(" ")
+    for i, word in enumerate(words):
+        await asyncio.sleep(pause)
+        yield delta({"content": word if i == len(words) - 1 else word + " "})
+    yield delta({}, "stop")
+    if include_usage:
+        yield event([], usage=body["usage"])
+    yield b"data: [DONE]\n\n"
+
+
+async def relay(
+    chunks: AsyncIterator[bytes],
+    *,
+    keep_usage: bool,
+    on_usage: Callable[[StreamUsage], None],
+) -> AsyncIterator[bytes]:
+    """Pass a stream that carries its usage event on to the client, chunk by chunk, as it
+    comes; `on_usage` gets the usage at the end. With `keep_usage=False` (the client did not
+    ask for it) the usage event is taken out, the rest still passed on as each event ends."""
+    reader = UsageReader()
+    if keep_usage:
+        async for chunk in chunks:
+            yield chunk
+            reader.feed(chunk)
+    else:
+        pending = b""
+        async for chunk in chunks:
+            pending = (pending + chunk).replace(b"\r\n", b"\n")
+            *events, pending = pending.split(b"\n\n")
+            out = [e + b"\n\n" for e in events if not _usage_event(e, reader)]
+            if out:
+                yield b"".join(out)
+        if pending:
+            yield pending
+    if reader.usage is not None:
+        on_usage(reader.usage)
+
+
+def _usage_event(event: bytes, reader: UsageReader) -> bool:
+    """Whether `event` is the stream's usage event (`choices: []` and a usage), read if so."""
+    if b'"usage"' not in event:
+        return False
+    data = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+    try:
+        parsed = json.loads(data)
+    except (ValueError, RecursionError):
+        return False
+    if not (isinstance(parsed, dict) and parsed.get("choices") == [] and parsed.get("usage")):
+        return False
+    reader.feed(event + b"\n\n")
+    return True
 
 
 def _completion(digest: str, model: str, text: str, prompt: int, completion: int) -> dict[str, Any]:
@@ -244,13 +355,52 @@ class Upstream:
         try:
             response = await client.post(
                 f"{self.url}/chat/completions",
-                json=request.model_dump(),
+                json=request.upstream_body(stream=False),
                 headers=self.headers(),
                 timeout=self.timeout,
             )
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
         return self._reply(response, request.model)
+
+    async def chat_stream(
+        self, client: httpx.AsyncClient, request: ChatRequest
+    ) -> AsyncIterator[bytes]:
+        """The upstream's streamed answer, asked with `stream_options.include_usage`.
+
+        The answer's status is checked before this returns (a failure is an `UpstreamError`,
+        a 502 for the client); the chunks are then passed on as they arrive. An upstream
+        that fails mid-stream ends the stream there (logged): the client has its 200 already.
+        """
+        try:
+            response = await client.send(
+                client.build_request(
+                    "POST",
+                    f"{self.url}/chat/completions",
+                    json=request.upstream_body(stream=True),
+                    headers=self.headers(),
+                    timeout=self.timeout,
+                ),
+                stream=True,
+            )
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"upstream unreachable: {type(exc).__name__}") from None
+        kind = response.headers.get("content-type", "")
+        if response.status_code >= 400 or not kind.startswith(EVENT_STREAM):
+            await response.aclose()
+            if response.status_code >= 400:
+                raise UpstreamError(f"upstream answered HTTP {response.status_code}")
+            raise UpstreamError("upstream answered a stream request without an event stream")
+        return self._chunks(response)
+
+    async def _chunks(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_bytes():  # decoded: no Content-Encoding is passed on
+                yield chunk
+        except httpx.HTTPError as exc:
+            logger.warning("Upstream %s: the stream broke off (%s)", self.url, type(exc).__name__)
+        finally:
+            await response.aclose()
 
     async def embeddings(self, client: httpx.AsyncClient, request: EmbeddingRequest) -> Reply:
         try:

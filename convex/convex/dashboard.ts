@@ -54,6 +54,7 @@ const vSnapshot = v.object({
     }),
   ),
   refusals: vRefusals,
+  shadowRefusals: vRefusals,
   botEvents: v.array(
     v.object({ type: vDetectionType, action: vBotAction, count: v.number() }),
   ),
@@ -83,6 +84,7 @@ type Rollup = {
   cost: number;
   latencyBuckets?: number[];
   refusals?: StoredRefusals;
+  shadowRefusals?: StoredRefusals;
 };
 
 type Series = {
@@ -144,6 +146,7 @@ export const snapshot = internalQuery({
           ).map((r) => ({ ...r, at: r.minute }));
     const providers = new Map<string, Series>();
     let refusals: Refusals = noRefusals();
+    let shadowRefusals: Refusals = noRefusals();
     for (const r of capped(rollups, ROLLUP_READ_CAP)) {
       let series = providers.get(r.provider);
       if (series === undefined) {
@@ -169,6 +172,8 @@ export const snapshot = internalQuery({
       }
       if (r.refusals !== undefined)
         refusals = addedRefusals(r.refusals, refusals);
+      if (r.shadowRefusals !== undefined)
+        shadowRefusals = addedRefusals(r.shadowRefusals, shadowRefusals);
     }
 
     const events = await ctx.db
@@ -266,6 +271,7 @@ export const snapshot = internalQuery({
         .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
         .map(([provider, s]) => ({ provider, ...s })),
       refusals,
+      shadowRefusals,
       botEvents: [...byKind.values()],
       botSeries,
       authFailures,

@@ -32,6 +32,17 @@ const rollup = {
       body: v.optional(v.number()),
     }),
   ),
+  // The requests a shadow rule would have refused, by reason (rollups from before shadow
+  // rules have none: zeros).
+  shadowRefusals: v.optional(
+    v.object({
+      limit: v.number(),
+      bot: v.number(),
+      key: v.number(),
+      budget: v.number(),
+      body: v.optional(v.number()),
+    }),
+  ),
 };
 
 // A key's requests in one minute or hour from one writer, and its latest use among them.

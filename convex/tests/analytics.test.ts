@@ -28,10 +28,11 @@ function naive(provider: string, start: number, end: number, all: typeof rows) {
   const hit = all.filter((r) => r.provider === provider && r.timestamp >= start && r.timestamp <= end);
   const n = hit.length;
   if (n === 0) {
-    return { totalRequests: 0, successRate: 0, averageLatency: 0, totalTokens: 0, totalCost: 0, truncated: false };
+    return { totalRequests: 0, successRate: 0, averageLatency: 0, totalTokens: 0, totalCost: 0, truncated: false, shadowRefusals: 0 };
   }
   return {
     truncated: false,
+    shadowRefusals: 0,
     totalRequests: n,
     successRate: hit.filter((r) => r.success).length / n,
     averageLatency: hit.reduce((s, r) => s + r.latencyMs, 0) / n,
@@ -56,7 +57,7 @@ describe("getProviderStats", () => {
 
   test("no requests in range: zeros, never NaN", async () => {
     await t.mutation(internal.logs.writeBatch, { ...emptyBatch, batchId: "b1", aiRequests: rows });
-    const zeros = { totalRequests: 0, successRate: 0, averageLatency: 0, totalTokens: 0, totalCost: 0, truncated: false };
+    const zeros = { totalRequests: 0, successRate: 0, averageLatency: 0, totalTokens: 0, totalCost: 0, truncated: false, shadowRefusals: 0 };
     for (const [start, end] of [
       [M + 130_000, M + 10 * 60_000],
       [M - 10 * 60_000, M - 31_000],

@@ -4,7 +4,7 @@ import { v } from "convex/values";
 import type { Doc } from "../_generated/dataModel";
 import { internalMutation, internalQuery, type QueryCtx } from "../_generated/server";
 import { recordBotEvent } from "../lib/bots";
-import { HOUR, insertAIRequests, MINUTE } from "../lib/logs";
+import { HOUR, insertAIRequests, MINUTE, refusalReason, type StoredRefusals } from "../lib/logs";
 import {
   vAIRequest,
   vBotAction,
@@ -49,13 +49,21 @@ type Totals = {
   latency: number;
   tokens: number;
   cost: number;
+  shadowRefusals: number;
   /** Rollup rows this query may still read. */
   rollupsLeft: number;
   /** A read stopped at its cap: the totals miss part of the range. */
   truncated: boolean;
 };
 
-type Sums = { requests: number; successes: number; latencySum: number; tokens: number; cost: number };
+type Sums = {
+  requests: number;
+  successes: number;
+  latencySum: number;
+  tokens: number;
+  cost: number;
+  shadowRefusals?: StoredRefusals;
+};
 
 /** The first `cap` rows, noting in `totals` when there were more. */
 function capped<T>(totals: Totals, rows: T[], cap: number): T[] {
@@ -86,6 +94,7 @@ async function addRawRows(
     totals.latency += row.latencyMs;
     totals.tokens += row.tokensUsed ?? 0;
     totals.cost += row.cost ?? 0;
+    if (refusalReason(row.shadow) !== undefined) totals.shadowRefusals += 1;
   }
 }
 
@@ -96,6 +105,9 @@ function addSums(totals: Totals, rows: Sums[]): void {
     totals.latency += r.latencySum;
     totals.tokens += r.tokens;
     totals.cost += r.cost;
+    const shadow = r.shadowRefusals;
+    if (shadow !== undefined)
+      totals.shadowRefusals += shadow.limit + shadow.bot + shadow.key + shadow.budget + (shadow.body ?? 0);
   }
 }
 
@@ -175,11 +187,12 @@ export const getProviderStats = internalQuery({
       latency: 0,
       tokens: 0,
       cost: 0,
+      shadowRefusals: 0,
       rollupsLeft: ROLLUP_READ_CAP,
       truncated: false,
     };
     await addRange(ctx, totals, provider, [HOUR, MINUTE], start, end, true);
-    const { truncated } = totals;
+    const { truncated, shadowRefusals } = totals;
     if (totals.requests === 0) {
       return {
         totalRequests: 0,
@@ -188,6 +201,7 @@ export const getProviderStats = internalQuery({
         totalTokens: 0,
         totalCost: 0,
         truncated,
+        shadowRefusals,
       };
     }
     return {
@@ -197,6 +211,7 @@ export const getProviderStats = internalQuery({
       totalTokens: totals.tokens,
       totalCost: totals.cost,
       truncated,
+      shadowRefusals,
     };
   },
 });

@@ -62,8 +62,9 @@ export const noRefusals = (): Refusals => ({ limit: 0, bot: 0, key: 0, budget: 0
 export const noLatencies = (): number[] => Array(LATENCY_BOUNDS_MS.length + 1).fill(0);
 
 type Sums = { requests: number; successes: number; latencySum: number; tokens: number; cost: number };
-/** What a rollup adds since the dashboard; rollups written before it lack both. */
-type Histograms = { latencyBuckets: number[]; refusals: Refusals };
+/** What a rollup adds since the dashboard; rollups written before it lack both (and those
+ * written before shadow rules lack `shadowRefusals`). */
+type Histograms = { latencyBuckets: number[]; refusals: Refusals; shadowRefusals: Refusals };
 type Slot = Sums & Histograms & { provider: string; start: number };
 
 function fold(slots: Map<string, Slot>, provider: string, start: number, row: AIRequest): void {
@@ -71,7 +72,7 @@ function fold(slots: Map<string, Slot>, provider: string, start: number, row: AI
   let slot = slots.get(id);
   if (slot === undefined) {
     slot = { provider, start, requests: 0, successes: 0, latencySum: 0, tokens: 0, cost: 0,
-      latencyBuckets: noLatencies(), refusals: noRefusals() };
+      latencyBuckets: noLatencies(), refusals: noRefusals(), shadowRefusals: noRefusals() };
     slots.set(id, slot);
   }
   slot.requests += 1;
@@ -82,6 +83,8 @@ function fold(slots: Map<string, Slot>, provider: string, start: number, row: AI
   slot.latencyBuckets[latencyBucket(row.latencyMs)] += 1;
   const reason = refusalReason(row.error);
   if (reason !== undefined) slot.refusals[reason] += 1;
+  const shadow = refusalReason(row.shadow);
+  if (shadow !== undefined) slot.shadowRefusals[shadow] += 1;
 }
 
 /** Element-wise sums; a rollup written before the dashboard has no buckets (zeros). */
@@ -103,7 +106,13 @@ export function addedRefusals(
   };
 }
 
-function added<T extends Sums & { latencyBuckets?: number[]; refusals?: StoredRefusals }>(
+function added<
+  T extends Sums & {
+    latencyBuckets?: number[];
+    refusals?: StoredRefusals;
+    shadowRefusals?: StoredRefusals;
+  },
+>(
   existing: T,
   more: Sums & Histograms,
 ): Sums & Histograms {
@@ -115,6 +124,7 @@ function added<T extends Sums & { latencyBuckets?: number[]; refusals?: StoredRe
     cost: existing.cost + more.cost,
     latencyBuckets: addedBuckets(existing.latencyBuckets, more.latencyBuckets),
     refusals: addedRefusals(existing.refusals, more.refusals),
+    shadowRefusals: addedRefusals(existing.shadowRefusals, more.shadowRefusals),
   };
 }
 

@@ -136,6 +136,11 @@ export const vAIRequest = v.object({
   tokensUsed: v.optional(v.number()),
   latencyMs: v.number(),
   cost: v.optional(v.number()),
+  // A streamed answer's time to its first output (absent otherwise, and on older rows).
+  ttftMs: v.optional(v.number()),
+  // What a shadow rule (or a guard in shadow mode) would have refused the request for, in
+  // `error`'s words; the request went on.
+  shadow: v.optional(v.string()),
 });
 export type AIRequest = Infer<typeof vAIRequest>;
 
@@ -205,5 +210,7 @@ export const vProviderStats = v.object({
   totalCost: v.number(),
   // The query stopped at a read cap: the figures cover only part of the range.
   truncated: v.boolean(),
+  // Requests a shadow rule would have refused (rows with `shadow`).
+  shadowRefusals: v.number(),
 });
 export type ProviderStats = Infer<typeof vProviderStats>;

@@ -114,6 +114,11 @@ class BotDetectionMiddleware(StepMiddleware):
     Needs a fingerprint: run `FingerprintMiddleware` outside it (GuardMiddleware does). With
     `defer=True` the check is left in the guard context for the `RateLimitMiddleware` inside to
     decide together with the request's limits: one store round trip per request.
+
+    `shadow=True` decides and records as ever (the bot event says blocked or challenged, and
+    escalation counts it) but lets the request through, its log row's `shadow` saying what
+    it would have got (`bot_blocked`, `bot_challenged`). The fail policy (`fail="closed"`'s
+    503) is not a decision about the client and stays as configured.
     """
 
     marker = BOT
@@ -137,6 +142,7 @@ class BotDetectionMiddleware(StepMiddleware):
         verifier: CrawlerVerifier | None = None,
         allow_verified: Iterable[str] = (),
         spoofed_action: PolicyAction = "block",
+        shadow: bool = False,
     ) -> None:
         merged = dict(DEFAULT_POLICY)
         for category, action in (policy or {}).items():
@@ -189,6 +195,7 @@ class BotDetectionMiddleware(StepMiddleware):
         self._bounded = not answers_checked(store)
         self.fail = fail
         self.defer = defer
+        self.shadow = shadow
         self._trouble = ThrottledLog()
         self._classifier_trouble = ThrottledLog()
         self._warned_no_fingerprint = False
@@ -360,6 +367,10 @@ class BotDetectionMiddleware(StepMiddleware):
 
     def _respond(self, ctx: GuardContext, outcome: BotVerdict) -> Refusal | None:
         action = ctx.bot_action = outcome.action
+        if self.shadow:
+            if action != "allowed":
+                ctx.shadow = "bot_blocked" if action == "blocked" else "bot_challenged"
+            return None
         if action == "blocked":
             ctx.rejected = "bot_blocked"
             return problem(

@@ -11,6 +11,7 @@ from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive
 
 from convex_guard.core.limits import LimitResult
+from convex_guard.core.streamusage import UsageReader
 from convex_guard.stores.base import BotAction, BotCheck, BotVerdict
 
 STATE_KEY = "convex_guard"
@@ -60,6 +61,9 @@ class GuardContext:
     limits: dict[str, LimitResult] = field(default_factory=dict)
     #: Why the guard itself answered (e.g. "rate_limited:ipAIRequests"), for the request log.
     rejected: str | None = None
+    #: What a shadow rule or a guard in shadow mode would have refused the request for, in
+    #: the words of `rejected` (the request went on): the log row's `shadow`.
+    shadow: str | None = None
     #: What `report_usage` recorded; None until the app reports something (most requests
     #: never do, so none pays for an empty one).
     usage: Usage | None = None
@@ -79,15 +83,21 @@ class GuardContext:
 
 
 class LogEntry:
-    """One logged request in flight: what it is (`provider`, None for an embedding), when."""
+    """One logged request in flight: what it is (`provider`, None for an embedding), when.
 
-    __slots__ = ("provider", "started", "status", "timestamp")
+    For an event-stream response the runner keeps the stream's `UsageReader` in `stream` and
+    the `perf_counter` time its first output was sent in `first_output`.
+    """
+
+    __slots__ = ("first_output", "provider", "started", "status", "stream", "timestamp")
 
     def __init__(self, provider: str | None, timestamp: float) -> None:
         self.provider = provider
         self.timestamp = timestamp
         self.started = time.perf_counter()
         self.status = 0
+        self.stream: UsageReader | None = None
+        self.first_output: float | None = None
 
 
 @dataclass(slots=True)

@@ -33,6 +33,7 @@ from convex_guard.middleware.fingerprint import FingerprintMiddleware
 from convex_guard.middleware.logger import (
     DEFAULT_AI_PATH,
     DEFAULT_EMBEDDINGS_PATH,
+    ProviderResolver,
     RequestLoggerMiddleware,
     provider_from_path,
 )
@@ -132,6 +133,15 @@ class GuardSettings:
     - `alerts`: anomaly alerts (`convex_guard.alerts.AlertSettings`: rules, webhook); the
       store evaluates the rules with each log batch and the deliverer runs beside the log
       writer. The store must be an `AlertStore`. None (default): no alerts.
+    - `shadow`: shadow mode for the whole guard: every rate-limit rule is a shadow rule
+      (`Rule(shadow=True)`) and bot detection decides and records without refusing, so
+      nothing is refused for its rate or its user-agent; the log rows' `shadow` say what
+      would have been. API keys stay enforced (a protected route must not turn public; a
+      key's own limit and the failed-auth limit are part of them), and so do fail-closed
+      policies (a store that cannot answer is not a decision about the client).
+    - `provider`: a function of the ASGI scope naming an AI request's provider (None: not
+      an AI request), instead of the `{provider}` segment of `ai_path`: for routes such as an
+      OpenAI-compatible `/v1/chat/completions`.
     """
 
     store: LogStore | StoreChoice = "env"
@@ -167,6 +177,8 @@ class GuardSettings:
     store_fallback: bool = True
     alerts: CompanionFactory | None = None
     body_rules: Sequence[BodyRule] | None = None
+    shadow: bool = False
+    provider: ProviderResolver | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.store, str) and self.store not in ("env", "memory", "convex"):
@@ -204,6 +216,10 @@ class GuardSettings:
                 raise ConfigurationError(f"{name} must be a list, not one string")
         if isinstance(self.providers, str):
             raise ConfigurationError("providers must be a list, not one string")
+        if not isinstance(self.shadow, bool):
+            raise ConfigurationError("shadow must be True or False")
+        if self.provider is not None and not callable(self.provider):
+            raise ConfigurationError("provider must be a function of the ASGI scope")
         for path in self.exempt_paths:
             _path_matcher(path)
         if self.body_rules is not None:
@@ -280,6 +296,8 @@ class GuardStack:
         rules = settings.rules
         if rules is None:
             rules = [dataclasses.replace(r, fail=settings.fail) for r in preset_rules(env)]
+        if settings.shadow:
+            rules = [r if r.shadow else dataclasses.replace(r, shadow=True) for r in rules]
         inner = app
         limiter = bots = keys = validation = None
         # Innermost: only a request every other check admitted has its body read.
@@ -313,6 +331,7 @@ class GuardStack:
                 else None,
                 allow_verified=settings.bot_allow_verified,
                 spoofed_action=settings.bot_spoofed_action,
+                shadow=settings.shadow,
             )
         if settings.key_routes:
             inner = keys = ApiKeyMiddleware(
@@ -333,7 +352,7 @@ class GuardStack:
             inner,
             store=store,
             writer=writer,
-            provider=provider_from_path(settings.ai_path),
+            provider=settings.provider or provider_from_path(settings.ai_path),
             providers=settings.providers,
             embeddings_path=settings.embeddings_path,
         )

@@ -71,7 +71,8 @@ def report_usage(
     log: `tokens` and `items` are ints (not bools) from 0 to `MAX_TOKENS` (10**12) and
     `MAX_ITEMS` (10**9), `cost` a finite number from 0 to `MAX_COST` (1e9), `model` a string
     of at most `MAX_MODEL_LENGTH` (256) printable characters. A number from an upstream's
-    answer is the app's to check before it reports it.
+    answer is the app's to check before it reports it. For a streamed answer the logger reads
+    what is not reported off the stream itself (its usage event): what is reported wins.
     """
     scope = (
         request_or_scope if isinstance(request_or_scope, MutableMapping) else request_or_scope.scope
@@ -161,6 +162,12 @@ class RequestLoggerMiddleware(StepMiddleware):
     row's `error` (`provider:<name>`, after the request's own error if it has one); it does
     not make the request count as failed.
 
+    A `text/event-stream` response is read as it is sent, chunk by chunk and unbuffered:
+    what the app did not report comes from the stream's final usage event (OpenAI's
+    `stream_options.include_usage` shape), and the row gets `ttft_ms`, the time to the first
+    output (see `middleware.steps.stream_usage`). Rows carry `shadow` when a shadow rule or
+    a guard in shadow mode would have refused the request.
+
     Rows go through `writer` (by default the store's shared `LogWriter`), which this
     middleware starts at lifespan startup and flushes completely at shutdown; see `LogWriter`
     for apps run without lifespan.
@@ -228,14 +235,14 @@ class RequestLoggerMiddleware(StepMiddleware):
         if provider is None:
             self.writer.add(self._embedding_row(ctx, entry.timestamp, latency, error))
         else:
-            self.writer.add(self._ai_row(scope, ctx, provider, entry.timestamp, latency, error))
+            self.writer.add(self._ai_row(scope, ctx, provider, entry, latency, error))
 
     def _ai_row(
         self,
         scope: Scope,
         ctx: GuardContext,
         provider: str,
-        timestamp: float,
+        entry: LogEntry,
         latency: float,
         error: str | None,
     ) -> AIRequestLog:
@@ -253,10 +260,12 @@ class RequestLoggerMiddleware(StepMiddleware):
         user_id = ctx.user_id
         if user_id is not None and len(user_id) > MAX_STORED:
             user_id = user_id[:MAX_STORED]
+        first = entry.first_output  # a stream's first output
+        shadow = ctx.shadow
         # Positional, in the fields' order: keywords cost more than the rest of the row
         # (one row per request).
         return AIRequestLog(
-            timestamp,
+            entry.timestamp,
             provider,
             usage.model or UNKNOWN_MODEL,
             ctx.fingerprint or "",
@@ -267,6 +276,8 @@ class RequestLoggerMiddleware(StepMiddleware):
             error,
             usage.tokens,
             usage.cost,
+            None if first is None else (first - entry.started) * 1000.0,
+            shadow if shadow is None else shadow[:MAX_STORED],
         )
 
     def _embedding_row(

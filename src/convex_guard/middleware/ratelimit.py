@@ -11,6 +11,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope
 
 from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.limits import LimitResult
 from convex_guard.core.logs import ThrottledLog, logger, printable
 from convex_guard.core.problem import QUOTA_TITLE, quota_exceeded, retry_after, unavailable
 from convex_guard.middleware.context import (
@@ -141,6 +142,9 @@ class RateLimitMiddleware(StepMiddleware):
             # Only a cost function can get here (constant costs are checked at start-up):
             # a request costing more than a limit can ever hold is never admitted.
             logger.warning("Rate limit: request cost refused: %s", exc)
+            if all(rule.shadow for rule in rules):
+                ctx.shadow = "rate_limited:cost"
+                return None
             ctx.rejected = "rate_limited:cost"
             return quota_exceeded(
                 "Request cost exceeds what the quota can ever admit",
@@ -175,28 +179,12 @@ class RateLimitMiddleware(StepMiddleware):
             matched.fields if rules is matched.rules else matched.subset(rules)
         )
         if not outcome.ok:
-            violated = [
-                (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
-            ]
-            retry_ms = max(result.retry_after or 0.0 for _, result in violated)
-            retry = retry_after(retry_ms)
-            names = [rule.name for rule, _ in violated]
-            ctx.rejected = "rate_limited:" + ",".join(names)
-            return quota_exceeded(
-                QUOTA_TITLE,
-                names,
-                retry=retry,
-                detail=f"Quota exceeded for {', '.join(names)}; retry after {retry} s.",
-                headers=[
-                    ("RateLimit-Policy", policy),
-                    (
-                        "RateLimit",
-                        ratelimit_field(
-                            ratelimit_template(names), [result for _, result in violated]
-                        ).decode("latin-1"),
-                    ),
-                ],
-            )
+            checked = await self._shadowed(scope, ctx, rules, limits, results, policy)
+            if checked is None or not isinstance(checked, tuple):
+                return checked
+            results = checked
+            for rule, result in zip(rules, results):  # noqa: B905 (as above)
+                limits_seen[rule.name] = result
         fields = [
             (b"ratelimit-policy", policy_bytes),
             (b"ratelimit", ratelimit_field(template, results)),
@@ -207,6 +195,88 @@ class RateLimitMiddleware(StepMiddleware):
         else:
             added += fields
         return None
+
+    async def _shadowed(
+        self,
+        scope: Scope,
+        ctx: GuardContext,
+        rules: Sequence[Rule],
+        limits: Sequence[LimitRequest],
+        results: Sequence[LimitResult],
+        policy: str,
+    ) -> Refusal | tuple[LimitResult, ...] | None:
+        """A denied check: the 429 when an enforced rule refused, else (only shadow rules, or
+        a bot check in shadow mode, refused) the results to answer with, once the limits that
+        admitted the request are consumed in a second store call, as if what refused in
+        shadow were not there (None: that call failed open, no fields). The shadow rules'
+        refusal goes to `ctx.shadow` either way."""
+        final: list[LimitResult] | None = None
+        if len(results) != len(rules):
+            # The bot's verdict (in shadow mode) stopped the store before any limit.
+            admitted = list(range(len(rules)))
+        else:
+            violated = [
+                (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
+            ]
+            shadowed = [rule.name for rule, _ in violated if rule.shadow]
+            if shadowed:
+                note = "rate_limited:" + ",".join(shadowed)
+                # After a bot verdict in shadow mode, which stays first (its reason counts).
+                ctx.shadow = note if ctx.shadow is None else f"{ctx.shadow} {note}"
+            enforced = [(rule, result) for rule, result in violated if not rule.shadow]
+            if enforced:
+                return self._refusal(ctx, enforced, policy)
+            admitted = [i for i, result in enumerate(results) if result.ok]
+            final = list(results)
+            if not admitted:
+                return tuple(final)
+        try:
+            wanted = [limits[i] for i in admitted]
+            if self._bounded:
+                async with asyncio.timeout(self.timeout):
+                    answered = await self.store.check(wanted)
+                again = checked_answer(answered, len(wanted), False)
+            else:
+                again = await self.store.check(wanted)
+        except Exception as exc:
+            self._store_trouble.warning(
+                "Rate-limit store unavailable (%s): %r", printable(scope["path"]), exc
+            )
+            if any(rules[i].fail == "closed" for i in admitted):
+                return self._unavailable(ctx)
+            return None if final is None else tuple(final)
+        if final is None:
+            final = list(again.results)
+        else:
+            for i, result in zip(admitted, again.results):  # noqa: B905 (checked lengths)
+                final[i] = result
+        if not again.ok:  # another request took the last tokens in between
+            return await self._shadowed(scope, ctx, rules, limits, final, policy)
+        return tuple(final)
+
+    def _refusal(
+        self, ctx: GuardContext, violated: Sequence[tuple[Rule, LimitResult]], policy: str
+    ) -> Refusal:
+        """The 429 naming the enforced rules that refused (`policy`: the route's field)."""
+        retry_ms = max(result.retry_after or 0.0 for _, result in violated)
+        retry = retry_after(retry_ms)
+        names = [rule.name for rule, _ in violated]
+        ctx.rejected = "rate_limited:" + ",".join(names)
+        return quota_exceeded(
+            QUOTA_TITLE,
+            names,
+            retry=retry,
+            detail=f"Quota exceeded for {', '.join(names)}; retry after {retry} s.",
+            headers=[
+                ("RateLimit-Policy", policy),
+                (
+                    "RateLimit",
+                    ratelimit_field(
+                        ratelimit_template(names), [result for _, result in violated]
+                    ).decode("latin-1"),
+                ),
+            ],
+        )
 
     def _wanted(
         self, scope: Scope, receive: Receive, ctx: GuardContext, matched: _Matched

@@ -58,6 +58,9 @@ class Rule:
     - `count`: the request's cost, a number or a function of the request.
     - `fail`: what happens when the store errs or times out: `"open"` lets the request through,
       `"closed"` answers 503.
+    - `shadow`: decide and record, never refuse: a request this rule would refuse goes on,
+      with the rule's `RateLimit` fields and the log row's `shadow` naming it (how to try a
+      new limit on live traffic). The other rules are consumed as if it were not there.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Rule:
     methods: Collection[str] | None = None
     count: float | CountFunction = 1.0
     fail: FailPolicy = "open"
+    shadow: bool = False
     _matches_path: Callable[[str], bool] = field(init=False, repr=False, compare=False)
     _methods: frozenset[str] | None = field(init=False, repr=False, compare=False)
     policy_header: str = field(init=False, repr=False, compare=False)

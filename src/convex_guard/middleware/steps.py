@@ -12,15 +12,17 @@ it, and the runner awaits that.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from convex_guard.core.logs import logger, printable
+from convex_guard.core.logs import ThrottledLog, logger, printable
 from convex_guard.core.problem import refuse
-from convex_guard.middleware.context import GuardContext, LogEntry, guard_context
+from convex_guard.core.streamusage import UsageReader
+from convex_guard.middleware.context import GuardContext, LogEntry, Usage, guard_context
 from convex_guard.middleware.logwriter import LogWriter, run_lifespan
 from convex_guard.middleware.order import check_inside, fail_startup, mark
 
@@ -69,7 +71,9 @@ class FinishingStep(Step, Protocol):
 
     A runner with such a step records the response's status in `ctx.log_entry`, and takes a
     client gone mid-body (Starlette's `ClientDisconnect`) as the request's end: one debug line,
-    not an exception for the server to log.
+    not an exception for the server to log. For a `text/event-stream` response it reads the
+    stream as it is sent (`core.streamusage`) and, before any `after` runs, fills what the
+    app did not report in `ctx.usage` from it (see `stream_usage`).
     """
 
     def after(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
@@ -99,6 +103,7 @@ class StepRunner:
             for position, step in enumerate(self.steps)
             if isinstance(step, FinishingStep)
         )
+        self._stream_trouble = ThrottledLog()
 
     def context(self, scope: Scope) -> GuardContext | None:
         """The request's guard context, or None to hand the request to the app unguarded."""
@@ -158,6 +163,9 @@ class StepRunner:
             raised = exc
             raise
         finally:
+            logged = ctx.log_entry
+            if logged is not None and logged.stream is not None:
+                stream_usage(ctx, logged.stream, self._stream_trouble)
             for position, after in afters:
                 if position < started:
                     after(scope, ctx, raised)
@@ -166,16 +174,40 @@ class StepRunner:
 def _wrapped_send(
     send: Send, kind: str, entry: LogEntry | None, headers: list[tuple[bytes, bytes]] | None
 ) -> Send:
-    """`send`, recording the status in `entry` and adding `headers` to the response start."""
+    """`send`, recording the status in `entry` and adding `headers` to the response start.
+
+    A logged event-stream response (`Content-Type: text/event-stream`) gets a `UsageReader`
+    in `entry.stream`, fed each body chunk after it is handed on (nothing is held back: the
+    client gets every chunk as the app sends it); other responses pay a look at their
+    content type.
+    """
     if kind == "http":
 
         async def http_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 if entry is not None:
                     entry.status = message["status"]
+                    # Inline: every logged response passes here. ASGI header names are
+                    # lower case; a media type may be in any case.
+                    for name, value in message.get("headers", ()):
+                        if name == b"content-type":
+                            if value[:17].lower() == b"text/event-stream":
+                                entry.stream = UsageReader()
+                            break
                 if headers is not None:
                     message["headers"] = [*message.get("headers", ()), *headers]
+                await send(message)
+                return
             await send(message)
+            if entry is not None:
+                reader = entry.stream
+                if reader is not None:
+                    try:
+                        if reader.feed(message.get("body", b"")):
+                            entry.first_output = time.perf_counter()
+                    except Exception:  # a bug in the reader must not break the app's stream
+                        logger.exception("Stream usage reader failed; the stream is not read")
+                        entry.stream = None
 
         return http_send
 
@@ -187,6 +219,36 @@ def _wrapped_send(
         await send(message)
 
     return handshake_send
+
+
+def stream_usage(ctx: GuardContext, reader: UsageReader, trouble: ThrottledLog) -> None:
+    """Fill what the app did not report (`report_usage` wins) in `ctx.usage` from a stream.
+
+    `tokens` is the usage event's `total_tokens` (or prompt + completion); without a valid
+    usage event (the client went away first, the upstream was not asked for one, or its
+    numbers were not token counts: logged, then ignored) it is the completion tokens the
+    text sent amounts to (`UsageReader.estimated_completion_tokens`, four characters a
+    token; 0 when it was cut off before any), once the stream was seen to be of that shape;
+    the prompt is not in it. `model` is the stream's own.
+    """
+    if reader.problem is not None:
+        trouble.warning("Stream usage event ignored: %s", reader.problem)
+    usage = ctx.usage
+    if usage is None:
+        usage = ctx.usage = Usage()
+    if usage.model is None and reader.model is not None:
+        usage.model = reader.model
+    if usage.tokens is None:
+        read = reader.usage
+        if read is not None:
+            total = read.total_tokens
+            if total is None:  # one of the two alone (the reader adds them up when both came)
+                total = read.completion_tokens
+                if total is None:
+                    total = read.prompt_tokens
+            usage.tokens = total
+        elif reader.chunks or reader.tokens_seen or reader.done:
+            usage.tokens = reader.estimated_completion_tokens
 
 
 def handshake_status(message: Message) -> int:

@@ -172,6 +172,11 @@ class KeyUsage:
 
 @dataclass(slots=True)
 class AIRequestLog:
+    """One AI request. `latency_ms` runs to the response's end (a stream's last chunk);
+    `ttft_ms`, for a streamed response, to its first output (None otherwise, and on rows from
+    before it). `shadow`: what a shadow rule or a guard in shadow mode would have refused the
+    request for, in `error`'s words (`refusal_reason` classifies both); the request went on."""
+
     timestamp: float
     provider: str
     model: str
@@ -183,6 +188,8 @@ class AIRequestLog:
     error: str | None = None
     tokens_used: int | None = None
     cost: float | None = None
+    ttft_ms: float | None = None
+    shadow: str | None = None
 
 
 @dataclass(slots=True)
@@ -219,6 +226,8 @@ class ProviderStats:
 
     `truncated` is true when the store stopped reading at its cap (or no longer holds every
     row of the range): the figures then cover only part of it. Ask for a shorter range.
+    `shadow_refusals`: the requests a shadow rule (or a guard in shadow mode) would have
+    refused, which went on (rows with a `shadow` reason).
     """
 
     total_requests: int
@@ -227,6 +236,7 @@ class ProviderStats:
     total_tokens: int
     total_cost: float
     truncated: bool = False
+    shadow_refusals: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -668,6 +678,7 @@ class DashboardSnapshot:
     auth_failures: tuple[int, ...]
     top_keys: tuple[KeyUsageSummary, ...]
     truncated: bool = False
+    shadow_refusals: Mapping[RefusalReason, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         """The snapshot as the dashboard page reads it (JSON-ready, keys in camelCase)."""
@@ -707,6 +718,9 @@ class DashboardSnapshot:
                 for s in self.providers
             ],
             "refusals": {reason: self.refusals.get(reason, 0) for reason in REFUSAL_REASONS},
+            "shadowRefusals": {
+                reason: self.shadow_refusals.get(reason, 0) for reason in REFUSAL_REASONS
+            },
             "botEvents": [
                 {"type": kind, "action": action, "count": n}
                 for (kind, action), n in sorted(self.bot_events.items())

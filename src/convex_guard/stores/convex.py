@@ -207,6 +207,7 @@ def _number(name: str, value: object, *, whole: bool = False) -> float:
 def _ai_log(row: AIRequestLog) -> dict[str, Any]:
     tokens = row.tokens_used
     cost = row.cost
+    ttft = row.ttft_ms
     return _drop_none(
         {
             "timestamp": _number("timestamp", row.timestamp),
@@ -220,6 +221,8 @@ def _ai_log(row: AIRequestLog) -> dict[str, Any]:
             "tokensUsed": _number("tokensUsed", tokens, whole=True) if tokens is not None else None,
             "latencyMs": _number("latencyMs", row.latency_ms),
             "cost": _number("cost", cost) if cost is not None else None,
+            "ttftMs": _number("ttftMs", ttft) if ttft is not None else None,
+            "shadow": row.shadow,
         }
     )
 
@@ -1047,6 +1050,8 @@ def _provider_stats(raw: Mapping[str, Any]) -> ProviderStats:
         total_tokens=int(raw["totalTokens"]),
         total_cost=float(raw["totalCost"]),
         truncated=bool(raw["truncated"]),
+        # Absent from a deployment whose functions predate shadow rules.
+        shadow_refusals=int(raw.get("shadowRefusals", 0)),
     )
 
 
@@ -1086,6 +1091,7 @@ def _snapshot(
     raw: Mapping[str, Any], start: float, end: float, bucket_ms: float
 ) -> DashboardSnapshot:
     refusals = raw["refusals"]
+    shadows = raw.get("shadowRefusals") or {}  # absent from functions older than shadow rules
     return DashboardSnapshot(
         start=start,
         end=end,
@@ -1118,6 +1124,7 @@ def _snapshot(
             for k in raw["topKeys"]
         ),
         truncated=bool(raw["truncated"]),
+        shadow_refusals={reason: int(shadows.get(reason, 0)) for reason in REFUSAL_REASONS},
     )
 
 

@@ -539,6 +539,7 @@ class MemoryStore:
             total_tokens=int(sum(_known(row.tokens_used) for row in rows)),
             total_cost=float(sum(_known(row.cost) for row in rows)),
             truncated=truncated,
+            shadow_refusals=sum(1 for row in rows if refusal_reason(row.shadow) is not None),
         )
 
     async def embedding_usage(self, key_hash: str, start: float, end: float) -> EmbeddingUsage:
@@ -581,9 +582,10 @@ class MemoryStore:
         buckets = check_dashboard_range(start, end, bucket_ms)
         providers: dict[str, _Series] = {}
         refusals: dict[RefusalReason, int] = {}
+        shadows: dict[RefusalReason, int] = {}
         # Read off the stored tuples: a dataclass per row would cost most of the time, and
         # this runs on the app's event loop once per refresh of every open page.
-        at, provider, success, latency, error, tokens, cost = _AI_FIELDS
+        at, provider, success, latency, error, tokens, cost, shadow = _AI_FIELDS
         bounds = LATENCY_BOUNDS_MS
         for row in self._ai_logs.between(start, end):
             series = providers.get(row[provider])
@@ -600,6 +602,10 @@ class MemoryStore:
                 reason = refusal_reason(row[error])
                 if reason is not None:
                     refusals[reason] = refusals.get(reason, 0) + 1
+            if row[shadow] is not None:
+                reason = refusal_reason(row[shadow])
+                if reason is not None:
+                    shadows[reason] = shadows.get(reason, 0) + 1
         events = self._bot_events
         first = bisect.bisect_left(events, start, key=lambda e: e.timestamp)
         last = bisect.bisect_left(events, end, key=lambda e: e.timestamp)
@@ -632,6 +638,7 @@ class MemoryStore:
             truncated=self._ai_logs.dropped_since(start)
             or self._auth_failures.dropped_since(start)
             or self._key_uses.dropped_since(start),
+            shadow_refusals=shadows,
         )
 
     # -- inspection, for tests and the CLI ---------------------------------------------------
@@ -754,7 +761,16 @@ _AI_NAMES = [f.name for f in fields(AIRequestLog)]
 #: Where a stored AI row's tuple holds what a snapshot reads.
 _AI_FIELDS = tuple(
     _AI_NAMES.index(name)
-    for name in ("timestamp", "provider", "success", "latency_ms", "error", "tokens_used", "cost")
+    for name in (
+        "timestamp",
+        "provider",
+        "success",
+        "latency_ms",
+        "error",
+        "tokens_used",
+        "cost",
+        "shadow",
+    )
 )
 _AUTH_FAILURE_TIMESTAMP = [f.name for f in fields(AuthFailure)].index("timestamp")
 

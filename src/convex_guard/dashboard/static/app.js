@@ -174,6 +174,8 @@
     bars("chart-tokens", providers.map((p, i) => ({ key: `tokens/${p.provider}`, label: p.provider, value: p.tokens, text: fmt(p.tokens), color: color(i) })));
     bars("chart-cost", providers.map((p, i) => ({ key: `cost/${p.provider}`, label: p.provider, value: p.cost, text: fmtCost(p.cost), color: color(i) })));
     bars("chart-refusals", Object.entries(snap.refusals).map(([reason, n]) => ({ key: `refusals/${reason}`, label: reason, value: n, text: fmt(n), color: REASONS[reason] || COLORS[0] })));
+    // Absent from a server older than shadow rules.
+    bars("chart-shadow", Object.entries(snap.shadowRefusals || {}).map(([reason, n]) => ({ key: `shadow/${reason}`, label: reason, value: n, text: fmt(n), color: REASONS[reason] || COLORS[0] })));
 
     const types = new Map();
     for (const e of snap.botEvents) {
