@@ -7,7 +7,7 @@ import re
 import re._parser as _sre  # type: ignore[import-not-found]  # keys of a pattern without examples
 import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Final, Literal, get_args
@@ -229,11 +229,8 @@ _GENERIC_WORDS: Final[dict[str, BotCategory]] = {
     "searcher": "other_bot",
 }
 # Starts with a literal so the regex engine can skip ahead; the name is widened to its word after.
-_GENERIC_RE: Final = re.compile(
-    r"(?:bot|crawler|crawl|spider|scraper)(?![a-z])|https?://|(?<![a-z])(?:"
-    + "|".join(sorted(_GENERIC_WORDS, key=len, reverse=True))
-    + r")(?![a-z])"
-)
+_GENERIC_RE: Final = re.compile(r"(?:bot|crawler|crawl|spider|scraper)(?![a-z])|https?://")
+_GENERIC_KEYS: Final = frozenset(w.encode("ascii") for w in _GENERIC_WORDS)
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 # The exclusion: a browser's platform comment, "(Linux; Android 9; CUBOT X19)". Device names
 # live there and some contain "bot" (real Cubot phones), so the generic words are looked for
@@ -305,6 +302,19 @@ class _Rule:
     version: bool = False  # the literal counts only as a product token: "name/<digit>"
     start: bool = False  # the literal counts only at the start of the user-agent
     squashed: str = ""  # the literal without separators, for names spelled apart
+    bounded: bool = False  # the regex must not start inside a name
+    # Derived once, so the per-request loop reads attributes instead of computing them.
+    rank: int = field(init=False)
+    plain: bool = field(init=False)  # a substring test decides
+    anywhere: bool = field(init=False)  # an AI agent: counts even in the device model
+    trimmed: str = field(init=False)  # what containment between matches compares
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "rank", _PRIORITY[self.category])
+        set_(self, "plain", self.regex is None and not self.version and not self.start)
+        set_(self, "anywhere", self.category == "ai_crawler")
+        set_(self, "trimmed", self.squashed.rstrip("/;:()+"))
 
 
 _LITERAL_RE: Final = re.compile(r"(?:\\[^\w]|[^\\.^$*+?{}\[\]|()])+")
@@ -475,8 +485,21 @@ def _crawler_rule(
 def _regex_rule(entry: dict[str, Any]) -> tuple[_Rule, set[str]]:
     """A device-detector pattern: matched, as device-detector does, after a non-name character."""
     pattern = _lower_pattern(entry["pattern"])
-    regex = re.compile(r"(?<![a-z0-9_-])(?:" + pattern + ")")
-    return _Rule(_category(entry["category"]), None, "", regex), _regex_keys(pattern)
+    # The boundary is checked after the search (`_bounded_search`): a look-behind in front
+    # would stop the regex engine from skipping ahead to the pattern's literal text.
+    rule = _Rule(_category(entry["category"]), None, "", re.compile(pattern), bounded=True)
+    return rule, _regex_keys(pattern)
+
+
+_BOUNDARY: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _bounded_search(regex: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """``regex.search`` where the match does not start inside a name (device-detector's rule)."""
+    match = regex.search(text)
+    while match is not None and match.start() and text[match.start() - 1] in _BOUNDARY:
+        match = regex.search(text, match.start() + 1)
+    return match
 
 
 _CAMEL_RE: Final = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
@@ -548,7 +571,14 @@ def _build(
 
     index: dict[bytes, list[_Rule]] = {}
     unindexed: list[str] = []
+    seen: set[tuple[str, BotCategory, bool, bool]] = set()
     for rule, keys in built:
+        if rule.regex is None:
+            # Several lists name the same agent alike: one rule for it, from the first list.
+            identity = (rule.literal, rule.category, rule.version, rule.start)
+            if identity in seen:
+                continue
+            seen.add(identity)
         # A rule whose only tokens are browser tokens would send every person down the slow
         # path; the few such entries (e.g. "s4a") are left out and listed in DATA_PROVENANCE.
         usable = {
@@ -570,23 +600,27 @@ def _build(
 
 _INDEX, _OVERRIDES, DATA_PROVENANCE = _build(SOURCES, CORRECTIONS)
 # The generic words are prefilter keys too: one set test per request answers both questions.
-_KEYS: Final = frozenset(_INDEX) | {w.encode("ascii") for w in _GENERIC_WORDS}
+# So are "http" and "https", which stand alone in every URL: one substring test fewer.
+_KEYS: Final = frozenset(_INDEX) | _GENERIC_KEYS | {b"http", b"https"}
 _NO_RULES: Final[tuple[_Rule, ...]] = ()
 
-# AI agents by name without separators, for the last look at a bot-like user-agent that no
-# rule confirmed ("G.P.T.B.o.t"): the long names only, which no other word contains by chance.
-_DISGUISABLE: Final = tuple(
-    {
-        rule.squashed: rule.verdict
-        for rules in _INDEX.values()
-        for rule in rules
-        if rule.category == "ai_crawler"
-        and rule.verdict is not None
-        and not rule.version
-        and not rule.start
-        and len(rule.squashed) >= 6
-    }.items()
-)
+# Names that are also plain words ("Devin", "Operator"), whatever list they come from.
+_COMMON_WORDS: Final = frozenset(n.lower() for n in _load_json(*CORRECTIONS)["version_required"])
+# AI agents by name without separators, for the last look at a user-agent no rule confirmed
+# ("G.P.T.B.o.t", "Claude Bot"): a word of the text without separators that is one of these
+# names. Plain words ("Devin") and short names are left out: they occur by chance.
+_DISGUISABLE: Final[dict[bytes, UserAgentVerdict]] = {
+    rule.squashed.encode("ascii"): rule.verdict
+    for rules in _INDEX.values()
+    for rule in rules
+    if rule.category == "ai_crawler"
+    and rule.verdict is not None
+    and not rule.version
+    and not rule.start
+    and len(rule.squashed) >= 5
+    and rule.squashed.isalpha()
+    and rule.literal not in _COMMON_WORDS
+}
 
 
 def _display(ua: str, lowered: str, start: int, end: int) -> str:
@@ -621,33 +655,41 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
     "Applebot-Extended"): the longer name is the agent, the shorter an accident.
     """
     found: list[tuple[int, str, _Rule, re.Match[str] | None]] = []
-    squashed: str | None = None
+    squashed: dict[str, str] | None = None  # each text without separators, made when needed
     # An Android browser names its device model, and some models are agents' names too
     # ("Expanse", "Ruby", "Nitro"): only an AI agent's name counts there. (Agents do write
     # their names elsewhere in the platform comment: "(X11; Linux x86_64; Storebot-Google/1.0)".)
-    device = _DEVICE_RE.search(lowered)
+    device = _DEVICE_RE.search(lowered) if "android" in lowered else None
     masked = lowered
     if device is not None:
         start, end = device.span(1)
         masked = lowered[:start] + " " * (end - start) + lowered[end:]
     for key in hits:
         for rule in _INDEX.get(key, _NO_RULES):
+            text = lowered if rule.anywhere else masked
+            if rule.plain:  # most rules: inlined, this loop is the bots' hot path
+                if rule.literal not in text:
+                    if squashed is None:
+                        squashed = {lowered: _squash(lowered), masked: _squash(masked)}
+                    if rule.squashed not in squashed[text]:
+                        continue
+                found.append((rule.rank, rule.trimmed, rule, None))
+                continue
             match = None
-            text = lowered if rule.category == "ai_crawler" else masked
             if rule.regex is not None:
-                match = rule.regex.search(text)
+                match = (
+                    _bounded_search(rule.regex, text) if rule.bounded else rule.regex.search(text)
+                )
                 if match is None:
                     continue
-                text = _squash(match[0])
-            elif _confirm(rule, text, rule.literal):
-                text = rule.squashed
-            else:
+                found.append((rule.rank, _squash(match[0]).rstrip("/;:()+"), rule, match))
+                continue
+            if not _confirm(rule, text, rule.literal):
                 if squashed is None:
-                    squashed = _squash(masked)
-                if not _confirm(rule, squashed, rule.squashed):
+                    squashed = {lowered: _squash(lowered), masked: _squash(masked)}
+                if not _confirm(rule, squashed[text], rule.squashed):
                     continue
-                text = rule.squashed
-            found.append((_PRIORITY[rule.category], text.rstrip("/;:()+"), rule, match))
+            found.append((rule.rank, rule.trimmed, rule, None))
     best = None
     best_order = None
     for candidate in found:
@@ -677,9 +719,10 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
 
 def _disguised(lowered: str) -> UserAgentVerdict | None:
     """An AI agent's name spelled apart so that no token is a key ("G.P.T.B.o.t")."""
-    squashed = _squash(lowered)
-    for name, verdict in _DISGUISABLE:
-        if name in squashed:
+    raw = lowered.encode("ascii", "replace").translate(_TOKEN_TABLE, _SEPARATORS)
+    for word in raw.split():
+        verdict = _DISGUISABLE.get(word)
+        if verdict is not None:
             return verdict
     return None
 
@@ -689,9 +732,22 @@ def _match_generic(ua: str, lowered: str) -> UserAgentVerdict | None:
     if disguised is not None:
         return disguised
     platform = _PLATFORM_RE.match(lowered)
-    match = _GENERIC_RE.search(lowered, platform.end() if platform else 0)
+    floor = platform.end() if platform else 0
+    # The generic words as whole tokens (a set test, not a regex that tries every position);
+    # one with a category of its own ("headless", "scraper") outranks "bot" and a URL.
+    words = _GENERIC_KEYS.intersection(_tokens(lowered[floor:]))
+    specific = [w for w in words if _GENERIC_WORDS[w.decode("ascii")] != "other_bot"]
+    match = None if specific else _GENERIC_RE.search(lowered, floor)
     if match is None:
-        return None
+        if not words:
+            return None
+        word = min(
+            (w.decode("ascii") for w in specific or words), key=lambda w: lowered.find(w, floor)
+        )
+        start = lowered.find(word, floor)
+        end = start + len(word)
+        name = _display(ua, lowered, start, end)
+        return UserAgentVerdict(is_bot=True, category=_GENERIC_WORDS[word], name=name or None)
     start, end = match.span()
     word = match[0]
     if word.startswith("http"):
@@ -727,8 +783,11 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
     first folded to the ASCII it looks like (`_fold`), so invisible or look-alike characters
     cannot hide a name.
     """
-    if not ua.isascii():
+    try:
+        raw = ua.encode("ascii")  # raising costs nothing until it raises
+    except UnicodeEncodeError:
         ua = _fold(ua)
+        raw = ua.encode("ascii", "replace")
     size = len(ua)
     if size < 32:
         stripped = ua.strip().lower()
@@ -737,13 +796,13 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
     elif size > MAX_LENGTH:
         return _classify_long(ua)
     lowered = ua.lower()
-    tokens = _tokens(lowered)
+    tokens = raw.translate(_TOKEN_TABLE).split()  # `_tokens` inlined: a call costs ~10%
     if not tokens:  # not a single ASCII letter
         return _SUSPICIOUS
     if _KEYS.isdisjoint(tokens):
         # Spelled out rather than any(...): a generator costs more than the four searches.
         # On str: CPython's search over the table's output (bytes full of spaces) is 5x slower.
-        if "bot" in lowered or "crawl" in lowered or "spider" in lowered or "http" in lowered:
+        if "bot" in lowered or "crawl" in lowered or "spider" in lowered:
             return _match_generic(ua, lowered) or _bare(ua, tokens) or _HUMAN
         if len(tokens) > 6 and tokens[0] == b"mozilla":
             return _HUMAN  # every browser; a short or odd user-agent gets the closer look
