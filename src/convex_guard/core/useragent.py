@@ -571,14 +571,22 @@ def _build(
 
     index: dict[bytes, list[_Rule]] = {}
     unindexed: list[str] = []
-    seen: set[tuple[str, BotCategory, bool, bool]] = set()
+    # Several lists name the same agent: one rule for it, of the most specific category any
+    # list gives it (what the search would pick from the duplicates anyway), keyed by all keys.
+    first: dict[tuple[str, bool, bool], int] = {}
+    merged: list[tuple[_Rule, set[str]]] = []
     for rule, keys in built:
         if rule.regex is None:
-            # Several lists name the same agent alike: one rule for it, from the first list.
-            identity = (rule.literal, rule.category, rule.version, rule.start)
-            if identity in seen:
+            identity = (rule.literal, rule.version, rule.start)
+            at = first.get(identity)
+            if at is not None:
+                kept, kept_keys = merged[at]
+                better = rule if rule.rank < kept.rank else kept
+                merged[at] = (better, kept_keys | keys)
                 continue
-            seen.add(identity)
+            first[identity] = len(merged)
+        merged.append((rule, keys))
+    for rule, keys in merged:
         # A rule whose only tokens are browser tokens would send every person down the slow
         # path; the few such entries (e.g. "s4a") are left out and listed in DATA_PROVENANCE.
         usable = {
@@ -655,7 +663,7 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
     "Applebot-Extended"): the longer name is the agent, the shorter an accident.
     """
     found: list[tuple[int, str, _Rule, re.Match[str] | None]] = []
-    squashed: dict[str, str] | None = None  # each text without separators, made when needed
+    squashed: dict[str, str] = {}  # each text without separators, made when first needed
     # An Android browser names its device model, and some models are agents' names too
     # ("Expanse", "Ruby", "Nitro"): only an AI agent's name counts there. (Agents do write
     # their names elsewhere in the platform comment: "(X11; Linux x86_64; Storebot-Google/1.0)".)
@@ -669,9 +677,10 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
             text = lowered if rule.anywhere else masked
             if rule.plain:  # most rules: inlined, this loop is the bots' hot path
                 if rule.literal not in text:
-                    if squashed is None:
-                        squashed = {lowered: _squash(lowered), masked: _squash(masked)}
-                    if rule.squashed not in squashed[text]:
+                    folded = squashed.get(text)
+                    if folded is None:
+                        folded = squashed[text] = _squash(text)
+                    if rule.squashed not in folded:
                         continue
                 found.append((rule.rank, rule.trimmed, rule, None))
                 continue
@@ -685,9 +694,10 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                 found.append((rule.rank, _squash(match[0]).rstrip("/;:()+"), rule, match))
                 continue
             if not _confirm(rule, text, rule.literal):
-                if squashed is None:
-                    squashed = {lowered: _squash(lowered), masked: _squash(masked)}
-                if not _confirm(rule, squashed[text], rule.squashed):
+                folded = squashed.get(text)
+                if folded is None:
+                    folded = squashed[text] = _squash(text)
+                if not _confirm(rule, folded, rule.squashed):
                     continue
             found.append((rule.rank, rule.trimmed, rule, None))
     best = None
