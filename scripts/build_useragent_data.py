@@ -216,6 +216,12 @@ def device_detector_rules(repo: Path, date: str) -> dict[str, Any]:
             skipped.append(regex[:60])
             continue
         patterns.append({"pattern": regex, "category": category})
+    for pattern in patterns:
+        if pattern["pattern"].startswith(".*"):
+            # ".*x" is "x anywhere": said so, since a search that starts with .* is quadratic
+            # in the user-agent's length.
+            pattern["pattern"] = pattern["pattern"][2:]
+            pattern["anywhere"] = True
     return {
         "source": f"https://github.com/matomo-org/device-detector/blob/{commit}/regexes/bots.yml",
         "repository": "matomo-org/device-detector",

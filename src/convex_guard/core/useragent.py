@@ -487,7 +487,8 @@ def _regex_rule(entry: dict[str, Any]) -> tuple[_Rule, set[str]]:
     pattern = _lower_pattern(entry["pattern"])
     # The boundary is checked after the search (`_bounded_search`): a look-behind in front
     # would stop the regex engine from skipping ahead to the pattern's literal text.
-    rule = _Rule(_category(entry["category"]), None, "", re.compile(pattern), bounded=True)
+    bounded = not entry.get("anywhere", False)
+    rule = _Rule(_category(entry["category"]), None, "", re.compile(pattern), bounded=bounded)
     return rule, _regex_keys(pattern)
 
 
