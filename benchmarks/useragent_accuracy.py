@@ -4,6 +4,7 @@ Run: `python -m benchmarks.useragent_accuracy`. The headline is the evaluation s
 (tests/data/user_agents_evaluation.csv.gz, see user_agents_evaluation.md beside it): user-agents
 from sources the classifier does not learn from, reported overall, for AI crawlers and per
 source. Recall counts a bot flagged at all; "cat.acc" how many flagged bots got their category.
+`--against REF` adds the classifier as it was at git revision REF to every table.
 """
 
 from __future__ import annotations
@@ -165,7 +166,22 @@ def line(title: str, name: str, s: Scores) -> str:
     )
 
 
-def report(*, show_mistakes: bool = True) -> str:
+def report(*, show_mistakes: bool = True, against: str | None = None) -> str:
+    """The tables; ``against`` (a git revision) adds that revision's classifier to each."""
+    contenders: list[tuple[str, Callable[[str], str | None], bool]] = [
+        ("ours", ours, True),
+        ("seed", seed, False),
+    ]
+    if against:
+        from benchmarks.useragent import classifier_at
+
+        baseline = classifier_at(against)
+
+        def before(ua: str) -> str | None:
+            category: str | None = getattr(baseline(ua), "category", None)
+            return category
+
+        contenders.append((against[:8], before, True))
     lines: list[str] = []
     for half, title in (
         ("test", "evaluation set, test half: never looked at"),
@@ -173,7 +189,7 @@ def report(*, show_mistakes: bool = True) -> str:
     ):
         lines += [f"{title} (tests/data/user_agents_evaluation.csv.gz)", HEADER]
         for name_, rows in slices(load_evaluation(half=half)):
-            for name, fn, cats in (("ours", ours, True), ("seed", seed, False)):
+            for name, fn, cats in contenders:
                 lines.append(line(name_, name, score(rows, fn, categories=cats)))
         lines.append("")
     lines += ["regression sets (not independent of the rules)", HEADER]
@@ -181,7 +197,7 @@ def report(*, show_mistakes: bool = True) -> str:
         ("hand-labelled (tests/data/user_agents.csv)", load_labelled()),
         ("crawler-user-agents instances", load_crawler_instances()),
     ):
-        for name, fn, cats in (("ours", ours, True), ("seed", seed, False)):
+        for name, fn, cats in contenders:
             lines.append(line(title, name, score(rows, fn, categories=cats)))
     if show_mistakes:
         wrong = mistakes(load_evaluation(half="dev"), flagging_only=True)
@@ -191,6 +207,10 @@ def report(*, show_mistakes: bool = True) -> str:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    print(report(show_mistakes="--quiet" not in sys.argv))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quiet", action="store_true", help="leave out the dev half's mistakes")
+    parser.add_argument("--against", metavar="REF", help="also score the classifier at REF")
+    args = parser.parse_args()
+    print(report(show_mistakes=not args.quiet, against=args.against))
