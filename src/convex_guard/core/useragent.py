@@ -230,7 +230,8 @@ _GENERIC_WORDS: Final[dict[str, BotCategory]] = {
 }
 # Starts with a literal so the regex engine can skip ahead; the name is widened to its word after.
 _GENERIC_RE: Final = re.compile(r"(?:bot|crawler|crawl|spider|scraper)(?![a-z])|https?://")
-_GENERIC_KEYS: Final = frozenset(w.encode("ascii") for w in _GENERIC_WORDS)
+_GENERIC_TEXT: Final = {w.encode("ascii"): w for w in _GENERIC_WORDS}
+_GENERIC_KEYS: Final = frozenset(_GENERIC_TEXT)
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 # The exclusion: a browser's platform comment, "(Linux; Android 9; CUBOT X19)". Device names
 # live there and some contain "bot" (real Cubot phones), so the generic words are looked for
@@ -738,7 +739,7 @@ def _disguised(lowered: str) -> UserAgentVerdict | None:
     return None
 
 
-def _match_generic(ua: str, lowered: str) -> UserAgentVerdict | None:
+def _match_generic(ua: str, lowered: str, tokens: list[bytes]) -> UserAgentVerdict | None:
     disguised = _disguised(lowered)
     if disguised is not None:
         return disguised
@@ -746,15 +747,17 @@ def _match_generic(ua: str, lowered: str) -> UserAgentVerdict | None:
     floor = platform.end() if platform else 0
     # The generic words as whole tokens (a set test, not a regex that tries every position);
     # one with a category of its own ("headless", "scraper") outranks "bot" and a URL.
-    words = _GENERIC_KEYS.intersection(_tokens(lowered[floor:]))
-    specific = [w for w in words if _GENERIC_WORDS[w.decode("ascii")] != "other_bot"]
+    words = [
+        word
+        for word in map(_GENERIC_TEXT.__getitem__, _GENERIC_KEYS.intersection(tokens))
+        if lowered.find(word, floor) >= 0  # not only in the platform comment
+    ]
+    specific = [w for w in words if _GENERIC_WORDS[w] != "other_bot"]
     match = None if specific else _GENERIC_RE.search(lowered, floor)
     if match is None:
         if not words:
             return None
-        word = min(
-            (w.decode("ascii") for w in specific or words), key=lambda w: lowered.find(w, floor)
-        )
+        word = min(specific or words, key=lambda w: lowered.find(w, floor))
         start = lowered.find(word, floor)
         end = start + len(word)
         name = _display(ua, lowered, start, end)
@@ -814,12 +817,12 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         # Spelled out rather than any(...): a generator costs more than the four searches.
         # On str: CPython's search over the table's output (bytes full of spaces) is 5x slower.
         if "bot" in lowered or "crawl" in lowered or "spider" in lowered:
-            return _match_generic(ua, lowered) or _bare(ua, tokens) or _HUMAN
+            return _match_generic(ua, lowered, tokens) or _bare(ua, tokens) or _HUMAN
         if len(tokens) > 6 and tokens[0] == b"mozilla":
             return _HUMAN  # every browser; a short or odd user-agent gets the closer look
         return _disguised(lowered) or _bare(ua, tokens) or _HUMAN
     verdict = _match_known(ua, lowered, _KEYS.intersection(tokens))
-    return verdict or _match_generic(ua, lowered) or _bare(ua, tokens) or _HUMAN
+    return verdict or _match_generic(ua, lowered, tokens) or _bare(ua, tokens) or _HUMAN
 
 
 def _bare(ua: str, tokens: list[bytes]) -> UserAgentVerdict | None:
