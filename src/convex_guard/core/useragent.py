@@ -660,7 +660,8 @@ def _confirm(rule: _Rule, text: str, literal: str) -> bool:
 def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdict | None:
     """Confirm the rules woken by the prefilter; the most specific match wins.
 
-    A name is looked for as written, then without separators ("GPT-Bot" is GPTBot). A match
+    A name is looked for as written, an AI agent's also without separators ("GPT-Bot" is
+    GPTBot: disguises are for the agents a site blocks). A match
     lying inside another one is dropped ("Fetch/" inside "node-fetch/", "Applebot" inside
     "Applebot-Extended"): the longer name is the agent, the shorter an accident.
     """
@@ -679,6 +680,8 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
             text = lowered if rule.anywhere else masked
             if rule.plain:  # most rules: inlined, this loop is the bots' hot path
                 if rule.literal not in text:
+                    if not rule.anywhere:
+                        continue  # only AI agents' names are looked for spelled apart
                     folded = squashed.get(text)
                     if folded is None:
                         folded = squashed[text] = _squash(text)
@@ -696,6 +699,8 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                 found.append((rule.rank, _squash(match[0]).rstrip("/;:()+"), rule, match))
                 continue
             if not _confirm(rule, text, rule.literal):
+                if not rule.anywhere:
+                    continue
                 folded = squashed.get(text)
                 if folded is None:
                     folded = squashed[text] = _squash(text)
