@@ -190,6 +190,17 @@ def test_data_provenance_is_recorded() -> None:
     assert source["source"].startswith("https://github.com/ai-robots-txt/ai.robots.txt/")
     assert DATA_PROVENANCE["crawler_user_agents_patterns"] > 1000
     assert DATA_PROVENANCE["ai_robots_txt_agents"] > 100
+    matomo = DATA_PROVENANCE["device_detector"]
+    assert matomo["license"] == "LGPL-3.0-or-later"
+    assert re.fullmatch(r"[0-9a-f]{40}", matomo["commit"])
+    assert matomo["source"].endswith("/regexes/bots.yml")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", matomo["retrieved"])
+    assert DATA_PROVENANCE["device_detector_agents"] > 500
+    assert DATA_PROVENANCE["device_detector_regexes_patterns"] > 50
+    isbot = DATA_PROVENANCE["isbot"]
+    assert (isbot["package"], isbot["license"]) == ("isbot", "Unlicense")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", isbot["version"])
+    assert DATA_PROVENANCE["isbot_agents"] > 50
 
 
 @given(st.text(max_size=300))
@@ -358,3 +369,13 @@ def test_evaluation_set_floors() -> None:
     assert tp / len(bots) >= 0.95
     assert tp / (tp + fp) >= 0.99
     assert all(r["user_agent"] in flagged for r in ai)
+
+
+@given(st.sampled_from(MAINSTREAM), st.lists(st.tuples(st.integers(0, 200), _CF), max_size=3))
+@settings(max_examples=60, deadline=None)
+def test_format_characters_in_a_browser_leave_a_person(
+    ua: str, inserts: list[tuple[int, str]]
+) -> None:
+    for at, ch in inserts:
+        ua = ua[:at] + ch + ua[at:]
+    assert not classify_user_agent_uncached(ua).is_bot
