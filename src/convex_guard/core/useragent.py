@@ -745,9 +745,15 @@ def _disguised(lowered: str) -> UserAgentVerdict | None:
 
 
 def _match_generic(ua: str, lowered: str, tokens: list[bytes]) -> UserAgentVerdict | None:
-    disguised = _disguised(lowered)
-    if disguised is not None:
-        return disguised
+    """A bot by its generic words, unless they belong to an AI agent spelled apart
+    ("Claude Bot/1.0"); a device's "bot" (Cubot phones) costs no disguise check."""
+    verdict = _generic_words(ua, lowered, tokens)
+    if verdict is None:
+        return None
+    return _disguised(lowered) or verdict
+
+
+def _generic_words(ua: str, lowered: str, tokens: list[bytes]) -> UserAgentVerdict | None:
     platform = _PLATFORM_RE.match(lowered)
     floor = platform.end() if platform else 0
     # The generic words as whole tokens (a set test, not a regex that tries every position);
