@@ -309,6 +309,7 @@ class _Rule:
     plain: bool = field(init=False)  # a substring test decides
     anywhere: bool = field(init=False)  # an AI agent: counts even in the device model
     trimmed: str = field(init=False)  # what containment between matches compares
+    lower_name: bool = field(init=False)  # the list wrote the name in lower case
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -316,6 +317,8 @@ class _Rule:
         set_(self, "plain", self.regex is None and not self.version and not self.start)
         set_(self, "anywhere", self.category == "ai_crawler")
         set_(self, "trimmed", self.squashed.rstrip("/;:()+"))
+        name = self.verdict.name if self.verdict is not None else None
+        set_(self, "lower_name", name is not None and name.isascii() and name == name.lower())
 
 
 _LITERAL_RE: Final = re.compile(r"(?:\\[^\w]|[^\\.^$*+?{}\[\]|()])+")
@@ -722,13 +725,19 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
         return None
     _, _, rule, match = best
     if rule.verdict is not None:
+        if rule.lower_name and len(ua) == len(lowered):
+            # A list that writes names in lower case (isbot's): the agent's own spelling.
+            at = lowered.find(rule.literal)
+            if at >= 0:
+                name = ua[at : at + len(rule.literal)].strip(" /;:()+-_.")
+                return UserAgentVerdict(True, rule.category, name or rule.verdict.name)
         return rule.verdict
     assert match is not None
     start, end = match.span()
     while end > start and not lowered[end - 1].isalnum():
         end -= 1
     while start < end and not lowered[start].isalnum():
-        start += 1  # the character before the name that device-detector's patterns require
+        start += 1  # punctuation a pattern's match may begin with
     name = _display(ua, lowered, start, end)
     category = _OVERRIDES.get(name.lower(), rule.category)
     return UserAgentVerdict(is_bot=True, category=category, name=name or None)
