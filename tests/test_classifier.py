@@ -195,10 +195,38 @@ def test_classifier_must_be_callable(bad: object) -> None:
 
 
 def test_each_declared_source_is_read_whole() -> None:
-    assert [s.name for s in SOURCES] == ["crawler_user_agents", "ai_robots_txt", "curated"]
+    assert [s.name for s in SOURCES] == [
+        "crawler_user_agents",
+        "ai_robots_txt",
+        "device_detector",
+        "device_detector_regexes",
+        "isbot",
+        "curated",
+    ]
     for source in SOURCES:
         text = (resources.files(source.package) / source.resource).read_text("utf-8")
         document = json.loads(text)
         entries = document if source.entries is None else document[source.entries]
-        counted = "patterns" if source.kind == "patterns" else "agents"
+        counted = "agents" if source.kind == "names" else "patterns"
         assert DATA_PROVENANCE[f"{source.name}_{counted}"] == len(entries) > 0
+
+
+def test_in_app_browsers_are_not_escalated_but_padding_is() -> None:
+    """Over 1 KiB is suspicious and escalates; Facebook's and Instagram's in-app browsers
+    (up to ~600 bytes) never reach that, however often they come."""
+    from .test_useragent import IN_APP
+
+    limit = FixedWindow(rate=100, period=HOUR)  # the escalation, not the per-minute limit
+    in_app = max(IN_APP, key=len)
+    padded = BROWSER + " " + "x" * 1100
+    assert (
+        get_codes(
+            stacked(MemoryStore(), defer=False, suspicious_limit=limit), "/api/hello", [in_app] * 12
+        )
+        == [200] * 12
+    )
+    codes = get_codes(
+        stacked(MemoryStore(), defer=False, suspicious_limit=limit), "/api/hello", [padded] * 12
+    )
+    assert codes[:5] == [200] * 5
+    assert codes[-1] == 403

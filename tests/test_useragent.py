@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
+import io
 import json
 import re
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convex_guard.core.useragent import (
@@ -72,7 +75,7 @@ def test_ai_crawlers_and_assistants(name: str) -> None:
         ("node-fetch/1.0 (+https://github.com/bitinn/node-fetch)", "http_library"),
         ("Java/17.0.2", "http_library"),
         ("libwww-perl/6.72", "http_library"),
-        ("Scrapy/2.11.1 (+https://scrapy.org)", "http_library"),
+        ("Scrapy/2.11.1 (+https://scrapy.org)", "scraper"),
         ("Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", "preview"),
         ("facebookexternalhit/1.1 (+http://www.facebook.com/externalhit_uatext.php)", "preview"),
         ("Twitterbot/1.0", "preview"),
@@ -187,6 +190,17 @@ def test_data_provenance_is_recorded() -> None:
     assert source["source"].startswith("https://github.com/ai-robots-txt/ai.robots.txt/")
     assert DATA_PROVENANCE["crawler_user_agents_patterns"] > 1000
     assert DATA_PROVENANCE["ai_robots_txt_agents"] > 100
+    matomo = DATA_PROVENANCE["device_detector"]
+    assert matomo["license"] == "LGPL-3.0-or-later"
+    assert re.fullmatch(r"[0-9a-f]{40}", matomo["commit"])
+    assert matomo["source"].endswith("/regexes/bots.yml")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", matomo["retrieved"])
+    assert DATA_PROVENANCE["device_detector_agents"] > 500
+    assert DATA_PROVENANCE["device_detector_regexes_patterns"] > 50
+    isbot = DATA_PROVENANCE["isbot"]
+    assert (isbot["package"], isbot["license"]) == ("isbot", "Unlicense")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", isbot["version"])
+    assert DATA_PROVENANCE["isbot_agents"] > 50
 
 
 @given(st.text(max_size=300))
@@ -200,3 +214,168 @@ def test_any_text_gives_a_consistent_verdict(ua: str) -> None:
 def test_known_agent_found_whatever_surrounds_it(name: str, noise: str) -> None:
     ua = f"Mozilla/5.0 ({noise}) {name}/1.0 ({noise})"
     assert classify_user_agent_uncached(ua).category == "ai_crawler"
+
+
+# --- disguises, long headers, in-app browsers -------------------------------------------------
+
+FB_IOS = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+    "Gecko) Mobile/15E148 [FBAN/FBIOS;FBAV/470.0.0.41.107;FBBV/623503513;FBDV/iPhone15,2;FBMD/"
+    "iPhone;FBSN/iOS;FBSV/17.5.1;FBSS/3;FBID/phone;FBLC/en_US;FBOP/5;FBRV/626232960;IABMV/1]"
+)
+FB_ANDROID = (
+    "Mozilla/5.0 (Linux; Android 14; SM-S918B Build/UP1A.231005.007; wv) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Version/4.0 Chrome/126.0.6478.71 Mobile Safari/537.36 [FB_IAB/FB4A;"
+    "FBAV/471.0.0.35.76;IABMV/1;FBBV/620316148;FBDM/{density=3.0,width=1080,height=2340};"
+    "FBLC/en_GB;FBRV/622455230;FBCR/Vodafone UK;FBMF/samsung;FBBD/samsung;FBPN/com.facebook."
+    "katana;FBDV/SM-S918B;FBSV/14;FBOP/1;FBCA/arm64-v8a:;]"
+)
+INSTAGRAM = (
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8 Pro Build/AP2A.240705.005; wv) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Version/4.0 Chrome/126.0.6478.122 Mobile Safari/537.36 Instagram "
+    "339.0.0.30.105 Android (34/14; 420dpi; 1080x2205; Google/google; Pixel 8 Pro; husky; "
+    "husky; en_US; 619398614; IABMV/1)"
+)
+INSTAGRAM_IOS = (
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like "
+    "Gecko) Mobile/15E148 Instagram 340.0.3.18.106 (iPhone14,5; iOS 17_5; en_US; en; scale=3.00;"
+    " 1170x2532; 617063546; IABMV/1) NW/3"
+)
+# Facebook's in-app browser on a tablet with every field it sends, carrier and all: ~560 bytes.
+FB_LONG = (
+    "Mozilla/5.0 (Linux; Android 13; SM-X706B Build/TP1A.220624.014; wv) AppleWebKit/537.36 "
+    "(KHTML, like Gecko) Version/4.0 Chrome/125.0.6422.165 Safari/537.36 [FB_IAB/FB4A;"
+    "FBAV/468.1.0.56.78;IABMV/1;FBBV/617498372;FBDM/{density=2.25,width=1600,height=2560};"
+    "FBLC/de_DE;FBRV/619211427;FBCR/Telekom.de;FBMF/samsung;FBBD/samsung;FBPN/com.facebook."
+    "katana;FBDV/SM-X706B;FBSV/13;FBOP/1;FBCA/arm64-v8a:;FBAN/FB4A;FBSN/Android;FBSS/2;"
+    "FBID/tablet;FBMD/SM-X706B;FBNV/1;FBPR/1;FBDPI/360;FBSI/{locale=de_DE,tz=Europe/Berlin};]"
+    " Instagram 339.0.0.30.105 Android (33/13; 360dpi; 1600x2560; samsung; SM-X706B; gts8; qcom)"
+)
+IN_APP = [FB_IOS, FB_ANDROID, INSTAGRAM, INSTAGRAM_IOS, FB_LONG]
+
+
+@pytest.mark.parametrize(
+    ("ua", "category", "name"),
+    [
+        ("GPT-Bot/1.2", "ai_crawler", "GPTBot"),
+        ("claude_bot/1.0", "ai_crawler", "ClaudeBot"),
+        ("Mozilla/5.0 (compatible; Claude Bot/1.0)", "ai_crawler", "ClaudeBot"),
+        ("G.P.T.B.o.t/1.0", "ai_crawler", "GPTBot"),
+        ("G\u200bPTBot/1.0", "ai_crawler", "GPTBot"),  # zero-width space
+        ("\uff27\uff30\uff34\uff22\uff4f\uff54/1.0", "ai_crawler", "GPTBot"),  # full-width
+        ("GPTB\u043et/1.0", "ai_crawler", "GPTBot"),  # Cyrillic o
+        ("Perplexity_User/1.0", "ai_crawler", "Perplexity-User"),
+    ],
+)
+def test_disguised_ai_crawlers(ua: str, category: str, name: str) -> None:
+    verdict = classify_user_agent_uncached(ua)
+    assert (verdict.category, verdict.name) == (category, name)
+
+
+def test_headless_with_a_space_and_scrapy() -> None:
+    ua = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Headless Chrome/124.0 Safari/537.36"
+    assert classify_user_agent_uncached(ua).category == "headless"
+    assert classify_user_agent_uncached("Scrapy/2.11.1 (+https://scrapy.org)").category == "scraper"
+
+
+@pytest.mark.parametrize("padding", [2048, 9000, 70000])
+def test_known_agent_found_anywhere_in_a_long_header(padding: int) -> None:
+    junk = "Mozilla/5.0 (X11; Linux x86_64) " + "a" * (padding // 2)
+    ua = junk + " GPTBot/1.2 (+https://openai.com/gptbot) " + "b" * (padding // 2)
+    assert len(ua) > 2048
+    assert classify_user_agent_uncached(ua) == UserAgentVerdict(True, "ai_crawler", "GPTBot")
+    plain = junk + " nothing known " + "b" * (padding // 2)
+    assert classify_user_agent_uncached(plain).category == "suspicious"
+
+
+@pytest.mark.parametrize("ua", IN_APP)
+def test_in_app_browsers_are_people(ua: str) -> None:
+    assert 200 < len(ua) < 1024
+    assert classify_user_agent_uncached(ua) == UserAgentVerdict(False, None, None)
+
+
+def test_in_app_browsers_reach_the_sizes_they_do() -> None:
+    assert max(len(ua) for ua in IN_APP) >= 500
+
+
+def test_format_characters_match_unicodedata() -> None:
+    import sys
+    import unicodedata
+
+    from convex_guard.core.useragent import _FORMAT_RE
+
+    cf = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Cf"]
+    assert all(_FORMAT_RE.fullmatch(ch) for ch in cf)
+
+
+_CF = st.sampled_from(["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad", "\u202e"])
+
+
+@given(
+    st.sampled_from(["GPTBot", "ClaudeBot", "PerplexityBot", "Bytespider", "CCBot", "Amazonbot"]),
+    st.lists(st.tuples(st.integers(0, 20), st.one_of(_CF, st.sampled_from("-_."))), max_size=3),
+    st.sampled_from([str.lower, str.upper, str.swapcase, lambda s: s]),
+)
+@settings(max_examples=150, deadline=None)
+def test_a_disguised_ai_name_never_becomes_a_person(
+    name: str, inserts: list[tuple[int, str]], case: Callable[[str], str]
+) -> None:
+    text = case(name)
+    for at, ch in inserts:
+        at = min(at, len(text))
+        text = text[:at] + ch + text[at:]
+    verdict = classify_user_agent_uncached(f"Mozilla/5.0 (compatible; {text}/1.0)")
+    assert verdict.is_bot
+    verdict = classify_user_agent_uncached(f"{text}/1.0")
+    assert verdict.is_bot
+
+
+def _mainstream() -> list[str]:
+    path = Path(__file__).parent / "data" / "user_agents_evaluation.csv.gz"
+    text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    rows = csv.DictReader(io.StringIO(text))
+    return [r["user_agent"] for r in rows if r["source"] == "top-user-agents"]
+
+
+MAINSTREAM = _mainstream()
+
+
+@given(st.sampled_from(MAINSTREAM))
+@settings(max_examples=100, deadline=None)
+def test_mainstream_browsers_are_never_flagged(ua: str) -> None:
+    assert not classify_user_agent_uncached(ua).is_bot
+
+
+def test_every_mainstream_browser_and_in_app_browser_is_a_person() -> None:
+    assert len(MAINSTREAM) >= 90
+    flagged = [ua for ua in MAINSTREAM + IN_APP if classify_user_agent_uncached(ua).is_bot]
+    assert flagged == []
+
+
+def test_evaluation_set_floors() -> None:
+    """The held-out set's measured figures, as floors: a change that loses accuracy fails."""
+    path = Path(__file__).parent / "data" / "user_agents_evaluation.csv.gz"
+    text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    browsers = [r for r in rows if r["source"] != "device-detector mobile apps"]
+    flagged = {
+        r["user_agent"] for r in browsers if classify_user_agent_uncached(r["user_agent"]).is_bot
+    }
+    bots = [r for r in browsers if r["expected"] != "human"]
+    people = [r for r in browsers if r["expected"] == "human"]
+    tp = sum(r["user_agent"] in flagged for r in bots)
+    fp = sum(r["user_agent"] in flagged for r in people)
+    ai = [r for r in bots if r["expected"] == "ai_crawler"]
+    assert tp / len(bots) >= 0.95
+    assert tp / (tp + fp) >= 0.99
+    assert all(r["user_agent"] in flagged for r in ai)
+
+
+@given(st.sampled_from(MAINSTREAM), st.lists(st.tuples(st.integers(0, 200), _CF), max_size=3))
+@settings(max_examples=60, deadline=None)
+def test_format_characters_in_a_browser_leave_a_person(
+    ua: str, inserts: list[tuple[int, str]]
+) -> None:
+    for at, ch in inserts:
+        ua = ua[:at] + ch + ua[at:]
+    assert not classify_user_agent_uncached(ua).is_bot

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import re._parser as _sre  # type: ignore[import-not-found]  # keys of a pattern without examples
+import unicodedata
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Final, Literal, get_args
@@ -29,6 +31,7 @@ BotCategory = Literal[
     "monitor",
     "preview",
     "scanner",
+    "scraper",
     "other_bot",
     "suspicious",
 ]
@@ -37,6 +40,8 @@ BOT_CATEGORIES: Final[tuple[BotCategory, ...]] = get_args(BotCategory)
 
 CACHE_SIZE: Final = 4096
 MAX_LENGTH: Final = 1024  # real browsers stay far below; longer values are padding or probing
+#: How much of an over-long user-agent is searched for known agents (servers cap headers anyway).
+SEARCH_LENGTH: Final = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,7 @@ _SUSPICIOUS: Final = UserAgentVerdict(is_bot=True, category="suspicious")
 _RANKED: Final[tuple[BotCategory, ...]] = (
     "ai_crawler",
     "scanner",
+    "scraper",
     "headless",
     "preview",
     "monitor",
@@ -96,20 +102,24 @@ class AgentSource:
     """One list of known agents the default classifier is built from: a JSON file and its shape.
 
     ``kind`` says how its entries are read: ``"patterns"`` are crawler-user-agents records (a
-    regex, the example user-agents it must match, tags naming its purpose); ``"names"`` are
-    agent names, matched case-insensitively as words, each with an optional ``category`` and
-    ``version`` (the name counts only as a product token, ``name/<digit>``). ``entries`` is
-    the key the list is under (None: the file is the list); ``category`` is for names that
-    carry none. The file's other text fields are its provenance (``DATA_PROVENANCE``).
+    regex, the example user-agents it must match, tags naming its purpose); ``"regexes"`` are
+    a regex and a ``category`` each, without examples (the prefilter's keys come from the text
+    the regex can match); ``"names"`` are agent names, matched case-insensitively, each with an
+    optional ``category``, ``version`` (the name counts only as a product token,
+    ``name/<digit>``) and ``start`` (only at the start of the user-agent). ``entries`` is the
+    key the list is under (None: the file is the list); ``category`` is for names that carry
+    none. The file's other text fields are its provenance (``DATA_PROVENANCE``).
     """
 
     name: str
-    kind: Literal["patterns", "names"]
+    kind: Literal["patterns", "regexes", "names"]
     package: str
     resource: str
     entries: str | None = None
     category: BotCategory | None = None
 
+
+_DATA: Final = "convex_guard.core.data"
 
 #: The lists, in order: of two rules of one category woken by one token, the earlier list's
 #: is tried first.
@@ -119,22 +129,25 @@ SOURCES: Final[tuple[AgentSource, ...]] = (
     AgentSource("crawler_user_agents", "patterns", "crawleruseragents", "crawler-user-agents.json"),
     # AI crawlers, assistants and agents by name (ai.robots.txt, MIT; vendored with its commit).
     AgentSource(
-        "ai_robots_txt",
-        "names",
-        "convex_guard.core.data",
-        "ai_robots.json",
-        entries="agents",
-        category="ai_crawler",
+        "ai_robots_txt", "names", _DATA, "ai_robots.json", entries="agents", category="ai_crawler"
     ),
+    # Matomo's device-detector bot list (LGPL-3.0-or-later): our names and patterns derived
+    # from its regexes/bots.yml by scripts/build_useragent_data.py, commit recorded in the file.
+    AgentSource("device_detector", "names", _DATA, "device_detector_bots.json", "agents"),
+    AgentSource(
+        "device_detector_regexes", "regexes", _DATA, "device_detector_bots.json", "patterns"
+    ),
+    # The agent names of isbot's pattern list (npm, Unlicense), version recorded in the file.
+    AgentSource("isbot", "names", _DATA, "isbot_names.json", "agents"),
     # Ours: headless browsers and automation, scanners, HTTP libraries, monitors and previews
     # the lists miss, each entry naming its category.
-    AgentSource("curated", "names", "convex_guard.core.data", "user_agents_curated.json", "agents"),
+    AgentSource("curated", "names", _DATA, "user_agents_curated.json", "agents"),
 )
 
 #: Corrections applied to every list, from our file: ``category_overrides`` (an agent's
 #: category where a list's tags do not fit our policy, by lower-cased name) and
 #: ``version_required`` (names that are also common words: "Spider", "Code").
-CORRECTIONS: Final = ("convex_guard.core.data", "user_agents_curated.json")
+CORRECTIONS: Final = (_DATA, "user_agents_curated.json")
 
 
 def _words(text: str) -> frozenset[str]:
@@ -176,20 +189,102 @@ _COMMON_BOT_TOKENS: Final = _words(
     "bot bots crawler spider http https www com org net html google search searchbot user agent web"
 )
 
+# Words in people's user-agents (browsers' names, vendors, device lines) that agents' names
+# also contain; never keys, so those people stay on the fast path. Read off the people of the
+# evaluation set's dev half, whose tokens woke rules, and said so in the benchmark.
+_WEAK_KEYS: Final = _words(
+    "pro browser desktop engine studio search microsoft amazon google webkit index explorer "
+    "for red is beta cloud net hit silk odin nova orion cyber amazing ips gsa baidu"
+)
+
 # ASCII letters lower-cased, every other byte a space: ``bytes.translate`` + ``split`` is the
 # cheapest tokenizer CPython offers, several times faster than any regex over the same text.
 _TOKEN_TABLE: Final = bytes(
     (c | 0x20) if (65 <= c <= 90 or 97 <= c <= 122) else 32 for c in range(256)
 )
+# What disguises put inside a name ("GPT-Bot", "claude_bot", "Headless Chrome"): removed from
+# the text a name is confirmed in, never from the text the prefilter splits.
+_SEPARATORS: Final = b"-_. "
 
-# Words that name a bot when a user-agent does not match any known agent.
+# Generic words that name a bot when a user-agent matches no known agent, and the category
+# each implies: device-detector's and isbot's catch-all words that are agent nouns, and ours.
+_GENERIC_WORDS: Final[dict[str, BotCategory]] = {
+    "headless": "headless",
+    "scraper": "scraper",
+    "scrapers": "scraper",
+    "scanner": "scanner",
+    "monitor": "monitor",
+    "uptime": "monitor",
+    "checker": "other_bot",
+    "crawler": "other_bot",
+    "spider": "other_bot",
+    "fetcher": "other_bot",
+    "indexer": "other_bot",
+    "archiver": "other_bot",
+    "grabber": "other_bot",
+    "validator": "other_bot",
+    "transcoder": "other_bot",
+    "analyzer": "other_bot",
+    "collector": "other_bot",
+    "searcher": "other_bot",
+}
 # Starts with a literal so the regex engine can skip ahead; the name is widened to its word after.
 _GENERIC_RE: Final = re.compile(r"(?:bot|crawler|crawl|spider|scraper)(?![a-z])|https?://")
+_GENERIC_TEXT: Final = {w.encode("ascii"): w for w in _GENERIC_WORDS}
+_GENERIC_KEYS: Final = frozenset(_GENERIC_TEXT)
 _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 # The exclusion: a browser's platform comment, "(Linux; Android 9; CUBOT X19)". Device names
 # live there and some contain "bot" (real Cubot phones), so the generic words are looked for
 # only after it; bots put their name in a "(compatible; ...)" comment or after the platform.
 _PLATFORM_RE: Final = re.compile(r"\A\s*mozilla/[\d.]+\s*\((?![^)]*compatible)[^)]*\)")
+# The device model in an Android browser's platform comment: "(Linux; U; Android 15; en-US;
+# RMX5020 Build/AP3A.240617.008)" is "rmx5020 build/ap3a.240617.008".
+_DEVICE_RE: Final = re.compile(
+    r"\A\s*mozilla/[\d.]+\s*\(linux;(?: u;)? android[^;)]*;(?: [a-z]{2}[-_][a-z]{2};)?([^;)]+)"
+)
+
+# Two of isbot's (Unlicense) shapes, adopted as they are: a Mozilla token with one word after it
+# ("Mozilla/5.0 OnlyScans") or with only a one-product "compatible" comment. No browser sends
+# these. Its third, one bare product ("Hakai/2.0"), is left out: podcast players, watches and
+# TVs send that shape too (device-detector's people fixtures: ~1 in 200 of them).
+_BARE_RE: Final = re.compile(
+    r"mozilla/\d\.\d\s[\w.-]+$"
+    r"|mozilla/\d\.\d\s\((?:compatible;)?(?:\s?[\w\d.-]+[\s/]\d+\.\d+)?\)$",
+    re.IGNORECASE,
+)
+
+# Unicode format characters (category Cf: zero-width spaces and joiners, bidi controls, the
+# soft hyphen, tag characters), which render as nothing and so hide a name from a substring
+# test. Spelled out (Unicode 15) so nothing scans the code space at import; a test checks it
+# against `unicodedata`.
+_FORMAT_RE: Final = re.compile(
+    "[\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U0001343f"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]"
+)
+# Combining marks left by NFKD ("Ǵ" → "G" + U+0301) and variation selectors.
+_MARKS_RE: Final = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe00-\ufe0f]")
+# Letters of other scripts drawn like ASCII ones (Cyrillic, Greek), after lower-casing.
+_HOMOGLYPHS: Final = str.maketrans(
+    "\u0430\u0432\u0441\u0501\u0435\u04bb\u0456\u0458\u043a\u04cf\u043c\u043e\u0440\u051b\u0455\u0442\u0443\u051d\u0445\u0443\u03b1\u03b2\u03b5\u03b9\u03ba\u03bd\u03bf\u03c1\u03c4\u03c5\u03c7",
+    "abcdehijklmopqstuwxyabeikvoptux",
+)
+
+
+def _fold(ua: str) -> str:
+    """A non-ASCII user-agent as the ASCII it looks like: what a person reads, the bot's name.
+
+    NFKC first (full-width letters are ASCII ones), then format characters out, Cyrillic and
+    Greek look-alikes to ASCII, and accents off (NFKD without its combining marks).
+    """
+    text = _FORMAT_RE.sub("", unicodedata.normalize("NFKC", ua))
+    text = text.lower().translate(_HOMOGLYPHS)
+    return _MARKS_RE.sub("", unicodedata.normalize("NFKD", text))
+
+
+def _squash(text: str) -> str:
+    """``text`` without separators, as names are confirmed against it when spelled apart."""
+    return text.encode("ascii", "replace").translate(None, _SEPARATORS).decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +301,24 @@ class _Rule:
     literal: str
     regex: re.Pattern[str] | None
     version: bool = False  # the literal counts only as a product token: "name/<digit>"
+    start: bool = False  # the literal counts only at the start of the user-agent
+    squashed: str = ""  # the literal without separators, for names spelled apart
+    bounded: bool = False  # the regex must not start inside a name
+    # Derived once, so the per-request loop reads attributes instead of computing them.
+    rank: int = field(init=False)
+    plain: bool = field(init=False)  # a substring test decides
+    anywhere: bool = field(init=False)  # an AI agent: counts even in the device model
+    trimmed: str = field(init=False)  # what containment between matches compares
+    lower_name: bool = field(init=False)  # the list wrote the name in lower case
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "rank", _PRIORITY[self.category])
+        set_(self, "plain", self.regex is None and not self.version and not self.start)
+        set_(self, "anywhere", self.category == "ai_crawler")
+        set_(self, "trimmed", self.squashed.rstrip("/;:()+"))
+        name = self.verdict.name if self.verdict is not None else None
+        set_(self, "lower_name", name is not None and name.isascii() and name == name.lower())
 
 
 _LITERAL_RE: Final = re.compile(r"(?:\\[^\w]|[^\\.^$*+?{}\[\]|()])+")
@@ -240,7 +353,7 @@ def _alpha_runs(text: str) -> list[str]:
 def _key_rank(token: str) -> tuple[bool, bool, bool, int, str]:
     # Short tokens come next to last: "e" of "15E148" is in every iPhone's user-agent.
     return (
-        token in _BROWSER_TOKENS,
+        token in _BROWSER_TOKENS or token in _WEAK_KEYS,
         len(token) < 3,
         token in _COMMON_BOT_TOKENS,
         -len(token),
@@ -282,6 +395,65 @@ def _crawler_keys(find: Callable[[str], tuple[int, int] | None], entry: dict[str
     return touching | ({literal} if literal else set())
 
 
+_EXPANSIONS: Final = 64
+_REPEATS: Final = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", None))
+_EMPTY_OPS: Final = (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT)
+
+
+def _expand(items: Any) -> list[str] | None:
+    """The texts a parsed regex matches, with each variable part as a separator.
+
+    Branches and optional parts are spelled out (at most ``_EXPANSIONS`` texts, else None):
+    ``Google(?:bot|Other)`` is "googlebot" and "googleother", each one token, which is what
+    the prefilter must see; ``Baidu.*spider`` is "baidu spider".
+    """
+    texts = [""]
+    for op, av in items:
+        alternatives: list[str] | None
+        if op is _sre.LITERAL:
+            alternatives = [chr(av)]
+        elif op is _sre.SUBPATTERN:
+            alternatives = _expand(av[-1])
+        elif op is _sre.BRANCH:
+            alternatives = []
+            for branch in av[1]:
+                sub = _expand(branch)
+                if sub is None:
+                    return None
+                alternatives.extend(sub)
+        elif op in _REPEATS:
+            sub = _expand(av[2])
+            if sub is None:
+                return None
+            alternatives = ([""] if av[0] == 0 else []) + sub
+        elif op in _EMPTY_OPS:
+            alternatives = [""]
+        else:  # a class, a wildcard: some character, perhaps a letter, perhaps not
+            alternatives = [" "]
+        if alternatives is None:
+            return None
+        texts = [t + a for t in texts for a in alternatives]
+        if len(texts) > _EXPANSIONS:
+            return None
+    return texts
+
+
+def _regex_keys(pattern: str) -> set[str]:
+    """Tokens of which one occurs in (nearly) every user-agent a regex without examples matches:
+    the best token of each text it can match. A name the regex leaves open on the right
+    ("Aboundex" in "Aboundexbot") is missed by the prefilter; the generic words still see most."""
+    texts = _expand(_sre.parse(pattern))
+    if texts is None:
+        return set()
+    keys: set[str] = set()
+    for text in texts:
+        key = _best_key(_alpha_runs(text))
+        if key is None:
+            return set()  # one branch without letters: no token covers every match
+        keys.add(key)
+    return keys
+
+
 def _crawler_rule(
     entry: dict[str, Any], overrides: dict[str, BotCategory]
 ) -> tuple[_Rule, set[str]]:
@@ -301,7 +473,8 @@ def _crawler_rule(
 
         display = name.strip(" /;:()+-_.")
         category = overrides.get(display.lower(), category)
-        rule = _Rule(category, UserAgentVerdict(True, category, display), literal, None)
+        verdict = UserAgentVerdict(True, category, display)
+        rule = _Rule(category, verdict, literal, None, squashed=_squash(literal))
     else:
         regex = re.compile(_lower_pattern(pattern))
 
@@ -313,16 +486,51 @@ def _crawler_rule(
     return rule, _crawler_keys(find, entry)
 
 
-def _name_rule(name: str, category: BotCategory, *, version: bool) -> tuple[_Rule, set[str]]:
-    """Agent names from ai.robots.txt and our list: matched as words, case-insensitively."""
+def _regex_rule(entry: dict[str, Any]) -> tuple[_Rule, set[str]]:
+    """A device-detector pattern: matched, as device-detector does, after a non-name character."""
+    pattern = _lower_pattern(entry["pattern"])
+    # The boundary is checked after the search (`_bounded_search`): a look-behind in front
+    # would stop the regex engine from skipping ahead to the pattern's literal text.
+    bounded = not entry.get("anywhere", False)
+    rule = _Rule(_category(entry["category"]), None, "", re.compile(pattern), bounded=bounded)
+    return rule, _regex_keys(pattern)
+
+
+_BOUNDARY: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _bounded_search(regex: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """``regex.search`` where the match does not start inside a name (device-detector's rule)."""
+    match = regex.search(text)
+    while match is not None and match.start() and text[match.start() - 1] in _BOUNDARY:
+        match = regex.search(text, match.start() + 1)
+    return match
+
+
+_CAMEL_RE: Final = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
+
+
+def _name_rule(
+    name: str, category: BotCategory, *, version: bool, start: bool = False
+) -> tuple[_Rule, set[str]]:
+    """Agent names from ai.robots.txt, device-detector, isbot and our list, case-insensitively.
+
+    An AI agent's name is also keyed by its parts ("GPTBot": "gpt"), so one spelled apart
+    ("GPT-Bot/1.2") still wakes the rule, which then finds the name without separators.
+    """
     lowered = name.lower()
     key = _best_key(_alpha_runs(lowered))
     keys = {key} if key else set()
+    if category == "ai_crawler":
+        keys |= {
+            part
+            for part in (p.lower() for p in _CAMEL_RE.findall(name))
+            if len(part) >= 3 and part not in _COMMON_BOT_TOKENS and part not in _WEAK_KEYS
+        }
     verdict = UserAgentVerdict(is_bot=True, category=category, name=name)
-    if version:
-        # Names that are also common words ("Spider", "Code") only count as a product token.
-        return _Rule(category, verdict, lowered + "/", None, version=True), keys
-    return _Rule(category, verdict, lowered, None), keys
+    literal = lowered + "/" if version else lowered
+    rule = _Rule(category, verdict, literal, None, version, start, _squash(literal))
+    return rule, keys
 
 
 def _build(
@@ -341,30 +549,54 @@ def _build(
             about = {k: v for k, v in document.items() if isinstance(v, str)}
             if about:
                 provenance[source.name] = about
-        counted = "patterns" if source.kind == "patterns" else "agents"
+        counted = "agents" if source.kind == "names" else "patterns"
         provenance[f"{source.name}_{counted}"] = len(entries)
         for entry in entries:
             if source.kind == "patterns":
                 built.append(_crawler_rule(entry, overrides))
                 continue
+            if source.kind == "regexes":
+                built.append(_regex_rule(entry))
+                continue
             name = entry["name"]
             lowered = name.lower()
             given = entry.get("category")
-            if given is not None:
+            if lowered in overrides:
+                category = overrides[lowered]
+            elif given is not None:
                 category = _category(given)
             elif source.category is not None:
-                category = overrides.get(lowered, source.category)
+                category = source.category
             else:
                 raise ValueError(f"{source.name}: agent {name!r} names no category")
             version = entry.get("version", lowered in version_required)
-            built.append(_name_rule(name, category, version=version))
+            built.append(
+                _name_rule(name, category, version=version, start=entry.get("start", False))
+            )
 
     index: dict[bytes, list[_Rule]] = {}
     unindexed: list[str] = []
+    # Several lists name the same agent: one rule for it, of the most specific category any
+    # list gives it (what the search would pick from the duplicates anyway), keyed by all keys.
+    first: dict[tuple[str, bool, bool], int] = {}
+    merged: list[tuple[_Rule, set[str]]] = []
     for rule, keys in built:
+        if rule.regex is None:
+            identity = (rule.literal, rule.version, rule.start)
+            at = first.get(identity)
+            if at is not None:
+                kept, kept_keys = merged[at]
+                better = rule if rule.rank < kept.rank else kept
+                merged[at] = (better, kept_keys | keys)
+                continue
+            first[identity] = len(merged)
+        merged.append((rule, keys))
+    for rule, keys in merged:
         # A rule whose only tokens are browser tokens would send every person down the slow
         # path; the few such entries (e.g. "s4a") are left out and listed in DATA_PROVENANCE.
-        usable = {k for k in keys if k not in _BROWSER_TOKENS}
+        usable = {
+            k for k in keys if k not in _BROWSER_TOKENS and k not in _WEAK_KEYS and len(k) >= 3
+        }
         if not usable:
             named = rule.verdict.name if rule.verdict else None
             unindexed.append(named or (rule.regex.pattern if rule.regex else rule.literal))
@@ -380,7 +612,28 @@ def _build(
 
 
 _INDEX, _OVERRIDES, DATA_PROVENANCE = _build(SOURCES, CORRECTIONS)
-_KEYS: Final = frozenset(_INDEX)
+# The generic words are prefilter keys too: one set test per request answers both questions.
+# So are "http" and "https", which stand alone in every URL: one substring test fewer.
+_KEYS: Final = frozenset(_INDEX) | _GENERIC_KEYS | {b"http", b"https"}
+_NO_RULES: Final[tuple[_Rule, ...]] = ()
+
+# Names that are also plain words ("Devin", "Operator"), whatever list they come from.
+_COMMON_WORDS: Final = frozenset(n.lower() for n in _load_json(*CORRECTIONS)["version_required"])
+# AI agents by name without separators, for the last look at a user-agent no rule confirmed
+# ("G.P.T.B.o.t", "Claude Bot"): a word of the text without separators that is one of these
+# names. Plain words ("Devin") and short names are left out: they occur by chance.
+_DISGUISABLE: Final[dict[bytes, UserAgentVerdict]] = {
+    rule.squashed.encode("ascii"): rule.verdict
+    for rules in _INDEX.values()
+    for rule in rules
+    if rule.category == "ai_crawler"
+    and rule.verdict is not None
+    and not rule.version
+    and not rule.start
+    and len(rule.squashed) >= 5
+    and rule.squashed.isalpha()
+    and rule.literal not in _COMMON_WORDS
+}
 
 
 def _display(ua: str, lowered: str, start: int, end: int) -> str:
@@ -399,38 +652,70 @@ def _find_product(lowered: str, token: str) -> int:
     return -1
 
 
+def _confirm(rule: _Rule, text: str, literal: str) -> bool:
+    if rule.start:
+        return text.startswith(literal)
+    if rule.version:
+        return _find_product(text, literal) >= 0
+    return literal in text
+
+
 def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdict | None:
     """Confirm the rules woken by the prefilter; the most specific match wins.
 
-    A match lying inside another one is dropped first ("Fetch/" inside "node-fetch/",
-    "Applebot" inside "Applebot-Extended"): the longer name is the agent, the shorter an accident.
+    A name is looked for as written, an AI agent's also without separators ("GPT-Bot" is
+    GPTBot: disguises are for the agents a site blocks). A match
+    lying inside another one is dropped ("Fetch/" inside "node-fetch/", "Applebot" inside
+    "Applebot-Extended"): the longer name is the agent, the shorter an accident.
     """
-    found: list[tuple[int, int, int, _Rule, re.Match[str] | None]] = []
+    found: list[tuple[int, str, _Rule, re.Match[str] | None]] = []
+    squashed: dict[str, str] = {}  # each text without separators, made when first needed
+    # An Android browser names its device model, and some models are agents' names too
+    # ("Expanse", "Ruby", "Nitro"): only an AI agent's name counts there. (Agents do write
+    # their names elsewhere in the platform comment: "(X11; Linux x86_64; Storebot-Google/1.0)".)
+    device = _DEVICE_RE.search(lowered) if "android" in lowered else None
+    masked = lowered
+    if device is not None:
+        start, end = device.span(1)
+        masked = lowered[:start] + " " * (end - start) + lowered[end:]
     for key in hits:
-        for rule in _INDEX[key]:
+        for rule in _INDEX.get(key, _NO_RULES):
+            text = lowered if rule.anywhere else masked
+            if rule.plain:  # most rules: inlined, this loop is the bots' hot path
+                if rule.literal not in text:
+                    if not rule.anywhere:
+                        continue  # only AI agents' names are looked for spelled apart
+                    folded = squashed.get(text)
+                    if folded is None:
+                        folded = squashed[text] = _squash(text)
+                    if rule.squashed not in folded:
+                        continue
+                found.append((rule.rank, rule.trimmed, rule, None))
+                continue
             match = None
             if rule.regex is not None:
-                match = rule.regex.search(lowered)
+                match = (
+                    _bounded_search(rule.regex, text) if rule.bounded else rule.regex.search(text)
+                )
                 if match is None:
                     continue
-                start, end = match.span()
-            else:
-                if rule.version:
-                    start = _find_product(lowered, rule.literal)
-                else:
-                    start = lowered.find(rule.literal)
-                if start < 0:
+                found.append((rule.rank, _squash(match[0]).rstrip("/;:()+"), rule, match))
+                continue
+            if not _confirm(rule, text, rule.literal):
+                if not rule.anywhere:
                     continue
-                end = start + len(rule.literal)
-            while end > start and not lowered[end - 1].isalnum():
-                end -= 1  # "Fetch/" and "fetch" name the same span
-            found.append((_PRIORITY[rule.category], start, end, rule, match))
+                folded = squashed.get(text)
+                if folded is None:
+                    folded = squashed[text] = _squash(text)
+                if not _confirm(rule, folded, rule.squashed):
+                    continue
+            found.append((rule.rank, rule.trimmed, rule, None))
     best = None
     best_order = None
     for candidate in found:
-        rank, start, end, rule, _ = candidate
-        for _, s, e, _, _ in found:
-            if s <= start and end <= e and e - s > end - start:
+        rank, text, rule, _ = candidate
+        for _, other, _, _ in found:
+            if len(other) > len(text) and text in other:
                 break  # inside a longer match
         else:
             order = (rank, rule.verdict is None)
@@ -438,28 +723,89 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                 best, best_order = candidate, order
     if best is None:
         return None
-    _, start, end, rule, match = best
+    _, _, rule, match = best
     if rule.verdict is not None:
+        if rule.lower_name and len(ua) == len(lowered):
+            # A list that writes names in lower case (isbot's): the agent's own spelling.
+            at = lowered.find(rule.literal)
+            if at >= 0:
+                name = ua[at : at + len(rule.literal)].strip(" /;:()+-_.")
+                return UserAgentVerdict(True, rule.category, name or rule.verdict.name)
         return rule.verdict
+    assert match is not None
+    start, end = match.span()
+    while end > start and not lowered[end - 1].isalnum():
+        end -= 1
+    while start < end and not lowered[start].isalnum():
+        start += 1  # punctuation a pattern's match may begin with
     name = _display(ua, lowered, start, end)
     category = _OVERRIDES.get(name.lower(), rule.category)
     return UserAgentVerdict(is_bot=True, category=category, name=name or None)
 
 
-def _match_generic(ua: str, lowered: str) -> UserAgentVerdict | None:
-    platform = _PLATFORM_RE.match(lowered)
-    match = _GENERIC_RE.search(lowered, platform.end() if platform else 0)
-    if match is None:
+def _disguised(lowered: str) -> UserAgentVerdict | None:
+    """An AI agent's name spelled apart so that no token is a key ("G.P.T.B.o.t")."""
+    raw = lowered.encode("ascii", "replace").translate(_TOKEN_TABLE, _SEPARATORS)
+    for word in raw.split():
+        verdict = _DISGUISABLE.get(word)
+        if verdict is not None:
+            return verdict
+    return None
+
+
+def _match_generic(ua: str, lowered: str, tokens: list[bytes]) -> UserAgentVerdict | None:
+    """A bot by its generic words, unless they belong to an AI agent spelled apart
+    ("Claude Bot/1.0"); a device's "bot" (Cubot phones) costs no disguise check."""
+    verdict = _generic_words(ua, lowered, tokens)
+    if verdict is None:
         return None
+    return _disguised(lowered) or verdict
+
+
+def _generic_words(ua: str, lowered: str, tokens: list[bytes]) -> UserAgentVerdict | None:
+    platform = _PLATFORM_RE.match(lowered)
+    floor = platform.end() if platform else 0
+    # The generic words as whole tokens (a set test, not a regex that tries every position);
+    # one with a category of its own ("headless", "scraper") outranks "bot" and a URL.
+    words = [
+        word
+        for word in map(_GENERIC_TEXT.__getitem__, _GENERIC_KEYS.intersection(tokens))
+        if lowered.find(word, floor) >= 0  # not only in the platform comment
+    ]
+    specific = [w for w in words if _GENERIC_WORDS[w] != "other_bot"]
+    match = None if specific else _GENERIC_RE.search(lowered, floor)
+    if match is None:
+        if not words:
+            return None
+        word = min(specific or words, key=lambda w: lowered.find(w, floor))
+        start = lowered.find(word, floor)
+        end = start + len(word)
+        name = _display(ua, lowered, start, end)
+        return UserAgentVerdict(is_bot=True, category=_GENERIC_WORDS[word], name=name or None)
     start, end = match.span()
-    if match[0].startswith("http"):
+    word = match[0]
+    if word.startswith("http"):
         while end < len(lowered) and lowered[end] not in " ;)":
             end += 1  # name the bot after its URL
     else:
         while start > 0 and lowered[start - 1] in _NAME_CHARS:
             start -= 1  # widen "bot" to "foobot"
     name = _display(ua, lowered, start, end)
-    return UserAgentVerdict(is_bot=True, category="other_bot", name=name or None)
+    category = _GENERIC_WORDS.get(word, "other_bot")
+    return UserAgentVerdict(is_bot=True, category=category, name=name or None)
+
+
+def _classify_long(ua: str) -> UserAgentVerdict:
+    """An over-long user-agent is suspicious unless it names a known agent anywhere in it.
+
+    Padding must not hide an agent: "GPTBot/1.2" after 10 kB of junk is still an AI crawler,
+    blocked as one. The search covers the first ``SEARCH_LENGTH`` characters and the last 1 KiB.
+    """
+    text = ua if len(ua) <= SEARCH_LENGTH else ua[:SEARCH_LENGTH] + " " + ua[-MAX_LENGTH:]
+    lowered = text.lower()
+    hits = _KEYS.intersection(_tokens(lowered))
+    found = _match_known(text, lowered, hits) if hits else None
+    return found or _disguised(lowered) or _SUSPICIOUS
 
 
 def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
@@ -467,31 +813,44 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
 
     Known agents are found through a token prefilter (one ``bytes.translate`` and a set lookup)
     so a person's browser, the common case, is answered without running any regex; only the few
-    agents whose tokens occur are then confirmed by their own pattern.
+    agents whose tokens occur are then confirmed by their own pattern. A non-ASCII user-agent is
+    first folded to the ASCII it looks like (`_fold`), so invisible or look-alike characters
+    cannot hide a name.
     """
-    lowered = ua.lower()
-    if len(lowered) < 32:
-        stripped = lowered.strip()
+    try:
+        raw = ua.encode("ascii")  # raising costs nothing until it raises
+    except UnicodeEncodeError:
+        ua = _fold(ua)
+        raw = ua.encode("ascii", "replace")
+    size = len(ua)
+    if size < 32:
+        stripped = ua.strip().lower()
         if len(stripped) < 4 or stripped in _PLACEHOLDERS:
             return _SUSPICIOUS
-    elif len(lowered) > MAX_LENGTH:
-        # Padding must not hide a known agent: classify both ends (bounded work), so
-        # "GPTBot/1.2" followed by 10 kB of junk is still an AI crawler, blocked as one.
-        for end in (ua[:MAX_LENGTH], ua[-MAX_LENGTH:]):
-            found = classify_user_agent_uncached(end)
-            if found.is_bot and found.category != "suspicious":
-                return found
-        return _SUSPICIOUS
-    tokens = _tokens(lowered)
+    elif size > MAX_LENGTH:
+        return _classify_long(ua)
+    lowered = ua.lower()
+    tokens = raw.translate(_TOKEN_TABLE).split()  # `_tokens` inlined: a call costs ~10%
     if not tokens:  # not a single ASCII letter
         return _SUSPICIOUS
     if _KEYS.isdisjoint(tokens):
         # Spelled out rather than any(...): a generator costs more than the four searches.
-        if "bot" in lowered or "crawl" in lowered or "spider" in lowered or "http" in lowered:
-            return _match_generic(ua, lowered) or _HUMAN
-        return _HUMAN
+        # On str: CPython's search over the table's output (bytes full of spaces) is 5x slower.
+        if "bot" in lowered or "crawl" in lowered or "spider" in lowered:
+            return _match_generic(ua, lowered, tokens) or _bare(ua, tokens) or _HUMAN
+        if len(tokens) > 6 and tokens[0] == b"mozilla":
+            return _HUMAN  # every browser; a short or odd user-agent gets the closer look
+        return _disguised(lowered) or _bare(ua, tokens) or _HUMAN
     verdict = _match_known(ua, lowered, _KEYS.intersection(tokens))
-    return verdict or _match_generic(ua, lowered) or _HUMAN
+    return verdict or _match_generic(ua, lowered, tokens) or _bare(ua, tokens) or _HUMAN
+
+
+def _bare(ua: str, tokens: list[bytes]) -> UserAgentVerdict | None:
+    if tokens[0] != b"mozilla" or _BARE_RE.match(ua.strip()) is None:
+        return None
+    rest = ua.strip().split(None, 1)
+    name = rest[1].strip(" ()")[:64] if len(rest) > 1 else ""
+    return UserAgentVerdict(is_bot=True, category="other_bot", name=name or None)
 
 
 @lru_cache(maxsize=CACHE_SIZE)

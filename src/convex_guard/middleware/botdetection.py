@@ -50,6 +50,7 @@ DEFAULT_POLICY: Mapping[BotCategory, PolicyAction] = {
     "ai_crawler": "block",
     "headless": "block",
     "scanner": "block",
+    "scraper": "block",
     # API clients are libraries: a curl or python-requests user-agent is normal here.
     "http_library": "allow",
     "search_engine": "record",
