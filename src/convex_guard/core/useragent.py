@@ -132,7 +132,7 @@ SOURCES: Final[tuple[AgentSource, ...]] = (
         "ai_robots_txt", "names", _DATA, "ai_robots.json", entries="agents", category="ai_crawler"
     ),
     # Matomo's device-detector bot list (LGPL-3.0-or-later): our names and patterns derived
-    # from its regexes/bots.yml by scripts/build_useragent_data.py, commit recorded in the file.
+    # from its regexes/bots.yml by benchmarks/build_useragent_data.py, commit recorded in the file.
     AgentSource("device_detector", "names", _DATA, "device_detector_bots.json", "agents"),
     AgentSource(
         "device_detector_regexes", "regexes", _DATA, "device_detector_bots.json", "patterns"

@@ -3,9 +3,9 @@
 Not part of the package: a maintainer runs it when refreshing the data, from local copies of the
 sources (nothing here touches the network)::
 
-    python scripts/build_useragent_data.py rules \\
+    python -m benchmarks.build_useragent_data rules \\
         --device-detector DIR --isbot DIR --date YYYY-MM-DD
-    python scripts/build_useragent_data.py evaluation \\
+    python -m benchmarks.build_useragent_data evaluation \\
         --device-detector DIR --uap-core DIR --top-user-agents DIR --date YYYY-MM-DD
 
 ``--device-detector`` and ``--uap-core`` are git directories of matomo-org/device-detector and
@@ -104,8 +104,8 @@ ISBOT_CATEGORY = {
 
 
 def git_show(repo: Path, path: str) -> str:
-    return subprocess.run(  # noqa: S603 - fixed git argv, paths given by the maintainer
-        ["git", "-C", str(repo), "show", f"HEAD:{path}"],  # noqa: S607
+    return subprocess.run(
+        ["git", "-C", str(repo), "show", f"HEAD:{path}"],
         check=True,
         capture_output=True,
         text=True,
@@ -113,8 +113,8 @@ def git_show(repo: Path, path: str) -> str:
 
 
 def git_head(repo: Path) -> tuple[str, str]:
-    out = subprocess.run(  # noqa: S603
-        ["git", "-C", str(repo), "log", "-1", "--format=%H %cs"],  # noqa: S607
+    out = subprocess.run(
+        ["git", "-C", str(repo), "log", "-1", "--format=%H %cs"],
         check=True,
         capture_output=True,
         text=True,
@@ -180,7 +180,7 @@ def device_detector_rules(repo: Path, date: str) -> dict[str, Any]:
     commit, committed = git_head(repo)
     entries = yaml.safe_load(git_show(repo, "regexes/bots.yml"))
     names: dict[str, str] = {}
-    patterns: list[dict[str, str]] = []
+    patterns: list[dict[str, str | bool]] = []
     skipped: list[str] = []
     for entry in entries:
         regex: str = entry["regex"]
@@ -217,10 +217,11 @@ def device_detector_rules(repo: Path, date: str) -> dict[str, Any]:
             continue
         patterns.append({"pattern": regex, "category": category})
     for pattern in patterns:
-        if pattern["pattern"].startswith(".*"):
+        text = str(pattern["pattern"])
+        if text.startswith(".*"):
             # ".*x" is "x anywhere": said so, since a search that starts with .* is quadratic
             # in the user-agent's length.
-            pattern["pattern"] = pattern["pattern"][2:]
+            pattern["pattern"] = text[2:]
             pattern["anywhere"] = True
     return {
         "source": f"https://github.com/matomo-org/device-detector/blob/{commit}/regexes/bots.yml",
@@ -231,7 +232,8 @@ def device_detector_rules(repo: Path, date: str) -> dict[str, Any]:
         "retrieved": date,
         "license": "LGPL-3.0-or-later",
         "note": (
-            "Derived by scripts/build_useragent_data.py: each entry's regex as agent names where "
+            "Derived by benchmarks/build_useragent_data.py: each entry's regex as agent names "
+            "where "
             "it is plain text (alternatives split), else the regex itself; device-detector's "
             "category mapped to ours; their last 'Generic Bot' catch-all (generic words) left out."
         ),
@@ -278,7 +280,7 @@ def isbot_rules(package: Path, date: str) -> dict[str, Any]:
         "retrieved": date,
         "license": meta["license"],
         "note": (
-            "Derived by scripts/build_useragent_data.py from isbot's pattern list: plain agent "
+            "Derived by benchmarks/build_useragent_data.py from isbot's pattern list: plain agent "
             "names kept (anchored ones as 'start'), with our category; ordinary words and "
             "structural heuristics left out and listed."
         ),
@@ -327,8 +329,8 @@ def evaluation(args: argparse.Namespace) -> None:
     for item in yaml.safe_load(git_show(dd, "Tests/fixtures/bots.yml")):
         category = DD_CATEGORY[(item.get("bot") or {}).get("category") or ""]
         add(item["user_agent"], category, "device-detector bots")
-    listing = subprocess.run(  # noqa: S603
-        ["git", "-C", str(dd), "ls-tree", "--name-only", "HEAD", "Tests/fixtures/"],  # noqa: S607
+    listing = subprocess.run(
+        ["git", "-C", str(dd), "ls-tree", "--name-only", "HEAD", "Tests/fixtures/"],
         check=True,
         capture_output=True,
         text=True,
@@ -372,7 +374,7 @@ def evaluation(args: argparse.Namespace) -> None:
         "# user_agents_evaluation.csv.gz",
         "",
         "Labelled user-agents the classifier does not learn from, built by",
-        "`scripts/build_useragent_data.py evaluation` on " + args.date + ".",
+        "`benchmarks/build_useragent_data.py evaluation` on " + args.date + ".",
         "Strings that occur in a training source (crawler-user-agents' examples,",
         "`user_agents.csv`) or with both a bot and a person label are dropped.",
         "",
