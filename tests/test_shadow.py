@@ -127,7 +127,13 @@ def test_a_shadow_rule_decides_and_records_but_never_refuses(stores: tuple[Any, 
     assert stats.shadow_refusals == 4  # the 3rd to 6th (the 6th was refused anyway)
     assert snapshot.refusals.get("limit") == 1
     assert snapshot.shadow_refusals.get("limit") == 4
-    assert snapshot.to_json()["shadowRefusals"] == {"limit": 4, "bot": 0, "key": 0, "budget": 0}
+    assert snapshot.to_json()["shadowRefusals"] == {
+        "limit": 4,
+        "bot": 0,
+        "key": 0,
+        "budget": 0,
+        "body": 0,
+    }
     if isinstance(store, MemoryStore):
         shadows = [row.shadow for row in store.ai_logs]
         assert shadows == [None, None] + ["rate_limited:shadowTight"] * 4

@@ -109,12 +109,19 @@ def make_app(store: MemoryStore, *, stacked: bool = False) -> Any:
     return GuardMiddleware(app, settings=settings)
 
 
+def starlette_of(app: Any) -> Starlette:
+    """The Starlette app under the guard's layers (however many steps wrap it)."""
+    while not isinstance(app, Starlette):
+        app = app.app
+    return app
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[RunningServer, MemoryStore, Gates]]:
     store = MemoryStore()
     app = make_app(store)
     with serve(app) as running:
-        yield running, store, app.app.state.gates
+        yield running, store, starlette_of(app).state.gates
 
 
 def rows_after(store: MemoryStore, seen: int, want: int = 1) -> list[AIRequestLog]:

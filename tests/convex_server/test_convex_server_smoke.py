@@ -83,6 +83,7 @@ def test_guard_check_and_provider_stats(admin: ConvexHttpClient) -> None:
         "averageLatency": 10.0,
         "totalTokens": 6.0,
         "totalCost": 1.0,
+        "shadowRefusals": 0.0,
         "truncated": False,
     }
 
