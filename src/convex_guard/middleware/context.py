@@ -32,6 +32,20 @@ class Usage:
 
 
 @dataclass(slots=True)
+class Reservation:
+    """What a token or cost rule reserved for a request, settled when the request ends."""
+
+    #: The `Rule` (middleware/rules.py) that reserved it.
+    rule: Any
+    key: str | None
+    amount: float
+    #: The store's clock when it was decided (epoch ms), for a refund's window.
+    reserved_at: float
+    #: The body's `model`, for pricing reported tokens when the app names no model.
+    model: str | None
+
+
+@dataclass(slots=True)
 class GuardContext:
     """Everything the middlewares learned about one request, for the next ones and the app.
 
@@ -76,6 +90,11 @@ class GuardContext:
     #: Headers a step wants on the response (the rate limiter's `RateLimit` fields), added by
     #: the runner that ran that step, on the response start or the WebSocket accept.
     response_headers: list[tuple[bytes, bytes]] | None = None
+    #: Token and budget reservations to settle when the request ends (the rate limiter's).
+    reservations: list[Reservation] | None = None
+    #: The response's status as sent (0 until then), recorded by the runner that added the
+    #: response headers: what a settlement knows a failed response by.
+    status: int = 0
 
 
 class LogEntry:

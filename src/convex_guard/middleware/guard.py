@@ -254,7 +254,7 @@ class GuardStack:
         limiter = bots = keys = None
         if rules:
             inner = limiter = RateLimitMiddleware(
-                inner, store=store, rules=rules, timeout=settings.timeout
+                inner, store=store, rules=rules, timeout=settings.timeout, writer=writer
             )
         if settings.bot_detection:
             inner = bots = BotDetectionMiddleware(

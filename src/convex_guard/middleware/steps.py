@@ -140,7 +140,7 @@ class StepRunner:
                 ctx.response_headers = None  # this runner adds them; an outer one must not
             entry = ctx.log_entry if afters else None
             if entry is not None or headers is not None:
-                send = _wrapped_send(send, kind, entry, headers)
+                send = _wrapped_send(send, kind, entry, headers, ctx)
             if refusal is None:
                 replaced = ctx.receive
                 if replaced is not None:
@@ -164,13 +164,19 @@ class StepRunner:
 
 
 def _wrapped_send(
-    send: Send, kind: str, entry: LogEntry | None, headers: list[tuple[bytes, bytes]] | None
+    send: Send,
+    kind: str,
+    entry: LogEntry | None,
+    headers: list[tuple[bytes, bytes]] | None,
+    ctx: GuardContext,
 ) -> Send:
-    """`send`, recording the status in `entry` and adding `headers` to the response start."""
+    """`send`, recording the status in `entry` and `ctx` and adding `headers` to the response
+    start."""
     if kind == "http":
 
         async def http_send(message: Message) -> None:
             if message["type"] == "http.response.start":
+                ctx.status = message["status"]
                 if entry is not None:
                     entry.status = message["status"]
                 if headers is not None:

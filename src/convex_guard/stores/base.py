@@ -42,6 +42,9 @@ class LimitRequest:
     key: str | None = None
     count: float = 1.0
     reserve: bool = False
+    #: The count is a reservation that a `Settlement` corrects later (a token or cost rule's
+    #: estimate): decided exactly, per request, even unkeyed (never from a local lease).
+    settled: bool = False
 
 
 # Shared field lists. The bases declare `__slots__ = ()` and the public classes are slotted
@@ -106,6 +109,9 @@ class CheckResult:
     ok: bool
     results: tuple[LimitResult, ...]
     bot: BotVerdict | None = None
+    #: The store's clock when it decided (epoch ms), if it tells: what a settlement's
+    #: `reserved_at` is, so that a refund goes back only to the window it was taken from.
+    now: float | None = None
 
 
 @dataclass(slots=True)
@@ -255,6 +261,25 @@ class ApiKeyList(list[ApiKeyRecord]):
         return f"ApiKeyList({list(self)!r}, truncated={self.truncated})"
 
 
+@dataclass(slots=True)
+class Settlement:
+    """The correction of one reservation, applied with the log batch it comes in.
+
+    `amount` is charged to (name, key) of `config` like a count with `reserve` (always
+    applied, the limit may go below zero: a debt the next requests wait out), or, when
+    negative, handed back (the rate limiter's refund) if `refund_applies`: the state still
+    exists and, for a fixed window, is still in the window of `reserved_at` (the store's
+    clock when the reservation was decided, `CheckResult.now`). A charge and a refund never
+    touch a local lease: settled limits are decided exactly (`LimitRequest.settled`).
+    """
+
+    name: str
+    config: LimitConfig
+    key: str | None
+    amount: float
+    reserved_at: float
+
+
 @dataclass(frozen=True, slots=True)
 class LogBatch:
     """Rows buffered by the logger, written in one store call.
@@ -268,6 +293,9 @@ class LogBatch:
     auth_failures: Sequence[AuthFailure] = ()
     bot_events: Sequence[BotEvent] = ()
     key_usage: Sequence[KeyUsage] = field(default_factory=tuple)
+    #: Token and budget reservations corrected by what the requests used (see `Settlement`),
+    #: applied in the same transaction as the rows, once per batch id.
+    settlements: Sequence[Settlement] = ()
 
 
 class LimitThroughCheck:
@@ -406,6 +434,8 @@ class LogStore(Protocol):
         same id, and it must land once. A batch with a row the store will never accept is
         refused whole with `ConvexValidationError`, `ValueError`, `TypeError` or
         `OverflowError`: the writer then splits it until that row is dropped alone.
+        `batch.settlements` are applied to the limits in the same call (a store that is also
+        a `LimitStore`), once per batch id like the rows.
         """
         ...
 
