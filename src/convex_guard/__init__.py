@@ -19,6 +19,7 @@ from convex_guard.core.errors import (
 )
 from convex_guard.core.fingerprint import DEFAULT_FIELDS as FINGERPRINT_FIELDS
 from convex_guard.core.fingerprint import fingerprint
+from convex_guard.core.estimates import TokenEstimate
 from convex_guard.core.keys import NO_KEY, generate_key, hash_key
 from convex_guard.core.limits import (
     DAY,
@@ -154,6 +155,7 @@ __all__ = [
     "StoreTimeoutError",
     "StoreUnavailableError",
     "TokenBucket",
+    "TokenEstimate",
     "TrustedProxies",
     "UserAgentClassifier",
     "UserAgentVerdict",
