@@ -9,10 +9,11 @@ writer's batches, so on Convex a settled request makes no store call of its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import httpx
@@ -25,9 +26,12 @@ from starlette.routing import Route
 from convex_guard import (
     DAY,
     HOUR,
+    ApiKeys,
     FixedWindow,
     GuardMiddleware,
     GuardSettings,
+    KeyQuota,
+    KeyRoute,
     MemoryStore,
     Rule,
     report_usage,
@@ -35,6 +39,7 @@ from convex_guard import (
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.estimates import TokenEstimate
 from convex_guard.stores.convex import ConvexStore
+from convex_guard.stores.keys import check_quotas
 
 from .conftest import ConvexTestServer, serve
 
@@ -55,9 +60,13 @@ def _payer(request: Request) -> str | None:
     return request.headers.get("x-payer")
 
 
+#: What a key without a tier of its own may use; a key's record may say otherwise.
+KEY_TOKENS = FixedWindow(rate=10_000, period=DAY, start=START)
+
 RULES = [
     Rule("teamTokens", TOKENS, key=_team, unit="tokens", path="/api/ai"),
     Rule("teamBudget", BUDGET, key=_payer, unit="cost", prices=PRICES, path="/api/ai"),
+    Rule("keyTokens", KEY_TOKENS, key="api_key", unit="tokens", tier=True, path="/api/ai"),
 ]
 
 
@@ -81,11 +90,18 @@ def _app(store: Any) -> Starlette:
         store=store,
         rules=RULES,
         bot_detection=False,
-        key_routes=(),
+        key_routes=[KeyRoute("/api/ai", required=False)],  # anonymous callers pass
         writer_interval=0.05,
         store_fallback=False,
     )
-    app = Starlette(routes=[Route(PATH, chat, methods=["POST"])])
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        if isinstance(store, ConvexStore):
+            await store.close()  # in the server's loop, which its connections belong to
+
+    app = Starlette(routes=[Route(PATH, chat, methods=["POST"])], lifespan=lifespan)
     app.add_middleware(GuardMiddleware, settings=settings)
     return app
 
@@ -105,14 +121,22 @@ class Served:
         self,
         url: str,
         peek: Callable[[str, FixedWindow, str], float],
+        keys: ApiKeys,
+        run: Callable[[Coroutine[Any, Any, Any]], Any],
         convex: ConvexTestServer | None = None,
     ) -> None:
         self.url = url
         self.peek = peek
+        self.keys = keys
+        self.run = run
         self.convex = convex
 
-    def post(self, team: str, body: dict[str, Any], payer: str | None = None) -> httpx.Response:
+    def post(
+        self, team: str, body: dict[str, Any], payer: str | None = None, key: str | None = None
+    ) -> httpx.Response:
         headers = {"x-team": team, **({"x-payer": payer} if payer else {})}
+        if key is not None:
+            headers["authorization"] = f"Bearer {key}"
         return httpx.post(self.url + PATH, json=body, headers=headers, timeout=10)
 
     def settles_to(self, name: str, config: FixedWindow, key: str, expected: float) -> None:
@@ -135,7 +159,7 @@ def memory_served() -> Iterator[Served]:
         return asyncio.run(store.peek(name, config, key=key)).remaining
 
     with serve(_app(store)) as server:
-        yield Served(server.url, peek)
+        yield Served(server.url, peek, ApiKeys(store), asyncio.run)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +178,13 @@ def convex_served(convex_server: ConvexTestServer) -> Iterator[Served]:
     try:
         with serve(_app(guard_store)) as server:
             # The served store's connections belong to the server's loop, gone with it.
-            yield Served(server.url, peek, convex_server)
+            yield Served(
+                server.url,
+                peek,
+                ApiKeys(reader),
+                lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(10),
+                convex_server,
+            )
     finally:
         asyncio.run_coroutine_threadsafe(reader.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
@@ -266,6 +296,30 @@ def test_settlements_ride_in_the_log_batches_on_convex(convex_served: Served) ->
     assert requests < mutations <= 2 * requests
 
 
+def test_a_keys_tier_on_its_record_replaces_the_rules_limit(served: Served) -> None:
+    tiered = served.run(served.keys.create("small plan", quotas=[KeyQuota("tokens", 600, DAY)]))
+    plain = served.run(served.keys.create("default plan")).key
+    team = uuid.uuid4().hex
+    first = served.post(team, _body(tokens=500), key=tiered.key)  # 300 reserved of its 600
+    assert first.status_code == 200
+    assert '"keyTokens";q=600;w=86400;qu="tokens"' in first.headers["ratelimit-policy"]
+    assert '"keyTokens";r=300;' in first.headers["ratelimit"]
+    # The settlement (200 more) lands with the next batch: 100 left, in the tier's own state.
+    tier_name, tier_config = (
+        "keyTokens|600.0|86400000.0",
+        FixedWindow(rate=600, period=DAY, start=0),
+    )
+    served.settles_to(tier_name, tier_config, tiered.record.id, 100)
+    refused = served.post(team, _body(), key=tiered.key)
+    assert refused.status_code == 429
+    assert refused.json()["violated-policies"] == ["keyTokens"]
+    # Another key, without a tier: the rule's own 10,000 a day.
+    other = served.post(team, _body(), key=plain)
+    assert other.status_code == 200
+    assert '"keyTokens";q=10000;' in other.headers["ratelimit-policy"]
+    assert '"keyTokens";r=9700;' in other.headers["ratelimit"]
+
+
 def test_rule_options_are_checked_at_construction() -> None:
     with pytest.raises(ConfigurationError, match="estimate="):
         Rule("t", TOKENS, unit="tokens", count=5)
@@ -279,3 +333,9 @@ def test_rule_options_are_checked_at_construction() -> None:
         Rule("t", TOKENS, unit="bytes")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="chars_per_token"):
         TokenEstimate(chars_per_token=0)
+    with pytest.raises(ConfigurationError, match="tier=True"):
+        Rule("t", TOKENS, key="ip", unit="tokens", tier=True)
+    with pytest.raises(ConfigurationError, match="one quota per unit"):
+        check_quotas([KeyQuota("cost", 1, DAY), KeyQuota("cost", 2, DAY)])
+    with pytest.raises(ConfigurationError, match="period is ms"):
+        check_quotas([KeyQuota("tokens", 1, 60)])

@@ -17,9 +17,9 @@ from convex_guard.core.errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
+from convex_guard.core.estimates import TokenEstimate
 from convex_guard.core.fingerprint import DEFAULT_FIELDS as FINGERPRINT_FIELDS
 from convex_guard.core.fingerprint import fingerprint
-from convex_guard.core.estimates import TokenEstimate
 from convex_guard.core.keys import NO_KEY, generate_key, hash_key
 from convex_guard.core.limits import (
     DAY,
@@ -64,6 +64,7 @@ from convex_guard.stores.base import (
     CheckResult,
     EmbeddingRequestLog,
     EmbeddingUsage,
+    KeyQuota,
     KeyRateLimit,
     KeyStore,
     LimitRequest,
@@ -130,6 +131,7 @@ __all__ = [
     "GuardMiddleware",
     "GuardSettings",
     "KeyNotFoundError",
+    "KeyQuota",
     "KeyRateLimit",
     "KeyRevokedError",
     "KeyRoute",

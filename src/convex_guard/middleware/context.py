@@ -10,8 +10,8 @@ from typing import Any, cast
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive
 
-from convex_guard.core.limits import LimitResult
-from convex_guard.stores.base import BotAction, BotCheck, BotVerdict
+from convex_guard.core.limits import LimitConfig, LimitResult
+from convex_guard.stores.base import BotAction, BotCheck, BotVerdict, KeyQuota
 
 STATE_KEY = "convex_guard"
 
@@ -37,6 +37,9 @@ class Reservation:
 
     #: The `Rule` (middleware/rules.py) that reserved it.
     rule: Any
+    #: The limit state it was taken from: the rule's, or the key's tier's.
+    name: str
+    config: LimitConfig
     key: str | None
     amount: float
     #: The store's clock when it was decided (epoch ms), for a refund's window.
@@ -66,6 +69,9 @@ class GuardContext:
     api_key_name: str | None = None
     api_key_hash: str | None = None
     scopes: tuple[str, ...] = ()
+    #: The verified key's tier (`KeyQuota`s of its record): what the rate limiter's rules with
+    #: `tier=True` limit the key by instead of their own config.
+    api_key_quotas: tuple[KeyQuota, ...] = ()
     bot_category: str | None = None
     bot_action: BotAction | None = None
     #: A flagged request's bot check, left for the rate-limit middleware to decide in the same

@@ -34,7 +34,12 @@ from convex_guard.middleware.context import (
 )
 from convex_guard.middleware.logwriter import LogWriter
 from convex_guard.middleware.order import API_KEYS, FINGERPRINT, RATE_LIMIT, missing_outside
-from convex_guard.middleware.rules import Rule, ratelimit_field, ratelimit_template
+from convex_guard.middleware.rules import (
+    Rule,
+    policy_item,
+    ratelimit_field,
+    ratelimit_template,
+)
 from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
 from convex_guard.stores.base import LimitRequest, LimitStore, LogStore, Settlement, require
 from convex_guard.stores.resilient import answers_checked, checked_answer
@@ -266,6 +271,17 @@ class RateLimitMiddleware(StepMiddleware):
         policy, policy_bytes, template = (
             matched.fields if rules is matched.rules else matched.subset(rules)
         )
+        if matched.tiers and any(
+            limit.config is not rule.config for rule, limit in zip(rules, limits, strict=True)
+        ):
+            # A key's own tier: its quotas, not the rules', in this response's policy.
+            policy = ", ".join(
+                [
+                    policy_item(rule.name, limit.config, rule.unit)
+                    for rule, limit in zip(rules, limits, strict=True)
+                ]
+            )
+            policy_bytes = policy.encode("latin-1")
         if not outcome.ok:
             violated = [
                 (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
@@ -303,7 +319,9 @@ class RateLimitMiddleware(StepMiddleware):
             if reserved_at is None:  # a store that does not say: this process's clock
                 reserved_at = time.time() * 1000.0
             held = [
-                Reservation(rule, limit.key, limit.count, reserved_at, model)
+                Reservation(
+                    rule, limit.name, limit.config, limit.key, limit.count, reserved_at, model
+                )
                 for rule, limit in zip(rules, limits, strict=True)
                 if limit.settled
             ]
@@ -342,7 +360,11 @@ class RateLimitMiddleware(StepMiddleware):
             if amount:
                 writer.add(
                     Settlement(
-                        rule.name, rule.config, reservation.key, amount, reservation.reserved_at
+                        reservation.name,
+                        reservation.config,
+                        reservation.key,
+                        amount,
+                        reservation.reserved_at,
                     )
                 )
 
@@ -397,14 +419,21 @@ class RateLimitMiddleware(StepMiddleware):
         applies, key = rule.resolve_key(scope, ctx, get_request)
         if not applies:
             return None
+        name, config = rule.name, rule.config
+        if rule.tier:
+            own = rule.tier_limit(ctx.api_key_quotas)
+            if own is not None:
+                name, config = own
         amount = rule.estimated(get_request, payload, body)
-        if not rule.fits(amount):
+        if not rule.fits(amount, config):
             return amount
-        return LimitRequest(rule.name, rule.config, key, amount, False, True)
+        return LimitRequest(name, config, key, amount, False, True)
 
     @staticmethod
     def _never_fits(ctx: GuardContext, rule: Rule, amount: float) -> ASGIApp:
         ctx.rejected = "rate_limited:estimate"
+        own = rule.tier_limit(ctx.api_key_quotas)
+        config = rule.config if own is None else own[1]
         what = "tokens" if rule.unit == "tokens" else "of cost"
         logger.info("Rate limit %r: estimate %g over what it can ever admit", rule.name, amount)
         return problem(
@@ -412,7 +441,7 @@ class RateLimitMiddleware(StepMiddleware):
             "Request exceeds what the limit can ever admit",
             detail=(
                 f"This request is estimated at {amount:g} {what}; {rule.name} admits at most "
-                f"{rule.config.max:g} per window. Ask for fewer (a lower max_tokens)."
+                f"{config.max:g} per window. Ask for fewer (a lower max_tokens)."
             ),
             extra={"violated-policies": [rule.name]},
         )
@@ -444,7 +473,7 @@ _Fields = tuple[str, bytes, bytes]
 class _Matched:
     """The rules matching one route, with what can be computed once for them."""
 
-    __slots__ = ("_subsets", "fields", "fixed", "max_body", "needs_request", "rules")
+    __slots__ = ("_subsets", "fields", "fixed", "max_body", "needs_request", "rules", "tiers")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
@@ -455,6 +484,7 @@ class _Matched:
         )
         # Token and cost rules read the body, up to the most any of them reads; 0: none here.
         self.max_body = max((rule.max_body for rule in rules if rule.settled), default=0)
+        self.tiers = any(rule.tier for rule in rules)
         self.fields = _fields(rules)
         # At most one entry per subset of the route's few rules.
         self._subsets: dict[tuple[str, ...], _Fields] = {}

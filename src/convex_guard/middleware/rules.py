@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
@@ -13,11 +14,17 @@ from starlette.requests import Request
 from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.estimates import TokenEstimate, check_prices, token_cost
-from convex_guard.core.limits import LimitConfig, LimitResult, check_count, shard_factor
+from convex_guard.core.limits import (
+    FixedWindow,
+    LimitConfig,
+    LimitResult,
+    check_count,
+    shard_factor,
+)
 from convex_guard.core.presets import AI_PROVIDERS, seed_limits
 from convex_guard.core.settings import GuardEnvironment
 from convex_guard.middleware.context import GuardContext, matched_methods
-from convex_guard.stores.base import LimitRequest
+from convex_guard.stores.base import KeyQuota, LimitRequest
 
 KeyKind = Literal["global", "ip", "user", "api_key", "fingerprint"]
 #: A key function gets the request and returns the limit's key, or None to skip the rule.
@@ -83,6 +90,10 @@ class Rule:
     - `prices`: a cost rule's price per million tokens by model name, for the estimate and
       for settling a request that reports tokens but no cost.
     - `max_body`: the most body bytes a token or cost rule reads to estimate (413 beyond).
+    - `tier`: for a token or cost rule keyed by `"api_key"`: a key whose record holds a
+      `KeyQuota` of the rule's unit (its tier) is limited by that quota instead of `config`
+      (a fixed window from the epoch), in a state of its own per quota, so a key moved to
+      another tier starts that tier's window afresh.
     """
 
     name: str
@@ -96,10 +107,14 @@ class Rule:
     estimate: TokenEstimate | Estimator | None = field(default=None, compare=False)
     prices: Mapping[str, float] | None = field(default=None, compare=False)
     max_body: int = DEFAULT_MAX_BODY
+    tier: bool = False
     _matches_path: Callable[[str], bool] = field(init=False, repr=False, compare=False)
     _methods: frozenset[str] | None = field(init=False, repr=False, compare=False)
     policy_header: str = field(init=False, repr=False, compare=False)
     fixed_request: LimitRequest | None = field(init=False, repr=False, compare=False)
+    #: Whether requests reserve an estimate and settle on usage (a token or cost rule): an
+    #: attribute, not a property, since every rule of a route is asked on every request.
+    settled: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -114,6 +129,11 @@ class Rule:
             raise ConfigurationError(f"Rule {self.name!r}: fail must be 'open' or 'closed'")
         if self.unit not in _UNITS:
             raise ConfigurationError(f"Rule {self.name!r}: unit must be one of {sorted(_UNITS)}")
+        object.__setattr__(self, "settled", self.unit != "requests")
+        if self.tier and not (self.unit != "requests" and self.key == "api_key"):
+            raise ConfigurationError(
+                f"Rule {self.name!r}: tier=True is for token or cost rules keyed by 'api_key'"
+            )
         if self.unit == "requests":
             if self.estimate is not None or self.prices is not None:
                 raise ConfigurationError(
@@ -129,19 +149,13 @@ class Rule:
         methods = None if self.methods is None else matched_methods(self.methods)
         object.__setattr__(self, "_methods", methods)
         object.__setattr__(self, "_matches_path", _path_matcher(self.path))
-        window = max(1, math.ceil(self.config.period / 1000))
         fixed = (
             LimitRequest(self.name, self.config, None, self.count)
             if self.key == "global" and not callable(self.count) and self.unit == "requests"
             else None
         )
         object.__setattr__(self, "fixed_request", fixed)
-        unit = "" if self.unit == "requests" else f';qu="{self.unit}"'
-        object.__setattr__(
-            self,
-            "policy_header",
-            f'"{self.name}";q={math.floor(self.config.max)};w={window}{unit}',
-        )
+        object.__setattr__(self, "policy_header", policy_item(self.name, self.config, self.unit))
 
     def _check_settled(self) -> None:
         """A token or cost rule's options, checked once."""
@@ -172,11 +186,6 @@ class Rule:
         ):
             raise ConfigurationError(f"Rule {name!r}: max_body must be a whole number >= 1")
 
-    @property
-    def settled(self) -> bool:
-        """Whether requests reserve an estimate and settle on usage (a token or cost rule)."""
-        return self.unit != "requests"
-
     def estimated(self, request: Callable[[], Request], payload: Any, body: bytes) -> float:
         """What this token or cost rule reserves for a request, in its unit.
 
@@ -198,10 +207,20 @@ class Rule:
             raise ValueError(f"estimate returned {amount!r}, not a finite number >= 0")
         return max(amount, MIN_RESERVATION if self.unit == "cost" else 0.0)
 
-    def fits(self, amount: float) -> bool:
-        """Whether a reservation of `amount` could ever be admitted (else the request is a
-        413 at once: no waiting would make it fit)."""
-        return amount <= self.config.max / shard_factor(self.config)
+    def fits(self, amount: float, config: LimitConfig | None = None) -> bool:
+        """Whether a reservation of `amount` could ever be admitted by `config` (the rule's
+        own by default; else the request is a 413 at once: no waiting would make it fit)."""
+        config = config or self.config
+        return amount <= config.max / shard_factor(config)
+
+    def tier_limit(self, quotas: tuple[KeyQuota, ...]) -> tuple[str, LimitConfig] | None:
+        """The state name and config of the key's own quota of this rule's unit, if it has
+        one and this rule takes the key's tier."""
+        if self.tier:
+            for quota in quotas:
+                if quota.unit == self.unit:
+                    return _tier_limit(self.name, float(quota.amount), float(quota.period))
+        return None
 
     def used(self, usage: Any, model: str | None) -> float | None:
         """What a request used in this rule's unit, from its reported `Usage`; None if unknown.
@@ -260,6 +279,20 @@ class Rule:
         assert callable(key)
         value = key(request())
         return value is not None, value
+
+
+@functools.lru_cache(maxsize=1024)
+def _tier_limit(name: str, amount: float, period: float) -> tuple[str, LimitConfig]:
+    # One config (and one state name) per tier, built once: keys of a tier share them.
+    return f"{name}|{amount!r}|{period!r}", FixedWindow(rate=amount, period=period, start=0)
+
+
+def policy_item(name: str, config: LimitConfig, unit: Unit) -> str:
+    """One policy of the `RateLimit-Policy` field: quota, window (s) and, unless requests,
+    the quota unit."""
+    window = max(1, math.ceil(config.period / 1000))
+    qu = "" if unit == "requests" else f';qu="{unit}"'
+    return f'"{name}";q={math.floor(config.max)};w={window}{qu}'
 
 
 def authenticated_user(scope: MutableMapping[str, Any]) -> str | None:

@@ -130,6 +130,18 @@ class KeyRateLimit:
     period: float
 
 
+@dataclass(frozen=True, slots=True)
+class KeyQuota:
+    """A key's own token limit or budget (its tier): `amount` tokens or money per `period`
+    milliseconds, a fixed window counted from the epoch (a `DAY` is a UTC day). It replaces
+    the config of the rate limiter's rules of its unit that take the key's tier
+    (`Rule(key="api_key", unit=…, tier=True)`)."""
+
+    unit: Literal["tokens", "cost"]
+    amount: float
+    period: float
+
+
 @dataclass(frozen=True)
 class _KeyFields:
     """What a key to store and the stored record both say: only the key's SHA-256 hash."""
@@ -159,11 +171,15 @@ class ApiKeyRecord(_KeyFields, _Identified):
     last_used: float | None
     request_count: int
     active: bool
+    #: The key's tier: its own token limits and budgets.
+    quotas: tuple[KeyQuota, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class NewApiKey(_KeyFields):
     """A key for `KeyStore.create_api_key`: the record's fields but those the store assigns."""
+
+    quotas: tuple[KeyQuota, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

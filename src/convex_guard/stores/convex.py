@@ -46,6 +46,7 @@ from convex_guard.stores.base import (
     DashboardSnapshot,
     EmbeddingRequestLog,
     EmbeddingUsage,
+    KeyQuota,
     KeyRateLimit,
     KeyUsage,
     KeyUsageSummary,
@@ -279,6 +280,10 @@ def _api_key(raw: Mapping[str, Any]) -> ApiKeyRecord:
         last_used=float(raw["lastUsed"]) if raw.get("lastUsed") is not None else None,
         request_count=int(raw["requestCount"]),
         active=bool(raw["active"]),
+        quotas=tuple(
+            KeyQuota(q["unit"], float(q["amount"]), float(q["period"]))
+            for q in raw.get("quotas") or ()
+        ),
     )
 
 
@@ -769,6 +774,11 @@ class ConvexStore(LimitThroughCheck):
                 ),
                 "createdAt": float(key.created_at),
                 "expiresAt": float(key.expires_at) if key.expires_at is not None else None,
+                "quotas": [
+                    {"unit": q.unit, "amount": float(q.amount), "period": float(q.period)}
+                    for q in key.quotas
+                ]
+                or None,
             }
         )
         return _api_key(await self._call("mutation", "apiKeys:create", args))

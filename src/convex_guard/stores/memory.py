@@ -416,6 +416,7 @@ class MemoryStore:
             last_used=None,
             request_count=0,
             active=True,
+            quotas=tuple(key.quotas),
         )
         self._keys[record.id] = record
         self._key_ids[record.key_hash] = record.id

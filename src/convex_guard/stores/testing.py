@@ -42,7 +42,16 @@ import pytest
 
 from convex_guard.core.alerts import AlertRule, WatchedLimit
 from convex_guard.core.errors import ConfigurationError, StoreConflictError
-from convex_guard.core.limits import HOUR, MINUTE, SECOND, FixedWindow, LimitResult, TokenBucket
+from convex_guard.core.keys import ApiKeyKind
+from convex_guard.core.limits import (
+    DAY,
+    HOUR,
+    MINUTE,
+    SECOND,
+    FixedWindow,
+    LimitResult,
+    TokenBucket,
+)
 from convex_guard.stores.base import (
     AIRequestLog,
     AlertStore,
@@ -53,6 +62,7 @@ from convex_guard.stores.base import (
     BotStore,
     DashboardStore,
     EmbeddingRequestLog,
+    KeyQuota,
     KeyRateLimit,
     KeyStore,
     KeyUsage,
@@ -277,6 +287,18 @@ def new_key(now: float) -> NewApiKey:
 
 class KeyStoreContract(_Contract):
     """`KeyStore`: records found by hash, listed by kind and owner, revoked in place."""
+
+    async def test_a_key_keeps_its_tier(self, store: KeyStore, clock: ContractClock) -> None:
+        tier = (KeyQuota("tokens", 40_000, MINUTE), KeyQuota("cost", 12.5, DAY))
+        kinds: tuple[tuple[ApiKeyKind, str], ...] = (("ai", "d"), ("embedding", "e"))
+        for kind, digit in kinds:
+            new = replace(new_key(clock.now()), kind=kind, key_hash=digit * 64, quotas=tier)
+            created = await store.create_api_key(new)
+            assert created.quotas == tier
+            found = await store.find_api_key(digit * 64)
+            assert found is not None and found.quotas == tier
+        plain = await store.create_api_key(replace(new_key(clock.now()), key_hash="f" * 64))
+        assert plain.quotas == ()
 
     async def test_api_key_lifecycle(self, store: KeyStore, clock: ContractClock) -> None:
         now = clock.now()
