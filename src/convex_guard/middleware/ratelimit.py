@@ -196,7 +196,7 @@ class RateLimitMiddleware(StepMiddleware):
                     payload = json.loads(body)
                 except ValueError:  # not JSON (or not UTF-8): estimated from its length
                     payload = None
-        rules, limits, refusal = self._wanted(scope, receive, ctx, matched, payload, body)
+        rules, limits, refusal = self._wanted_estimated(scope, receive, ctx, matched, payload, body)
         if refusal is not None:
             return refusal
         if not rules and pending is None:
@@ -271,8 +271,12 @@ class RateLimitMiddleware(StepMiddleware):
         policy, policy_bytes, template = (
             matched.fields if rules is matched.rules else matched.subset(rules)
         )
-        if matched.tiers and any(
-            limit.config is not rule.config for rule, limit in zip(rules, limits, strict=True)
+        if (
+            matched.max_body
+            and matched.tiers
+            and any(
+                limit.config is not rule.config for rule, limit in zip(rules, limits, strict=True)
+            )
         ):
             # A key's own tier: its quotas, not the rules', in this response's policy.
             policy = ", ".join(
@@ -369,19 +373,43 @@ class RateLimitMiddleware(StepMiddleware):
                 )
 
     def _wanted(
+        self, scope: Scope, receive: Receive, ctx: GuardContext, matched: _Matched
+    ) -> tuple[Sequence[Rule], list[LimitRequest], ASGIApp | None]:
+        """The rules that apply to this request and what each asks of the store."""
+        get_request = _lazy_request(scope, receive) if matched.needs_request else _no_request
+
+        rules: list[Rule] = []
+        limits: list[LimitRequest] = []
+        for rule in matched.rules:
+            try:
+                wanted = rule.limit_request(scope, ctx, get_request)
+            except Exception:
+                # A bug in the app's key or cost function: its fail policy decides.
+                logger.exception("Rate-limit rule %r: key or cost function failed", rule.name)
+                if rule.fail == "closed":
+                    return rules, limits, self._unavailable(ctx)
+                continue
+            if wanted is not None:
+                rules.append(rule)
+                limits.append(wanted)
+        # All applied (the common case): the matched tuple itself, whose policy is cached.
+        applied = matched.rules
+        return (applied if len(rules) == len(applied) else rules), limits, None
+
+    def _wanted_estimated(
         self,
         scope: Scope,
         receive: Receive,
         ctx: GuardContext,
         matched: _Matched,
-        payload: Any = None,
-        body: bytes = b"",
+        payload: Any,
+        body: bytes,
     ) -> tuple[Sequence[Rule], list[LimitRequest], ASGIApp | None]:
-        """The rules that apply to this request and what each asks of the store."""
+        """`_wanted` for a route with token or cost rules: theirs are estimates (kept apart so
+        that a route limited by requests alone asks nothing more of each rule)."""
         get_request = (
             _lazy_request(scope, ctx.receive or receive) if matched.needs_request else _no_request
         )
-
         rules: list[Rule] = []
         limits: list[LimitRequest] = []
         for rule in matched.rules:
@@ -393,15 +421,14 @@ class RateLimitMiddleware(StepMiddleware):
                 else:
                     wanted = rule.limit_request(scope, ctx, get_request)
             except Exception:
-                # A bug in the app's key or cost function: its fail policy decides.
-                logger.exception("Rate-limit rule %r: key or cost function failed", rule.name)
+                # A bug in the app's key, cost or estimate function: its fail policy decides.
+                logger.exception("Rate-limit rule %r: key, cost or estimate failed", rule.name)
                 if rule.fail == "closed":
                     return rules, limits, self._unavailable(ctx)
                 continue
             if wanted is not None:
                 rules.append(rule)
                 limits.append(wanted)
-        # All applied (the common case): the matched tuple itself, whose policy is cached.
         applied = matched.rules
         return (applied if len(rules) == len(applied) else rules), limits, None
 
