@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import threading
 import time
 import uuid
@@ -32,12 +33,15 @@ from convex_guard import (
     GuardSettings,
     KeyQuota,
     KeyRoute,
+    LimitRequest,
+    LogWriter,
     MemoryStore,
     Rule,
     report_usage,
 )
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.estimates import TokenEstimate
+from convex_guard.stores.base import Settlement
 from convex_guard.stores.convex import ConvexStore
 from convex_guard.stores.keys import check_quotas
 
@@ -339,3 +343,16 @@ def test_rule_options_are_checked_at_construction() -> None:
         check_quotas([KeyQuota("cost", 1, DAY), KeyQuota("cost", 2, DAY)])
     with pytest.raises(ConfigurationError, match="period is ms"):
         check_quotas([KeyQuota("tokens", 1, 60)])
+
+
+async def test_a_settlement_the_store_refuses_is_split_out_and_the_rest_land() -> None:
+    store = MemoryStore()
+    writer = LogWriter(store)
+    config = FixedWindow(rate=100, period=HOUR, start=START)
+    outcome = await store.check([LimitRequest("tpm", config, "k", 50, settled=True)])
+    assert outcome.ok and outcome.now is not None
+    for amount in (-20.0, math.nan, 5.0):
+        writer.add(Settlement("tpm", config, "k", amount, outcome.now))
+    await writer.close()
+    assert writer.rejected == 1  # the NaN alone
+    assert (await store.peek("tpm", config, key="k")).remaining == 65
