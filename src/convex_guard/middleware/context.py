@@ -69,9 +69,6 @@ class GuardContext:
     api_key_name: str | None = None
     api_key_hash: str | None = None
     scopes: tuple[str, ...] = ()
-    #: The verified key's tier (`KeyQuota`s of its record): what the rate limiter's rules with
-    #: `tier=True` limit the key by instead of their own config.
-    api_key_quotas: tuple[KeyQuota, ...] = ()
     bot_category: str | None = None
     bot_action: BotAction | None = None
     #: A flagged request's bot check, left for the rate-limit middleware to decide in the same
@@ -96,11 +93,18 @@ class GuardContext:
     #: Headers a step wants on the response (the rate limiter's `RateLimit` fields), added by
     #: the runner that ran that step, on the response start or the WebSocket accept.
     response_headers: list[tuple[bytes, bytes]] | None = None
+    # The fields below are set only by the steps that need them, which most requests never
+    # reach: they stay unset until then (read them with `getattr(ctx, name, default)`), so the
+    # context of every other request is built without them.
+    #: The verified key's tier (`KeyQuota`s of its record, when it has any): what the rate
+    #: limiter's rules with `tier=True` limit the key by instead of their own config.
+    api_key_quotas: tuple[KeyQuota, ...] = field(init=False, repr=False, compare=False)
     #: Token and budget reservations to settle when the request ends (the rate limiter's).
-    reservations: list[Reservation] | None = None
-    #: The response's status as sent (0 until then), recorded by the runner that added the
-    #: response headers: what a settlement knows a failed response by.
-    status: int = 0
+    reservations: list[Reservation] = field(init=False, repr=False, compare=False)
+    #: The response's status as sent, when the request has no `log_entry` to record it in:
+    #: recorded by the runner that added the response headers, for a settlement to tell a
+    #: failed response by.
+    status: int = field(init=False, repr=False, compare=False)
 
 
 class LogEntry:

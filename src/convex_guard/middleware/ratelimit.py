@@ -209,6 +209,7 @@ class RateLimitMiddleware(StepMiddleware):
             rules,
             limits,
             pending,
+            estimated=True,
             model=model if isinstance(model, str) else None,
         )
 
@@ -221,6 +222,7 @@ class RateLimitMiddleware(StepMiddleware):
         limits: Sequence[LimitRequest],
         pending: PendingBot | None,
         *,
+        estimated: bool = False,
         model: str | None = None,
     ) -> Refusal | None:
         """Decide the limits (and the deferred bot check) in one store call: the refusal, or
@@ -272,7 +274,7 @@ class RateLimitMiddleware(StepMiddleware):
             matched.fields if rules is matched.rules else matched.subset(rules)
         )
         if (
-            matched.max_body
+            estimated
             and matched.tiers
             and any(
                 limit.config is not rule.config for rule, limit in zip(rules, limits, strict=True)
@@ -318,7 +320,7 @@ class RateLimitMiddleware(StepMiddleware):
                 detail=f"Quota exceeded for {', '.join(names)}; retry after {retry} s.",
                 headers=headers,
             )
-        if matched.max_body:
+        if estimated:
             reserved_at = outcome.now
             if reserved_at is None:  # a store that does not say: this process's clock
                 reserved_at = time.time() * 1000.0
@@ -344,14 +346,16 @@ class RateLimitMiddleware(StepMiddleware):
 
     def _settle(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
         """The request is over: charge or refund each reservation (see the class docstring)."""
-        held = ctx.reservations
+        held: list[Reservation] | None = getattr(ctx, "reservations", None)
         if not held:
             return
-        ctx.reservations = None
+        ctx.reservations = []
         writer = self.writer
         assert writer is not None  # set whenever a rule reserves
         usage = ctx.usage
-        failed = raised is not None or ctx.rejected is not None or not 0 < ctx.status < 400
+        entry = ctx.log_entry
+        status = entry.status if entry is not None else getattr(ctx, "status", 0)
+        failed = raised is not None or ctx.rejected is not None or not 0 < status < 400
         for reservation in held:
             rule = reservation.rule
             used = rule.used(usage, reservation.model)
@@ -448,7 +452,7 @@ class RateLimitMiddleware(StepMiddleware):
             return None
         name, config = rule.name, rule.config
         if rule.tier:
-            own = rule.tier_limit(ctx.api_key_quotas)
+            own = rule.tier_limit(getattr(ctx, "api_key_quotas", ()))
             if own is not None:
                 name, config = own
         amount = rule.estimated(get_request, payload, body)
@@ -459,7 +463,7 @@ class RateLimitMiddleware(StepMiddleware):
     @staticmethod
     def _never_fits(ctx: GuardContext, rule: Rule, amount: float) -> ASGIApp:
         ctx.rejected = "rate_limited:estimate"
-        own = rule.tier_limit(ctx.api_key_quotas)
+        own = rule.tier_limit(getattr(ctx, "api_key_quotas", ()))
         config = rule.config if own is None else own[1]
         what = "tokens" if rule.unit == "tokens" else "of cost"
         logger.info("Rate limit %r: estimate %g over what it can ever admit", rule.name, amount)

@@ -170,15 +170,16 @@ def _wrapped_send(
     headers: list[tuple[bytes, bytes]] | None,
     ctx: GuardContext,
 ) -> Send:
-    """`send`, recording the status in `entry` and `ctx` and adding `headers` to the response
-    start."""
+    """`send`, recording the status in `entry` (in `ctx` without one) and adding `headers` to
+    the response start."""
     if kind == "http":
 
         async def http_send(message: Message) -> None:
             if message["type"] == "http.response.start":
-                ctx.status = message["status"]
                 if entry is not None:
                     entry.status = message["status"]
+                else:
+                    ctx.status = message["status"]
                 if headers is not None:
                     message["headers"] = [*message.get("headers", ()), *headers]
             await send(message)
