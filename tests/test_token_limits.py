@@ -356,3 +356,30 @@ async def test_a_settlement_the_store_refuses_is_split_out_and_the_rest_land() -
     await writer.close()
     assert writer.rejected == 1  # the NaN alone
     assert (await store.peek("tpm", config, key="k")).remaining == 65
+
+
+def test_the_default_estimate_counts_prompt_text_and_the_completion_asked_for() -> None:
+    estimate = TokenEstimate()
+    chat = {
+        "model": "m",
+        "max_completion_tokens": 50,
+        "max_tokens": 999,  # the newer field wins
+        "messages": [
+            {"role": "system", "content": "x" * 94},  # 6 + 94 characters
+            {
+                "role": "user",  # 4
+                "content": [
+                    {"type": "text", "text": "y" * 96},  # 96
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "data:image/png;base64," + "A" * 10**6},
+                    },
+                ],
+            },
+        ],
+    }
+    assert estimate.tokens(chat, b"") == 200 / 4 + 50
+    # No maximum named: the default completion; a bool is not a maximum.
+    assert estimate.tokens({"prompt": "z" * 8, "max_tokens": True}, b"") == 2 + 1024
+    assert TokenEstimate(default_completion=0).tokens({"input": ["ab", "cd"]}, b"") == 1
+    assert estimate.tokens(None, b"not json at all!") == 4  # 16 bytes

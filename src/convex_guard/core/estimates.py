@@ -30,6 +30,9 @@ _COMPLETION_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens"
 _PROMPT_FIELDS = ("messages", "prompt", "input", "system", "instructions")
 #: How deep the prompt's text is looked for: content parts sit three levels down.
 _MAX_DEPTH = 6
+#: Keys whose strings are not prompt text: a part's `type`, and media (an image's data URL
+#: would count as a quarter of a million tokens per megabyte). Media are settled on use.
+_NOT_TEXT = frozenset(("type", "image_url", "input_audio", "file", "image", "audio"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +40,10 @@ class TokenEstimate:
     """The default estimate of a request's tokens, from its JSON body.
 
     Prompt: the characters of every string under `messages`, `prompt`, `input`, `system` and
-    `instructions` (message contents, content parts' `text`, tool call arguments alike),
-    divided by `chars_per_token` and rounded up. Completion: the request's
-    `max_completion_tokens`, `max_tokens` or `max_output_tokens` (the first that is a whole
-    number >= 0), else `default_completion`. A body that is not a JSON object is estimated
+    `instructions` (message contents and roles, content parts' `text`, tool call arguments
+    alike; not media parts nor a part's `type`), divided by `chars_per_token` and rounded up.
+    Completion: the request's `max_completion_tokens`, `max_tokens` or `max_output_tokens`
+    (the first that is a whole number >= 0), else `default_completion`. A body that is not a JSON object is estimated
     from its length in bytes as if it were all prompt.
     """
 
@@ -84,7 +87,9 @@ def _text_length(value: object, depth: int) -> int:
     if isinstance(value, list):
         return sum(_text_length(item, depth + 1) for item in value)
     if isinstance(value, dict):
-        return sum(_text_length(item, depth + 1) for item in value.values())
+        return sum(
+            _text_length(item, depth + 1) for key, item in value.items() if key not in _NOT_TEXT
+        )
     return 0
 
 

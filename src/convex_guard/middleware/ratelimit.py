@@ -221,7 +221,7 @@ class RateLimitMiddleware(StepMiddleware):
         rules: Sequence[Rule],
         limits: Sequence[LimitRequest],
         pending: PendingBot | None,
-        *,
+        # Positional defaults: a keyword-only one costs a dict lookup on every call.
         estimated: bool = False,
         model: str | None = None,
     ) -> Refusal | None:
