@@ -43,8 +43,8 @@ class TokenEstimate:
     `instructions` (message contents and roles, content parts' `text`, tool call arguments
     alike; not media parts nor a part's `type`), divided by `chars_per_token` and rounded up.
     Completion: the request's `max_completion_tokens`, `max_tokens` or `max_output_tokens`
-    (the first that is a whole number >= 0), else `default_completion`. A body that is not a JSON object is estimated
-    from its length in bytes as if it were all prompt.
+    (the first that is a whole number >= 0), else `default_completion`. A body that is not a
+    JSON object is estimated from its length in bytes as if it were all prompt.
     """
 
     chars_per_token: float = CHARS_PER_TOKEN
