@@ -6,10 +6,14 @@ rules that never trigger), ratelimit (RateLimitMiddleware alone, the same three 
 slowapi-asgi (SlowAPIASGIMiddleware, one in-memory limit), slowapi-basehttp (SlowAPIMiddleware),
 asgi-ratelimit (asgi-ratelimit's middleware, ONE per-client rule on its memory backend: the
 reference point against which the issue set its target, measured here on this machine).
+guard-tokens: the guard's stack with a per-client token limit beside the three request
+rules, on a chat-completions request (each GET becomes a POST with a small JSON body on the way
+in) whose app reports its usage: body read and replayed, estimate, reservation and settlement.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
@@ -18,12 +22,20 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from convex_guard import HOUR, FixedWindow, MemoryStore, Rule
 
 NEVER = 10**9  # limits that never trigger: we measure the cost of deciding, not of denying
-VARIANTS = ("bare", "guard", "ratelimit", "asgi-ratelimit", "slowapi-asgi", "slowapi-basehttp")
+VARIANTS = (
+    "bare",
+    "guard",
+    "guard-tokens",
+    "ratelimit",
+    "asgi-ratelimit",
+    "slowapi-asgi",
+    "slowapi-basehttp",
+)
 #: One middleware each, for the per-request CPU table.
 SINGLE = ("logger", "fingerprint", "apikeys", "botdetection", "ratelimit")
 PATH = "/api/ai/openai/chat"
@@ -54,6 +66,53 @@ def guard() -> Starlette:
 
     settings = GuardSettings(store=MemoryStore(), rules=rules())
     return Starlette(routes=_routes(), middleware=[Middleware(GuardMiddleware, settings=settings)])
+
+
+CHAT = json.dumps(
+    {
+        "model": "gpt-4o-mini",
+        "max_tokens": 256,
+        "messages": [{"role": "user", "content": "Say hello to the benchmark."}],
+    }
+).encode()
+
+
+async def chat(request: Request) -> PlainTextResponse:
+    from convex_guard import report_usage
+
+    await request.body()  # the guard's replay
+    report_usage(request, model="gpt-4o-mini", tokens=42)
+    return PlainTextResponse("Hello, world!")
+
+
+def _as_chat(app: ASGIApp) -> ASGIApp:
+    """Every request as a chat-completions POST with `CHAT` as its body."""
+
+    async def chat_request(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+
+        async def body() -> Message:
+            return {"type": "http.request", "body": CHAT, "more_body": False}
+
+        await app({**scope, "method": "POST"}, body, send)
+
+    return chat_request
+
+
+def guard_tokens() -> ASGIApp:
+    from convex_guard import GuardMiddleware, GuardSettings
+
+    tokens = Rule(
+        "ipTokens", FixedWindow(rate=NEVER, period=HOUR), key="ip", unit="tokens", path="/api/ai"
+    )
+    settings = GuardSettings(store=MemoryStore(), rules=[*rules(), tokens])
+    app = Starlette(
+        routes=[Route(PATH, chat, methods=["POST"])],
+        middleware=[Middleware(GuardMiddleware, settings=settings)],
+    )
+    return _as_chat(app)
 
 
 def ratelimit() -> Starlette:
@@ -139,10 +198,11 @@ def _asgi_ratelimit() -> Starlette:
     )
 
 
-FACTORIES: dict[str, Callable[[], Starlette]] = {
+FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     "asgi-ratelimit": _asgi_ratelimit,
     "bare": bare,
     "guard": guard,
+    "guard-tokens": guard_tokens,
     "ratelimit": ratelimit,
     "logger": logger,
     "fingerprint": fingerprint,
@@ -153,5 +213,5 @@ FACTORIES: dict[str, Callable[[], Starlette]] = {
 }
 
 
-def make() -> Starlette:
+def make() -> ASGIApp:
     return FACTORIES[os.environ.get("VARIANT", "bare")]()

@@ -23,7 +23,8 @@ runs and is somewhat inflated (valgrind's slowdown gives it more firings per req
 Options:
 
 - `--requests N` (default 1500): the long run's requests; the short run's are N // 10.
-- `--variants NAME...` (default: bare guard asgi-ratelimit slowapi-asgi).
+- `--variants NAME...` (default: bare guard guard-tokens asgi-ratelimit slowapi-asgi):
+  guard-tokens is a token-limited route beside guard's request-limited one.
 - `--modes MODE...` (default: in-process uvicorn).
 - `--baseline REV` (repeatable): also measure git revision REV (a commit id, tag or branch) in
   the same run. Its tree is exported (`git archive REV`) into a temporary directory, and its
@@ -67,7 +68,7 @@ import httpx
 from benchmarks.apps import PATH, VARIANTS
 from benchmarks.http_overhead import BROWSER, ROOT, free_port
 
-DEFAULT_VARIANTS = ("bare", "guard", "asgi-ratelimit", "slowapi-asgi")
+DEFAULT_VARIANTS = ("bare", "guard", "guard-tokens", "asgi-ratelimit", "slowapi-asgi")
 MODES = ("in-process", "uvicorn")
 CONNECTIONS = 32
 HEADERS = {"User-Agent": BROWSER, "Accept-Language": "en-US,en;q=0.9"}

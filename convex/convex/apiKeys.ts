@@ -62,6 +62,7 @@ export const create = internalMutation({
       active: true,
       ...(args.owner === undefined ? {} : { userId: args.owner }),
       ...(args.expiresAt === undefined ? {} : { expiresAt: args.expiresAt }),
+      ...(args.quotas === undefined || args.quotas.length === 0 ? {} : { quotas: args.quotas }),
     };
     let found: FoundKey | null;
     if (args.kind === "ai") {

@@ -2,6 +2,7 @@
 import { v } from "convex/values";
 import { internalMutation } from "./_generated/server";
 import { evaluateAlerts, vAlertRule } from "./lib/alerts";
+import { applySettlement, vSettlement } from "./lib/limits";
 import {
   applyKeyUsage,
   insertAIRequests,
@@ -27,6 +28,10 @@ import {
  * patches are that writer's own, so batches of different instances never write the same
  * document and never conflict. Without it, batches share one set of rows, as before.
  *
+ * `settlements` (token and cost rules' reservations corrected by what the requests used) are
+ * applied to the limits in the same transaction, so they land once per batch id with the rows:
+ * a settled request costs no round trip of its own.
+ *
  * `alertRules` (the Python side's configured rules, sent with every batch: the instances'
  * own settings decide, and a deployment needs no variable of its own) are evaluated against
  * the rows now stored, in this same transaction: one anomaly is one alert, whichever
@@ -41,6 +46,7 @@ export const writeBatch = internalMutation({
     authFailures: v.array(vAuthFailure),
     botEvents: v.array(vBotEvent),
     keyUsage: v.array(vKeyUsage),
+    settlements: v.optional(v.array(vSettlement)),
     alertRules: v.optional(v.array(vAlertRule)),
   },
   returns: v.object({ applied: v.boolean() }),
@@ -56,6 +62,10 @@ export const writeBatch = internalMutation({
     await insertAuthFailures(ctx, args.authFailures);
     await insertBotEvents(ctx, args.botEvents);
     await applyKeyUsage(ctx, args.keyUsage, args.writer);
+    if (args.settlements !== undefined) {
+      const now = Date.now();
+      for (const settlement of args.settlements) await applySettlement(ctx, settlement, now);
+    }
     if (args.alertRules !== undefined && args.alertRules.length > 0) {
       await evaluateAlerts(ctx, args.alertRules, args, Date.now());
     }

@@ -5,7 +5,13 @@ import { defineSchema, defineTable } from "convex/server";
 import { v } from "convex/values";
 import { alertFields } from "./lib/alerts";
 import { auditFields } from "./lib/audit";
-import { vAIRequest, vAuthFailure, vBotEvent, vEmbeddingRequest } from "./lib/validators";
+import {
+  vAIRequest,
+  vAuthFailure,
+  vBotEvent,
+  vEmbeddingRequest,
+  vKeyQuota,
+} from "./lib/validators";
 
 // The sums a provider rollup keeps, per minute or per hour, for one writer (one app
 // process's log writer): no two instances ever patch the same rollup, and readers sum over
@@ -80,6 +86,8 @@ export default defineSchema({
     scopes: v.array(v.string()),
     // `period` in milliseconds (the rate limiter's unit; the seed's comment said seconds).
     rateLimit: v.optional(v.object({ requests: v.number(), period: v.number() })),
+    // The key's tier: its own token limits and budgets (absent on keys from before them).
+    quotas: v.optional(v.array(vKeyQuota)),
     createdAt: v.number(),
     lastUsed: v.optional(v.number()),
     expiresAt: v.optional(v.number()),
@@ -102,6 +110,7 @@ export default defineSchema({
     requestCount: v.number(),
     active: v.boolean(),
     rateLimit: v.optional(v.object({ requests: v.number(), windowSeconds: v.number() })),
+    quotas: v.optional(v.array(vKeyQuota)),
   })
     .index("by_key_hash", ["keyHash"])
     .index("by_user", ["userId"]),

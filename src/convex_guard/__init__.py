@@ -17,6 +17,7 @@ from convex_guard.core.errors import (
     StoreTimeoutError,
     StoreUnavailableError,
 )
+from convex_guard.core.estimates import TokenEstimate
 from convex_guard.core.fingerprint import DEFAULT_FIELDS as FINGERPRINT_FIELDS
 from convex_guard.core.fingerprint import fingerprint
 from convex_guard.core.keys import NO_KEY, generate_key, hash_key
@@ -68,6 +69,7 @@ from convex_guard.stores.base import (
     CheckResult,
     EmbeddingRequestLog,
     EmbeddingUsage,
+    KeyQuota,
     KeyRateLimit,
     KeyStore,
     LimitRequest,
@@ -135,6 +137,7 @@ __all__ = [
     "GuardMiddleware",
     "GuardSettings",
     "KeyNotFoundError",
+    "KeyQuota",
     "KeyRateLimit",
     "KeyRevokedError",
     "KeyRoute",
@@ -161,6 +164,7 @@ __all__ = [
     "StoreTimeoutError",
     "StoreUnavailableError",
     "TokenBucket",
+    "TokenEstimate",
     "TrustedProxies",
     "UserAgentClassifier",
     "UserAgentVerdict",

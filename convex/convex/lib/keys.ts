@@ -156,6 +156,7 @@ export function toRecord(found: FoundKey, pending: PendingUsage): ApiKeyRecord {
   };
   if (d.userId !== undefined) record.owner = d.userId;
   if (d.expiresAt !== undefined) record.expiresAt = d.expiresAt;
+  if (d.quotas !== undefined && d.quotas.length > 0) record.quotas = d.quotas;
   const lastUsed =
     pending.lastUsed === undefined ? d.lastUsed : Math.max(d.lastUsed ?? 0, pending.lastUsed);
   if (lastUsed !== undefined) record.lastUsed = lastUsed;

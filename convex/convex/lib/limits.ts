@@ -1,13 +1,15 @@
 // Deciding limits through the rate limiter component, and reading a limit's state back.
 import type { GenericMutationCtx, GenericQueryCtx } from "convex/server";
+import { v, type Infer } from "convex/values";
 import { components } from "../_generated/api";
 import type { DataModel } from "../_generated/dataModel";
-import type {
-  LeaseRequest,
-  LeaseResult,
-  LimitConfig,
-  LimitRequest,
-  LimitResult,
+import {
+  type LeaseRequest,
+  type LeaseResult,
+  type LimitConfig,
+  type LimitRequest,
+  type LimitResult,
+  vLimitConfig,
 } from "./validators";
 
 type RunQueryCtx = Pick<GenericQueryCtx<DataModel>, "runQuery">;
@@ -166,4 +168,50 @@ export async function decideLease(
   return retryAfter === undefined
     ? { granted, value, ts }
     : { granted, retryAfter, value, ts };
+}
+
+/**
+ * The correction of one reservation (a token or cost rule's estimate), sent with a log batch:
+ * `amount` is charged (as a count with `reserve`: always applied, the limit may go into debt)
+ * or, when negative, handed back, at most to the window it was taken from (`reservedAt`, the
+ * `now` of the `guard:check` that reserved it). The Python `Settlement`.
+ */
+export const vSettlement = v.object({
+  name: v.string(),
+  key: v.optional(v.string()),
+  config: vLimitConfig,
+  amount: v.number(),
+  reservedAt: v.number(),
+});
+export type Settlement = Infer<typeof vSettlement>;
+
+/**
+ * Apply one settlement, as `MemoryStore` does: a charge through the component with
+ * `reserve`, a refund as a negative count, but only to a state that still exists and, for a
+ * fixed window, is still in the window of `reservedAt` (a past window's tokens are gone; a
+ * later window must not admit more than its rate).
+ */
+export async function applySettlement(
+  ctx: RunMutationCtx,
+  settlement: Settlement,
+  now: number,
+): Promise<void> {
+  const { name, key, config, amount, reservedAt } = settlement;
+  if (!Number.isFinite(amount) || !Number.isFinite(reservedAt)) {
+    throw new Error(`settlement of ${name}: amount and reservedAt must be finite`);
+  }
+  if (amount === 0) return;
+  if (amount > 0) {
+    await rateLimit(ctx, name, key, config, amount, true);
+    return;
+  }
+  const got = await ctx.runQuery(components.rateLimiter.lib.getValue, {
+    name,
+    ...(key === undefined ? {} : { key }),
+    config,
+    sampleShards: 1,
+  });
+  if (got.ts === 0) return; // no state: the limit is full, a refund would be cut at once
+  if (config.kind === "fixed window" && reservedAt < currentWindow(config, got.ts, now)) return;
+  await rateLimit(ctx, name, key, config, amount);
 }

@@ -180,6 +180,16 @@ export type KeyUsage = Infer<typeof vKeyUsage>;
 /** A key's own limit: `requests` per `period` milliseconds, as a fixed window. */
 export const vKeyRateLimit = v.object({ requests: v.number(), period: v.number() });
 
+/**
+ * A key's own token limit or budget (its tier, the Python `KeyQuota`): `amount` per `period`
+ * milliseconds, a fixed window from the epoch.
+ */
+export const vKeyQuota = v.object({
+  unit: v.union(v.literal("tokens"), v.literal("cost")),
+  amount: v.number(),
+  period: v.number(),
+});
+
 /** What creating a key takes (the Python `NewApiKey`); the record adds what use changes. */
 export const newApiKeyFields = {
   kind: vKind,
@@ -191,6 +201,7 @@ export const newApiKeyFields = {
   rateLimit: v.optional(vKeyRateLimit),
   createdAt: v.number(),
   expiresAt: v.optional(v.number()),
+  quotas: v.optional(v.array(vKeyQuota)),
 };
 
 export const vApiKeyRecord = v.object({

@@ -176,7 +176,9 @@ def check_count(name: str | None, config: LimitConfig, count: float, reserve: bo
     request on Convex throw, so it is rejected here, at start-up, on every store alike.
     """
     limit = f"Rate limit {name!r}" if name else "Rate limit"
-    if count < 0 or not math.isfinite(count):
+    if not math.isfinite(count) or (count < 0 and not reserve):
+        # A negative count hands tokens back (the component's refund). Only a settlement
+        # asks for one, with `reserve`; a request's own count (a rule's) is never negative.
         raise ConfigurationError(f"{limit}: count must be a finite number >= 0")
     factor = shard_factor(config)
     cap = config.max / factor
@@ -228,8 +230,10 @@ def decide(
     """Decide one request against one limit (`calculateRateLimit` + `_checkRateLimitInternal`).
 
     Returns the result and the state to store; on denial that is the state passed in, since a
-    denied call consumes nothing. Pure: stores call `config.decider` with their own mapping
-    instead, which saves building a pair for every request.
+    denied call consumes nothing. A negative `count` with `reserve` hands tokens back, as the
+    component takes it: the value may stand above capacity until the next decision cuts it.
+    Pure: stores call `config.decider` with their own mapping instead, which saves building a
+    pair for every request.
     """
     box: dict[str | None, LimitState] = {}
     result = config.decider(box, None, state, now, count, reserve)
@@ -332,3 +336,20 @@ def full_at(config: LimitConfig, state: Sequence[float]) -> float:
     """The epoch ms from which the limit is full again, so its state can be forgotten."""
     value, ts = state
     return ts + _until_full(config, value, ts, ts)
+
+
+def refund_applies(config: LimitConfig, state: LimitState | None, now: float, since: float) -> bool:
+    """Whether tokens taken at `since` (epoch ms) may still go back to a limit in `state`.
+
+    Never to a state that is gone (a full limit: they would be cut at capacity anyway), and
+    for a fixed window only within the window they were taken in: a past window's tokens are
+    gone for everyone, and handing them to a later window would let it admit more than its
+    rate. A token bucket takes them back at any time (its next decision caps it).
+    """
+    if state is None:
+        return False
+    if config.kind == "token bucket":
+        return True
+    ts = state[1]
+    window = ts + ((now - ts) // config.period) * config.period
+    return since >= window

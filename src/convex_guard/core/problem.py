@@ -14,6 +14,10 @@ QUOTA_EXCEEDED = f"{PROBLEM_TYPES}#quota-exceeded"
 ABNORMAL_USAGE = f"{PROBLEM_TYPES}#abnormal-usage-detected"
 #: The title of a 429 for a spent quota (the words of the problem type's registration).
 QUOTA_TITLE = "Request cannot be satisfied as assigned quota has been exceeded"
+#: A spent cost budget: no registered type says it, so it is a type of this package's own,
+#: a tag URI (RFC 4151), which RFC 9457 suggests for a type with no page to resolve to.
+BUDGET_EXCEEDED = "tag:convex-guard,2026:budget-exceeded"
+BUDGET_TITLE = "Request cannot be satisfied as the cost budget has been spent"
 
 
 def problem(
@@ -65,6 +69,24 @@ def quota_exceeded(
         type=QUOTA_EXCEEDED,
         detail=detail,
         headers=headers,
+        extra={"violated-policies": list(policies)},
+    )
+
+
+def budget_exceeded(
+    policies: Sequence[str],
+    *,
+    retry: str,
+    detail: str,
+    headers: Sequence[tuple[str, str]] = (),
+) -> Response:
+    """429 of type `budget-exceeded` naming the `violated-policies`, with `Retry-After`."""
+    return problem(
+        429,
+        BUDGET_TITLE,
+        type=BUDGET_EXCEEDED,
+        detail=detail,
+        headers=[("Retry-After", retry), *headers],
         extra={"violated-policies": list(policies)},
     )
 

@@ -339,6 +339,8 @@ class ApiKeyMiddleware(StepMiddleware):
         ctx.api_key_name = record.name
         ctx.api_key_hash = key_hash
         ctx.scopes = record.scopes
+        if record.quotas:
+            ctx.api_key_quotas = record.quotas
         if record.owner is not None:
             ctx.user_id = record.owner
         if record.rate_limit is not None:

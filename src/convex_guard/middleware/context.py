@@ -10,9 +10,9 @@ from typing import Any, cast
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive
 
-from convex_guard.core.limits import LimitResult
+from convex_guard.core.limits import LimitConfig, LimitResult
 from convex_guard.core.streamusage import UsageReader
-from convex_guard.stores.base import BotAction, BotCheck, BotVerdict
+from convex_guard.stores.base import BotAction, BotCheck, BotVerdict, KeyQuota
 
 STATE_KEY = "convex_guard"
 
@@ -30,6 +30,23 @@ class Usage:
     cost: float | None = None
     #: Inputs in an embedding batch, for the embedding request log.
     items: int | None = None
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What a token or cost rule reserved for a request, settled when the request ends."""
+
+    #: The `Rule` (middleware/rules.py) that reserved it.
+    rule: Any
+    #: The limit state it was taken from: the rule's, or the key's tier's.
+    name: str
+    config: LimitConfig
+    key: str | None
+    amount: float
+    #: The store's clock when it was decided (epoch ms), for a refund's window.
+    reserved_at: float
+    #: The body's `model`, for pricing reported tokens when the app names no model.
+    model: str | None
 
 
 @dataclass(slots=True)
@@ -80,6 +97,18 @@ class GuardContext:
     #: Headers a step wants on the response (the rate limiter's `RateLimit` fields), added by
     #: the runner that ran that step, on the response start or the WebSocket accept.
     response_headers: list[tuple[bytes, bytes]] | None = None
+    # The fields below are set only by the steps that need them, which most requests never
+    # reach: they stay unset until then (read them with `getattr(ctx, name, default)`), so the
+    # context of every other request is built without them.
+    #: The verified key's tier (`KeyQuota`s of its record, when it has any): what the rate
+    #: limiter's rules with `tier=True` limit the key by instead of their own config.
+    api_key_quotas: tuple[KeyQuota, ...] = field(init=False, repr=False, compare=False)
+    #: Token and budget reservations to settle when the request ends (the rate limiter's).
+    reservations: list[Reservation] = field(init=False, repr=False, compare=False)
+    #: The response's status as sent, when the request has no `log_entry` to record it in:
+    #: recorded by the runner that added the response headers, for a settlement to tell a
+    #: failed response by.
+    status: int = field(init=False, repr=False, compare=False)
 
 
 class LogEntry:

@@ -308,7 +308,7 @@ class GuardStack:
             inner = validation = RequestValidationMiddleware(inner, rules=body_rules, writer=writer)
         if rules:
             inner = limiter = RateLimitMiddleware(
-                inner, store=store, rules=rules, timeout=settings.timeout
+                inner, store=store, rules=rules, timeout=settings.timeout, writer=writer
             )
         if settings.bot_detection:
             inner = bots = BotDetectionMiddleware(

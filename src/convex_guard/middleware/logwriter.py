@@ -24,10 +24,11 @@ from convex_guard.stores.base import (
     KeyUsage,
     LogBatch,
     LogStore,
+    Settlement,
     require,
 )
 
-Row = AIRequestLog | EmbeddingRequestLog | AuthFailure | BotEvent
+Row = AIRequestLog | EmbeddingRequestLog | AuthFailure | BotEvent | Settlement
 
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_INTERVAL = 1.0
@@ -64,6 +65,10 @@ class CompanionFactory(Protocol):
 
 class LogWriter:
     """Buffers log rows and writes them as one `LogBatch` per flush.
+
+    Rows include the rate limiter's `Settlement`s (token and cost reservations corrected by
+    what each request used): they ride in the batches with the request rows, so settling a
+    request costs no store call of its own.
 
     Sharing: one writer per store. `LogWriter.for_store(store)` returns that writer (creating
     it on first use), and every middleware given only a store uses it, so the request logger,
@@ -308,6 +313,7 @@ class LogWriter:
         embeddings: list[EmbeddingRequestLog] = []
         failures: list[AuthFailure] = []
         events: list[BotEvent] = []
+        settlements: list[Settlement] = []
         rows = self._rows
         for _ in range(min(count, len(rows))):
             row = rows.popleft()
@@ -317,6 +323,8 @@ class LogWriter:
                 embeddings.append(row)
             elif isinstance(row, AuthFailure):
                 failures.append(row)
+            elif isinstance(row, Settlement):
+                settlements.append(row)
             else:
                 events.append(row)
         usage = tuple(self._usage.values())
@@ -328,6 +336,7 @@ class LogWriter:
             auth_failures=tuple(failures),
             bot_events=tuple(events),
             key_usage=usage,
+            settlements=tuple(settlements),
         )
 
     async def _write_pending(self) -> None:
@@ -375,7 +384,14 @@ class LogWriter:
             delay = _FIRST_BACKOFF
 
 
-_BATCH_FIELDS = ("ai_requests", "embedding_requests", "auth_failures", "bot_events", "key_usage")
+_BATCH_FIELDS = (
+    "ai_requests",
+    "embedding_requests",
+    "auth_failures",
+    "bot_events",
+    "key_usage",
+    "settlements",
+)
 
 
 def _halves(batch: LogBatch) -> tuple[LogBatch, LogBatch]:
@@ -396,7 +412,14 @@ def _halves(batch: LogBatch) -> tuple[LogBatch, LogBatch]:
 def _row_kind(batch: LogBatch) -> str:
     for name, kind in zip(
         _BATCH_FIELDS,
-        ("AI request row", "embedding request row", "auth failure row", "bot event", "key usage"),
+        (
+            "AI request row",
+            "embedding request row",
+            "auth failure row",
+            "bot event",
+            "key usage",
+            "settlement",
+        ),
         strict=True,
     ):
         if getattr(batch, name):
@@ -411,6 +434,7 @@ def _batch_rows(batch: LogBatch) -> int:
         + len(batch.auth_failures)
         + len(batch.bot_events)
         + len(batch.key_usage)
+        + len(batch.settlements)
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import time
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope
@@ -13,19 +15,34 @@ from starlette.types import ASGIApp, Receive, Scope
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.limits import LimitResult
 from convex_guard.core.logs import ThrottledLog, logger, printable
-from convex_guard.core.problem import QUOTA_TITLE, quota_exceeded, retry_after, unavailable
+from convex_guard.core.problem import (
+    QUOTA_TITLE,
+    budget_exceeded,
+    problem,
+    quota_exceeded,
+    retry_after,
+    unavailable,
+)
+from convex_guard.middleware.body import BodyTooLarge, read_body
 from convex_guard.middleware.context import (
     GuardContext,
     PendingBot,
+    Reservation,
     Route,
     current_context,
     guard_context,
     route_of,
 )
+from convex_guard.middleware.logwriter import LogWriter
 from convex_guard.middleware.order import API_KEYS, FINGERPRINT, RATE_LIMIT, missing_outside
-from convex_guard.middleware.rules import Rule, ratelimit_field, ratelimit_template
+from convex_guard.middleware.rules import (
+    Rule,
+    policy_item,
+    ratelimit_field,
+    ratelimit_template,
+)
 from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
-from convex_guard.stores.base import LimitRequest, LimitStore, require
+from convex_guard.stores.base import LimitRequest, LimitStore, LogStore, Settlement, require
 from convex_guard.stores.resilient import answers_checked, checked_answer
 
 DEFAULT_TIMEOUT = 0.5
@@ -44,9 +61,23 @@ class RateLimitMiddleware(StepMiddleware):
 
     A bot check that `BotDetectionMiddleware(defer=True)` left in the guard context is decided
     in the same store call, so a request costs one round trip whatever it triggers.
+
+    Token and cost rules (`Rule(unit="tokens" | "cost")`) reserve an estimate on arrival, in
+    the same store call: the body is read first (at most the rule's `max_body` bytes, 413
+    beyond; the app reads the same bytes), and a request whose estimate exceeds what the
+    limit can ever hold is a 413 at once. A spent budget is a 429 of type `budget-exceeded`.
+    When the request ends the reservation is settled on the usage the app reported
+    (`report_usage`): the difference is charged or refunded. A request that reported nothing
+    keeps its reservation if it succeeded; if it failed (it raised, its client went away, its
+    status was 400 or more, or a step after this one refused it) the reservation comes back
+    whole. Settlements ride in the log writer's batches (`writer`, by default the store's
+    shared one; the store must then be a `LogStore`): no store call of their own.
     """
 
     marker = RATE_LIMIT
+    #: Set (to `_settle`) only when a rule has reservations to settle: then this step is a
+    #: `FinishingStep`, and otherwise nothing runs for it after the app.
+    after: Callable[[Scope, GuardContext, BaseException | None], None]
 
     def __init__(
         self,
@@ -55,6 +86,7 @@ class RateLimitMiddleware(StepMiddleware):
         store: LimitStore,
         rules: Sequence[Rule],
         timeout: float = DEFAULT_TIMEOUT,
+        writer: LogWriter | None = None,
     ) -> None:
         if not rules:
             raise ConfigurationError("RateLimitMiddleware needs at least one rule")
@@ -64,6 +96,20 @@ class RateLimitMiddleware(StepMiddleware):
         if not 0 < timeout < math.inf:
             raise ConfigurationError("timeout must be a positive number of seconds")
         require(store, (LimitStore,), "RateLimitMiddleware")
+        settled = [rule.name for rule in rules if rule.settled]
+        self.writer: LogWriter | None = None
+        if settled:
+            if writer is None:
+                require(
+                    store,
+                    {LogStore: f"the settlements of {', '.join(settled)}"},
+                    "RateLimitMiddleware",
+                )
+                writer = LogWriter.for_store(cast(LogStore, store))
+            self.writer = writer
+            # A finishing step only with rules to settle: a route limited by requests alone
+            # costs no call after the app.
+            self.after = self._settle
         super().__init__(app)
         self.store = store
         self.rules = tuple(rules)
@@ -84,6 +130,9 @@ class RateLimitMiddleware(StepMiddleware):
                 return None
             ctx = guard_context(scope, route)
         return ctx
+
+    def writers(self) -> tuple[LogWriter, ...]:
+        return () if self.writer is None else (self.writer,)
 
     def _matching(self, route: Route) -> _Matched:
         """The rules matching the request's (method, path), cached: the same routes come back."""
@@ -111,6 +160,8 @@ class RateLimitMiddleware(StepMiddleware):
         fixed = matched.fixed
         if fixed is not None:
             rules, limits = matched.rules, fixed
+        elif matched.max_body:
+            return self._estimated(scope, receive, ctx, matched, pending)
         else:
             rules, limits, refusal = self._wanted(scope, receive, ctx, matched)
             if refusal is not None:
@@ -118,6 +169,50 @@ class RateLimitMiddleware(StepMiddleware):
         if not rules and pending is None:
             return None
         return self._decide(scope, ctx, matched, rules, limits, pending)
+
+    async def _estimated(
+        self,
+        scope: Scope,
+        receive: Receive,
+        ctx: GuardContext,
+        matched: _Matched,
+        pending: PendingBot | None,
+    ) -> Refusal | None:
+        """A route with token or cost rules: read the body, estimate, decide and reserve."""
+        body = b""
+        payload: Any = None
+        if scope["type"] == "http":
+            try:
+                body = await read_body(ctx, receive, matched.max_body)
+            except BodyTooLarge as exc:
+                ctx.rejected = "rate_limited:body"
+                logger.info("Rate limit: body over %d bytes refused", exc.limit)
+                return problem(
+                    413,
+                    "Request body too large",
+                    detail=f"A request here may send at most {exc.limit} bytes.",
+                )
+            if body:
+                try:
+                    payload = json.loads(body)
+                except ValueError:  # not JSON (or not UTF-8): estimated from its length
+                    payload = None
+        rules, limits, refusal = self._wanted_estimated(scope, receive, ctx, matched, payload, body)
+        if refusal is not None:
+            return refusal
+        if not rules and pending is None:
+            return None
+        model = payload.get("model") if isinstance(payload, dict) else None
+        return await self._decide(
+            scope,
+            ctx,
+            matched,
+            rules,
+            limits,
+            pending,
+            estimated=True,
+            model=model if isinstance(model, str) else None,
+        )
 
     async def _decide(
         self,
@@ -127,9 +222,13 @@ class RateLimitMiddleware(StepMiddleware):
         rules: Sequence[Rule],
         limits: Sequence[LimitRequest],
         pending: PendingBot | None,
+        # Positional defaults: a keyword-only one costs a dict lookup on every call.
+        estimated: bool = False,
+        model: str | None = None,
     ) -> Refusal | None:
         """Decide the limits (and the deferred bot check) in one store call: the refusal, or
-        None with the `RateLimit-Policy`/`RateLimit` fields in `ctx.response_headers`."""
+        None with the `RateLimit-Policy`/`RateLimit` fields in `ctx.response_headers` (and
+        the reservations of token and cost rules in `ctx.reservations`)."""
         try:
             bot = pending.check if pending is not None else None
             if self._bounded:
@@ -178,6 +277,21 @@ class RateLimitMiddleware(StepMiddleware):
         policy, policy_bytes, template = (
             matched.fields if rules is matched.rules else matched.subset(rules)
         )
+        if (
+            estimated
+            and matched.tiers
+            and any(
+                limit.config is not rule.config for rule, limit in zip(rules, limits, strict=True)
+            )
+        ):
+            # A key's own tier: its quotas, not the rules', in this response's policy.
+            policy = ", ".join(
+                [
+                    policy_item(rule.name, limit.config, rule.unit)
+                    for rule, limit in zip(rules, limits, strict=True)
+                ]
+            )
+            policy_bytes = policy.encode("latin-1")
         if not outcome.ok:
             checked = await self._shadowed(scope, ctx, rules, limits, results, policy)
             if checked is None or not isinstance(checked, tuple):
@@ -185,6 +299,20 @@ class RateLimitMiddleware(StepMiddleware):
             results = checked
             for rule, result in zip(rules, results):  # noqa: B905 (as above)
                 limits_seen[rule.name] = result
+        if estimated:
+            reserved_at = outcome.now
+            if reserved_at is None:  # a store that does not say: this process's clock
+                reserved_at = time.time() * 1000.0
+            # Only what was taken: a shadow rule that refused consumed nothing to give back.
+            held = [
+                Reservation(
+                    rule, limit.name, limit.config, limit.key, limit.count, reserved_at, model
+                )
+                for rule, limit, result in zip(rules, limits, results, strict=True)
+                if limit.settled and result.ok
+            ]
+            if held:
+                ctx.reservations = held
         fields = [
             (b"ratelimit-policy", policy_bytes),
             (b"ratelimit", ratelimit_field(template, results)),
@@ -218,9 +346,9 @@ class RateLimitMiddleware(StepMiddleware):
             violated = [
                 (rule, result) for rule, result in zip(rules, results, strict=True) if not result.ok
             ]
-            shadowed = [rule.name for rule, _ in violated if rule.shadow]
+            shadowed = [rule for rule, _ in violated if rule.shadow]
             if shadowed:
-                note = "rate_limited:" + ",".join(shadowed)
+                note = _refused_note(shadowed)
                 # After a bot verdict in shadow mode, which stays first (its reason counts).
                 ctx.shadow = note if ctx.shadow is None else f"{ctx.shadow} {note}"
             enforced = [(rule, result) for rule, result in violated if not rule.shadow]
@@ -261,22 +389,62 @@ class RateLimitMiddleware(StepMiddleware):
         retry_ms = max(result.retry_after or 0.0 for _, result in violated)
         retry = retry_after(retry_ms)
         names = [rule.name for rule, _ in violated]
-        ctx.rejected = "rate_limited:" + ",".join(names)
+        headers = [
+            ("RateLimit-Policy", policy),
+            (
+                "RateLimit",
+                ratelimit_field(
+                    ratelimit_template(names), [result for _, result in violated]
+                ).decode("latin-1"),
+            ),
+        ]
+        ctx.rejected = _refused_note([rule for rule, _ in violated])
+        if any(rule.unit == "cost" for rule, _ in violated):
+            return budget_exceeded(
+                names,
+                retry=retry,
+                detail=f"Budget spent for {', '.join(names)}; retry after {retry} s.",
+                headers=headers,
+            )
         return quota_exceeded(
             QUOTA_TITLE,
             names,
             retry=retry,
             detail=f"Quota exceeded for {', '.join(names)}; retry after {retry} s.",
-            headers=[
-                ("RateLimit-Policy", policy),
-                (
-                    "RateLimit",
-                    ratelimit_field(
-                        ratelimit_template(names), [result for _, result in violated]
-                    ).decode("latin-1"),
-                ),
-            ],
+            headers=headers,
         )
+
+    def _settle(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
+        """The request is over: charge or refund each reservation (see the class docstring)."""
+        held: list[Reservation] | None = getattr(ctx, "reservations", None)
+        if not held:
+            return
+        ctx.reservations = []
+        writer = self.writer
+        assert writer is not None  # set whenever a rule reserves
+        usage = ctx.usage
+        entry = ctx.log_entry
+        status = entry.status if entry is not None else getattr(ctx, "status", 0)
+        failed = raised is not None or ctx.rejected is not None or not 0 < status < 400
+        for reservation in held:
+            rule = reservation.rule
+            used = rule.used(usage, reservation.model)
+            if used is None:
+                if not failed:
+                    continue  # nothing reported: the estimate stands as the charge
+                amount = -reservation.amount
+            else:
+                amount = used - reservation.amount
+            if amount:
+                writer.add(
+                    Settlement(
+                        reservation.name,
+                        reservation.config,
+                        reservation.key,
+                        amount,
+                        reservation.reserved_at,
+                    )
+                )
 
     def _wanted(
         self, scope: Scope, receive: Receive, ctx: GuardContext, matched: _Matched
@@ -301,6 +469,83 @@ class RateLimitMiddleware(StepMiddleware):
         # All applied (the common case): the matched tuple itself, whose policy is cached.
         applied = matched.rules
         return (applied if len(rules) == len(applied) else rules), limits, None
+
+    def _wanted_estimated(
+        self,
+        scope: Scope,
+        receive: Receive,
+        ctx: GuardContext,
+        matched: _Matched,
+        payload: Any,
+        body: bytes,
+    ) -> tuple[Sequence[Rule], list[LimitRequest], ASGIApp | None]:
+        """`_wanted` for a route with token or cost rules: theirs are estimates (kept apart so
+        that a route limited by requests alone asks nothing more of each rule)."""
+        get_request = (
+            _lazy_request(scope, ctx.receive or receive) if matched.needs_request else _no_request
+        )
+        rules: list[Rule] = []
+        limits: list[LimitRequest] = []
+        for rule in matched.rules:
+            try:
+                if rule.settled:
+                    wanted = self._reservation(scope, ctx, rule, get_request, payload, body)
+                    if isinstance(wanted, float):
+                        return rules, limits, self._never_fits(ctx, rule, wanted)
+                else:
+                    wanted = rule.limit_request(scope, ctx, get_request)
+            except Exception:
+                # A bug in the app's key, cost or estimate function: its fail policy decides.
+                logger.exception("Rate-limit rule %r: key, cost or estimate failed", rule.name)
+                if rule.fail == "closed":
+                    return rules, limits, self._unavailable(ctx)
+                continue
+            if wanted is not None:
+                rules.append(rule)
+                limits.append(wanted)
+        applied = matched.rules
+        return (applied if len(rules) == len(applied) else rules), limits, None
+
+    @staticmethod
+    def _reservation(
+        scope: Scope,
+        ctx: GuardContext,
+        rule: Rule,
+        get_request: Callable[[], Request],
+        payload: Any,
+        body: bytes,
+    ) -> LimitRequest | float | None:
+        """What a token or cost rule reserves (None: the rule does not apply), or the
+        estimate alone when it could never fit."""
+        applies, key = rule.resolve_key(scope, ctx, get_request)
+        if not applies:
+            return None
+        name, config = rule.name, rule.config
+        if rule.tier:
+            own = rule.tier_limit(getattr(ctx, "api_key_quotas", ()))
+            if own is not None:
+                name, config = own
+        amount = rule.estimated(get_request, payload, body)
+        if not rule.fits(amount, config):
+            return amount
+        return LimitRequest(name, config, key, amount, False, True)
+
+    @staticmethod
+    def _never_fits(ctx: GuardContext, rule: Rule, amount: float) -> ASGIApp:
+        ctx.rejected = "rate_limited:estimate"
+        own = rule.tier_limit(getattr(ctx, "api_key_quotas", ()))
+        config = rule.config if own is None else own[1]
+        what = "tokens" if rule.unit == "tokens" else "of cost"
+        logger.info("Rate limit %r: estimate %g over what it can ever admit", rule.name, amount)
+        return problem(
+            413,
+            "Request exceeds what the limit can ever admit",
+            detail=(
+                f"This request is estimated at {amount:g} {what}; {rule.name} admits at most "
+                f"{config.max:g} per window. Ask for fewer (a lower max_tokens)."
+            ),
+            extra={"violated-policies": [rule.name]},
+        )
 
     def order_problem(self, outside: list[str]) -> str | None:
         """Rules keyed by what an outer middleware fills need that middleware outside."""
@@ -329,12 +574,18 @@ _Fields = tuple[str, bytes, bytes]
 class _Matched:
     """The rules matching one route, with what can be computed once for them."""
 
-    __slots__ = ("_subsets", "fields", "fixed", "needs_request", "rules")
+    __slots__ = ("_subsets", "fields", "fixed", "max_body", "needs_request", "rules", "tiers")
 
     def __init__(self, rules: tuple[Rule, ...]) -> None:
         self.rules = rules
-        # Only a key or cost function reads the request: the others need no `Request` made.
-        self.needs_request = any(callable(rule.key) or callable(rule.count) for rule in rules)
+        # Only a key, cost or estimate function reads the request: the others need no
+        # `Request` made.
+        self.needs_request = any(
+            callable(rule.key) or callable(rule.count) or callable(rule.estimate) for rule in rules
+        )
+        # Token and cost rules read the body, up to the most any of them reads; 0: none here.
+        self.max_body = max((rule.max_body for rule in rules if rule.settled), default=0)
+        self.tiers = any(rule.tier for rule in rules)
         self.fields = _fields(rules)
         # At most one entry per subset of the route's few rules.
         self._subsets: dict[tuple[str, ...], _Fields] = {}
@@ -353,6 +604,15 @@ class _Matched:
         if fields is None:
             fields = self._subsets[names] = _fields(rules)
         return fields
+
+
+def _refused_note(rules: Sequence[Rule]) -> str:
+    """What the log row says of the rules that refused: `budget_exceeded:` when a budget is
+    among them (its own reason in the stats), else `rate_limited:`."""
+    names = ",".join(rule.name for rule in rules)
+    if any(rule.unit == "cost" for rule in rules):
+        return "budget_exceeded:" + names
+    return "rate_limited:" + names
 
 
 def _fields(rules: Sequence[Rule]) -> _Fields:

@@ -145,7 +145,7 @@ class StepRunner:
                 ctx.response_headers = None  # this runner adds them; an outer one must not
             entry = ctx.log_entry if afters else None
             if entry is not None or headers is not None:
-                send = _wrapped_send(send, kind, entry, headers)
+                send = _wrapped_send(send, kind, entry, headers, ctx)
             if refusal is None:
                 replaced = ctx.receive
                 if replaced is not None:
@@ -172,9 +172,14 @@ class StepRunner:
 
 
 def _wrapped_send(
-    send: Send, kind: str, entry: LogEntry | None, headers: list[tuple[bytes, bytes]] | None
+    send: Send,
+    kind: str,
+    entry: LogEntry | None,
+    headers: list[tuple[bytes, bytes]] | None,
+    ctx: GuardContext,
 ) -> Send:
-    """`send`, recording the status in `entry` and adding `headers` to the response start.
+    """`send`, recording the status in `entry` (in `ctx` without one) and adding `headers` to
+    the response start.
 
     A logged event-stream response (`Content-Type: text/event-stream`) gets a `UsageReader`
     in `entry.stream`, fed each body chunk after it is handed on (nothing is held back: the
@@ -194,6 +199,8 @@ def _wrapped_send(
                             if value[:17].lower() == b"text/event-stream":
                                 entry.stream = UsageReader()
                             break
+                else:
+                    ctx.status = message["status"]
                 if headers is not None:
                     message["headers"] = [*message.get("headers", ()), *headers]
                 await send(message)

@@ -43,6 +43,9 @@ class LimitRequest:
     key: str | None = None
     count: float = 1.0
     reserve: bool = False
+    #: The count is a reservation that a `Settlement` corrects later (a token or cost rule's
+    #: estimate): decided exactly, per request, even unkeyed (never from a local lease).
+    settled: bool = False
 
 
 # Shared field lists. The bases declare `__slots__ = ()` and the public classes are slotted
@@ -107,6 +110,9 @@ class CheckResult:
     ok: bool
     results: tuple[LimitResult, ...]
     bot: BotVerdict | None = None
+    #: The store's clock when it decided (epoch ms), if it tells: what a settlement's
+    #: `reserved_at` is, so that a refund goes back only to the window it was taken from.
+    now: float | None = None
 
 
 @dataclass(slots=True)
@@ -122,6 +128,18 @@ class KeyRateLimit:
     """A key's own limit: `requests` per `period` milliseconds (a fixed window)."""
 
     requests: int
+    period: float
+
+
+@dataclass(frozen=True, slots=True)
+class KeyQuota:
+    """A key's own token limit or budget (its tier): `amount` tokens or money per `period`
+    milliseconds, a fixed window counted from the epoch (a `DAY` is a UTC day). It replaces
+    the config of the rate limiter's rules of its unit that take the key's tier
+    (`Rule(key="api_key", unit=…, tier=True)`)."""
+
+    unit: Literal["tokens", "cost"]
+    amount: float
     period: float
 
 
@@ -154,11 +172,15 @@ class ApiKeyRecord(_KeyFields, _Identified):
     last_used: float | None
     request_count: int
     active: bool
+    #: The key's tier: its own token limits and budgets.
+    quotas: tuple[KeyQuota, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class NewApiKey(_KeyFields):
     """A key for `KeyStore.create_api_key`: the record's fields but those the store assigns."""
+
+    quotas: tuple[KeyQuota, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +288,25 @@ class ApiKeyList(list[ApiKeyRecord]):
         return f"ApiKeyList({list(self)!r}, truncated={self.truncated})"
 
 
+@dataclass(slots=True)
+class Settlement:
+    """The correction of one reservation, applied with the log batch it comes in.
+
+    `amount` is charged to (name, key) of `config` like a count with `reserve` (always
+    applied, the limit may go below zero: a debt the next requests wait out), or, when
+    negative, handed back (the rate limiter's refund) if `refund_applies`: the state still
+    exists and, for a fixed window, is still in the window of `reserved_at` (the store's
+    clock when the reservation was decided, `CheckResult.now`). A charge and a refund never
+    touch a local lease: settled limits are decided exactly (`LimitRequest.settled`).
+    """
+
+    name: str
+    config: LimitConfig
+    key: str | None
+    amount: float
+    reserved_at: float
+
+
 @dataclass(frozen=True, slots=True)
 class LogBatch:
     """Rows buffered by the logger, written in one store call.
@@ -279,6 +320,9 @@ class LogBatch:
     auth_failures: Sequence[AuthFailure] = ()
     bot_events: Sequence[BotEvent] = ()
     key_usage: Sequence[KeyUsage] = field(default_factory=tuple)
+    #: Token and budget reservations corrected by what the requests used (see `Settlement`),
+    #: applied in the same transaction as the rows, once per batch id.
+    settlements: Sequence[Settlement] = ()
 
 
 class LimitThroughCheck:
@@ -417,6 +461,8 @@ class LogStore(Protocol):
         same id, and it must land once. A batch with a row the store will never accept is
         refused whole with `ConvexValidationError`, `ValueError`, `TypeError` or
         `OverflowError`: the writer then splits it until that row is dropped alone.
+        `batch.settlements` are applied to the limits in the same call (a store that is also
+        a `LimitStore`), once per batch id like the rows.
         """
         ...
 

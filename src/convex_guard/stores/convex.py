@@ -52,6 +52,7 @@ from convex_guard.stores.base import (
     DashboardSnapshot,
     EmbeddingRequestLog,
     EmbeddingUsage,
+    KeyQuota,
     KeyRateLimit,
     KeyUsage,
     KeyUsageSummary,
@@ -61,6 +62,7 @@ from convex_guard.stores.base import (
     NewApiKey,
     ProviderSeries,
     ProviderStats,
+    Settlement,
     check_actor,
     check_dashboard_range,
     check_update_action,
@@ -184,7 +186,7 @@ def _bot_event(raw: Mapping[str, Any]) -> BotEvent:
 _MAX_EXACT = float(2**53)
 
 
-def _number(name: str, value: object, *, whole: bool = False) -> float:
+def _number(name: str, value: object, *, whole: bool = False, signed: bool = False) -> float:
     """A row's number as Convex stores it (a float64), or ValueError naming the field.
 
     NaN, infinities, negatives, a count that is fractional or past 2**53, or an int too big
@@ -197,6 +199,8 @@ def _number(name: str, value: object, *, whole: bool = False) -> float:
         number = float(value)
     except OverflowError:
         raise ValueError(f"{name} is too large") from None
+    if signed and math.isfinite(number):
+        return number
     if not 0 <= number < math.inf:
         raise ValueError(f"{name} must be finite and non-negative")
     if whole and (number > _MAX_EXACT or not number.is_integer()):
@@ -259,6 +263,18 @@ def _key_usage(row: KeyUsage) -> dict[str, Any]:
     return {"keyId": row.key_id, "lastUsed": float(row.last_used), "requests": float(row.requests)}
 
 
+def _settlement(row: Settlement) -> dict[str, Any]:
+    return _drop_none(
+        {
+            "name": row.name,
+            "key": row.key,
+            "config": row.config.to_convex(),
+            "amount": _number("amount", row.amount, signed=True),
+            "reservedAt": _number("reservedAt", row.reserved_at),
+        }
+    )
+
+
 def _api_key(raw: Mapping[str, Any]) -> ApiKeyRecord:
     limit = raw.get("rateLimit")
     return ApiKeyRecord(
@@ -277,6 +293,10 @@ def _api_key(raw: Mapping[str, Any]) -> ApiKeyRecord:
         last_used=float(raw["lastUsed"]) if raw.get("lastUsed") is not None else None,
         request_count=int(raw["requestCount"]),
         active=bool(raw["active"]),
+        quotas=tuple(
+            KeyQuota(q["unit"], float(q["amount"]), float(q["period"]))
+            for q in raw.get("quotas") or ()
+        ),
     )
 
 
@@ -575,7 +595,10 @@ class ConvexStore(LimitThroughCheck):
         asks: list[tuple[int, Lease, float]] = []
         refused: list[tuple[int, Lease]] = []
         for i, request in enumerate(limits):
-            if request.key is not None or request.reserve:
+            if request.key is not None or request.reserve or request.settled:
+                # A settled limit (a token or cost rule's) is decided exactly even when
+                # unkeyed: its reservation is corrected later by another amount, which a
+                # block held here would have to carry as a debt of its own.
                 keyed.append(i)
                 continue
             name, count = request.name, request.count
@@ -611,9 +634,9 @@ class ConvexStore(LimitThroughCheck):
             for i, lease, want in asks:
                 lease.pending = max(0.0, lease.pending - want)
                 results[i] = lease.result(True, now)
-            return CheckResult(False, tuple(r for r in results if r is not None))
+            return CheckResult(False, tuple(r for r in results if r is not None), None, now)
         if not keyed and not asks and not refused and bot is None:
-            return CheckResult(True, tuple(r for r in results if r is not None))
+            return CheckResult(True, tuple(r for r in results if r is not None), None, now)
         # A call is made. A locally refused limit is spent everywhere until its retryAfter: it
         # is not asked again (that would read its shared document in every such call), the
         # request is refused, and the mutation decides its keyed limits only for their answers
@@ -689,10 +712,10 @@ class ConvexStore(LimitThroughCheck):
                 lease.untake(count, window)
         if verdict is not None and verdict.action != "allowed":
             # A blocked or challenged bot consumed none of its limits (no results, as before).
-            return CheckResult(False, (), verdict)
+            return CheckResult(False, (), verdict, server_now)
         for i, result in zip(keyed, raw["results"], strict=False):
             results[i] = _limit_result(limits[i].config, result, server_now)
-        return CheckResult(ok, tuple(r for r in results if r is not None), verdict)
+        return CheckResult(ok, tuple(r for r in results if r is not None), verdict, server_now)
 
     @staticmethod
     def _granted(
@@ -803,6 +826,11 @@ class ConvexStore(LimitThroughCheck):
                 ),
                 "createdAt": float(key.created_at),
                 "expiresAt": float(key.expires_at) if key.expires_at is not None else None,
+                "quotas": [
+                    {"unit": q.unit, "amount": float(q.amount), "period": float(q.period)}
+                    for q in key.quotas
+                ]
+                or None,
                 "actor": check_actor(actor),
                 "related": related,
             }
@@ -884,6 +912,11 @@ class ConvexStore(LimitThroughCheck):
                 "authFailures": [_auth_failure(row) for row in batch.auth_failures],
                 "botEvents": [_bot_event_json(row) for row in batch.bot_events],
                 "keyUsage": [_key_usage(row) for row in batch.key_usage],
+                **(
+                    {"settlements": [_settlement(row) for row in batch.settlements]}
+                    if batch.settlements
+                    else {}
+                ),
                 **self._alert_args,
             },
         )

@@ -10,6 +10,7 @@ the same store call as the change.
 from __future__ import annotations
 
 import builtins
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,11 +25,12 @@ from convex_guard.core.keys import (
     hash_key,
     is_well_formed,
 )
-from convex_guard.core.limits import DAY
+from convex_guard.core.limits import DAY, SECOND
 from convex_guard.stores.base import (
     UNKNOWN_ACTOR,
     ApiKeyRecord,
     AuditStore,
+    KeyQuota,
     KeyRateLimit,
     KeyStore,
     NewApiKey,
@@ -66,6 +68,24 @@ def check_rate_limit(limit: KeyRateLimit | None) -> KeyRateLimit | None:
             "A key's rate limit needs requests >= 1 and a positive, finite period (ms)"
         )
     return limit
+
+
+def check_quotas(quotas: Iterable[KeyQuota]) -> tuple[KeyQuota, ...]:
+    """A key's tier as given, or `ConfigurationError`: one quota per unit, each a positive
+    finite amount per a period of at least a second (milliseconds, as every period)."""
+    tier = tuple(quotas)
+    for quota in tier:
+        if not isinstance(quota, KeyQuota) or quota.unit not in ("tokens", "cost"):
+            raise ConfigurationError("quotas must be KeyQuota('tokens' | 'cost', amount, period)")
+        if not 0 < quota.amount < math.inf:
+            raise ConfigurationError(f"{quota.unit} quota: amount must be a positive number")
+        if not SECOND <= quota.period < math.inf:
+            raise ConfigurationError(f"{quota.unit} quota: period is ms, at least 1000")
+    units = [quota.unit for quota in tier]
+    if len(set(units)) != len(units):
+        raise ConfigurationError("a key holds at most one quota per unit")
+    # Floats, as Convex keeps every number: a record reads back the same from either store.
+    return tuple(KeyQuota(q.unit, float(q.amount), float(q.period)) for q in tier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +167,7 @@ class ApiKeys:
         scopes: Iterable[str] = (),
         rate_limit: KeyRateLimit | None = None,
         lifetime: float | Literal["default"] | None = "default",
+        quotas: Iterable[KeyQuota] = (),
         actor: str | None = None,
     ) -> CreatedKey:
         return await self._create(
@@ -156,6 +177,7 @@ class ApiKeys:
             scopes=scopes,
             rate_limit=rate_limit,
             lifetime=lifetime,
+            quotas=quotas,
             audit=self._audit(actor),
         )
 
@@ -175,6 +197,7 @@ class ApiKeys:
         scopes: Iterable[str],
         rate_limit: KeyRateLimit | None,
         lifetime: float | Literal["default"] | None,
+        quotas: Iterable[KeyQuota],
         audit: dict[str, Any],
     ) -> CreatedKey:
         if not name.strip():
@@ -182,6 +205,7 @@ class ApiKeys:
         if kind not in KEY_PREFIXES:
             raise ConfigurationError(f"kind must be one of {sorted(KEY_PREFIXES)}")
         check_rate_limit(rate_limit)
+        tier = check_quotas(quotas)
         life = self.lifetime if lifetime == "default" else lifetime
         if life is not None and not 0 < life < float("inf"):
             raise ConfigurationError("lifetime must be a positive number of ms, or None")
@@ -198,6 +222,7 @@ class ApiKeys:
                 rate_limit=rate_limit,
                 created_at=now,
                 expires_at=None if life is None else now + life,
+                quotas=tier,
             ),
             **audit,
         )
@@ -247,6 +272,7 @@ class ApiKeys:
             scopes=old.scopes,
             rate_limit=old.rate_limit,
             lifetime="default",
+            quotas=old.quotas,
             audit=self._audit(actor, related=key_id),
         )
         until = self.clock() + grace

@@ -22,6 +22,7 @@ from convex_guard.core.limits import (
     LimitState,
     check_count,
     full_at,
+    refund_applies,
 )
 from convex_guard.stores.alertbook import AlertBook
 from convex_guard.stores.base import (
@@ -55,6 +56,7 @@ from convex_guard.stores.base import (
     ProviderSeries,
     ProviderStats,
     RefusalReason,
+    Settlement,
     audit_changes,
     check_actor,
     check_dashboard_range,
@@ -213,7 +215,7 @@ class MemoryStore:
                 check_count(limit.name, limit.config, limit.count, limit.reserve)
             verdict = self._decide_bot(bot, now)
             if verdict.action != "allowed":
-                return CheckResult(False, (), verdict)
+                return CheckResult(False, (), verdict, now)
         # Decided in place, then rolled back if any denies: the common case (all admit) pays
         # for no copies. A (name, key) named twice sees its own earlier consumption; a new
         # state is stored before its decision so that the second sees the same one.
@@ -254,7 +256,27 @@ class MemoryStore:
                 state = entry.states.get(key)
                 if state is not None:
                     self._track(name, key, now, full_at(entry.config, state))
-        return CheckResult(ok, tuple(results), verdict)
+        return CheckResult(ok, tuple(results), verdict, now)
+
+    def _settle(self, settlement: Settlement, now: float) -> None:
+        """Charge or refund one reservation, as the component takes a count with `reserve`."""
+        amount = settlement.amount
+        if not math.isfinite(amount):
+            raise ValueError(f"settlement of {settlement.name!r}: amount must be finite")
+        name, key, config = settlement.name, settlement.key, settlement.config
+        limit = self._entry(name, config)
+        state = limit.states.get(key)
+        if amount < 0 and not refund_applies(config, state, now, settlement.reserved_at):
+            return
+        fresh = state is None
+        if state is None:
+            state = limit.fresh(now, self._random)
+        try:
+            result = limit.decide(limit.states, key, state, now, amount, True)
+        except ConfigurationError as exc:  # a hand-made config with max_reserved
+            raise ValueError(f"settlement of {name!r}: {exc}") from None
+        if fresh and result.ok:
+            self._track(name, key, now, now + result.reset_after)
 
     def _entry(self, name: str, config: LimitConfig) -> _Limit:
         """The name's states, to be decided by `config` (the last config used for a name is
@@ -416,6 +438,7 @@ class MemoryStore:
             last_used=None,
             request_count=0,
             active=True,
+            quotas=tuple(key.quotas),
         )
         self._keys[record.id] = record
         self._key_ids[record.key_hash] = record.id
@@ -496,6 +519,13 @@ class MemoryStore:
     async def write_logs(self, batch: LogBatch) -> None:
         if batch.id in self._batches:
             return
+        if batch.settlements:
+            for settlement in batch.settlements:  # refused whole before anything is kept
+                if not math.isfinite(settlement.amount):
+                    raise ValueError(f"settlement of {settlement.name!r}: amount must be finite")
+            now = self._clock()
+            for settlement in batch.settlements:
+                self._settle(settlement, now)
         self._batches.add(batch.id)
         self._batch_order.append(batch.id)
         if len(self._batch_order) > MAX_BATCH_IDS:

@@ -36,14 +36,22 @@ import asyncio
 import time
 import uuid
 from dataclasses import replace
-from typing import ClassVar, cast
+from typing import ClassVar, Protocol, cast
 
 import pytest
 
 from convex_guard.core.alerts import AlertRule, WatchedLimit
 from convex_guard.core.errors import ConfigurationError, StoreConflictError
-from convex_guard.core.keys import generate_key
-from convex_guard.core.limits import HOUR, MINUTE, SECOND, FixedWindow, LimitResult, TokenBucket
+from convex_guard.core.keys import ApiKeyKind, generate_key
+from convex_guard.core.limits import (
+    DAY,
+    HOUR,
+    MINUTE,
+    SECOND,
+    FixedWindow,
+    LimitResult,
+    TokenBucket,
+)
 from convex_guard.stores.base import (
     UNKNOWN_ACTOR,
     AIRequestLog,
@@ -58,6 +66,7 @@ from convex_guard.stores.base import (
     BotStore,
     DashboardStore,
     EmbeddingRequestLog,
+    KeyQuota,
     KeyRateLimit,
     KeyStore,
     KeyUsage,
@@ -66,6 +75,7 @@ from convex_guard.stores.base import (
     LogBatch,
     LogStore,
     NewApiKey,
+    Settlement,
     Store,
 )
 from convex_guard.stores.keys import ApiKeys
@@ -302,6 +312,18 @@ def new_key(now: float) -> NewApiKey:
 class KeyStoreContract(_Contract):
     """`KeyStore`: records found by hash, listed by kind and owner, revoked in place."""
 
+    async def test_a_key_keeps_its_tier(self, store: KeyStore, clock: ContractClock) -> None:
+        tier = (KeyQuota("tokens", 40_000, MINUTE), KeyQuota("cost", 12.5, DAY))
+        kinds: tuple[tuple[ApiKeyKind, str], ...] = (("ai", "d"), ("embedding", "e"))
+        for kind, digit in kinds:
+            new = replace(new_key(clock.now()), kind=kind, key_hash=digit * 64, quotas=tier)
+            created = await store.create_api_key(new)
+            assert created.quotas == tier
+            found = await store.find_api_key(digit * 64)
+            assert found is not None and found.quotas == tier
+        plain = await store.create_api_key(replace(new_key(clock.now()), key_hash="f" * 64))
+        assert plain.quotas == ()
+
     async def test_api_key_lifecycle(self, store: KeyStore, clock: ContractClock) -> None:
         now = clock.now()
         created = await store.create_api_key(new_key(now))
@@ -510,6 +532,106 @@ class DashboardStoreContract(_Contract):
         assert not snap.truncated
 
 
+class _SettlingStore(LimitStore, LogStore, Protocol):
+    """A store that reserves through `check` and settles through `write_logs`."""
+
+
+class SettlementContract(_Contract):
+    """Token and cost reservations (`LimitRequest.settled`) corrected by `Settlement`s that
+    arrive with a log batch: a charge may go into debt, a refund goes back only to the window
+    it was taken from, a batch retried lands once, and an unkeyed settled limit is exact."""
+
+    @staticmethod
+    def _window(clock: ContractClock, period: float = HOUR) -> FixedWindow:
+        # Begun a second ago: the test never crosses a window's end by itself.
+        return FixedWindow(rate=100, period=period, start=float(int(clock.now()) - SECOND))
+
+    @staticmethod
+    async def _reserve(
+        store: _SettlingStore, config: FixedWindow | TokenBucket, count: float, key: str | None
+    ) -> tuple[bool, float]:
+        outcome = await store.check([LimitRequest("tpm", config, key, count, settled=True)])
+        assert outcome.now is not None, "check must say when it decided (CheckResult.now)"
+        return outcome.ok, outcome.now
+
+    @staticmethod
+    async def _settle(
+        store: _SettlingStore,
+        config: FixedWindow | TokenBucket,
+        amount: float,
+        at: float,
+        key: str | None,
+        batch: str | None = None,
+    ) -> None:
+        settlement = Settlement("tpm", config, key, amount, at)
+        await store.write_logs(LogBatch(id=batch or uuid.uuid4().hex, settlements=[settlement]))
+
+    async def test_settle_up_and_down_and_a_retry_lands_once(
+        self, store: _SettlingStore, clock: ContractClock
+    ) -> None:
+        config = self._window(clock)
+        ok, at = await self._reserve(store, config, 30, "k")
+        assert ok
+        assert (await store.peek("tpm", config, key="k")).remaining == 70
+        await self._settle(store, config, 20, at, "k", batch="up")  # used 50
+        await self._settle(store, config, 20, at, "k", batch="up")  # the same batch again
+        assert (await store.peek("tpm", config, key="k")).remaining == 50
+        ok, at = await self._reserve(store, config, 40, "k")
+        assert ok
+        await self._settle(store, config, -35, at, "k")  # used 5 of 40
+        assert (await store.peek("tpm", config, key="k")).remaining == 45
+
+    async def test_a_failed_request_gets_its_reservation_back(
+        self, store: _SettlingStore, clock: ContractClock
+    ) -> None:
+        config = self._window(clock)
+        ok, at = await self._reserve(store, config, 100, "k")
+        assert ok
+        assert not (await self._reserve(store, config, 1, "k"))[0]
+        await self._settle(store, config, -100, at, "k")
+        assert (await store.peek("tpm", config, key="k")).remaining == 100
+        assert (await self._reserve(store, config, 100, "k"))[0]
+
+    async def test_a_charge_past_the_limit_is_a_debt_carried_over(
+        self, store: _SettlingStore, clock: ContractClock
+    ) -> None:
+        config = self._window(clock, period=10 * SECOND)
+        ok, at = await self._reserve(store, config, 90, "team")
+        assert ok
+        await self._settle(store, config, 30, at, "team")  # used 120 of 100
+        assert (await store.peek("tpm", config, key="team")).remaining == 0
+        assert not (await self._reserve(store, config, 1, "team"))[0]
+        await clock.advance(10 * SECOND)
+        # The next window starts 20 short, and a refund from the last one never reaches it.
+        await self._settle(store, config, -50, at, "team")
+        assert (await self._reserve(store, config, 80, "team"))[0]
+        assert not (await self._reserve(store, config, 1, "team"))[0]
+
+    async def test_a_budget_rolls_over_with_its_period(
+        self, store: _SettlingStore, clock: ContractClock
+    ) -> None:
+        # 5.0 a period, reserved and charged in fractions of the unit, as money is.
+        budget = FixedWindow(rate=5, period=10 * SECOND, start=float(int(clock.now()) - SECOND))
+        ok, at = await self._reserve(store, budget, 0.25, "key")
+        assert ok
+        await self._settle(store, budget, 4.5, at, "key")  # cost 4.75
+        left = (await store.peek("tpm", budget, key="key")).remaining
+        assert left == pytest.approx(0.25)
+        assert not (await self._reserve(store, budget, 0.5, "key"))[0]
+        await clock.advance(10 * SECOND)
+        assert (await self._reserve(store, budget, 5, "key"))[0]
+
+    async def test_an_unkeyed_settled_limit_is_decided_exactly(
+        self, store: _SettlingStore, clock: ContractClock
+    ) -> None:
+        config = self._window(clock)
+        ok, at = await self._reserve(store, config, 60, None)
+        assert ok
+        await self._settle(store, config, -15, at, None)
+        assert (await self._reserve(store, config, 55, None))[0]
+        assert not (await self._reserve(store, config, 1, None))[0]
+
+
 class StoreContract(
     LimitStoreContract,
     BotStoreContract,
@@ -517,6 +639,7 @@ class StoreContract(
     LogStoreContract,
     AnalyticsStoreContract,
     DashboardStoreContract,
+    SettlementContract,
 ):
     """`Store`: every capability's contract, and what `write_logs` does to the others: bot
     events join the escalation history and key usage reaches the key's record."""
