@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     with running_server() as convex:
         for unit in ("requests", "tokens"):
             store = CountingConvexStore(convex.url, convex.admin_key, timeout=10)
-            with serve(app(store, unit)) as url:  # type: ignore[arg-type]
+            with serve(app(store, unit)) as url:
                 answered = asyncio.run(load(url, args.requests, args.connections))
             n = max(answered, 1)
             calls = store.calls

@@ -146,7 +146,10 @@ class Rule:
         else:
             self._check_settled()
         if not callable(self.count):
-            check_count(self.name, self.config, self.count, False)
+            # A token or cost rule never counts `count` (its estimate is checked per request),
+            # so a budget below one unit (0.0005 USD) is a budget, not a misconfiguration.
+            if self.unit == "requests":
+                check_count(self.name, self.config, self.count, False)
             # Kept as a float: the deciders weigh it against float state on every request,
             # and an int costs a conversion each time.
             object.__setattr__(self, "count", float(self.count))
