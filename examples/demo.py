@@ -71,6 +71,11 @@ def budget_rules_available() -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Every command sends JSON as JSON: the guard's request validation answers 415 to another
+#: media type (curl's `-d` alone says form data).
+JSON = "-H 'Content-Type: application/json'"
+
+
 def instructions(key: str, host: str = HOST, port: int = PORT, *, ai_key: str | None = None) -> str:
     base = f"http://{host}:{port}"
     chat = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello!"}]}'
@@ -84,26 +89,28 @@ Demo embedding API key (shown once): {key}
      -d '{chat}'
 
 2. An AI crawler is refused with 403:
-   curl -i -A "GPTBot/1.2" -X POST {base}/api/ai/openai/chat -d '{chat}'
+   curl -i -A "GPTBot/1.2" -X POST {base}/api/ai/openai/chat {JSON} -d '{chat}'
 
 3. A burst on perplexity: its bucket holds 100 requests and refills at 100 a minute, so the
    burst ends in 429 with Retry-After:
    for i in $(seq 1 105); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST \\
-     {base}/api/ai/perplexity/chat -d '{chat}'; done; echo
+     {base}/api/ai/perplexity/chat {JSON} -d '{chat}'; done; echo
 
 Embeddings need the key (without it: 401):
-   curl -i -X POST {base}/api/embeddings -H 'Authorization: Bearer {key}' \\
+   curl -i -X POST {base}/api/embeddings -H 'Authorization: Bearer {key}' {JSON} \\
      -d '{{"input":["hello","world"]}}'
 """
     if ai_key is None:
         return text
-    stream = chat[:-1] + ',"stream":true,"stream_options":{"include_usage":true}}'
+    # max_tokens: the key's day budget is tiny, and the default estimate (1,024 tokens of
+    # answer) would cost more than it holds (413).
+    stream = chat[:-1] + ',"max_tokens":50,"stream":true,"stream_options":{"include_usage":true}}'
     text += f"""
 Demo AI key (shown once), for the OpenAI-compatible {COMPLETIONS_PATH}: {ai_key}
 
 4. A streamed answer, word by word, ending with its usage (the request log reads the tokens
    and the time to the first word off the stream):
-   curl -N -X POST {base}{COMPLETIONS_PATH} -H 'Authorization: Bearer {ai_key}' \\
+   curl -N -X POST {base}{COMPLETIONS_PATH} -H 'Authorization: Bearer {ai_key}' {JSON} \\
      -d '{stream}'
 """
     if budget_rules_available():
@@ -113,7 +120,8 @@ Demo AI key (shown once), for the OpenAI-compatible {COMPLETIONS_PATH}: {ai_key}
    (budget-exceeded) once the calls have cost what the day allows (each reserves its
    prompt and max_tokens on arrival, and is charged what it used):
    for i in $(seq 1 40); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST \\
-     {base}{COMPLETIONS_PATH} -H 'Authorization: Bearer {ai_key}' -d '{small}'; done; echo
+     {base}{COMPLETIONS_PATH} -H 'Authorization: Bearer {ai_key}' {JSON} \\
+     -d '{small}'; done; echo
 """
     return text
 
