@@ -11,8 +11,9 @@ floor (`Floor` below): the cheapest pure-Python middleware doing the guard's wor
 to which is the guard's target. guard-1/guard-5 and floor-1/floor-5: the same with 1 and 5
 rules (decisions) instead of 3, for the cost of each extra rule. guard-1m-clients: every
 request from a client not seen before, out of 1,000,000 addresses (the worst case for address
-and limit-state caches); guard-8k-ua: an 8 kB user-agent on every request (its `suspicious`
-category allowed, so that it takes the same path as guard's browser).
+and limit-state caches), beside guard-1-client (the same scaffolding, one address).
+guard-8k-ua: an 8 kB user-agent on every request (its `suspicious` category allowed, so that
+it takes the same path as guard's browser).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ VARIANTS = (
     "floor-5",
     "guard-1",
     "guard-5",
+    "guard-1-client",
     "guard-1m-clients",
     "guard-8k-ua",
     "ratelimit",
@@ -179,17 +181,18 @@ def floor(decisions: int = 3) -> Starlette:
     return Starlette(routes=_routes(), middleware=[Middleware(Floor, decisions=decisions)])
 
 
-def _distinct_clients(app: ASGIApp) -> ASGIApp:
-    """`app`, with each request from a new client address (10.0.0.0/8, then 11.0.0.0/8, ...).
+def _distinct_clients(app: ASGIApp, clients: int = CLIENTS) -> ASGIApp:
+    """`app`, with requests from `clients` addresses in turn (10.0.0.0, 10.0.0.1, ...).
 
     Benchmark scaffolding: the TCP peer is the same for every request a load client sends, so
-    the address is set here, in the server process; its own cost (a counter and a format) is
-    counted with the variant's.
+    the address is set here, in the server process. Its own cost (a counter and a format) is
+    counted with the variant's, and is the same with one client (`guard-1-client`, the
+    1M-client row's reference).
     """
-    counter = itertools.count(10 << 24)
+    counter = itertools.count()
 
     async def from_new_client(scope: Scope, receive: Receive, send: Send) -> None:
-        number = next(counter) % CLIENTS + (10 << 24)
+        number = next(counter) % clients + (10 << 24)
         address = f"{number >> 24}.{(number >> 16) & 255}.{(number >> 8) & 255}.{number & 255}"
         scope["client"] = (address, 50_000)
         await app(scope, receive, send)
@@ -307,6 +310,7 @@ FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     "guard-1": lambda: guard(1),
     "guard-5": lambda: guard(5),
     "guard-1m-clients": lambda: _distinct_clients(guard()),
+    "guard-1-client": lambda: _distinct_clients(guard(), clients=1),
     # An agent that long is `suspicious` (only padding makes one so long): allowed here, so
     # that the row measures the same path as `guard`, with the long value carried through it.
     "guard-8k-ua": lambda: _long_user_agent(guard(bot_policy={"suspicious": "allow"})),

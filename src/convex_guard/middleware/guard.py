@@ -44,7 +44,7 @@ from convex_guard.middleware.logwriter import (
     LogWriter,
 )
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
-from convex_guard.middleware.rules import Rule, _path_matcher, preset_rules
+from convex_guard.middleware.rules import RateLimitItems, Rule, _path_matcher, preset_rules
 from convex_guard.middleware.steps import StepRunner
 from convex_guard.stores.base import (
     BotStore,
@@ -112,6 +112,9 @@ class GuardSettings:
       the store is down (`writer_max_backoff` seconds: how soon rows flow after recovery).
       A `ResilientStore` without `on_outage_events` gets the writer's `add`, so bot events
       decided during an outage reach the shared store once it is back.
+    - `ratelimit_items`: `"all"` (default) lists every policy that applied in an admitted
+      request's `RateLimit-Policy` and `RateLimit` fields; `"closest"` only the one with the
+      least quota remaining (see `RateLimitMiddleware`).
     - `alerts`: anomaly alerts (`convex_guard.alerts.AlertSettings`: rules, webhook); the
       store evaluates the rules with each log batch and the deliverer runs beside the log
       writer. The store must be an `AlertStore`. None (default): no alerts.
@@ -145,6 +148,7 @@ class GuardSettings:
     writer_max_backoff: float = DEFAULT_MAX_BACKOFF
     store_fallback: bool = True
     alerts: CompanionFactory | None = None
+    ratelimit_items: RateLimitItems = "all"
 
     def __post_init__(self) -> None:
         if isinstance(self.store, str) and self.store not in ("env", "memory", "convex"):
@@ -165,6 +169,8 @@ class GuardSettings:
             raise ConfigurationError("timeout must be a positive number of seconds")
         if self.fail not in ("open", "closed"):
             raise ConfigurationError("fail must be 'open' or 'closed'")
+        if self.ratelimit_items not in ("all", "closest"):
+            raise ConfigurationError("ratelimit_items must be 'all' or 'closest'")
         if self.forwarded_header not in ("x-forwarded-for", "forwarded"):
             raise ConfigurationError("forwarded_header must be 'x-forwarded-for' or 'forwarded'")
         prefix = self.ipv6_prefix
@@ -254,7 +260,11 @@ class GuardStack:
         limiter = bots = keys = None
         if rules:
             inner = limiter = RateLimitMiddleware(
-                inner, store=store, rules=rules, timeout=settings.timeout
+                inner,
+                store=store,
+                rules=rules,
+                timeout=settings.timeout,
+                ratelimit_items=settings.ratelimit_items,
             )
         if settings.bot_detection:
             inner = bots = BotDetectionMiddleware(
