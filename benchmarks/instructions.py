@@ -43,7 +43,8 @@ Options:
   benchmarks/apps.py and the driver this tree's benchmarks/drive.py, so both trees serve the
   same apps to the same loop whatever that revision's benchmarks held. The tables then give
   each tree's figure and this tree's over the baseline's per variant and mode (1.05x: 5% more
-  instructions per request than at REV). Each baseline doubles the run's time.
+  instructions per request than at REV). Bare and the floor import nothing of convex_guard, so
+  a baseline's figure for them is this tree's, measured once.
 
 "ratio to bare" and "ratio to slowapi-asgi" are this tree's, the other way up: how many times
 as fast as that variant, by instructions (0.5x: twice the instructions per request).
@@ -80,6 +81,8 @@ from benchmarks.http_overhead import BROWSER, ROOT, free_port
 
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("ratelimit", "slowapi-basehttp"))
 QUICK_VARIANTS = ("guard", "floor")
+#: Variants that import nothing of convex_guard: a baseline's figure is this tree's, not rerun.
+TREE_INDEPENDENT = frozenset(("bare", "floor", "floor-1", "floor-5"))
 QUICK_REQUESTS = 300
 MODES = ("in-process", "uvicorn")
 CONNECTIONS = 32
@@ -329,6 +332,7 @@ def measure(
         for tree in trees
         for mode in modes
         for variant in variants
+        if tree.current or variant not in TREE_INDEPENDENT
         for count in ((requests,) if mode == "in-process" else (requests, small))
     ]
     with ThreadPoolExecutor(2) as pool:  # two cores: two measured processes at a time
@@ -338,6 +342,8 @@ def measure(
     for tree in trees:
         for mode in modes:
             for variant in variants:
+                if not tree.current and variant in TREE_INDEPENDENT:
+                    continue
                 full = runs[tree, mode, variant, requests]
                 if mode == "in-process":
                     per_request[tree.label, mode, variant] = full.instructions / full.served
@@ -346,6 +352,10 @@ def measure(
                 per_request[tree.label, mode, variant] = (
                     full.instructions - short.instructions
                 ) / (full.served - short.served)
+    for tree in trees[1:]:
+        for mode in modes:
+            for variant in TREE_INDEPENDENT.intersection(variants):
+                per_request[tree.label, mode, variant] = per_request[trees[0].label, mode, variant]
     return per_request
 
 
