@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPM_STAMP := convex/node_modules/.installed
 
-.PHONY: install demo test lint typecheck pytest convex-test convex-deploy convex-migrate bench clean
+.PHONY: install demo test lint typecheck pytest convex-test convex-deploy convex-migrate bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,13 @@ bench: $(STAMP) $(NPM_STAMP)
 	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; } \
 		|| { echo "install valgrind (apt-get install valgrind) for the instructions benchmark"; exit 2; }
 	$(BIN)/python -m benchmarks
+
+# The regression check to run before pushing: in-process callgrind only (guard and floor, under a
+# minute), printing both instruction counts per request and their ratio.
+bench-quick: $(STAMP)
+	@command -v valgrind >/dev/null || { apt-get update -qq && apt-get install -y -qq valgrind; } \
+		|| { echo "install valgrind (apt-get install valgrind) for the instructions benchmark"; exit 2; }
+	$(BIN)/python -m benchmarks.instructions --quick
 
 clean:
 	rm -rf $(VENV) convex/node_modules .pytest_cache .mypy_cache .ruff_cache

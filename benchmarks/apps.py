@@ -9,14 +9,28 @@ reference point against which the issue set its target, measured here on this ma
 guard-tokens: the guard's stack with a per-client token limit beside the three request
 rules, on a chat-completions request (each GET becomes a POST with a small JSON body on the way
 in) whose app reports its usage: body read and replayed, estimate, reservation and settlement.
+
+floor (`Floor` below): the cheapest pure-Python middleware doing the guard's work, the distance
+to which is the guard's target. guard-1/guard-5 and floor-1/floor-5: the same with 1 and 5
+rules (decisions) instead of 3, for the cost of each extra rule. guard-1m-clients: every
+request from a client not seen before, out of 1,000,000 addresses (the worst case for address
+and limit-state caches), beside guard-1-client (the same scaffolding, one address).
+guard-8k-ua: an 8 kB user-agent on every request (its `suspicious` category allowed, so that
+it takes the same path as guard's browser).
 """
 
 from __future__ import annotations
 
 import json
+import itertools
 import os
+import re
+import time
+from collections import deque
 from collections.abc import Callable
+from typing import Any, ClassVar
 
+import xxhash
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -29,8 +43,16 @@ from convex_guard import HOUR, FixedWindow, MemoryStore, Rule
 NEVER = 10**9  # limits that never trigger: we measure the cost of deciding, not of denying
 VARIANTS = (
     "bare",
+    "floor",
     "guard",
     "guard-tokens",
+    "floor-1",
+    "floor-5",
+    "guard-1",
+    "guard-5",
+    "guard-1-client",
+    "guard-1m-clients",
+    "guard-8k-ua",
     "ratelimit",
     "asgi-ratelimit",
     "slowapi-asgi",
@@ -39,18 +61,28 @@ VARIANTS = (
 #: One middleware each, for the per-request CPU table.
 SINGLE = ("logger", "fingerprint", "apikeys", "botdetection", "ratelimit")
 PATH = "/api/ai/openai/chat"
+#: Distinct client addresses of `guard-1m-clients`, taken in turn.
+CLIENTS = 1_000_000
+LONG_AGENT_PREFIX = (
+    b"Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    b"Chrome/131.0.0.0 Safari/537.36"
+)
 
 
 async def hello(request: Request) -> PlainTextResponse:
     return PlainTextResponse("Hello, world!")
 
 
-def rules() -> list[Rule]:
+def rules(count: int = 3) -> list[Rule]:
+    """The first `count` (1 to 5) of five never-triggering rules on PATH: three by default."""
+    window = FixedWindow(rate=NEVER, period=HOUR)
     return [
-        Rule("globalAIRequests", FixedWindow(rate=NEVER, period=HOUR), path="/api/ai"),
-        Rule("ipAIRequests", FixedWindow(rate=NEVER, period=HOUR), key="ip", path="/api/ai"),
-        Rule("openaiRequests", FixedWindow(rate=NEVER, period=HOUR), path="/api/ai/openai"),
-    ]
+        Rule("globalAIRequests", window, path="/api/ai"),
+        Rule("ipAIRequests", window, key="ip", path="/api/ai"),
+        Rule("openaiRequests", window, path="/api/ai/openai"),
+        Rule("fingerprintAIRequests", window, key="fingerprint", path="/api/ai"),
+        Rule("ipOpenaiRequests", window, key="ip", path="/api/ai/openai"),
+    ][:count]
 
 
 def _routes() -> list[Route]:
@@ -61,10 +93,10 @@ def bare() -> Starlette:
     return Starlette(routes=_routes())
 
 
-def guard() -> Starlette:
+def guard(count: int = 3, **options: Any) -> Starlette:
     from convex_guard import GuardMiddleware, GuardSettings
 
-    settings = GuardSettings(store=MemoryStore(), rules=rules())
+    settings = GuardSettings(store=MemoryStore(), rules=rules(count), **options)
     return Starlette(routes=_routes(), middleware=[Middleware(GuardMiddleware, settings=settings)])
 
 
@@ -113,6 +145,126 @@ def guard_tokens() -> ASGIApp:
         middleware=[Middleware(GuardMiddleware, settings=settings)],
     )
     return _as_chat(app)
+class Floor:
+    """The cheapest pure-Python middleware doing the guard's work: the guard's target.
+
+    A plain loop over the headers picks five fields for an xxh3 fingerprint and the
+    user-agent; the user-agent's verdict (the seed's bot pattern) is cached by its bytes;
+    `decisions` fixed windows (global and per client address, alternately) are counted in
+    dicts; the response gets `RateLimit-Policy` and `RateLimit` for all of them; one tuple per
+    request goes to a bounded log. None of the guard's checks of bad input, its fail policies or
+    its stores: this is a measuring stick, not a production path.
+    """
+
+    FIELDS: ClassVar[dict[bytes, int]] = {
+        b"user-agent": 0,
+        b"accept-language": 1,
+        b"accept-encoding": 2,
+        b"accept": 3,
+        b"dnt": 4,
+    }
+    BOTS = re.compile(
+        rb"bot|crawler|spider|scraper|headless|selenium|puppeteer|playwright|gptbot|"
+        rb"claude-web|chatgpt|ccbot|anthropic-ai|perplexitybot",
+        re.IGNORECASE,
+    )
+
+    def __init__(self, app: ASGIApp, decisions: int = 3) -> None:
+        self.app = app
+        self.names = [f"limit{i}" for i in range(decisions)]
+        self.per_client = [i % 2 == 1 for i in range(decisions)]
+        self.windows: list[dict[str | None, tuple[int, int]]] = [{} for _ in range(decisions)]
+        self.verdicts: dict[bytes, bool] = {}
+        self.log: deque[tuple[float, str, str, str, int, float]] = deque(maxlen=100_000)
+        policy = ", ".join(f'"{name}";q={NEVER};w=3600' for name in self.names)
+        self.policy = (b"ratelimit-policy", policy.encode())
+        self.template = ", ".join(f'"{name}";r=%d;t=%d' for name in self.names).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        values = [b"", b"", b"", b"", b""]
+        for name, value in scope["headers"]:
+            slot = self.FIELDS.get(name)
+            if slot is not None:
+                values[slot] = value
+        fingerprint = xxhash.xxh3_64_hexdigest(b"\n".join(values))
+        agent = values[0]
+        bot = self.verdicts.get(agent)
+        if bot is None:
+            if len(self.verdicts) >= 4096:
+                self.verdicts.clear()
+            bot = self.verdicts[agent] = self.BOTS.search(agent) is not None
+        if bot:
+            await PlainTextResponse("Forbidden", status_code=403)(scope, receive, send)
+            return
+        client = scope["client"][0]
+        now = time.time()
+        window = int(now // 3600)
+        numbers: list[int] = []
+        for windows, per_client in zip(self.windows, self.per_client, strict=True):
+            key = client if per_client else None
+            start, used = windows.get(key, (window, 0))
+            if start != window:
+                used = 0
+            windows[key] = (window, used + 1)
+            numbers += [NEVER - used - 1, (window + 1) * 3600 - int(now)]
+        fields = [self.policy, (b"ratelimit", self.template % tuple(numbers))]
+        status = 500
+
+        async def send_with_fields(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), *fields]
+            await send(message)
+
+        await self.app(scope, receive, send_with_fields)
+        self.log.append(
+            (now, scope["path"], client, fingerprint, status, time.perf_counter() - started)
+        )
+
+
+def floor(decisions: int = 3) -> Starlette:
+    return Starlette(routes=_routes(), middleware=[Middleware(Floor, decisions=decisions)])
+
+
+def _distinct_clients(app: ASGIApp, clients: int = CLIENTS) -> ASGIApp:
+    """`app`, with requests from `clients` addresses in turn (10.0.0.0, 10.0.0.1, ...).
+
+    Benchmark scaffolding: the TCP peer is the same for every request a load client sends, so
+    the address is set here, in the server process. Its own cost (a counter and a format) is
+    counted with the variant's, and is the same with one client (`guard-1-client`, the
+    1M-client row's reference).
+    """
+    counter = itertools.count()
+
+    async def from_new_client(scope: Scope, receive: Receive, send: Send) -> None:
+        number = next(counter) % clients + (10 << 24)
+        address = f"{number >> 24}.{(number >> 16) & 255}.{(number >> 8) & 255}.{number & 255}"
+        scope["client"] = (address, 50_000)
+        await app(scope, receive, send)
+
+    return from_new_client
+
+
+def _long_user_agent(app: ASGIApp) -> ASGIApp:
+    """`app`, with every request's user-agent replaced by an 8 kB one (a browser's, padded).
+
+    Set in the server process, so that the table measures what the guard does with it, not
+    what the HTTP parser does (the same for every app).
+    """
+    agent = (LONG_AGENT_PREFIX + b" x" * 4096)[:8192]
+
+    async def with_long_agent(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["headers"] = [
+            (name, agent if name == b"user-agent" else value) for name, value in scope["headers"]
+        ]
+        await app(scope, receive, send)
+
+    return with_long_agent
 
 
 def ratelimit() -> Starlette:
@@ -201,8 +353,18 @@ def _asgi_ratelimit() -> Starlette:
 FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     "asgi-ratelimit": _asgi_ratelimit,
     "bare": bare,
+    "floor": floor,
+    "floor-1": lambda: floor(1),
+    "floor-5": lambda: floor(5),
     "guard": guard,
     "guard-tokens": guard_tokens,
+    "guard-1": lambda: guard(1),
+    "guard-5": lambda: guard(5),
+    "guard-1m-clients": lambda: _distinct_clients(guard()),
+    "guard-1-client": lambda: _distinct_clients(guard(), clients=1),
+    # An agent that long is `suspicious` (only padding makes one so long): allowed here, so
+    # that the row measures the same path as `guard`, with the long value carried through it.
+    "guard-8k-ua": lambda: _long_user_agent(guard(bot_policy={"suspicious": "allow"})),
     "ratelimit": ratelimit,
     "logger": logger,
     "fingerprint": fingerprint,

@@ -4,6 +4,11 @@
 benchmarks/apps.py and calls it REQUESTS times with benchmarks/cpu.py's request and loop: no
 server and no socket, so callgrind counts what the app and its middlewares execute.
 
+A tenth of REQUESTS is served first, to warm caches and lazy starts; then `os.getppid()`
+marks where the measured requests begin and end. Under `valgrind --tool=callgrind
+--dump-before=getppid` each mark writes a dump of the counts since the last one, so the second
+dump holds exactly the REQUESTS requests: no start-up, no shutdown, one process per figure.
+
 `--apps` names another tree's benchmarks/apps.py (a baseline revision's, run with that tree's
 `src` first on PYTHONPATH). It stands in for this tree's `benchmarks.apps`, so that the other
 tree's app is driven by this tree's loop: whatever that revision's benchmarks looked like, both
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import os
 import sys
 
 import benchmarks
@@ -44,7 +50,14 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.cpu import per_request_us
 
     app = FACTORIES[args.variant]()
-    asyncio.run(per_request_us(app, args.requests))
+
+    async def run() -> None:
+        await per_request_us(app, max(args.requests // 10, 1))
+        os.getppid()  # the mark: callgrind dumps start-up and warm-up here
+        await per_request_us(app, args.requests)
+        os.getppid()  # and the measured requests here
+
+    asyncio.run(run())
 
 
 if __name__ == "__main__":

@@ -8,32 +8,44 @@ two modes, each in its own process under `valgrind --tool=callgrind` (Debian's p
 `make bench` installs it):
 
 - in-process: benchmarks/drive.py calls the variant's ASGI app directly in a loop (the request
-  and loop of benchmarks/cpu.py): the app and its middlewares alone, no server, no socket.
+  and loop of benchmarks/cpu.py): the app and its middlewares alone, no server, no socket. The
+  driver warms up, then marks the start and the end of the measured requests with a call
+  callgrind dumps its counts at (`--dump-before=getppid`): the count between the two marks is
+  the requests' alone, from one process.
 - uvicorn: the variant is served by uvicorn (one worker, uvloop + httptools, no access log) and
   sent browser requests over 32 keep-alive connections by a client in this process (not under
-  valgrind); the count is the server process's.
+  valgrind); the count is the server process's. Every variant is served twice, with a tenth of
+  the requests and with all of them, and the difference of the two counts over the difference
+  of the requests served cancels the start-up and shutdown cost.
 
-Every variant is run twice in each mode, with a tenth of the requests and with all of them, and
-the difference of the two counts over the difference of the requests served cancels the
-start-up and shutdown cost. Two processes run at a time: the counts do not depend on the load.
+Two processes run at a time: the counts do not depend on the load.
 One exception: slowapi's `limits` memory storage expires keys from a 10 ms timer thread, whose
 work follows the wall time rather than the requests, so its count moves by about 1% between
 runs and is somewhat inflated (valgrind's slowdown gives it more firings per request).
 
+Below the tables, per mode and tree: the guard's cost over bare divided by the floor's (the
+issue's target: at most 1.5), the cost of each extra rule (guard-1 to guard-5 over 4, beside
+floor-1 to floor-5), what 1,000,000 distinct clients add to one client's figure (both through
+the same scaffolding that sets the address; target: at most 10%) and what an 8 kB user-agent
+adds to the guard's.
+
 Options:
 
-- `--requests N` (default 1500): the long run's requests; the short run's are N // 10.
-- `--variants NAME...` (default: bare guard guard-tokens asgi-ratelimit slowapi-asgi):
-  guard-tokens is a token-limited route beside guard's request-limited one.
+- `--requests N` (default 1500): the requests measured (over uvicorn: the long run's; the
+  short run's are N // 10).
+- `--variants NAME...` (default: every variant but ratelimit and slowapi-basehttp; guard-tokens
+  is a token-limited route beside guard's request-limited one).
 - `--modes MODE...` (default: in-process uvicorn).
+- `--quick`: in-process only, guard and floor, 300 requests: `make bench-quick`, the check a
+  developer runs before pushing (under a minute on an idle machine).
 - `--baseline REV` (repeatable): also measure git revision REV (a commit id, tag or branch) in
-  the same run. Its tree is exported (`git archive REV`) into a temporary directory, and its
-  `convex_guard` (that tree's `src` first on PYTHONPATH) and its benchmarks/apps.py build the
-  variants: over uvicorn, uvicorn imports that tree's `benchmarks.apps` from its root; in-process,
-  this tree's benchmarks/drive.py loads that file and drives the app, so the loop is
-  the same whatever that revision's benchmarks held. The tables then give each tree's figure
-  and this tree's over the baseline's per variant and mode (1.05x: 5% more instructions per
-  request than at REV). Each baseline doubles the run's time.
+  the same run. Its tree is exported (`git archive REV`) into a temporary directory and lends
+  its `convex_guard` (that tree's `src` first on PYTHONPATH); the variants are this tree's
+  benchmarks/apps.py and the driver this tree's benchmarks/drive.py, so both trees serve the
+  same apps to the same loop whatever that revision's benchmarks held. The tables then give
+  each tree's figure and this tree's over the baseline's per variant and mode (1.05x: 5% more
+  instructions per request than at REV). Bare and the floor import nothing of convex_guard, so
+  a baseline's figure for them is this tree's, measured once.
 
 "ratio to bare" and "ratio to slowapi-asgi" are this tree's, the other way up: how many times
 as fast as that variant, by instructions (0.5x: twice the instructions per request).
@@ -68,7 +80,11 @@ import httpx
 from benchmarks.apps import PATH, VARIANTS
 from benchmarks.http_overhead import BROWSER, ROOT, free_port
 
-DEFAULT_VARIANTS = ("bare", "guard", "guard-tokens", "asgi-ratelimit", "slowapi-asgi")
+DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("ratelimit", "slowapi-basehttp"))
+QUICK_VARIANTS = ("guard", "floor")
+#: Variants that import nothing of convex_guard: a baseline's figure is this tree's, not rerun.
+TREE_INDEPENDENT = frozenset(("bare", "floor", "floor-1", "floor-5"))
+QUICK_REQUESTS = 300
 MODES = ("in-process", "uvicorn")
 CONNECTIONS = 32
 HEADERS = {"User-Agent": BROWSER, "Accept-Language": "en-US,en;q=0.9"}
@@ -81,6 +97,7 @@ STALL_SECONDS = 120.0
 DRIVE_SECONDS = 900.0
 CALLGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
 COLLECTED = re.compile(rb"^==(\d+)== Collected : (\d+)$", re.MULTILINE)
+TOTALS = re.compile(r"^totals: (\d+)$", re.MULTILINE)
 _ports_lock = threading.Lock()
 _ports_taken: set[int] = set()
 
@@ -206,8 +223,8 @@ def run_uvicorn(tree: Tree, variant: str, requests: int) -> Run:
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
             server_command(port),
-            cwd=tree.root,  # uvicorn imports `benchmarks.apps` from its working directory
-            env=tree.env(variant, path=(tree.root / "src", tree.root)),
+            cwd=ROOT,  # uvicorn imports `benchmarks.apps` from its working directory: this tree's
+            env=tree.env(variant, path=(tree.root / "src", ROOT)),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
@@ -230,35 +247,46 @@ def run_uvicorn(tree: Tree, variant: str, requests: int) -> Run:
 
 
 def run_in_process(tree: Tree, variant: str, requests: int) -> Run:
-    """Drive `variant`'s app `requests` times in a process under callgrind; read its count.
+    """Drive `variant`'s app in a process under callgrind; count the measured requests alone.
 
-    The driver is always this tree's benchmarks/drive.py (run from this tree's root); a
-    baseline tree only lends its `src` and its benchmarks/apps.py.
+    The driver is this tree's benchmarks/drive.py, serving this tree's apps: a baseline tree
+    only lends its `src`. Callgrind writes a dump at each of the driver's two marks and one at
+    exit; the second holds the `requests` measured requests.
     """
-    command = [*CALLGRIND, sys.executable, "-m", "benchmarks.drive", variant, str(requests)]
-    if not tree.current:
-        command += ["--apps", str(tree.root / "benchmarks" / "apps.py")]
-    with tempfile.TemporaryFile() as stderr:
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=tree.env(variant, path=(tree.root / "src", ROOT)),
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-        try:
-            process.wait(timeout=DRIVE_SECONDS)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        stderr.seek(0)
-        output = stderr.read()
-    what = f"{tree.label} {variant} in-process"
-    if process.returncode != 0:
-        tail = output.decode(errors="replace")[-2000:]
-        raise RuntimeError(f"{what}: the driver exited with {process.returncode}:\n{tail}")
-    return Run(served=requests, instructions=collected(output, process.pid, what))
+    with tempfile.TemporaryDirectory(prefix="callgrind-") as directory:
+        out = Path(directory) / "callgrind.out"
+        command = [
+            *("valgrind", "--tool=callgrind", "--dump-before=getppid"),
+            f"--callgrind-out-file={out}",
+            *(sys.executable, "-m", "benchmarks.drive", variant, str(requests)),
+        ]
+        with tempfile.TemporaryFile() as stderr:
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=tree.env(variant, path=(tree.root / "src", ROOT)),
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+            try:
+                process.wait(timeout=DRIVE_SECONDS)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            stderr.seek(0)
+            output = stderr.read()
+        what = f"{tree.label} {variant} in-process"
+        if process.returncode != 0:
+            tail = output.decode(errors="replace")[-2000:]
+            raise RuntimeError(f"{what}: the driver exited with {process.returncode}:\n{tail}")
+        dumps = sorted(Path(directory).glob("callgrind.out.*"))
+        if len(dumps) != 2:
+            raise RuntimeError(f"{what}: expected the driver's 2 marks, callgrind saw {len(dumps)}")
+        totals = TOTALS.search(Path(f"{out}.2").read_text(errors="replace"))
+        if totals is None:
+            raise RuntimeError(f"{what}: no totals in the measured requests' dump")
+    return Run(served=requests, instructions=int(totals[1]))
 
 
 RUNNERS = {"in-process": run_in_process, "uvicorn": run_uvicorn}
@@ -295,7 +323,8 @@ Key = tuple[str, str, str]  # (tree label, mode, variant)
 def measure(
     trees: list[Tree], modes: list[str], variants: list[str], requests: int
 ) -> dict[Key, float]:
-    """Instructions per request of each variant: the difference of a short and a long run."""
+    """Instructions per request of each variant: in-process, the measured requests' count over
+    their number; over uvicorn, the difference of a short and a long run over theirs."""
     small = max(requests // 10, 1)
     if small >= requests:
         raise SystemExit(f"--requests must be at least 2, got {requests}")
@@ -304,7 +333,8 @@ def measure(
         for tree in trees
         for mode in modes
         for variant in variants
-        for count in (requests, small)
+        if tree.current or variant not in TREE_INDEPENDENT
+        for count in ((requests,) if mode == "in-process" else (requests, small))
     ]
     with ThreadPoolExecutor(2) as pool:  # two cores: two measured processes at a time
         futures = {job: pool.submit(RUNNERS[job[1]], job[0], job[2], job[3]) for job in jobs}
@@ -313,11 +343,20 @@ def measure(
     for tree in trees:
         for mode in modes:
             for variant in variants:
+                if not tree.current and variant in TREE_INDEPENDENT:
+                    continue
                 full = runs[tree, mode, variant, requests]
+                if mode == "in-process":
+                    per_request[tree.label, mode, variant] = full.instructions / full.served
+                    continue
                 short = runs[tree, mode, variant, small]
                 per_request[tree.label, mode, variant] = (
                     full.instructions - short.instructions
                 ) / (full.served - short.served)
+    for tree in trees[1:]:
+        for mode in modes:
+            for variant in TREE_INDEPENDENT.intersection(variants):
+                per_request[tree.label, mode, variant] = per_request[trees[0].label, mode, variant]
     return per_request
 
 
@@ -346,6 +385,48 @@ def table(per_request: dict[Key, float], trees: list[Tree], mode: str, variants:
     return "\n".join(lines)
 
 
+def targets(per_request: dict[Key, float], tree: str, mode: str) -> list[str]:
+    """The issue's targets for one tree and mode, from the variants that were measured."""
+
+    def get(variant: str) -> float | None:
+        return per_request.get((tree, mode, variant))
+
+    lines: list[str] = []
+    bare, floor, guard = get("bare"), get("floor"), get("guard")
+    if floor is not None and guard is not None:
+        lines.append(
+            f"guard / floor: {guard / floor:.2f}x ({guard / 1000:,.1f} k / {floor / 1000:,.1f} k)"
+        )
+    if bare is not None and floor is not None and guard is not None and floor > bare:
+        over = (guard - bare) / (floor - bare)
+        lines.append(
+            f"guard's cost over bare / floor's: {over:.2f}x "
+            f"(+{(guard - bare) / 1000:,.1f} k / +{(floor - bare) / 1000:,.1f} k; target <= 1.5x)"
+        )
+    slopes = {
+        name: (high - low) / 4
+        for name in ("guard", "floor")
+        if (low := get(f"{name}-1")) is not None and (high := get(f"{name}-5")) is not None
+    }
+    if slopes:
+        text = ", ".join(f"{name} {slope / 1000:+,.1f} k" for name, slope in slopes.items())
+        if len(slopes) == 2 and slopes["floor"] > 0:
+            text += f"; ratio {slopes['guard'] / slopes['floor']:.2f}x (target <= 1.5x)"
+        lines.append(f"per extra rule (1 to 5 rules, over 4): {text}")
+    one = get("guard-1-client")
+    for variant, what, reference, target in (
+        ("guard-1m-clients", "1,000,000 distinct clients", "guard-1-client", " (target <= 10%)"),
+        ("guard-8k-ua", "an 8 kB user-agent", "guard", ""),
+    ):
+        count, base = get(variant), (one if reference == "guard-1-client" else guard)
+        if count is not None and base is not None:
+            lines.append(
+                f"{what}: {(count - base) / 1000:+,.1f} k over {reference} "
+                f"({(count - base) / base:+.1%}){target}"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -360,7 +441,18 @@ def main(argv: list[str] | None = None) -> None:
         metavar="REV",
         help="also measure this git revision's tree in the same run (repeatable)",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"in-process only, {' and '.join(QUICK_VARIANTS)}, {QUICK_REQUESTS} requests",
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.modes, args.variants, args.requests = (
+            ["in-process"],
+            list(QUICK_VARIANTS),
+            QUICK_REQUESTS,
+        )
     if shutil.which("valgrind") is None:
         raise SystemExit(
             "valgrind is not installed: `make bench` installs it (apt-get install valgrind)"
@@ -376,11 +468,23 @@ def main(argv: list[str] | None = None) -> None:
         "uvicorn": f"callgrind instructions of the uvicorn process, over {CONNECTIONS} "
         "keep-alive connections, uvicorn 1 worker (uvloop, httptools)",
     }
-    sections = [
-        f"{mode}: {described[mode]}, {args.requests} minus {small} requests\n\n"
-        f"{table(per_request, trees, mode, args.variants)}"
-        for mode in args.modes
-    ]
+    counted = {
+        "in-process": f"{args.requests} requests after {small} to warm up",
+        "uvicorn": f"{args.requests} minus {small} requests",
+    }
+    sections = []
+    for mode in args.modes:
+        section = f"{mode}: {described[mode]}, {counted[mode]}\n\n"
+        if not args.quick:
+            section += table(per_request, trees, mode, args.variants) + "\n\n"
+        for tree in trees:
+            lines = targets(per_request, tree.label, mode)
+            if lines:
+                section += f"{tree.label}:\n" + "".join(f"- {line}\n" for line in lines)
+        sections.append(section.rstrip())
+    if args.quick:
+        print("\n\n".join(sections))
+        return
     print(
         "\n\n".join(sections) + "\n\n"
         "User-space instructions of the measured process only: over uvicorn the kernel's "

@@ -30,6 +30,10 @@ UNIX_SOCKET: Final = "unix:"
 # RFC 7239 §4: for=token or for="quoted-string", searched in one forwarded-element.
 _FORWARDED_FOR: Final = re.compile(r'(?:^|[;\s])for\s*=\s*("[^"]*"|[^;\s]*)', re.I)
 _BRACKETED: Final = re.compile(r"\[([^\]]+)\](?::\d*)?")
+#: An IPv4 address exactly as `ipaddress` writes one (ASCII digits, no leading zeros, each part
+#: at most 255): such a peer is its own address and its own limit key, with nothing to parse.
+_OCTET: Final = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+_DOTTED_QUAD: Final = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}")
 
 
 class TrustedProxies:
@@ -202,7 +206,13 @@ def peer_keys(peer: str, ipv6_prefix: int = 64) -> tuple[str, str]:
     ``client_ip(peer, (), TrustedProxies(), ipv6_prefix=ipv6_prefix)``: `peer` is the TCP
     peer, or the address `client_ip` resolved behind trusted proxies. Every request from one
     client asks the same, so the pair is cached whole.
+
+    A miss costs little for the common peer, an IPv4 address in canonical form: it is both
+    answers as it is, and one regex match says so without building an address object. With
+    more clients than the cache holds every request misses, so that miss must stay cheap.
     """
+    if _DOTTED_QUAD.fullmatch(peer) is not None:
+        return peer, peer
     address = _parse(peer)
     if address is None:
         return UNKNOWN_CLIENT, UNKNOWN_CLIENT

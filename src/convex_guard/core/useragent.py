@@ -8,9 +8,8 @@ import re._parser as _sre  # type: ignore[import-not-found]  # keys of a pattern
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from importlib import resources
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, NamedTuple, get_args
 
 __all__ = [
     "BOT_CATEGORIES",
@@ -853,7 +852,64 @@ def _bare(ua: str, tokens: list[bytes]) -> UserAgentVerdict | None:
     return UserAgentVerdict(is_bot=True, category="other_bot", name=name or None)
 
 
-@lru_cache(maxsize=CACHE_SIZE)
-def classify_user_agent(ua: str) -> UserAgentVerdict:
-    """Classify a user-agent, caching the answer: a few clients send most requests."""
-    return classify_user_agent_uncached(ua)
+class CacheInfo(NamedTuple):
+    maxsize: int
+    currsize: int
+
+
+#: Up to this many characters a user-agent is its own cache key; a longer one is found by its
+#: length and its ends, which cost the same to hash whatever its length.
+_WHOLE_KEY: Final = 256
+_EDGE: Final = 64
+
+
+class _VerdictCache:
+    """`classify` with its answers kept for the last `maxsize` user-agents seen.
+
+    A dict keyed by the string hashes all of it on every request (a header value is a new
+    string each time, so its hash is never cached), which for an 8 kB padded agent costs more
+    than the rest of the check. Long agents are therefore keyed by (length, first and last
+    64 characters) and the entry holds the whole agent, compared before its verdict is used:
+    two agents that share the key but differ anywhere never share a verdict (the later one
+    takes the slot). The oldest entry makes room for a new one.
+    """
+
+    __slots__ = ("_classify", "_long", "_short", "maxsize")
+
+    def __init__(self, classify: UserAgentClassifier, maxsize: int) -> None:
+        self._classify = classify
+        self.maxsize = maxsize
+        self._short: dict[str, UserAgentVerdict] = {}
+        self._long: dict[tuple[int, str, str], tuple[str, UserAgentVerdict]] = {}
+
+    def __call__(self, ua: str) -> UserAgentVerdict:
+        """Classify a user-agent, caching the answer: a few clients send most requests."""
+        if len(ua) <= _WHOLE_KEY:
+            verdict = self._short.get(ua)
+            if verdict is None:
+                verdict = self._classify(ua)
+                self._keep(self._short, ua, verdict)
+            return verdict
+        key = (len(ua), ua[:_EDGE], ua[-_EDGE:])
+        entry = self._long.get(key)
+        if entry is not None and entry[0] == ua:
+            return entry[1]
+        verdict = self._classify(ua)
+        self._keep(self._long, key, (ua, verdict))
+        return verdict
+
+    def _keep(self, entries: dict[Any, Any], key: object, value: object) -> None:
+        if key not in entries and len(entries) >= self.maxsize:
+            del entries[next(iter(entries))]
+        entries[key] = value
+
+    def cache_info(self) -> CacheInfo:
+        return CacheInfo(self.maxsize, len(self._short) + len(self._long))
+
+    def cache_clear(self) -> None:
+        self._short.clear()
+        self._long.clear()
+
+
+#: Classify a user-agent, caching the answer (see `_VerdictCache`): the default classifier.
+classify_user_agent: Final = _VerdictCache(classify_user_agent_uncached, CACHE_SIZE)

@@ -46,7 +46,7 @@ from convex_guard.middleware.logwriter import (
     LogWriter,
 )
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
-from convex_guard.middleware.rules import Rule, _path_matcher, preset_rules
+from convex_guard.middleware.rules import RateLimitItems, Rule, _path_matcher, preset_rules
 from convex_guard.middleware.steps import StepRunner
 from convex_guard.middleware.validation import (
     BodyRule,
@@ -130,6 +130,9 @@ class GuardSettings:
       `default_body_rules()` (JSON of at most 1 MiB on `/api/ai/…`, `/v1/chat/completions`
       and `/v1/completions`, 8 MiB on `/api/embeddings` and `/v1/embeddings`); `()` = none.
       Refusals (413, 415, 400) are logged, in the request log and counted in escalation.
+    - `ratelimit_items`: `"all"` (default) lists every policy that applied in an admitted
+      request's `RateLimit-Policy` and `RateLimit` fields; `"closest"` only the one with the
+      least quota remaining (see `RateLimitMiddleware`).
     - `alerts`: anomaly alerts (`convex_guard.alerts.AlertSettings`: rules, webhook); the
       store evaluates the rules with each log batch and the deliverer runs beside the log
       writer. The store must be an `AlertStore`. None (default): no alerts.
@@ -179,6 +182,7 @@ class GuardSettings:
     body_rules: Sequence[BodyRule] | None = None
     shadow: bool = False
     provider: ProviderResolver | None = None
+    ratelimit_items: RateLimitItems = "all"
 
     def __post_init__(self) -> None:
         if isinstance(self.store, str) and self.store not in ("env", "memory", "convex"):
@@ -199,6 +203,8 @@ class GuardSettings:
             raise ConfigurationError("timeout must be a positive number of seconds")
         if self.fail not in ("open", "closed"):
             raise ConfigurationError("fail must be 'open' or 'closed'")
+        if self.ratelimit_items not in ("all", "closest"):
+            raise ConfigurationError("ratelimit_items must be 'all' or 'closest'")
         if self.forwarded_header not in ("x-forwarded-for", "forwarded"):
             raise ConfigurationError("forwarded_header must be 'x-forwarded-for' or 'forwarded'")
         prefix = self.ipv6_prefix
@@ -308,7 +314,12 @@ class GuardStack:
             inner = validation = RequestValidationMiddleware(inner, rules=body_rules, writer=writer)
         if rules:
             inner = limiter = RateLimitMiddleware(
-                inner, store=store, rules=rules, timeout=settings.timeout, writer=writer
+                inner,
+                store=store,
+                rules=rules,
+                timeout=settings.timeout,
+                writer=writer,
+                ratelimit_items=settings.ratelimit_items,
             )
         if settings.bot_detection:
             inner = bots = BotDetectionMiddleware(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,6 +36,9 @@ Unit = Literal["requests", "tokens", "cost"]
 #: `estimate(request, payload)`: what a request will use, in the rule's unit, from the request
 #: and its body parsed as JSON (`payload`, None when the body is empty or not JSON).
 Estimator = Callable[[Request, Any], float]
+#: Which policies an admitted request's `RateLimit` field reports: every one that applied, or
+#: only the one with the least quota remaining (the field may carry a single item).
+RateLimitItems = Literal["all", "closest"]
 
 _KEY_KINDS = frozenset(("global", "ip", "user", "api_key", "fingerprint"))
 _UNITS = frozenset(("requests", "tokens", "cost"))
@@ -334,6 +337,17 @@ def ratelimit_field(template: bytes, results: Iterable[LimitResult]) -> bytes:
         numbers.append(remaining if remaining > 0 else 0.0)
         numbers.append(-(-reset // 1000) if reset > 0 else 0.0)
     return template % tuple(numbers)
+
+
+def closest_to_exhaustion(results: Sequence[LimitResult]) -> int:
+    """The index of the result with the least quota remaining: the first of them on a tie."""
+    best = 0
+    least = results[0].remaining
+    for index in range(1, len(results)):
+        remaining = results[index].remaining
+        if remaining < least:
+            best, least = index, remaining
+    return best
 
 
 def preset_rules(env: GuardEnvironment | None = None, *, prefix: str = "/api") -> list[Rule]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
 import random as _random
@@ -123,9 +124,11 @@ class MemoryStore:
     dropped, oldest first, and counted in `dropped_audit_entries`. It ends with the process:
     a trail that must outlive it belongs in a shared store.
 
-    Limit state that has fully refilled carries no information, so it is forgotten: every new
-    key sweeps the two oldest keys and drops those that are full again. Memory stays bounded by
-    the keys active within one refill time, with no periodic scan over all keys.
+    Limit state that has fully refilled carries no information, so it is forgotten: each state
+    waits in an expiry queue, bucketed by the time it can be full again, and every new key
+    looks at two states whose time has come, dropping those that are full. Memory stays
+    bounded by the keys active within one refill time, and no state is looked at before it
+    can be full: no scan over all keys, periodic or spread over requests.
     """
 
     def __init__(
@@ -148,7 +151,11 @@ class MemoryStore:
         self._random: Random = random or _random.random
         # name -> its states by key (a nested dict spares building a tuple key per request).
         self._limits: dict[str, _Limit] = {}
-        self._sweep: deque[tuple[str, str | None, float]] = deque()
+        # The expiry queue: bucket start (epoch ms) -> the states that may be full from then;
+        # a heap of the bucket starts; and the states of the buckets whose time has come.
+        self._expiry: dict[float, list[tuple[str, str | None]]] = {}
+        self._expiry_starts: list[float] = []
+        self._due: deque[tuple[str, str | None]] = deque()
         self._bot_events: list[BotEvent] = []  # in timestamp order
         self._bot_by_fingerprint: dict[str, list[float]] = {}
         self._bot_by_client: dict[str, list[float]] = {}  # by client key, as by fingerprint
@@ -197,7 +204,7 @@ class MemoryStore:
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
         if result.ok:
-            self._track(name, key, now, now + result.reset_after)
+            self._track(name, key, now, now + result.reset_after, config.period)
         return result
 
     async def check(
@@ -222,7 +229,8 @@ class MemoryStore:
         results: list[LimitResult] = []
         ok = True
         touched: list[tuple[dict[str | None, LimitState], str | None, LimitState | None]] = []
-        fresh: list[tuple[_Limit, str, str | None]] | None = None
+        # The new states, each with the time it can be full again, tracked once all admit.
+        fresh: list[tuple[str, str | None, float, float]] | None = None
         limits_by_name = self._limits
         for request in limits:
             name = request.name
@@ -232,12 +240,10 @@ class MemoryStore:
                 entry = self._entry(name, request.config)
             states = entry.states
             state = states.get(key)
+            created = state is None
             if state is None:
                 state = states[key] = entry.fresh(now, self._random)
                 touched.append((states, key, None))
-                if fresh is None:
-                    fresh = []
-                fresh.append((entry, name, key))
             else:
                 touched.append((states, key, state))
             try:
@@ -247,15 +253,18 @@ class MemoryStore:
                 raise ConfigurationError(f"{exc} (limit {name!r})") from None
             if not result.ok:
                 ok = False
+            elif created:
+                # A second slot of the same (name, key) only delays the state's fullness: the
+                # queue then finds it not yet full and looks again later.
+                if fresh is None:
+                    fresh = []
+                fresh.append((name, key, now + result.reset_after, entry.config.period))
             results.append(result)
         if not ok:
             _restore(touched)
         elif fresh is not None:
-            for entry, name, key in fresh:
-                # Gone only if a sweep of this loop found it full again: nothing to track.
-                state = entry.states.get(key)
-                if state is not None:
-                    self._track(name, key, now, full_at(entry.config, state))
+            for name, key, full, period in fresh:
+                self._track(name, key, now, full, period)
         return CheckResult(ok, tuple(results), verdict, now)
 
     def _settle(self, settlement: Settlement, now: float) -> None:
@@ -276,7 +285,7 @@ class MemoryStore:
         except ConfigurationError as exc:  # a hand-made config with max_reserved
             raise ValueError(f"settlement of {name!r}: {exc}") from None
         if fresh and result.ok:
-            self._track(name, key, now, now + result.reset_after)
+            self._track(name, key, now, now + result.reset_after, config.period)
 
     def _entry(self, name: str, config: LimitConfig) -> _Limit:
         """The name's states, to be decided by `config` (the last config used for a name is
@@ -314,7 +323,9 @@ class MemoryStore:
             if not result.ok:
                 action = "challenged"
             elif fresh:
-                self._track(request.name, request.key, now, now + result.reset_after)
+                self._track(
+                    request.name, request.key, now, now + result.reset_after, request.config.period
+                )
         metadata = dict(bot.metadata or {})
         metadata["previousAttempts"] = previous
         self._add_event(
@@ -331,27 +342,27 @@ class MemoryStore:
         )
         return BotVerdict(action, previous)
 
-    def _track(self, name: str, key: str | None, now: float, full: float) -> None:
-        """Enter a new state (already stored) in the sweep, and sweep two old ones.
+    def _track(self, name: str, key: str | None, now: float, full: float, period: float) -> None:
+        """Enter a new state (already stored) in the expiry queue, and look at two due ones.
 
-        A state enters the sweep when it is created and leaves when it is dropped, so the sweep
-        holds each live state once (plus, briefly, states that were reset). Sweeping two per
-        insertion bounds the states held to twice those not yet refilled. Each sweep entry
-        carries the earliest time its state can be full: consuming only delays that, so an
-        entry whose time has not come is passed over without reading its state. `full` is that
-        time for the new state (the decision's `now + reset_after`).
+        `full` is the earliest time the state can be full again (consuming only delays it);
+        it waits in the bucket that begins next after `full`, buckets being a 64th of the
+        limit's period wide, so a state is forgotten at most that late. Looking at two due
+        states per new one bounds the states held to about twice those not yet refilled;
+        one that was consumed since it was queued goes back in at its new time.
         """
+        self._enqueue(name, key, full, period)
+        due = self._due
+        if not due:
+            starts = self._expiry_starts
+            if not starts or starts[0] > now:
+                return
+            due.extend(self._expiry.pop(heapq.heappop(starts)))
         limits = self._limits
-        sweep = self._sweep
-        sweep.append((name, key, full))
         for _ in range(2):
-            if not sweep:
+            if not due:
                 break
-            entry = sweep.popleft()
-            old_name, old_key, old_full = entry
-            if now < old_full:
-                sweep.append(entry)
-                continue
+            old_name, old_key = due.popleft()
             old = limits.get(old_name)
             held = old.states.get(old_key) if old is not None else None
             if old is None or held is None:
@@ -362,10 +373,20 @@ class MemoryStore:
                 if not old.states:
                     del limits[old_name]
             else:
-                sweep.append((old_name, old_key, when))
+                self._enqueue(old_name, old_key, when, old.config.period)
+
+    def _enqueue(self, name: str, key: str | None, full: float, period: float) -> None:
+        width = period / 64
+        start = (full // width + 1) * width
+        bucket = self._expiry.get(start)
+        if bucket is None:
+            self._expiry[start] = [(name, key)]
+            heapq.heappush(self._expiry_starts, start)
+        else:
+            bucket.append((name, key))
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
-        # The sweep skips states that are gone, so the deque needs no update here.
+        # The expiry queue skips states that are gone, so it needs no update here.
         limit = self._limits.get(name)
         if limit is not None:
             limit.states.pop(key, None)
@@ -380,7 +401,7 @@ class MemoryStore:
 
     @property
     def limit_keys(self) -> int:
-        """How many (name, key) states are held: what the sweep keeps bounded."""
+        """How many (name, key) states are held: what the expiry queue keeps bounded."""
         return sum(len(limit.states) for limit in self._limits.values())
 
     # -- bots ------------------------------------------------------------------------------
