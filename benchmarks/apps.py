@@ -21,8 +21,8 @@ it takes the same path as guard's browser).
 
 from __future__ import annotations
 
-import json
 import itertools
+import json
 import os
 import re
 import time
@@ -145,6 +145,8 @@ def guard_tokens() -> ASGIApp:
         middleware=[Middleware(GuardMiddleware, settings=settings)],
     )
     return _as_chat(app)
+
+
 class Floor:
     """The cheapest pure-Python middleware doing the guard's work: the guard's target.
 
