@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from convex_guard import HOUR, MINUTE, MemoryStore
+from convex_guard import DAY, HOUR, MINUTE, MemoryStore
 from convex_guard.cli import default_actor, main
 from convex_guard.core.errors import ConfigurationError, StoreError, StoreUnavailableError
 from convex_guard.core.keys import KEY_PREFIXES, ApiKeyKind, display_prefix, hash_key
@@ -23,6 +23,7 @@ from convex_guard.stores.base import (
     UNKNOWN_ACTOR,
     ApiKeyRecord,
     AuditStore,
+    KeyQuota,
     KeyRateLimit,
     NewApiKey,
     check_actor,
@@ -226,7 +227,7 @@ def test_both_sides_audit_the_same_fields_and_actors() -> None:
     length = int(source.split("export const MAX_ACTOR_LENGTH = ", 1)[1].split(";", 1)[0])
     assert length == MAX_ACTOR_LENGTH
     fields = source.split("const FIELDS = [", 1)[1].split("]", 1)[0]
-    camel = [f.strip().strip('"') for f in fields.split(",")]
+    camel = [f.strip().strip('"') for f in fields.split(",") if f.strip()]
     assert camel == list(convex_module._AUDIT_FIELDS)
     assert tuple(convex_module._AUDIT_FIELDS.values()) == AUDITED_KEY_FIELDS
     assert f'UNKNOWN_ACTOR = "{UNKNOWN_ACTOR}"' in source
@@ -404,3 +405,30 @@ def test_no_entry_holds_a_raw_key_on_convex(
             await store.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("where", ["memory", "convex"])
+async def test_a_keys_tier_is_in_its_entries(where: str, request: pytest.FixtureRequest) -> None:
+    """A key's quotas (its tier) are one of its limits: its creation and a rotation record them."""
+    if where == "convex":
+        server: ConvexTestServer = request.getfixturevalue("convex_server")
+        server.reset()
+        store: ConvexStore | MemoryStore = ConvexStore(server.url, server.admin_key, timeout=10)
+    else:
+        store = MemoryStore()
+    tier = (KeyQuota("tokens", 50_000.0, float(DAY)), KeyQuota("cost", 5.0, float(DAY)))
+    try:
+        keys = ApiKeys(store, actor="billing")
+        created = await keys.create("paid", quotas=tier)
+        plain = await keys.create("free")
+        rotated = await keys.rotate(created.record.id)
+        first = await store.audit_entries(record=created.record.id)
+        assert first[-1].action == "key.created"
+        assert ("quotas", None, tier) in [(c.field, c.before, c.after) for c in first[-1].changes]
+        (fresh,) = await store.audit_entries(record=rotated.record.id)
+        assert dict((c.field, c.after) for c in fresh.changes)["quotas"] == tier
+        # No tier is no value: nothing about quotas in a plain key's entry.
+        (free,) = await store.audit_entries(record=plain.record.id)
+        assert "quotas" not in [c.field for c in free.changes]
+    finally:
+        await store.close()

@@ -46,6 +46,7 @@ from convex_guard.stores.base import (
     AuditStore,
     AuditValue,
     BotEvent,
+    KeyQuota,
     KeyRateLimit,
     ProviderStats,
     Store,
@@ -355,7 +356,12 @@ def _audit_json_value(value: AuditValue) -> object:
     if isinstance(value, KeyRateLimit):
         return {"requests": value.requests, "period": value.period}
     if isinstance(value, tuple):
-        return list(value)
+        return [
+            {"unit": v.unit, "amount": v.amount, "period": v.period}
+            if isinstance(v, KeyQuota)
+            else v
+            for v in value
+        ]
     return value
 
 
@@ -384,7 +390,13 @@ def _audit_text(field: str, value: AuditValue) -> str:
     if isinstance(value, KeyRateLimit):
         return f"{value.requests}/{_span(value.period)}"
     if isinstance(value, tuple):
-        return ",".join(value) or "-"
+        return (
+            ",".join(
+                f"{v.amount:g} {v.unit}/{_span(v.period)}" if isinstance(v, KeyQuota) else v
+                for v in value
+            )
+            or "-"
+        )
     if isinstance(value, bool):
         return str(value).lower()
     if field == "expires_at" and isinstance(value, int | float):

@@ -3,7 +3,7 @@
 import type { GenericDatabaseWriter } from "convex/server";
 import { v, type Infer } from "convex/values";
 import type { DataModel } from "../_generated/dataModel";
-import type { ApiKeyRecord } from "./validators";
+import { type ApiKeyRecord, vKeyQuota } from "./validators";
 
 /** What an entry records as its actor when the caller names none (Python's UNKNOWN_ACTOR). */
 export const UNKNOWN_ACTOR = "unknown";
@@ -30,6 +30,7 @@ export const vAuditValue = v.union(
   v.boolean(),
   v.array(v.string()),
   v.object({ requests: v.number(), period: v.number() }),
+  v.array(vKeyQuota),
 );
 type AuditValue = Infer<typeof vAuditValue>;
 
@@ -52,7 +53,16 @@ export type AuditEntry = Infer<typeof vAuditEntry>;
 export const auditArgs = { actor: v.optional(v.string()), related: v.optional(v.string()) };
 
 /** The fields an entry compares, in the order Python's AUDITED_KEY_FIELDS lists them. */
-const FIELDS = ["kind", "name", "owner", "scopes", "rateLimit", "expiresAt", "active"] as const;
+const FIELDS = [
+  "kind",
+  "name",
+  "owner",
+  "scopes",
+  "rateLimit",
+  "quotas",
+  "expiresAt",
+  "active",
+] as const;
 
 /** `actor` as an entry records it, or an error before anything is written. */
 export function checkActor(actor: string | undefined): string {
@@ -68,7 +78,8 @@ export function checkActor(actor: string | undefined): string {
 
 function same(a: AuditValue, b: AuditValue): boolean {
   if (Array.isArray(a) && Array.isArray(b)) {
-    return a.length === b.length && a.every((x, i) => x === b[i]);
+    // Scopes (strings) or a tier's quotas (small objects, compared by their fields).
+    return a.length === b.length && a.every((x, i) => JSON.stringify(x) === JSON.stringify(b[i]));
   }
   if (a !== null && b !== null && typeof a === "object" && typeof b === "object") {
     return !Array.isArray(a) && !Array.isArray(b) && a.requests === b.requests && a.period === b.period;

@@ -838,11 +838,12 @@ AUDITED_KEY_FIELDS: tuple[str, ...] = (
     "owner",
     "scopes",
     "rate_limit",
+    "quotas",
     "expires_at",
     "active",
 )
 
-AuditValue = str | float | bool | tuple[str, ...] | KeyRateLimit | None
+AuditValue = str | float | bool | tuple[str, ...] | KeyRateLimit | tuple[KeyQuota, ...] | None
 
 # A key's text as `core.keys.generate_key` makes it: an actor that holds one is refused, so an
 # entry never carries a raw key even when a caller pastes one where its name should be.
@@ -908,6 +909,8 @@ def audit_changes(before: ApiKeyRecord | None, after: ApiKeyRecord) -> tuple[Aud
     for name in AUDITED_KEY_FIELDS:
         old = None if before is None else getattr(before, name)
         new = getattr(after, name)
+        if name == "quotas":  # no tier is no value, as Convex stores it (absent)
+            old, new = old or None, new or None
         if old != new:
             changes.append(AuditChange(name, old, new))
     return tuple(changes)

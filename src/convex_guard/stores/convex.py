@@ -309,6 +309,8 @@ _AUDIT_FIELDS = {
 
 def _audit_value(raw: Any) -> AuditValue:
     if isinstance(raw, list):
+        if raw and isinstance(raw[0], dict):  # a tier's quotas
+            return tuple(KeyQuota(q["unit"], float(q["amount"]), float(q["period"])) for q in raw)
         return tuple(raw)
     if isinstance(raw, dict):
         return KeyRateLimit(int(raw["requests"]), float(raw["period"]))
