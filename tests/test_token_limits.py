@@ -384,3 +384,46 @@ def test_the_default_estimate_counts_prompt_text_and_the_completion_asked_for() 
     assert estimate.tokens({"prompt": "z" * 8, "max_tokens": True}, b"") == 2 + 1024
     assert TokenEstimate(default_completion=0).tokens({"input": ["ab", "cd"]}, b"") == 1
     assert estimate.tokens(None, b"not json at all!") == 4  # 16 bytes
+
+
+def test_a_stream_cut_off_before_its_usage_settles_the_prompt_and_what_was_sent() -> None:
+    """No usage event: what was produced (four characters a token of the text sent) plus the
+    prompt's estimate, which the upstream was sent and bills, not the whole reservation."""
+    from starlette.responses import StreamingResponse
+
+    store = MemoryStore()
+    sent = threading.Event()
+
+    async def stream(request: Request) -> StreamingResponse:
+        await request.body()
+
+        async def events() -> AsyncIterator[bytes]:
+            chunk = '{"choices": [{"index": 0, "delta": {"content": "%s"}}]}'
+            yield b"data: " + (chunk % ("y" * 40)).encode() + b"\n\n"  # 10 tokens
+            sent.set()
+            while True:  # never ends: the client goes away
+                await asyncio.sleep(0.05)
+                yield b": keep-alive\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    rule = Rule("teamTokens", TOKENS, key=_team, unit="tokens", path="/api/ai")
+    settings = GuardSettings(
+        store=store, rules=[rule], bot_detection=False, key_routes=(), writer_interval=0.05
+    )
+    app = GuardMiddleware(Starlette(routes=[Route(PATH, stream, methods=["POST"])]), settings)
+    team = uuid.uuid4().hex
+    with serve(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        with client.stream("POST", PATH, json=_body(), headers={"x-team": team}) as response:
+            assert response.status_code == 200
+            assert response.headers["ratelimit"].startswith('"teamTokens";r=700;')
+            next(response.iter_raw())
+            assert sent.wait(5)
+        # Gone: 100 tokens of prompt and 10 of completion are charged, 190 come back.
+        deadline = time.monotonic() + 5
+        while True:
+            left = asyncio.run(store.peek("teamTokens", TOKENS, key=team)).remaining
+            if left == pytest.approx(890) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    assert left == pytest.approx(890)

@@ -60,6 +60,13 @@ class TokenEstimate:
 
     def tokens(self, payload: object, body: bytes) -> float:
         """The estimate for a request whose body is `body`, `payload` once parsed (or None)."""
+        prompt = self.prompt(payload, body)
+        if not isinstance(payload, dict):
+            return prompt
+        return prompt + completion_tokens(payload, self)
+
+    def prompt(self, payload: object, body: bytes) -> float:
+        """The prompt's part of the estimate (all of it for a body that is not a JSON object)."""
         if not isinstance(payload, dict):
             return float(math.ceil(len(body) / self.chars_per_token))
         chars = 0
@@ -67,7 +74,11 @@ class TokenEstimate:
             value = payload.get(name)
             if value is not None:
                 chars += _text_length(value, 0)
-        return float(math.ceil(chars / self.chars_per_token) + completion_tokens(payload, self))
+        return float(math.ceil(chars / self.chars_per_token))
+
+
+#: The estimate a token or cost rule makes when it is given none.
+DEFAULT_ESTIMATE = TokenEstimate()
 
 
 def completion_tokens(payload: Mapping[str, Any], estimate: TokenEstimate) -> int:

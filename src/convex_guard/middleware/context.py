@@ -30,6 +30,9 @@ class Usage:
     cost: float | None = None
     #: Inputs in an embedding batch, for the embedding request log.
     items: int | None = None
+    #: `tokens` is only the completion, estimated from a stream cut off before its usage
+    #: event: a settlement adds the prompt's estimate (the request's, when it reserved).
+    completion_only: bool = False
 
 
 @dataclass(slots=True)
@@ -47,6 +50,9 @@ class Reservation:
     reserved_at: float
     #: The body's `model`, for pricing reported tokens when the app names no model.
     model: str | None
+    #: The default estimate of the body's prompt, in tokens: what a cut-off stream's
+    #: completion-only count (`Usage.completion_only`) is missing.
+    prompt: float = 0.0
 
 
 @dataclass(slots=True)

@@ -13,6 +13,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope
 
 from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.estimates import DEFAULT_ESTIMATE
 from convex_guard.core.limits import LimitResult
 from convex_guard.core.logs import ThrottledLog, logger, printable
 from convex_guard.core.problem import (
@@ -226,8 +227,9 @@ class RateLimitMiddleware(StepMiddleware):
             rules,
             limits,
             pending,
-            estimated=True,
-            model=model if isinstance(model, str) else None,
+            True,
+            model if isinstance(model, str) else None,
+            DEFAULT_ESTIMATE.prompt(payload, body),
         )
 
     async def _decide(
@@ -241,6 +243,7 @@ class RateLimitMiddleware(StepMiddleware):
         # Positional defaults: a keyword-only one costs a dict lookup on every call.
         estimated: bool = False,
         model: str | None = None,
+        prompt: float = 0.0,
     ) -> Refusal | None:
         """Decide the limits (and the deferred bot check) in one store call: the refusal, or
         None with the `RateLimit-Policy`/`RateLimit` fields in `ctx.response_headers` (and
@@ -322,7 +325,14 @@ class RateLimitMiddleware(StepMiddleware):
             # Only what was taken: a shadow rule that refused consumed nothing to give back.
             held = [
                 Reservation(
-                    rule, limit.name, limit.config, limit.key, limit.count, reserved_at, model
+                    rule,
+                    limit.name,
+                    limit.config,
+                    limit.key,
+                    limit.count,
+                    reserved_at,
+                    model,
+                    prompt,
                 )
                 for rule, limit, result in zip(rules, limits, results, strict=True)
                 if limit.settled and result.ok
@@ -449,7 +459,7 @@ class RateLimitMiddleware(StepMiddleware):
         failed = raised is not None or ctx.rejected is not None or not 0 < status < 400
         for reservation in held:
             rule = reservation.rule
-            used = rule.used(usage, reservation.model)
+            used = rule.used(usage, reservation.model, reservation.prompt)
             if used is None:
                 if not failed:
                     continue  # nothing reported: the estimate stands as the charge

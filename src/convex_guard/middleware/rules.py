@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
-from convex_guard.core.estimates import TokenEstimate, check_prices, token_cost
+from convex_guard.core.estimates import DEFAULT_ESTIMATE, TokenEstimate, check_prices, token_cost
 from convex_guard.core.limits import (
     FixedWindow,
     LimitConfig,
@@ -47,7 +47,6 @@ DEFAULT_MAX_BODY = 1024 * 1024
 #: The least a budget reserves, so that one spent to exactly zero still refuses a request
 #: whose cost is unknown on arrival (a model missing from the price table).
 MIN_RESERVATION = 1e-6
-_DEFAULT_ESTIMATE = TokenEstimate()
 
 
 def _path_matcher(path: str | re.Pattern[str] | None) -> Callable[[str], bool]:
@@ -203,7 +202,7 @@ class Rule:
         """
         estimate = self.estimate
         if estimate is None or isinstance(estimate, TokenEstimate):
-            tokens = (estimate or _DEFAULT_ESTIMATE).tokens(payload, body)
+            tokens = (estimate or DEFAULT_ESTIMATE).tokens(payload, body)
             if self.unit == "tokens":
                 return max(tokens, 1.0)
             model = payload.get("model") if isinstance(payload, dict) else None
@@ -232,22 +231,26 @@ class Rule:
                     return _tier_limit(self.name, float(quota.amount), float(quota.period))
         return None
 
-    def used(self, usage: Any, model: str | None) -> float | None:
+    def used(self, usage: Any, model: str | None, prompt: float = 0.0) -> float | None:
         """What a request used in this rule's unit, from its reported `Usage`; None if unknown.
 
         A budget takes the reported cost, else the reported tokens at the price of the
-        reported model (or of the request's `model`).
+        reported model (or of the request's `model`). Tokens counted from a stream cut off
+        before its usage event are the completion alone: `prompt` (the request's estimate of
+        its prompt) is added, as the upstream was sent it and bills it.
         """
         if usage is None:
             return None
+        tokens = usage.tokens
+        if tokens is not None and usage.completion_only:
+            tokens += prompt
         if self.unit == "tokens":
-            tokens = usage.tokens
             return None if tokens is None else float(tokens)
         if usage.cost is not None:
             return float(usage.cost)
-        if usage.tokens is None or not self.prices:
+        if tokens is None or not self.prices:
             return None
-        return token_cost(self.prices, usage.model or model, float(usage.tokens))
+        return token_cost(self.prices, usage.model or model, float(tokens))
 
     def matches(self, path: str, method: str) -> bool:
         return (self._methods is None or method in self._methods) and self._matches_path(path)

@@ -236,7 +236,8 @@ def stream_usage(ctx: GuardContext, reader: UsageReader, trouble: ThrottledLog) 
     numbers were not token counts: logged, then ignored) it is the completion tokens the
     text sent amounts to (`UsageReader.estimated_completion_tokens`, four characters a
     token; 0 when it was cut off before any), once the stream was seen to be of that shape;
-    the prompt is not in it. `model` is the stream's own.
+    the prompt is not in it (`completion_only`: a settlement adds the prompt's estimate).
+    `model` is the stream's own.
     """
     if reader.problem is not None:
         trouble.warning("Stream usage event ignored: %s", reader.problem)
@@ -256,6 +257,7 @@ def stream_usage(ctx: GuardContext, reader: UsageReader, trouble: ThrottledLog) 
             usage.tokens = total
         elif reader.chunks or reader.tokens_seen or reader.done:
             usage.tokens = reader.estimated_completion_tokens
+            usage.completion_only = True
 
 
 def handshake_status(message: Message) -> int:
