@@ -130,19 +130,7 @@ def create_app(
             body: ChatRequest = parse(ChatRequest, await request.body())
         except BadRequest as exc:
             return problem(exc.status, "Bad Request", exc.detail, errors=exc.errors)
-        try:
-            reply: Reply = (
-                await target.chat(request.app.state.http, body)
-                if target is not None
-                else local_chat(provider, body)
-            )
-        except UpstreamError as exc:
-            report_usage(request, model=body.model)
-            return problem(502, "Bad Gateway", f"The upstream AI provider failed: {exc}.")
-        report_usage(
-            request, model=reply.model, tokens=reply.tokens, cost=cost(provider, reply.tokens)
-        )
-        return JSONResponse(reply.body)
+        return await complete(request, provider, body)
 
     @app.post("/api/embeddings")
     async def embeddings(request: Request) -> JSONResponse:
@@ -163,7 +151,7 @@ def create_app(
         return JSONResponse(reply.body)
 
     async def complete(request: Request, provider: str, body: ChatRequest) -> JSONResponse:
-        """The non-streamed answer of `/v1/chat/completions`."""
+        """A whole chat answer: a provider route's, and `/v1/chat/completions` without `stream`."""
         try:
             reply: Reply = (
                 await target.chat(request.app.state.http, body)
