@@ -213,9 +213,15 @@ class BotDetectionMiddleware(StepMiddleware):
         if ua is None:
             ua = ctx.user_agent = header_value(scope["headers"], b"user-agent") or ""
         signed = None
-        if self.verifier is not None and self.verifier.web_bot_auth:
-            method = scope.get("method", "GET")
-            signed = self.verifier.signature(method, _url(scope), scope["headers"])
+        verifier = self.verifier
+        if verifier is not None and verifier.web_bot_auth:
+            # The URL is built only for a signed request: most carry no signature at all.
+            headers = scope["headers"]
+            for name, _ in headers:
+                if name == b"signature-input":
+                    method = scope.get("method", "GET")
+                    signed = verifier.signature(method, _url(scope), headers)
+                    break
         try:
             verdict = self.classifier(ua)
             if verdict.is_bot and verdict.category is not None:
