@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import threading
-import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import httpx
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from tests.convex_server.launch import running_server
 
+from benchmarks.convex_path import serve
 from convex_guard import (
     HOUR,
     ConvexStore,
@@ -91,22 +88,6 @@ def app(store: ConvexStore, unit: Literal["requests", "tokens"]) -> Starlette:
     served = Starlette(routes=[Route(PATH, chat, methods=["POST"])])
     served.add_middleware(GuardMiddleware, settings=settings)
     return served
-
-
-@contextlib.contextmanager
-def serve(asgi: Starlette) -> Iterator[str]:
-    config = uvicorn.Config(asgi, host="127.0.0.1", port=0, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True  # the shutdown flushes the log writer's last batch
-        thread.join(timeout=30)
 
 
 async def load(url: str, requests: int, connections: int) -> int:

@@ -31,7 +31,7 @@ class Usage:
     #: Inputs in an embedding batch, for the embedding request log.
     items: int | None = None
     #: `tokens` is only the completion, estimated from a stream cut off before its usage
-    #: event: a settlement adds the prompt's estimate (the request's, when it reserved).
+    #: event: a settlement adds the estimate of the prompt the body sent.
     completion_only: bool = False
 
 
@@ -50,9 +50,6 @@ class Reservation:
     reserved_at: float
     #: The body's `model`, for pricing reported tokens when the app names no model.
     model: str | None
-    #: The default estimate of the body's prompt, in tokens: what a cut-off stream's
-    #: completion-only count (`Usage.completion_only`) is missing.
-    prompt: float = 0.0
 
 
 @dataclass(slots=True)

@@ -229,7 +229,6 @@ class RateLimitMiddleware(StepMiddleware):
             pending,
             True,
             model if isinstance(model, str) else None,
-            DEFAULT_ESTIMATE.prompt(payload, body),
         )
 
     async def _decide(
@@ -243,7 +242,6 @@ class RateLimitMiddleware(StepMiddleware):
         # Positional defaults: a keyword-only one costs a dict lookup on every call.
         estimated: bool = False,
         model: str | None = None,
-        prompt: float = 0.0,
     ) -> Refusal | None:
         """Decide the limits (and the deferred bot check) in one store call: the refusal, or
         None with the `RateLimit-Policy`/`RateLimit` fields in `ctx.response_headers` (and
@@ -332,7 +330,6 @@ class RateLimitMiddleware(StepMiddleware):
                     limit.count,
                     reserved_at,
                     model,
-                    prompt,
                 )
                 for rule, limit, result in zip(rules, limits, results, strict=True)
                 if limit.settled and result.ok
@@ -457,9 +454,14 @@ class RateLimitMiddleware(StepMiddleware):
         entry = ctx.log_entry
         status = entry.status if entry is not None else getattr(ctx, "status", 0)
         failed = raised is not None or ctx.rejected is not None or not 0 < status < 400
+        # A stream cut off before its usage event counted its completion alone: the prompt's
+        # estimate, from the body read on arrival, is worked out only then.
+        prompt = 0.0
+        if usage is not None and usage.completion_only:
+            prompt = _prompt_estimate(ctx.body or b"")
         for reservation in held:
             rule = reservation.rule
-            used = rule.used(usage, reservation.model, reservation.prompt)
+            used = rule.used(usage, reservation.model, prompt)
             if used is None:
                 if not failed:
                     continue  # nothing reported: the estimate stands as the charge
@@ -635,6 +637,15 @@ class _Matched:
         if fields is None:
             fields = self._subsets[names] = _fields(rules)
         return fields
+
+
+def _prompt_estimate(body: bytes) -> float:
+    """The default estimate of the prompt a request's body sends."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    return DEFAULT_ESTIMATE.prompt(payload, body)
 
 
 def _refused_note(rules: Sequence[Rule]) -> str:
