@@ -321,10 +321,15 @@ Key = tuple[str, str, str]  # (tree label, mode, variant)
 
 
 def measure(
-    trees: list[Tree], modes: list[str], variants: list[str], requests: int
+    trees: list[Tree],
+    modes: list[str],
+    variants: list[str],
+    requests: int,
+    failures: dict[Key, str],
 ) -> dict[Key, float]:
     """Instructions per request of each variant: in-process, the measured requests' count over
-    their number; over uvicorn, the difference of a short and a long run over theirs."""
+    their number; over uvicorn, the difference of a short and a long run over theirs. A run
+    that failed leaves its figure out and its reason in `failures`."""
     small = max(requests // 10, 1)
     if small >= requests:
         raise SystemExit(f"--requests must be at least 2, got {requests}")
@@ -336,14 +341,24 @@ def measure(
         if tree.current or variant not in TREE_INDEPENDENT
         for count in ((requests,) if mode == "in-process" else (requests, small))
     ]
+    runs: dict[tuple[Tree, str, str, int], Run] = {}
     with ThreadPoolExecutor(2) as pool:  # two cores: two measured processes at a time
         futures = {job: pool.submit(RUNNERS[job[1]], job[0], job[2], job[3]) for job in jobs}
-        runs = {job: future.result() for job, future in futures.items()}
+        for job, future in futures.items():
+            # One run that fails (a server that did not start on a loaded machine) costs its
+            # own row, not the figures of every other run of a long benchmark.
+            try:
+                runs[job] = future.result()
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                tree, mode, variant, _ = job
+                failures.setdefault((tree.label, mode, variant), f"{exc}".splitlines()[0])
     per_request: dict[Key, float] = {}
     for tree in trees:
         for mode in modes:
             for variant in variants:
                 if not tree.current and variant in TREE_INDEPENDENT:
+                    continue
+                if (tree.label, mode, variant) in failures:
                     continue
                 full = runs[tree, mode, variant, requests]
                 if mode == "in-process":
@@ -356,7 +371,10 @@ def measure(
     for tree in trees[1:]:
         for mode in modes:
             for variant in TREE_INDEPENDENT.intersection(variants):
-                per_request[tree.label, mode, variant] = per_request[trees[0].label, mode, variant]
+                if (trees[0].label, mode, variant) in per_request:
+                    per_request[tree.label, mode, variant] = per_request[
+                        trees[0].label, mode, variant
+                    ]
     return per_request
 
 
@@ -372,14 +390,17 @@ def table(per_request: dict[Key, float], trees: list[Tree], mode: str, variants:
     header += ["ratio to bare", "ratio to slowapi-asgi"]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for variant in variants:
-        count = per_request[this, mode, variant]
-        cells = [variant, f"{count / 1000:,.1f} k"]
+        count = per_request.get((this, mode, variant))
+        cells = [variant, f"{count / 1000:,.1f} k" if count else "failed"]
         for label in baselines:
-            old = per_request[label, mode, variant]
-            cells += [f"{old / 1000:,.1f} k", f"{count / old:.3f}x"]
+            old = per_request.get((label, mode, variant))
+            cells += [
+                f"{old / 1000:,.1f} k" if old else "failed",
+                f"{count / old:.3f}x" if count and old else "-",
+            ]
         cells += [
-            f"{bare / count:.2f}x" if bare else "-",
-            f"{slow / count:.2f}x" if slow else "-",
+            f"{bare / count:.2f}x" if bare and count else "-",
+            f"{slow / count:.2f}x" if slow and count else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -460,7 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     with ExitStack() as stack:
         trees = [Tree(label="this tree", root=ROOT)]
         trees += [stack.enter_context(exported(revision)) for revision in args.baseline]
-        per_request = measure(trees, args.modes, args.variants, args.requests)
+        failures: dict[Key, str] = {}
+        per_request = measure(trees, args.modes, args.variants, args.requests, failures)
     small = max(args.requests // 10, 1)
     described = {
         "in-process": "callgrind instructions of a process calling the ASGI app directly "
@@ -481,6 +503,9 @@ def main(argv: list[str] | None = None) -> None:
             lines = targets(per_request, tree.label, mode)
             if lines:
                 section += f"{tree.label}:\n" + "".join(f"- {line}\n" for line in lines)
+        for (label, failed_mode, variant), reason in failures.items():
+            if failed_mode == mode:
+                section += f"failed: {variant} ({label}): {reason}\n"
         sections.append(section.rstrip())
     if args.quick:
         print("\n\n".join(sections))
