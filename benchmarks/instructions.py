@@ -69,16 +69,19 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from benchmarks.apps import PATH, VARIANTS
 from benchmarks.http_overhead import BROWSER, ROOT, free_port
+
+T = TypeVar("T")
 
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("ratelimit", "slowapi-basehttp"))
 QUICK_VARIANTS = ("guard", "floor")
@@ -217,31 +220,45 @@ def collected(output: bytes, pid: int, what: str) -> int:
     return int(match.group(2))
 
 
-def run_uvicorn(tree: Tree, variant: str, requests: int) -> Run:
-    """Serve `variant` under callgrind, send it `requests` requests, stop it, read its count."""
-    port = unique_port()
+def supervised(
+    command: list[str], tree: Tree, variant: str, drive: Callable[[subprocess.Popen[bytes]], T]
+) -> tuple[T, subprocess.Popen[bytes], bytes]:
+    """Start `command` with `tree`'s `src` first on the path, `drive` it, and kill it if it is
+    still running then (a failed drive must not leave a process under valgrind behind): what
+    `drive` answered, the finished process and its stderr (where callgrind prints)."""
     with tempfile.TemporaryFile() as stderr:
         process = subprocess.Popen(
-            server_command(port),
-            cwd=ROOT,  # uvicorn imports `benchmarks.apps` from its working directory: this tree's
+            command,
+            cwd=ROOT,  # uvicorn and the driver import `benchmarks.apps` from here: this tree's
             env=tree.env(variant, path=(tree.root / "src", ROOT)),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
         try:
-            served = wait_ready(process, f"http://127.0.0.1:{port}", variant)
-            served += asyncio.run(load(port, requests, CONNECTIONS))
-            # Let the server see the 32 connections close before it is told to stop, so that
-            # the shutdown is the same on every run.
-            time.sleep(1)
-            process.send_signal(signal.SIGINT)
-            process.wait(timeout=STALL_SECONDS)
+            result = drive(process)
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
         stderr.seek(0)
-        output = stderr.read()
+        return result, process, stderr.read()
+
+
+def run_uvicorn(tree: Tree, variant: str, requests: int) -> Run:
+    """Serve `variant` under callgrind, send it `requests` requests, stop it, read its count."""
+    port = unique_port()
+
+    def serve(process: subprocess.Popen[bytes]) -> int:
+        served = wait_ready(process, f"http://127.0.0.1:{port}", variant)
+        served += asyncio.run(load(port, requests, CONNECTIONS))
+        # Let the server see the 32 connections close before it is told to stop, so that
+        # the shutdown is the same on every run.
+        time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=STALL_SECONDS)
+        return served
+
+    served, process, output = supervised(server_command(port), tree, variant, serve)
     what = f"{tree.label} {variant} over uvicorn"
     return Run(served=served, instructions=collected(output, process.pid, what))
 
@@ -260,22 +277,9 @@ def run_in_process(tree: Tree, variant: str, requests: int) -> Run:
             f"--callgrind-out-file={out}",
             *(sys.executable, "-m", "benchmarks.drive", variant, str(requests)),
         ]
-        with tempfile.TemporaryFile() as stderr:
-            process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=tree.env(variant, path=(tree.root / "src", ROOT)),
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-            )
-            try:
-                process.wait(timeout=DRIVE_SECONDS)
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-            stderr.seek(0)
-            output = stderr.read()
+        _, process, output = supervised(
+            command, tree, variant, lambda process: process.wait(timeout=DRIVE_SECONDS)
+        )
         what = f"{tree.label} {variant} in-process"
         if process.returncode != 0:
             tail = output.decode(errors="replace")[-2000:]
