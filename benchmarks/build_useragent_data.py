@@ -6,19 +6,24 @@ sources (nothing here touches the network)::
     python -m benchmarks.build_useragent_data rules \\
         --device-detector DIR --isbot DIR --date YYYY-MM-DD
     python -m benchmarks.build_useragent_data evaluation \\
-        --device-detector DIR --uap-core DIR --top-user-agents DIR --date YYYY-MM-DD
+        --device-detector DIR --uap-core DIR --top-user-agents DIR --opawg DIR --date YYYY-MM-DD
+    python -m benchmarks.build_useragent_data apps --opawg DIR --date YYYY-MM-DD
 
 ``--device-detector`` and ``--uap-core`` are git directories of matomo-org/device-detector and
-ua-parser/uap-core (read at HEAD with ``git show``); ``--isbot`` and ``--top-user-agents`` are the
+ua-parser/uap-core (read at HEAD with ``git show``), ``--opawg`` one of opawg/user-agents-v2; ``--isbot`` and ``--top-user-agents`` are the
 unpacked npm packages (``npm pack isbot && tar xzf isbot-*.tgz``: the ``package`` folder).
 
 ``rules`` writes ``src/convex_guard/core/data/device_detector_bots.json`` and ``isbot_names.json``:
 our own lists derived from theirs (agent names, the few patterns that are not plain names, and
 our category for each), with source, commit or version, date and licence recorded in each file.
 
+``apps`` writes ``src/convex_guard/core/data/opawg_apps.json``: the product names podcast and
+media apps announce (OPAWG user-agents-v2, MIT), so an app's user-agent is a person's.
+
 ``evaluation`` writes ``tests/data/user_agents_evaluation.csv.gz``: labelled user-agents from
 sources the classifier does NOT learn from (device-detector's test fixtures, uap-core's test
-fixtures, the top-user-agents package), minus every string that occurs in a training source.
+fixtures, the top-user-agents package), minus every string that occurs in a training source
+(OPAWG's examples included).
 """
 
 from __future__ import annotations
@@ -76,6 +81,8 @@ ISBOT_GENERIC = {
     "active", "custom", "email", "offline", "rank", "read", "reed", "rest", "track", "client",
     "bot", "netsurf", "sogou", "mail.ru", "dmbrowser", "ibisbrowser", "chromeframe", "browsex",
 }  # fmt: skip
+# OPAWG app product names that are generic words or platforms, not one app: left out.
+APP_GENERIC = {"mozilla", "dalvik", "android", "ios", "darwin", "cfnetwork", "player", "radio", "app", "mac", "win", "url", "test"}  # fmt: skip
 # Our category for isbot's agent names (the rest are other_bot).
 ISBOT_CATEGORY = {
     "claude-code": "ai_crawler", "openai": "ai_crawler", "cursor": "ai_crawler",
@@ -290,6 +297,73 @@ def isbot_rules(package: Path, date: str) -> dict[str, Any]:
     }
 
 
+# --- OPAWG's podcast and media apps -> the products people's apps announce ----------------------
+
+# A literal product name at the start of an OPAWG pattern alternative: "^Podbean/", "Abandon/",
+# "^DS%20Podcast/", "^Castro[/ ]". What follows the name must be "/" or a space-or-slash class.
+_APP_PRODUCT = re.compile(r"\^?((?:[A-Za-z0-9 _.'-]|\\\.|%20)+?)(?:/|\[/ \]|\[ /\])")
+
+
+def _known_agent(name: str) -> bool:
+    """Whether one of the bot lists names ``name`` (its generic words do not count: Tweetbot
+    is an app)."""
+    from convex_guard.core import useragent
+
+    ua = f"{name}/1.0"
+    lowered = ua.lower()
+    hits = useragent._KEYS.intersection(useragent._tokens(lowered))
+    return useragent._match_known(ua, lowered, hits) is not None
+
+
+def opawg_apps(repo: Path, date: str) -> dict[str, Any]:
+    """Product names of OPAWG's apps (podcast players, media apps, smart speakers).
+
+    Only what a pattern spells as a leading product token ("Name/") is kept: an app's
+    user-agent starts with it, and a bot's hardly ever does, so the classifier can take
+    such a user-agent for a person whatever else it carries (an HTTP library, a URL).
+    Names a bot list also knows are kept apart: the same product sends both shapes.
+    """
+    commit, committed = git_head(repo)
+    entries = json.loads(git_show(repo, "src/apps.json"))["entries"]
+    products: dict[str, str] = {}
+    left_out: list[str] = []
+    agent_products: dict[str, str] = {}
+    for entry in entries:
+        kept = False
+        for alternative in _split_top(entry["pattern"]) or [entry["pattern"]]:
+            alternative = alternative.strip("()")
+            match = _APP_PRODUCT.match(alternative)
+            if match is None:
+                continue
+            name = match[1].replace("%20", " ").replace("\\.", ".").strip()
+            if len(name) < 3 or name.lower() in APP_GENERIC:
+                continue
+            target = agent_products if _known_agent(name) else products
+            target.setdefault(name.lower(), entry["name"])
+            kept = True
+        if not kept:
+            left_out.append(entry["pattern"])
+    return {
+        "source": f"https://github.com/opawg/user-agents-v2/blob/{commit}/src/apps.json",
+        "repository": "opawg/user-agents-v2",
+        "file": "src/apps.json",
+        "commit": commit,
+        "committed": committed,
+        "retrieved": date,
+        "license": "MIT",
+        "note": (
+            "Derived by benchmarks/build_useragent_data.py: the leading product name of each "
+            "app pattern (lower-cased), with the app it names; generic words and patterns "
+            "without one left out. 'agent_products' are the names a bot list also knows as an "
+            "agent (WhatsApp's link previews, Overcast's feed fetcher): an app only when its "
+            "user-agent names a phone platform."
+        ),
+        "products": dict(sorted(products.items())),
+        "agent_products": dict(sorted(agent_products.items())),
+        "left_out": left_out,
+    }
+
+
 def write_json(path: Path, document: dict[str, Any]) -> None:
     text = json.dumps(document, indent=1, ensure_ascii=False)
     path.write_text(text + "\n", encoding="utf-8")
@@ -299,8 +373,12 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
 # --- the evaluation set ---------------------------------------------------------------------
 
 
-def _training_strings() -> set[str]:
-    """Every user-agent a training source ships as an example: never evaluated on."""
+def _training_strings(opawg: Path) -> set[str]:
+    """Every user-agent a training source ships as an example: never evaluated on.
+
+    OPAWG's examples count whole (apps, bots, libraries, …): its app list is learnt from, and
+    device-detector's app fixtures share many strings with it.
+    """
     from importlib import resources
 
     text = (resources.files("crawleruseragents") / "crawler-user-agents.json").read_text("utf-8")
@@ -308,6 +386,16 @@ def _training_strings() -> set[str]:
     labelled = ROOT / "tests" / "data" / "user_agents.csv"
     with labelled.open(newline="", encoding="utf-8") as handle:
         seen |= {r["user_agent"] for r in csv.DictReader(handle)}
+    listing = subprocess.run(
+        ["git", "-C", str(opawg), "ls-tree", "--name-only", "HEAD", "src/"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    for path in listing:
+        if path.endswith(".json"):
+            for entry in json.loads(git_show(opawg, path)).get("entries", ()):
+                seen.update(entry.get("examples", ()))
     return seen
 
 
@@ -354,7 +442,7 @@ def evaluation(args: argparse.Namespace) -> None:
     for ua in top:
         add(ua, "human", "top-user-agents")
 
-    training = _training_strings()
+    training = _training_strings(Path(args.opawg))
     kept = [
         (expected, source, ua)
         for ua, (expected, source) in rows.items()
@@ -376,7 +464,9 @@ def evaluation(args: argparse.Namespace) -> None:
         "Labelled user-agents the classifier does not learn from, built by",
         "`benchmarks/build_useragent_data.py evaluation` on " + args.date + ".",
         "Strings that occur in a training source (crawler-user-agents' examples,",
-        "`user_agents.csv`) or with both a bot and a person label are dropped.",
+        f"`user_agents.csv`, OPAWG user-agents-v2 {git_head(Path(args.opawg))[0][:12]}'s "
+        "examples)",
+        "or with both a bot and a person label are dropped.",
         "",
         "| source | rows | from | licence |",
         "|---|---|---|---|",
@@ -420,7 +510,11 @@ def main() -> None:
     ev.add_argument("--device-detector", required=True)
     ev.add_argument("--uap-core", required=True)
     ev.add_argument("--top-user-agents", required=True)
+    ev.add_argument("--opawg", required=True)
     ev.add_argument("--date", required=True)
+    apps = sub.add_parser("apps")
+    apps.add_argument("--opawg", required=True)
+    apps.add_argument("--date", required=True)
     args = parser.parse_args()
     if args.command == "rules":
         write_json(
@@ -428,6 +522,8 @@ def main() -> None:
             device_detector_rules(Path(args.device_detector), args.date),
         )
         write_json(DATA / "isbot_names.json", isbot_rules(Path(args.isbot), args.date))
+    elif args.command == "apps":
+        write_json(DATA / "opawg_apps.json", opawg_apps(Path(args.opawg), args.date))
     else:
         meta = json.loads((Path(args.top_user_agents) / "package.json").read_text("utf-8"))
         args.top_version = meta["version"]
