@@ -10,8 +10,9 @@ sources (nothing here touches the network)::
     python -m benchmarks.build_useragent_data apps --opawg DIR --date YYYY-MM-DD
 
 ``--device-detector`` and ``--uap-core`` are git directories of matomo-org/device-detector and
-ua-parser/uap-core (read at HEAD with ``git show``), ``--opawg`` one of opawg/user-agents-v2; ``--isbot`` and ``--top-user-agents`` are the
-unpacked npm packages (``npm pack isbot && tar xzf isbot-*.tgz``: the ``package`` folder).
+ua-parser/uap-core, ``--opawg`` one of opawg/user-agents-v2 (each read at HEAD with ``git show``);
+``--isbot`` and ``--top-user-agents`` are the unpacked npm packages (``npm pack isbot &&
+tar xzf isbot-*.tgz``: the ``package`` folder).
 
 ``rules`` writes ``src/convex_guard/core/data/device_detector_bots.json`` and ``isbot_names.json``:
 our own lists derived from theirs (agent names, the few patterns that are not plain names, and
@@ -82,7 +83,13 @@ ISBOT_GENERIC = {
     "bot", "netsurf", "sogou", "mail.ru", "dmbrowser", "ibisbrowser", "chromeframe", "browsex",
 }  # fmt: skip
 # OPAWG app product names that are generic words or platforms, not one app: left out.
-APP_GENERIC = {"mozilla", "dalvik", "android", "ios", "darwin", "cfnetwork", "player", "radio", "app", "mac", "win", "url", "test"}  # fmt: skip
+APP_GENERIC = {
+    "mozilla", "dalvik", "android", "ios", "darwin", "cfnetwork", "player", "radio", "app", "mac",
+    "win", "url", "test", "browser", "client", "mobile", "mail", "audio", "files", "documents",
+    "labs", "club", "cast", "queue", "mobileapp", "echo", "heart", "gold", "capital", "hyper",
+    "expo", "bolt", "bear", "leaf", "juice", "canvas", "downloader", "downloads", "messages",
+    "broadcast", "boom", "updates", "watch", "smooth", "highly", "copied", "filer", "feeder",
+}  # fmt: skip
 # Our category for isbot's agent names (the rest are other_bot).
 ISBOT_CATEGORY = {
     "claude-code": "ai_crawler", "openai": "ai_crawler", "cursor": "ai_crawler",
@@ -464,8 +471,7 @@ def evaluation(args: argparse.Namespace) -> None:
         "Labelled user-agents the classifier does not learn from, built by",
         "`benchmarks/build_useragent_data.py evaluation` on " + args.date + ".",
         "Strings that occur in a training source (crawler-user-agents' examples,",
-        f"`user_agents.csv`, OPAWG user-agents-v2 {git_head(Path(args.opawg))[0][:12]}'s "
-        "examples)",
+        f"`user_agents.csv`, OPAWG user-agents-v2 {git_head(Path(args.opawg))[0][:12]}'s examples)",
         "or with both a bot and a person label are dropped.",
         "",
         "| source | rows | from | licence |",
