@@ -307,8 +307,10 @@ def isbot_rules(package: Path, date: str) -> dict[str, Any]:
 # --- OPAWG's podcast and media apps -> the products people's apps announce ----------------------
 
 # A literal product name at the start of an OPAWG pattern alternative: "^Podbean/", "Abandon/",
-# "^DS%20Podcast/", "^Castro[/ ]". What follows the name must be "/" or a space-or-slash class.
-_APP_PRODUCT = re.compile(r"\^?((?:[A-Za-z0-9 _.'-]|\\\.|%20)+?)(?:/|\[/ \]|\[ /\])")
+# "^DS%20Podcast/", "^Castro[/ ]", "^Bullhorn(/.*)?$": the name ends where a version may follow.
+_APP_PRODUCT = re.compile(
+    r"\^?((?:[A-Za-z0-9 _.'-]|\\\.|%20)+?)(?:/|\[/ \]|\[ /\]|\(/| \\\(|\$)"
+)
 
 
 def _known_agent(name: str) -> bool:

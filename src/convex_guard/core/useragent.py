@@ -147,6 +147,8 @@ SOURCES: Final[tuple[AgentSource, ...]] = (
 #: category where a list's tags do not fit our policy, by lower-cased name) and
 #: ``version_required`` (names that are also common words: "Spider", "Code").
 CORRECTIONS: Final = (_DATA, "user_agents_curated.json")
+#: Podcast and media apps whose own user-agents are people's (see `_app`).
+APPS: Final = (_DATA, "opawg_apps.json")
 
 
 def _words(text: str) -> frozenset[str]:
@@ -236,10 +238,10 @@ _NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 # live there and some contain "bot" (real Cubot phones), so the generic words are looked for
 # only after it; bots put their name in a "(compatible; ...)" comment or after the platform.
 _PLATFORM_RE: Final = re.compile(r"\A\s*mozilla/[\d.]+\s*\((?![^)]*compatible)[^)]*\)")
-# The device model in an Android browser's platform comment: "(Linux; U; Android 15; en-US;
-# RMX5020 Build/AP3A.240617.008)" is "rmx5020 build/ap3a.240617.008".
+# The device model in an Android platform comment, a browser's or an app's: "(Linux; U;
+# Android 15; en-US; RMX5020 Build/AP3A.240617.008)" is "rmx5020 build/ap3a.240617.008".
 _DEVICE_RE: Final = re.compile(
-    r"\A\s*mozilla/[\d.]+\s*\(linux;(?: u;)? android[^;)]*;(?: [a-z]{2}[-_][a-z]{2};)?([^;)]+)"
+    r"\(linux;(?: u;)? android[^;)]*;(?: [a-z]{2}[-_][a-z]{2};)?([^;)]+)"
 )
 
 # Two of isbot's (Unlicense) shapes, adopted as they are: a Mozilla token with one word after it
@@ -611,6 +613,15 @@ def _build(
 
 
 _INDEX, _OVERRIDES, DATA_PROVENANCE = _build(SOURCES, CORRECTIONS)
+# Podcast and media apps' products (OPAWG user-agents-v2, MIT; derived by
+# benchmarks/build_useragent_data.py apps, commit recorded in the file): see `_app`.
+_APP_DATA: Final = _load_json(*APPS)
+_APPS: Final = frozenset(_APP_DATA["products"])
+_AGENT_APPS: Final = frozenset(_APP_DATA["agent_products"])
+DATA_PROVENANCE["opawg_apps"] = {k: v for k, v in _APP_DATA.items() if isinstance(v, str)}
+_PHONE_PLATFORMS: Final = frozenset(
+    b"iphone ipad ios ipados tvos watchos android darwin cfnetwork dalvik".split()
+)
 # The generic words are prefilter keys too: one set test per request answers both questions.
 # So are "http" and "https", which stand alone in every URL: one substring test fewer.
 _KEYS: Final = frozenset(_INDEX) | _GENERIC_KEYS | {b"http", b"https"}
@@ -773,6 +784,8 @@ def _generic_words(ua: str, lowered: str, tokens: list[bytes]) -> UserAgentVerdi
     ]
     specific = [w for w in words if _GENERIC_WORDS[w] != "other_bot"]
     match = None if specific else _GENERIC_RE.search(lowered, floor)
+    while match is not None and _device_maker(lowered, match.start()):
+        match = _GENERIC_RE.search(lowered, match.end())
     if match is None:
         if not words:
             return None
@@ -792,6 +805,20 @@ def _generic_words(ua: str, lowered: str, tokens: list[bytes]) -> UserAgentVerdi
     name = _display(ua, lowered, start, end)
     category = _GENERIC_WORDS.get(word, "other_bot")
     return UserAgentVerdict(is_bot=True, category=category, name=name or None)
+
+
+# Phone makers whose name ends in "bot", which in-app browsers name after the platform comment
+# ("... Instagram 94.0 Android (22/5.1; 320dpi; 720x1280; CUBOT; S550 Pro; ...)").
+_DEVICE_MAKERS: Final = ("cu",)
+
+
+def _device_maker(lowered: str, at: int) -> bool:
+    """Whether the "bot" at ``at`` ends a phone maker's name rather than an agent's."""
+    for maker in _DEVICE_MAKERS:
+        start = at - len(maker)
+        if lowered.startswith(maker, start) and (start == 0 or lowered[start - 1] in " ;("):
+            return lowered[at + 3 : at + 4] in ("", " ", ";", ")", "_")
+    return False
 
 
 def _classify_long(ua: str) -> UserAgentVerdict:
@@ -836,12 +863,42 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         # Spelled out rather than any(...): a generator costs more than the four searches.
         # On str: CPython's search over the table's output (bytes full of spaces) is 5x slower.
         if "bot" in lowered or "crawl" in lowered or "spider" in lowered:
-            return _match_generic(ua, lowered, tokens) or _bare(ua, tokens) or _HUMAN
-        if len(tokens) > 6 and tokens[0] == b"mozilla":
+            verdict = _match_generic(ua, lowered, tokens) or _bare(ua, tokens)
+        elif len(tokens) > 6 and tokens[0] == b"mozilla":
             return _HUMAN  # every browser; a short or odd user-agent gets the closer look
-        return _disguised(lowered) or _bare(ua, tokens) or _HUMAN
-    verdict = _match_known(ua, lowered, _KEYS.intersection(tokens))
-    return verdict or _match_generic(ua, lowered, tokens) or _bare(ua, tokens) or _HUMAN
+        else:
+            verdict = _disguised(lowered) or _bare(ua, tokens)
+    else:
+        verdict = _match_known(ua, lowered, _KEYS.intersection(tokens))
+        verdict = verdict or _match_generic(ua, lowered, tokens) or _bare(ua, tokens)
+    if verdict is None or (verdict.category != "ai_crawler" and _app(lowered, tokens, verdict)):
+        return _HUMAN
+    return verdict
+
+
+def _app(lowered: str, tokens: list[bytes], verdict: UserAgentVerdict) -> bool:
+    """Whether a flagged user-agent is a phone or media app's own, sent for a person.
+
+    Apps start with their product ("Podbean/Android App 8.3.2 (http://podbean.com)") and carry
+    what bots carry (a URL, "OkHttp/4.9"), so the product decides: a known app's is a person's.
+    A product that is also an agent's name ("WhatsApp/2.18 Android/6.0 Device/Meizu-MX5" beside
+    WhatsApp's link preview "WhatsApp/2.23.20.0 A"), and any app whose only sign of a bot is
+    its HTTP library ("otg/1.5.1 (AppleTv; tvOS16.2) libcurl/7.58.0"), is an app when it names
+    a phone platform. AI agents are not excused: a site blocks them by name whatever they
+    start with.
+    """
+    slash = lowered.find("/", 2, 64)
+    if slash < 0:
+        return False
+    product = lowered[:slash].strip()
+    if product in _APPS:
+        return True
+    if product not in _AGENT_APPS and (
+        verdict.category != "http_library"
+        or (verdict.name is not None and product.startswith(verdict.name.lower()))
+    ):
+        return False
+    return not _PHONE_PLATFORMS.isdisjoint(tokens)
 
 
 def _bare(ua: str, tokens: list[bytes]) -> UserAgentVerdict | None:
