@@ -35,6 +35,7 @@ import gzip
 import io
 import json
 import re
+import re._parser as _sre  # type: ignore[import-not-found]  # the texts a pattern can match
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,7 @@ ISBOT_GENERIC = {
     "synapse", "synthetic", "tools", "torrent", "transcoder", "url", "validator", "java", "node",
     "active", "custom", "email", "offline", "rank", "read", "reed", "rest", "track", "client",
     "bot", "netsurf", "sogou", "mail.ru", "dmbrowser", "ibisbrowser", "chromeframe", "browsex",
+    "offbyone", "firephp",  # a browser and a Firefox add-on: added from the dev half's mistakes
 }  # fmt: skip
 # OPAWG app product names that are generic words or platforms, not one app: left out.
 APP_GENERIC = {
@@ -106,7 +108,7 @@ ISBOT_CATEGORY = {
     "hardenize": "scanner", "foregenix": "scanner", "watchtowr": "scanner", "clamav": "scanner",
     "wappalyzer": "scanner", "whatcms": "scanner",
     "httrack": "scraper", "webcopier": "scraper", "webbandit": "scraper", "getright": "scraper",
-    "gozilla": "scraper", "igetter": "scraper", "offbyone": "scraper",
+    "gozilla": "scraper", "igetter": "scraper",
     "python": "http_library", "php": "http_library", "postman": "http_library",
     "wget": "http_library", "apache": "http_library", "jetty": "http_library",
     "perl": "http_library", "microsoft bits": "http_library",
@@ -306,11 +308,38 @@ def isbot_rules(package: Path, date: str) -> dict[str, Any]:
 
 # --- OPAWG's podcast and media apps -> the products people's apps announce ----------------------
 
-# A literal product name at the start of an OPAWG pattern alternative: "^Podbean/", "Abandon/",
-# "^DS%20Podcast/", "^Castro[/ ]", "^Bullhorn(/.*)?$": the name ends where a version may follow.
-_APP_PRODUCT = re.compile(
-    r"\^?((?:[A-Za-z0-9 _.'-]|\\\.|%20)+?)(?:/|\[/ \]|\[ /\]|\(/| \\\(|\$)"
-)
+
+def _app_names(alternative: str) -> list[str]:
+    """The product names one OPAWG pattern alternative starts an app's user-agent with.
+
+    Each text the alternative can match ("^Campfire(FM)?/" is "campfire/" and "campfirefm/")
+    up to its first "/", or to a variable part when anchored ("^castero \\d"); a name with a gap
+    the pattern leaves open ("^Podcast.*Addict/") is none.
+    """
+    from convex_guard.core import useragent
+
+    anchored = alternative.startswith("^")
+    try:
+        texts = useragent._expand(_sre.parse(alternative.lstrip("^")))
+    except re.error:
+        return []
+    spaced = " " in alternative or "%20" in alternative
+    names = []
+    for text in texts or []:
+        text = text.replace("%20", " ")
+        head, slash, _ = text.partition("/")
+        if head[:1] == " ":
+            continue  # begins with a variable part ("[sS]aavn")
+        if not slash and not anchored:
+            continue  # neither a product token nor a name the user-agent starts with
+        if " " in head.strip() and not spaced:
+            continue  # a variable part, not a space of the name
+        name = head.strip()
+        # A name, not a platform comment; ASCII, as the classifier compares products folded
+        # to ASCII (the localised names of Apple's Podcasts app are its only others).
+        if name.isascii() and re.fullmatch(r"\w[\w .'&-]*", name):
+            names.append(name)
+    return names
 
 
 def _known_agent(name: str) -> bool:
@@ -327,7 +356,7 @@ def _known_agent(name: str) -> bool:
 def opawg_apps(repo: Path, date: str) -> dict[str, Any]:
     """Product names of OPAWG's apps (podcast players, media apps, smart speakers).
 
-    Only what a pattern spells as a leading product token ("Name/") is kept: an app's
+    Only what a pattern spells as a leading product ("Name/", a whole name) is kept: an app's
     user-agent starts with it, and a bot's hardly ever does, so the classifier can take
     such a user-agent for a person whatever else it carries (an HTTP library, a URL).
     Names a bot list also knows are kept apart: the same product sends both shapes.
@@ -340,16 +369,12 @@ def opawg_apps(repo: Path, date: str) -> dict[str, Any]:
     for entry in entries:
         kept = False
         for alternative in _split_top(entry["pattern"]) or [entry["pattern"]]:
-            alternative = alternative.strip("()")
-            match = _APP_PRODUCT.match(alternative)
-            if match is None:
-                continue
-            name = match[1].replace("%20", " ").replace("\\.", ".").strip()
-            if len(name) < 3 or name.lower() in APP_GENERIC:
-                continue
-            target = agent_products if _known_agent(name) else products
-            target.setdefault(name.lower(), entry["name"])
-            kept = True
+            for name in _app_names(alternative):
+                if len(name) < 3 or name.lower() in APP_GENERIC:
+                    continue
+                target = agent_products if _known_agent(name) else products
+                target.setdefault(name.lower(), entry["name"])
+                kept = True
         if not kept:
             left_out.append(entry["pattern"])
     return {

@@ -186,6 +186,7 @@ def report(*, show_mistakes: bool = True, against: str | None = None) -> str:
     for half, title in (
         ("test", "evaluation set, test half: never looked at"),
         ("dev", "evaluation set, dev half: its mistakes were read and some fixed"),
+        (None, "evaluation set, both halves"),
     ):
         lines += [f"{title} (tests/data/user_agents_evaluation.csv.gz)", HEADER]
         for name_, rows in slices(load_evaluation(half=half)):

@@ -353,21 +353,25 @@ def test_every_mainstream_browser_and_in_app_browser_is_a_person() -> None:
 
 
 def test_evaluation_set_floors() -> None:
-    """The held-out set's measured figures, as floors: a change that loses accuracy fails."""
+    """The held-out set's measured figures, as floors: a change that loses accuracy fails.
+
+    Whole, in-app browsers and podcast players included (they send the shapes bots send:
+    a URL, an HTTP library), and with AI crawlers all caught.
+    """
     path = Path(__file__).parent / "data" / "user_agents_evaluation.csv.gz"
     text = gzip.decompress(path.read_bytes()).decode("utf-8")
     rows = list(csv.DictReader(io.StringIO(text)))
-    browsers = [r for r in rows if r["source"] != "device-detector mobile apps"]
-    flagged = {
-        r["user_agent"] for r in browsers if classify_user_agent_uncached(r["user_agent"]).is_bot
-    }
-    bots = [r for r in browsers if r["expected"] != "human"]
-    people = [r for r in browsers if r["expected"] == "human"]
+    classify = classify_user_agent_uncached
+    flagged = {r["user_agent"] for r in rows if classify(r["user_agent"]).is_bot}
+    bots = [r for r in rows if r["expected"] != "human"]
+    people = [r for r in rows if r["expected"] == "human"]
+    apps = [r for r in people if r["source"] == "device-detector mobile apps"]
     tp = sum(r["user_agent"] in flagged for r in bots)
     fp = sum(r["user_agent"] in flagged for r in people)
     ai = [r for r in bots if r["expected"] == "ai_crawler"]
-    assert tp / len(bots) >= 0.95
-    assert tp / (tp + fp) >= 0.99
+    assert tp / len(bots) >= 0.965  # measured 0.968
+    assert tp / (tp + fp) >= 0.992  # measured 0.994
+    assert sum(r["user_agent"] in flagged for r in apps) <= 4  # measured 4 of 1657
     assert all(r["user_agent"] in flagged for r in ai)
 
 
@@ -379,3 +383,60 @@ def test_format_characters_in_a_browser_leave_a_person(
     for at, ch in inserts:
         ua = ua[:at] + ch + ua[at:]
     assert not classify_user_agent_uncached(ua).is_bot
+
+
+_APP_DATA = json.loads(
+    (resources.files("convex_guard.core.data") / "opawg_apps.json").read_text("utf-8")
+)
+# What bots carry and apps carry too: a URL, an HTTP library, a generic word.
+_BOT_SIGNS = st.sampled_from(["(+https://example.com/app)", "okhttp/4.9.0", "libcurl/7.58.0",
+                              "(podcast crawler)", "http://example.org/bot.html"])  # fmt: skip
+
+
+def test_app_data_provenance_is_recorded() -> None:
+    about = DATA_PROVENANCE["opawg_apps"]
+    assert (about["repository"], about["license"]) == ("opawg/user-agents-v2", "MIT")
+    assert re.fullmatch(r"[0-9a-f]{40}", about["commit"])
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", about["retrieved"])
+    assert len(_APP_DATA["products"]) > 400
+    assert "whatsapp" in _APP_DATA["agent_products"]  # a link-preview bot's name too
+
+
+@given(st.sampled_from(sorted(_APP_DATA["products"])), _BOT_SIGNS)
+def test_a_known_apps_user_agent_is_a_person_whatever_it_carries(product: str, sign: str) -> None:
+    assert not classify_user_agent_uncached(f"{product}/3.1.4 {sign}").is_bot
+
+
+@given(st.sampled_from(sorted(_APP_DATA["products"])), st.sampled_from(AI_AGENTS))
+def test_an_ai_agent_is_not_excused_by_an_apps_product(product: str, name: str) -> None:
+    verdict = classify_user_agent_uncached(f"{product}/3.1.4 (compatible; {name}/1.0)")
+    assert verdict.category == "ai_crawler"
+
+
+@pytest.mark.parametrize(
+    ("ua", "is_bot"),
+    [
+        ("WhatsApp/2.18.79 Android/5.1 Device/Meizu-MX5", False),
+        ("WhatsApp/2.23.20.0 A", True),  # the link preview
+        ("Spotify/8.9.10 Android/33 (SM-G991B)", False),
+        ("Spotify/1.0", True),  # the feed fetcher
+        ("DuckDuckGo/3 CFNetwork/1494.0.7 Darwin/23.4.0", False),
+        ("otg/1.5.1 (AppleTv Apple TV 4; tvOS16.2; appletv.client) libcurl/7.58.0", False),
+        ("curl/8.4.0", True),
+        ("python-requests/2.31 (Linux; Android 14)", True),  # the library is the product
+        ("Castro 2, Episode Duration Lookup", True),  # not the Castro app's "Castro/2023.5"
+        ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Googlebot/2.1", True),
+    ],
+)
+def test_apps_sharing_a_name_or_a_library_with_bots(ua: str, is_bot: bool) -> None:
+    assert classify_user_agent_uncached(ua).is_bot is is_bot
+
+
+def test_a_phone_maker_named_like_a_bot_in_an_in_app_browser() -> None:
+    ua = (
+        "Mozilla/5.0 (Linux; Android 5.1; S550 Pro Build/LMY47D; wv) AppleWebKit/537.36 (KHTML, "
+        "like Gecko) Version/4.0 Chrome/74.0.3729.157 Mobile Safari/537.36 Instagram 94.0.0.22.116 "
+        "Android (22/5.1; 320dpi; 720x1280; CUBOT; S550 Pro; hct6735_35gu_l1; mt6735; ru_RU)"
+    )
+    assert not classify_user_agent_uncached(ua).is_bot
+    assert classify_user_agent_uncached(ua.replace("CUBOT", "SPAMBOT")).is_bot

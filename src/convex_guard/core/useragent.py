@@ -619,6 +619,10 @@ _APP_DATA: Final = _load_json(*APPS)
 _APPS: Final = frozenset(_APP_DATA["products"])
 _AGENT_APPS: Final = frozenset(_APP_DATA["agent_products"])
 DATA_PROVENANCE["opawg_apps"] = {k: v for k, v in _APP_DATA.items() if isinstance(v, str)}
+# An app's product: what its user-agent starts with, up to a version, a comment or its end.
+# ("Castro 2, Episode Duration Lookup" is not the Castro app's "Castro/2023.5 ...": a name
+# and a number may be a bot's.)
+_PRODUCT_RE: Final = re.compile(r"\s*([^/(;]{2,64}?)\s*(?:[/(;]|$)")
 _PHONE_PLATFORMS: Final = frozenset(
     b"iphone ipad ios ipados tvos watchos android darwin cfnetwork dalvik".split()
 )
@@ -862,6 +866,7 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
     if _KEYS.isdisjoint(tokens):
         # Spelled out rather than any(...): a generator costs more than the four searches.
         # On str: CPython's search over the table's output (bytes full of spaces) is 5x slower.
+        listed = False
         if "bot" in lowered or "crawl" in lowered or "spider" in lowered:
             verdict = _match_generic(ua, lowered, tokens) or _bare(ua, tokens)
         elif len(tokens) > 6 and tokens[0] == b"mozilla":
@@ -870,34 +875,42 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
             verdict = _disguised(lowered) or _bare(ua, tokens)
     else:
         verdict = _match_known(ua, lowered, _KEYS.intersection(tokens))
+        listed = verdict is not None and verdict.category != "http_library"
         verdict = verdict or _match_generic(ua, lowered, tokens) or _bare(ua, tokens)
-    if verdict is None or (verdict.category != "ai_crawler" and _app(lowered, tokens, verdict)):
+    if verdict is None:
+        return _HUMAN
+    if verdict.category != "ai_crawler" and _app(lowered, tokens, verdict, listed):
         return _HUMAN
     return verdict
 
 
-def _app(lowered: str, tokens: list[bytes], verdict: UserAgentVerdict) -> bool:
+def _app(lowered: str, tokens: list[bytes], verdict: UserAgentVerdict, listed: bool) -> bool:
     """Whether a flagged user-agent is a phone or media app's own, sent for a person.
 
     Apps start with their product ("Podbean/Android App 8.3.2 (http://podbean.com)") and carry
     what bots carry (a URL, "OkHttp/4.9"), so the product decides: a known app's is a person's.
-    A product that is also an agent's name ("WhatsApp/2.18 Android/6.0 Device/Meizu-MX5" beside
-    WhatsApp's link preview "WhatsApp/2.23.20.0 A"), and any app whose only sign of a bot is
-    its HTTP library ("otg/1.5.1 (AppleTv; tvOS16.2) libcurl/7.58.0"), is an app when it names
-    a phone platform. AI agents are not excused: a site blocks them by name whatever they
-    start with.
+    Any other product that names a phone platform is an app too when ``listed`` is false (only
+    a generic sign flagged it: a URL, a word, its HTTP library, as in "otg/1.5.1 (AppleTv;
+    tvOS16.2) libcurl/7.58.0"), or when it is also an agent's name ("WhatsApp/2.18
+    Android/6.0 Device/Meizu-MX5" beside WhatsApp's link preview "WhatsApp/2.23.20.0 A"); and
+    so is whatever Apple's URL loading system sends ("DuckDuckGo/3 CFNetwork/1494.0.7
+    Darwin/23.4.0"), which servers do not run. AI agents are not excused: a site blocks them
+    by name whatever they start with; nor is a browser ("Mozilla/5.0 ... Googlebot/2.1").
     """
-    slash = lowered.find("/", 2, 64)
-    if slash < 0:
+    match = _PRODUCT_RE.match(lowered)
+    if match is None:
         return False
-    product = lowered[:slash].strip()
+    product = match[1]
     if product in _APPS:
         return True
-    if product not in _AGENT_APPS and (
-        verdict.category != "http_library"
-        or (verdict.name is not None and product.startswith(verdict.name.lower()))
-    ):
-        return False
+    if product == "mozilla":
+        return False  # a browser's user-agent: its platform says nothing about an app
+    if verdict.category == "http_library" and product == (verdict.name or "").lower():
+        return False  # the library is the product: a script, wherever it runs
+    if b"cfnetwork" in tokens and b"darwin" in tokens:
+        return True  # Apple's URL loading system names itself: an app on an Apple device
+    if listed and product not in _AGENT_APPS:
+        return False  # a list names the agent: the platform is part of its disguise
     return not _PHONE_PLATFORMS.isdisjoint(tokens)
 
 
