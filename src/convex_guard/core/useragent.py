@@ -619,10 +619,6 @@ _APP_DATA: Final = _load_json(*APPS)
 _APPS: Final = frozenset(_APP_DATA["products"])
 _AGENT_APPS: Final = frozenset(_APP_DATA["agent_products"])
 DATA_PROVENANCE["opawg_apps"] = {k: v for k, v in _APP_DATA.items() if isinstance(v, str)}
-# An app's product: what its user-agent starts with, up to a version, a comment or its end.
-# ("Castro 2, Episode Duration Lookup" is not the Castro app's "Castro/2023.5 ...": a name
-# and a number may be a bot's.)
-_PRODUCT_RE: Final = re.compile(r"\s*([^/(;]{2,64}?)\s*(?:[/(;]|$)")
 _PHONE_PLATFORMS: Final = frozenset(
     b"iphone ipad ios ipados tvos watchos android darwin cfnetwork dalvik".split()
 )
@@ -859,8 +855,11 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
             return _SUSPICIOUS
     elif size > MAX_LENGTH:
         return _classify_long(ua)
+    letters = raw.translate(_TOKEN_TABLE)  # `_tokens` inlined: a call costs ~10%
+    if size in _SHAPE_SIZES and letters in _BROWSER_SHAPES:
+        return _HUMAN  # a mainstream browser, answered by one set lookup
     lowered = ua.lower()
-    tokens = raw.translate(_TOKEN_TABLE).split()  # `_tokens` inlined: a call costs ~10%
+    tokens = letters.split()
     if not tokens:  # not a single ASCII letter
         return _SUSPICIOUS
     if _KEYS.isdisjoint(tokens):
@@ -897,21 +896,131 @@ def _app(lowered: str, tokens: list[bytes], verdict: UserAgentVerdict, listed: b
     Darwin/23.4.0"), which servers do not run. AI agents are not excused: a site blocks them
     by name whatever they start with; nor is a browser ("Mozilla/5.0 ... Googlebot/2.1").
     """
-    match = _PRODUCT_RE.match(lowered)
-    if match is None:
-        return False
-    product = match[1]
+    if lowered.startswith("mozilla/"):
+        return False  # a browser's user-agent (most bots send one): no app's product
+    # The product runs up to a version, a comment or the end. ("Castro 2, Episode Duration
+    # Lookup" is not the Castro app's "Castro/2023.5 ...": a name and a number may be a bot's.)
+    product = lowered.partition("/")[0]
+    if "(" in product or ";" in product:
+        product = product.partition("(")[0].partition(";")[0]
+    product = product.strip()
     if product in _APPS:
         return True
-    if product == "mozilla":
-        return False  # a browser's user-agent: its platform says nothing about an app
     if verdict.category == "http_library" and product == (verdict.name or "").lower():
         return False  # the library is the product: a script, wherever it runs
-    if b"cfnetwork" in tokens and b"darwin" in tokens:
+    if "cfnetwork/" in lowered and "darwin/" in lowered:
         return True  # Apple's URL loading system names itself: an app on an Apple device
     if listed and product not in _AGENT_APPS:
         return False  # a list names the agent: the platform is part of its disguise
     return not _PHONE_PLATFORMS.isdisjoint(tokens)
+
+
+def _plainly_a_browser(letters: bytes) -> bool:
+    """Whether the search answers "person" from ``letters`` alone (the user-agent's letters,
+    lower-cased, every other byte a space), as it does for any ordinary browser: it starts with
+    Mozilla, has more than six words, none a key, and no generic word."""
+    tokens = letters.split()
+    return (
+        len(tokens) > 6
+        and tokens[0] == b"mozilla"
+        and _KEYS.isdisjoint(tokens)
+        and not any(word in letters for word in (b"bot", b"crawl", b"spider"))
+    )
+
+
+# Mainstream browsers' user-agents, in the shapes they take: "{3}" is a 3-digit number, "{1-2}"
+# one of 1 or 2 digits. Digits are not letters, so each expansion is one text of letters and
+# spaces (`_BROWSER_SHAPES`); a browser whose user-agent has one of these shapes (the same
+# words, the same punctuation, numbers of the same lengths) is answered by one set lookup.
+# The people of tests/data/user_agents.csv and the evaluation set played no part: these are
+# the shapes browsers document (Chrome's and Safari's frozen platform strings, Firefox's).
+_DESKTOPS: Final = (
+    "Windows NT 10.0; Win64; x64",
+    "Windows NT 10.0; WOW64",
+    "Windows NT 10.0",
+    "Windows NT 6.1; Win64; x64",
+    "Windows NT 6.3; Win64; x64",
+    "Macintosh; Intel Mac OS X 10_15_7",
+    "X11; Linux x86_64",
+    "X11; CrOS x86_64 {5}.{2-3}.0",
+)
+_CHROMIUM: Final = (
+    "",
+    " Edg/{3}.0.{4}.{1-3}",
+    " OPR/{3}.0.0.0",
+    " YaBrowser/{2}.{1}.{1}.{1-4}",
+    " Vivaldi/{1}.{1}.{4}.{2}",
+)
+_IOS: Final = ("iPhone; CPU iPhone OS {2}_{1}", "iPhone; CPU iPhone OS {2}_{1}_{1}",
+               "iPad; CPU OS {2}_{1}", "iPad; CPU OS {2}_{1}_{1}")  # fmt: skip
+_IOS_BROWSERS: Final = (
+    "Version/{2}.{1} Mobile/15E148 Safari/604.1",
+    "Version/{2}.{1}.{1} Mobile/15E148 Safari/604.1",
+    "CriOS/{3}.0.{4}.{1-3} Mobile/15E148 Safari/604.1",
+    "FxiOS/{3}.{1} Mobile/15E148 Safari/605.1.15",
+    "Version/{2}.{1} EdgiOS/{3}.{4}.{2} Mobile/15E148 Safari/605.1.15",
+)
+_FIREFOX_PLATFORMS: Final = (
+    "Windows NT 10.0; Win64; x64",
+    "Windows NT 6.1; Win64; x64",
+    "Macintosh; Intel Mac OS X 10.15",
+    "Macintosh; Intel Mac OS X {2}.{1}",
+    "X11; Linux x86_64",
+    "X11; Ubuntu; Linux x86_64",
+)
+_BROWSER_TEMPLATES: Final = (
+    *(
+        f"Mozilla/5.0 ({p}) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/{{3}}.0.0.0 "
+        f"Safari/537.36{c}"
+        for p in _DESKTOPS
+        for c in _CHROMIUM
+    ),
+    *(f"Mozilla/5.0 ({p}; rv:{{3}}.0) Gecko/20100101 Firefox/{{3}}.0" for p in _FIREFOX_PLATFORMS),
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/{2}.{1} Safari/605.1.15",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/{2}.{1}.{1} Safari/605.1.15",
+    *(
+        f"Mozilla/5.0 ({p} like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) {b}"
+        for p in _IOS
+        for b in _IOS_BROWSERS
+    ),
+    "Mozilla/5.0 (Linux; Android {1-2}; K) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/{3}.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Linux; Android {1-2}; K) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "SamsungBrowser/{2}.0 Chrome/{3}.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Android {1-2}; Mobile; rv:{3}.0) Gecko/{3}.0 Firefox/{3}.0",
+)
+_DIGITS_RE: Final = re.compile(r"\{(\d)(?:-(\d))?\}")
+
+
+def _shapes(templates: Iterable[str]) -> frozenset[bytes]:
+    """Every template's expansions as `_TOKEN_TABLE` output, each kept only if the search
+    itself, run on it, answers "person" from its letters (`_plainly_a_browser`): the set can
+    change no answer, only how fast it comes."""
+    shapes: set[bytes] = set()
+    for template in templates:
+        texts = [""]
+        at = 0
+        for match in _DIGITS_RE.finditer(template):
+            low = int(match[1])
+            high = int(match[2] or low)
+            texts = [
+                t + template[at : match.start()] + "1" * n
+                for t in texts
+                for n in range(low, high + 1)
+            ]
+            at = match.end()
+        for text in texts:
+            letters = (text + template[at:]).encode("ascii").translate(_TOKEN_TABLE)
+            if _plainly_a_browser(letters) and 32 <= len(letters) <= MAX_LENGTH:
+                shapes.add(letters)
+    return frozenset(shapes)
+
+
+_BROWSER_SHAPES: Final = _shapes(_BROWSER_TEMPLATES)
+#: Their lengths: an integer's set test spares most other user-agents hashing their text.
+_SHAPE_SIZES: Final = frozenset(map(len, _BROWSER_SHAPES))
 
 
 def _bare(ua: str, tokens: list[bytes]) -> UserAgentVerdict | None:
