@@ -618,6 +618,7 @@ _INDEX, _OVERRIDES, DATA_PROVENANCE = _build(SOURCES, CORRECTIONS)
 _APP_DATA: Final = _load_json(*APPS)
 _APPS: Final = frozenset(_APP_DATA["products"])
 _AGENT_APPS: Final = frozenset(_APP_DATA["agent_products"])
+_APP_WORDS: Final = frozenset(_tokens(name)[0] for name in _APPS | _AGENT_APPS if _tokens(name))
 DATA_PROVENANCE["opawg_apps"] = {k: v for k, v in _APP_DATA.items() if isinstance(v, str)}
 _PHONE_PLATFORMS: Final = frozenset(
     b"iphone ipad ios ipados tvos watchos android darwin cfnetwork dalvik".split()
@@ -644,6 +645,23 @@ _DISGUISABLE: Final[dict[bytes, UserAgentVerdict]] = {
     and rule.squashed.isalpha()
     and rule.literal not in _COMMON_WORDS
 }
+
+
+#: Verdicts named after the text that matched, kept for reuse: building a frozen dataclass
+#: costs more than a dict lookup, and a bot sends the same user-agent again. Bounded, so
+#: user-agents made up to differ cannot grow it; past the bound a verdict is built each time.
+_NAMED: Final[dict[tuple[BotCategory, str | None], UserAgentVerdict]] = {}
+_NAMED_SIZE: Final = 4096
+
+
+def _verdict(category: BotCategory, name: str | None) -> UserAgentVerdict:
+    key = (category, name)
+    verdict = _NAMED.get(key)
+    if verdict is None:
+        verdict = UserAgentVerdict(True, category, name)
+        if len(_NAMED) < _NAMED_SIZE:
+            _NAMED[key] = verdict
+    return verdict
 
 
 def _display(ua: str, lowered: str, start: int, end: int) -> str:
@@ -740,7 +758,7 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
             at = lowered.find(rule.literal)
             if at >= 0:
                 name = ua[at : at + len(rule.literal)].strip(" /;:()+-_.")
-                return UserAgentVerdict(True, rule.category, name or rule.verdict.name)
+                return _verdict(rule.category, name or rule.verdict.name)
         return rule.verdict
     assert match is not None
     start, end = match.span()
@@ -750,7 +768,7 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
         start += 1  # punctuation a pattern's match may begin with
     name = _display(ua, lowered, start, end)
     category = _OVERRIDES.get(name.lower(), rule.category)
-    return UserAgentVerdict(is_bot=True, category=category, name=name or None)
+    return _verdict(category, name or None)
 
 
 def _disguised(lowered: str) -> UserAgentVerdict | None:
@@ -793,7 +811,7 @@ def _generic_words(ua: str, lowered: str, tokens: list[bytes]) -> UserAgentVerdi
         start = lowered.find(word, floor)
         end = start + len(word)
         name = _display(ua, lowered, start, end)
-        return UserAgentVerdict(is_bot=True, category=_GENERIC_WORDS[word], name=name or None)
+        return _verdict(_GENERIC_WORDS[word], name or None)
     start, end = match.span()
     word = match[0]
     if word.startswith("http"):
@@ -803,8 +821,7 @@ def _generic_words(ua: str, lowered: str, tokens: list[bytes]) -> UserAgentVerdi
         while start > 0 and lowered[start - 1] in _NAME_CHARS:
             start -= 1  # widen "bot" to "foobot"
     name = _display(ua, lowered, start, end)
-    category = _GENERIC_WORDS.get(word, "other_bot")
-    return UserAgentVerdict(is_bot=True, category=category, name=name or None)
+    return _verdict(_GENERIC_WORDS.get(word, "other_bot"), name or None)
 
 
 # Phone makers whose name ends in "bot", which in-app browsers name after the platform comment
@@ -896,23 +913,29 @@ def _app(lowered: str, tokens: list[bytes], verdict: UserAgentVerdict, listed: b
     Darwin/23.4.0"), which servers do not run. AI agents are not excused: a site blocks them
     by name whatever they start with; nor is a browser ("Mozilla/5.0 ... Googlebot/2.1").
     """
-    if lowered.startswith("mozilla/"):
+    if tokens[0] == b"mozilla":
         return False  # a browser's user-agent (most bots send one): no app's product
-    # The product runs up to a version, a comment or the end. ("Castro 2, Episode Duration
-    # Lookup" is not the Castro app's "Castro/2023.5 ...": a name and a number may be a bot's.)
+    # The first word, already hashed by the prefilter, says whether the product is worth
+    # reading: most bots' is no app's.
+    product = _product(lowered) if tokens[0] in _APP_WORDS else None
+    if product in _APPS:
+        return True
+    apple = "cfnetwork/" in lowered and "darwin/" in lowered  # an app on an Apple device
+    if listed:  # a list names the agent: a platform is part of its disguise, unless...
+        return apple or (product in _AGENT_APPS and not _PHONE_PLATFORMS.isdisjoint(tokens))
+    if verdict.category == "http_library" and _product(lowered) == (verdict.name or "").lower():
+        return False  # the library is the product: a script, wherever it runs
+    return apple or not _PHONE_PLATFORMS.isdisjoint(tokens)
+
+
+def _product(lowered: str) -> str:
+    """What a user-agent starts with, up to a version, a comment or its end. ("Castro 2,
+    Episode Duration Lookup" is not the Castro app's "Castro/2023.5": a name and a number
+    may be a bot's.)"""
     product = lowered.partition("/")[0]
     if "(" in product or ";" in product:
         product = product.partition("(")[0].partition(";")[0]
-    product = product.strip()
-    if product in _APPS:
-        return True
-    if verdict.category == "http_library" and product == (verdict.name or "").lower():
-        return False  # the library is the product: a script, wherever it runs
-    if "cfnetwork/" in lowered and "darwin/" in lowered:
-        return True  # Apple's URL loading system names itself: an app on an Apple device
-    if listed and product not in _AGENT_APPS:
-        return False  # a list names the agent: the platform is part of its disguise
-    return not _PHONE_PLATFORMS.isdisjoint(tokens)
+    return product.strip()
 
 
 def _plainly_a_browser(letters: bytes) -> bool:
@@ -1028,7 +1051,7 @@ def _bare(ua: str, tokens: list[bytes]) -> UserAgentVerdict | None:
         return None
     rest = ua.strip().split(None, 1)
     name = rest[1].strip(" ()")[:64] if len(rest) > 1 else ""
-    return UserAgentVerdict(is_bot=True, category="other_bot", name=name or None)
+    return _verdict("other_bot", name or None)
 
 
 class CacheInfo(NamedTuple):
