@@ -895,8 +895,10 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         verdict = verdict or _match_generic(ua, lowered, tokens) or _bare(ua, tokens)
     if verdict is None:
         return _HUMAN
-    if verdict.category != "ai_crawler" and _app(lowered, tokens, verdict, listed):
-        return _HUMAN
+    # A browser's user-agent (most bots send one) names no app's product: no call for it.
+    if tokens[0] != b"mozilla" and verdict.category != "ai_crawler":
+        if _app(lowered, tokens, verdict, listed):
+            return _HUMAN
     return verdict
 
 
@@ -911,10 +913,9 @@ def _app(lowered: str, tokens: list[bytes], verdict: UserAgentVerdict, listed: b
     Android/6.0 Device/Meizu-MX5" beside WhatsApp's link preview "WhatsApp/2.23.20.0 A"); and
     so is whatever Apple's URL loading system sends ("DuckDuckGo/3 CFNetwork/1494.0.7
     Darwin/23.4.0"), which servers do not run. AI agents are not excused: a site blocks them
-    by name whatever they start with; nor is a browser ("Mozilla/5.0 ... Googlebot/2.1").
+    by name whatever they start with; nor (the caller's test) is a browser ("Mozilla/5.0
+    ... Googlebot/2.1").
     """
-    if tokens[0] == b"mozilla":
-        return False  # a browser's user-agent (most bots send one): no app's product
     # The first word, already hashed by the prefilter, says whether the product is worth
     # reading: most bots' is no app's.
     product = _product(lowered) if tokens[0] in _APP_WORDS else None
