@@ -477,6 +477,27 @@ def test_directories_are_https_and_public_unless_told(directory: RunningServer) 
     assert verdict.evidence.endswith("is not https") and verifier.lookups == 0
 
 
+@pytest.mark.parametrize("ip", ["10.0.0.7", "127.0.0.1", "::1", "192.0.2.1", "100.64.0.1"])
+def test_a_crawler_from_a_private_address_warns_once_of_an_untrusted_proxy(
+    ip: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    verifier = CrawlerVerifier(reverse_dns=False, web_bot_auth=False)
+    ua = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
+    with caplog.at_level("WARNING", logger="convex_guard"):
+        verdicts = [verifier.crawler(ua, ip) for _ in range(3)]
+        assert verifier.crawler(ua, "66.249.66.1") is not None
+    assert {v.status for v in verdicts if v is not None} == {"spoofed"}
+    warned = [r.getMessage() for r in caplog.records if "trusted_proxies" in r.getMessage()]
+    assert len(warned) == 1 and ip in warned[0]
+
+
+def test_a_crawler_from_a_public_address_warns_of_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    verifier = CrawlerVerifier(reverse_dns=False, web_bot_auth=False)
+    with caplog.at_level("WARNING", logger="convex_guard"):
+        verifier.crawler("Googlebot/2.1", "8.8.8.8")
+    assert not [r for r in caplog.records if "trusted_proxies" in r.getMessage()]
+
+
 def test_ranges_from_a_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     data = {
         "date": "2026-01-01",

@@ -896,9 +896,9 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
     if verdict is None:
         return _HUMAN
     # A browser's user-agent (most bots send one) names no app's product: no call for it.
-    if tokens[0] != b"mozilla" and verdict.category != "ai_crawler":
-        if _app(lowered, tokens, verdict, listed):
-            return _HUMAN
+    browser = tokens[0] == b"mozilla"
+    if not browser and verdict.category != "ai_crawler" and _app(lowered, tokens, verdict, listed):
+        return _HUMAN
     return verdict
 
 

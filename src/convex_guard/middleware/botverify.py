@@ -42,7 +42,7 @@ from convex_guard.core.crawlers import (
     hostname_matches,
 )
 from convex_guard.core.errors import ConfigurationError
-from convex_guard.core.logs import ThrottledLog, printable
+from convex_guard.core.logs import ThrottledLog, logger, printable
 from convex_guard.core.webbotauth import (
     MalformedSignature,
     parse_directory,
@@ -171,6 +171,9 @@ class CrawlerVerifier:
         self._directories: _Cache[str, _Directory] = _Cache(CACHE_SIZE)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._trouble = ThrottledLog()
+        # A crawler from a private, loopback or reserved address most likely means an untrusted
+        # proxy in front of the app: said once, as it would be said of every crawler after.
+        self._warned_private = False
         #: Lookups started (reverse DNS and directories), for tests and metrics.
         self.lookups = 0
 
@@ -217,6 +220,15 @@ class CrawlerVerifier:
         name = crawler.name
         address = _public_address(ip)
         if address is None:
+            if not self._warned_private:
+                self._warned_private = True
+                logger.warning(
+                    "A request claiming to be %s came from %s, not a public address: every "
+                    "crawler from there is judged spoofed. If the app is behind a proxy, list "
+                    "it in trusted_proxies so the client's own address is used.",
+                    printable(name),
+                    printable(ip),
+                )
             return CrawlerVerdict("spoofed", name, "address", f"ip {ip} is not a public address")
         network = self.ranges.network_of(crawler, address)
         if network is not None:
