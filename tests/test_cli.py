@@ -190,7 +190,15 @@ def test_stats_providers(run: Run) -> None:
 def test_bots_recent(run: Run) -> None:
     events = [
         BotEvent(NOW - 30 * MINUTE, "fp-old", "1.1.1.1", "curl/8", "bot_useragent", "blocked"),
-        BotEvent(NOW - 5 * MINUTE, "fp-new", "2.2.2.2", "GPTBot/1.0", "ai_scraper", "challenged"),
+        BotEvent(
+            NOW - 5 * MINUTE,
+            "fp-new",
+            "2.2.2.2",
+            "GPTBot/1.0",
+            "ai_scraper",
+            "challenged",
+            metadata={"category": "ai_crawler", "agent": "GPTBot", "path": "/"},
+        ),
         BotEvent(NOW - 3 * HOUR, "fp-ancient", "3.3.3.3", "x", "rate_limit", "blocked"),
     ]
     asyncio.run(run.store.write_logs(LogBatch(id="e", bot_events=events)))
@@ -201,6 +209,7 @@ def test_bots_recent(run: Run) -> None:
         "TIME",
         "TYPE",
         "ACTION",
+        "BOT",
         "IP",
         "FINGERPRINT",
         "USER",
@@ -213,6 +222,8 @@ def test_bots_recent(run: Run) -> None:
         "07:55:00Z",
         "ai_scraper",
         "challenged",
+        "ai_crawler",
+        "GPTBot",
         "2.2.2.2",
         "fp-new",
         "GPTBot/1.0",
@@ -220,6 +231,7 @@ def test_bots_recent(run: Run) -> None:
         "-",
     ]
     assert "fp-old" in lines[3] and len(lines) == 4
+    assert lines[3].split()[4] == "-"  # an event that names no agent
     data = json.loads(run("bots", "recent", "--since", "1d", "--limit", "2", "--json")[1])
     assert [e["fingerprint"] for e in data] == ["fp-new", "fp-old"]
     assert data[0]["detectionType"] == "ai_scraper" and data[0]["userAgent"] == "GPTBot/1.0"

@@ -240,6 +240,14 @@ def _keys_table(records: Sequence[ApiKeyRecord], now: float) -> str:
     return table([*headers, "EXPIRES", "LAST USED", "REQUESTS"], rows)
 
 
+def _bot(event: BotEvent) -> str:
+    """`ai_crawler GPTBot`: what the user-agent was taken for (`-` for an event without it,
+    such as a rate-limit escalation)."""
+    meta = event.metadata or {}
+    text = f"{meta.get('category') or ''} {meta.get('agent') or ''}".strip()
+    return printable(text, 40) or "-"
+
+
 def _verification(event: BotEvent) -> str:
     """`verified googlebot`, `spoofed claudebot`, or `-` for an event with no claim checked."""
     meta = event.metadata or {}
@@ -564,6 +572,7 @@ class _Cli:
                 _when(e.timestamp),
                 e.detection_type,
                 e.action,
+                _bot(e),
                 e.ip,
                 e.fingerprint[:16],
                 printable(e.user_agent, 60) or "-",
@@ -572,7 +581,7 @@ class _Cli:
             ]
             for e in events
         ]
-        headers = ["TIME", "TYPE", "ACTION", "IP", "FINGERPRINT", "USER AGENT", "VERIFIED"]
+        headers = ["TIME", "TYPE", "ACTION", "BOT", "IP", "FINGERPRINT", "USER AGENT", "VERIFIED"]
         self.emit(table([*headers, "EVIDENCE"], rows))
         return EXIT_OK
 
