@@ -158,7 +158,8 @@ def test_every_route_is_a_bare_401_without_the_right_token(
     caplog.set_level(logging.WARNING, "convex_guard.dashboard")
     with serve(dashboard(store)) as server, httpx.Client(base_url=server.url) as client:
         answers = []
-        for path in ("/", "/static/app.js", "/api/snapshot", "/api/events", "/nowhere"):
+        routes = ("/api/snapshot", "/api/events", "/api/bots")
+        for path in ("/", "/static/app.js", *routes, "/nowhere"):
             for headers in (
                 {},
                 {"Authorization": "Bearer wrong-token-of-some-length"},
@@ -222,6 +223,63 @@ def test_snapshot_figures_from_a_memory_store(memory: tuple[MemoryStore, Created
     # Neither the key nor its hash, anywhere the dashboard answers.
     for secret in (created.key, created.record.key_hash):
         assert secret not in answer.text and secret not in page
+
+
+def test_the_bot_list_says_what_was_verified_and_spoofed(
+    memory: tuple[MemoryStore, CreatedKey],
+) -> None:
+    store, _ = memory
+    claims = [
+        ("66.249.66.1", "verified", "googlebot", "ip 66.249.66.1 in googlebot 66.249.64.0/19"),
+        ("8.8.4.4", "spoofed", "claudebot", "ip 8.8.4.4 not in claudebot ranges"),
+    ]
+    ua = "Mozilla/5.0 (compatible; Bot/1.0)\x1b[31m"
+    events = []
+    for i, (ip, status, name, why) in enumerate(claims):
+        action: Literal["allowed", "blocked"] = "allowed" if status == "verified" else "blocked"
+        meta = {"category": "search_engine", "agent": name, "path": "/",
+                "verification": status, "verifiedName": name, "evidence": why}  # fmt: skip
+        events.append(
+            BotEvent(NOW - 30_000 + i, f"fp-{i}", ip, ua, "bot_useragent", action, metadata=meta)
+        )
+    asyncio.run(store.write_logs(LogBatch(id="bots", bot_events=events)))
+    old = BotEvent(NOW - 20 * MINUTE, "fp-old", "192.0.2.1", "x", "rate_limit", "blocked")
+    asyncio.run(store.write_logs(LogBatch(id="old", bot_events=[old])))
+    with serve(dashboard(store)) as server, httpx.Client(base_url=server.url) as client:
+        answer = client.get("/api/bots", headers=BEARER)
+        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+        listed = answer.json()["events"]
+        wide = client.get("/api/bots?window=1h", headers=BEARER).json()["events"]
+        assert client.get("/api/bots?window=soon", headers=BEARER).status_code == 400
+    by_ip = {e["ip"]: e for e in listed}
+    assert "192.0.2.1" not in by_ip and "192.0.2.1" in {e["ip"] for e in wide}  # the window
+    assert len(listed) == 5  # the seeded three and the two claims, most recent first
+    times = [e["timestamp"] for e in listed]
+    assert times == sorted(times, reverse=True)
+    for ip, status, name, why in claims:
+        row = by_ip[ip]
+        assert (row["verification"], row["verifiedName"], row["evidence"]) == (status, name, why)
+        assert (row["category"], row["agent"]) == ("search_engine", name)
+        assert "\x1b" not in row["userAgent"]
+    assert by_ip["203.0.113.10"]["verification"] is None  # no claim was checked
+
+
+def test_the_bot_list_of_a_store_without_bot_events_is_a_404() -> None:
+    class Snapshots:
+        """A dashboard store that keeps no bot history."""
+
+        def __init__(self) -> None:
+            self.inner = MemoryStore()
+
+        def __getattr__(self, name: str) -> Any:
+            if name in ("bot_events", "count_bot_events", "check"):
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    board = dashboard(Snapshots())
+    with serve(board) as server:
+        answer = httpx.get(f"{server.url}/api/bots", headers=BEARER)
+    assert answer.status_code == 404 and "keeps no bot events" in answer.json()["detail"]
 
 
 def test_bad_windows_are_a_400_with_a_reason(

@@ -2,7 +2,9 @@
 
 The page (`static/`, shipped in the wheel, no CDN) reads one `DashboardSnapshot` per refresh:
 `GET api/snapshot?window=1h` as JSON, and `GET api/events?window=1h` as server-sent events
-that push a new snapshot when the data changes — on Convex when the store's subscription
+that push a new snapshot when the data changes (`GET api/bots?window=1h` lists the window's
+latest bot events, for the bot list, each with what it was taken for and whether its claim
+was verified or spoofed) — on Convex when the store's subscription
 fires (at most one push per `throttle` seconds), on any other store by polling it every
 `poll_interval` seconds. Every route asks for the token: a `dashboard_token` cookie (set
 when the page is opened with `?token=…`), `Authorization: Bearer …` or `?token=…`, compared
@@ -32,7 +34,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from convex_guard.core.errors import StoreError
 from convex_guard.core.logs import printable
-from convex_guard.stores.base import DashboardSnapshot, DashboardStore, dashboard_feed, require
+from convex_guard.stores.base import (
+    BotEvent,
+    DashboardSnapshot,
+    DashboardStore,
+    dashboard_feed,
+    require,
+)
 
 logger = logging.getLogger("convex_guard.dashboard")
 
@@ -47,6 +55,8 @@ TARGET_BUCKETS = 60
 #: Up to this window buckets are whole minutes (the minute rollups); beyond, whole hours.
 MINUTE_BUCKETS_UP_TO = 6 * HOUR
 COOKIE = "dashboard_token"
+#: The bot list shows the window's latest events, at most this many.
+BOT_LIST_SIZE = 50
 #: An idle event stream sends a comment this often, so a dead connection is noticed.
 KEEPALIVE_SECONDS = 15.0
 
@@ -168,6 +178,7 @@ class Dashboard:
                 Route("/static/{name}", self._asset),
                 Route("/api/snapshot", self._snapshot),
                 Route("/api/events", self._events),
+                Route("/api/bots", self._bots),
             ]
         )
 
@@ -259,6 +270,21 @@ class Dashboard:
             return _problem(503, "Store unavailable", "The store did not answer; retry shortly.")
         return Response(_encode(snapshot), media_type="application/json", headers=_SECURITY_HEADERS)
 
+    async def _bots(self, request: Request) -> Response:
+        window = self._window(request)
+        if isinstance(window, Response):
+            return window
+        read = getattr(self.store, "bot_events", None)
+        if read is None:
+            return _problem(404, "Not Found", "This store keeps no bot events.")
+        try:
+            events = await read(since=self.clock() - window, limit=BOT_LIST_SIZE)
+        except StoreError as exc:
+            logger.warning("Dashboard: the store failed: %s", exc)
+            return _problem(503, "Store unavailable", "The store did not answer; retry shortly.")
+        body = json.dumps({"events": [_bot_json(e) for e in events]}, separators=(",", ":"))
+        return Response(body, media_type="application/json", headers=_SECURITY_HEADERS)
+
     async def _events(self, request: Request) -> Response:
         window = self._window(request)
         if isinstance(window, Response):
@@ -341,6 +367,29 @@ class Dashboard:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _bot_json(event: BotEvent) -> dict[str, object]:
+    """One row of the bot list: the decision, what the user-agent was taken for, the claim's
+    verification and its evidence. Texts the client chose are made printable and cut short
+    (the page puts them in as text, never as markup)."""
+    meta = event.metadata or {}
+
+    def text(value: object, limit: int) -> str | None:
+        return printable(str(value), limit) if value not in (None, "") else None
+
+    return {
+        "timestamp": event.timestamp,
+        "ip": text(event.ip, 64),
+        "userAgent": text(event.user_agent, 200),
+        "type": event.detection_type,
+        "action": event.action,
+        "category": text(meta.get("category"), 40),
+        "agent": text(meta.get("agent"), 80),
+        "verification": text(meta.get("verification"), 20),
+        "verifiedName": text(meta.get("verifiedName"), 80),
+        "evidence": text(meta.get("evidence"), 200),
+    }
 
 
 def _route_path(scope: Scope) -> str:

@@ -197,6 +197,36 @@
     bars("chart-keys", snap.topKeys.map((k, i) => ({ key: `keys/${k.id}`, label: `${k.name} (${k.prefix}…)`, value: k.requests, text: fmt(k.requests), color: k.active ? color(i) : "#8b98a5" })));
   }
 
+  /** The bot list: one row per event, each text put in as textContent; a verified claim's
+   * row green, a spoofed one's red. */
+  function renderBots(events) {
+    const rows = events.map((e) => {
+      const row = document.createElement("tr");
+      if (e.verification === "verified" || e.verification === "spoofed") row.className = e.verification;
+      const claim = e.verification ? `${e.verification} ${e.verifiedName || ""}`.trim() : "–";
+      const takenFor = `${e.category || ""} ${e.agent || ""}`.trim() || e.type;
+      const cells = [new Date(e.timestamp).toLocaleTimeString(), e.action, takenFor, claim, e.ip || "–", e.userAgent || "–", e.evidence || "–"];
+      for (const value of cells) {
+        const cell = document.createElement("td");
+        cell.textContent = value;
+        cell.title = value;
+        row.append(cell);
+      }
+      return row;
+    });
+    $("bot-list").tBodies[0].replaceChildren(...rows);
+  }
+
+  async function refreshBots(mine) {
+    try {
+      const response = await fetch(`api/bots?window=${windowName}`, { credentials: "same-origin", cache: "no-store" });
+      if (mine !== generation || !response.ok) return;
+      renderBots((await response.json()).events);
+    } catch {
+      // The snapshot's status line already says when the dashboard is unreachable.
+    }
+  }
+
   function status(text, live) {
     const box = $("status");
     box.textContent = text;
@@ -218,6 +248,7 @@
         return true;
       }
       render(await response.json());
+      refreshBots(mine);
       status(`updated ${stamp()}${source === null ? ", polling" : ""}`, source !== null);
     } catch {
       if (mine === generation) status("dashboard unreachable; retrying");
@@ -240,6 +271,7 @@
     source.addEventListener("snapshot", (event) => {
       if (mine !== generation) return;
       render(JSON.parse(event.data));
+      refreshBots(mine);
       status(`live, updated ${stamp()}`, true);
     });
     const fallBack = () => {
