@@ -924,9 +924,10 @@ def _app(lowered: str, tokens: list[bytes], verdict: UserAgentVerdict, listed: b
     apple = "cfnetwork/" in lowered and "darwin/" in lowered  # an app on an Apple device
     if listed:  # a list names the agent: a platform is part of its disguise, unless...
         return apple or (product in _AGENT_APPS and not _PHONE_PLATFORMS.isdisjoint(tokens))
-    if verdict.category == "http_library" and _product(lowered) == (verdict.name or "").lower():
-        return False  # the library is the product: a script, wherever it runs
-    return apple or not _PHONE_PLATFORMS.isdisjoint(tokens)
+    if not apple and _PHONE_PLATFORMS.isdisjoint(tokens):
+        return False  # most HTTP libraries and generic bots: no platform named
+    # The library is the product ("okhttp/4.9 (Android 14)"): a script, wherever it runs.
+    return verdict.category != "http_library" or _product(lowered) != (verdict.name or "").lower()
 
 
 def _product(lowered: str) -> str:
