@@ -649,7 +649,8 @@ _DISGUISABLE: Final[dict[bytes, UserAgentVerdict]] = {
 
 #: Verdicts named after the text that matched, kept for reuse: building a frozen dataclass
 #: costs more than a dict lookup, and a bot sends the same user-agent again. Bounded, so
-#: user-agents made up to differ cannot grow it; past the bound a verdict is built each time.
+#: user-agents made up to differ cannot grow it (nor long names: at most 4096 of 64 characters);
+#: past the bound a verdict is built each time.
 _NAMED: Final[dict[tuple[BotCategory, str | None], UserAgentVerdict]] = {}
 _NAMED_SIZE: Final = 4096
 
@@ -659,7 +660,7 @@ def _verdict(category: BotCategory, name: str | None) -> UserAgentVerdict:
     verdict = _NAMED.get(key)
     if verdict is None:
         verdict = UserAgentVerdict(True, category, name)
-        if len(_NAMED) < _NAMED_SIZE:
+        if len(_NAMED) < _NAMED_SIZE and (name is None or len(name) <= 64):
             _NAMED[key] = verdict
     return verdict
 
