@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convex_guard.core.useragent import (
+    _BROWSER_TEMPLATES,
     BOT_CATEGORIES,
     DATA_PROVENANCE,
     UserAgentVerdict,
@@ -440,3 +441,41 @@ def test_a_phone_maker_named_like_a_bot_in_an_in_app_browser() -> None:
     )
     assert not classify_user_agent_uncached(ua).is_bot
     assert classify_user_agent_uncached(ua.replace("CUBOT", "SPAMBOT")).is_bot
+
+
+def test_browser_shapes_change_no_answer_only_its_speed() -> None:
+    from convex_guard.core import useragent
+
+    shapes = useragent._BROWSER_SHAPES
+    assert len(shapes) >= 100
+    assert all(useragent._plainly_a_browser(shape) for shape in shapes)
+    # Most mainstream browsers are answered by the one lookup (the rest by the search).
+    hits = [ua for ua in MAINSTREAM if ua.encode().translate(useragent._TOKEN_TABLE) in shapes]
+    assert len(hits) >= 0.7 * len(MAINSTREAM)
+
+
+@given(
+    st.sampled_from(_BROWSER_TEMPLATES),
+    st.lists(st.integers(0, 9), min_size=40, max_size=40),
+    st.sampled_from(["", " GPTBot/1.2", " (compatible; Googlebot/2.1)", " HeadlessChrome"]),
+)
+def test_a_browser_shape_with_any_digits_is_a_person_and_a_bot_in_it_is_not(
+    template: str, digits: list[int], suffix: str
+) -> None:
+    pool = iter(digits)
+
+    def fill(match: re.Match[str]) -> str:
+        return "".join(str(next(pool)) for _ in range(int(match[2] or match[1])))
+
+    ua = re.sub(r"\{(\d)(?:-(\d))?\}", fill, template) + suffix
+    assert classify_user_agent_uncached(ua).is_bot is bool(suffix)
+
+
+def test_reused_verdicts_are_bounded() -> None:
+    from convex_guard.core import useragent
+
+    for i in range(5000):
+        name = "Zq" + "".join(chr(97 + int(d)) for d in f"{i:04d}") + "bot"  # Zqaaabbot, ...
+        verdict = classify_user_agent_uncached(f"Mozilla/5.0 (compatible; {name}/1.0)")
+        assert verdict.is_bot and verdict.name == name
+    assert len(useragent._NAMED) <= useragent._NAMED_SIZE
