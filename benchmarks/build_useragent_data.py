@@ -363,6 +363,13 @@ def opawg_apps(repo: Path, date: str) -> dict[str, Any]:
     """
     commit, committed = git_head(repo)
     entries = json.loads(git_show(repo, "src/apps.json"))["entries"]
+    # Products OPAWG lists as bots too (a feed fetcher named like its app): agents as well.
+    bots = {
+        name.lower()
+        for entry in json.loads(git_show(repo, "src/bots.json"))["entries"]
+        for alternative in _split_top(entry["pattern"]) or [entry["pattern"]]
+        for name in _app_names(alternative)
+    }
     products: dict[str, str] = {}
     left_out: list[str] = []
     agent_products: dict[str, str] = {}
@@ -372,7 +379,8 @@ def opawg_apps(repo: Path, date: str) -> dict[str, Any]:
             for name in _app_names(alternative):
                 if len(name) < 3 or name.lower() in APP_GENERIC:
                     continue
-                target = agent_products if _known_agent(name) else products
+                agent = name.lower() in bots or _known_agent(name)
+                target = agent_products if agent else products
                 target.setdefault(name.lower(), entry["name"])
                 kept = True
         if not kept:
@@ -388,9 +396,9 @@ def opawg_apps(repo: Path, date: str) -> dict[str, Any]:
         "note": (
             "Derived by benchmarks/build_useragent_data.py: the leading product name of each "
             "app pattern (lower-cased), with the app it names; generic words and patterns "
-            "without one left out. 'agent_products' are the names a bot list also knows as an "
-            "agent (WhatsApp's link previews, Overcast's feed fetcher): an app only when its "
-            "user-agent names a phone platform."
+            "without one left out. 'agent_products' are the names a bot list (OPAWG's own "
+            "included) also knows as an agent (WhatsApp's link previews, Overcast's feed "
+            "fetcher): an app only when its user-agent names a phone platform."
         ),
         "products": dict(sorted(products.items())),
         "agent_products": dict(sorted(agent_products.items())),
