@@ -370,7 +370,7 @@ def test_evaluation_set_floors() -> None:
     tp = sum(r["user_agent"] in flagged for r in bots)
     fp = sum(r["user_agent"] in flagged for r in people)
     ai = [r for r in bots if r["expected"] == "ai_crawler"]
-    assert tp / len(bots) >= 0.965  # measured 0.968
+    assert tp / len(bots) >= 0.97  # measured 0.972
     assert tp / (tp + fp) >= 0.992  # measured 0.994
     assert sum(r["user_agent"] in flagged for r in apps) <= 4  # measured 4 of 1657
     assert all(r["user_agent"] in flagged for r in ai)
