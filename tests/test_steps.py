@@ -143,10 +143,12 @@ async def test_nothing_to_decide_in_the_store_awaits_nothing() -> None:
     assert bots.before(person, no_body, ctx) is None
     # A presented key and a crawler each need the store: a decision, which the runner awaits.
     keyed = scope_for("/api/ai/openai/chat", BROWSER, authorization="Bearer cg_ai_x")
-    decision = keys.before(keyed, no_body, ctx)
+    # A context per request: it holds the headers read from its own request.
+    keyed_ctx = GuardContext(route_of(keyed), fingerprint="f", client_ip="203.0.113.7")
+    decision = keys.before(keyed, no_body, keyed_ctx)
     assert inspect.iscoroutine(decision)
     refusal = await decision
-    assert callable(refusal) and ctx.rejected == "api_key_invalid"
+    assert callable(refusal) and keyed_ctx.rejected == "api_key_invalid"
     flagged = scope_for("/api/ai/openai/chat", GPTBOT)
     crawler = bots.before(flagged, no_body, GuardContext(route_of(flagged), fingerprint="g"))
     assert inspect.iscoroutine(crawler) and callable(await crawler)
