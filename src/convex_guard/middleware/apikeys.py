@@ -257,6 +257,10 @@ class ApiKeyMiddleware(StepMiddleware):
     def writers(self) -> tuple[LogWriter, ...]:
         return (self.writer,)
 
+    def applies_to(self, route: Route) -> bool:
+        """Only on the key routes: elsewhere no key is read, whatever the request sends."""
+        return self._route_for(route) is not None
+
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
         """The key check to await, when the route takes a key and one is presented or needed.
 

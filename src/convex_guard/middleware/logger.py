@@ -21,6 +21,7 @@ from convex_guard.core.presets import AI_PROVIDERS
 from convex_guard.middleware.context import (
     GuardContext,
     LogEntry,
+    Route,
     Usage,
     guard_context,
     request_route,
@@ -127,16 +128,29 @@ def _amount(name: str, value: object, cap: float) -> float:
 
 def provider_from_path(prefix: str = DEFAULT_AI_PATH) -> ProviderResolver:
     """The default resolver: the segment after `prefix` (`/api/ai/{provider}/…`)."""
-    base = prefix.rstrip("/") + "/"
+    return _PathProvider(prefix)
 
-    def resolve(scope: Scope) -> str | None:  # the raw segment: the logger bounds it
-        path = request_route(scope)[1]  # as Starlette routes it: without root_path
+
+class _PathProvider:
+    """`provider_from_path`'s resolver: a function of the path alone, so the logger can
+    tell from a route whether its requests are logged (`applies_to`)."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, prefix: str) -> None:
+        self.base = prefix.rstrip("/") + "/"
+
+    def __call__(self, scope: Scope) -> str | None:
+        # As Starlette routes it: without root_path.
+        return self.of_path(request_route(scope)[1])
+
+    def of_path(self, path: str) -> str | None:
+        """The raw segment (the logger bounds it), None off the prefix."""
+        base = self.base
         if not path.startswith(base):
             return None
         provider = path[len(base) :].split("/", 1)[0]
         return provider or None
-
-    return resolve
 
 
 def _wall_clock_ms() -> float:
@@ -207,6 +221,15 @@ class RequestLoggerMiddleware(StepMiddleware):
 
     def writers(self) -> tuple[LogWriter, ...]:
         return (self.writer,)
+
+    def applies_to(self, route: Route) -> bool:
+        """Where requests are logged: embeddings, and the AI routes the default resolver
+        names a provider for; everywhere with a resolver of your own (it sees the scope)."""
+        path = route[1]
+        if self._is_embedding(path):
+            return True
+        provider = self.provider
+        return not isinstance(provider, _PathProvider) or provider.of_path(path) is not None
 
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> None:
         """Start timing a request that is logged (`ctx.log_entry`); others are not logged."""

@@ -34,7 +34,7 @@ from convex_guard.middleware.context import (
 )
 from convex_guard.middleware.logwriter import LogWriter
 from convex_guard.middleware.rules import _path_matcher
-from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
+from convex_guard.middleware.steps import Before, Plan, Refusal, Step, StepMiddleware
 from convex_guard.stores.base import BotEvent, LogStore, require
 
 MIB = 1024 * 1024
@@ -183,6 +183,7 @@ class RequestValidationMiddleware(StepMiddleware):
         if writer is None and store is not None:
             require(store, (LogStore,), "RequestValidationMiddleware")
             writer = LogWriter.for_store(store)
+        self.app: _Answering
         super().__init__(_Answering(app))
         self.rules = rules
         self.writer = writer
@@ -191,6 +192,14 @@ class RequestValidationMiddleware(StepMiddleware):
 
     def writers(self) -> tuple[LogWriter, ...]:
         return () if self.writer is None else (self.writer,)
+
+    def applies_to(self, route: Route) -> bool:
+        """Only where a body rule matches: elsewhere nothing is checked or metered."""
+        return self._matching(route) is not None
+
+    def _make_plan(self, steps: list[Step]) -> Plan:
+        # Off the checked routes the app itself, without the answering wrapper's layer.
+        return Plan(steps, self.app if steps else self.app.app)
 
     def context(self, scope: Scope) -> GuardContext | None:
         """The guard context, none made (straight to the app) when no rule applies."""
