@@ -8,6 +8,7 @@ each walking the list again.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Final, TypeVar
@@ -188,7 +189,10 @@ class HeaderReader:
 
 def _keep(entries: dict[_K, _V], key: _K, value: _V, size: int) -> None:
     if key not in entries and len(entries) >= size:
-        del entries[next(iter(entries))]  # the oldest makes room
+        # The oldest makes room. The WSGI and Django adapters read headers from several
+        # threads: one that made room first leaves nothing to do here, never an error.
+        with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+            del entries[next(iter(entries))]
     entries[key] = value
 
 

@@ -30,6 +30,7 @@ from convex_guard.middleware.context import (
     current_context,
     guard_context,
     matched_methods,
+    request_headers,
     route_of,
 )
 from convex_guard.middleware.logwriter import LogWriter
@@ -232,20 +233,11 @@ class RequestValidationMiddleware(StepMiddleware):
         rule = self._matching(ctx.route)
         if rule is None:
             return None
-        lengths: list[bytes] = []
-        content_type: bytes | None = None
-        chunked = False
-        for name, value in scope["headers"]:
-            if not name.islower():
-                name = name.lower()
-            if name == b"content-length":
-                lengths.append(value)
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"transfer-encoding":
-                chunked = True
+        headers = request_headers(scope, ctx)  # read with the others, in one pass
+        content_type = headers.content_type
+        chunked = headers.chunked
         try:
-            length = declared_length(lengths)
+            length = declared_length(headers.content_length or [])
         except BodyProblem as exc:
             return self._refuse(scope, ctx, "length", 400, "Bad Request", str(exc), closing=True)
         limit = rule.max_bytes
