@@ -167,7 +167,9 @@ class HeaderReader:
                 found.signed = True
         found.fingerprint_form = b"".join(parts)
         if agent is not None:
-            found.user_agent = self.agent_text(agent)
+            # A short agent seen before, the common case, without a call.
+            text = self._agents.get(agent) if len(agent) <= _WHOLE_AGENT else None
+            found.user_agent = text if text is not None else self.agent_text(agent)
         return found
 
     def agent_text(self, raw: bytes) -> str:

@@ -270,7 +270,7 @@ class ApiKeyMiddleware(StepMiddleware):
         if route is None:
             return None
         try:
-            key = _presented_key(request_headers(scope, ctx))
+            key = _presented_key(ctx.headers or request_headers(scope, ctx))
         except _Malformed as exc:
             ip = ctx.client_ip or peer_ip(scope)
             self._bad_input.warning(

@@ -233,7 +233,7 @@ class RequestValidationMiddleware(StepMiddleware):
         rule = self._matching(ctx.route)
         if rule is None:
             return None
-        headers = request_headers(scope, ctx)  # read with the others, in one pass
+        headers = ctx.headers or request_headers(scope, ctx)  # read with the others, in one pass
         content_type = headers.content_type
         chunked = headers.chunked
         try:
