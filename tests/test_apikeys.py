@@ -22,6 +22,8 @@ from starlette.routing import Route
 
 from convex_guard import HOUR, MINUTE, MemoryStore, StoreError, TokenBucket
 from convex_guard.core.errors import ConfigurationError
+from convex_guard.core.fingerprint import DEFAULT_FIELDS
+from convex_guard.core.headers import header_reader
 from convex_guard.core.keys import NO_KEY, generate_key, hash_key, is_well_formed
 from convex_guard.middleware.apikeys import (
     ApiKeyMiddleware,
@@ -489,7 +491,7 @@ _header_bytes = st.binary(max_size=400) | st.sampled_from(
 def test_header_parsing_never_fails_unexpectedly(headers: list[tuple[bytes, bytes]]) -> None:
     """Whatever the bytes, the parser gives a well-formed key, nothing, or a clean refusal."""
     try:
-        key = _presented_key({"headers": headers})
+        key = _presented_key(header_reader(DEFAULT_FIELDS).read(headers))
     except _Malformed:
         return
     assert key is None or is_well_formed(key)

@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
+from starlette.types import Scope
 
 from convex_guard import MemoryStore, StoreError
 from convex_guard.core.errors import ConfigurationError
@@ -323,3 +324,37 @@ def test_custom_provider_resolver(caplog: pytest.LogCaptureFixture) -> None:
         c.get("/v1/chat")
         c.get("/api/ai/openai/chat")
     assert [r.provider for r in store.ai_logs] == ["custom"]
+
+
+def test_the_default_resolver_is_read_per_route_and_one_of_your_own_per_request() -> None:
+    """Logged or not, and as which provider, is kept per route where the path alone says it
+    (the default resolver); a resolver of your own sees each request's scope."""
+
+    def scope(path: str, provider: bytes) -> dict[str, Any]:
+        return {"type": "http", "method": "GET", "path": path, "headers": [(b"x-p", provider)]}
+
+    def logged(logger: RequestLoggerMiddleware, request: dict[str, Any]) -> str | None:
+        ctx = guard_context(request)
+        logger.before(request, None, ctx)  # type: ignore[arg-type]
+        return None if ctx.log_entry is None else (ctx.log_entry.provider or "embedding")
+
+    default = RequestLoggerMiddleware(None, store=MemoryStore())  # type: ignore[arg-type]
+    assert logged(default, scope("/api/ai/openai/chat", b"")) == "openai"
+    assert logged(default, scope("/api/ai/groq/chat", b"")) == "groq"
+    assert logged(default, scope("/api/embeddings", b"")) == "embedding"
+    assert logged(default, scope("/elsewhere", b"")) is None
+    assert logged(default, scope("/api/ai/openai/chat", b"")) == "openai"  # as kept
+
+    def from_header(request: Scope) -> str | None:
+        return dict(request["headers"]).get(b"x-p", b"").decode() or None
+
+    own = RequestLoggerMiddleware(
+        None,  # type: ignore[arg-type]
+        store=MemoryStore(),
+        provider=from_header,
+        providers=["a", "b"],
+    )
+    assert logged(own, scope("/v1/chat", b"a")) == "a"
+    assert logged(own, scope("/v1/chat", b"b")) == "b"
+    assert logged(own, scope("/v1/chat", b"")) is None
+    assert own.applies_to(("GET", "/v1/chat")) and not default.applies_to(("GET", "/x"))

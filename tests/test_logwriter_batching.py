@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from convex_guard import (
     MINUTE,
     AIRequestLog,
     ApiKeys,
+    AuthFailure,
     ConvexStore,
     LogBatch,
     LogWriter,
@@ -79,3 +83,44 @@ async def test_key_uses_across_a_minute_are_counted_in_each_on_convex(
         await _uses_across_a_minute_counted_in_each(store)
     finally:
         await store.close()
+
+
+class Recording(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[LogBatch] = []
+
+    async def write_logs(self, batch: LogBatch) -> None:
+        self.batches.append(batch)
+        await super().write_logs(batch)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    kinds=st.lists(st.booleans(), max_size=40),
+    batch_size=st.integers(min_value=1, max_value=8),
+    flush_every=st.integers(min_value=1, max_value=12),
+)
+def test_every_row_is_written_once_in_order_whether_a_batch_holds_other_rows_or_not(
+    kinds: list[bool], batch_size: int, flush_every: int
+) -> None:
+    """Request rows alone make a batch as a slice of the buffer; other rows among them are
+    sorted into their kinds: either way each row is written once, each kind in order."""
+
+    async def run() -> Recording:
+        store = Recording()
+        writer = LogWriter(store, batch_size=batch_size, interval=3600)
+        for i, is_request in enumerate(kinds):
+            writer.add(row(i) if is_request else AuthFailure("h", float(i)))
+            if i % flush_every == flush_every - 1:
+                await writer.flush()
+        await writer.close()
+        return store
+
+    store = asyncio.run(run())
+    requests = [float(i) for i, is_request in enumerate(kinds) if is_request]
+    failures = [float(i) for i, is_request in enumerate(kinds) if not is_request]
+    batches = store.batches
+    assert [r.timestamp for b in batches for r in b.ai_requests] == requests
+    assert [f.timestamp for b in batches for f in b.auth_failures] == failures
+    assert all(len(b.ai_requests) + len(b.auth_failures) <= batch_size for b in batches)

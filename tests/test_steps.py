@@ -3,21 +3,25 @@ runner does with it, and that a request with nothing to decide in the store awai
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import Any
 
 import httpx
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope
+from starlette.types import Message, Receive, Scope, Send
 
 from convex_guard import (
     HOUR,
     ApiKeyMiddleware,
     BotDetectionMiddleware,
     FixedWindow,
+    GuardMiddleware,
     KeyRoute,
     MemoryStore,
     RateLimitMiddleware,
@@ -26,7 +30,15 @@ from convex_guard import (
 from convex_guard.core.problem import problem
 from convex_guard.middleware.body import BodyTooLarge, read_body
 from convex_guard.middleware.context import GuardContext, LogEntry, route_of
+from convex_guard.middleware.order import (
+    API_KEYS,
+    BOT,
+    FINGERPRINT,
+    LOGGER,
+    RATE_LIMIT,
+)
 from convex_guard.middleware.steps import (
+    PLAN_CACHE_SIZE,
     Before,
     FinishingStep,
     Refusal,
@@ -143,10 +155,12 @@ async def test_nothing_to_decide_in_the_store_awaits_nothing() -> None:
     assert bots.before(person, no_body, ctx) is None
     # A presented key and a crawler each need the store: a decision, which the runner awaits.
     keyed = scope_for("/api/ai/openai/chat", BROWSER, authorization="Bearer cg_ai_x")
-    decision = keys.before(keyed, no_body, ctx)
+    # A context per request: it holds the headers read from its own request.
+    keyed_ctx = GuardContext(route_of(keyed), fingerprint="f", client_ip="203.0.113.7")
+    decision = keys.before(keyed, no_body, keyed_ctx)
     assert inspect.iscoroutine(decision)
     refusal = await decision
-    assert callable(refusal) and ctx.rejected == "api_key_invalid"
+    assert callable(refusal) and keyed_ctx.rejected == "api_key_invalid"
     flagged = scope_for("/api/ai/openai/chat", GPTBOT)
     crawler = bots.before(flagged, no_body, GuardContext(route_of(flagged), fingerprint="g"))
     assert inspect.iscoroutine(crawler) and callable(await crawler)
@@ -198,3 +212,87 @@ def test_a_step_that_reads_the_body_hands_the_app_the_same_bytes() -> None:
     assert whole.text == "hello" and streamed.text == "hello!"
     assert big.status_code == 413 and big.json()["title"] == "over 16"
     assert peek.seen == [b"hello", b"hello!"]
+
+
+class Counted(StepMiddleware):
+    """A step with something to do only under `/only`: counts what it is asked and runs."""
+
+    marker = "Counted"
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.asked: list[tuple[str, str]] = []
+        self.ran: list[str] = []
+
+    def applies_to(self, route: tuple[str, str]) -> bool:
+        self.asked.append(route)
+        return route[1].startswith("/only")
+
+    def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
+        self.ran.append(scope["path"])
+        return None
+
+
+@given(paths=st.lists(st.sampled_from(["/", "/only", "/only/x", "/other"]), max_size=12))
+def test_a_step_runs_only_where_it_applies_and_is_asked_once_per_route(paths: list[str]) -> None:
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: Message) -> None:
+        pass
+
+    async def run() -> None:
+        for path in paths:
+            await step(
+                {"type": "http", "method": "GET", "path": path, "headers": []}, receive, send
+            )
+
+    step = Counted(inner)
+    asyncio.run(run())
+    assert step.ran == [path for path in paths if path.startswith("/only")]
+    assert step.asked == list(dict.fromkeys(("GET", path) for path in paths))
+
+
+def test_the_plan_cache_stays_bounded() -> None:
+    step = Counted(None)
+    for number in range(PLAN_CACHE_SIZE + 5):
+        step.plan(("GET", f"/only/{number}"))
+    assert len(step._plans) <= PLAN_CACHE_SIZE
+    assert step.plan(("GET", "/only/1")).steps == (step,)
+
+
+def test_each_route_of_a_guard_runs_only_the_steps_with_something_to_do() -> None:
+    guard = GuardMiddleware(
+        app(),
+        store=MemoryStore(),
+        rules=[Rule("ai", FixedWindow(rate=10, period=HOUR), path="/api/ai")],
+        bot_allow_paths=["/status"],
+    )
+    stack = guard.guard
+    validating = stack.validation
+    assert stack.keys and stack.bots and stack.limiter and validating is not None
+
+    def planned(method: str, path: str) -> set[str]:
+        plan = guard.plan((method, path))
+        # The app behind validation's answering wrapper only where validation runs.
+        assert (plan.app is validating.app) == (validating in plan.steps)
+        return {step.marker for step in plan.steps}
+
+    validation = validating.marker
+    everything = {LOGGER, FINGERPRINT, API_KEYS, BOT, RATE_LIMIT, validation}
+    assert planned("POST", "/api/ai/openai/chat") == everything
+    assert planned("POST", "/api/embeddings") == everything
+    # No provider in the path: not logged, while the key route and body rule still hold.
+    assert planned("POST", "/api/ai") == everything - {LOGGER}
+    # Off every configured route: the client's address, bots and the limiter only.
+    assert planned("GET", "/elsewhere") == {FINGERPRINT, BOT, RATE_LIMIT}
+    # Not checked for bots there; and the limiter stays wherever a bot check may be
+    # deferred to it.
+    assert planned("GET", "/status") == {FINGERPRINT, RATE_LIMIT}
+    for route in guard._plans:
+        markers = {step.marker for step in guard._plans[route].steps}
+        assert BOT not in markers or RATE_LIMIT in markers

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Final
 
 import xxhash
 
-__all__ = ["DEFAULT_FIELDS", "canonical_form", "fingerprint"]
+from convex_guard.core.headers import header_reader
+
+__all__ = ["DEFAULT_FIELDS", "canonical_form", "fingerprint", "fingerprint_of_form"]
 
 # The seed's fields: what a browser sends on every request and a script rarely bothers to vary.
 DEFAULT_FIELDS: Final[tuple[bytes, ...]] = (
@@ -18,20 +19,6 @@ DEFAULT_FIELDS: Final[tuple[bytes, ...]] = (
     b"accept",
     b"dnt",
 )
-
-
-@lru_cache(maxsize=64)
-def _layout(fields: tuple[bytes, ...]) -> tuple[dict[bytes, int], tuple[bytes, ...]]:
-    # Built once per configured field list, not per request: where each field's value goes in
-    # the output, and the output with every value empty (b"name:" then b"" then b"\n" ...).
-    index = {name.lower(): 3 * position + 1 for position, name in enumerate(fields)}
-    template: list[bytes] = []
-    for name in fields:
-        template += [name.lower() + b":", b"", b"\n"]
-    return index, tuple(template)
-
-
-_DEFAULT_LAYOUT: Final = _layout(DEFAULT_FIELDS)
 
 
 def canonical_form(
@@ -44,25 +31,11 @@ def canonical_form(
     surrounding whitespace, repeated headers are joined with ``", "`` in arrival order (as
     RFC 9110 allows a recipient to combine them; an empty value adds nothing) and a missing field
     gives an empty value. Values
-    stay bytes: nothing is decoded, so bytes that are not UTF-8 cannot raise.
+    stay bytes: nothing is decoded, so bytes that are not UTF-8 cannot raise. The request
+    path reads it with the other headers in one pass (`core.headers.HeaderReader`), which is
+    what this answers from.
     """
-    if fields is DEFAULT_FIELDS:
-        index, template = _DEFAULT_LAYOUT
-    else:
-        index, template = _layout(tuple(fields))
-    parts = list(template)  # runs once per request: filling a copy beats building lines
-    for name, value in headers:
-        slot = index.get(name)
-        if slot is None:
-            if name.islower():  # ASGI names are lower-case: the common miss costs no copy
-                continue
-            slot = index.get(name.lower())
-            if slot is None:
-                continue
-        seen = parts[slot]
-        value = value.strip()
-        parts[slot] = seen + b", " + value if seen else value
-    return b"".join(parts)
+    return header_reader(tuple(fields)).read(headers).fingerprint_form
 
 
 def fingerprint(
@@ -73,4 +46,9 @@ def fingerprint(
     Equal to ``xxhash.xxh3_64(canonical_form(headers, fields)).hexdigest()``; the one-shot
     function avoids creating a hasher object on every request.
     """
-    return xxhash.xxh3_64_hexdigest(canonical_form(headers, fields))
+    return fingerprint_of_form(canonical_form(headers, fields))
+
+
+def fingerprint_of_form(form: bytes) -> str:
+    """The fingerprint of a canonical form already read (`RequestHeaders.fingerprint_form`)."""
+    return xxhash.xxh3_64_hexdigest(form)

@@ -1,10 +1,22 @@
-"""Reading raw ASGI headers without ever raising on what a client sends."""
+"""Reading raw ASGI headers without ever raising on what a client sends.
+
+`HeaderReader.read` is the request path's one pass over a request's headers: what the
+fingerprint, the user-agent screening, the key screening and the body checks look at, read
+together into a `RequestHeaders` that every step takes from the guard context, instead of
+each walking the list again.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import Final, TypeVar
 
 from starlette.types import Message, Send
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 #: The messages that carry a response's headers: an HTTP response's start, the 101 of an
 #: accepted WebSocket handshake.
@@ -25,6 +37,171 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | N
         if key == name or (not key.islower() and key.lower() == name):
             found = value if found is None else found + b", " + value
     return None if found is None else found.decode("latin-1")
+
+
+#: What a name is read for (`HeaderReader`): a fingerprint field only, or one of these too.
+_FIELD, _AGENT, _AUTHORIZATION, _API_KEY, _LENGTH, _TYPE, _CODING, _SIGNATURE = range(8)
+_READ: Final = {
+    b"user-agent": _AGENT,
+    b"authorization": _AUTHORIZATION,
+    b"x-api-key": _API_KEY,
+    b"content-length": _LENGTH,
+    b"content-type": _TYPE,
+    b"transfer-encoding": _CODING,
+    b"signature-input": _SIGNATURE,
+}
+#: Up to this many bytes a user-agent is its own key in the agent cache; a longer one is found
+#: by its length and its ends, which cost the same to hash whatever its length.
+_WHOLE_AGENT: Final = 256
+_AGENT_EDGE: Final = 64
+#: Distinct user-agents kept as text: short ones, and (fewer: each may be kilobytes) long ones.
+AGENT_CACHE_SIZE: Final = 4096
+LONG_AGENT_CACHE_SIZE: Final = 256
+
+
+class RequestHeaders:
+    """What the guard's checks read from one request's headers, from one pass over them.
+
+    Values stay as the client sent them (bytes), in arrival order, except `user_agent`: the
+    header as text (every value joined by ", ", latin-1, so no byte can fail to decode; ""
+    when absent). `fingerprint_form` is the fingerprint's canonical form
+    (`core.fingerprint.canonical_form`). Repeated credentials and lengths are kept apart
+    (`authorization`, `api_key`, `content_length`: each a list, None when absent), since
+    several of them is itself what the checks refuse; `content_type` is the last one sent.
+    """
+
+    __slots__ = (
+        "api_key",
+        "authorization",
+        "chunked",
+        "content_length",
+        "content_type",
+        "fingerprint_form",
+        "signed",
+        "user_agent",
+    )
+
+    def __init__(self) -> None:
+        self.fingerprint_form = b""
+        self.user_agent = ""
+        self.authorization: list[bytes] | None = None
+        self.api_key: list[bytes] | None = None
+        self.content_length: list[bytes] | None = None
+        self.content_type: bytes | None = None
+        #: A `Transfer-Encoding` header was sent (whatever its value).
+        self.chunked = False
+        #: A `Signature-Input` header was sent (a Web Bot Auth signature to verify).
+        self.signed = False
+
+
+class HeaderReader:
+    """Reads `RequestHeaders` in one pass; built once per fingerprint field list.
+
+    Names are matched case-insensitively (ASGI servers send them lower-case: only a name
+    that is not costs a lower-cased copy). The user-agent's text is cached per distinct
+    value (`AGENT_CACHE_SIZE` short ones, `LONG_AGENT_CACHE_SIZE` long ones, oldest out
+    first), so a repeated agent is one bytes comparison, and every request with it carries
+    the same `str` object: its hash, which Python keeps on the object, is computed once for
+    every cache a check keys by it, not once per request (an 8 kB agent costs ~24 k
+    instructions to hash).
+    """
+
+    __slots__ = ("_agents", "_long_agents", "_names", "_template")
+
+    def __init__(self, fields: Sequence[bytes]) -> None:
+        # Where each field's value goes in the canonical form, and the form with every value
+        # empty (b"name:" then b"" then b"\n" ...): filling a copy beats building lines.
+        names: dict[bytes, tuple[int, int]] = {name: (0, kind) for name, kind in _READ.items()}
+        template: list[bytes] = []
+        for position, name in enumerate(fields):
+            lowered = name.lower()
+            names[lowered] = (3 * position + 1, _READ.get(lowered, _FIELD))
+            template += [lowered + b":", b"", b"\n"]
+        self._names = names
+        self._template = tuple(template)
+        self._agents: dict[bytes, str] = {}
+        self._long_agents: dict[tuple[int, bytes, bytes], tuple[bytes, str]] = {}
+
+    def read(self, headers: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
+        found = RequestHeaders()
+        names = self._names
+        parts = list(self._template)
+        agent: bytes | None = None
+        for name, value in headers:
+            entry = names.get(name)
+            if entry is None:
+                if name.islower():  # the common miss costs no copy
+                    continue
+                entry = names.get(name.lower())
+                if entry is None:
+                    continue
+            slot, kind = entry
+            if slot:
+                seen = parts[slot]
+                stripped = value.strip()
+                parts[slot] = seen + b", " + stripped if seen else stripped
+            if kind == _FIELD:
+                continue
+            if kind == _AGENT:
+                agent = value if agent is None else agent + b", " + value
+            elif kind == _AUTHORIZATION:
+                if found.authorization is None:
+                    found.authorization = [value]
+                else:
+                    found.authorization.append(value)
+            elif kind == _API_KEY:
+                if found.api_key is None:
+                    found.api_key = [value]
+                else:
+                    found.api_key.append(value)
+            elif kind == _LENGTH:
+                if found.content_length is None:
+                    found.content_length = [value]
+                else:
+                    found.content_length.append(value)
+            elif kind == _TYPE:
+                found.content_type = value
+            elif kind == _CODING:
+                found.chunked = True
+            else:
+                found.signed = True
+        found.fingerprint_form = b"".join(parts)
+        if agent is not None:
+            # A short agent seen before, the common case, without a call.
+            text = self._agents.get(agent) if len(agent) <= _WHOLE_AGENT else None
+            found.user_agent = text if text is not None else self.agent_text(agent)
+        return found
+
+    def agent_text(self, raw: bytes) -> str:
+        """`raw` decoded as latin-1: the same `str` object for the same bytes while cached."""
+        if len(raw) <= _WHOLE_AGENT:
+            text = self._agents.get(raw)
+            if text is None:
+                text = raw.decode("latin-1")
+                _keep(self._agents, raw, text, AGENT_CACHE_SIZE)
+            return text
+        key = (len(raw), raw[:_AGENT_EDGE], raw[-_AGENT_EDGE:])
+        entry = self._long_agents.get(key)
+        if entry is not None and entry[0] == raw:
+            return entry[1]
+        text = raw.decode("latin-1")
+        _keep(self._long_agents, key, (raw, text), LONG_AGENT_CACHE_SIZE)
+        return text
+
+
+def _keep(entries: dict[_K, _V], key: _K, value: _V, size: int) -> None:
+    if key not in entries and len(entries) >= size:
+        # The oldest makes room. The WSGI and Django adapters read headers from several
+        # threads: one that made room first leaves nothing to do here, never an error.
+        with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+            del entries[next(iter(entries))]
+    entries[key] = value
+
+
+@lru_cache(maxsize=64)
+def header_reader(fields: tuple[bytes, ...]) -> HeaderReader:
+    """The reader for a fingerprint field list, one per distinct list."""
+    return HeaderReader(fields)
 
 
 def bounded(value: str | None, limit: int = MAX_STORED) -> str:

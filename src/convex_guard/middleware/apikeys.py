@@ -16,13 +16,13 @@ from starlette.types import ASGIApp, Receive, Scope
 
 from convex_guard.core.clientip import UNKNOWN_CLIENT, peer_ip
 from convex_guard.core.errors import ConfigurationError, StoreAnswerError
-from convex_guard.core.headers import bounded, header_value
+from convex_guard.core.headers import RequestHeaders, bounded
 from convex_guard.core.keys import NO_KEY, ApiKeyKind, hash_key, is_well_formed
 from convex_guard.core.limits import FixedWindow, LimitConfig, LimitResult
 from convex_guard.core.logs import ThrottledLog, printable
 from convex_guard.core.presets import seed_limits
 from convex_guard.core.problem import QUOTA_TITLE, problem, quota_exceeded, retry_after, unavailable
-from convex_guard.middleware.context import GuardContext, Route, matched_methods
+from convex_guard.middleware.context import GuardContext, Route, matched_methods, request_headers
 from convex_guard.middleware.logwriter import LogWriter
 from convex_guard.middleware.order import API_KEYS
 from convex_guard.middleware.rules import _path_matcher
@@ -129,25 +129,27 @@ class _Malformed(Exception):
     """The credentials header cannot be a key; the request is refused without a lookup."""
 
 
-def _presented_key(scope: Scope) -> str | None:
+def _presented_key(headers: RequestHeaders) -> str | None:
     """The key presented in `Authorization: Bearer` or `X-API-Key`, `None` if neither is.
 
     Raises `_Malformed` for anything ambiguous or unparsable: several credentials headers,
     two different keys, `Bearer` without a token, non-ASCII or oversized values.
     """
+    authorization, presented = headers.authorization, headers.api_key
+    if authorization is None and presented is None:
+        return None  # the usual anonymous request: nothing more to build
     bearer: list[bytes] = []
     api_key: list[bytes] = []
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            if len(value) > MAX_HEADER_BYTES:
-                raise _Malformed("oversized Authorization header")
-            scheme, _, token = value.strip().partition(b" ")
-            if scheme.lower() == b"bearer":
-                bearer.append(token.strip())
-        elif name == b"x-api-key":
-            if len(value) > MAX_HEADER_BYTES:
-                raise _Malformed("oversized X-API-Key header")
-            api_key.append(value.strip())
+    for value in authorization or ():
+        if len(value) > MAX_HEADER_BYTES:
+            raise _Malformed("oversized Authorization header")
+        scheme, _, token = value.strip().partition(b" ")
+        if scheme.lower() == b"bearer":
+            bearer.append(token.strip())
+    for value in presented or ():
+        if len(value) > MAX_HEADER_BYTES:
+            raise _Malformed("oversized X-API-Key header")
+        api_key.append(value.strip())
     if not bearer and not api_key:
         return None  # the usual anonymous request: nothing more to build
     if len(bearer) > 1 or len(api_key) > 1:
@@ -255,6 +257,10 @@ class ApiKeyMiddleware(StepMiddleware):
     def writers(self) -> tuple[LogWriter, ...]:
         return (self.writer,)
 
+    def applies_to(self, route: Route) -> bool:
+        """Only on the key routes: elsewhere no key is read, whatever the request sends."""
+        return self._route_for(route) is not None
+
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
         """The key check to await, when the route takes a key and one is presented or needed.
 
@@ -264,7 +270,7 @@ class ApiKeyMiddleware(StepMiddleware):
         if route is None:
             return None
         try:
-            key = _presented_key(scope)
+            key = _presented_key(ctx.headers or request_headers(scope, ctx))
         except _Malformed as exc:
             ip = ctx.client_ip or peer_ip(scope)
             self._bad_input.warning(
@@ -506,5 +512,5 @@ def _user_agent(scope: Scope, ctx: GuardContext) -> str:
     """The user-agent for a stored row: the one the fingerprint middleware read, else read now."""
     agent = ctx.user_agent
     if agent is None:
-        agent = header_value(scope["headers"], b"user-agent")
+        agent = request_headers(scope, ctx).user_agent
     return bounded(agent)

@@ -27,7 +27,7 @@ from convex_guard.core.useragent import (
     classify_user_agent,
 )
 from convex_guard.middleware.botverify import CrawlerVerifier
-from convex_guard.middleware.context import GuardContext, PendingBot
+from convex_guard.middleware.context import GuardContext, PendingBot, Route, request_headers
 from convex_guard.middleware.order import BOT, FINGERPRINT, HINT, RATE_LIMIT, missing_outside
 from convex_guard.middleware.rules import _path_matcher
 from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
@@ -201,27 +201,29 @@ class BotDetectionMiddleware(StepMiddleware):
         self._classifier_trouble = ThrottledLog()
         self._warned_no_fingerprint = False
 
+    def applies_to(self, route: Route) -> bool:
+        """Everywhere but the allow paths, which are never checked."""
+        path = route[1]
+        return not any(match(path) for match in self._allow_paths)
+
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
         """The store's decision on a flagged request, to await; None for a person's request
         (the common case, which awaits nothing) and for a check deferred to the rate limiter
-        (`ctx.pending_bot`)."""
+        (`ctx.pending_bot`). Runs only off the allow paths (`applies_to`)."""
         path = ctx.route[1]
-        for match in self._allow_paths:
-            if match(path):
-                return None
         ua = ctx.user_agent
         if ua is None:
-            ua = ctx.user_agent = header_value(scope["headers"], b"user-agent") or ""
+            ua = ctx.user_agent = request_headers(scope, ctx).user_agent
         signed = None
         verifier = self.verifier
-        if verifier is not None and verifier.web_bot_auth:
-            # The URL is built only for a signed request: most carry no signature at all.
-            headers = scope["headers"]
-            for name, _ in headers:
-                if name == b"signature-input":
-                    method = scope.get("method", "GET")
-                    signed = verifier.signature(method, _url(scope), headers)
-                    break
+        # The URL is built only for a signed request: most carry no signature at all.
+        if (
+            verifier is not None
+            and verifier.web_bot_auth
+            and (ctx.headers or request_headers(scope, ctx)).signed
+        ):
+            method = scope.get("method", "GET")
+            signed = verifier.signature(method, _url(scope), scope["headers"])
         try:
             verdict = self.classifier(ua)
             if verdict.is_bot and verdict.category is not None:

@@ -10,6 +10,8 @@ from typing import Any, cast
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive
 
+from convex_guard.core.fingerprint import DEFAULT_FIELDS
+from convex_guard.core.headers import RequestHeaders, header_reader
 from convex_guard.core.limits import LimitConfig, LimitResult
 from convex_guard.core.streamusage import UsageReader
 from convex_guard.stores.base import BotAction, BotCheck, BotVerdict, KeyQuota
@@ -68,6 +70,8 @@ class GuardContext:
     client_key: str | None = None
     fingerprint: str | None = None
     user_agent: str | None = None
+    #: What the checks read from the request's headers, read once (`request_headers`).
+    headers: RequestHeaders | None = None
     user_id: str | None = None
     api_key_id: str | None = None
     api_key_name: str | None = None
@@ -178,6 +182,15 @@ def guard_context(scope: MutableMapping[str, Any], route: Route | None = None) -
     if ctx is None:
         ctx = state[STATE_KEY] = GuardContext(route_of(scope) if route is None else route)
     return cast(GuardContext, ctx)
+
+
+def request_headers(scope: MutableMapping[str, Any], ctx: GuardContext) -> RequestHeaders:
+    """The request's headers as the checks read them: read once per request, by the first
+    step that asks (the fingerprint's, with its own field list), then shared."""
+    found = ctx.headers
+    if found is None:
+        found = ctx.headers = header_reader(DEFAULT_FIELDS).read(scope["headers"])
+    return found
 
 
 def current_context(scope: MutableMapping[str, Any]) -> GuardContext | None:

@@ -15,8 +15,8 @@ from convex_guard.core.clientip import (
     peer_keys,
 )
 from convex_guard.core.errors import ConfigurationError
-from convex_guard.core.fingerprint import DEFAULT_FIELDS, fingerprint
-from convex_guard.core.headers import header_value
+from convex_guard.core.fingerprint import DEFAULT_FIELDS, fingerprint_of_form
+from convex_guard.core.headers import header_reader
 from convex_guard.core.logs import logger
 from convex_guard.middleware.context import GuardContext
 from convex_guard.middleware.order import FINGERPRINT
@@ -71,10 +71,11 @@ class FingerprintMiddleware(StepMiddleware):
         )
         if not self.fields:
             raise ConfigurationError("fields must name at least one header")
+        self._reader = header_reader(self.fields)
         self._warned_no_peer = False
 
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> None:
-        """Fill the context's client fields and fingerprint; never refuses."""
+        """Fill the context's client fields, fingerprint and headers; never refuses."""
         headers = scope["headers"]
         client = scope.get("client")
         peer = client[0] if client else None
@@ -91,8 +92,10 @@ class FingerprintMiddleware(StepMiddleware):
             and not (client and client[0])
         ):
             self._warn_no_peer()
-        ctx.fingerprint = fingerprint(headers, self.fields)
-        ctx.user_agent = header_value(headers, b"user-agent") or ""
+        # The one pass over the headers: every step after this one reads `ctx.headers`.
+        found = ctx.headers = self._reader.read(headers)
+        ctx.fingerprint = fingerprint_of_form(found.fingerprint_form)
+        ctx.user_agent = found.user_agent
 
     def _warn_no_peer(self) -> None:
         """Say once that clients without an address share one key: only a request shows it.

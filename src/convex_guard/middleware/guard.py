@@ -47,7 +47,7 @@ from convex_guard.middleware.logwriter import (
 )
 from convex_guard.middleware.ratelimit import RateLimitMiddleware
 from convex_guard.middleware.rules import RateLimitItems, Rule, _path_matcher, preset_rules
-from convex_guard.middleware.steps import StepRunner
+from convex_guard.middleware.steps import Plan, Step, StepRunner
 from convex_guard.middleware.validation import (
     BodyRule,
     RequestValidationMiddleware,
@@ -388,8 +388,9 @@ class GuardRunner(StepRunner):
     handshakes: what the stacked middlewares do, in their order, without a layer of calls and
     a wrapped `send` per middleware.
 
-    Lifespan (the order checks, the writers' start and flush) goes through the stack as built,
-    then `on_shutdown`; exempt paths go straight to the app.
+    Each route runs only the steps with something to do there (`StepRunner.plan`). Lifespan
+    (the order checks, the writers' start and flush) goes through the stack as built, then
+    `on_shutdown`; exempt paths go straight to the app.
     """
 
     def __init__(
@@ -403,12 +404,19 @@ class GuardRunner(StepRunner):
             stack.limiter,
             stack.validation,
         )
-        # With validation, the app behind its answering wrapper (a streamed body's 413).
-        app = stack.inner if stack.validation is None else stack.validation.app
-        super().__init__(app, [step for step in parts if step is not None])
+        super().__init__(stack.inner, [step for step in parts if step is not None])
+        self.validation = stack.validation
         self.stacked = stack.stacked
         self.is_exempt = stack.is_exempt
         self.on_shutdown = on_shutdown
+
+    def _make_plan(self, steps: list[Step]) -> Plan:
+        # Where validation runs, the app behind its answering wrapper (a streamed body's
+        # 413); elsewhere the app itself, without the wrapper's layer.
+        validation = self.validation
+        if validation is not None and validation in steps:
+            return Plan(steps, validation.app)
+        return Plan(steps, self.app)
 
     def context(self, scope: Scope) -> GuardContext | None:
         # The one place a request's route (path without root_path, HEAD as GET) is computed.

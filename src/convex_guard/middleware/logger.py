@@ -21,6 +21,7 @@ from convex_guard.core.presets import AI_PROVIDERS
 from convex_guard.middleware.context import (
     GuardContext,
     LogEntry,
+    Route,
     Usage,
     guard_context,
     request_route,
@@ -37,6 +38,7 @@ UNKNOWN_MODEL = "unknown"
 #: What a row says for a provider outside the configured set; the raw name goes in `error`.
 OTHER_PROVIDER = "other"
 MAX_PROVIDER_LENGTH = 64
+_ROUTE_CACHE_SIZE = 1024
 # What `report_usage` accepts: far above any real call, yet small enough that sums of many
 # rows stay exact in a float64 (2**53), which is how Convex stores every number.
 MAX_TOKENS = 10**12
@@ -127,16 +129,29 @@ def _amount(name: str, value: object, cap: float) -> float:
 
 def provider_from_path(prefix: str = DEFAULT_AI_PATH) -> ProviderResolver:
     """The default resolver: the segment after `prefix` (`/api/ai/{provider}/…`)."""
-    base = prefix.rstrip("/") + "/"
+    return _PathProvider(prefix)
 
-    def resolve(scope: Scope) -> str | None:  # the raw segment: the logger bounds it
-        path = request_route(scope)[1]  # as Starlette routes it: without root_path
+
+class _PathProvider:
+    """`provider_from_path`'s resolver: a function of the path alone, so the logger can
+    tell from a route whether its requests are logged (`applies_to`)."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, prefix: str) -> None:
+        self.base = prefix.rstrip("/") + "/"
+
+    def __call__(self, scope: Scope) -> str | None:
+        # As Starlette routes it: without root_path.
+        return self.of_path(request_route(scope)[1])
+
+    def of_path(self, path: str) -> str | None:
+        """The raw segment (the logger bounds it), None off the prefix."""
+        base = self.base
         if not path.startswith(base):
             return None
         provider = path[len(base) :].split("/", 1)[0]
         return provider or None
-
-    return resolve
 
 
 def _wall_clock_ms() -> float:
@@ -201,6 +216,8 @@ class RequestLoggerMiddleware(StepMiddleware):
         self._is_embedding: Callable[[str], bool] = (
             _path_matcher(embeddings_path) if embeddings_path is not None else lambda _: False
         )
+        # Whether each route is logged, and as which provider: the same few come back.
+        self._by_route: dict[Route, tuple[bool, str | None]] = {}
         self.clock: Clock = clock or _wall_clock_ms
         # The wall clock is read inline on every request: a call through `clock` costs more.
         self._wall = clock is None
@@ -208,15 +225,41 @@ class RequestLoggerMiddleware(StepMiddleware):
     def writers(self) -> tuple[LogWriter, ...]:
         return (self.writer,)
 
+    def applies_to(self, route: Route) -> bool:
+        """Where requests are logged: embeddings, and the AI routes the default resolver
+        names a provider for; everywhere with a resolver of your own (it sees the scope)."""
+        path = route[1]
+        if self._is_embedding(path):
+            return True
+        provider = self.provider
+        return not isinstance(provider, _PathProvider) or provider.of_path(path) is not None
+
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> None:
         """Start timing a request that is logged (`ctx.log_entry`); others are not logged."""
-        if self._is_embedding(ctx.route[1]):
-            provider = None
+        found = self._by_route.get(ctx.route)
+        if found is None:
+            found = self._logged_as(scope, ctx.route)
+        logged, provider = found
+        if logged:
+            ctx.log_entry = LogEntry(provider, time.time() * 1000.0 if self._wall else self.clock())
+
+    def _logged_as(self, scope: Scope, route: Route) -> tuple[bool, str | None]:
+        """Whether the request is logged, and its provider (None: an embedding request);
+        kept per route when that is all it depends on (the default resolver)."""
+        if self._is_embedding(route[1]):
+            found: tuple[bool, str | None] = (True, None)
         else:
-            provider = self.provider(scope)
-            if provider is None:
-                return
-        ctx.log_entry = LogEntry(provider, time.time() * 1000.0 if self._wall else self.clock())
+            provider = self.provider
+            if not isinstance(provider, _PathProvider):
+                named = provider(scope)  # a resolver of your own: asked on every request
+                return named is not None, named
+            named = provider.of_path(route[1])
+            found = (named is not None, named)
+        by_route = self._by_route
+        if len(by_route) >= _ROUTE_CACHE_SIZE:
+            by_route.clear()  # many distinct paths: start over, memory stays bounded
+        by_route[route] = found
+        return found
 
     def after(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
         """Buffer the request's row: failed if the guard refused it, it erred or raised."""

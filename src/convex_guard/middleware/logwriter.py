@@ -9,7 +9,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -130,7 +130,10 @@ class LogWriter:
         self.rejected = 0
         #: Batches the store accepted; for tests and health checks.
         self.batches_written = 0
-        self._rows: deque[Row] = deque()
+        self._rows: list[Row] = []
+        # How many buffered rows are not AI request rows: with none (the common case), a
+        # batch is a slice of the buffer, no row looked at one by one.
+        self._others = 0
         # Per key and minute of use: a flush spanning a minute's end counts each use in its own
         # minute, as the dashboard's per-key rollups bucket them.
         self._usage: dict[tuple[str, int], KeyUsage] = {}
@@ -180,6 +183,8 @@ class LogWriter:
             )
             return
         rows.append(row)
+        if not isinstance(row, AIRequestLog):
+            self._others += 1
         task = self._task
         # The flusher runs in the loop rows arrive on; a new loop (a new test, a restarted
         # server) needs a new one. `_get_running_loop` answers None outside a loop, no raise.
@@ -255,6 +260,7 @@ class LogWriter:
             lost = self.buffered
             self.dropped += lost
             self._rows.clear()
+            self._others = 0
             self._usage.clear()
             self._pending.clear()
             self._pending_rows = 0
@@ -315,18 +321,23 @@ class LogWriter:
         events: list[BotEvent] = []
         settlements: list[Settlement] = []
         rows = self._rows
-        for _ in range(min(count, len(rows))):
-            row = rows.popleft()
-            if isinstance(row, AIRequestLog):
-                ai.append(row)
-            elif isinstance(row, EmbeddingRequestLog):
-                embeddings.append(row)
-            elif isinstance(row, AuthFailure):
-                failures.append(row)
-            elif isinstance(row, Settlement):
-                settlements.append(row)
-            else:
-                events.append(row)
+        taken = rows[:count]
+        del rows[:count]
+        if not self._others:  # request rows only: the batch is the slice as it is
+            ai = cast("list[AIRequestLog]", taken)
+        else:
+            for row in taken:
+                if isinstance(row, AIRequestLog):
+                    ai.append(row)
+                elif isinstance(row, EmbeddingRequestLog):
+                    embeddings.append(row)
+                elif isinstance(row, AuthFailure):
+                    failures.append(row)
+                elif isinstance(row, Settlement):
+                    settlements.append(row)
+                else:
+                    events.append(row)
+            self._others -= len(taken) - len(ai)
         usage = tuple(self._usage.values())
         self._usage = {}
         return LogBatch(

@@ -5,6 +5,10 @@ the logger's also after it (the request's row). `StepRunner` runs a sequence of 
 app: each middleware runs its own one step (`StepMiddleware`), `GuardMiddleware` the steps of
 the whole stack in one loop, so a stack built by hand and the guard answer alike.
 
+Which steps run is decided once per route, not per request: a step says where it has
+something to do (`applies_to`), and the runner keeps, per (method, path), the `Plan` of the
+steps that do (`StepRunner.plan`), so a route runs only those.
+
 A step's `before` is synchronous, so a request with nothing to decide in the store awaits
 nothing: when it has something to await (a store call), it answers the coroutine that decides
 it, and the runner awaits that.
@@ -13,7 +17,7 @@ it, and the runner awaits that.
 from __future__ import annotations
 
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from starlette.requests import ClientDisconnect
@@ -22,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from convex_guard.core.logs import ThrottledLog, logger, printable
 from convex_guard.core.problem import refuse
 from convex_guard.core.streamusage import UsageReader
-from convex_guard.middleware.context import GuardContext, LogEntry, Usage, guard_context
+from convex_guard.middleware.context import GuardContext, LogEntry, Route, Usage, guard_context
 from convex_guard.middleware.logwriter import LogWriter, run_lifespan
 from convex_guard.middleware.order import check_inside, fail_startup, mark
 
@@ -33,6 +37,9 @@ Decision = Coroutine[Any, Any, Refusal | None]
 #: What a step's `before` answers: None to go on, the refusal to send, or a decision to await.
 #: A refusal is callable (an ASGI app) and a decision is not, which is how they are told apart.
 Before = Refusal | Decision | None
+#: Routes whose plan a runner keeps; past that many distinct (method, path)s it starts over,
+#: so a client inventing paths cannot grow it.
+PLAN_CACHE_SIZE = 1024
 
 
 class Step(Protocol):
@@ -45,6 +52,12 @@ class Step(Protocol):
 
     #: The name the lifespan's order checks know this step by (`middleware/order.py`).
     marker: str
+
+    def applies_to(self, route: Route) -> bool:
+        """Whether the step has anything to do on requests to `route` (method, path as
+        `context.route_of` names them). Asked once per route, when its plan is made: it must
+        depend on the route alone. `before` (and `after`) run only where it is true."""
+        ...
 
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
         """Fill the context; None to go on, a refusal, or a decision to await (see `Before`)."""
@@ -95,15 +108,26 @@ class StepRunner:
     def __init__(self, app: ASGIApp, steps: Sequence[Step]) -> None:
         self.app = app
         self.steps = tuple(steps)
-        # The bound methods, taken once: read on every request.
-        self._befores = tuple(step.before for step in self.steps)
-        # Each after-step with its position: it runs when its own before-step did.
-        self._afters = tuple(
-            (position, step.after)
-            for position, step in enumerate(self.steps)
-            if isinstance(step, FinishingStep)
-        )
+        self._plans: dict[Route, Plan] = {}
+        # With a finishing step anywhere, a client gone mid-body is the request's end on
+        # every route, logged or not (see `FinishingStep`).
+        self._finishing = any(isinstance(step, FinishingStep) for step in self.steps)
         self._stream_trouble = ThrottledLog()
+
+    def plan(self, route: Route) -> Plan:
+        """The steps that run on `route`, decided on its first request and kept."""
+        plans = self._plans
+        found = plans.get(route)
+        if found is None:
+            found = self._make_plan([step for step in self.steps if step.applies_to(route)])
+            if len(plans) >= PLAN_CACHE_SIZE:
+                plans.clear()  # many distinct paths: start over, memory stays bounded
+            plans[route] = found
+        return found
+
+    def _make_plan(self, steps: list[Step]) -> Plan:
+        """The plan of `steps` around this runner's app (a subclass may pick another app)."""
+        return Plan(steps, self.app)
 
     def context(self, scope: Scope) -> GuardContext | None:
         """The request's guard context, or None to hand the request to the app unguarded."""
@@ -124,12 +148,16 @@ class StepRunner:
         if ctx is None:
             await self.app(scope, receive, send)
             return
-        afters = self._afters
+        plan = self.plan(ctx.route)
+        if not plan.befores and not self._finishing:  # nothing to do: as if it were not there
+            await plan.app(scope, receive, send)
+            return
+        afters = plan.afters
         raised: BaseException | None = None
         started = 0  # the before-steps started: as far as a stack of middlewares would get
         try:
             refusal: Refusal | None = None
-            for before in self._befores:
+            for before in plan.befores:
                 started += 1
                 outcome = before(scope, receive, ctx)
                 if outcome is None:
@@ -151,11 +179,11 @@ class StepRunner:
                 if replaced is not None:
                     ctx.receive = None  # this runner hands it on; an outer one must not
                     receive = replaced
-                await self.app(scope, receive, send)
+                await plan.app(scope, receive, send)
             else:
                 await refuse(refusal, scope, receive, send)
         except ClientDisconnect as exc:
-            if not afters:
+            if not self._finishing:
                 raise
             raised = exc
             client_gone(scope)
@@ -169,6 +197,32 @@ class StepRunner:
             for position, after in afters:
                 if position < started:
                     after(scope, ctx, raised)
+
+
+class Plan:
+    """What a runner does on one route: the steps with something to do there, in order.
+
+    `befores` are their bound `before` methods; `afters` each finishing step's `after` with
+    its position among them (it runs when its own before-step did); `app` what the request
+    goes to once they let it through.
+    """
+
+    __slots__ = ("afters", "app", "befores", "steps")
+
+    def __init__(self, steps: Sequence[Step], app: ASGIApp) -> None:
+        self.steps = tuple(steps)
+        self.app = app
+        # The bound methods, taken once per route: read on every request.
+        self.befores: tuple[Callable[[Scope, Receive, GuardContext], Before], ...] = tuple(
+            step.before for step in self.steps
+        )
+        self.afters: tuple[
+            tuple[int, Callable[[Scope, GuardContext, BaseException | None], None]], ...
+        ] = tuple(
+            (position, step.after)
+            for position, step in enumerate(self.steps)
+            if isinstance(step, FinishingStep)
+        )
 
 
 def _wrapped_send(
@@ -301,6 +355,9 @@ class StepMiddleware(StepRunner):
     def __init__(self, app: ASGIApp) -> None:
         super().__init__(app, (self,))
 
+    def applies_to(self, route: Route) -> bool:
+        return True
+
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
         raise NotImplementedError
 
@@ -326,4 +383,13 @@ class StepMiddleware(StepRunner):
             await self.app(scope, receive, send)
 
 
-__all__ = ["Before", "Decision", "FinishingStep", "Refusal", "Step", "StepMiddleware", "StepRunner"]
+__all__ = [
+    "Before",
+    "Decision",
+    "FinishingStep",
+    "Plan",
+    "Refusal",
+    "Step",
+    "StepMiddleware",
+    "StepRunner",
+]

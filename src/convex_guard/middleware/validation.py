@@ -30,11 +30,12 @@ from convex_guard.middleware.context import (
     current_context,
     guard_context,
     matched_methods,
+    request_headers,
     route_of,
 )
 from convex_guard.middleware.logwriter import LogWriter
 from convex_guard.middleware.rules import _path_matcher
-from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
+from convex_guard.middleware.steps import Before, Plan, Refusal, Step, StepMiddleware
 from convex_guard.stores.base import BotEvent, LogStore, require
 
 MIB = 1024 * 1024
@@ -183,6 +184,7 @@ class RequestValidationMiddleware(StepMiddleware):
         if writer is None and store is not None:
             require(store, (LogStore,), "RequestValidationMiddleware")
             writer = LogWriter.for_store(store)
+        self.app: _Answering
         super().__init__(_Answering(app))
         self.rules = rules
         self.writer = writer
@@ -191,6 +193,14 @@ class RequestValidationMiddleware(StepMiddleware):
 
     def writers(self) -> tuple[LogWriter, ...]:
         return () if self.writer is None else (self.writer,)
+
+    def applies_to(self, route: Route) -> bool:
+        """Only where a body rule matches: elsewhere nothing is checked or metered."""
+        return self._matching(route) is not None
+
+    def _make_plan(self, steps: list[Step]) -> Plan:
+        # Off the checked routes the app itself, without the answering wrapper's layer.
+        return Plan(steps, self.app if steps else self.app.app)
 
     def context(self, scope: Scope) -> GuardContext | None:
         """The guard context, none made (straight to the app) when no rule applies."""
@@ -223,20 +233,11 @@ class RequestValidationMiddleware(StepMiddleware):
         rule = self._matching(ctx.route)
         if rule is None:
             return None
-        lengths: list[bytes] = []
-        content_type: bytes | None = None
-        chunked = False
-        for name, value in scope["headers"]:
-            if not name.islower():
-                name = name.lower()
-            if name == b"content-length":
-                lengths.append(value)
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"transfer-encoding":
-                chunked = True
+        headers = ctx.headers or request_headers(scope, ctx)  # read with the others, in one pass
+        content_type = headers.content_type
+        chunked = headers.chunked
         try:
-            length = declared_length(lengths)
+            length = declared_length(headers.content_length or [])
         except BodyProblem as exc:
             return self._refuse(scope, ctx, "length", 400, "Bad Request", str(exc), closing=True)
         limit = rule.max_bytes
