@@ -29,6 +29,7 @@ from convex_guard import (
 )
 from convex_guard.core.limits import LimitConfig
 from convex_guard.middleware.context import GuardContext, route_of
+from convex_guard.middleware.rules import RateLimitItems
 
 from .conftest import serve
 
@@ -136,7 +137,7 @@ async def test_the_fast_path_decides_and_answers_as_the_general_path(
     request sequences (time passing, anonymous callers, other paths): the same admissions and
     refusals, the same `RateLimit` numbers and fields, the same context."""
     clock = Clock()
-    items = "closest" if closest else "all"
+    items: RateLimitItems = "closest" if closest else "all"
     fast = RateLimitMiddleware(
         None,  # type: ignore[arg-type]
         store=MemoryStore(clock=clock, random=lambda: 0.25),
