@@ -331,13 +331,15 @@ def ratelimit_field(template: bytes, decisions: Iterable[Decision]) -> bytes:
 
     Read off the flat numbers the store decided (`LimitResult.decision` for a result), so an
     admitted request makes no result object. `r` is the remaining quota rounded down, `t`
-    the seconds until the limit is full again rounded up. `%d` truncates a float, which is
-    floor for these non-negative numbers, and `-(-x // 1000)` is a ceil without a call.
+    the seconds until the limit is full again rounded up (`-(-x // 1000)`: exact, where
+    `ceil(x / 1000)` would round the quotient first). Both go to `%d` as ints: it formats an
+    int directly and a float through a conversion and a string of its own, which costs more
+    than the `floor`.
     """
-    numbers: list[float] = []
+    numbers: list[int] = []
     for _, _, remaining, reset in decisions:
-        numbers.append(remaining if remaining > 0 else 0.0)
-        numbers.append(-(-reset // 1000) if reset > 0 else 0.0)
+        numbers.append(math.floor(remaining) if remaining > 0 else 0)
+        numbers.append(math.floor(-(-reset // 1000)) if reset > 0 else 0)
     return template % tuple(numbers)
 
 
