@@ -156,11 +156,12 @@ class MemoryStore:
         self._limits: dict[str, _Limit] = {}
         # The expiry queue: bucket start (epoch ms) -> the states that may be full from then;
         # a heap of the bucket starts; and the states of the buckets whose time has come.
-        # Entries are (the name's states, key): a state found gone (reset, or its name's
-        # states dropped) is skipped.
-        self._expiry: dict[float, list[tuple[_Limit, str | None]]] = {}
+        # Entries are (name, key), strings only: a tuple of strings drops out of the garbage
+        # collector's tracking, one holding a `_Limit` would stay in it (100,000 new keys made
+        # every full collection walk them). A state found gone (reset) is skipped.
+        self._expiry: dict[float, list[tuple[str, str | None]]] = {}
         self._expiry_starts: list[float] = []
-        self._due: deque[tuple[_Limit, str | None]] = deque()
+        self._due: deque[tuple[str, str | None]] = deque()
         self._bot_events: list[BotEvent] = []  # in timestamp order
         self._bot_by_fingerprint: dict[str, list[float]] = {}
         self._bot_by_client: dict[str, list[float]] = {}  # by client key, as by fingerprint
@@ -196,7 +197,25 @@ class MemoryStore:
         count: float = 1.0,
         reserve: bool = False,
     ) -> LimitResult:
-        _, (decision,), _ = self.decide_all(((name, config, count, reserve),), (key,))
+        # One limit needs none of `decide_all`'s lists or rollback: the decider and the
+        # expiry queue directly (the same ones it uses), as this is the hot path of a caller
+        # deciding one limit at a time.
+        now = _time() * 1000.0 if self._wall else self._clock()
+        entry = self._limits.get(name)
+        if entry is None or entry.config is not config:  # only for a new name or config
+            entry = self._entry(name, config)
+        states = entry.states
+        state = states.get(key)
+        try:  # the decider itself refuses a count that no waiting could admit
+            if state is not None:
+                return LimitResult(*entry.decide(states, key, state, now, count, reserve))
+            decision = entry.decide(
+                states, key, entry.fresh(now, self._random), now, count, reserve
+            )
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"{exc} (limit {name!r})") from None
+        if decision[0]:
+            self._track(entry, key, now, now + decision[3])
         return LimitResult(*decision)
 
     async def check(
@@ -363,7 +382,7 @@ class MemoryStore:
         one that was consumed since it was queued goes back in at its new time. The work per
         new state is the same however many states are held: no walk over them.
         """
-        self._enqueue(limit, key, full)
+        self._enqueue(limit.name, key, full, limit.bucket_width)
         due = self._due
         if not due:
             starts = self._expiry_starts
@@ -373,27 +392,27 @@ class MemoryStore:
         for _ in range(2):
             if not due:
                 break
-            old, old_key = due.popleft()
-            held = old.states.get(old_key)
-            if held is None:
+            old_name, old_key = due.popleft()
+            old = self._limits.get(old_name)
+            held = old.states.get(old_key) if old is not None else None
+            if old is None or held is None:
                 continue  # reset already dropped it
             when = full_at(old.config, held)
             if when > now:
-                self._enqueue(old, old_key, when)
+                self._enqueue(old_name, old_key, when, old.bucket_width)
                 continue
             del old.states[old_key]
-            if not old.states and self._limits.get(old.name) is old:
-                del self._limits[old.name]
+            if not old.states:
+                del self._limits[old_name]
 
-    def _enqueue(self, limit: _Limit, key: str | None, full: float) -> None:
-        width = limit.bucket_width
+    def _enqueue(self, name: str, key: str | None, full: float, width: float) -> None:
         start = (full // width + 1) * width
         bucket = self._expiry.get(start)
         if bucket is None:
-            self._expiry[start] = [(limit, key)]
+            self._expiry[start] = [(name, key)]
             heapq.heappush(self._expiry_starts, start)
         else:
-            bucket.append((limit, key))
+            bucket.append((name, key))
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
         # The expiry queue skips states that are gone, so it needs no update here.
