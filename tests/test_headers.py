@@ -59,13 +59,13 @@ def test_ratelimit_field_floors_remaining_and_ceils_seconds(
     )
     results = [LimitResult(True, None, remaining, reset) for _, remaining, reset in items]
     template = ratelimit_template([name for name, _, _ in items])
-    assert ratelimit_field(template, results) == expected.encode("latin-1")
+    assert ratelimit_field(template, [r.decision for r in results]) == expected.encode("latin-1")
 
 
 def test_ratelimit_field_of_a_spent_limit() -> None:
     spent = LimitResult(False, 1500.0, 0.0, 1500.0)
     fresh = LimitResult(True, None, 10.0, 0.0)
-    field = ratelimit_field(ratelimit_template(["a%d", "b"]), [spent, fresh])
+    field = ratelimit_field(ratelimit_template(["a%d", "b"]), [spent.decision, fresh.decision])
     assert field == b'"a%d";r=0;t=2, "b";r=10;t=0'
 
 

@@ -164,9 +164,10 @@ async def test_nothing_to_decide_in_the_store_awaits_nothing() -> None:
     flagged = scope_for("/api/ai/openai/chat", GPTBOT)
     crawler = bots.before(flagged, no_body, GuardContext(route_of(flagged), fingerprint="g"))
     assert inspect.iscoroutine(crawler) and callable(await crawler)
-    # The limits always need the store; off the limited routes the limiter awaits nothing.
-    limited = limiter.before(person, no_body, ctx)
-    assert inspect.iscoroutine(limited) and await limited is None
+    # A MemoryStore's limits are decided in the call itself, with nothing to await (its
+    # decision core waits for nothing); off the limited routes the limiter does nothing.
+    assert limiter.before(person, no_body, ctx) is None
+    assert ctx.limits["ai"].ok and ctx.limits["ai"].remaining == 9
     assert [name for name, _ in ctx.response_headers or ()] == [b"ratelimit-policy", b"ratelimit"]
     elsewhere = scope_for("/x", BROWSER)
     assert limiter.before(elsewhere, no_body, GuardContext(route_of(elsewhere))) is None

@@ -38,10 +38,16 @@ LimitState = tuple[float, float]
 #: A store's states of one limit name, by key.
 States = MutableMapping[str | None, LimitState]
 
-#: `decider(states, key, state, now, count, reserve) -> result`: decides against `state` and,
-#: when and only when it admits, stores the new state as `states[key]`. See `decide` for the
-#: pure form.
-Decider = Callable[[States, str | None, LimitState, float, float, bool], "LimitResult"]
+#: One limit's answer as flat numbers: (ok, retry_after, remaining, reset_after), the fields of
+#: `LimitResult` in order. Deciders answer this, not a `LimitResult`: a tuple costs no
+#: `__init__` call, and a request admitted by every rule only needs the last two numbers (its
+#: `RateLimit` field). A `LimitResult` is made from it where one is handed out.
+Decision = tuple[bool, float | None, float, float]
+
+#: `decider(states, key, state, now, count, reserve) -> decision`: decides against `state`
+#: and, when and only when it admits, stores the new state as `states[key]`. See `decide` for
+#: the pure form.
+Decider = Callable[[States, str | None, LimitState, float, float, bool], Decision]
 
 
 class _LimitBase(BaseModel):
@@ -165,6 +171,11 @@ class LimitResult:
     remaining: float
     reset_after: float
 
+    @property
+    def decision(self) -> Decision:
+        """The same answer as the flat numbers deciders give (see `Decision`)."""
+        return (self.ok, self.retry_after, self.remaining, self.reset_after)
+
 
 def check_count(name: str | None, config: LimitConfig, count: float, reserve: bool) -> None:
     """Reject a request that no amount of waiting could satisfy, as the component does.
@@ -236,8 +247,8 @@ def decide(
     pair for every request.
     """
     box: dict[str | None, LimitState] = {}
-    result = config.decider(box, None, state, now, count, reserve)
-    return result, box.get(None, state)
+    decision = config.decider(box, None, state, now, count, reserve)
+    return LimitResult(*decision), box.get(None, state)
 
 
 def _compile(config: LimitConfig) -> Decider:
@@ -257,14 +268,14 @@ def _compile(config: LimitConfig) -> Decider:
         ts: float,
         now: float,
         retry: float,
-    ) -> LimitResult:
+    ) -> Decision:
         """Below zero: admitted against reserved tokens, or denied."""
         if reserve_ok(value):
             states[key] = (value, ts)
-            return LimitResult(True, retry, 0.0, _until_full(config, value, ts, now))
+            return (True, retry, 0.0, _until_full(config, value, ts, now))
         # Denied: report what the caller still has, the tokens available before this count.
         still = available if available > 0 else 0.0
-        return LimitResult(False, retry, still, _until_full(config, still, ts, now))
+        return (False, retry, still, _until_full(config, still, ts, now))
 
     def reserve_ok(value: float) -> bool:
         return max_reserved is None or -value <= max_reserved
@@ -279,7 +290,7 @@ def _compile(config: LimitConfig) -> Decider:
             now: float,
             count: float,
             reserve: bool,
-        ) -> LimitResult:
+        ) -> Decision:
             if not 0.0 <= count <= cap:
                 check_count(None, config, count, reserve)
             value, ts = state
@@ -289,17 +300,17 @@ def _compile(config: LimitConfig) -> Decider:
             value = available - count
             if value >= 0.0:
                 states[key] = (value, now)
-                return LimitResult(True, None, value, (cap - value) / per_ms)
+                return (True, None, value, (cap - value) / per_ms)
             if reserve:
                 return over(states, key, available, value, now, now, -value / per_ms)
             still = available if available > 0 else 0.0
-            return LimitResult(False, -value / per_ms, still, (cap - still) / per_ms)
+            return (False, -value / per_ms, still, (cap - still) / per_ms)
 
         return token_bucket
 
     def fixed_window(
         states: States, key: str | None, state: LimitState, now: float, count: float, reserve: bool
-    ) -> LimitResult:
+    ) -> Decision:
         if not 0.0 <= count <= cap:
             check_count(None, config, count, reserve)
         value, ts = state
@@ -312,12 +323,12 @@ def _compile(config: LimitConfig) -> Decider:
         if value >= 0.0:
             states[key] = (value, ts)
             full_in = ts + period * math.ceil((cap - value) / rate) - now if value < cap else 0.0
-            return LimitResult(True, None, value, full_in)
+            return (True, None, value, full_in)
         retry = ts + period * math.ceil(-value / rate) - now
         if reserve:
             return over(states, key, available, value, ts, now, retry)
         still = available if available > 0 else 0.0
-        return LimitResult(False, retry, still, _until_full(config, still, ts, now))
+        return (False, retry, still, _until_full(config, still, ts, now))
 
     return fixed_window
 

@@ -82,7 +82,7 @@ class GuardContext:
     #: A flagged request's bot check, left for the rate-limit middleware to decide in the same
     #: store call as the limits (set only when bot detection defers to it).
     pending_bot: PendingBot | None = None
-    limits: dict[str, LimitResult] = field(default_factory=dict)
+    limits: MutableMapping[str, LimitResult] = field(default_factory=dict)
     #: Why the guard itself answered (e.g. "rate_limited:ipAIRequests"), for the request log.
     rejected: str | None = None
     #: What a shadow rule or a guard in shadow mode would have refused the request for, in

@@ -6,15 +6,16 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, cast
 
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope
 
+from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.estimates import DEFAULT_ESTIMATE
-from convex_guard.core.limits import LimitResult
+from convex_guard.core.limits import Decision, LimitResult
 from convex_guard.core.logs import ThrottledLog, logger, printable
 from convex_guard.core.problem import (
     QUOTA_TITLE,
@@ -39,13 +40,22 @@ from convex_guard.middleware.order import API_KEYS, FINGERPRINT, RATE_LIMIT, mis
 from convex_guard.middleware.rules import (
     RateLimitItems,
     Rule,
+    authenticated_user,
     closest_to_exhaustion,
     policy_item,
     ratelimit_field,
     ratelimit_template,
 )
 from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
-from convex_guard.stores.base import LimitRequest, LimitStore, LogStore, Settlement, require
+from convex_guard.stores.base import (
+    CheckResult,
+    LimitRequest,
+    LimitStore,
+    LogStore,
+    Settlement,
+    require,
+)
+from convex_guard.stores.memory import LimitSpec, MemoryStore
 from convex_guard.stores.resilient import answers_checked, checked_answer
 
 DEFAULT_TIMEOUT = 0.5
@@ -80,6 +90,17 @@ class RateLimitMiddleware(StepMiddleware):
     admitted request's two fields (the draft allows a single item, as express-rate-limit
     sends): fewer bytes on every response, which a server validates byte by byte. The
     default, `"all"`, lists every policy that applied.
+
+    Each route's rules are compiled once, on its first request, into a plan (`_Plan`): which
+    rules, which key each takes, the route's fields. With a `MemoryStore` a route whose rules
+    count a constant and are keyed by kind (no function of the request) is decided by one
+    synchronous call of the store's decision core (`MemoryStore.decide_all`, which its `check`
+    is built on too), which answers flat numbers: an admitted request makes no request,
+    result or coroutine object per rule. Everything else takes the general path through
+    `store.check`: another store (it awaits I/O and may time out), a deferred bot check, a
+    key or count function (it may raise, and its rule's fail policy answers), token and cost
+    rules (they read the body and reserve). A refused request, rare and already slow, is
+    answered by the general path's code from the fast path's decision.
     """
 
     marker = RATE_LIMIT
@@ -128,6 +149,8 @@ class RateLimitMiddleware(StepMiddleware):
         # A MemoryStore never waits and a ResilientStore owns the timeout; both answer in the
         # right shape. Any other store gets a timer and its answers checked.
         self._bounded = not answers_checked(store)
+        # A MemoryStore's decision core is called directly (see the class docstring).
+        self._memory = store if type(store) is MemoryStore else None
         self._store_trouble = ThrottledLog()
         # Which rules match a (method, path): the same few routes come back on every request.
         self._matches: dict[tuple[str, str], _Matched] = {}
@@ -156,7 +179,11 @@ class RateLimitMiddleware(StepMiddleware):
         matched = self._matches.get(route)
         if matched is None:
             method, path = route
-            matched = _Matched(tuple(rule for rule in self.rules if rule.matches(path, method)))
+            matched = _Matched(
+                tuple(rule for rule in self.rules if rule.matches(path, method)),
+                self._memory is not None,
+                self._single,
+            )
             if len(self._matches) >= _MATCH_CACHE_SIZE:
                 self._matches.clear()  # many distinct paths: start over, memory stays bounded
             self._matches[route] = matched
@@ -169,8 +196,12 @@ class RateLimitMiddleware(StepMiddleware):
         """
         matched = self._matching(ctx.route)
         pending = ctx.pending_bot
-        if not matched.rules and pending is None:
-            return None
+        if pending is None:
+            plan = matched.plan
+            if plan is not None:
+                return self._decide_now(scope, ctx, matched, plan)
+            if not matched.rules:
+                return None
 
         rules: Sequence[Rule]
         limits: Sequence[LimitRequest]
@@ -186,6 +217,56 @@ class RateLimitMiddleware(StepMiddleware):
         if not rules and pending is None:
             return None
         return self._decide(scope, ctx, matched, rules, limits, pending)
+
+    def _decide_now(
+        self, scope: Scope, ctx: GuardContext, matched: _Matched, plan: _Plan
+    ) -> Before:
+        """The fast path (see the class docstring): the route's keys, one call of the
+        MemoryStore's decision core, and the two fields from its flat numbers."""
+        user = None
+        if matched.by_user:
+            user = ctx.user_id or authenticated_user(scope)
+        # By `_SLOTS`: what each kind of rule is keyed by.
+        values = (
+            None,
+            (ctx.client_key or peer_ip(scope)) if matched.by_ip else None,
+            user,
+            ctx.api_key_id,
+            ctx.fingerprint,
+        )
+        if matched.optional:
+            absent = (user is None, values[3] is None, values[4] is None)
+            if True in absent:  # an anonymous caller: its rules do not apply
+                plan = matched.without(absent)
+                if not plan.specs:
+                    return None
+        keys = [values[slot] for slot in plan.slots]
+        memory = self._memory
+        assert memory is not None  # a plan is made only for a MemoryStore
+        try:
+            ok, decisions, now = memory.decide_all(plan.specs, keys)
+        except Exception:
+            # Decided again by the general path, which answers by the rules' fail policies.
+            return self._decide(scope, ctx, matched, plan.rules, plan.requests(keys), None)
+        if not ok:
+            outcome = CheckResult(False, tuple([LimitResult(*d) for d in decisions]), None, now)
+            return self._answer(scope, ctx, matched, plan.rules, plan.requests(keys), outcome)
+        ctx.limits = _Seen(ctx.limits, plan.names, decisions)
+        single = plan.single
+        if single is None:
+            policy = plan.policy
+            field = ratelimit_field(plan.template, decisions)
+        else:
+            closest = closest_to_exhaustion(decisions)
+            policy, template = single[closest]
+            field = ratelimit_field(template, (decisions[closest],))
+        fields = [(b"ratelimit-policy", policy), (b"ratelimit", field)]
+        added = ctx.response_headers
+        if added is None:
+            ctx.response_headers = fields
+        else:
+            added += fields
+        return None
 
     async def _estimated(
         self,
@@ -278,7 +359,24 @@ class RateLimitMiddleware(StepMiddleware):
             if any(rule.fail == "closed" for rule in rules):
                 return self._unavailable(ctx)
             return None
+        return await self._answer(
+            scope, ctx, matched, rules, limits, outcome, pending, estimated, model
+        )
 
+    async def _answer(
+        self,
+        scope: Scope,
+        ctx: GuardContext,
+        matched: _Matched,
+        rules: Sequence[Rule],
+        limits: Sequence[LimitRequest],
+        outcome: CheckResult,
+        pending: PendingBot | None = None,
+        estimated: bool = False,
+        model: str | None = None,
+    ) -> Refusal | None:
+        """What the store decided, answered: the bot's verdict, the 429 (or a shadow rule's
+        second call), the reservations, and the fields of an admitted request."""
         if pending is not None and outcome.bot is not None:
             answer = pending.respond(outcome.bot)
             if answer is not None:
@@ -336,14 +434,15 @@ class RateLimitMiddleware(StepMiddleware):
             ]
             if held:
                 ctx.reservations = held
+        decisions = [result.decision for result in results]
         single = self._single
         if single is not None:
-            closest = closest_to_exhaustion(results)
+            closest = closest_to_exhaustion(decisions)
             policy_bytes, template = single[rules[closest].name]
-            results = (results[closest],)
+            decisions = [decisions[closest]]
         fields = [
             (b"ratelimit-policy", policy_bytes),
-            (b"ratelimit", ratelimit_field(template, results)),
+            (b"ratelimit", ratelimit_field(template, decisions)),
         ]
         added = ctx.response_headers
         if added is None:
@@ -422,7 +521,7 @@ class RateLimitMiddleware(StepMiddleware):
             (
                 "RateLimit",
                 ratelimit_field(
-                    ratelimit_template(names), [result for _, result in violated]
+                    ratelimit_template(names), [result.decision for _, result in violated]
                 ).decode("latin-1"),
             ),
         ]
@@ -604,13 +703,77 @@ class RateLimitMiddleware(StepMiddleware):
 _Fields = tuple[str, bytes, bytes]
 
 
+#: Where `_decide_now` finds each kind of rule's key, by the rule's `key`.
+_SLOTS = {"global": 0, "ip": 1, "user": 2, "api_key": 3, "fingerprint": 4}
+#: Each rule's fields alone, by name (`ratelimit_items="closest"`).
+_Single = dict[str, tuple[bytes, bytes]]
+
+
+class _Plan:
+    """One decision of a set of rules by the fast path, compiled once: what each asks of the
+    store (`specs`), where its key comes from (`slots`, into `_decide_now`'s values) and the
+    fields they answer with."""
+
+    __slots__ = ("names", "policy", "rules", "single", "slots", "specs", "template")
+
+    def __init__(self, rules: tuple[Rule, ...], single: _Single | None) -> None:
+        self.rules = rules
+        self.names = tuple([rule.name for rule in rules])
+        # A plan is made only for constant counts and keys by kind (see `_Matched`).
+        self.specs: tuple[LimitSpec, ...] = tuple(
+            [(rule.name, rule.config, cast(float, rule.count), False) for rule in rules]
+        )
+        self.slots = tuple([_SLOTS[cast(str, rule.key)] for rule in rules])
+        _, self.policy, self.template = _fields(rules)
+        self.single = None if single is None else tuple([single[rule.name] for rule in rules])
+
+    def requests(self, keys: Sequence[str | None]) -> list[LimitRequest]:
+        """What the general path asks of the store for the same decision."""
+        return [
+            LimitRequest(name, config, key, count)
+            for (name, config, count, _), key in zip(self.specs, keys, strict=True)
+        ]
+
+
 class _Matched:
     """The rules matching one route, with what can be computed once for them."""
 
-    __slots__ = ("_subsets", "fields", "fixed", "max_body", "needs_request", "rules", "tiers")
+    __slots__ = (
+        "_partial",
+        "_single",
+        "_subsets",
+        "by_ip",
+        "by_user",
+        "fields",
+        "fixed",
+        "max_body",
+        "needs_request",
+        "optional",
+        "plan",
+        "rules",
+        "tiers",
+    )
 
-    def __init__(self, rules: tuple[Rule, ...]) -> None:
+    def __init__(self, rules: tuple[Rule, ...], fast: bool, single: _Single | None) -> None:
         self.rules = rules
+        # The fast path's plan, when it can decide this route (see RateLimitMiddleware).
+        self.plan = (
+            _Plan(rules, single)
+            if fast
+            and rules
+            and not any(
+                rule.settled or callable(rule.key) or callable(rule.count) for rule in rules
+            )
+            else None
+        )
+        kinds = {rule.key for rule in rules}
+        self.by_ip = "ip" in kinds
+        self.by_user = "user" in kinds
+        # Rules that do not apply to a caller without a user, API key or fingerprint.
+        self.optional = not kinds.isdisjoint(("user", "api_key", "fingerprint"))
+        self._single = single
+        # The plans without such rules, by which of the three keys are absent (at most 8).
+        self._partial: dict[tuple[bool, bool, bool], _Plan] = {}
         # Only a key, cost or estimate function reads the request: the others need no
         # `Request` made.
         self.needs_request = any(
@@ -630,6 +793,16 @@ class _Matched:
             else None
         )
 
+    def without(self, absent: tuple[bool, bool, bool]) -> _Plan:
+        """The plan of the rules that apply when the user, API key or fingerprint (by
+        `absent`) is unknown; its `specs` are empty when none does."""
+        plan = self._partial.get(absent)
+        if plan is None:
+            missing = {kind for kind, gone in zip(_SLOTS_OPTIONAL, absent, strict=True) if gone}
+            rules = tuple(rule for rule in self.rules if rule.key not in missing)
+            plan = self._partial[absent] = _Plan(rules, self._single)
+        return plan
+
     def subset(self, rules: Sequence[Rule]) -> _Fields:
         """The fields of the rules that applied to one request, when not all of them did."""
         names = tuple([rule.name for rule in rules])
@@ -637,6 +810,53 @@ class _Matched:
         if fields is None:
             fields = self._subsets[names] = _fields(rules)
         return fields
+
+
+_SLOTS_OPTIONAL = ("user", "api_key", "fingerprint")
+
+
+class _Seen(MutableMapping[str, LimitResult]):
+    """`ctx.limits` after a fast decision: the results are made only when something reads
+    them, which most requests never do (the app may, as examples/quickstart.py does)."""
+
+    __slots__ = ("_base", "_decisions", "_made", "_names")
+
+    def __init__(
+        self,
+        base: Mapping[str, LimitResult],
+        names: tuple[str, ...],
+        decisions: list[Decision],
+    ) -> None:
+        self._base = base
+        self._names = names
+        self._decisions = decisions
+        self._made: dict[str, LimitResult] | None = None
+
+    def _results(self) -> dict[str, LimitResult]:
+        made = self._made
+        if made is None:
+            made = self._made = dict(self._base)
+            for name, decision in zip(self._names, self._decisions, strict=True):
+                made[name] = LimitResult(*decision)
+        return made
+
+    def __getitem__(self, name: str) -> LimitResult:
+        return self._results()[name]
+
+    def __setitem__(self, name: str, result: LimitResult) -> None:
+        self._results()[name] = result
+
+    def __delitem__(self, name: str) -> None:
+        del self._results()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._results())
+
+    def __len__(self) -> int:
+        return len(self._results())
+
+    def __repr__(self) -> str:
+        return repr(self._results())
 
 
 def _prompt_estimate(body: bytes) -> float:

@@ -15,9 +15,9 @@ from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.estimates import DEFAULT_ESTIMATE, TokenEstimate, check_prices, token_cost
 from convex_guard.core.limits import (
+    Decision,
     FixedWindow,
     LimitConfig,
-    LimitResult,
     check_count,
     shard_factor,
 )
@@ -326,28 +326,29 @@ def ratelimit_template(names: Iterable[str]) -> bytes:
     return ", ".join([f'"{name}";r=%d;t=%d' for name in quoted]).encode("latin-1")
 
 
-def ratelimit_field(template: bytes, results: Iterable[LimitResult]) -> bytes:
-    """The `RateLimit` field (draft-ietf-httpapi-ratelimit-headers-11) for `results`.
+def ratelimit_field(template: bytes, decisions: Iterable[Decision]) -> bytes:
+    """The `RateLimit` field (draft-ietf-httpapi-ratelimit-headers-11) for `decisions`.
 
-    `r` is the remaining quota rounded down, `t` the seconds until the limit is full again
-    rounded up. `%d` truncates a float, which is floor for these non-negative numbers, and
-    `-(-x // 1000)` is a ceil without a call.
+    Read off the flat numbers the store decided (`LimitResult.decision` for a result), so an
+    admitted request makes no result object. `r` is the remaining quota rounded down, `t`
+    the seconds until the limit is full again rounded up (`-(-x // 1000)`: exact, where
+    `ceil(x / 1000)` would round the quotient first). Both go to `%d` as ints: it formats an
+    int directly and a float through a conversion and a string of its own, which costs more
+    than the `floor`.
     """
-    numbers: list[float] = []
-    for result in results:
-        remaining = result.remaining
-        reset = result.reset_after
-        numbers.append(remaining if remaining > 0 else 0.0)
-        numbers.append(-(-reset // 1000) if reset > 0 else 0.0)
+    numbers: list[int] = []
+    for _, _, remaining, reset in decisions:
+        numbers.append(math.floor(remaining) if remaining > 0 else 0)
+        numbers.append(math.floor(-(-reset // 1000)) if reset > 0 else 0)
     return template % tuple(numbers)
 
 
-def closest_to_exhaustion(results: Sequence[LimitResult]) -> int:
-    """The index of the result with the least quota remaining: the first of them on a tie."""
+def closest_to_exhaustion(decisions: Sequence[Decision]) -> int:
+    """The index of the decision with the least quota remaining: the first of them on a tie."""
     best = 0
-    least = results[0].remaining
-    for index in range(1, len(results)):
-        remaining = results[index].remaining
+    least = decisions[0][2]
+    for index in range(1, len(decisions)):
+        remaining = decisions[index][2]
         if remaining < least:
             best, least = index, remaining
     return best

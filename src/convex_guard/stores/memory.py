@@ -18,6 +18,7 @@ from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.keys import ApiKeyKind
 from convex_guard.core.limits import (
+    Decision,
     LimitConfig,
     LimitResult,
     LimitState,
@@ -66,6 +67,8 @@ from convex_guard.stores.base import (
 )
 
 Clock = Callable[[], float]
+#: What a decision asks of one limit, apart from its key: (name, config, count, reserve).
+LimitSpec = tuple[str, LimitConfig, float, bool]
 Random = Callable[[], float]
 R = TypeVar("R", AIRequestLog, EmbeddingRequestLog, AuthFailure, "_KeyUse")
 
@@ -153,6 +156,9 @@ class MemoryStore:
         self._limits: dict[str, _Limit] = {}
         # The expiry queue: bucket start (epoch ms) -> the states that may be full from then;
         # a heap of the bucket starts; and the states of the buckets whose time has come.
+        # Entries are (name, key), strings only: a tuple of strings drops out of the garbage
+        # collector's tracking, one holding a `_Limit` would stay in it (100,000 new keys made
+        # every full collection walk them). A state found gone (reset) is skipped.
         self._expiry: dict[float, list[tuple[str, str | None]]] = {}
         self._expiry_starts: list[float] = []
         self._due: deque[tuple[str, str | None]] = deque()
@@ -191,28 +197,34 @@ class MemoryStore:
         count: float = 1.0,
         reserve: bool = False,
     ) -> LimitResult:
+        # One limit needs none of `decide_all`'s lists or rollback: the decider and the
+        # expiry queue directly (the same ones it uses), as this is the hot path of a caller
+        # deciding one limit at a time.
         now = _time() * 1000.0 if self._wall else self._clock()
-        limit = self._limits.get(name)
-        if limit is None or limit.config is not config:  # a call only for a new name or config
-            limit = self._entry(name, config)
-        states = limit.states
+        entry = self._limits.get(name)
+        if entry is None or entry.config is not config:  # only for a new name or config
+            entry = self._entry(name, config)
+        states = entry.states
+        state = states.get(key)
         try:  # the decider itself refuses a count that no waiting could admit
-            state = states.get(key)
             if state is not None:
-                return limit.decide(states, key, state, now, count, reserve)
-            result = limit.decide(states, key, limit.fresh(now, self._random), now, count, reserve)
+                return LimitResult(*entry.decide(states, key, state, now, count, reserve))
+            decision = entry.decide(
+                states, key, entry.fresh(now, self._random), now, count, reserve
+            )
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
-        if result.ok:
-            self._track(name, key, now, now + result.reset_after, config.period)
-        return result
+        if decision[0]:
+            self._track(entry, key, now, now + decision[3])
+        return LimitResult(*decision)
 
     async def check(
         self, limits: Sequence[LimitRequest], *, bot: BotCheck | None = None
     ) -> CheckResult:
         verdict: BotVerdict | None = None
-        now = _time() * 1000.0 if self._wall else self._clock()
+        now: float | None = None
         if bot is not None:
+            now = _time() * 1000.0 if self._wall else self._clock()
             # A count no waiting could admit is refused before the bot's event is recorded.
             # (Without a bot the deciders refuse it below, before anything is kept.)
             for request in limits:
@@ -223,49 +235,79 @@ class MemoryStore:
             verdict = self._decide_bot(bot, now)
             if verdict.action != "allowed":
                 return CheckResult(False, (), verdict, now)
-        # Decided in place, then rolled back if any denies: the common case (all admit) pays
-        # for no copies. A (name, key) named twice sees its own earlier consumption; a new
-        # state is stored before its decision so that the second sees the same one.
-        results: list[LimitResult] = []
+        ok, decisions, now = self.decide_all(
+            [(r.name, r.config, r.count, r.reserve) for r in limits], [r.key for r in limits], now
+        )
+        return CheckResult(ok, tuple([LimitResult(*d) for d in decisions]), verdict, now)
+
+    def decide_all(
+        self,
+        specs: Sequence[LimitSpec],
+        keys: Sequence[str | None],
+        now: float | None = None,
+    ) -> tuple[bool, list[Decision], float]:
+        """Decide the limits `specs` (each for the key at the same index) together, at `now`
+        (default: this store's clock): (all admitted, each one's decision, now).
+
+        The one decision of this store: `limit`, `check`, settlements and bot limits all come
+        here, and the rate-limit middleware calls it directly (no await: nothing here waits),
+        so no request or result object is made for a request every rule admits.
+
+        Decided in place, then rolled back if any denies: the common case (all admit) pays
+        for no copies. A (name, key) named twice sees its own earlier consumption; a new
+        state is stored before its decision so that the second sees the same one. New states
+        enter the expiry queue once all admit. A count no waiting could admit raises
+        `ConfigurationError`, with nothing kept.
+        """
+        if now is None:
+            now = _time() * 1000.0 if self._wall else self._clock()
+        decisions: list[Decision] = []
+        # Each limit's state before this call (None: new), to roll back or track.
+        before: list[LimitState | None] = []
         ok = True
-        touched: list[tuple[dict[str | None, LimitState], str | None, LimitState | None]] = []
-        # The new states, each with the time it can be full again, tracked once all admit.
-        fresh: list[tuple[str, str | None, float, float]] | None = None
         limits_by_name = self._limits
-        for request in limits:
-            name = request.name
-            key = request.key
+        for (name, config, count, reserve), key in zip(specs, keys):  # noqa: B905 (same length)
             entry = limits_by_name.get(name)
-            if entry is None or entry.config is not request.config:
-                entry = self._entry(name, request.config)
+            if entry is None or entry.config is not config:
+                entry = self._entry(name, config)
             states = entry.states
             state = states.get(key)
-            created = state is None
+            before.append(state)
             if state is None:
                 state = states[key] = entry.fresh(now, self._random)
-                touched.append((states, key, None))
-            else:
-                touched.append((states, key, state))
             try:
-                result = entry.decide(states, key, state, now, request.count, request.reserve)
+                decision = entry.decide(states, key, state, now, count, reserve)
             except ConfigurationError as exc:
-                _restore(touched)
+                self._restore(specs, keys, before)
                 raise ConfigurationError(f"{exc} (limit {name!r})") from None
-            if not result.ok:
+            if not decision[0]:
                 ok = False
-            elif created:
-                # A second slot of the same (name, key) only delays the state's fullness: the
-                # queue then finds it not yet full and looks again later.
-                if fresh is None:
-                    fresh = []
-                fresh.append((name, key, now + result.reset_after, entry.config.period))
-            results.append(result)
+            decisions.append(decision)
         if not ok:
-            _restore(touched)
-        elif fresh is not None:
-            for name, key, full, period in fresh:
-                self._track(name, key, now, full, period)
-        return CheckResult(ok, tuple(results), verdict, now)
+            self._restore(specs, keys, before)
+        elif None in before:
+            # A second slot of the same (name, key) only delays the state's fullness: the
+            # queue then finds it not yet full and looks again later.
+            for (name, _, _, _), key, state, decision in zip(specs, keys, before, decisions):  # noqa: B905
+                if state is None:
+                    self._track(limits_by_name[name], key, now, now + decision[3])
+        return ok, decisions, now
+
+    def _restore(
+        self,
+        specs: Sequence[LimitSpec],
+        keys: Sequence[str | None],
+        before: list[LimitState | None],
+    ) -> None:
+        """Undo a call's decisions: each state back to what it was, a new one dropped."""
+        limits_by_name = self._limits
+        for i in range(len(before) - 1, -1, -1):
+            states = limits_by_name[specs[i][0]].states
+            key, state = keys[i], before[i]
+            if state is None:
+                states.pop(key, None)
+            else:
+                states[key] = state
 
     def _settle(self, settlement: Settlement, now: float) -> None:
         """Charge or refund one reservation, as the component takes a count with `reserve`."""
@@ -273,26 +315,21 @@ class MemoryStore:
         if not math.isfinite(amount):
             raise ValueError(f"settlement of {settlement.name!r}: amount must be finite")
         name, key, config = settlement.name, settlement.key, settlement.config
-        limit = self._entry(name, config)
-        state = limit.states.get(key)
-        if amount < 0 and not refund_applies(config, state, now, settlement.reserved_at):
+        if amount < 0 and not refund_applies(
+            config, self._state(name, key), now, settlement.reserved_at
+        ):
             return
-        fresh = state is None
-        if state is None:
-            state = limit.fresh(now, self._random)
         try:
-            result = limit.decide(limit.states, key, state, now, amount, True)
+            self.decide_all(((name, config, amount, True),), (key,), now)
         except ConfigurationError as exc:  # a hand-made config with max_reserved
             raise ValueError(f"settlement of {name!r}: {exc}") from None
-        if fresh and result.ok:
-            self._track(name, key, now, now + result.reset_after, config.period)
 
     def _entry(self, name: str, config: LimitConfig) -> _Limit:
         """The name's states, to be decided by `config` (the last config used for a name is
-        the one the sweep judges its states by)."""
+        the one the expiry queue judges its states by)."""
         limit = self._limits.get(name)
         if limit is None:
-            limit = self._limits[name] = _Limit(config)
+            limit = self._limits[name] = _Limit(name, config)
         elif limit.config is not config:
             limit.use(config)
         return limit
@@ -312,20 +349,13 @@ class MemoryStore:
         if action == "allowed" and bot.limit is not None:
             # The bot's own limit is consumed whenever the bot is allowed (see BotCheck).
             request = bot.limit
-            limit = self._entry(request.name, request.config)
-            state = limit.states.get(request.key)
-            fresh = state is None
-            if state is None:
-                state = limit.fresh(now, self._random)
-            result = limit.decide(
-                limit.states, request.key, state, now, request.count, request.reserve
+            ok, _, _ = self.decide_all(
+                ((request.name, request.config, request.count, request.reserve),),
+                (request.key,),
+                now,
             )
-            if not result.ok:
+            if not ok:
                 action = "challenged"
-            elif fresh:
-                self._track(
-                    request.name, request.key, now, now + result.reset_after, request.config.period
-                )
         metadata = dict(bot.metadata or {})
         metadata["previousAttempts"] = previous
         self._add_event(
@@ -342,41 +372,40 @@ class MemoryStore:
         )
         return BotVerdict(action, previous)
 
-    def _track(self, name: str, key: str | None, now: float, full: float, period: float) -> None:
+    def _track(self, limit: _Limit, key: str | None, now: float, full: float) -> None:
         """Enter a new state (already stored) in the expiry queue, and look at two due ones.
 
         `full` is the earliest time the state can be full again (consuming only delays it);
         it waits in the bucket that begins next after `full`, buckets being a 64th of the
         limit's period wide, so a state is forgotten at most that late. Looking at two due
         states per new one bounds the states held to about twice those not yet refilled;
-        one that was consumed since it was queued goes back in at its new time.
+        one that was consumed since it was queued goes back in at its new time. The work per
+        new state is the same however many states are held: no walk over them.
         """
-        self._enqueue(name, key, full, period)
+        self._enqueue(limit.name, key, full, limit.bucket_width)
         due = self._due
         if not due:
             starts = self._expiry_starts
             if not starts or starts[0] > now:
                 return
             due.extend(self._expiry.pop(heapq.heappop(starts)))
-        limits = self._limits
         for _ in range(2):
             if not due:
                 break
             old_name, old_key = due.popleft()
-            old = limits.get(old_name)
+            old = self._limits.get(old_name)
             held = old.states.get(old_key) if old is not None else None
             if old is None or held is None:
                 continue  # reset already dropped it
             when = full_at(old.config, held)
-            if when <= now:
-                del old.states[old_key]
-                if not old.states:
-                    del limits[old_name]
-            else:
-                self._enqueue(old_name, old_key, when, old.config.period)
+            if when > now:
+                self._enqueue(old_name, old_key, when, old.bucket_width)
+                continue
+            del old.states[old_key]
+            if not old.states:
+                del self._limits[old_name]
 
-    def _enqueue(self, name: str, key: str | None, full: float, period: float) -> None:
-        width = period / 64
+    def _enqueue(self, name: str, key: str | None, full: float, width: float) -> None:
         start = (full // width + 1) * width
         bucket = self._expiry.get(start)
         if bucket is None:
@@ -397,7 +426,7 @@ class MemoryStore:
         if state is None:
             state = config.fresh(now, self._random)
         # Count 0 always admits: the new state goes to a throwaway mapping.
-        return config.decider({}, key, state, now, 0, False)
+        return LimitResult(*config.decider({}, key, state, now, 0, False))
 
     @property
     def limit_keys(self) -> int:
@@ -716,19 +745,22 @@ class _Limit:
     than the arithmetic of a decision.
     """
 
-    __slots__ = ("config", "decide", "fresh", "states")
+    __slots__ = ("bucket_width", "config", "decide", "fresh", "name", "states")
 
-    def __init__(self, config: LimitConfig) -> None:
+    def __init__(self, name: str, config: LimitConfig) -> None:
+        self.name = name
         self.states: dict[str | None, LimitState] = {}
         self.use(config)
 
     def __repr__(self) -> str:
-        return f"_Limit({self.config!r}, states={self.states!r})"
+        return f"_Limit({self.name!r}, {self.config!r}, states={self.states!r})"
 
     def use(self, config: LimitConfig) -> None:
         self.config = config
         self.decide = config.decider
         self.fresh = config.fresh
+        #: The expiry queue's bucket width for these states: a 64th of the period.
+        self.bucket_width = config.period / 64
 
 
 def _count_since(times: list[float] | None, since: float) -> int:
@@ -744,17 +776,6 @@ def _forget(index: dict[str, list[float]], key: str, timestamp: float) -> None:
     times.remove(timestamp)
     if not times:
         del index[key]
-
-
-def _restore(
-    touched: list[tuple[dict[str | None, LimitState], str | None, LimitState | None]],
-) -> None:
-    """Undo a check's decisions: each state back to what it was, a new one dropped."""
-    for states, key, state in reversed(touched):
-        if state is None:
-            del states[key]
-        else:
-            states[key] = state
 
 
 class _Rows(Generic[R]):
