@@ -119,22 +119,23 @@ ISBOT_CATEGORY = {
 }  # fmt: skip
 
 
-def git_show(repo: Path, path: str) -> str:
+def git(repo: Path, *args: str) -> str:
+    """What git prints in a fetched snapshot (no work tree: every read goes through git)."""
     return subprocess.run(
-        ["git", "-C", str(repo), "show", f"HEAD:{path}"],
-        check=True,
-        capture_output=True,
-        text=True,
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
     ).stdout
 
 
+def git_show(repo: Path, path: str) -> str:
+    return git(repo, "show", f"HEAD:{path}")
+
+
+def git_ls(repo: Path, folder: str) -> list[str]:
+    return git(repo, "ls-tree", "--name-only", "HEAD", folder).split()
+
+
 def git_head(repo: Path) -> tuple[str, str]:
-    out = subprocess.run(
-        ["git", "-C", str(repo), "log", "-1", "--format=%H %cs"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
+    out = git(repo, "log", "-1", "--format=%H %cs").split()
     return out[0], out[1]
 
 
@@ -428,12 +429,7 @@ def _training_strings(opawg: Path) -> set[str]:
     labelled = ROOT / "tests" / "data" / "user_agents.csv"
     with labelled.open(newline="", encoding="utf-8") as handle:
         seen |= {r["user_agent"] for r in csv.DictReader(handle)}
-    listing = subprocess.run(
-        ["git", "-C", str(opawg), "ls-tree", "--name-only", "HEAD", "src/"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
+    listing = git_ls(opawg, "src/")
     for path in listing:
         if path.endswith(".json"):
             for entry in json.loads(git_show(opawg, path)).get("entries", ()):
@@ -459,12 +455,7 @@ def evaluation(args: argparse.Namespace) -> None:
     for item in yaml.safe_load(git_show(dd, "Tests/fixtures/bots.yml")):
         category = DD_CATEGORY[(item.get("bot") or {}).get("category") or ""]
         add(item["user_agent"], category, "device-detector bots")
-    listing = subprocess.run(
-        ["git", "-C", str(dd), "ls-tree", "--name-only", "HEAD", "Tests/fixtures/"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
+    listing = git_ls(dd, "Tests/fixtures/")
     people = 0
     for path in sorted(listing):
         if path.endswith("bots.yml") or not path.endswith(".yml"):
