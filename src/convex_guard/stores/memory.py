@@ -69,9 +69,6 @@ from convex_guard.stores.base import (
 Clock = Callable[[], float]
 #: What a decision asks of one limit, apart from its key: (name, config, count, reserve).
 LimitSpec = tuple[str, LimitConfig, float, bool]
-#: A `LimitRequest`'s spec and key, each read by one C call (no comprehension frame per check).
-_spec_of: Callable[[LimitRequest], LimitSpec] = attrgetter("name", "config", "count", "reserve")
-_key_of: Callable[[LimitRequest], str | None] = attrgetter("key")
 Random = Callable[[], float]
 R = TypeVar("R", AIRequestLog, EmbeddingRequestLog, AuthFailure, "_KeyUse")
 
@@ -239,9 +236,9 @@ class MemoryStore:
             if verdict.action != "allowed":
                 return CheckResult(False, (), verdict, now)
         ok, decisions, now = self.decide_all(
-            list(map(_spec_of, limits)), list(map(_key_of, limits)), now
+            [(r.name, r.config, r.count, r.reserve) for r in limits], [r.key for r in limits], now
         )
-        return CheckResult(ok, tuple(itertools.starmap(LimitResult, decisions)), verdict, now)
+        return CheckResult(ok, tuple([LimitResult(*d) for d in decisions]), verdict, now)
 
     def decide_all(
         self,
