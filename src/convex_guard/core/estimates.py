@@ -91,17 +91,21 @@ def completion_tokens(payload: Mapping[str, Any], estimate: TokenEstimate) -> in
 
 
 def _text_length(value: object, depth: int) -> int:
+    # A loop, not `sum` over a generator: a generator frame per list and dict cost more than
+    # the counting (a chat body's few strings sit under two or three of them).
     if isinstance(value, str):
         return len(value)
     if depth >= _MAX_DEPTH:
         return 0
+    chars = 0
     if isinstance(value, list):
-        return sum(_text_length(item, depth + 1) for item in value)
-    if isinstance(value, dict):
-        return sum(
-            _text_length(item, depth + 1) for key, item in value.items() if key not in _NOT_TEXT
-        )
-    return 0
+        for item in value:
+            chars += len(item) if isinstance(item, str) else _text_length(item, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key not in _NOT_TEXT:
+                chars += len(item) if isinstance(item, str) else _text_length(item, depth + 1)
+    return chars
 
 
 def check_prices(prices: Mapping[str, float]) -> dict[str, float]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import operator
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, cast
@@ -240,7 +241,7 @@ class RateLimitMiddleware(StepMiddleware):
                 plan = matched.without(absent)
                 if not plan.specs:
                     return None
-        keys = [values[slot] for slot in plan.slots]
+        keys = plan.keys(values)
         memory = self._memory
         assert memory is not None  # a plan is made only for a MemoryStore
         try:
@@ -714,7 +715,7 @@ class _Plan:
     store (`specs`), where its key comes from (`slots`, into `_decide_now`'s values) and the
     fields they answer with."""
 
-    __slots__ = ("names", "policy", "rules", "single", "slots", "specs", "template")
+    __slots__ = ("keys", "names", "policy", "rules", "single", "slots", "specs", "template")
 
     def __init__(self, rules: tuple[Rule, ...], single: _Single | None) -> None:
         self.rules = rules
@@ -724,6 +725,11 @@ class _Plan:
             [(rule.name, rule.config, cast(float, rule.count), False) for rule in rules]
         )
         self.slots = tuple([_SLOTS[cast(str, rule.key)] for rule in rules])
+        #: `keys(values)`: each rule's key, read by one C call instead of a comprehension
+        #: (whose frame costs more than the reads).
+        self.keys: Callable[[tuple[str | None, ...]], tuple[str | None, ...]] = _key_reader(
+            self.slots
+        )
         _, self.policy, self.template = _fields(rules)
         self.single = None if single is None else tuple([single[rule.name] for rule in rules])
 
@@ -733,6 +739,19 @@ class _Plan:
             LimitRequest(name, config, key, count)
             for (name, config, count, _), key in zip(self.specs, keys, strict=True)
         ]
+
+
+def _key_reader(
+    slots: tuple[int, ...],
+) -> Callable[[tuple[str | None, ...]], tuple[str | None, ...]]:
+    """The plan's keys from `_decide_now`'s values, always as a tuple (an `itemgetter` of one
+    index answers the item itself, of none cannot be made)."""
+    if len(slots) > 1:
+        return operator.itemgetter(*slots)
+    if slots:
+        (slot,) = slots
+        return lambda values: (values[slot],)
+    return lambda values: ()
 
 
 class _Matched:
