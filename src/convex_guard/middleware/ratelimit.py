@@ -253,20 +253,7 @@ class RateLimitMiddleware(StepMiddleware):
             outcome = CheckResult(False, tuple([LimitResult(*d) for d in decisions]), None, now)
             return self._answer(scope, ctx, matched, plan.rules, plan.requests(keys), outcome)
         ctx.limits = _Seen(ctx.limits, plan.names, decisions)
-        single = plan.single
-        if single is None:
-            policy = plan.policy
-            field = ratelimit_field(plan.template, decisions)
-        else:
-            closest = closest_to_exhaustion(decisions)
-            policy, template = single[closest]
-            field = ratelimit_field(template, (decisions[closest],))
-        fields = [(b"ratelimit-policy", policy), (b"ratelimit", field)]
-        added = ctx.response_headers
-        if added is None:
-            ctx.response_headers = fields
-        else:
-            added += fields
+        _announce(ctx, plan.policy, plan.template, decisions, plan.single)
         return None
 
     async def _estimated(
@@ -435,21 +422,14 @@ class RateLimitMiddleware(StepMiddleware):
             ]
             if held:
                 ctx.reservations = held
-        decisions = [result.decision for result in results]
         single = self._single
-        if single is not None:
-            closest = closest_to_exhaustion(decisions)
-            policy_bytes, template = single[rules[closest].name]
-            decisions = [decisions[closest]]
-        fields = [
-            (b"ratelimit-policy", policy_bytes),
-            (b"ratelimit", ratelimit_field(template, decisions)),
-        ]
-        added = ctx.response_headers
-        if added is None:
-            ctx.response_headers = fields
-        else:
-            added += fields
+        _announce(
+            ctx,
+            policy_bytes,
+            template,
+            [result.decision for result in results],
+            None if single is None else [single[rule.name] for rule in rules],
+        )
         return None
 
     async def _shadowed(
@@ -876,6 +856,27 @@ class _Seen(MutableMapping[str, LimitResult]):
 
     def __repr__(self) -> str:
         return repr(self._results())
+
+
+def _announce(
+    ctx: GuardContext,
+    policy: bytes,
+    template: bytes,
+    decisions: Sequence[Decision],
+    singles: Sequence[tuple[bytes, bytes]] | None,
+) -> None:
+    """Add an admitted request's two fields: every policy, or with `singles` (each policy's
+    own fields, for `ratelimit_items="closest"`) only the one nearest exhaustion."""
+    if singles is not None:
+        closest = closest_to_exhaustion(decisions)
+        policy, template = singles[closest]
+        decisions = (decisions[closest],)
+    fields = [(b"ratelimit-policy", policy), (b"ratelimit", ratelimit_field(template, decisions))]
+    added = ctx.response_headers
+    if added is None:
+        ctx.response_headers = fields
+    else:
+        added += fields
 
 
 def _prompt_estimate(body: bytes) -> float:
