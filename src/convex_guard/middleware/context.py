@@ -54,16 +54,12 @@ class Reservation:
     model: str | None
 
 
-@dataclass
+@dataclass(slots=True)
 class GuardContext:
     """Everything the middlewares learned about one request, for the next ones and the app.
 
     Each middleware fills its own fields; one that needs a field another fills checks at
     construction that the other runs first, so a missing field here is a bug, not a client error.
-
-    Not slotted: a field's default stays on the class, so a request's context (`for_route`)
-    is made with its route and limits alone, and holds only the fields a step sets; most
-    requests set a handful of its 25.
     """
 
     #: The request's (method, path) as matched, see `route_of`; set when the context is made.
@@ -120,14 +116,6 @@ class GuardContext:
     #: recorded by the runner that added the response headers, for a settlement to tell a
     #: failed response by.
     status: int = field(init=False, repr=False, compare=False)
-
-    @classmethod
-    def for_route(cls, route: Route) -> GuardContext:
-        """A request's context: every field at its default (read from the class), but `route`."""
-        ctx = cls.__new__(cls)
-        ctx.route = route
-        ctx.limits = {}
-        return ctx
 
 
 class LogEntry:
@@ -192,7 +180,7 @@ def guard_context(scope: MutableMapping[str, Any], route: Route | None = None) -
         state = scope["state"] = {}
     ctx = state.get(STATE_KEY)
     if ctx is None:
-        ctx = state[STATE_KEY] = GuardContext.for_route(route_of(scope) if route is None else route)
+        ctx = state[STATE_KEY] = GuardContext(route_of(scope) if route is None else route)
     return cast(GuardContext, ctx)
 
 
