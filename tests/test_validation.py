@@ -639,9 +639,11 @@ def test_validation_refusals_are_a_reason_of_their_own(
 
     async def run() -> dict[str, int]:
         hour = (time.time() * 1000 // HOUR - 2) * HOUR
-        rows = [ai_row(hour + 1_000 + n, "openai", False, 5, 0, 0.0) for n in range(3)]
-        rows[0].error, rows[1].error = "invalid_body:too_large", "invalid_body:json"
-        rows[2].error = "rate_limited:ipAIRequests"
+        errors = ("invalid_body:too_large", "invalid_body:json", "rate_limited:ipAIRequests")
+        rows = [
+            ai_row(hour + 1_000 + n, "openai", False, 5, 0, 0.0)._replace(error=error)
+            for n, error in enumerate(errors)
+        ]
         try:
             await store.write_logs(LogBatch(id=uuid.uuid4().hex, ai_requests=rows))
             snap = await store.dashboard(hour, hour + MINUTE, MINUTE)

@@ -148,7 +148,8 @@ class StepRunner:
         if ctx is None:
             await self.app(scope, receive, send)
             return
-        plan = self.plan(ctx.route)
+        route = ctx.route
+        plan = self._plans.get(route) or self.plan(route)  # a known route costs no call
         if not plan.befores and not self._finishing:  # nothing to do: as if it were not there
             await plan.app(scope, receive, send)
             return

@@ -3,9 +3,10 @@
 `LimitStore`, `BotStore`, `KeyStore`, `LogStore`, `AnalyticsStore`; `Store` is all of them.
 Each middleware names the capabilities it needs and `require` checks them at construction.
 
-Types built on every request (limit requests, results, log rows) are plain slotted dataclasses,
-not frozen ones: a frozen dataclass costs several times as much to build. Treat them as
-read-only all the same.
+Types built on every request (limit requests, results) are plain slotted dataclasses, not
+frozen ones: a frozen dataclass costs several times as much to build. Treat them as read-only
+all the same. Log rows (`AIRequestLog`, `EmbeddingRequestLog`, `AuthFailure`) are named
+tuples: built once per request as the tuple a store keeps, so a flush reads no field by name.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, cast, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, cast, runtime_checkable
 
 from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import ConfigurationError
@@ -192,8 +193,7 @@ class KeyUsage:
     requests: int
 
 
-@dataclass(slots=True)
-class AIRequestLog:
+class AIRequestLog(NamedTuple):
     """One AI request. `latency_ms` runs to the response's end (a stream's last chunk);
     `ttft_ms`, for a streamed response, to its first output (None otherwise, and on rows from
     before it). `shadow`: what a shadow rule or a guard in shadow mode would have refused the
@@ -214,8 +214,9 @@ class AIRequestLog:
     shadow: str | None = None
 
 
-@dataclass(slots=True)
-class EmbeddingRequestLog:
+class EmbeddingRequestLog(NamedTuple):
+    """One embedding request; `request_id` makes its row unique in the store."""
+
     request_id: str
     api_key_hash: str
     timestamp: float
@@ -227,8 +228,7 @@ class EmbeddingRequestLog:
     error: str | None = None
 
 
-@dataclass(slots=True)
-class AuthFailure:
+class AuthFailure(NamedTuple):
     """A failed authentication; `key_hash` is the hash of the presented key, or `NO_KEY`.
 
     `client_key`: the client's limit key (`GuardContext.client_key`: an IPv6 client's network),

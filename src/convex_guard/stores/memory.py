@@ -10,9 +10,8 @@ import random as _random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields, replace
-from operator import attrgetter
-from typing import Any, Generic, TypeVar
+from dataclasses import replace
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import ConfigurationError
@@ -663,7 +662,7 @@ class MemoryStore:
         providers: dict[str, _Series] = {}
         refusals: dict[RefusalReason, int] = {}
         shadows: dict[RefusalReason, int] = {}
-        # Read off the stored tuples: a dataclass per row would cost most of the time, and
+        # Read off the stored tuples: a named tuple per row would cost most of the time, and
         # this runs on the app's event loop once per refresh of every open page.
         at, provider, success, latency, error, tokens, cost, shadow = _AI_FIELDS
         bounds = LATENCY_BOUNDS_MS
@@ -781,28 +780,25 @@ def _forget(index: dict[str, list[float]], key: str, timestamp: float) -> None:
 class _Rows(Generic[R]):
     """A bounded table of rows, held as plain tuples: up to `max_rows`, oldest dropped first.
 
-    The garbage collector stops tracking a tuple of strings and numbers, while every
-    dataclass row stays tracked: 100,000 kept log rows made each full collection walk them
-    all, which under load cost a guarded app about a tenth of its throughput. Rows become
-    dataclasses again only when read.
+    The garbage collector stops tracking a plain tuple of strings and numbers, but not a
+    named tuple (a subclass) nor a dataclass: 100,000 kept log rows made each full collection
+    walk them all, which under load cost a guarded app about a tenth of its throughput. Rows
+    are named tuples already (built once per request), so keeping one is a copy of its
+    items, no field read by name; they become named tuples again only when read.
     """
 
-    __slots__ = ("_dropped_until", "_kind", "_rows", "_timestamp", "_values")
+    __slots__ = ("_dropped_until", "_kind", "_rows", "_timestamp")
 
     def __init__(self, kind: type[R], max_rows: int) -> None:
-        names = [f.name for f in fields(kind)]
-        assert len(names) > 1, "attrgetter returns a tuple only for several names"
         self._kind: type[R] = kind
-        self._values = attrgetter(*names)
-        self._timestamp = names.index("timestamp")
+        self._timestamp = kind._fields.index("timestamp")
         self._rows: deque[tuple[Any, ...]] = deque(maxlen=max_rows)
         # The latest timestamp among dropped rows: a range starting after it is still whole.
         self._dropped_until = -math.inf
 
     def extend(self, rows: Iterable[R]) -> None:
-        # One C loop over the batch (`map`), no bytecode per row: each row's fields are read
-        # once, here, into the tuple kept.
-        new = list(map(self._values, rows))
+        # One C loop over the batch (`map`), no bytecode per row.
+        new = list(map(tuple, rows))
         kept = self._rows
         assert kept.maxlen is not None
         overflow = len(kept) + len(new) - kept.maxlen
@@ -817,8 +813,7 @@ class _Rows(Generic[R]):
         return start <= self._dropped_until
 
     def where(self, keep: Callable[[R], bool] | None) -> list[R]:
-        kind = self._kind
-        rows = [kind(*values) for values in self._rows]
+        rows = list(map(self._kind._make, self._rows))
         return rows if keep is None else [row for row in rows if keep(row)]
 
     def __len__(self) -> int:
@@ -830,7 +825,7 @@ class _Rows(Generic[R]):
         return (row for row in self._rows if start <= row[ts] < end)
 
 
-_AI_NAMES = [f.name for f in fields(AIRequestLog)]
+_AI_NAMES = AIRequestLog._fields
 #: Where a stored AI row's tuple holds what a snapshot reads.
 _AI_FIELDS = tuple(
     _AI_NAMES.index(name)
@@ -845,11 +840,10 @@ _AI_FIELDS = tuple(
         "shadow",
     )
 )
-_AUTH_FAILURE_TIMESTAMP = [f.name for f in fields(AuthFailure)].index("timestamp")
+_AUTH_FAILURE_TIMESTAMP = AuthFailure._fields.index("timestamp")
 
 
-@dataclass(frozen=True, slots=True)
-class _KeyUse:
+class _KeyUse(NamedTuple):
     """Requests of one key in one batch, at the batch's latest use of it."""
 
     timestamp: float

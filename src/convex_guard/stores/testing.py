@@ -455,7 +455,7 @@ class DashboardStoreContract(_Contract):
             ai_row(hour + 2 * MINUTE, "groq", True, 3_000, 5, 0.25),
             ai_row(hour + 3 * MINUTE, "groq", True, 5, 5, 0.25),  # past the range's end
         ]
-        rows[2].error = "rate_limited:requests"
+        rows[2] = rows[2]._replace(error="rate_limited:requests")
         events = [
             BotEvent(hour + 5, "fp-d", "203.0.113.4", "curl/8", "bot_useragent", "blocked"),
             BotEvent(hour + 6, "fp-d", "203.0.113.4", "curl/8", "bot_useragent", "blocked"),
