@@ -205,9 +205,7 @@ def stored(store: MemoryStore) -> dict[str, list[dict[str, Any]]]:
     timing = {"timestamp", "latency_ms", "request_id"}
 
     def rows(items: list[Any]) -> list[dict[str, Any]]:
-        return [
-            {k: v for k, v in dataclasses.asdict(row).items() if k not in timing} for row in items
-        ]
+        return [{k: v for k, v in row._asdict().items() if k not in timing} for row in items]
 
     return {
         "ai": rows(store.ai_logs),
