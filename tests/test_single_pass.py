@@ -204,14 +204,14 @@ async def call(app: ASGIApp, spec: Spec) -> Any:
 def stored(store: MemoryStore) -> dict[str, list[dict[str, Any]]]:
     timing = {"timestamp", "latency_ms", "request_id"}
 
-    def rows(items: list[Any]) -> list[dict[str, Any]]:
-        return [{k: v for k, v in row._asdict().items() if k not in timing} for row in items]
+    def rows(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in row.items() if k not in timing} for row in items]
 
-    return {
-        "ai": rows(store.ai_logs),
-        "embedding": rows(store.embedding_logs),
-        "auth": rows(store.auth_failures),
-        "bots": rows(store._bot_events),
+    return {  # log rows are named tuples, bot events dataclasses
+        "ai": rows([row._asdict() for row in store.ai_logs]),
+        "embedding": rows([row._asdict() for row in store.embedding_logs]),
+        "auth": rows([row._asdict() for row in store.auth_failures]),
+        "bots": rows([dataclasses.asdict(event) for event in store._bot_events]),
     }
 
 
