@@ -29,7 +29,7 @@ from convex_guard import (
 )
 from convex_guard.core.problem import problem
 from convex_guard.middleware.body import BodyTooLarge, read_body
-from convex_guard.middleware.context import GuardContext, LogEntry, route_of
+from convex_guard.middleware.context import ROUTE_CACHE_SIZE, GuardContext, LogEntry, route_of
 from convex_guard.middleware.order import (
     API_KEYS,
     BOT,
@@ -38,7 +38,6 @@ from convex_guard.middleware.order import (
     RATE_LIMIT,
 )
 from convex_guard.middleware.steps import (
-    PLAN_CACHE_SIZE,
     Before,
     FinishingStep,
     Refusal,
@@ -260,9 +259,9 @@ def test_a_step_runs_only_where_it_applies_and_is_asked_once_per_route(paths: li
 
 def test_the_plan_cache_stays_bounded() -> None:
     step = Counted(None)
-    for number in range(PLAN_CACHE_SIZE + 5):
+    for number in range(ROUTE_CACHE_SIZE + 5):
         step.plan(("GET", f"/only/{number}"))
-    assert len(step._plans) <= PLAN_CACHE_SIZE
+    assert len(step._plans) <= ROUTE_CACHE_SIZE
     assert step.plan(("GET", "/only/1")).steps == (step,)
 
 

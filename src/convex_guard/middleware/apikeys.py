@@ -22,7 +22,13 @@ from convex_guard.core.limits import FixedWindow, LimitConfig, LimitResult
 from convex_guard.core.logs import ThrottledLog, printable
 from convex_guard.core.presets import seed_limits
 from convex_guard.core.problem import QUOTA_TITLE, problem, quota_exceeded, retry_after, unavailable
-from convex_guard.middleware.context import GuardContext, Route, matched_methods, request_headers
+from convex_guard.middleware.context import (
+    GuardContext,
+    Route,
+    matched_methods,
+    remember,
+    request_headers,
+)
 from convex_guard.middleware.logwriter import LogWriter
 from convex_guard.middleware.order import API_KEYS
 from convex_guard.middleware.rules import _path_matcher
@@ -47,7 +53,6 @@ DEFAULT_TIMEOUT = 0.5
 MAX_HEADER_BYTES = 1024
 FAILED_AUTH = "failedAuth"
 REALM = 'Bearer realm="convex-guard"'
-_ROUTE_CACHE_SIZE = 1024
 
 Clock = Callable[[], float]
 
@@ -270,7 +275,7 @@ class ApiKeyMiddleware(StepMiddleware):
         if route is None:
             return None
         try:
-            key = _presented_key(ctx.headers or request_headers(scope, ctx))
+            key = _presented_key(request_headers(scope, ctx))
         except _Malformed as exc:
             ip = ctx.client_ip or peer_ip(scope)
             self._bad_input.warning(
@@ -296,10 +301,7 @@ class ApiKeyMiddleware(StepMiddleware):
         except KeyError:
             method, path = request
             found = next((r for r in self.routes if r.matches(path, method)), None)
-            if len(routes_for) >= _ROUTE_CACHE_SIZE:
-                routes_for.clear()  # many distinct paths: memory stays bounded
-            routes_for[request] = found
-            return found
+            return remember(routes_for, request, found)
 
     async def _verify(
         self, scope: Scope, ctx: GuardContext, route: KeyRoute, raw: str

@@ -217,11 +217,7 @@ class BotDetectionMiddleware(StepMiddleware):
         signed = None
         verifier = self.verifier
         # The URL is built only for a signed request: most carry no signature at all.
-        if (
-            verifier is not None
-            and verifier.web_bot_auth
-            and (ctx.headers or request_headers(scope, ctx)).signed
-        ):
+        if verifier is not None and verifier.web_bot_auth and request_headers(scope, ctx).signed:
             method = scope.get("method", "GET")
             signed = verifier.signature(method, _url(scope), scope["headers"])
         try:

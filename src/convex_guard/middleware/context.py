@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive
@@ -21,6 +21,20 @@ STATE_KEY = "convex_guard"
 #: What rules, key routes, exempt, allow and probe paths and the log match a request on:
 #: (method, path), see `route_of`.
 Route = tuple[str, str]
+#: Distinct routes a per-route cache keeps (`remember`).
+ROUTE_CACHE_SIZE = 1024
+
+_V = TypeVar("_V")
+
+
+def remember(cache: dict[Route, _V], route: Route, value: _V) -> _V:
+    """Keep `value` for `route` in a per-route cache (what a step decided once for a route):
+    past `ROUTE_CACHE_SIZE` distinct (method, path)s it starts over, so a client inventing
+    paths cannot grow it."""
+    if len(cache) >= ROUTE_CACHE_SIZE:
+        cache.clear()
+    cache[route] = value
+    return value
 
 
 @dataclass(slots=True)

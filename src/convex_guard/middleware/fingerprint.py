@@ -92,7 +92,7 @@ class FingerprintMiddleware(StepMiddleware):
             and not (client and client[0])
         ):
             self._warn_no_peer()
-        # The one pass over the headers: every step after this one reads `ctx.headers`.
+        # The one pass over the headers: every step after this one reads it (`request_headers`).
         found = ctx.headers = self._reader.read(headers)
         ctx.fingerprint = fingerprint_of_form(found.fingerprint_form)
         ctx.user_agent = found.user_agent

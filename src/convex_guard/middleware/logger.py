@@ -24,6 +24,7 @@ from convex_guard.middleware.context import (
     Route,
     Usage,
     guard_context,
+    remember,
     request_route,
 )
 from convex_guard.middleware.logwriter import LogWriter
@@ -38,7 +39,6 @@ UNKNOWN_MODEL = "unknown"
 #: What a row says for a provider outside the configured set; the raw name goes in `error`.
 OTHER_PROVIDER = "other"
 MAX_PROVIDER_LENGTH = 64
-_ROUTE_CACHE_SIZE = 1024
 # What `report_usage` accepts: far above any real call, yet small enough that sums of many
 # rows stay exact in a float64 (2**53), which is how Convex stores every number.
 MAX_TOKENS = 10**12
@@ -255,11 +255,7 @@ class RequestLoggerMiddleware(StepMiddleware):
                 return named is not None, named
             named = provider.of_path(route[1])
             found = (named is not None, named)
-        by_route = self._by_route
-        if len(by_route) >= _ROUTE_CACHE_SIZE:
-            by_route.clear()  # many distinct paths: start over, memory stays bounded
-        by_route[route] = found
-        return found
+        return remember(self._by_route, route, found)
 
     def after(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
         """Buffer the request's row: failed if the guard refused it, it erred or raised."""

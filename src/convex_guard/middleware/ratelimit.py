@@ -13,7 +13,6 @@ from typing import Any, cast
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope
 
-from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.estimates import DEFAULT_ESTIMATE
 from convex_guard.core.limits import Decision, LimitResult
@@ -34,6 +33,7 @@ from convex_guard.middleware.context import (
     Route,
     current_context,
     guard_context,
+    remember,
     route_of,
 )
 from convex_guard.middleware.logwriter import LogWriter
@@ -41,11 +41,12 @@ from convex_guard.middleware.order import API_KEYS, FINGERPRINT, RATE_LIMIT, mis
 from convex_guard.middleware.rules import (
     RateLimitItems,
     Rule,
-    authenticated_user,
     closest_to_exhaustion,
+    ip_key,
     policy_item,
     ratelimit_field,
     ratelimit_template,
+    user_key,
 )
 from convex_guard.middleware.steps import Before, Refusal, StepMiddleware
 from convex_guard.stores.base import (
@@ -60,7 +61,6 @@ from convex_guard.stores.memory import LimitSpec, MemoryStore
 from convex_guard.stores.resilient import answers_checked, checked_answer
 
 DEFAULT_TIMEOUT = 0.5
-_MATCH_CACHE_SIZE = 1024
 
 
 class RateLimitMiddleware(StepMiddleware):
@@ -185,9 +185,7 @@ class RateLimitMiddleware(StepMiddleware):
                 self._memory is not None,
                 self._single,
             )
-            if len(self._matches) >= _MATCH_CACHE_SIZE:
-                self._matches.clear()  # many distinct paths: start over, memory stays bounded
-            self._matches[route] = matched
+            remember(self._matches, route, matched)
         return matched
 
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
@@ -224,13 +222,11 @@ class RateLimitMiddleware(StepMiddleware):
     ) -> Before:
         """The fast path (see the class docstring): the route's keys, one call of the
         MemoryStore's decision core, and the two fields from its flat numbers."""
-        user = None
-        if matched.by_user:
-            user = ctx.user_id or authenticated_user(scope)
-        # By `_SLOTS`: what each kind of rule is keyed by.
+        user = user_key(scope, ctx) if matched.by_user else None
+        # By `_SLOTS`: what each kind of rule is keyed by (as `Rule.resolve_key` reads it).
         values = (
             None,
-            (ctx.client_key or peer_ip(scope)) if matched.by_ip else None,
+            ip_key(scope, ctx) if matched.by_ip else None,
             user,
             ctx.api_key_id,
             ctx.fingerprint,

@@ -281,9 +281,9 @@ class Rule:
         if key == "global":
             return True, None
         if key == "ip":
-            return True, ctx.client_key or peer_ip(scope)
+            return True, ip_key(scope, ctx)
         if key == "user":
-            user = ctx.user_id or authenticated_user(scope)
+            user = user_key(scope, ctx)
             return user is not None, user
         if key == "api_key":
             return ctx.api_key_id is not None, ctx.api_key_id
@@ -292,6 +292,16 @@ class Rule:
         assert callable(key)
         value = key(request())
         return value is not None, value
+
+
+def ip_key(scope: MutableMapping[str, Any], ctx: GuardContext) -> str:
+    """An "ip" rule's key: the client key the fingerprint step resolved, else the peer."""
+    return ctx.client_key or peer_ip(scope)
+
+
+def user_key(scope: MutableMapping[str, Any], ctx: GuardContext) -> str | None:
+    """A "user" rule's key: the user the API key named, else the authenticated user."""
+    return ctx.user_id or authenticated_user(scope)
 
 
 @functools.lru_cache(maxsize=1024)

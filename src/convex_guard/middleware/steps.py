@@ -26,7 +26,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from convex_guard.core.logs import ThrottledLog, logger, printable
 from convex_guard.core.problem import refuse
 from convex_guard.core.streamusage import UsageReader
-from convex_guard.middleware.context import GuardContext, LogEntry, Route, Usage, guard_context
+from convex_guard.middleware.context import (
+    GuardContext,
+    LogEntry,
+    Route,
+    Usage,
+    guard_context,
+    remember,
+)
 from convex_guard.middleware.logwriter import LogWriter, run_lifespan
 from convex_guard.middleware.order import check_inside, fail_startup, mark
 
@@ -37,9 +44,6 @@ Decision = Coroutine[Any, Any, Refusal | None]
 #: What a step's `before` answers: None to go on, the refusal to send, or a decision to await.
 #: A refusal is callable (an ASGI app) and a decision is not, which is how they are told apart.
 Before = Refusal | Decision | None
-#: Routes whose plan a runner keeps; past that many distinct (method, path)s it starts over,
-#: so a client inventing paths cannot grow it.
-PLAN_CACHE_SIZE = 1024
 
 
 class Step(Protocol):
@@ -119,10 +123,8 @@ class StepRunner:
         plans = self._plans
         found = plans.get(route)
         if found is None:
-            found = self._make_plan([step for step in self.steps if step.applies_to(route)])
-            if len(plans) >= PLAN_CACHE_SIZE:
-                plans.clear()  # many distinct paths: start over, memory stays bounded
-            plans[route] = found
+            steps = [step for step in self.steps if step.applies_to(route)]
+            found = remember(plans, route, self._make_plan(steps))
         return found
 
     def _make_plan(self, steps: list[Step]) -> Plan:

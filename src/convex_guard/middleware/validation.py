@@ -30,6 +30,7 @@ from convex_guard.middleware.context import (
     current_context,
     guard_context,
     matched_methods,
+    remember,
     request_headers,
     route_of,
 )
@@ -49,7 +50,6 @@ JSON_TYPES = ("application/json",)
 #: The methods whose body is checked; GET, HEAD, DELETE, OPTIONS pass untouched.
 BODY_METHODS = ("POST", "PUT", "PATCH")
 _MAX_DEPTH_LIMIT = 512
-_MATCH_CACHE_SIZE = 1024
 #: What `ctx.rejected` starts with for every refusal of this middleware (the request log's
 #: `error`): `invalid_body:too_large`, `:content_type`, `:length`, `:json`.
 REJECTED_PREFIX = "invalid_body:"
@@ -221,10 +221,7 @@ class RequestValidationMiddleware(StepMiddleware):
             pass
         method, path = route
         found = next((rule for rule in self.rules if rule.matches(path, method)), None)
-        if len(self._matches) >= _MATCH_CACHE_SIZE:
-            self._matches.clear()  # many distinct paths: start over, memory stays bounded
-        self._matches[route] = found
-        return found
+        return remember(self._matches, route, found)
 
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> Before:
         """Headers first (nothing read); then the JSON check to await, or the meter."""
@@ -233,7 +230,7 @@ class RequestValidationMiddleware(StepMiddleware):
         rule = self._matching(ctx.route)
         if rule is None:
             return None
-        headers = ctx.headers or request_headers(scope, ctx)  # read with the others, in one pass
+        headers = request_headers(scope, ctx)  # read with the others, in one pass
         content_type = headers.content_type
         chunked = headers.chunked
         try:
