@@ -79,6 +79,7 @@ def _rules(draw: st.DrawFn) -> list[Rule]:
                 config,
                 key=draw(st.sampled_from(["global", "ip", "user", "api_key", "fingerprint"])),
                 path=draw(st.sampled_from([None, "/a"])),
+                methods=draw(st.sampled_from([None, ("GET",), ("POST",)])),
                 count=count,
                 shadow=draw(st.booleans()),
             )
@@ -94,6 +95,10 @@ _requests = st.lists(
         st.sampled_from([None, "u1", "u2"]),  # user
         st.sampled_from([None, "k1"]),  # API key id
         st.sampled_from([None, "f1", "f2"]),  # fingerprint
+        # How the request comes: its method (HEAD is routed as GET, a WebSocket handshake is
+        # a GET), and the prefix it is mounted under (served with that root_path).
+        st.sampled_from(["GET", "HEAD", "POST", "websocket"]),
+        st.sampled_from(["", "/gateway"]),
     ),
     min_size=1,
     max_size=30,
@@ -106,15 +111,18 @@ async def no_body() -> dict[str, Any]:
 
 async def _decide(limiter: RateLimitMiddleware, step: tuple[Any, ...]) -> tuple[Any, ...]:
     """One request through `limiter.before`: everything it answered and left in the context."""
-    _, path, ip, user, api_key, fingerprint = step
-    scope = {
+    _, path, ip, user, api_key, fingerprint, method, prefix = step
+    scope: dict[str, Any] = {
         "type": "http",
-        "method": "GET",
-        "path": path,
-        "root_path": "",
+        "method": method,
+        "path": prefix + path,
+        "root_path": prefix,
         "headers": [],
         "client": (ip, 4000),
     }
+    if method == "websocket":
+        scope["type"] = "websocket"
+        del scope["method"]
     ctx = GuardContext(
         route_of(scope), client_key=ip, user_id=user, api_key_id=api_key, fingerprint=fingerprint
     )
@@ -134,7 +142,8 @@ async def test_the_fast_path_decides_and_answers_as_the_general_path(
     rules: list[Rule], steps: list[tuple[Any, ...]], closest: bool
 ) -> None:
     """Over random rule sets (every key kind, both algorithms, counts, shadow rules) and
-    request sequences (time passing, anonymous callers, other paths): the same admissions and
+    request sequences (time passing, anonymous callers, other paths and methods, HEAD and
+    WebSocket scopes, a mounted prefix with its root_path): the same admissions and
     refusals, the same `RateLimit` numbers and fields, the same context."""
     clock = Clock()
     items: RateLimitItems = "closest" if closest else "all"
