@@ -126,11 +126,12 @@ class MemoryStore:
     dropped, oldest first, and counted in `dropped_audit_entries`. It ends with the process:
     a trail that must outlive it belongs in a shared store.
 
-    Limit state that has fully refilled carries no information, so it is forgotten: each state
-    waits in an expiry queue, bucketed by the time it can be full again, and every new key
-    looks at two states whose time has come, dropping those that are full. Memory stays
-    bounded by the keys active within one refill time, and no state is looked at before it
-    can be full: no scan over all keys, periodic or spread over requests.
+    Limit state that has fully refilled carries no information, so it is forgotten: each new
+    state waits in an expiry queue, in a segment of the states created about when it was, and
+    every new key looks at two states whose segment's time (one refill time later) has come,
+    dropping those that are full. Memory stays bounded by the keys active within one refill
+    time, and no state is looked at before it can be full: no scan over all keys, periodic or
+    spread over requests.
     """
 
     def __init__(
@@ -153,14 +154,17 @@ class MemoryStore:
         self._random: Random = random or _random.random
         # name -> its states by key (a nested dict spares building a tuple key per request).
         self._limits: dict[str, _Limit] = {}
-        # The expiry queue: bucket start (epoch ms) -> the states that may be full from then;
-        # a heap of the bucket starts; and the states of the buckets whose time has come.
-        # Entries are (name, key), strings only: a tuple of strings drops out of the garbage
-        # collector's tracking, one holding a `_Limit` would stay in it (100,000 new keys made
-        # every full collection walk them). A state found gone (reset) is skipped.
-        self._expiry: dict[float, list[tuple[str, str | None]]] = {}
-        self._expiry_starts: list[float] = []
-        self._due: deque[tuple[str, str | None]] = deque()
+        # The expiry queue: segments of new states' keys, one open per limit name at a time
+        # (`_Limit.segment`), each waiting in a heap until one refill time after it closes:
+        # (due, sequence, name, keys). Keys only, no (name, key) pair per state: a new state
+        # costs one list append. The segment being looked at is `_sweep` (name, keys) from
+        # `_sweep_at` on; `_next_due` is when a new state must look at due ones (-inf while a
+        # segment is being swept). A state found gone (reset) is skipped.
+        self._segments: list[tuple[float, int, str, list[str | None]]] = []
+        self._segment_ids = itertools.count()
+        self._sweep: tuple[str, list[str | None]] = ("", [])
+        self._sweep_at = 0
+        self._next_due = math.inf
         self._bot_events: list[BotEvent] = []  # in timestamp order
         self._bot_by_fingerprint: dict[str, list[float]] = {}
         self._bot_by_client: dict[str, list[float]] = {}  # by client key, as by fingerprint
@@ -214,7 +218,7 @@ class MemoryStore:
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
         if decision[0]:
-            self._track(entry, key, now, now + decision[3])
+            self._track(entry, key, now)
         return LimitResult(*decision)
 
     async def check(
@@ -287,9 +291,9 @@ class MemoryStore:
         elif None in before:
             # A second slot of the same (name, key) only delays the state's fullness: the
             # queue then finds it not yet full and looks again later.
-            for (name, _, _, _), key, state, decision in zip(specs, keys, before, decisions):  # noqa: B905
+            for (name, _, _, _), key, state in zip(specs, keys, before):  # noqa: B905
                 if state is None:
-                    self._track(limits_by_name[name], key, now, now + decision[3])
+                    self._track(limits_by_name[name], key, now)
         return ok, decisions, now
 
     def _restore(
@@ -371,47 +375,68 @@ class MemoryStore:
         )
         return BotVerdict(action, previous)
 
-    def _track(self, limit: _Limit, key: str | None, now: float, full: float) -> None:
-        """Enter a new state (already stored) in the expiry queue, and look at two due ones.
+    def _track(self, limit: _Limit, key: str | None, now: float) -> None:
+        """Enter a new state (already stored) in the expiry queue, and look at due ones.
 
-        `full` is the earliest time the state can be full again (consuming only delays it);
-        it waits in the bucket that begins next after `full`, buckets being a 64th of the
-        limit's period wide, so a state is forgotten at most that late. Looking at two due
-        states per new one bounds the states held to about twice those not yet refilled;
-        one that was consumed since it was queued goes back in at its new time. The work per
-        new state is the same however many states are held: no walk over them.
+        The key joins its limit's open segment: the states created within one 64th of the
+        limit's refill time (`_Limit.horizon`, from empty to full). A state decided once is full
+        again within one refill time of its creation, so the segment is looked at from one
+        refill time after it closes, and a state is forgotten at most a 64th of that late
+        (memory stays bounded by the keys active within one refill time and a 64th). This
+        costs a new state one append and two comparisons: no time arithmetic, no pair per
+        state. One consumed since it was queued (or reserved below zero) is not full when
+        looked at and joins the open segment again. Looking at two due states per new one
+        bounds the states held to about twice those not yet refilled, and the work per new
+        state is the same however many states are held: no walk over them.
         """
-        self._enqueue(limit.name, key, full, limit.bucket_width)
-        due = self._due
-        if not due:
-            starts = self._expiry_starts
-            if not starts or starts[0] > now:
-                return
-            due.extend(self._expiry.pop(heapq.heappop(starts)))
-        for _ in range(2):
-            if not due:
-                break
-            old_name, old_key = due.popleft()
-            old = self._limits.get(old_name)
-            held = old.states.get(old_key) if old is not None else None
-            if old is None or held is None:
-                continue  # reset already dropped it
-            when = full_at(old.config, held)
-            if when > now:
-                self._enqueue(old_name, old_key, when, old.bucket_width)
-                continue
-            del old.states[old_key]
-            if not old.states:
-                del self._limits[old_name]
+        if now >= limit.segment_until:
+            self._open_segment(limit, now)
+        limit.segment.append(key)
+        if now >= self._next_due:
+            self._look_at_due(now)
 
-    def _enqueue(self, name: str, key: str | None, full: float, width: float) -> None:
-        start = (full // width + 1) * width
-        bucket = self._expiry.get(start)
-        if bucket is None:
-            self._expiry[start] = [(name, key)]
-            heapq.heappush(self._expiry_starts, start)
-        else:
-            bucket.append((name, key))
+    def _open_segment(self, limit: _Limit, now: float) -> None:
+        """Start the limit's next segment, queued to be looked at a refill time after it ends."""
+        width = limit.horizon / 64
+        until = (now // width + 1) * width
+        keys: list[str | None] = []
+        limit.segment, limit.segment_until = keys, until
+        due = until + limit.horizon
+        heapq.heappush(self._segments, (due, next(self._segment_ids), limit.name, keys))
+        if due < self._next_due:
+            self._next_due = due
+
+    def _look_at_due(self, now: float) -> None:
+        """Look at (up to) two due states: drop the full ones, queue the others again."""
+        name, keys = self._sweep
+        at = self._sweep_at
+        looked = 0
+        while looked < 2:
+            if at >= len(keys):
+                segments = self._segments
+                if not segments or segments[0][0] > now:
+                    self._next_due = segments[0][0] if segments else math.inf
+                    self._sweep, self._sweep_at = ("", []), 0
+                    return
+                _, _, name, keys = heapq.heappop(segments)
+                at = 0
+            key = keys[at]
+            at += 1
+            looked += 1
+            limit = self._limits.get(name)
+            held = limit.states.get(key) if limit is not None else None
+            if limit is None or held is None:
+                continue  # reset already dropped it
+            if full_at(limit.config, held) > now:
+                if now >= limit.segment_until:
+                    self._open_segment(limit, now)
+                limit.segment.append(key)
+                continue
+            del limit.states[key]
+            if not limit.states:
+                del self._limits[name]
+        self._sweep, self._sweep_at = (name, keys), at
+        self._next_due = -math.inf
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
         # The expiry queue skips states that are gone, so it needs no update here.
@@ -744,11 +769,23 @@ class _Limit:
     than the arithmetic of a decision.
     """
 
-    __slots__ = ("bucket_width", "config", "decide", "fresh", "name", "states")
+    __slots__ = (
+        "config",
+        "decide",
+        "fresh",
+        "horizon",
+        "name",
+        "segment",
+        "segment_until",
+        "states",
+    )
 
     def __init__(self, name: str, config: LimitConfig) -> None:
         self.name = name
         self.states: dict[str | None, LimitState] = {}
+        #: The keys of the states created in the expiry queue's open segment, until when.
+        self.segment: list[str | None] = []
+        self.segment_until = -math.inf
         self.use(config)
 
     def __repr__(self) -> str:
@@ -758,8 +795,13 @@ class _Limit:
         self.config = config
         self.decide = config.decider
         self.fresh = config.fresh
-        #: The expiry queue's bucket width for these states: a 64th of the period.
-        self.bucket_width = config.period / 64
+        #: How long a state takes to refill from empty: the expiry queue waits this long
+        #: after a segment of new states closes before it looks at them.
+        self.horizon = config.period * (
+            config.max / config.rate
+            if config.kind == "token bucket"
+            else math.ceil(config.max / config.rate)
+        )
 
 
 def _count_since(times: list[float] | None, since: float) -> int:
