@@ -6,6 +6,8 @@ import gc
 from datetime import timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convex_guard import (
     MINUTE,
@@ -15,6 +17,7 @@ from convex_guard import (
     MemoryStore,
     TokenBucket,
 )
+from convex_guard.core.limits import LimitConfig, LimitState, decide
 from convex_guard.stores.base import AIRequestLog, AuthFailure, BotCheck, LogBatch
 from convex_guard.stores.memory import MAX_BATCH_IDS
 
@@ -188,3 +191,89 @@ async def test_batch_ids_are_remembered_for_retries_within_a_bound() -> None:
     assert len(store._batches) == MAX_BATCH_IDS
     await store.write_logs(LogBatch(id=f"b{MAX_BATCH_IDS + 49}", auth_failures=[row]))
     assert len(store.auth_failures) == 1  # a recent id is still known
+
+
+_CONFIGS: list[LimitConfig] = [
+    TokenBucket(rate=3, period=1_000),
+    TokenBucket(rate=2, period=MINUTE, capacity=4, max_reserved=3),
+    FixedWindow(rate=2, period=2_000, capacity=5, start=0),
+    # Aligned windows: a forgotten random-phase window draws a new phase, by design.
+    FixedWindow(rate=3, period=1_000, start=500),
+]
+#: One step: (what, which limit, which key, count, reserve, ms elapsed before). "limit" decides
+#: one limit, "pair" decides it with the next limit's state of the same key in one check
+#: (both or neither), "reset" forgets the key's state.
+_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["limit", "limit", "pair", "reset"]),
+        st.integers(0, len(_CONFIGS) - 1),
+        st.integers(0, 7),
+        st.sampled_from([0.0, 1.0, 2.0]),
+        st.booleans(),
+        st.sampled_from([0, 1, 15, 500, 999, 2_000, 61_000, 250_000]),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_STEPS)
+async def test_expiry_segments_keep_decisions_and_forget_every_full_state(
+    steps: list[tuple[str, int, int, float, bool, int]],
+) -> None:
+    """Decisions through the expiry queue (new states in segments, reserved ones below zero,
+    resets, pairs rolled back on a deny) equal those of a store that never forgets; no state
+    is held that the reference does not hold; and once every state is full again, new keys
+    drop all of them, however they were queued: states held stay bounded."""
+    clock = Clock()
+    store = MemoryStore(clock=clock, random=lambda: 0.0)
+    kept: dict[tuple[int, str], LimitState] = {}
+
+    for what, index, k, count, reserve, elapsed in steps:
+        clock.now += elapsed
+        key = f"k{k}"
+        if what == "reset":
+            await store.reset(f"limit{index}", key=key)
+            kept.pop((index, key), None)
+            continue
+        slots = [index] if what == "limit" else [index, (index + 1) % len(_CONFIGS)]
+        before = dict(kept)
+        expected = []
+        for slot in slots:
+            config = _CONFIGS[slot]
+            state = kept.get((slot, key)) or config.fresh(clock.now, lambda: 0.0)
+            result, new_state = decide(config, state, clock.now, count, reserve)
+            expected.append(result)
+            if result.ok:
+                kept[(slot, key)] = new_state
+        if not all(r.ok for r in expected):
+            kept = before  # a pair is decided together: a deny keeps nothing
+        if what == "limit":
+            got = [
+                await store.limit(
+                    f"limit{index}", _CONFIGS[index], key=key, count=count, reserve=reserve
+                )
+            ]
+        else:
+            outcome = await store.check(
+                [LimitRequest(f"limit{s}", _CONFIGS[s], key, count, reserve) for s in slots]
+            )
+            got = list(outcome.results)
+        assert [(r.ok, r.remaining, r.reset_after) for r in got] == [
+            (r.ok, r.remaining, r.reset_after) for r in expected
+        ]
+        held = {
+            (int(n.removeprefix("limit")), key)
+            for n, entry in store._limits.items()
+            for key in entry.states
+        }
+        assert held <= set(kept)
+    # Long after everything refilled (even reservations far below zero), one new key per
+    # queued state drops them all: each step queued at most two states.
+    clock.now += 10**8
+    fresh = TokenBucket(rate=3, period=1_000)
+    for i in range(2 * len(steps) + 1):
+        assert (await store.limit("new", fresh, key=f"new-{i}")).ok
+    # (A reset leaves its name's empty entry: one per name, not per key.)
+    assert not any(limit.states for name, limit in store._limits.items() if name != "new")
+    assert store.limit_keys == 2 * len(steps) + 1
