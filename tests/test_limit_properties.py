@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convex_guard import FixedWindow, LimitRequest, MemoryStore, TokenBucket
+from convex_guard import ConfigurationError, FixedWindow, LimitRequest, MemoryStore, TokenBucket
 from convex_guard.core.limits import decide
 
 # (time step in ms, count) pairs; counts stay within capacity so no call is a config error.
@@ -170,3 +170,48 @@ def test_memory_store_decides_like_the_pure_core(steps: list[tuple[int, int]]) -
             assert got == want
 
     asyncio.run(run())
+
+
+@given(
+    kind=st.sampled_from(["token bucket", "fixed window", "aligned window"]),
+    rate=st.floats(0.5, 1e6),
+    period=st.floats(1_000, 1e8),
+    capacity=st.none() | st.floats(0.5, 1e6),
+    max_reserved=st.none() | st.floats(0.5, 100),
+    now=st.floats(0, 4e12),
+    phase=st.floats(0, 1, exclude_max=True),
+    count=st.floats(-50, 200),
+    reserve=st.booleans(),
+)
+def test_first_decision_is_the_deciders_on_a_fresh_state(
+    kind: str,
+    rate: float,
+    period: float,
+    capacity: float | None,
+    max_reserved: float | None,
+    now: float,
+    phase: float,
+    count: float,
+    reserve: bool,
+) -> None:
+    """A new key's shortcut (`config.first`) answers and stores, to the last bit, what the
+    decider does on `config.fresh`, or refuses the same count, for any config and count."""
+    numbers = {"rate": rate, "period": period, "capacity": capacity, "max_reserved": max_reserved}
+    config = (
+        TokenBucket(**numbers)
+        if kind == "token bucket"
+        else FixedWindow(**numbers, start=0 if kind == "aligned window" else None)
+    )
+    expected_states: dict[str | None, tuple[float, float]] = {}
+    states: dict[str | None, tuple[float, float]] = {}
+    try:
+        expected = config.decider(
+            expected_states, "k", config.fresh(now, lambda: phase), now, count, reserve
+        )
+    except ConfigurationError:
+        with pytest.raises(ConfigurationError):
+            config.first(states, "k", now, count, reserve, lambda: phase)
+        return
+    assert config.first(states, "k", now, count, reserve, lambda: phase) == expected
+    assert states == expected_states
+    assert expected[0]  # a full state admits every count the decider does not refuse

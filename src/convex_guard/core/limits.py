@@ -49,6 +49,11 @@ Decision = tuple[bool, float | None, float, float]
 #: the pure form.
 Decider = Callable[[States, str | None, LimitState, float, float, bool], Decision]
 
+#: `first(states, key, now, count, reserve, random) -> decision`: the decider's answer for a
+#: key with no state yet, against a new, full one (`fresh(now, random)`), stored as the
+#: decider stores it. A full state admits every count the decider does not refuse.
+FirstDecider = Callable[[States, str | None, float, float, bool, Callable[[], float]], Decision]
+
 
 class _LimitBase(BaseModel):
     # Frozen and strict about unknown fields: a typo such as `capcity=5` must fail at start-up,
@@ -90,6 +95,11 @@ class _LimitBase(BaseModel):
     def fresh(self) -> Callable[[float, Callable[[], float]], LimitState]:
         """`fresh(now, random)`: a new, full state (see `initial_state`)."""
         return _fresh(self)  # type: ignore[arg-type]
+
+    @cached_property
+    def first(self) -> FirstDecider:
+        """This config's decision for a new key (see `FirstDecider`), built once."""
+        return _first(self)  # type: ignore[arg-type]
 
     @cached_property
     def decider(self) -> Decider:
@@ -229,6 +239,60 @@ def _fresh(config: LimitConfig) -> Callable[[float, Callable[[], float]], LimitS
         return lambda now, random: (cap, start)
     period = config.period
     return lambda now, random: (cap, now - random() * period)
+
+
+def _first(config: LimitConfig) -> FirstDecider:
+    # A store creates a state for every new key: this spares it building the full state and
+    # reading it back. The arithmetic is the decider's on `fresh(now, random)`, term for term
+    # (so the numbers are the same to the last bit); any other count goes to the decider.
+    cap = config.max
+    rate = config.rate
+    period = config.period
+    decider = config.decider
+    if config.kind == "token bucket":
+        per_ms = rate / period
+
+        def token_bucket(
+            states: States,
+            key: str | None,
+            now: float,
+            count: float,
+            reserve: bool,
+            random: Callable[[], float],
+        ) -> Decision:
+            if not 0.0 <= count <= cap:
+                return decider(states, key, (cap, now), now, count, reserve)
+            value = cap - count  # nothing refills in no time: `available` is `cap`
+            states[key] = (value, now)
+            return (True, None, value, (cap - value) / per_ms)
+
+        return token_bucket
+    start = config.start
+    if start is not None:  # an aligned window may start after `now`: the decider's own case
+        return lambda states, key, now, count, reserve, random: decider(
+            states, key, (cap, start), now, count, reserve
+        )
+
+    def fixed_window(
+        states: States,
+        key: str | None,
+        now: float,
+        count: float,
+        reserve: bool,
+        random: Callable[[], float],
+    ) -> Decision:
+        ts = now - random() * period
+        if not 0.0 <= count <= cap:
+            return decider(states, key, (cap, ts), now, count, reserve)
+        # `ts` is at most `now`, so `windows` is not negative and `available` is `cap`.
+        windows = (now - ts) // period
+        value = cap - count
+        ts += windows * period
+        states[key] = (value, ts)
+        full_in = ts + period * math.ceil((cap - value) / rate) - now if value < cap else 0.0
+        return (True, None, value, full_in)
+
+    return fixed_window
 
 
 def decide(

@@ -212,9 +212,7 @@ class MemoryStore:
         try:  # the decider itself refuses a count that no waiting could admit
             if state is not None:
                 return LimitResult(*entry.decide(states, key, state, now, count, reserve))
-            decision = entry.decide(
-                states, key, entry.fresh(now, self._random), now, count, reserve
-            )
+            decision = entry.first(states, key, now, count, reserve, self._random)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
         if decision[0]:
@@ -258,7 +256,8 @@ class MemoryStore:
 
         Decided in place, then rolled back if any denies: the common case (all admit) pays
         for no copies. A (name, key) named twice sees its own earlier consumption; a new
-        state is stored before its decision so that the second sees the same one. New states
+        state's first decision always admits (a full state does), so the second slot sees it
+        stored. New states
         enter the expiry queue once all admit. A count no waiting could admit raises
         `ConfigurationError`, with nothing kept.
         """
@@ -276,10 +275,11 @@ class MemoryStore:
             states = entry.states
             state = states.get(key)
             before.append(state)
-            if state is None:
-                state = states[key] = entry.fresh(now, self._random)
             try:
-                decision = entry.decide(states, key, state, now, count, reserve)
+                if state is None:  # admitted (a full state is): stored for a second slot
+                    decision = entry.first(states, key, now, count, reserve, self._random)
+                else:
+                    decision = entry.decide(states, key, state, now, count, reserve)
             except ConfigurationError as exc:
                 self._restore(specs, keys, before)
                 raise ConfigurationError(f"{exc} (limit {name!r})") from None
@@ -772,7 +772,7 @@ class _Limit:
     __slots__ = (
         "config",
         "decide",
-        "fresh",
+        "first",
         "horizon",
         "name",
         "segment",
@@ -794,7 +794,7 @@ class _Limit:
     def use(self, config: LimitConfig) -> None:
         self.config = config
         self.decide = config.decider
-        self.fresh = config.fresh
+        self.first = config.first
         #: How long a state takes to refill from empty: the expiry queue waits this long
         #: after a segment of new states closes before it looks at them.
         self.horizon = config.period * (
