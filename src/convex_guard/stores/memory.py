@@ -215,7 +215,11 @@ class MemoryStore:
             decision = entry.first(states, key, now, count, reserve, self._random)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
-        if decision[0]:
+        # A new key's first decision admits (a full state does), so its state is stored: it
+        # is queued here when its segment is open and none is due, `_track`'s common case.
+        if now < entry.segment_until and now < self._next_due:
+            entry.segment.append(key)
+        else:
             self._track(entry, key, now)
         return LimitResult(*decision)
 
