@@ -47,12 +47,19 @@ async def test_refilled_state_is_forgotten_without_a_full_scan() -> None:
     assert not any(k is not None and k.startswith("10.0.") for k in store._limits["ip"].states)
 
 
-async def test_memory_stays_bounded_under_a_stream_of_distinct_keys() -> None:
+@pytest.mark.parametrize(
+    "config",
+    [
+        TokenBucket(rate=1, period=timedelta(milliseconds=100)),  # full again 100 ms after use
+        # A deep bucket: one token back in 100 ms, though refilling from empty takes 100 s.
+        # States are forgotten by when each can be full, not by the bucket's depth.
+        TokenBucket(rate=1, period=timedelta(milliseconds=100), capacity=1_000),
+        FixedWindow(rate=1, period=timedelta(milliseconds=100)),  # any phase, full by 100 ms
+    ],
+)
+async def test_memory_stays_bounded_under_a_stream_of_distinct_keys(config: LimitConfig) -> None:
     clock = Clock()
     store = MemoryStore(clock=clock)
-    config = TokenBucket(
-        rate=1, period=timedelta(milliseconds=100)
-    )  # one token; full again 100 ms after use
     peak = 0
     for i in range(50_000):
         clock.now += 1  # 1 new key per ms: ~100 keys are live at any time

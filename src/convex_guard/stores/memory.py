@@ -128,10 +128,10 @@ class MemoryStore:
 
     Limit state that has fully refilled carries no information, so it is forgotten: each new
     state waits in an expiry queue, in a segment of the states created about when it was, and
-    every new key looks at two states whose segment's time (one refill time later) has come,
-    dropping those that are full. Memory stays bounded by the keys active within one refill
-    time, and no state is looked at before it can be full: no scan over all keys, periodic or
-    spread over requests.
+    every new key looks at two states whose segment's time (when its last state can be full)
+    has come, dropping those that are full. Memory stays bounded by the keys active within one
+    refill time, and no state is looked at before it can be full: no scan over all keys,
+    periodic or spread over requests.
     """
 
     def __init__(
@@ -155,14 +155,14 @@ class MemoryStore:
         # name -> its states by key (a nested dict spares building a tuple key per request).
         self._limits: dict[str, _Limit] = {}
         # The expiry queue: segments of new states' keys, one open per limit name at a time
-        # (`_Limit.segment`), each waiting in a heap until one refill time after it closes:
-        # (due, sequence, name, keys). Keys only, no (name, key) pair per state: a new state
-        # costs one list append. The segment being looked at is `_sweep` (name, keys) from
-        # `_sweep_at` on; `_next_due` is when a new state must look at due ones (-inf while a
-        # segment is being swept). A state found gone (reset) is skipped.
-        self._segments: list[tuple[float, int, str, list[str | None]]] = []
+        # (`_Limit.segment`), in a heap by the time they may be looked at: (due, sequence,
+        # segment). Keys only, no (name, key) pair per state: a new state costs one append
+        # and one comparison. The segment being looked at is `_sweep`, from `_sweep_at` on;
+        # `_next_due` is when a new state must look at due ones (-inf while a segment is being
+        # swept). A state found gone (reset) is skipped.
+        self._segments: list[tuple[float, int, _Segment]] = []
         self._segment_ids = itertools.count()
-        self._sweep: tuple[str, list[str | None]] = ("", [])
+        self._sweep = _Segment("", -math.inf)
         self._sweep_at = 0
         self._next_due = math.inf
         self._bot_events: list[BotEvent] = []  # in timestamp order
@@ -215,12 +215,8 @@ class MemoryStore:
             decision = entry.first(states, key, now, count, reserve, self._random)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
-        # A new key's first decision admits (a full state does), so its state is stored: it
-        # is queued here when its segment is open and none is due, `_track`'s common case.
-        if now < entry.segment_until and now < self._next_due:
-            entry.segment.append(key)
-        else:
-            self._track(entry, key, now)
+        if decision[0]:
+            self._track(entry, key, now, now + decision[3])
         return LimitResult(*decision)
 
     async def check(
@@ -295,9 +291,9 @@ class MemoryStore:
         elif None in before:
             # A second slot of the same (name, key) only delays the state's fullness: the
             # queue then finds it not yet full and looks again later.
-            for (name, _, _, _), key, state in zip(specs, keys, before):  # noqa: B905
+            for (name, _, _, _), key, state, decision in zip(specs, keys, before, decisions):  # noqa: B905
                 if state is None:
-                    self._track(limits_by_name[name], key, now)
+                    self._track(limits_by_name[name], key, now, now + decision[3])
         return ok, decisions, now
 
     def _restore(
@@ -379,67 +375,70 @@ class MemoryStore:
         )
         return BotVerdict(action, previous)
 
-    def _track(self, limit: _Limit, key: str | None, now: float) -> None:
+    def _track(self, limit: _Limit, key: str | None, now: float, full: float) -> None:
         """Enter a new state (already stored) in the expiry queue, and look at due ones.
 
-        The key joins its limit's open segment: the states created within one 64th of the
-        limit's refill time (`_Limit.horizon`, from empty to full). A state decided once is full
-        again within one refill time of its creation, so the segment is looked at from one
-        refill time after it closes, and a state is forgotten at most a 64th of that late
-        (memory stays bounded by the keys active within one refill time and a 64th). This
-        costs a new state one append and two comparisons: no time arithmetic, no pair per
-        state. One consumed since it was queued (or reserved below zero) is not full when
-        looked at and joins the open segment again. Looking at two due states per new one
-        bounds the states held to about twice those not yet refilled, and the work per new
-        state is the same however many states are held: no walk over them.
+        `full` is the earliest time the state can be full again (consuming only delays it).
+        The key joins its limit's open segment, the states created within one 64th of the
+        limit's period, which may be looked at once the latest of their `full` times has come:
+        a new state costs an append and a comparison, no time arithmetic or pair per state.
+        A state is so forgotten at most a 64th of the period after the slowest of its segment
+        can be full (for one request per key: a window, or the time a bucket refills it). One
+        consumed since it was queued (or reserved below zero) is not full when looked at and
+        joins the open segment again. Looking at two due states per new one bounds the states
+        held to about twice those not yet refilled, and the work per new state is the same
+        however many states are held: no walk over them.
         """
-        if now >= limit.segment_until:
-            self._open_segment(limit, now)
-        limit.segment.append(key)
+        self._queue(limit, key, now, full)
         if now >= self._next_due:
             self._look_at_due(now)
 
-    def _open_segment(self, limit: _Limit, now: float) -> None:
-        """Start the limit's next segment, queued to be looked at a refill time after it ends."""
-        width = limit.horizon / 64
-        until = (now // width + 1) * width
-        keys: list[str | None] = []
-        limit.segment, limit.segment_until = keys, until
-        due = until + limit.horizon
-        heapq.heappush(self._segments, (due, next(self._segment_ids), limit.name, keys))
-        if due < self._next_due:
-            self._next_due = due
+    def _queue(self, limit: _Limit, key: str | None, now: float, full: float) -> None:
+        segment = limit.segment
+        if now >= segment.until:  # closed: start the next, due no sooner than its end
+            width = limit.bucket_width
+            segment = limit.segment = _Segment(limit.name, (now // width + 1) * width)
+            heapq.heappush(self._segments, (segment.until, next(self._segment_ids), segment))
+            if segment.until < self._next_due:
+                self._next_due = segment.until
+        segment.keys.append(key)
+        if full > segment.latest:
+            segment.latest = full
 
     def _look_at_due(self, now: float) -> None:
         """Look at (up to) two due states: drop the full ones, queue the others again."""
-        name, keys = self._sweep
+        segment = self._sweep
         at = self._sweep_at
         looked = 0
         while looked < 2:
-            if at >= len(keys):
+            if at >= len(segment.keys):
                 segments = self._segments
                 if not segments or segments[0][0] > now:
                     self._next_due = segments[0][0] if segments else math.inf
-                    self._sweep, self._sweep_at = ("", []), 0
+                    self._sweep, self._sweep_at = _Segment("", -math.inf), 0
                     return
-                _, _, name, keys = heapq.heappop(segments)
+                segment = heapq.heappop(segments)[2]
                 at = 0
-            key = keys[at]
+                if segment.latest > now:  # closed, but its last state is not full yet
+                    entry = (segment.latest, next(self._segment_ids), segment)
+                    heapq.heappush(segments, entry)
+                    segment = _Segment("", -math.inf)
+                    continue
+            key = segment.keys[at]
             at += 1
             looked += 1
-            limit = self._limits.get(name)
+            limit = self._limits.get(segment.name)
             held = limit.states.get(key) if limit is not None else None
             if limit is None or held is None:
                 continue  # reset already dropped it
-            if full_at(limit.config, held) > now:
-                if now >= limit.segment_until:
-                    self._open_segment(limit, now)
-                limit.segment.append(key)
+            when = full_at(limit.config, held)
+            if when > now:
+                self._queue(limit, key, now, when)
                 continue
             del limit.states[key]
             if not limit.states:
-                del self._limits[name]
-        self._sweep, self._sweep_at = (name, keys), at
+                del self._limits[segment.name]
+        self._sweep, self._sweep_at = segment, at
         self._next_due = -math.inf
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
@@ -774,22 +773,20 @@ class _Limit:
     """
 
     __slots__ = (
+        "bucket_width",
         "config",
         "decide",
         "first",
-        "horizon",
         "name",
         "segment",
-        "segment_until",
         "states",
     )
 
     def __init__(self, name: str, config: LimitConfig) -> None:
         self.name = name
         self.states: dict[str | None, LimitState] = {}
-        #: The keys of the states created in the expiry queue's open segment, until when.
-        self.segment: list[str | None] = []
-        self.segment_until = -math.inf
+        #: The expiry queue's open segment of these states (this one is closed).
+        self.segment = _Segment(name, -math.inf)
         self.use(config)
 
     def __repr__(self) -> str:
@@ -799,13 +796,21 @@ class _Limit:
         self.config = config
         self.decide = config.decider
         self.first = config.first
-        #: How long a state takes to refill from empty: the expiry queue waits this long
-        #: after a segment of new states closes before it looks at them.
-        self.horizon = config.period * (
-            config.max / config.rate
-            if config.kind == "token bucket"
-            else math.ceil(config.max / config.rate)
-        )
+        #: The width of the expiry queue's segments of these states: a 64th of the period.
+        self.bucket_width = config.period / 64
+
+
+class _Segment:
+    """Keys of one limit's states created within one segment's width, until `until`, and the
+    latest time one of them can be full (`latest`): the expiry queue's unit."""
+
+    __slots__ = ("keys", "latest", "name", "until")
+
+    def __init__(self, name: str, until: float) -> None:
+        self.name = name
+        self.until = until
+        self.keys: list[str | None] = []
+        self.latest = -math.inf
 
 
 def _count_since(times: list[float] | None, since: float) -> int:
