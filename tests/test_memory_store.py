@@ -214,10 +214,10 @@ _STEPS = st.lists(
     st.tuples(
         st.sampled_from(["limit", "limit", "pair", "reset"]),
         st.integers(0, len(_CONFIGS) - 1),
-        st.integers(0, 7),
+        st.integers(0, 15),
         st.sampled_from([0.0, 1.0, 2.0]),
         st.booleans(),
-        st.sampled_from([0, 1, 15, 500, 999, 2_000, 61_000, 250_000]),
+        st.sampled_from([0, 1, 15, 100, 500, 999, 2_000, 61_000]),
     ),
     max_size=80,
 )
