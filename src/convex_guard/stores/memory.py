@@ -217,6 +217,8 @@ class MemoryStore:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
         if decision[0]:
             self._track(entry, key, now, now + decision[3])
+            if now >= self._next_due:
+                self._look_at_due(now)
         return LimitResult(*decision)
 
     async def check(
@@ -294,6 +296,8 @@ class MemoryStore:
             for (name, _, _, _), key, state, decision in zip(specs, keys, before, decisions):  # noqa: B905
                 if state is None:
                     self._track(limits_by_name[name], key, now, now + decision[3])
+            if now >= self._next_due:
+                self._look_at_due(now)
         return ok, decisions, now
 
     def _restore(
@@ -376,7 +380,8 @@ class MemoryStore:
         return BotVerdict(action, previous)
 
     def _track(self, limit: _Limit, key: str | None, now: float, full: float) -> None:
-        """Enter a new state (already stored) in the expiry queue, and look at due ones.
+        """Enter a new state (already stored) in the expiry queue; the caller then looks at
+        due ones (`_look_at_due`) if `_next_due` has come.
 
         `full` is the earliest time the state can be full again (consuming only delays it).
         The key joins its limit's open segment, the states created within one 64th of the
@@ -389,11 +394,6 @@ class MemoryStore:
         held to about twice those not yet refilled, and the work per new state is the same
         however many states are held: no walk over them.
         """
-        self._queue(limit, key, now, full)
-        if now >= self._next_due:
-            self._look_at_due(now)
-
-    def _queue(self, limit: _Limit, key: str | None, now: float, full: float) -> None:
         segment = limit.segment
         if now >= segment.until:  # closed: start the next, due no sooner than its end
             width = limit.bucket_width
@@ -433,7 +433,7 @@ class MemoryStore:
                 continue  # reset already dropped it
             when = full_at(limit.config, held)
             if when > now:
-                self._queue(limit, key, now, when)
+                self._track(limit, key, now, when)
                 continue
             del limit.states[key]
             if not limit.states:
