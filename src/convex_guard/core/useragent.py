@@ -882,7 +882,8 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
     tokens = letters.split()
     if not tokens:  # not a single ASCII letter
         return _SUSPICIOUS
-    if _KEYS.isdisjoint(tokens):
+    hits = _KEYS.intersection(tokens)  # one pass: a bot's keys are needed at once
+    if not hits:
         # Spelled out rather than any(...): a generator costs more than the four searches.
         # On str: CPython's search over the table's output (bytes full of spaces) is 5x slower.
         listed = False
@@ -893,7 +894,7 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         else:
             verdict = _disguised(lowered) or _bare(ua, tokens)
     else:
-        verdict = _match_known(ua, lowered, _KEYS.intersection(tokens))
+        verdict = _match_known(ua, lowered, hits)
         listed = verdict is not None and verdict.category != "http_library"
         verdict = verdict or _match_generic(ua, lowered, tokens) or _bare(ua, tokens)
     if verdict is None:
