@@ -259,9 +259,8 @@ class MemoryStore:
         Decided in place, then rolled back if any denies: the common case (all admit) pays
         for no copies. A (name, key) named twice sees its own earlier consumption; a new
         state's first decision always admits (a full state does), so the second slot sees it
-        stored. New states
-        enter the expiry queue once all admit. A count no waiting could admit raises
-        `ConfigurationError`, with nothing kept.
+        stored. New states enter the expiry queue once all admit. A count no waiting could
+        admit raises `ConfigurationError`, with nothing kept.
         """
         if now is None:
             now = _time() * 1000.0 if self._wall else self._clock()
