@@ -133,7 +133,8 @@ def test_lease_never_admits_more_than_it_was_granted(
                 assert in_window()
                 taken.append((count, lease.window))
             elif granted == 0:
-                assert lease.retry_after(now) == pytest.approx(1_000.0)  # now + 1000 - now, in floats
+                # now + 1000 - now, in floats
+                assert lease.retry_after(now) == pytest.approx(1_000.0)
         elif op == "ahead":
             want = lease.ask(0, now)
             before = lease.retry_after(now)
