@@ -691,6 +691,26 @@ def _confirm(rule: _Rule, text: str, literal: str) -> bool:
     return literal in text
 
 
+def _most_specific(
+    found: list[tuple[int, str, _Rule, re.Match[str] | None]],
+) -> tuple[int, str, _Rule, re.Match[str] | None]:
+    """Of several confirmed rules, the best ranked one whose match lies inside no longer one
+    (the longest lies inside none, so there is one)."""
+    best = None
+    best_order = None
+    for candidate in found:
+        rank, text, rule, _ = candidate
+        for _, other, _, _ in found:
+            if len(other) > len(text) and text in other:
+                break  # inside a longer match
+        else:
+            order = (rank, rule.verdict is None)
+            if best_order is None or order < best_order:
+                best, best_order = candidate, order
+    assert best is not None
+    return best
+
+
 def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdict | None:
     """Confirm the rules woken by the prefilter; the most specific match wins.
 
@@ -741,19 +761,12 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                 if not _confirm(rule, folded, rule.squashed):
                     continue
             found.append((rule.rank, rule.trimmed, rule, None))
-    best = None
-    best_order = None
-    for candidate in found:
-        rank, text, rule, _ = candidate
-        for _, other, _, _ in found:
-            if len(other) > len(text) and text in other:
-                break  # inside a longer match
-        else:
-            order = (rank, rule.verdict is None)
-            if best_order is None or order < best_order:
-                best, best_order = candidate, order
-    if best is None:
-        return None
+    if len(found) < 2:  # most bots: one rule confirmed, nothing to compare
+        if not found:
+            return None
+        best = found[0]
+    else:
+        best = _most_specific(found)
     _, _, rule, match = best
     if rule.verdict is not None:
         if rule.lower_name and len(ua) == len(lowered):
