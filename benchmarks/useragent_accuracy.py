@@ -4,6 +4,8 @@ Run: `python -m benchmarks.useragent_accuracy`. The headline is the evaluation s
 (tests/data/user_agents_evaluation.csv.gz, see user_agents_evaluation.md beside it): user-agents
 from sources the classifier does not learn from, reported overall, for AI crawlers and per
 source. Recall counts a bot flagged at all; "cat.acc" how many flagged bots got their category.
+Below each of the test half and the whole set, ours per category: precision and recall of the
+category itself, and how many of its bots were flagged at all.
 `--against REF` adds the classifier as it was at git revision REF to every table.
 """
 
@@ -149,6 +151,35 @@ def slices(rows: list[tuple[str, str, str]]) -> list[tuple[str, list[tuple[str, 
     return out
 
 
+CATEGORY_HEADER = (
+    f"{'category':<42} {'expected':>8} {'given':>6} {'right':>6} {'prec':>7} {'recall':>7} "
+    f"{'flagged':>8}"
+)
+
+
+def category_lines(rows: list[tuple[str, str, str]]) -> list[str]:
+    """Ours per bot category: precision (of the user-agents given the category, how many have
+    it), recall (of those labelled with it, how many got it) and how many were flagged at all
+    (any category: what a block by default sees). People given a category count against its
+    precision."""
+    got = [(expected, ours(ua) or "human") for expected, _, ua in rows]
+    lines = [CATEGORY_HEADER]
+    for category in sorted({e for e, _ in got} | {g for _, g in got} - {"human"}):
+        if category == "human":
+            continue
+        expected = sum(e == category for e, _ in got)
+        given = sum(g == category for _, g in got)
+        right = sum(e == g == category for e, g in got)
+        flagged = sum(e == category and g != "human" for e, g in got)
+        prec = f"{right / given:.3f}" if given else "-"
+        recall = f"{right / expected:.3f}" if expected else "-"
+        caught = f"{flagged / expected:.3f}" if expected else "-"
+        lines.append(
+            f"{category:<42} {expected:>8} {given:>6} {right:>6} {prec:>7} {recall:>7} {caught:>8}"
+        )
+    return lines
+
+
 HEADER = (
     f"{'data set':<42} {'classifier':<8} {'n':>6} {'bots':>5} {'prec':>7} {'recall':>7} "
     f"{'FP':>5} {'FN':>5} {'cat.acc':>8}"
@@ -193,6 +224,10 @@ def report(*, show_mistakes: bool = True, against: str | None = None) -> str:
             for name, fn, cats in contenders:
                 lines.append(line(name_, name, score(rows, fn, categories=cats)))
         lines.append("")
+        if half != "dev":
+            lines.append(f"{title}, ours per category")
+            lines += category_lines(load_evaluation(half=half))
+            lines.append("")
     lines += ["regression sets (not independent of the rules)", HEADER]
     for title, rows in (
         ("hand-labelled (tests/data/user_agents.csv)", load_labelled()),
