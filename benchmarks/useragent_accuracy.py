@@ -161,7 +161,9 @@ def category_lines(rows: list[tuple[str, str, str]]) -> list[str]:
     """Ours per bot category: precision (of the user-agents given the category, how many have
     it), recall (of those labelled with it, how many got it) and how many were flagged at all
     (any category: what a block by default sees). People given a category count against its
-    precision."""
+    precision, and so do bots the labels leave coarser: the evaluation's categories are
+    device-detector's mapped to ours, whose "Crawler", feed and service bots (and its bots with
+    no category) are other_bot, so a search engine or a monitor among them is "wrong" here."""
     got = [(expected, ours(ua) or "human") for expected, _, ua in rows]
     lines = [CATEGORY_HEADER]
     for category in sorted({e for e, _ in got} | {g for _, g in got} - {"human"}):
