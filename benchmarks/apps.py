@@ -173,7 +173,8 @@ class Floor:
 
     def __init__(self, app: ASGIApp, decisions: int = 3) -> None:
         self.app = app
-        self.names = [f"limit{i}" for i in range(decisions)]
+        # The guard's rule names, so that both send the same bytes (uvicorn checks each one).
+        self.names = [rule.name for rule in rules(decisions)]
         self.per_client = [i % 2 == 1 for i in range(decisions)]
         self.windows: list[dict[str | None, tuple[int, int]]] = [{} for _ in range(decisions)]
         self.verdicts: dict[bytes, bool] = {}
