@@ -427,6 +427,22 @@ def test_an_ai_agent_is_not_excused_by_an_apps_product(product: str, name: str) 
         ("python-requests/2.31 (Linux; Android 14)", True),  # the library is the product
         ("Castro 2, Episode Duration Lookup", True),  # not the Castro app's "Castro/2023.5"
         ("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) Googlebot/2.1", True),
+        # AI agents named by a plain word: an app's product or a phone's model as often.
+        ("Spider/3.1 (iPhone; iOS 16.0; Scale/3.00)", False),
+        ("LCC/2.0 CFNetwork/1410 Darwin/22.6.0", False),
+        (
+            "Mozilla/5.0 (Linux; Android 11; Devin 5G) AppleWebKit/537.36 (KHTML, like Gecko) "
+            "Chrome/110.0.5481.65 Mobile Safari/537.36",
+            False,
+        ),
+        ("Spider/1.0", True),
+        ("Devin/1.0 (Linux x86_64)", True),
+        ("GPTBot/1.0 (iPhone; iOS 17.0)", True),  # an agent's own name is never excused
+        (
+            "Mozilla/5.0 (Linux; Android 11; GPTBot) AppleWebKit/537.36 (KHTML, like Gecko) "
+            "Chrome/110.0.5481.65 Mobile Safari/537.36",
+            True,
+        ),
     ],
 )
 def test_apps_sharing_a_name_or_a_library_with_bots(ua: str, is_bot: bool) -> None:

@@ -310,7 +310,7 @@ class _Rule:
     # Derived once, so the per-request loop reads attributes instead of computing them.
     rank: int = field(init=False)
     plain: bool = field(init=False)  # a substring test decides
-    anywhere: bool = field(init=False)  # an AI agent: counts even in the device model
+    anywhere: bool = field(init=False)  # an AI agent's own name: counts even in the device model
     trimmed: str = field(init=False)  # what containment between matches compares
     lower_name: bool = field(init=False)  # the list wrote the name in lower case
 
@@ -318,7 +318,9 @@ class _Rule:
         set_ = object.__setattr__
         set_(self, "rank", _PRIORITY[self.category])
         set_(self, "plain", self.regex is None and not self.version and not self.start)
-        set_(self, "anywhere", self.category == "ai_crawler")
+        # A plain word ("Devin", "Spider") is a phone's model name or an app's before an agent's.
+        plain_word = self.literal.partition("/")[0] in _COMMON_WORDS
+        set_(self, "anywhere", self.category == "ai_crawler" and not plain_word)
         set_(self, "trimmed", self.squashed.rstrip("/;:()+"))
         name = self.verdict.name if self.verdict is not None else None
         set_(self, "lower_name", name is not None and name.isascii() and name == name.lower())
@@ -614,6 +616,9 @@ def _build(
     return frozen, overrides, provenance
 
 
+# Names that are also plain words ("Devin", "Operator"), whatever list they come from:
+# weak evidence, like a generic word (see `_Rule.anywhere` and `classify_user_agent_uncached`).
+_COMMON_WORDS: Final = frozenset(n.lower() for n in _load_json(*CORRECTIONS)["version_required"])
 _INDEX, _OVERRIDES, DATA_PROVENANCE = _build(SOURCES, CORRECTIONS)
 # Podcast and media apps' products (OPAWG user-agents-v2, MIT; derived by
 # benchmarks/build_useragent_data.py apps, commit recorded in the file): see `_app`.
@@ -630,8 +635,6 @@ _PHONE_PLATFORMS: Final = frozenset(
 _KEYS: Final = frozenset(_INDEX) | _GENERIC_KEYS | {b"http", b"https"}
 _NO_RULES: Final[tuple[_Rule, ...]] = ()
 
-# Names that are also plain words ("Devin", "Operator"), whatever list they come from.
-_COMMON_WORDS: Final = frozenset(n.lower() for n in _load_json(*CORRECTIONS)["version_required"])
 # AI agents by name without separators, for the last look at a user-agent no rule confirmed
 # ("G.P.T.B.o.t", "Claude Bot"): a word of the text without separators that is one of these
 # names. Plain words ("Devin") and short names are left out: they occur by chance.
@@ -913,10 +916,16 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
     if verdict is None:
         return _HUMAN
     # A browser's user-agent (most bots send one) names no app's product: no call for it.
-    browser = tokens[0] == b"mozilla"
-    if not browser and verdict.category != "ai_crawler" and _app(lowered, tokens, verdict, listed):
-        return _HUMAN
-    return verdict
+    if tokens[0] == b"mozilla":
+        return verdict
+    if listed or verdict.category == "ai_crawler":
+        if (verdict.name or "").lower() in _COMMON_WORDS:
+            # "Spider/3.1 (iPhone; iOS 16.0)": a plain word names an app as often as an
+            # agent, so it weighs as a generic word does, even as an AI agent's name.
+            listed = False
+        elif verdict.category == "ai_crawler":
+            return verdict
+    return _HUMAN if _app(lowered, tokens, verdict, listed) else verdict
 
 
 def _app(lowered: str, tokens: list[bytes], verdict: UserAgentVerdict, listed: bool) -> bool:
@@ -930,7 +939,8 @@ def _app(lowered: str, tokens: list[bytes], verdict: UserAgentVerdict, listed: b
     Android/6.0 Device/Meizu-MX5" beside WhatsApp's link preview "WhatsApp/2.23.20.0 A"); and
     so is whatever Apple's URL loading system sends ("DuckDuckGo/3 CFNetwork/1494.0.7
     Darwin/23.4.0"), which servers do not run. AI agents are not excused: a site blocks them
-    by name whatever they start with; nor (the caller's test) is a browser ("Mozilla/5.0
+    by name whatever they start with (the caller's test; a name that is a plain word, "Spider",
+    weighs as a generic word); nor is a browser ("Mozilla/5.0
     ... Googlebot/2.1").
     """
     # The first word, already hashed by the prefilter, says whether the product is worth
