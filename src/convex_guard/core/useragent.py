@@ -723,7 +723,7 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
     "Applebot-Extended"): the longer name is the agent, the shorter an accident.
     """
     found: list[tuple[int, str, _Rule, re.Match[str] | None]] = []
-    squashed: dict[str, str] = {}  # each text without separators, made when first needed
+    folded: str | None = None  # `lowered` without separators, made when first needed
     # An Android browser names its device model, and some models are agents' names too
     # ("Expanse", "Ruby", "Nitro"): only an AI agent's name counts there. (Agents do write
     # their names elsewhere in the platform comment: "(X11; Linux x86_64; Storebot-Google/1.0)".)
@@ -739,9 +739,8 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                 if rule.literal not in text:
                     if not rule.anywhere:
                         continue  # only AI agents' names are looked for spelled apart
-                    folded = squashed.get(text)
                     if folded is None:
-                        folded = squashed[text] = _squash(text)
+                        folded = _squash(lowered)  # an AI agent's `text` is `lowered`
                     if rule.squashed not in folded:
                         continue
                 found.append((rule.rank, rule.trimmed, rule, None))
@@ -758,9 +757,8 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
             if not _confirm(rule, text, rule.literal):
                 if not rule.anywhere:
                     continue
-                folded = squashed.get(text)
                 if folded is None:
-                    folded = squashed[text] = _squash(text)
+                    folded = _squash(lowered)
                 if not _confirm(rule, folded, rule.squashed):
                     continue
             found.append((rule.rank, rule.trimmed, rule, None))
