@@ -275,7 +275,7 @@ class ApiKeyMiddleware(StepMiddleware):
         if route is None:
             return None
         try:
-            key = _presented_key(request_headers(scope, ctx))
+            key = _presented_key(ctx.headers or request_headers(scope, ctx))
         except _Malformed as exc:
             ip = ctx.client_ip or peer_ip(scope)
             self._bad_input.warning(
@@ -295,13 +295,17 @@ class ApiKeyMiddleware(StepMiddleware):
         `request` is the request's route as matched (`context.route_of`: without
         `root_path`, HEAD as GET).
         """
-        routes_for = self._routes_for
         try:
-            return routes_for[request]
+            return self._routes_for[request]
         except KeyError:
-            method, path = request
-            found = next((r for r in self.routes if r.matches(path, method)), None)
-            return remember(routes_for, request, found)
+            return self._first_route(request)
+
+    def _first_route(self, request: Route) -> KeyRoute | None:
+        # Apart from `_route_for`: its generator's closure is made on a route's first request
+        # only, not on every one.
+        method, path = request
+        found = next((r for r in self.routes if r.matches(path, method)), None)
+        return remember(self._routes_for, request, found)
 
     async def _verify(
         self, scope: Scope, ctx: GuardContext, route: KeyRoute, raw: str
