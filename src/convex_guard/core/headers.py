@@ -59,6 +59,10 @@ _AGENT_EDGE: Final = 64
 #: Distinct user-agents kept as text: short ones, and (fewer: each may be kilobytes) long ones.
 AGENT_CACHE_SIZE: Final = 4096
 LONG_AGENT_CACHE_SIZE: Final = 256
+#: Distinct header sets kept read (`HeaderReader`), by a canonical form of at most this many
+#: bytes: longer ones cost more to hash as a key than to read again.
+KNOWN_CACHE_SIZE: Final = 4096
+_WHOLE_FORM: Final = 1024
 
 
 class RequestHeaders:
@@ -95,8 +99,8 @@ class RequestHeaders:
         api_key: list[bytes] | None,
         content_length: list[bytes] | None,
         content_type: bytes | None,
-        chunked: bool,
-        signed: bool,
+        chunked: bool = False,
+        signed: bool = False,
     ) -> None:
         self.fingerprint_form = fingerprint_form
         self.fingerprint = xxhash.xxh3_64_hexdigest(fingerprint_form)
@@ -115,15 +119,23 @@ class HeaderReader:
     Names are matched case-insensitively (ASGI servers send them lower-case: only a name
     that is not costs a lower-cased copy). A fingerprint field that is nothing else (most
     of a browser's headers) costs one lookup and its value's strip; the canonical form is
-    one format of the values at the end. The user-agent's text is cached per distinct
-    value (`AGENT_CACHE_SIZE` short ones, `LONG_AGENT_CACHE_SIZE` long ones, oldest out
-    first), so a repeated agent is one bytes comparison, and every request with it carries
-    the same `str` object: its hash, which Python keeps on the object, is computed once for
-    every cache a check keys by it, not once per request (an 8 kB agent costs ~24 k
-    instructions to hash).
+    one format of the values at the end.
+
+    A client sends the same headers on every request: when they hold nothing but
+    fingerprint fields and a user-agent that the form holds as it was sent (no credentials,
+    no body headers), the form says all there is, and the `RequestHeaders` read from it
+    are kept by it (`KNOWN_CACHE_SIZE`, oldest out first; not for forms of over
+    `_WHOLE_FORM` bytes): its next request costs the loop, one format and one lookup, not
+    a new object and its fingerprint. They are never changed once read, so requests share
+    them. Otherwise the user-agent's text is cached per distinct value
+    (`AGENT_CACHE_SIZE` short ones, `LONG_AGENT_CACHE_SIZE` long ones, oldest out first),
+    so a repeated agent is one bytes comparison. Either way every request with one agent
+    carries the same `str` object: its hash, which Python keeps on the object, is computed
+    once for every cache a check keys by it, not once per request (an 8 kB agent costs
+    ~24 k instructions to hash).
     """
 
-    __slots__ = ("_agents", "_codes", "_empty", "_form", "_long_agents", "_slots")
+    __slots__ = ("_agents", "_codes", "_empty", "_form", "_known", "_long_agents", "_slots")
 
     def __init__(self, fields: Sequence[bytes]) -> None:
         lowered = [name.lower() for name in fields]
@@ -143,6 +155,7 @@ class HeaderReader:
         self._form = b"".join(name.replace(b"%", b"%%") + b":%b\n" for name in lowered)
         self._agents: dict[bytes, str] = {}
         self._long_agents: dict[tuple[int, bytes, bytes], tuple[bytes, str]] = {}
+        self._known: dict[bytes, RequestHeaders] = {}
 
     def read(self, headers: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
         codes = self._codes
@@ -153,6 +166,7 @@ class HeaderReader:
         length: list[bytes] | None = None
         content_type: bytes | None = None
         chunked = signed = False
+        plain = True  # nothing read but fingerprint fields and the user-agent
         for name, value in headers:
             code = codes.get(name)
             if code is None:
@@ -172,7 +186,9 @@ class HeaderReader:
                 values[slot] = seen + b", " + value.strip() if seen else value.strip()
             if kind == _AGENT:
                 agent = value if agent is None else agent + b", " + value
-            elif kind == _AUTHORIZATION:
+                continue
+            plain = False
+            if kind == _AUTHORIZATION:
                 authorization = [value] if authorization is None else [*authorization, value]
             elif kind == _API_KEY:
                 api_key = [value] if api_key is None else [*api_key, value]
@@ -184,21 +200,26 @@ class HeaderReader:
                 chunked = True
             else:
                 signed = True
-        text = ""
-        if agent is not None:
-            # A short agent seen before, the common case, without a call.
-            known = self._agents.get(agent) if len(agent) <= _WHOLE_AGENT else None
-            text = known if known is not None else self.agent_text(agent)
+        form = self._form % tuple(values)
+        if plain and len(form) <= _WHOLE_FORM:
+            # The form holds the agent as sent (or there is none): it is the whole key.
+            slot = self._slots[_AGENT]
+            if agent is None or (slot >= 0 and values[slot] == agent):
+                found = self._known.get(form)
+                if found is None:
+                    found = RequestHeaders(form, self._text(agent), None, None, None, None)
+                    _keep(self._known, form, found, KNOWN_CACHE_SIZE)
+                return found
         return RequestHeaders(
-            self._form % tuple(values),
-            text,
-            authorization,
-            api_key,
-            length,
-            content_type,
-            chunked,
-            signed,
+            form, self._text(agent), authorization, api_key, length, content_type, chunked, signed
         )
+
+    def _text(self, agent: bytes | None) -> str:
+        if agent is None:
+            return ""
+        # A short agent seen before, the common case, without another call.
+        known = self._agents.get(agent) if len(agent) <= _WHOLE_AGENT else None
+        return known if known is not None else self.agent_text(agent)
 
     def agent_text(self, raw: bytes) -> str:
         """`raw` decoded as latin-1: the same `str` object for the same bytes while cached."""
