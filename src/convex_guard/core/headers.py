@@ -59,9 +59,10 @@ _AGENT_EDGE: Final = 64
 #: Distinct user-agents kept as text: short ones, and (fewer: each may be kilobytes) long ones.
 AGENT_CACHE_SIZE: Final = 4096
 LONG_AGENT_CACHE_SIZE: Final = 256
-#: Distinct header sets kept read (`HeaderReader`), by a canonical form of at most this many
-#: bytes: longer ones cost more to hash as a key than to read again.
+#: Distinct header sets kept read (`HeaderReader`): up to `_WHOLE_FORM` bytes of canonical
+#: form, the form is its own key; a longer one is found as a long agent is.
 KNOWN_CACHE_SIZE: Final = 4096
+LONG_KNOWN_CACHE_SIZE: Final = 256
 _WHOLE_FORM: Final = 1024
 
 
@@ -124,18 +125,27 @@ class HeaderReader:
     A client sends the same headers on every request: when they hold nothing but
     fingerprint fields and a user-agent that the form holds as it was sent (no credentials,
     no body headers), the form says all there is, and the `RequestHeaders` read from it
-    are kept by it (`KNOWN_CACHE_SIZE`, oldest out first; not for forms of over
-    `_WHOLE_FORM` bytes): its next request costs the loop, one format and one lookup, not
-    a new object and its fingerprint. They are never changed once read, so requests share
-    them. Otherwise the user-agent's text is cached per distinct value
-    (`AGENT_CACHE_SIZE` short ones, `LONG_AGENT_CACHE_SIZE` long ones, oldest out first),
-    so a repeated agent is one bytes comparison. Either way every request with one agent
-    carries the same `str` object: its hash, which Python keeps on the object, is computed
-    once for every cache a check keys by it, not once per request (an 8 kB agent costs
-    ~24 k instructions to hash).
+    are kept by it (`KNOWN_CACHE_SIZE`, oldest out first; a form of over `_WHOLE_FORM`
+    bytes by its length and ends, `LONG_KNOWN_CACHE_SIZE` of them, and compared whole): its
+    next request costs the loop, one format and one lookup, not a new object and its
+    fingerprint. They are never changed once read, so requests share them. Otherwise the
+    user-agent's text is cached per distinct value (`AGENT_CACHE_SIZE` short ones,
+    `LONG_AGENT_CACHE_SIZE` long ones, oldest out first), so a repeated agent is one bytes
+    comparison. Either way every request with one agent carries the same `str` object: its
+    hash, which Python keeps on the object, is computed once for every cache a check keys
+    by it, not once per request (an 8 kB agent costs ~24 k instructions to hash).
     """
 
-    __slots__ = ("_agents", "_codes", "_empty", "_form", "_known", "_long_agents", "_slots")
+    __slots__ = (
+        "_agents",
+        "_codes",
+        "_empty",
+        "_form",
+        "_known",
+        "_long_agents",
+        "_long_known",
+        "_slots",
+    )
 
     def __init__(self, fields: Sequence[bytes]) -> None:
         lowered = [name.lower() for name in fields]
@@ -156,6 +166,7 @@ class HeaderReader:
         self._agents: dict[bytes, str] = {}
         self._long_agents: dict[tuple[int, bytes, bytes], tuple[bytes, str]] = {}
         self._known: dict[bytes, RequestHeaders] = {}
+        self._long_known: dict[tuple[int, bytes, bytes], RequestHeaders] = {}
 
     def read(self, headers: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
         codes = self._codes
@@ -201,18 +212,29 @@ class HeaderReader:
             else:
                 signed = True
         form = self._form % tuple(values)
-        if plain and len(form) <= _WHOLE_FORM:
+        if plain:
             # The form holds the agent as sent (or there is none): it is the whole key.
             slot = self._slots[_AGENT]
             if agent is None or (slot >= 0 and values[slot] == agent):
-                found = self._known.get(form)
-                if found is None:
-                    found = RequestHeaders(form, self._text(agent), None, None, None, None)
-                    _keep(self._known, form, found, KNOWN_CACHE_SIZE)
-                return found
+                return self._known_by(form, agent)
         return RequestHeaders(
             form, self._text(agent), authorization, api_key, length, content_type, chunked, signed
         )
+
+    def _known_by(self, form: bytes, agent: bytes | None) -> RequestHeaders:
+        """The headers of `form` read before (made now if not), when it is all they hold."""
+        if len(form) <= _WHOLE_FORM:
+            found = self._known.get(form)
+            if found is None:
+                found = RequestHeaders(form, self._text(agent), None, None, None, None)
+                _keep(self._known, form, found, KNOWN_CACHE_SIZE)
+            return found
+        key = (len(form), form[:_AGENT_EDGE], form[-_AGENT_EDGE:])
+        found = self._long_known.get(key)
+        if found is None or found.fingerprint_form != form:
+            found = RequestHeaders(form, self._text(agent), None, None, None, None)
+            _keep(self._long_known, key, found, LONG_KNOWN_CACHE_SIZE)
+        return found
 
     def _text(self, agent: bytes | None) -> str:
         if agent is None:
