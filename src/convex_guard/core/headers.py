@@ -123,17 +123,18 @@ class HeaderReader:
     one format of the values at the end.
 
     A client sends the same headers on every request: when they hold nothing but
-    fingerprint fields and a user-agent that the form holds as it was sent (no credentials,
-    no body headers), the form says all there is, and the `RequestHeaders` read from it
-    are kept by it (`KNOWN_CACHE_SIZE`, oldest out first; a form of over `_WHOLE_FORM`
-    bytes by its length and ends, `LONG_KNOWN_CACHE_SIZE` of them, and compared whole): its
-    next request costs the loop, one format and one lookup, not a new object and its
-    fingerprint. They are never changed once read, so requests share them. Otherwise the
-    user-agent's text is cached per distinct value (`AGENT_CACHE_SIZE` short ones,
-    `LONG_AGENT_CACHE_SIZE` long ones, oldest out first), so a repeated agent is one bytes
-    comparison. Either way every request with one agent carries the same `str` object: its
-    hash, which Python keeps on the object, is computed once for every cache a check keys
-    by it, not once per request (an 8 kB agent costs ~24 k instructions to hash).
+    fingerprint fields and a user-agent (no credentials, no body headers), the form and the
+    agent as sent say all there is, and the `RequestHeaders` read from them are kept by the
+    form with the agent beside them, compared before they are used (`KNOWN_CACHE_SIZE`,
+    oldest out first; a form of over `_WHOLE_FORM` bytes by its length and ends,
+    `LONG_KNOWN_CACHE_SIZE` of them, and compared whole): its next request costs the loop, one
+    format and one lookup, not a new object and its fingerprint. They are never changed once
+    read, so requests share them. Otherwise the user-agent's text is cached per distinct value
+    (`AGENT_CACHE_SIZE` short ones, `LONG_AGENT_CACHE_SIZE` long ones, oldest out first), so a
+    repeated agent is one bytes comparison. Either way every request with one agent carries the
+    same `str` object: its hash, which Python keeps on the object, is computed once for every
+    cache a check keys by it, not once per request (an 8 kB agent costs ~24 k instructions to
+    hash).
     """
 
     __slots__ = (
@@ -165,8 +166,8 @@ class HeaderReader:
         self._form = b"".join(name.replace(b"%", b"%%") + b":%b\n" for name in lowered)
         self._agents: dict[bytes, str] = {}
         self._long_agents: dict[tuple[int, bytes, bytes], tuple[bytes, str]] = {}
-        self._known: dict[bytes, RequestHeaders] = {}
-        self._long_known: dict[tuple[int, bytes, bytes], RequestHeaders] = {}
+        self._known: dict[bytes, tuple[bytes | None, RequestHeaders]] = {}
+        self._long_known: dict[tuple[int, bytes, bytes], tuple[bytes | None, RequestHeaders]] = {}
 
     def read(self, headers: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
         codes = self._codes
@@ -213,27 +214,31 @@ class HeaderReader:
                 signed = True
         form = self._form % tuple(values)
         if plain:
-            # The form holds the agent as sent (or there is none): it is the whole key.
-            slot = self._slots[_AGENT]
-            if agent is None or (slot >= 0 and values[slot] == agent):
-                return self._known_by(form, agent)
+            return self._known_by(form, agent)
         return RequestHeaders(
             form, self._text(agent), authorization, api_key, length, content_type, chunked, signed
         )
 
     def _known_by(self, form: bytes, agent: bytes | None) -> RequestHeaders:
-        """The headers of `form` read before (made now if not), when it is all they hold."""
+        """The headers of `form` and `agent` read before (made now if not), when they are
+        all the headers hold."""
         if len(form) <= _WHOLE_FORM:
-            found = self._known.get(form)
-            if found is None:
-                found = RequestHeaders(form, self._text(agent), None, None, None, None)
-                _keep(self._known, form, found, KNOWN_CACHE_SIZE)
+            entry = self._known.get(form)
+            if entry is not None and entry[0] == agent:
+                return entry[1]
+            found = RequestHeaders(form, self._text(agent), None, None, None, None)
+            _keep(self._known, form, (agent, found), KNOWN_CACHE_SIZE)
             return found
         key = (len(form), form[:_AGENT_EDGE], form[-_AGENT_EDGE:])
-        found = self._long_known.get(key)
-        if found is None or found.fingerprint_form != form:
-            found = RequestHeaders(form, self._text(agent), None, None, None, None)
-            _keep(self._long_known, key, found, LONG_KNOWN_CACHE_SIZE)
+        long_entry = self._long_known.get(key)
+        if (
+            long_entry is not None
+            and long_entry[1].fingerprint_form == form
+            and long_entry[0] == agent
+        ):
+            return long_entry[1]
+        found = RequestHeaders(form, self._text(agent), None, None, None, None)
+        _keep(self._long_known, key, (agent, found), LONG_KNOWN_CACHE_SIZE)
         return found
 
     def _text(self, agent: bytes | None) -> str:
