@@ -316,9 +316,11 @@ class RequestLoggerMiddleware(StepMiddleware):
             user_id = user_id[:MAX_STORED]
         first = entry.first_output  # a stream's first output
         shadow = ctx.shadow
-        # The fields in order, as one tuple (`_make`): the named tuple's own constructor
-        # builds that tuple and then copies it, twice the cost (one row per request).
-        return AIRequestLog._make(
+        # Every field in order, as one tuple made the row (what `_make` does, without its
+        # call and length check): the named tuple's own constructor builds that tuple and
+        # then copies it, twice the cost (one row per request).
+        return tuple.__new__(
+            AIRequestLog,
             (
                 entry.timestamp,
                 provider,
@@ -333,14 +335,15 @@ class RequestLoggerMiddleware(StepMiddleware):
                 usage.cost,
                 None if first is None else (first - entry.started) * 1000.0,
                 shadow if shadow is None else shadow[:MAX_STORED],
-            )
+            ),
         )
 
     def _embedding_row(
         self, ctx: GuardContext, timestamp: float, latency: float, error: str | None
     ) -> EmbeddingRequestLog:
         usage = ctx.usage or _NOTHING_REPORTED
-        return EmbeddingRequestLog._make(  # the fields in order, as the AI row
+        return tuple.__new__(  # every field in order, as the AI row
+            EmbeddingRequestLog,
             (
                 uuid.uuid4().hex,
                 ctx.api_key_hash or NO_KEY,
@@ -351,7 +354,7 @@ class RequestLoggerMiddleware(StepMiddleware):
                 error is None,
                 usage.model or UNKNOWN_MODEL,
                 error,
-            )
+            ),
         )
 
 
