@@ -165,3 +165,27 @@ def test_the_agent_cache_stays_bounded() -> None:
     assert reader.read([(b"user-agent", b"agent 1")]).user_agent == "agent 1"
     assert len(reader._agents) <= AGENT_CACHE_SIZE
     assert len(reader._long_agents) <= LONG_AGENT_CACHE_SIZE
+
+
+def test_a_repeated_header_set_is_read_once_and_only_when_the_form_is_all_it_holds() -> None:
+    reader = HeaderReader(DEFAULT_FIELDS)
+    browser = [(b"user-agent", b"Mozilla/5.0"), (b"accept", b"*/*"), (b"host", b"a")]
+    first = reader.read(list(browser))
+    assert reader.read([(name, bytes(value)) for name, value in browser]) is first
+    # Credentials, or an agent the form holds stripped, are not in the form: read each time.
+    keyed = reader.read([*browser, (b"x-api-key", b"k1")])
+    assert keyed is not first and keyed.api_key == [b"k1"]
+    assert reader.read([*browser, (b"x-api-key", b"k2")]).api_key == [b"k2"]
+    spaced = reader.read([(b"user-agent", b" Mozilla/5.0 "), (b"accept", b"*/*")])
+    assert spaced.fingerprint == first.fingerprint and spaced.user_agent == " Mozilla/5.0 "
+    # Long forms alike at both ends but not in the middle are told apart.
+    padded = b"A" * 700 + b"b" + b"A" * 700
+    other = b"A" * 700 + b"c" + b"A" * 700
+    one = reader.read([(b"user-agent", padded)])
+    two = reader.read([(b"user-agent", other)])
+    assert one.user_agent == padded.decode() and two.user_agent == other.decode()
+    assert one.fingerprint != two.fingerprint
+    # The later one took their shared slot: kept, while the first is read again, alike.
+    assert reader.read([(b"user-agent", bytes(bytearray(other)))]) is two
+    again = reader.read([(b"user-agent", bytes(bytearray(padded)))])
+    assert again.fingerprint == one.fingerprint and again.user_agent == one.user_agent

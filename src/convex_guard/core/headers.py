@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Final, TypeVar
 
+import xxhash
 from starlette.types import Message, Send
 
 _K = TypeVar("_K")
@@ -39,8 +40,9 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | N
     return None if found is None else found.decode("latin-1")
 
 
-#: What a name is read for (`HeaderReader`): a fingerprint field only, or one of these too.
-_FIELD, _AGENT, _AUTHORIZATION, _API_KEY, _LENGTH, _TYPE, _CODING, _SIGNATURE = range(8)
+#: What a name is read for besides a fingerprint field (`HeaderReader`); a name's code in the
+#: reader's table is its fingerprint position (0 and up) or the complement of one of these.
+_AGENT, _AUTHORIZATION, _API_KEY, _LENGTH, _TYPE, _CODING, _SIGNATURE = range(7)
 _READ: Final = {
     b"user-agent": _AGENT,
     b"authorization": _AUTHORIZATION,
@@ -57,6 +59,11 @@ _AGENT_EDGE: Final = 64
 #: Distinct user-agents kept as text: short ones, and (fewer: each may be kilobytes) long ones.
 AGENT_CACHE_SIZE: Final = 4096
 LONG_AGENT_CACHE_SIZE: Final = 256
+#: Distinct header sets kept read (`HeaderReader`): up to `_WHOLE_FORM` bytes of canonical
+#: form, the form is its own key; a longer one is found as a long agent is.
+KNOWN_CACHE_SIZE: Final = 4096
+LONG_KNOWN_CACHE_SIZE: Final = 256
+_WHOLE_FORM: Final = 1024
 
 
 class RequestHeaders:
@@ -65,9 +72,12 @@ class RequestHeaders:
     Values stay as the client sent them (bytes), in arrival order, except `user_agent`: the
     header as text (every value joined by ", ", latin-1, so no byte can fail to decode; ""
     when absent). `fingerprint_form` is the fingerprint's canonical form
-    (`core.fingerprint.canonical_form`). Repeated credentials and lengths are kept apart
-    (`authorization`, `api_key`, `content_length`: each a list, None when absent), since
-    several of them is itself what the checks refuse; `content_type` is the last one sent.
+    (`core.fingerprint.canonical_form`) and `fingerprint` its xxh3-64 hex digest. Repeated
+    credentials and lengths are kept apart (`authorization`, `api_key`, `content_length`:
+    each a list, None when absent), since several of them is itself what the checks refuse;
+    `content_type` is the last one sent. `chunked`: a `Transfer-Encoding` header was sent
+    (whatever its value); `signed`: a `Signature-Input` header was (a Web Bot Auth signature
+    to verify).
     """
 
     __slots__ = (
@@ -76,101 +86,167 @@ class RequestHeaders:
         "chunked",
         "content_length",
         "content_type",
+        "fingerprint",
         "fingerprint_form",
         "signed",
         "user_agent",
     )
 
-    def __init__(self) -> None:
-        self.fingerprint_form = b""
-        self.user_agent = ""
-        self.authorization: list[bytes] | None = None
-        self.api_key: list[bytes] | None = None
-        self.content_length: list[bytes] | None = None
-        self.content_type: bytes | None = None
-        #: A `Transfer-Encoding` header was sent (whatever its value).
-        self.chunked = False
-        #: A `Signature-Input` header was sent (a Web Bot Auth signature to verify).
-        self.signed = False
+    def __init__(
+        self,
+        fingerprint_form: bytes,
+        user_agent: str,
+        authorization: list[bytes] | None,
+        api_key: list[bytes] | None,
+        content_length: list[bytes] | None,
+        content_type: bytes | None,
+        chunked: bool = False,
+        signed: bool = False,
+    ) -> None:
+        self.fingerprint_form = fingerprint_form
+        self.fingerprint = xxhash.xxh3_64_hexdigest(fingerprint_form)
+        self.user_agent = user_agent
+        self.authorization = authorization
+        self.api_key = api_key
+        self.content_length = content_length
+        self.content_type = content_type
+        self.chunked = chunked
+        self.signed = signed
 
 
 class HeaderReader:
     """Reads `RequestHeaders` in one pass; built once per fingerprint field list.
 
     Names are matched case-insensitively (ASGI servers send them lower-case: only a name
-    that is not costs a lower-cased copy). The user-agent's text is cached per distinct
-    value (`AGENT_CACHE_SIZE` short ones, `LONG_AGENT_CACHE_SIZE` long ones, oldest out
-    first), so a repeated agent is one bytes comparison, and every request with it carries
-    the same `str` object: its hash, which Python keeps on the object, is computed once for
-    every cache a check keys by it, not once per request (an 8 kB agent costs ~24 k
-    instructions to hash).
+    that is not costs a lower-cased copy). A fingerprint field that is nothing else (most
+    of a browser's headers) costs one lookup and its value's strip; the canonical form is
+    one format of the values at the end.
+
+    A client sends the same headers on every request: when they hold nothing but
+    fingerprint fields and a user-agent (no credentials, no body headers), the form and the
+    agent as sent say all there is, and the `RequestHeaders` read from them are kept by the
+    form with the agent beside them, compared before they are used (`KNOWN_CACHE_SIZE`,
+    oldest out first; a form of over `_WHOLE_FORM` bytes by its length and ends,
+    `LONG_KNOWN_CACHE_SIZE` of them, and compared whole): its next request costs the loop, one
+    format and one lookup, not a new object and its fingerprint. They are never changed once
+    read, so requests share them. Otherwise the user-agent's text is cached per distinct value
+    (`AGENT_CACHE_SIZE` short ones, `LONG_AGENT_CACHE_SIZE` long ones, oldest out first), so a
+    repeated agent is one bytes comparison. Either way every request with one agent carries the
+    same `str` object: its hash, which Python keeps on the object, is computed once for every
+    cache a check keys by it, not once per request (an 8 kB agent costs ~24 k instructions to
+    hash).
     """
 
-    __slots__ = ("_agents", "_long_agents", "_names", "_template")
+    __slots__ = (
+        "_agents",
+        "_codes",
+        "_empty",
+        "_form",
+        "_known",
+        "_long_agents",
+        "_long_known",
+        "_slots",
+    )
 
     def __init__(self, fields: Sequence[bytes]) -> None:
-        # Where each field's value goes in the canonical form, and the form with every value
-        # empty (b"name:" then b"" then b"\n" ...): filling a copy beats building lines.
-        names: dict[bytes, tuple[int, int]] = {name: (0, kind) for name, kind in _READ.items()}
-        template: list[bytes] = []
-        for position, name in enumerate(fields):
-            lowered = name.lower()
-            names[lowered] = (3 * position + 1, _READ.get(lowered, _FIELD))
-            template += [lowered + b":", b"", b"\n"]
-        self._names = names
-        self._template = tuple(template)
+        lowered = [name.lower() for name in fields]
+        # A name listed twice holds its values in its last place; the others stay empty.
+        positions = {name: position for position, name in enumerate(lowered)}
+        self._codes: dict[bytes, int] = {name: ~kind for name, kind in _READ.items()}
+        self._codes.update(
+            (name, position) for name, position in positions.items() if name not in _READ
+        )
+        #: By `_READ` kind: the fingerprint position of that header, -1 when not a field.
+        slots = [-1] * len(_READ)
+        for name, kind in _READ.items():
+            slots[kind] = positions.get(name, -1)
+        self._slots = tuple(slots)
+        self._empty = (b"",) * len(lowered)
+        # b"name:%b\n" per field ("%" in a name kept literal), formatted with the values.
+        self._form = b"".join(name.replace(b"%", b"%%") + b":%b\n" for name in lowered)
         self._agents: dict[bytes, str] = {}
         self._long_agents: dict[tuple[int, bytes, bytes], tuple[bytes, str]] = {}
+        self._known: dict[bytes, tuple[bytes | None, RequestHeaders]] = {}
+        self._long_known: dict[tuple[int, bytes, bytes], tuple[bytes | None, RequestHeaders]] = {}
 
     def read(self, headers: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
-        found = RequestHeaders()
-        names = self._names
-        parts = list(self._template)
+        codes = self._codes
+        values = list(self._empty)
         agent: bytes | None = None
+        authorization: list[bytes] | None = None
+        api_key: list[bytes] | None = None
+        length: list[bytes] | None = None
+        content_type: bytes | None = None
+        chunked = signed = False
+        plain = True  # nothing read but fingerprint fields and the user-agent
         for name, value in headers:
-            entry = names.get(name)
-            if entry is None:
+            code = codes.get(name)
+            if code is None:
                 if name.islower():  # the common miss costs no copy
                     continue
-                entry = names.get(name.lower())
-                if entry is None:
+                code = codes.get(name.lower())
+                if code is None:
                     continue
-            slot, kind = entry
-            if slot:
-                seen = parts[slot]
-                stripped = value.strip()
-                parts[slot] = seen + b", " + stripped if seen else stripped
-            if kind == _FIELD:
+            if code >= 0:  # a fingerprint field and nothing else
+                seen = values[code]
+                values[code] = seen + b", " + value.strip() if seen else value.strip()
                 continue
+            kind = ~code
+            slot = self._slots[kind]
+            if slot >= 0:
+                seen = values[slot]
+                values[slot] = seen + b", " + value.strip() if seen else value.strip()
             if kind == _AGENT:
                 agent = value if agent is None else agent + b", " + value
-            elif kind == _AUTHORIZATION:
-                if found.authorization is None:
-                    found.authorization = [value]
-                else:
-                    found.authorization.append(value)
+                continue
+            plain = False
+            if kind == _AUTHORIZATION:
+                authorization = [value] if authorization is None else [*authorization, value]
             elif kind == _API_KEY:
-                if found.api_key is None:
-                    found.api_key = [value]
-                else:
-                    found.api_key.append(value)
+                api_key = [value] if api_key is None else [*api_key, value]
             elif kind == _LENGTH:
-                if found.content_length is None:
-                    found.content_length = [value]
-                else:
-                    found.content_length.append(value)
+                length = [value] if length is None else [*length, value]
             elif kind == _TYPE:
-                found.content_type = value
+                content_type = value
             elif kind == _CODING:
-                found.chunked = True
+                chunked = True
             else:
-                found.signed = True
-        found.fingerprint_form = b"".join(parts)
-        if agent is not None:
-            # A short agent seen before, the common case, without a call.
-            text = self._agents.get(agent) if len(agent) <= _WHOLE_AGENT else None
-            found.user_agent = text if text is not None else self.agent_text(agent)
+                signed = True
+        form = self._form % tuple(values)
+        if plain:
+            return self._known_by(form, agent)
+        return RequestHeaders(
+            form, self._text(agent), authorization, api_key, length, content_type, chunked, signed
+        )
+
+    def _known_by(self, form: bytes, agent: bytes | None) -> RequestHeaders:
+        """The headers of `form` and `agent` read before (made now if not), when they are
+        all the headers hold."""
+        if len(form) <= _WHOLE_FORM:
+            entry = self._known.get(form)
+            if entry is not None and entry[0] == agent:
+                return entry[1]
+            found = RequestHeaders(form, self._text(agent), None, None, None, None)
+            _keep(self._known, form, (agent, found), KNOWN_CACHE_SIZE)
+            return found
+        key = (len(form), form[:_AGENT_EDGE], form[-_AGENT_EDGE:])
+        long_entry = self._long_known.get(key)
+        if (
+            long_entry is not None
+            and long_entry[1].fingerprint_form == form
+            and long_entry[0] == agent
+        ):
+            return long_entry[1]
+        found = RequestHeaders(form, self._text(agent), None, None, None, None)
+        _keep(self._long_known, key, (agent, found), LONG_KNOWN_CACHE_SIZE)
         return found
+
+    def _text(self, agent: bytes | None) -> str:
+        if agent is None:
+            return ""
+        # A short agent seen before, the common case, without another call.
+        known = self._agents.get(agent) if len(agent) <= _WHOLE_AGENT else None
+        return known if known is not None else self.agent_text(agent)
 
     def agent_text(self, raw: bytes) -> str:
         """`raw` decoded as latin-1: the same `str` object for the same bytes while cached."""

@@ -271,11 +271,17 @@ class ApiKeyMiddleware(StepMiddleware):
 
         A request off the keyed routes, or anonymous where a key is optional, awaits nothing.
         """
-        route = self._route_for(ctx.route)
+        try:  # `_route_for` without its call: its plan asked for this route already
+            route = self._routes_for[ctx.route]
+        except KeyError:  # the cache started over since
+            route = self._first_route(ctx.route)
         if route is None:
             return None
+        headers = ctx.headers or request_headers(scope, ctx)
         try:
-            key = _presented_key(request_headers(scope, ctx))
+            # The usual anonymous request sends no credentials header: nothing to parse.
+            anonymous = headers.authorization is None and headers.api_key is None
+            key = None if anonymous else _presented_key(headers)
         except _Malformed as exc:
             ip = ctx.client_ip or peer_ip(scope)
             self._bad_input.warning(
@@ -295,13 +301,17 @@ class ApiKeyMiddleware(StepMiddleware):
         `request` is the request's route as matched (`context.route_of`: without
         `root_path`, HEAD as GET).
         """
-        routes_for = self._routes_for
         try:
-            return routes_for[request]
+            return self._routes_for[request]
         except KeyError:
-            method, path = request
-            found = next((r for r in self.routes if r.matches(path, method)), None)
-            return remember(routes_for, request, found)
+            return self._first_route(request)
+
+    def _first_route(self, request: Route) -> KeyRoute | None:
+        # Apart from `_route_for`: its generator's closure is made on a route's first request
+        # only, not on every one.
+        method, path = request
+        found = next((r for r in self.routes if r.matches(path, method)), None)
+        return remember(self._routes_for, request, found)
 
     async def _verify(
         self, scope: Scope, ctx: GuardContext, route: KeyRoute, raw: str

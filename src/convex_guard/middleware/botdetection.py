@@ -210,14 +210,14 @@ class BotDetectionMiddleware(StepMiddleware):
         """The store's decision on a flagged request, to await; None for a person's request
         (the common case, which awaits nothing) and for a check deferred to the rate limiter
         (`ctx.pending_bot`). Runs only off the allow paths (`applies_to`)."""
-        path = ctx.route[1]
+        headers = ctx.headers or request_headers(scope, ctx)
         ua = ctx.user_agent
         if ua is None:
-            ua = ctx.user_agent = request_headers(scope, ctx).user_agent
+            ua = ctx.user_agent = headers.user_agent
         signed = None
         verifier = self.verifier
         # The URL is built only for a signed request: most carry no signature at all.
-        if verifier is not None and verifier.web_bot_auth and request_headers(scope, ctx).signed:
+        if verifier is not None and verifier.web_bot_auth and headers.signed:
             method = scope.get("method", "GET")
             signed = verifier.signature(method, _url(scope), scope["headers"])
         try:
@@ -245,7 +245,7 @@ class BotDetectionMiddleware(StepMiddleware):
         ctx.bot_category = category
         if action == "allow":
             return None
-        if category == "monitor" and self._is_probe(path) and claim is None:
+        if category == "monitor" and self._is_probe(ctx.route[1]) and claim is None:
             return None  # a health check is what a probe path is for: never escalated
 
         fingerprint = ctx.fingerprint
@@ -271,15 +271,22 @@ class BotDetectionMiddleware(StepMiddleware):
             client_key=None if client_key == UNKNOWN_CLIENT else client_key,
         )
         if self.defer:
-
-            def respond(outcome: BotVerdict | None) -> Refusal | None:
-                if outcome is None:
-                    return self.unavailable(ctx, check)
-                return self._respond(ctx, outcome)
-
-            ctx.pending_bot = PendingBot(check, respond)
+            ctx.pending_bot = self._pending(ctx, check)
             return None
         return self._decide(ctx, check)
+
+    def _pending(self, ctx: GuardContext, check: BotCheck) -> PendingBot:
+        """`check` left for the rate limiter, with how to answer its verdict.
+
+        Its own method: a person's request (the common case) makes no closure over them.
+        """
+
+        def respond(outcome: BotVerdict | None) -> Refusal | None:
+            if outcome is None:
+                return self.unavailable(ctx, check)
+            return self._respond(ctx, outcome)
+
+        return PendingBot(check, respond)
 
     async def _decide(self, ctx: GuardContext, check: BotCheck) -> Refusal | None:
         """Decide `check` in the store now: the refusal to send, or None."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive
@@ -133,17 +133,20 @@ class GuardContext:
 
 
 class LogEntry:
-    """One logged request in flight: what it is (`provider`, None for an embedding), when.
+    """One logged request in flight: what it is (`provider`, None for an embedding), when,
+    and the `note` its row's `error` carries whatever the request's outcome (a provider
+    outside the logged set, logged as `other`).
 
     For an event-stream response the runner keeps the stream's `UsageReader` in `stream` and
     the `perf_counter` time its first output was sent in `first_output`.
     """
 
-    __slots__ = ("first_output", "provider", "started", "status", "stream", "timestamp")
+    __slots__ = ("first_output", "note", "provider", "started", "status", "stream", "timestamp")
 
-    def __init__(self, provider: str | None, timestamp: float) -> None:
+    def __init__(self, provider: str | None, timestamp: float, note: str | None = None) -> None:
         self.provider = provider
         self.timestamp = timestamp
+        self.note = note
         self.started = time.perf_counter()
         self.status = 0
         self.stream: UsageReader | None = None
@@ -192,10 +195,10 @@ def guard_context(scope: MutableMapping[str, Any], route: Route | None = None) -
     state = scope.get("state")
     if state is None:
         state = scope["state"] = {}
-    ctx = state.get(STATE_KEY)
+    ctx: GuardContext | None = state.get(STATE_KEY)
     if ctx is None:
         ctx = state[STATE_KEY] = GuardContext(route_of(scope) if route is None else route)
-    return cast(GuardContext, ctx)
+    return ctx
 
 
 def request_headers(scope: MutableMapping[str, Any], ctx: GuardContext) -> RequestHeaders:
@@ -219,5 +222,5 @@ def current_context(scope: MutableMapping[str, Any]) -> GuardContext | None:
 def request_route(scope: MutableMapping[str, Any]) -> Route:
     """The request's route: its guard context's when it has one, else computed now."""
     state = scope.get("state")
-    ctx = state.get(STATE_KEY) if state else None
-    return cast(GuardContext, ctx).route if ctx is not None else route_of(scope)
+    ctx: GuardContext | None = state.get(STATE_KEY) if state else None
+    return ctx.route if ctx is not None else route_of(scope)

@@ -15,7 +15,7 @@ from convex_guard.core.clientip import (
     peer_keys,
 )
 from convex_guard.core.errors import ConfigurationError
-from convex_guard.core.fingerprint import DEFAULT_FIELDS, fingerprint_of_form
+from convex_guard.core.fingerprint import DEFAULT_FIELDS
 from convex_guard.core.headers import header_reader
 from convex_guard.core.logs import logger
 from convex_guard.middleware.context import GuardContext
@@ -85,16 +85,13 @@ class FingerprintMiddleware(StepMiddleware):
                 peer, headers, self.trusted, ipv6_prefix=128, header=self.forwarded_header
             )
         # The address and its limit key, cached per address.
-        ctx.client_ip, ctx.client_key = peer_keys(peer, self.ipv6_prefix) if peer else _UNKNOWN
-        if (
-            not self._warned_no_peer
-            and ctx.client_key == UNKNOWN_CLIENT
-            and not (client and client[0])
-        ):
+        ctx.client_ip, key = peer_keys(peer, self.ipv6_prefix) if peer else _UNKNOWN
+        ctx.client_key = key
+        if key == UNKNOWN_CLIENT and not self._warned_no_peer and not (client and client[0]):
             self._warn_no_peer()
         # The one pass over the headers: every step after this one reads it (`request_headers`).
         found = ctx.headers = self._reader.read(headers)
-        ctx.fingerprint = fingerprint_of_form(found.fingerprint_form)
+        ctx.fingerprint = found.fingerprint
         ctx.user_agent = found.user_agent
 
     def _warn_no_peer(self) -> None:

@@ -28,7 +28,7 @@ from convex_guard.middleware.botdetection import (
     PolicyAction,
 )
 from convex_guard.middleware.botverify import CrawlerVerifier
-from convex_guard.middleware.context import GuardContext, guard_context, route_of
+from convex_guard.middleware.context import GuardContext, Route, guard_context, remember, route_of
 from convex_guard.middleware.fingerprint import FingerprintMiddleware
 from convex_guard.middleware.logger import (
     DEFAULT_AI_PATH,
@@ -408,6 +408,9 @@ class GuardRunner(StepRunner):
         self.validation = stack.validation
         self.stacked = stack.stacked
         self.is_exempt = stack.is_exempt
+        # Whether each route is exempt: the same few come back, and a lookup costs less
+        # than a matcher's call.
+        self._exempt: dict[Route, bool] = {}
         self.on_shutdown = on_shutdown
 
     def _make_plan(self, steps: list[Step]) -> Plan:
@@ -421,7 +424,10 @@ class GuardRunner(StepRunner):
     def context(self, scope: Scope) -> GuardContext | None:
         # The one place a request's route (path without root_path, HEAD as GET) is computed.
         route = route_of(scope)
-        if self.is_exempt(route[1]):
+        exempt = self._exempt.get(route)
+        if exempt is None:
+            exempt = remember(self._exempt, route, self.is_exempt(route[1]))
+        if exempt:
             return None
         return guard_context(scope, route)
 

@@ -46,6 +46,10 @@ MAX_ITEMS = 10**9
 MAX_COST = 1e9
 MAX_MODEL_LENGTH = 256
 _NOTHING_REPORTED = Usage()  # read only: what the row of a request that reported nothing says
+#: Whether a route's requests are logged, as which provider (None: embedding requests), and
+#: the note their rows' `error` carries (`RequestLoggerMiddleware._as_logged`).
+_Logged = tuple[bool, str | None, str | None]
+_NOT_LOGGED: _Logged = (False, None, None)
 
 #: Gets the request's scope, returns its provider, or `None` to leave the request unlogged.
 ProviderResolver = Callable[[Scope], str | None]
@@ -216,8 +220,9 @@ class RequestLoggerMiddleware(StepMiddleware):
         self._is_embedding: Callable[[str], bool] = (
             _path_matcher(embeddings_path) if embeddings_path is not None else lambda _: False
         )
-        # Whether each route is logged, and as which provider: the same few come back.
-        self._by_route: dict[Route, tuple[bool, str | None]] = {}
+        # Whether each route is logged, as which provider, with which note: the same few
+        # come back.
+        self._by_route: dict[Route, _Logged] = {}
         self.clock: Clock = clock or _wall_clock_ms
         # The wall clock is read inline on every request: a call through `clock` costs more.
         self._wall = clock is None
@@ -239,23 +244,39 @@ class RequestLoggerMiddleware(StepMiddleware):
         found = self._by_route.get(ctx.route)
         if found is None:
             found = self._logged_as(scope, ctx.route)
-        logged, provider = found
+        logged, provider, note = found
         if logged:
-            ctx.log_entry = LogEntry(provider, time.time() * 1000.0 if self._wall else self.clock())
+            ctx.log_entry = LogEntry(
+                provider, time.time() * 1000.0 if self._wall else self.clock(), note
+            )
 
-    def _logged_as(self, scope: Scope, route: Route) -> tuple[bool, str | None]:
-        """Whether the request is logged, and its provider (None: an embedding request);
-        kept per route when that is all it depends on (the default resolver)."""
+    def _logged_as(self, scope: Scope, route: Route) -> _Logged:
+        """Whether the request is logged, its provider as its row names it (None: an
+        embedding request) and the note of a provider outside the set; kept per route when
+        that is all it depends on (the default resolver)."""
         if self._is_embedding(route[1]):
-            found: tuple[bool, str | None] = (True, None)
+            found: _Logged = (True, None, None)
         else:
             provider = self.provider
             if not isinstance(provider, _PathProvider):
-                named = provider(scope)  # a resolver of your own: asked on every request
-                return named is not None, named
-            named = provider.of_path(route[1])
-            found = (named is not None, named)
+                # A resolver of your own: asked on every request.
+                return self._as_logged(provider(scope))
+            found = self._as_logged(provider.of_path(route[1]))
         return remember(self._by_route, route, found)
+
+    def _as_logged(self, provider: str | None) -> _Logged:
+        """A resolved provider as its rows name it: a name outside the set is `other`, with
+        the raw name (bounded, escaped) as the note its rows' `error` carries."""
+        if provider is None:
+            return _NOT_LOGGED
+        known = self.providers
+        if known is not None:
+            unknown = provider not in known
+        else:  # a custom resolver's own names, if they are names at all
+            unknown = len(provider) > MAX_PROVIDER_LENGTH or not provider.isprintable()
+        if unknown:
+            return True, OTHER_PROVIDER, "provider:" + printable(provider, MAX_PROVIDER_LENGTH)
+        return True, provider, None
 
     def after(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
         """Buffer the request's row: failed if the guard refused it, it erred or raised."""
@@ -287,23 +308,19 @@ class RequestLoggerMiddleware(StepMiddleware):
     ) -> AIRequestLog:
         usage = ctx.usage or _NOTHING_REPORTED
         success = error is None
-        known = self.providers
-        if known is not None:
-            unknown = provider not in known
-        else:  # a custom resolver's own names, if they are names at all
-            unknown = len(provider) > MAX_PROVIDER_LENGTH or not provider.isprintable()
-        if unknown:
-            note = "provider:" + printable(provider, MAX_PROVIDER_LENGTH)
+        note = entry.note  # a provider outside the set: not a failure of the request
+        if note is not None:
             error = note if error is None else f"{error[:MAX_STORED]} {note}"
-            provider = OTHER_PROVIDER
         user_id = ctx.user_id
         if user_id is not None and len(user_id) > MAX_STORED:
             user_id = user_id[:MAX_STORED]
         first = entry.first_output  # a stream's first output
         shadow = ctx.shadow
-        # The fields in order, as one tuple (`_make`): the named tuple's own constructor
-        # builds that tuple and then copies it, twice the cost (one row per request).
-        return AIRequestLog._make(
+        # Every field in order, as one tuple made the row (what `_make` does, without its
+        # call and length check): the named tuple's own constructor builds that tuple and
+        # then copies it, twice the cost (one row per request).
+        return tuple.__new__(
+            AIRequestLog,
             (
                 entry.timestamp,
                 provider,
@@ -318,14 +335,15 @@ class RequestLoggerMiddleware(StepMiddleware):
                 usage.cost,
                 None if first is None else (first - entry.started) * 1000.0,
                 shadow if shadow is None else shadow[:MAX_STORED],
-            )
+            ),
         )
 
     def _embedding_row(
         self, ctx: GuardContext, timestamp: float, latency: float, error: str | None
     ) -> EmbeddingRequestLog:
         usage = ctx.usage or _NOTHING_REPORTED
-        return EmbeddingRequestLog._make(  # the fields in order, as the AI row
+        return tuple.__new__(  # every field in order, as the AI row
+            EmbeddingRequestLog,
             (
                 uuid.uuid4().hex,
                 ctx.api_key_hash or NO_KEY,
@@ -336,7 +354,7 @@ class RequestLoggerMiddleware(StepMiddleware):
                 error is None,
                 usage.model or UNKNOWN_MODEL,
                 error,
-            )
+            ),
         )
 
 
