@@ -57,7 +57,7 @@ from convex_guard.stores.base import (
     Settlement,
     require,
 )
-from convex_guard.stores.memory import LimitSpec, MemoryStore
+from convex_guard.stores.memory import LimitPlan, LimitSpec, MemoryStore
 from convex_guard.stores.resilient import answers_checked, checked_answer
 
 DEFAULT_TIMEOUT = 0.5
@@ -241,7 +241,7 @@ class RateLimitMiddleware(StepMiddleware):
         memory = self._memory
         assert memory is not None  # a plan is made only for a MemoryStore
         try:
-            ok, decisions, now = memory.decide_all(plan.specs, keys)
+            ok, decisions, numbers, now = memory.decide_planned(plan.limits, keys)
         except Exception:
             # Decided again by the general path, which answers by the rules' fail policies.
             return self._decide(scope, ctx, matched, plan.rules, plan.requests(keys), None)
@@ -249,7 +249,13 @@ class RateLimitMiddleware(StepMiddleware):
             outcome = CheckResult(False, tuple([LimitResult(*d) for d in decisions]), None, now)
             return self._answer(scope, ctx, matched, plan.rules, plan.requests(keys), outcome)
         ctx.limits = _Seen(ctx.limits, plan.names, decisions)
-        _announce(ctx, plan.policy, plan.template, decisions, plan.single)
+        single = plan.single
+        if single is None:
+            _announce(ctx, plan.policy, plan.template % tuple(numbers))
+        else:
+            at = closest_to_exhaustion(decisions)
+            policy, template = single[at]
+            _announce(ctx, policy, template % (numbers[2 * at], numbers[2 * at + 1]))
         return None
 
     async def _estimated(
@@ -418,14 +424,13 @@ class RateLimitMiddleware(StepMiddleware):
             ]
             if held:
                 ctx.reservations = held
+        decisions = [result.decision for result in results]
         single = self._single
-        _announce(
-            ctx,
-            policy_bytes,
-            template,
-            [result.decision for result in results],
-            None if single is None else [single[rule.name] for rule in rules],
-        )
+        if single is not None:
+            at = closest_to_exhaustion(decisions)
+            policy_bytes, template = single[rules[at].name]
+            decisions = [decisions[at]]
+        _announce(ctx, policy_bytes, ratelimit_field(template, decisions))
         return None
 
     async def _shadowed(
@@ -691,7 +696,17 @@ class _Plan:
     store (`specs`), where its key comes from (`slots`, into `_decide_now`'s values) and the
     fields they answer with."""
 
-    __slots__ = ("keys", "names", "policy", "rules", "single", "slots", "specs", "template")
+    __slots__ = (
+        "keys",
+        "limits",
+        "names",
+        "policy",
+        "rules",
+        "single",
+        "slots",
+        "specs",
+        "template",
+    )
 
     def __init__(self, rules: tuple[Rule, ...], single: _Single | None) -> None:
         self.rules = rules
@@ -706,6 +721,8 @@ class _Plan:
         self.keys: Callable[[tuple[str | None, ...]], tuple[str | None, ...]] = _key_reader(
             self.slots
         )
+        #: The specs with the store's entries they resolve to (`MemoryStore.decide_planned`).
+        self.limits = LimitPlan(self.specs)
         _, self.policy, self.template = _fields(rules)
         self.single = None if single is None else tuple([single[rule.name] for rule in rules])
 
@@ -854,20 +871,10 @@ class _Seen(MutableMapping[str, LimitResult]):
         return repr(self._results())
 
 
-def _announce(
-    ctx: GuardContext,
-    policy: bytes,
-    template: bytes,
-    decisions: Sequence[Decision],
-    singles: Sequence[tuple[bytes, bytes]] | None,
-) -> None:
-    """Add an admitted request's two fields: every policy, or with `singles` (each policy's
-    own fields, for `ratelimit_items="closest"`) only the one nearest exhaustion."""
-    if singles is not None:
-        closest = closest_to_exhaustion(decisions)
-        policy, template = singles[closest]
-        decisions = (decisions[closest],)
-    fields = [(b"ratelimit-policy", policy), (b"ratelimit", ratelimit_field(template, decisions))]
+def _announce(ctx: GuardContext, policy: bytes, field: bytes) -> None:
+    """Add an admitted request's two fields (with `ratelimit_items="closest"`, those of the
+    policy nearest exhaustion alone)."""
+    fields = [(b"ratelimit-policy", policy), (b"ratelimit", field)]
     added = ctx.response_headers
     if added is None:
         ctx.response_headers = fields
