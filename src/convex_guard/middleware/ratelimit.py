@@ -231,12 +231,12 @@ class RateLimitMiddleware(StepMiddleware):
             ctx.api_key_id,
             ctx.fingerprint,
         )
-        if matched.optional:
-            absent = (user is None, values[3] is None, values[4] is None)
-            if True in absent:  # an anonymous caller: its rules do not apply
-                plan = matched.without(absent)
+        for slot in matched.optional:
+            if values[slot] is None:  # an anonymous caller: its rules do not apply
+                plan = matched.without(values)
                 if not plan.specs:
                     return None
+                break
         keys = plan.keys(values)
         memory = self._memory
         assert memory is not None  # a plan is made only for a MemoryStore
@@ -781,11 +781,12 @@ class _Matched:
         kinds = {rule.key for rule in rules}
         self.by_ip = "ip" in kinds
         self.by_user = "user" in kinds
-        # Rules that do not apply to a caller without a user, API key or fingerprint.
-        self.optional = not kinds.isdisjoint(("user", "api_key", "fingerprint"))
+        #: Where `_decide_now` finds the keys this route's rules need but a caller may not
+        #: have (a user, an API key, a fingerprint): a rule whose key is absent does not apply.
+        self.optional = tuple([_SLOTS[kind] for kind in _OPTIONAL if kind in kinds])
         self._single = single
         # The plans without such rules, by which of the three keys are absent (at most 8).
-        self._partial: dict[tuple[bool, bool, bool], _Plan] = {}
+        self._partial: dict[tuple[bool, ...], _Plan] = {}
         # Only a key, cost or estimate function reads the request: the others need no
         # `Request` made.
         self.needs_request = any(
@@ -805,12 +806,13 @@ class _Matched:
             else None
         )
 
-    def without(self, absent: tuple[bool, bool, bool]) -> _Plan:
-        """The plan of the rules that apply when the user, API key or fingerprint (by
-        `absent`) is unknown; its `specs` are empty when none does."""
+    def without(self, values: tuple[str | None, ...]) -> _Plan:
+        """The plan of the rules that apply when some of the user, API key and fingerprint
+        are unknown (None in `_decide_now`'s `values`); its `specs` are empty when none does."""
+        absent = tuple([values[_SLOTS[kind]] is None for kind in _OPTIONAL])
         plan = self._partial.get(absent)
         if plan is None:
-            missing = {kind for kind, gone in zip(_SLOTS_OPTIONAL, absent, strict=True) if gone}
+            missing = {kind for kind, gone in zip(_OPTIONAL, absent, strict=True) if gone}
             rules = tuple(rule for rule in self.rules if rule.key not in missing)
             plan = self._partial[absent] = _Plan(rules, self._single)
         return plan
@@ -824,7 +826,8 @@ class _Matched:
         return fields
 
 
-_SLOTS_OPTIONAL = ("user", "api_key", "fingerprint")
+#: The kinds of key a caller may not have.
+_OPTIONAL = ("user", "api_key", "fingerprint")
 
 
 class _Seen(MutableMapping[str, LimitResult]):
