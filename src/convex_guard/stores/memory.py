@@ -339,8 +339,9 @@ class MemoryStore:
             if not admitted:
                 ok = False
             decisions.append(decision)
-            numbers.append(floor(remaining) if remaining > 0 else 0)
-            numbers.append(floor(-(-reset // 1000)) if reset > 0 else 0)
+            # 0.0, not 0: a float compared with a float takes the interpreter's fast path.
+            numbers.append(floor(remaining) if remaining > 0.0 else 0)
+            numbers.append(floor(-(-reset // 1000)) if reset > 0.0 else 0)
         if not ok:
             self._restore(plan.specs, keys, before)
         elif None in before:
