@@ -339,9 +339,10 @@ class MemoryStore:
             if not admitted:
                 ok = False
             decisions.append(decision)
-            # 0.0, not 0: a float compared with a float takes the interpreter's fast path.
-            numbers.append(floor(remaining) if remaining > 0.0 else 0)
-            numbers.append(floor(-(-reset // 1000)) if reset > 0.0 else 0)
+            # No clamp at zero: this store's deciders never answer a negative remaining, and a
+            # reset below zero only by a rounding error, which the ceiling takes to 0.
+            numbers.append(floor(remaining))
+            numbers.append(floor(-(-reset // 1000)))
         if not ok:
             self._restore(plan.specs, keys, before)
         elif None in before:
