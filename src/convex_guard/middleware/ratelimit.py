@@ -93,15 +93,18 @@ class RateLimitMiddleware(StepMiddleware):
     default, `"all"`, lists every policy that applied.
 
     Each route's rules are compiled once, on its first request, into a plan (`_Plan`): which
-    rules, which key each takes, the route's fields. With a `MemoryStore` a route whose rules
-    count a constant and are keyed by kind (no function of the request) is decided by one
-    synchronous call of the store's decision core (`MemoryStore.decide_all`, which its `check`
-    is built on too), which answers flat numbers: an admitted request makes no request,
-    result or coroutine object per rule. Everything else takes the general path through
-    `store.check`: another store (it awaits I/O and may time out), a deferred bot check, a
-    key or count function (it may raise, and its rule's fail policy answers), token and cost
-    rules (they read the body and reserve). A refused request, rare and already slow, is
-    answered by the general path's code from the fast path's decision.
+    rules, which key each takes, the route's fields, and the store entries their states live
+    in. With a `MemoryStore` a route whose rules count a constant and are keyed by kind (no
+    function of the request) is decided by one synchronous call of the store's decision core
+    (`MemoryStore.decide_planned`, `decide_all` with the plan's entries found once), which
+    answers flat numbers, the `RateLimit` field's among them: an admitted request makes no
+    request, result or coroutine object per rule. Token and cost rules with the built-in
+    estimates (no tier) are planned too: the body is read and estimated as on the general
+    path, then decided by one call of `MemoryStore.decide_all`. Everything else takes the
+    general path through `store.check`: another store (it awaits I/O and may time out), a
+    deferred bot check, a key, count or estimate function (it may raise, and its rule's fail
+    policy answers), a key's own tier. A refused request, rare and already slow, is answered
+    by the general path's code from the fast path's decision.
     """
 
     marker = RATE_LIMIT
@@ -198,6 +201,8 @@ class RateLimitMiddleware(StepMiddleware):
         if pending is None:
             plan = matched.plan
             if plan is not None:
+                if plan.reserving:
+                    return self._reserve_now(scope, receive, ctx, matched, plan)
                 return self._decide_now(scope, ctx, matched, plan)
             if not matched.rules:
                 return None
@@ -222,22 +227,9 @@ class RateLimitMiddleware(StepMiddleware):
     ) -> Before:
         """The fast path (see the class docstring): the route's keys, one call of the
         MemoryStore's decision core, and the two fields from its flat numbers."""
-        user = user_key(scope, ctx) if matched.by_user else None
-        # By `_SLOTS`: what each kind of rule is keyed by (as `Rule.resolve_key` reads it).
-        values = (
-            None,
-            ip_key(scope, ctx) if matched.by_ip else None,
-            user,
-            ctx.api_key_id,
-            ctx.fingerprint,
-        )
-        for slot in matched.optional:
-            if values[slot] is None:  # an anonymous caller: its rules do not apply
-                plan = matched.without(values)
-                if not plan.specs:
-                    return None
-                break
-        keys = plan.keys(values)
+        plan, keys = _applying(scope, ctx, matched, plan)
+        if not plan.specs:
+            return None
         memory = self._memory
         assert memory is not None  # a plan is made only for a MemoryStore
         try:
@@ -258,6 +250,65 @@ class RateLimitMiddleware(StepMiddleware):
             _announce(ctx, policy, template % (numbers[2 * at], numbers[2 * at + 1]))
         return None
 
+    async def _reserve_now(
+        self, scope: Scope, receive: Receive, ctx: GuardContext, matched: _Matched, plan: _Plan
+    ) -> Refusal | None:
+        """The fast path of a route with token or cost rules whose estimates are the
+        built-in ones (`_Plan.reserving`): the body read and estimated as the general path
+        does, then one call of the MemoryStore's decision core, the reservations and the two
+        fields made from its flat answer. Anything else it answers by the general path."""
+        body, payload, refusal = await _read_payload(scope, receive, ctx, matched)
+        if refusal is not None:
+            return refusal
+        plan, keys = _applying(scope, ctx, matched, plan)
+        if not plan.specs:
+            return None
+        model = payload.get("model") if isinstance(payload, dict) else None
+        model = model if isinstance(model, str) else None
+        specs: list[LimitSpec] = []
+        for rule, spec in zip(plan.rules, plan.specs, strict=True):
+            if rule.settled:
+                # As `_reservation` does, without a key (known) or a tier (not planned).
+                try:
+                    amount = rule.estimated(_no_request, payload, body)
+                except Exception:  # the general path logs it and answers by the fail policy
+                    return await self._estimated(scope, receive, ctx, matched, None)
+                if not rule.fits(amount):
+                    return self._never_fits(ctx, rule, amount)
+                spec = (spec[0], spec[1], amount, False)
+            specs.append(spec)
+        requests = [
+            LimitRequest(name, config, key, count, False, rule.settled)
+            for (name, config, count, _), key, rule in zip(specs, keys, plan.rules, strict=True)
+        ]
+        memory = self._memory
+        assert memory is not None  # a plan is made only for a MemoryStore
+        try:
+            ok, decisions, now = memory.decide_all(specs, keys)
+        except Exception:
+            # Decided again by the general path, which answers by the rules' fail policies.
+            return await self._decide(scope, ctx, matched, plan.rules, requests, None, True, model)
+        if not ok:
+            outcome = CheckResult(False, tuple([LimitResult(*d) for d in decisions]), None, now)
+            return await self._answer(
+                scope, ctx, matched, plan.rules, requests, outcome, None, True, model
+            )
+        if plan.reserving:  # (an anonymous caller may have none of them apply)
+            ctx.reservations = [
+                Reservation(rule, name, config, key, count, now, model)
+                for rule, (name, config, count, _), key in zip(plan.rules, specs, keys, strict=True)
+                if rule.settled
+            ]
+        ctx.limits = _Seen(ctx.limits, plan.names, decisions)
+        single = plan.single
+        if single is None:
+            _announce(ctx, plan.policy, ratelimit_field(plan.template, decisions))
+        else:
+            at = closest_to_exhaustion(decisions)
+            policy, template = single[at]
+            _announce(ctx, policy, ratelimit_field(template, [decisions[at]]))
+        return None
+
     async def _estimated(
         self,
         scope: Scope,
@@ -267,24 +318,9 @@ class RateLimitMiddleware(StepMiddleware):
         pending: PendingBot | None,
     ) -> Refusal | None:
         """A route with token or cost rules: read the body, estimate, decide and reserve."""
-        body = b""
-        payload: Any = None
-        if scope["type"] == "http":
-            try:
-                body = await read_body(ctx, receive, matched.max_body)
-            except BodyTooLarge as exc:
-                ctx.rejected = "rate_limited:body"
-                logger.info("Rate limit: body over %d bytes refused", exc.limit)
-                return problem(
-                    413,
-                    "Request body too large",
-                    detail=f"A request here may send at most {exc.limit} bytes.",
-                )
-            if body:
-                try:
-                    payload = json.loads(body)
-                except ValueError:  # not JSON (or not UTF-8): estimated from its length
-                    payload = None
+        body, payload, refusal = await _read_payload(scope, receive, ctx, matched)
+        if refusal is not None:
+            return refusal
         rules, limits, refusal = self._wanted_estimated(scope, receive, ctx, matched, payload, body)
         if refusal is not None:
             return refusal
@@ -701,6 +737,7 @@ class _Plan:
         "limits",
         "names",
         "policy",
+        "reserving",
         "rules",
         "single",
         "slots",
@@ -723,6 +760,8 @@ class _Plan:
         )
         #: The specs with the store's entries they resolve to (`MemoryStore.decide_planned`).
         self.limits = LimitPlan(self.specs)
+        #: Whether token or cost rules are among them (`_reserve_now` decides such a plan).
+        self.reserving = any(rule.settled for rule in rules)
         _, self.policy, self.template = _fields(rules)
         self.single = None if single is None else tuple([single[rule.name] for rule in rules])
 
@@ -774,7 +813,8 @@ class _Matched:
             if fast
             and rules
             and not any(
-                rule.settled or callable(rule.key) or callable(rule.count) for rule in rules
+                callable(rule.key) or callable(rule.count) or callable(rule.estimate) or rule.tier
+                for rule in rules
             )
             else None
         )
@@ -883,6 +923,54 @@ def _announce(ctx: GuardContext, policy: bytes, field: bytes) -> None:
         ctx.response_headers = fields
     else:
         added += fields
+
+
+def _applying(
+    scope: Scope, ctx: GuardContext, matched: _Matched, plan: _Plan
+) -> tuple[_Plan, tuple[str | None, ...]]:
+    """The plan of the rules that apply to this caller (those whose key it has) and their
+    keys, for the fast paths."""
+    user = user_key(scope, ctx) if matched.by_user else None
+    # By `_SLOTS`: what each kind of rule is keyed by (as `Rule.resolve_key` reads it).
+    values = (
+        None,
+        ip_key(scope, ctx) if matched.by_ip else None,
+        user,
+        ctx.api_key_id,
+        ctx.fingerprint,
+    )
+    for slot in matched.optional:
+        if values[slot] is None:  # an anonymous caller: its rules do not apply
+            plan = matched.without(values)
+            break
+    return plan, plan.keys(values)
+
+
+async def _read_payload(
+    scope: Scope, receive: Receive, ctx: GuardContext, matched: _Matched
+) -> tuple[bytes, Any, Refusal | None]:
+    """The body a route's token and cost rules estimate from (at most `matched.max_body`
+    bytes) and its JSON (None when empty or not JSON), or the 413 past that size."""
+    body = b""
+    payload: Any = None
+    if scope["type"] == "http":
+        try:
+            body = await read_body(ctx, receive, matched.max_body)
+        except BodyTooLarge as exc:
+            ctx.rejected = "rate_limited:body"
+            logger.info("Rate limit: body over %d bytes refused", exc.limit)
+            refusal = problem(
+                413,
+                "Request body too large",
+                detail=f"A request here may send at most {exc.limit} bytes.",
+            )
+            return body, payload, refusal
+        if body:
+            try:
+                payload = json.loads(body)
+            except ValueError:  # not JSON (or not UTF-8): estimated from its length
+                payload = None
+    return body, payload, None
 
 
 def _prompt_estimate(body: bytes) -> float:
