@@ -20,7 +20,7 @@ from convex_guard import (
 )
 from convex_guard.core.limits import LimitConfig, LimitState, decide
 from convex_guard.stores.base import AIRequestLog, AuthFailure, BotCheck, LogBatch
-from convex_guard.stores.memory import MAX_BATCH_IDS, LimitPlan
+from convex_guard.stores.memory import MAX_BATCH_IDS, LimitPlan, LimitSpec
 
 
 class Clock:
@@ -292,7 +292,7 @@ async def test_a_planned_decision_is_the_decision_of_decide_all_with_its_field_n
     `RateLimit` numbers: the remaining quota rounded down, the seconds to full rounded up."""
     clock = Clock()
     planned, general = MemoryStore(clock=clock), MemoryStore(clock=clock)
-    specs = [
+    specs: list[LimitSpec] = [
         ("bucket", TokenBucket(rate=3, period=MINUTE), 1.0, False),
         ("window", FixedWindow(rate=2, period=MINUTE, start=0), 1.0, False),
     ]

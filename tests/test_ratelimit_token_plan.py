@@ -14,7 +14,7 @@ from starlette.responses import Response
 from convex_guard import MINUTE, FixedWindow, MemoryStore, RateLimitMiddleware, Rule, TokenBucket
 from convex_guard.core.limits import LimitConfig
 from convex_guard.middleware.context import GuardContext, route_of
-from convex_guard.middleware.rules import RateLimitItems
+from convex_guard.middleware.rules import KeyKind, RateLimitItems, Unit
 
 from .test_ratelimit_plan import Clock, GeneralPath
 
@@ -27,7 +27,7 @@ _configs: st.SearchStrategy[LimitConfig] = st.one_of(
         start=st.sampled_from([None, 0]),
     ),
 )
-_keys = st.sampled_from(["global", "ip", "user", "fingerprint"])
+_keys: st.SearchStrategy[KeyKind] = st.sampled_from(["global", "ip", "user", "fingerprint"])
 
 
 @st.composite
@@ -37,7 +37,7 @@ def _rules(draw: st.DrawFn) -> list[Rule]:
         for i in range(draw(st.integers(0, 2)))
     ]
     for i in range(draw(st.integers(1, 2))):
-        unit = draw(st.sampled_from(["tokens", "cost"]))
+        unit: Unit = draw(st.sampled_from(["tokens", "cost"]))
         rules.append(
             Rule(
                 f"t{i}",
