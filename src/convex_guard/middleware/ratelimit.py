@@ -277,19 +277,17 @@ class RateLimitMiddleware(StepMiddleware):
                     return self._never_fits(ctx, rule, amount)
                 spec = (spec[0], spec[1], amount, False)
             specs.append(spec)
-        requests = [
-            LimitRequest(name, config, key, count, False, rule.settled)
-            for (name, config, count, _), key, rule in zip(specs, keys, plan.rules, strict=True)
-        ]
         memory = self._memory
         assert memory is not None  # a plan is made only for a MemoryStore
         try:
             ok, decisions, now = memory.decide_all(specs, keys)
         except Exception:
             # Decided again by the general path, which answers by the rules' fail policies.
+            requests = _reservations_asked(plan.rules, specs, keys)
             return await self._decide(scope, ctx, matched, plan.rules, requests, None, True, model)
         if not ok:
             outcome = CheckResult(False, tuple([LimitResult(*d) for d in decisions]), None, now)
+            requests = _reservations_asked(plan.rules, specs, keys)
             return await self._answer(
                 scope, ctx, matched, plan.rules, requests, outcome, None, True, model
             )
@@ -944,6 +942,16 @@ def _applying(
             plan = matched.without(values)
             break
     return plan, plan.keys(values)
+
+
+def _reservations_asked(
+    rules: Sequence[Rule], specs: Sequence[LimitSpec], keys: Sequence[str | None]
+) -> list[LimitRequest]:
+    """What the general path asks of the store for `_reserve_now`'s decision."""
+    return [
+        LimitRequest(name, config, key, count, False, rule.settled)
+        for (name, config, count, _), key, rule in zip(specs, keys, rules, strict=True)
+    ]
 
 
 async def _read_payload(

@@ -359,8 +359,7 @@ class MemoryStore:
                 for entry, (_, _, count, reserve) in zip(entries, plan.specs, strict=True)
             ]
         )
-        # After all of them: making an entry gives the store a new version. A plan naming
-        # one limit twice under two configs keeps resolving, and `_entry` decides by the last.
+        # After all of them: making an entry gives the store a new version.
         plan.version = self._version
 
     def _track_new(
