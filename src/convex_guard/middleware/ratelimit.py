@@ -719,7 +719,7 @@ class RateLimitMiddleware(StepMiddleware):
 _Fields = tuple[str, bytes, bytes]
 
 
-#: Where `_decide_now` finds each kind of rule's key, by the rule's `key`.
+#: Where `_applying` finds each kind of rule's key, by the rule's `key`.
 _SLOTS = {"global": 0, "ip": 1, "user": 2, "api_key": 3, "fingerprint": 4}
 #: Each rule's fields alone, by name (`ratelimit_items="closest"`).
 _Single = dict[str, tuple[bytes, bytes]]
@@ -727,7 +727,7 @@ _Single = dict[str, tuple[bytes, bytes]]
 
 class _Plan:
     """One decision of a set of rules by the fast path, compiled once: what each asks of the
-    store (`specs`), where its key comes from (`slots`, into `_decide_now`'s values) and the
+    store (`specs`), where its key comes from (`slots`, into `_applying`'s values) and the
     fields they answer with."""
 
     __slots__ = (
@@ -774,7 +774,7 @@ class _Plan:
 def _key_reader(
     slots: tuple[int, ...],
 ) -> Callable[[tuple[str | None, ...]], tuple[str | None, ...]]:
-    """The plan's keys from `_decide_now`'s values, always as a tuple (an `itemgetter` of one
+    """The plan's keys from `_applying`'s values, always as a tuple (an `itemgetter` of one
     index answers the item itself, of none cannot be made)."""
     if len(slots) > 1:
         return operator.itemgetter(*slots)
@@ -819,7 +819,7 @@ class _Matched:
         kinds = {rule.key for rule in rules}
         self.by_ip = "ip" in kinds
         self.by_user = "user" in kinds
-        #: Where `_decide_now` finds the keys this route's rules need but a caller may not
+        #: Where `_applying` finds the keys this route's rules need but a caller may not
         #: have (a user, an API key, a fingerprint): a rule whose key is absent does not apply.
         self.optional = tuple([_SLOTS[kind] for kind in _OPTIONAL if kind in kinds])
         self._single = single
@@ -846,7 +846,7 @@ class _Matched:
 
     def without(self, values: tuple[str | None, ...]) -> _Plan:
         """The plan of the rules that apply when some of the user, API key and fingerprint
-        are unknown (None in `_decide_now`'s `values`); its `specs` are empty when none does."""
+        are unknown (None in `_applying`'s `values`); its `specs` are empty when none does."""
         absent = tuple([values[_SLOTS[kind]] is None for kind in _OPTIONAL])
         plan = self._partial.get(absent)
         if plan is None:
