@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 from datetime import timedelta
 
 import pytest
@@ -19,7 +20,7 @@ from convex_guard import (
 )
 from convex_guard.core.limits import LimitConfig, LimitState, decide
 from convex_guard.stores.base import AIRequestLog, AuthFailure, BotCheck, LogBatch
-from convex_guard.stores.memory import MAX_BATCH_IDS
+from convex_guard.stores.memory import MAX_BATCH_IDS, LimitPlan, LimitSpec
 
 
 class Clock:
@@ -284,3 +285,48 @@ async def test_expiry_segments_keep_decisions_and_forget_every_full_state(
     # (A reset leaves its name's empty entry: one per name, not per key.)
     assert not any(limit.states for name, limit in store._limits.items() if name != "new")
     assert store.limit_keys == 2 * len(steps) + 1
+
+
+async def test_a_planned_decision_is_the_decision_of_decide_all_with_its_field_numbers() -> None:
+    """`decide_planned` admits, refuses and rolls back as `decide_all` does, and answers the
+    `RateLimit` numbers: the remaining quota rounded down, the seconds to full rounded up."""
+    clock = Clock()
+    planned, general = MemoryStore(clock=clock), MemoryStore(clock=clock)
+    specs: list[LimitSpec] = [
+        ("bucket", TokenBucket(rate=3, period=MINUTE), 1.0, False),
+        ("window", FixedWindow(rate=2, period=MINUTE, start=0), 1.0, False),
+    ]
+    plan = LimitPlan(specs)
+    for key in ["a", "a", "b", "a", "a"]:
+        clock.now += 7_001
+        ok, decisions, numbers, now = planned.decide_planned(plan, [key, None])
+        assert (ok, decisions, now) == general.decide_all(specs, [key, None])
+        assert numbers == [
+            n
+            for _, _, remaining, reset in decisions
+            for n in (math.floor(remaining), math.ceil(reset / 1000))
+        ]
+    assert not ok  # the window's two were spent: the bucket's token given back
+    assert planned._limits["bucket"].states == general._limits["bucket"].states
+
+
+async def test_a_plan_follows_its_limits_when_the_store_drops_or_reconfigures_them() -> None:
+    """A plan's entries are kept between calls, yet a limit the expiry queue dropped (all
+    its states full) and made again, or decided meanwhile by another config, is decided by
+    the store's current entry and the plan's own config."""
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    config = TokenBucket(rate=10, period=1_000)
+    plan = LimitPlan([("ip", config, 1.0, False)])
+    assert store.decide_planned(plan, ["k"])[0]
+    clock.now += 2_000  # "k" is full again: the next new key's sweep drops it, and "ip"
+    await store.limit("other", config, key="new")
+    assert "ip" not in store._limits
+    ok, decisions, _, _ = store.decide_planned(plan, ["k"])
+    assert ok and store._limits["ip"].states["k"][0] == 9.0
+    assert store.limit_keys == 2
+    wider = TokenBucket(rate=100, period=1_000)
+    await store.limit("ip", wider, key="k")  # the same name by another config
+    ok, decisions, _, _ = store.decide_planned(plan, ["k"])
+    assert ok and decisions[0][2] <= 10.0  # decided by the plan's config, capacity 10
+    assert store._limits["ip"].config is config

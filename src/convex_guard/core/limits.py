@@ -377,13 +377,14 @@ def _compile(config: LimitConfig) -> Decider:
     ) -> Decision:
         if not 0.0 <= count <= cap:
             check_count(None, config, count, reserve)
-        value, ts = state
+        available, ts = state
         windows = (now - ts) // period
-        available = value + rate * windows
+        if windows:  # a later window: its tokens added (most calls fall in the same one)
+            available += rate * windows
+            ts += windows * period
         if available > cap:
             available = cap
         value = available - count
-        ts += windows * period
         if value >= 0.0:
             states[key] = (value, ts)
             full_in = ts + period * math.ceil((cap - value) / rate) - now if value < cap else 0.0

@@ -13,6 +13,7 @@ from typing import Any, cast
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope
 
+from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.estimates import DEFAULT_ESTIMATE
 from convex_guard.core.limits import Decision, LimitResult
@@ -42,7 +43,6 @@ from convex_guard.middleware.rules import (
     RateLimitItems,
     Rule,
     closest_to_exhaustion,
-    ip_key,
     policy_item,
     ratelimit_field,
     ratelimit_template,
@@ -57,7 +57,7 @@ from convex_guard.stores.base import (
     Settlement,
     require,
 )
-from convex_guard.stores.memory import LimitSpec, MemoryStore
+from convex_guard.stores.memory import LimitPlan, LimitSpec, MemoryStore
 from convex_guard.stores.resilient import answers_checked, checked_answer
 
 DEFAULT_TIMEOUT = 0.5
@@ -93,15 +93,18 @@ class RateLimitMiddleware(StepMiddleware):
     default, `"all"`, lists every policy that applied.
 
     Each route's rules are compiled once, on its first request, into a plan (`_Plan`): which
-    rules, which key each takes, the route's fields. With a `MemoryStore` a route whose rules
-    count a constant and are keyed by kind (no function of the request) is decided by one
-    synchronous call of the store's decision core (`MemoryStore.decide_all`, which its `check`
-    is built on too), which answers flat numbers: an admitted request makes no request,
-    result or coroutine object per rule. Everything else takes the general path through
-    `store.check`: another store (it awaits I/O and may time out), a deferred bot check, a
-    key or count function (it may raise, and its rule's fail policy answers), token and cost
-    rules (they read the body and reserve). A refused request, rare and already slow, is
-    answered by the general path's code from the fast path's decision.
+    rules, which key each takes, the route's fields, and the store entries their states live
+    in. With a `MemoryStore` a route whose rules count a constant and are keyed by kind (no
+    function of the request) is decided by one synchronous call of the store's decision core
+    (`MemoryStore.decide_planned`, `decide_all` with the plan's entries found once), which
+    answers flat numbers, the `RateLimit` field's among them: an admitted request makes no
+    request, result or coroutine object per rule. Token and cost rules with the built-in
+    estimates (no tier) are planned too: the body is read and estimated as on the general
+    path, then decided by one call of `MemoryStore.decide_all`. Everything else takes the
+    general path through `store.check`: another store (it awaits I/O and may time out), a
+    deferred bot check, a key, count or estimate function (it may raise, and its rule's fail
+    policy answers), a key's own tier. A refused request, rare and already slow, is answered
+    by the general path's code from the fast path's decision.
     """
 
     marker = RATE_LIMIT
@@ -198,6 +201,8 @@ class RateLimitMiddleware(StepMiddleware):
         if pending is None:
             plan = matched.plan
             if plan is not None:
+                if plan.reserving:
+                    return self._reserve_now(scope, receive, ctx, matched, plan)
                 return self._decide_now(scope, ctx, matched, plan)
             if not matched.rules:
                 return None
@@ -222,26 +227,13 @@ class RateLimitMiddleware(StepMiddleware):
     ) -> Before:
         """The fast path (see the class docstring): the route's keys, one call of the
         MemoryStore's decision core, and the two fields from its flat numbers."""
-        user = user_key(scope, ctx) if matched.by_user else None
-        # By `_SLOTS`: what each kind of rule is keyed by (as `Rule.resolve_key` reads it).
-        values = (
-            None,
-            ip_key(scope, ctx) if matched.by_ip else None,
-            user,
-            ctx.api_key_id,
-            ctx.fingerprint,
-        )
-        if matched.optional:
-            absent = (user is None, values[3] is None, values[4] is None)
-            if True in absent:  # an anonymous caller: its rules do not apply
-                plan = matched.without(absent)
-                if not plan.specs:
-                    return None
-        keys = plan.keys(values)
+        plan, keys = _applying(scope, ctx, matched, plan)
+        if not plan.specs:
+            return None
         memory = self._memory
         assert memory is not None  # a plan is made only for a MemoryStore
         try:
-            ok, decisions, now = memory.decide_all(plan.specs, keys)
+            ok, decisions, numbers, now = memory.decide_planned(plan.limits, keys)
         except Exception:
             # Decided again by the general path, which answers by the rules' fail policies.
             return self._decide(scope, ctx, matched, plan.rules, plan.requests(keys), None)
@@ -249,7 +241,70 @@ class RateLimitMiddleware(StepMiddleware):
             outcome = CheckResult(False, tuple([LimitResult(*d) for d in decisions]), None, now)
             return self._answer(scope, ctx, matched, plan.rules, plan.requests(keys), outcome)
         ctx.limits = _Seen(ctx.limits, plan.names, decisions)
-        _announce(ctx, plan.policy, plan.template, decisions, plan.single)
+        single = plan.single
+        if single is None:
+            _announce(ctx, plan.policy, plan.template % tuple(numbers))
+        else:
+            at = closest_to_exhaustion(decisions)
+            policy, template = single[at]
+            _announce(ctx, policy, template % (numbers[2 * at], numbers[2 * at + 1]))
+        return None
+
+    async def _reserve_now(
+        self, scope: Scope, receive: Receive, ctx: GuardContext, matched: _Matched, plan: _Plan
+    ) -> Refusal | None:
+        """The fast path of a route with token or cost rules whose estimates are the
+        built-in ones (`_Plan.reserving`): the body read and estimated as the general path
+        does, then one call of the MemoryStore's decision core, the reservations and the two
+        fields made from its flat answer. Anything else it answers by the general path."""
+        body, payload, refusal = await _read_payload(scope, receive, ctx, matched)
+        if refusal is not None:
+            return refusal
+        plan, keys = _applying(scope, ctx, matched, plan)
+        if not plan.specs:
+            return None
+        model = payload.get("model") if isinstance(payload, dict) else None
+        model = model if isinstance(model, str) else None
+        specs: list[LimitSpec] = []
+        for rule, spec in zip(plan.rules, plan.specs, strict=True):
+            if rule.settled:
+                # As `_reservation` does, without a key (known) or a tier (not planned).
+                try:
+                    amount = rule.estimated(_no_request, payload, body)
+                except Exception:  # the general path logs it and answers by the fail policy
+                    return await self._estimated(scope, receive, ctx, matched, None)
+                if not rule.fits(amount):
+                    return self._never_fits(ctx, rule, amount)
+                spec = (spec[0], spec[1], amount, False)
+            specs.append(spec)
+        memory = self._memory
+        assert memory is not None  # a plan is made only for a MemoryStore
+        try:
+            ok, decisions, now = memory.decide_all(specs, keys)
+        except Exception:
+            # Decided again by the general path, which answers by the rules' fail policies.
+            requests = _reservations_asked(plan.rules, specs, keys)
+            return await self._decide(scope, ctx, matched, plan.rules, requests, None, True, model)
+        if not ok:
+            outcome = CheckResult(False, tuple([LimitResult(*d) for d in decisions]), None, now)
+            requests = _reservations_asked(plan.rules, specs, keys)
+            return await self._answer(
+                scope, ctx, matched, plan.rules, requests, outcome, None, True, model
+            )
+        if plan.reserving:  # (an anonymous caller may have none of them apply)
+            ctx.reservations = [
+                Reservation(rule, name, config, key, count, now, model)
+                for rule, (name, config, count, _), key in zip(plan.rules, specs, keys, strict=True)
+                if rule.settled
+            ]
+        ctx.limits = _Seen(ctx.limits, plan.names, decisions)
+        single = plan.single
+        if single is None:
+            _announce(ctx, plan.policy, ratelimit_field(plan.template, decisions))
+        else:
+            at = closest_to_exhaustion(decisions)
+            policy, template = single[at]
+            _announce(ctx, policy, ratelimit_field(template, [decisions[at]]))
         return None
 
     async def _estimated(
@@ -261,24 +316,9 @@ class RateLimitMiddleware(StepMiddleware):
         pending: PendingBot | None,
     ) -> Refusal | None:
         """A route with token or cost rules: read the body, estimate, decide and reserve."""
-        body = b""
-        payload: Any = None
-        if scope["type"] == "http":
-            try:
-                body = await read_body(ctx, receive, matched.max_body)
-            except BodyTooLarge as exc:
-                ctx.rejected = "rate_limited:body"
-                logger.info("Rate limit: body over %d bytes refused", exc.limit)
-                return problem(
-                    413,
-                    "Request body too large",
-                    detail=f"A request here may send at most {exc.limit} bytes.",
-                )
-            if body:
-                try:
-                    payload = json.loads(body)
-                except ValueError:  # not JSON (or not UTF-8): estimated from its length
-                    payload = None
+        body, payload, refusal = await _read_payload(scope, receive, ctx, matched)
+        if refusal is not None:
+            return refusal
         rules, limits, refusal = self._wanted_estimated(scope, receive, ctx, matched, payload, body)
         if refusal is not None:
             return refusal
@@ -418,14 +458,13 @@ class RateLimitMiddleware(StepMiddleware):
             ]
             if held:
                 ctx.reservations = held
+        decisions = [result.decision for result in results]
         single = self._single
-        _announce(
-            ctx,
-            policy_bytes,
-            template,
-            [result.decision for result in results],
-            None if single is None else [single[rule.name] for rule in rules],
-        )
+        if single is not None:
+            at = closest_to_exhaustion(decisions)
+            policy_bytes, template = single[rules[at].name]
+            decisions = [decisions[at]]
+        _announce(ctx, policy_bytes, ratelimit_field(template, decisions))
         return None
 
     async def _shadowed(
@@ -680,7 +719,7 @@ class RateLimitMiddleware(StepMiddleware):
 _Fields = tuple[str, bytes, bytes]
 
 
-#: Where `_decide_now` finds each kind of rule's key, by the rule's `key`.
+#: Where `_applying` finds each kind of rule's key, by the rule's `key`.
 _SLOTS = {"global": 0, "ip": 1, "user": 2, "api_key": 3, "fingerprint": 4}
 #: Each rule's fields alone, by name (`ratelimit_items="closest"`).
 _Single = dict[str, tuple[bytes, bytes]]
@@ -688,10 +727,21 @@ _Single = dict[str, tuple[bytes, bytes]]
 
 class _Plan:
     """One decision of a set of rules by the fast path, compiled once: what each asks of the
-    store (`specs`), where its key comes from (`slots`, into `_decide_now`'s values) and the
+    store (`specs`), where its key comes from (`slots`, into `_applying`'s values) and the
     fields they answer with."""
 
-    __slots__ = ("keys", "names", "policy", "rules", "single", "slots", "specs", "template")
+    __slots__ = (
+        "keys",
+        "limits",
+        "names",
+        "policy",
+        "reserving",
+        "rules",
+        "single",
+        "slots",
+        "specs",
+        "template",
+    )
 
     def __init__(self, rules: tuple[Rule, ...], single: _Single | None) -> None:
         self.rules = rules
@@ -706,6 +756,10 @@ class _Plan:
         self.keys: Callable[[tuple[str | None, ...]], tuple[str | None, ...]] = _key_reader(
             self.slots
         )
+        #: The specs with the store's entries they resolve to (`MemoryStore.decide_planned`).
+        self.limits = LimitPlan(self.specs)
+        #: Whether token or cost rules are among them (`_reserve_now` decides such a plan).
+        self.reserving = any(rule.settled for rule in rules)
         _, self.policy, self.template = _fields(rules)
         self.single = None if single is None else tuple([single[rule.name] for rule in rules])
 
@@ -720,7 +774,7 @@ class _Plan:
 def _key_reader(
     slots: tuple[int, ...],
 ) -> Callable[[tuple[str | None, ...]], tuple[str | None, ...]]:
-    """The plan's keys from `_decide_now`'s values, always as a tuple (an `itemgetter` of one
+    """The plan's keys from `_applying`'s values, always as a tuple (an `itemgetter` of one
     index answers the item itself, of none cannot be made)."""
     if len(slots) > 1:
         return operator.itemgetter(*slots)
@@ -757,18 +811,20 @@ class _Matched:
             if fast
             and rules
             and not any(
-                rule.settled or callable(rule.key) or callable(rule.count) for rule in rules
+                callable(rule.key) or callable(rule.count) or callable(rule.estimate) or rule.tier
+                for rule in rules
             )
             else None
         )
         kinds = {rule.key for rule in rules}
         self.by_ip = "ip" in kinds
         self.by_user = "user" in kinds
-        # Rules that do not apply to a caller without a user, API key or fingerprint.
-        self.optional = not kinds.isdisjoint(("user", "api_key", "fingerprint"))
+        #: Where `_applying` finds the keys this route's rules need but a caller may not
+        #: have (a user, an API key, a fingerprint): a rule whose key is absent does not apply.
+        self.optional = tuple([_SLOTS[kind] for kind in _OPTIONAL if kind in kinds])
         self._single = single
         # The plans without such rules, by which of the three keys are absent (at most 8).
-        self._partial: dict[tuple[bool, bool, bool], _Plan] = {}
+        self._partial: dict[tuple[bool, ...], _Plan] = {}
         # Only a key, cost or estimate function reads the request: the others need no
         # `Request` made.
         self.needs_request = any(
@@ -788,12 +844,13 @@ class _Matched:
             else None
         )
 
-    def without(self, absent: tuple[bool, bool, bool]) -> _Plan:
-        """The plan of the rules that apply when the user, API key or fingerprint (by
-        `absent`) is unknown; its `specs` are empty when none does."""
+    def without(self, values: tuple[str | None, ...]) -> _Plan:
+        """The plan of the rules that apply when some of the user, API key and fingerprint
+        are unknown (None in `_applying`'s `values`); its `specs` are empty when none does."""
+        absent = tuple([values[_SLOTS[kind]] is None for kind in _OPTIONAL])
         plan = self._partial.get(absent)
         if plan is None:
-            missing = {kind for kind, gone in zip(_SLOTS_OPTIONAL, absent, strict=True) if gone}
+            missing = {kind for kind, gone in zip(_OPTIONAL, absent, strict=True) if gone}
             rules = tuple(rule for rule in self.rules if rule.key not in missing)
             plan = self._partial[absent] = _Plan(rules, self._single)
         return plan
@@ -807,7 +864,8 @@ class _Matched:
         return fields
 
 
-_SLOTS_OPTIONAL = ("user", "api_key", "fingerprint")
+#: The kinds of key a caller may not have.
+_OPTIONAL = ("user", "api_key", "fingerprint")
 
 
 class _Seen(MutableMapping[str, LimitResult]):
@@ -854,25 +912,74 @@ class _Seen(MutableMapping[str, LimitResult]):
         return repr(self._results())
 
 
-def _announce(
-    ctx: GuardContext,
-    policy: bytes,
-    template: bytes,
-    decisions: Sequence[Decision],
-    singles: Sequence[tuple[bytes, bytes]] | None,
-) -> None:
-    """Add an admitted request's two fields: every policy, or with `singles` (each policy's
-    own fields, for `ratelimit_items="closest"`) only the one nearest exhaustion."""
-    if singles is not None:
-        closest = closest_to_exhaustion(decisions)
-        policy, template = singles[closest]
-        decisions = (decisions[closest],)
-    fields = [(b"ratelimit-policy", policy), (b"ratelimit", ratelimit_field(template, decisions))]
+def _announce(ctx: GuardContext, policy: bytes, field: bytes) -> None:
+    """Add an admitted request's two fields (with `ratelimit_items="closest"`, those of the
+    policy nearest exhaustion alone)."""
+    fields = [(b"ratelimit-policy", policy), (b"ratelimit", field)]
     added = ctx.response_headers
     if added is None:
         ctx.response_headers = fields
     else:
         added += fields
+
+
+def _applying(
+    scope: Scope, ctx: GuardContext, matched: _Matched, plan: _Plan
+) -> tuple[_Plan, tuple[str | None, ...]]:
+    """The plan of the rules that apply to this caller (those whose key it has) and their
+    keys, for the fast paths."""
+    user = user_key(scope, ctx) if matched.by_user else None
+    # By `_SLOTS`: what each kind of rule is keyed by (as `Rule.resolve_key` reads it; the
+    # "ip" key is `ip_key`'s, read inline, since every request of such a route asks).
+    values = (
+        None,
+        (ctx.client_key or peer_ip(scope)) if matched.by_ip else None,
+        user,
+        ctx.api_key_id,
+        ctx.fingerprint,
+    )
+    for slot in matched.optional:
+        if values[slot] is None:  # an anonymous caller: its rules do not apply
+            plan = matched.without(values)
+            break
+    return plan, plan.keys(values)
+
+
+def _reservations_asked(
+    rules: Sequence[Rule], specs: Sequence[LimitSpec], keys: Sequence[str | None]
+) -> list[LimitRequest]:
+    """What the general path asks of the store for `_reserve_now`'s decision."""
+    return [
+        LimitRequest(name, config, key, count, False, rule.settled)
+        for (name, config, count, _), key, rule in zip(specs, keys, rules, strict=True)
+    ]
+
+
+async def _read_payload(
+    scope: Scope, receive: Receive, ctx: GuardContext, matched: _Matched
+) -> tuple[bytes, Any, Refusal | None]:
+    """The body a route's token and cost rules estimate from (at most `matched.max_body`
+    bytes) and its JSON (None when empty or not JSON), or the 413 past that size."""
+    body = b""
+    payload: Any = None
+    if scope["type"] == "http":
+        try:
+            body = await read_body(ctx, receive, matched.max_body)
+        except BodyTooLarge as exc:
+            ctx.rejected = "rate_limited:body"
+            logger.info("Rate limit: body over %d bytes refused", exc.limit)
+            refusal = problem(
+                413,
+                "Request body too large",
+                detail=f"A request here may send at most {exc.limit} bytes.",
+            )
+            return body, payload, refusal
+        if body:
+            try:
+                payload = json.loads(body)
+            except ValueError:  # not JSON (or not UTF-8): estimated from its length
+                payload = None
+    return body, payload, None
 
 
 def _prompt_estimate(body: bytes) -> float:

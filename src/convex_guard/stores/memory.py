@@ -17,10 +17,13 @@ from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.keys import ApiKeyKind
 from convex_guard.core.limits import (
+    Decider,
     Decision,
+    FirstDecider,
     LimitConfig,
     LimitResult,
     LimitState,
+    States,
     check_count,
     full_at,
     refund_applies,
@@ -69,6 +72,9 @@ Clock = Callable[[], float]
 #: What a decision asks of one limit, apart from its key: (name, config, count, reserve).
 LimitSpec = tuple[str, LimitConfig, float, bool]
 Random = Callable[[], float]
+#: What `MemoryStore.decide_planned` answers: (all admitted, each limit's decision, the
+#: numbers of each one's `RateLimit` item in order, now).
+PlannedDecision = tuple[bool, list[Decision], list[int], float]
 R = TypeVar("R", AIRequestLog, EmbeddingRequestLog, AuthFailure, "_KeyUse")
 
 #: How many applied batch ids a MemoryStore remembers to make retries idempotent.
@@ -154,6 +160,9 @@ class MemoryStore:
         self._random: Random = random or _random.random
         # name -> its states by key (a nested dict spares building a tuple key per request).
         self._limits: dict[str, _Limit] = {}
+        # Replaced whenever a name's entry in `_limits` is made, dropped or given another
+        # config: a `LimitPlan` resolved under another version resolves its entries again.
+        self._version = object()
         # The expiry queue: segments of new states' keys, one open per limit name at a time
         # (`_Limit.segment`), in a heap by the time they may be looked at: (due, sequence,
         # segment). Keys only, no (name, key) pair per state: a new state costs one append
@@ -290,14 +299,87 @@ class MemoryStore:
         if not ok:
             self._restore(specs, keys, before)
         elif None in before:
-            # A second slot of the same (name, key) only delays the state's fullness: the
-            # queue then finds it not yet full and looks again later.
-            for (name, _, _, _), key, state, decision in zip(specs, keys, before, decisions):  # noqa: B905
-                if state is None:
-                    self._track(limits_by_name[name], key, now, now + decision[3])
-            if now >= self._next_due:
-                self._look_at_due(now)
+            entries = [limits_by_name[name] for name, _, _, _ in specs]
+            self._track_new(entries, keys, before, decisions, now)
         return ok, decisions, now
+
+    def decide_planned(self, plan: LimitPlan, keys: Sequence[str | None]) -> PlannedDecision:
+        """`decide_all` of a plan's specs, at this store's clock, with the numbers of each
+        limit's `RateLimit` field item (draft-ietf-httpapi-ratelimit-headers): its remaining
+        quota rounded down and the seconds until it is full again rounded up, both whole.
+
+        The rate limiter's fast path, called for every request of a route: the plan's states
+        are found by name once (again only when this store made, dropped or reconfigured a
+        name since), and the field's numbers are worked out in the same pass as the decisions
+        (`-(-reset // 1000)`: the exact ceiling, where `ceil(reset / 1000)` would round the
+        quotient first; ints, which `%d` formats directly). Otherwise `decide_all`'s decision,
+        rollback and expiry queue, step for step.
+        """
+        now = _time() * 1000.0 if self._wall else self._clock()
+        if plan.version is not self._version:
+            self._resolve(plan)
+        decisions: list[Decision] = []
+        numbers: list[int] = []
+        before: list[LimitState | None] = []
+        ok = True
+        floor = math.floor
+        for (states, decide, first, count, reserve), key in zip(plan.steps, keys):  # noqa: B905
+            state = states.get(key)
+            before.append(state)
+            try:
+                if state is None:  # admitted (a full state is): stored for a second slot
+                    decision = first(states, key, now, count, reserve, self._random)
+                else:
+                    decision = decide(states, key, state, now, count, reserve)
+            except ConfigurationError as exc:
+                self._restore(plan.specs, keys, before)
+                name = plan.specs[len(before) - 1][0]
+                raise ConfigurationError(f"{exc} (limit {name!r})") from None
+            admitted, _, remaining, reset = decision
+            if not admitted:
+                ok = False
+            decisions.append(decision)
+            # No clamp at zero: this store's deciders never answer a negative remaining, and a
+            # reset below zero only by a rounding error, which the ceiling takes to 0.
+            numbers.append(floor(remaining))
+            numbers.append(floor(-(-reset // 1000)))
+        if not ok:
+            self._restore(plan.specs, keys, before)
+        elif None in before:
+            self._track_new(plan.entries, keys, before, decisions, now)
+        return ok, decisions, numbers, now
+
+    def _resolve(self, plan: LimitPlan) -> None:
+        """Find (or make) a plan's entries and keep what its decisions read off them."""
+        entries = [self._entry(name, config) for name, config, _, _ in plan.specs]
+        plan.entries = tuple(entries)
+        plan.steps = tuple(
+            [
+                (entry.states, entry.decide, entry.first, count, reserve)
+                for entry, (_, _, count, reserve) in zip(entries, plan.specs, strict=True)
+            ]
+        )
+        # After all of them: making an entry gives the store a new version.
+        plan.version = self._version
+
+    def _track_new(
+        self,
+        entries: Sequence[_Limit],
+        keys: Sequence[str | None],
+        before: list[LimitState | None],
+        decisions: list[Decision],
+        now: float,
+    ) -> None:
+        """Enter the states an admitted call made in the expiry queue, then look at due ones.
+
+        A second slot of the same (name, key) only delays the state's fullness: the queue
+        then finds it not yet full and looks again later.
+        """
+        for entry, key, state, decision in zip(entries, keys, before, decisions):  # noqa: B905
+            if state is None:
+                self._track(entry, key, now, now + decision[3])
+        if now >= self._next_due:
+            self._look_at_due(now)
 
     def _restore(
         self,
@@ -336,8 +418,10 @@ class MemoryStore:
         limit = self._limits.get(name)
         if limit is None:
             limit = self._limits[name] = _Limit(name, config)
+            self._version = object()
         elif limit.config is not config:
             limit.use(config)
+            self._version = object()
         return limit
 
     def _state(self, name: str, key: str | None) -> LimitState | None:
@@ -437,6 +521,7 @@ class MemoryStore:
             del limit.states[key]
             if not limit.states:
                 del self._limits[segment.name]
+                self._version = object()
         self._sweep, self._sweep_at = segment, at
         self._next_due = -math.inf
 
@@ -762,6 +847,22 @@ class MemoryStore:
 
     async def close(self) -> None:
         return None
+
+
+class LimitPlan:
+    """Limits decided together again and again (a route's rules): what
+    `MemoryStore.decide_planned` asks of each, with the store's entries they resolve to, kept
+    between calls so that a decision looks no name up."""
+
+    __slots__ = ("entries", "specs", "steps", "version")
+
+    def __init__(self, specs: Sequence[LimitSpec]) -> None:
+        self.specs = tuple(specs)
+        self.entries: tuple[_Limit, ...] = ()
+        #: Per spec: its states, decider, first decider, count and reserve.
+        self.steps: tuple[tuple[States, Decider, FirstDecider, float, bool], ...] = ()
+        #: The store version `entries` were resolved under (none yet).
+        self.version: object = None
 
 
 class _Limit:
