@@ -5,9 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-import xxhash
-
-from convex_guard.core.headers import header_reader
+from convex_guard.core.headers import fingerprint_of_form, header_reader
 
 __all__ = ["DEFAULT_FIELDS", "canonical_form", "fingerprint", "fingerprint_of_form"]
 
@@ -43,12 +41,7 @@ def fingerprint(
 ) -> str:
     """16 hex characters identifying a client across requests, whatever its IP address.
 
-    Equal to ``xxhash.xxh3_64(canonical_form(headers, fields)).hexdigest()``; the one-shot
-    function avoids creating a hasher object on every request.
+    Equal to ``xxhash.xxh3_64(canonical_form(headers, fields)).hexdigest()``
+    (`fingerprint_of_form`), which the one pass over the headers computes with the form.
     """
-    return fingerprint_of_form(canonical_form(headers, fields))
-
-
-def fingerprint_of_form(form: bytes) -> str:
-    """The fingerprint of a canonical form already read (`RequestHeaders.fingerprint_form`)."""
-    return xxhash.xxh3_64_hexdigest(form)
+    return header_reader(tuple(fields)).read(headers).fingerprint
