@@ -6,11 +6,13 @@ sources (nothing here touches the network)::
     python -m benchmarks.build_useragent_data rules \\
         --device-detector DIR --isbot DIR --date YYYY-MM-DD
     python -m benchmarks.build_useragent_data evaluation \\
-        --device-detector DIR --uap-core DIR --top-user-agents DIR --opawg DIR --date YYYY-MM-DD
+        --device-detector DIR --uap-core DIR --top-user-agents DIR --opawg DIR \\
+        --whichbrowser DIR --date YYYY-MM-DD
     python -m benchmarks.build_useragent_data apps --opawg DIR --date YYYY-MM-DD
 
-``--device-detector`` and ``--uap-core`` are git directories of matomo-org/device-detector and
-ua-parser/uap-core, ``--opawg`` one of opawg/user-agents-v2 (each read at HEAD with ``git show``);
+``--device-detector``, ``--uap-core`` and ``--whichbrowser`` are git directories of
+matomo-org/device-detector, ua-parser/uap-core and WhichBrowser/Parser-PHP, ``--opawg`` one of
+opawg/user-agents-v2 (each read at HEAD with ``git show``);
 ``--isbot`` and ``--top-user-agents`` are the unpacked npm packages (``npm pack isbot &&
 tar xzf isbot-*.tgz``: the ``package`` folder).
 
@@ -23,8 +25,8 @@ media apps announce (OPAWG user-agents-v2, MIT), so an app's user-agent is a per
 
 ``evaluation`` writes ``tests/data/user_agents_evaluation.csv.gz``: labelled user-agents from
 sources the classifier does NOT learn from (device-detector's test fixtures, uap-core's test
-fixtures, the top-user-agents package), minus every string that occurs in a training source
-(OPAWG's examples included).
+fixtures, the top-user-agents package, WhichBrowser's test fixtures), minus every string that
+occurs in a training source (OPAWG's examples included).
 """
 
 from __future__ import annotations
@@ -437,10 +439,35 @@ def _training_strings(opawg: Path) -> set[str]:
     return seen
 
 
+def whichbrowser_cases(repo: Path) -> dict[str, bool]:
+    """WhichBrowser's fixtures as user-agent -> is a bot (its device type "bot").
+
+    Cases run with bot detection switched off (``detectBots: false``: bots' names parsed as the
+    browsers they carry) and cases with more headers than the user-agent are left out, and so is
+    a string labelled both ways.
+    """
+    labels: dict[str, set[bool]] = {}
+    for path in git(repo, "ls-tree", "-r", "--name-only", "HEAD", "tests/data/").split():
+        if not path.endswith(".yaml"):
+            continue
+        for case in yaml.safe_load(git_show(repo, path)) or []:
+            headers = case.get("headers")
+            if case.get("detectBots", True) is False or not isinstance(headers, str):
+                continue
+            if not headers.startswith("User-Agent: "):
+                continue
+            device = (case.get("result") or {}).get("device") or {}
+            labels.setdefault(headers[len("User-Agent: ") :], set()).add(
+                device.get("type") == "bot"
+            )
+    return {ua: kinds.pop() for ua, kinds in labels.items() if len(kinds) == 1}
+
+
 def evaluation(args: argparse.Namespace) -> None:
-    dd, uap = Path(args.device_detector), Path(args.uap_core)
+    dd, uap, wb = Path(args.device_detector), Path(args.uap_core), Path(args.whichbrowser)
     dd_commit, _ = git_head(dd)
     uap_commit, _ = git_head(uap)
+    wb_commit, _ = git_head(wb)
     rows: dict[str, tuple[str, str]] = {}  # ua -> (expected, source)
     conflicts: set[str] = set()
 
@@ -474,6 +501,14 @@ def evaluation(args: argparse.Namespace) -> None:
     top = json.loads((Path(args.top_user_agents) / "src" / "index.json").read_text("utf-8"))
     for ua in top:
         add(ua, "human", "top-user-agents")
+    # Last, and only strings no other source has: the rows above stay as they were.
+    for ua, bot in whichbrowser_cases(wb).items():
+        if ua not in rows:
+            add(
+                ua,
+                "other_bot" if bot else "human",
+                "whichbrowser bots" if bot else "whichbrowser people",
+            )
 
     training = _training_strings(Path(args.opawg))
     kept = [
@@ -515,6 +550,10 @@ def evaluation(args: argparse.Namespace) -> None:
         "uap-core spiders": (f"ua-parser/uap-core {uap_commit[:12]}, tests/test_device.yaml "
                              "(family Spider)", "Apache-2.0"),
         "top-user-agents": ("npm top-user-agents " + args.top_version, "MIT"),
+        "whichbrowser bots": (f"WhichBrowser/Parser-PHP {wb_commit[:12]}, tests/data/**/*.yaml "
+                              "(device type bot)", "MIT"),
+        "whichbrowser people": (f"WhichBrowser/Parser-PHP {wb_commit[:12]}, tests/data/**/*.yaml "
+                                "(any other device type)", "MIT"),
     }  # fmt: skip
     for source, n in sorted(counts.items()):
         where, licence = origin[source]
@@ -523,8 +562,10 @@ def evaluation(args: argparse.Namespace) -> None:
         "",
         "Caveat: device-detector's bot fixtures are the tests of its own regexes/bots.yml, which",
         "the classifier learns from (device_detector_bots.json), so that row measures how well",
-        "the derived rules carry device-detector's knowledge, not independence; the uap-core and",
-        "people rows are independent of every training source.",
+        "the derived rules carry device-detector's knowledge, not independence; the uap-core,",
+        "WhichBrowser and people rows are independent of every training source. WhichBrowser's",
+        "rows are only the strings no other source has; like uap-core's, its bots carry no",
+        "category (labelled other_bot), so only flagging is measured there.",
         "",
     ]
     about.write_text("\n".join(lines), encoding="utf-8")
@@ -543,6 +584,7 @@ def main() -> None:
     ev.add_argument("--uap-core", required=True)
     ev.add_argument("--top-user-agents", required=True)
     ev.add_argument("--opawg", required=True)
+    ev.add_argument("--whichbrowser", required=True)
     ev.add_argument("--date", required=True)
     apps = sub.add_parser("apps")
     apps.add_argument("--opawg", required=True)
