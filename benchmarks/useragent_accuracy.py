@@ -143,6 +143,7 @@ def slices(rows: list[tuple[str, str, str]]) -> list[tuple[str, list[tuple[str, 
     browsers = [r for r in rows if r[1] != "device-detector mobile apps"]
     out = [
         ("all", rows),
+        ("all but WhichBrowser's", [r for r in rows if not r[1].startswith("whichbrowser")]),
         ("all but mobile apps", browsers),
         ("AI crawlers (+ all people)", [r for r in rows if r[0] == "ai_crawler"] + people),
     ]
@@ -150,6 +151,9 @@ def slices(rows: list[tuple[str, str, str]]) -> list[tuple[str, list[tuple[str, 
         out.append((source, [r for r in rows if r[1] == source]))
     return out
 
+
+# Sources whose bots carry no category (labelled other_bot): only flagging is measured there.
+UNCATEGORISED = frozenset({"uap-core spiders", "whichbrowser bots"})
 
 CATEGORY_HEADER = (
     f"{'category':<42} {'expected':>8} {'given':>6} {'right':>6} {'prec':>7} {'recall':>7} "
@@ -163,8 +167,13 @@ def category_lines(rows: list[tuple[str, str, str]]) -> list[str]:
     (any category: what a block by default sees). People given a category count against its
     precision, and so do bots the labels leave coarser: the evaluation's categories are
     device-detector's mapped to ours, whose "Crawler", feed and service bots (and its bots with
-    no category) are other_bot, so a search engine or a monitor among them is "wrong" here."""
-    got = [(expected, ours(ua) or "human") for expected, _, ua in rows]
+    no category) are other_bot, so a search engine or a monitor among them is "wrong" here.
+    The bots of sources that give no category at all (`UNCATEGORISED`) are left out."""
+    got = [
+        (expected, ours(ua) or "human")
+        for expected, source, ua in rows
+        if expected == "human" or source not in UNCATEGORISED
+    ]
     lines = [CATEGORY_HEADER]
     for category in sorted({e for e, _ in got} | {g for _, g in got} - {"human"}):
         if category == "human":
