@@ -7,7 +7,10 @@ import dataclasses
 import gzip
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -513,3 +516,44 @@ def test_reused_verdicts_are_bounded() -> None:
         verdict = classify_user_agent_uncached(f"Mozilla/5.0 (compatible; {name}/1.0)")
         assert verdict.is_bot and verdict.name == name
     assert len(useragent._NAMED) <= useragent._NAMED_SIZE
+
+
+_VERDICTS_SCRIPT = """
+import json, sys
+from convex_guard.core.useragent import classify_user_agent_uncached as classify
+verdicts = []
+for ua in json.load(sys.stdin):
+    v = classify(ua)
+    verdicts.append([v.category, v.name])
+json.dump(verdicts, sys.stdout)
+"""
+
+
+def test_every_process_gives_the_same_verdicts() -> None:
+    """Sets of bytes iterate in an order salted per process: instances behind one balancer
+    must still name an agent alike (the name picks the addresses a crawler is verified by)."""
+    both = [
+        "Mozilla/5.0 (compatible; Googlebot/2.1; bingbot/2.0; +http://example.com)",
+        "Mozilla/5.0 (compatible; bingbot/2.0; Googlebot/2.1)",
+        "GPTBot/1.0 ClaudeBot/1.0",
+        "Mozilla/5.0 (compatible; AhrefsBot/7.0; SemrushBot/7)",
+        "Acme scraper scrapers",
+    ]
+    text = (resources.files("crawleruseragents") / "crawler-user-agents.json").read_text("utf-8")
+    instances = [i for e in json.loads(text) for i in e["instances"]]
+    uas = both + instances
+    answers = []
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        run = subprocess.run(
+            [sys.executable, "-c", _VERDICTS_SCRIPT],
+            input=json.dumps(uas),
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        answers.append(json.loads(run.stdout))
+    assert answers[0] == answers[1] == answers[2]
+    named = [name for _, name in answers[0][:4]]
+    assert named == ["Googlebot", "bingbot", "GPTBot", "AhrefsBot"]  # the first one named

@@ -701,10 +701,15 @@ def _confirm(rule: _Rule, text: str, literal: str) -> bool:
 
 
 def _most_specific(
-    found: list[tuple[int, str, _Rule, re.Match[str] | None]],
+    found: list[tuple[int, str, _Rule, re.Match[str] | None]], lowered: str
 ) -> tuple[int, str, _Rule, re.Match[str] | None]:
     """Of several confirmed rules, the best ranked one whose match lies inside no longer one
-    (the longest lies inside none, so there is one)."""
+    (the longest lies inside none, so there is one); of equals, the agent named first.
+
+    The order of ``found`` follows a set's, which differs between processes (hashes are
+    salted), so it must never decide: "Googlebot/2.1; bingbot/2.0" is Googlebot on every
+    instance, and is verified against Google's addresses on every instance.
+    """
     best = None
     best_order = None
     for candidate in found:
@@ -714,10 +719,27 @@ def _most_specific(
                 break  # inside a longer match
         else:
             order = (rank, rule.verdict is None)
-            if best_order is None or order < best_order:
+            if best is None or best_order is None or order < best_order:
                 best, best_order = candidate, order
+            elif (
+                order == best_order
+                and rule is not best[2]
+                and _tie_order(candidate, lowered) < _tie_order(best, lowered)
+            ):
+                best = candidate
     assert best is not None
     return best
+
+
+def _tie_order(
+    candidate: tuple[int, str, _Rule, re.Match[str] | None], lowered: str
+) -> tuple[int, str, str]:
+    """Between equally ranked agents: where the name is (one found only spelled apart comes
+    after every one found as written), then the rule itself."""
+    _, _, rule, match = candidate
+    at = match.start() if match is not None else lowered.find(rule.literal)
+    pattern = rule.regex.pattern if rule.regex is not None else ""
+    return (at if at >= 0 else len(lowered), rule.literal, pattern)
 
 
 def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdict | None:
@@ -773,7 +795,7 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
             return None
         best = found[0]
     else:
-        best = _most_specific(found)
+        best = _most_specific(found, lowered)
     _, _, rule, match = best
     if rule.verdict is not None:
         if rule.lower_name and len(ua) == len(lowered):
@@ -832,7 +854,8 @@ def _generic_words(ua: str, lowered: str, tokens: list[bytes]) -> UserAgentVerdi
     if match is None:
         if not words:
             return None
-        word = min(specific or words, key=lambda w: lowered.find(w, floor))
+        # The first in the text; the word itself breaks a tie (the set's order differs by process).
+        word = min(specific or words, key=lambda w: (lowered.find(w, floor), w))
         start = lowered.find(word, floor)
         end = start + len(word)
         name = _display(ua, lowered, start, end)
