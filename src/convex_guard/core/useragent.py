@@ -708,7 +708,7 @@ def _most_specific(
 
     The order of ``found`` follows a set's, which differs between processes (hashes are
     salted), so it must never decide: "Googlebot/2.1; bingbot/2.0" is Googlebot on every
-    instance, and is verified against Google's addresses on every instance.
+    instance, the crawler its claim is verified as (`core.crawlers`, the first name too).
     """
     best = None
     best_order = None
