@@ -36,7 +36,7 @@ Options:
 - `--variants NAME...` (default: every variant but ratelimit and slowapi-basehttp; guard-tokens
   is a token-limited route beside guard's request-limited one).
 - `--modes MODE...` (default: in-process uvicorn).
-- `--quick`: in-process only, guard and floor, 300 requests: `make bench-quick`, the check a
+- `--quick`: in-process only, bare, floor and guard, 300 requests: `make bench-quick`, the check a
   developer runs before pushing (under a minute on an idle machine).
 - `--baseline REV` (repeatable): also measure git revision REV (a commit id, tag or branch) in
   the same run. Its tree is exported (`git archive REV`) into a temporary directory and lends
@@ -84,7 +84,7 @@ from benchmarks.http_overhead import BROWSER, ROOT, free_port
 T = TypeVar("T")
 
 DEFAULT_VARIANTS = tuple(v for v in VARIANTS if v not in ("ratelimit", "slowapi-basehttp"))
-QUICK_VARIANTS = ("guard", "floor")
+QUICK_VARIANTS = ("bare", "floor", "guard")
 #: Variants that import nothing of convex_guard: a baseline's figure is this tree's, not rerun.
 TREE_INDEPENDENT = frozenset(("bare", "floor", "floor-1", "floor-5"))
 QUICK_REQUESTS = 300
