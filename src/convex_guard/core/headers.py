@@ -218,22 +218,32 @@ class HeaderReader:
             else:
                 signed = True
         form = self._form % tuple(values)
-        if plain:
-            return self._known_by(form, agent)
-        return RequestHeaders(
-            form, self._text(agent), authorization, api_key, length, content_type, chunked, signed
-        )
+        if not plain:
+            return RequestHeaders(
+                form,
+                self._text(agent),
+                authorization,
+                api_key,
+                length,
+                content_type,
+                chunked,
+                signed,
+            )
+        # The headers of `form` and `agent` read before (made now if not), when they are
+        # all the headers hold. A short form, the common case, is looked up here: a repeated
+        # client's request costs no further call.
+        if len(form) > _WHOLE_FORM:
+            return self._long_known_by(form, agent)
+        entry = self._known.get(form)
+        if entry is not None and entry[0] == agent:
+            return entry[1]
+        found = RequestHeaders(form, self._text(agent), None, None, None, None)
+        _keep(self._known, form, (agent, found), KNOWN_CACHE_SIZE)
+        return found
 
-    def _known_by(self, form: bytes, agent: bytes | None) -> RequestHeaders:
-        """The headers of `form` and `agent` read before (made now if not), when they are
-        all the headers hold."""
-        if len(form) <= _WHOLE_FORM:
-            entry = self._known.get(form)
-            if entry is not None and entry[0] == agent:
-                return entry[1]
-            found = RequestHeaders(form, self._text(agent), None, None, None, None)
-            _keep(self._known, form, (agent, found), KNOWN_CACHE_SIZE)
-            return found
+    def _long_known_by(self, form: bytes, agent: bytes | None) -> RequestHeaders:
+        """`read`'s cache of plain header sets for a form over `_WHOLE_FORM` bytes: found by
+        its length and ends, compared whole."""
         key = (len(form), form[:_AGENT_EDGE], form[-_AGENT_EDGE:])
         long_entry = self._long_known.get(key)
         if (

@@ -196,7 +196,8 @@ class RateLimitMiddleware(StepMiddleware):
 
         A deferred bot check (`ctx.pending_bot`) is decided in the same store call.
         """
-        matched = self._matching(ctx.route)
+        route = ctx.route
+        matched = self._matches.get(route) or self._matching(route)  # a known route: no call
         pending = ctx.pending_bot
         if pending is None:
             plan = matched.plan
