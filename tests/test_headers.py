@@ -126,6 +126,13 @@ def test_the_canonical_form_of_any_field_list_is_the_one_pass_s(
     assert canonical_form(headers, fields) == reference_canonical_form(headers, fields)
 
 
+def test_a_field_list_of_no_names_has_an_empty_canonical_form() -> None:
+    """The form is its pieces joined: with no field there is no piece, not a lone line end."""
+    headers = [(b"user-agent", b"Mozilla/5.0"), (b"accept", b"*/*")]
+    assert canonical_form(headers, ()) == b""
+    assert HeaderReader(()).read(headers).user_agent == "Mozilla/5.0"
+
+
 def reference_canonical_form(headers: list[tuple[bytes, bytes]], fields: Sequence[bytes]) -> bytes:
     """`canonical_form` as its docstring states it: a line per field, values stripped and
     joined in arrival order (a field listed twice holds its values in its last place)."""

@@ -265,6 +265,19 @@ def test_a_body_over_max_body_is_413_and_bad_json_is_estimated_by_length(served:
     served.settles_to("teamTokens", TOKENS, team, 1000)
 
 
+def test_a_body_nested_past_the_parsers_limit_is_estimated_by_length_not_a_500(
+    served: Served,
+) -> None:
+    """`json.loads` raises RecursionError, not ValueError, on 3,000 `[`: the limiter takes the
+    body for what it is, not JSON, and request validation refuses it (400); the reservation
+    comes back."""
+    team = uuid.uuid4().hex
+    deep = httpx.post(served.url + PATH, content=b"[" * 3000, headers={"x-team": team}, timeout=10)
+    assert deep.status_code == 400
+    assert deep.json()["title"] == "Bad Request"
+    served.settles_to("teamTokens", TOKENS, team, 1000)
+
+
 def test_a_spent_budget_is_429_budget_exceeded_in_its_unit(served: Served) -> None:
     team, payer = uuid.uuid4().hex, uuid.uuid4().hex
     # Estimated 300 tokens x 0.001 = 0.3; the app reports the real cost.

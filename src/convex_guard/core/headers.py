@@ -124,8 +124,9 @@ class HeaderReader:
 
     Names are matched case-insensitively (ASGI servers send them lower-case: only a name
     that is not costs a lower-cased copy). A fingerprint field that is nothing else (most
-    of a browser's headers) costs one lookup and its value's strip; the canonical form is
-    one format of the values at the end.
+    of a browser's headers) costs one lookup and its value's strip, into its place among
+    the canonical form's pieces (`_pieces`: each field's name, then its value, then the
+    line's end): the form is one join of them at the end.
 
     A client sends the same headers on every request: when they hold nothing but
     fingerprint fields and a user-agent (no credentials, no body headers), the form and the
@@ -133,7 +134,7 @@ class HeaderReader:
     form with the agent beside them, compared before they are used (`KNOWN_CACHE_SIZE`,
     oldest out first; a form of over `_WHOLE_FORM` bytes by its length and ends,
     `LONG_KNOWN_CACHE_SIZE` of them, and compared whole): its next request costs the loop, one
-    format and one lookup, not a new object and its fingerprint. They are never changed once
+    join and one lookup, not a new object and its fingerprint. They are never changed once
     read, so requests share them. Otherwise the user-agent's text is cached per distinct value
     (`AGENT_CACHE_SIZE` short ones, `LONG_AGENT_CACHE_SIZE` long ones, oldest out first), so a
     repeated agent is one bytes comparison. Either way every request with one agent carries the
@@ -145,30 +146,33 @@ class HeaderReader:
     __slots__ = (
         "_agents",
         "_codes",
-        "_empty",
-        "_form",
         "_known",
         "_long_agents",
         "_long_known",
+        "_pieces",
         "_slots",
     )
 
     def __init__(self, fields: Sequence[bytes]) -> None:
         lowered = [name.lower() for name in fields]
         # A name listed twice holds its values in its last place; the others stay empty.
-        positions = {name: position for position, name in enumerate(lowered)}
+        # A field's value goes at its place among the form's pieces (see `_pieces`).
+        positions = {name: 2 * position + 1 for position, name in enumerate(lowered)}
         self._codes: dict[bytes, int] = {name: ~kind for name, kind in _READ.items()}
         self._codes.update(
             (name, position) for name, position in positions.items() if name not in _READ
         )
-        #: By `_READ` kind: the fingerprint position of that header, -1 when not a field.
+        #: By `_READ` kind: the place of that header's value in `_pieces`, -1 when not a field.
         slots = [-1] * len(_READ)
         for name, kind in _READ.items():
             slots[kind] = positions.get(name, -1)
         self._slots = tuple(slots)
-        self._empty = (b"",) * len(lowered)
-        # b"name:%b\n" per field ("%" in a name kept literal), formatted with the values.
-        self._form = b"".join(name.replace(b"%", b"%%") + b":%b\n" for name in lowered)
+        # The canonical form in pieces, each field's value (empty here) between its name and
+        # the line's end: b"user-agent:", value, b"\naccept-language:", value, ..., b"\n".
+        pieces: list[bytes] = []
+        for position, name in enumerate(lowered):
+            pieces += [(b"\n" if position else b"") + name + b":", b""]
+        self._pieces = tuple([*pieces, b"\n"] if pieces else pieces)
         self._agents: dict[bytes, str] = {}
         self._long_agents: dict[tuple[int, bytes, bytes], tuple[bytes, str]] = {}
         self._known: dict[bytes, tuple[bytes | None, RequestHeaders]] = {}
@@ -176,7 +180,7 @@ class HeaderReader:
 
     def read(self, headers: Iterable[tuple[bytes, bytes]]) -> RequestHeaders:
         codes = self._codes
-        values = list(self._empty)
+        pieces = list(self._pieces)  # the form's, each field's value put in its place
         agent: bytes | None = None
         authorization: list[bytes] | None = None
         api_key: list[bytes] | None = None
@@ -193,14 +197,14 @@ class HeaderReader:
                 if code is None:
                     continue
             if code >= 0:  # a fingerprint field and nothing else
-                seen = values[code]
-                values[code] = seen + b", " + value.strip() if seen else value.strip()
+                seen = pieces[code]
+                pieces[code] = seen + b", " + value.strip() if seen else value.strip()
                 continue
             kind = ~code
             slot = self._slots[kind]
             if slot >= 0:
-                seen = values[slot]
-                values[slot] = seen + b", " + value.strip() if seen else value.strip()
+                seen = pieces[slot]
+                pieces[slot] = seen + b", " + value.strip() if seen else value.strip()
             if kind == _AGENT:
                 agent = value if agent is None else agent + b", " + value
                 continue
@@ -217,23 +221,33 @@ class HeaderReader:
                 chunked = True
             else:
                 signed = True
-        form = self._form % tuple(values)
-        if plain:
-            return self._known_by(form, agent)
-        return RequestHeaders(
-            form, self._text(agent), authorization, api_key, length, content_type, chunked, signed
-        )
+        form = b"".join(pieces)
+        if not plain:
+            return RequestHeaders(
+                form,
+                self._text(agent),
+                authorization,
+                api_key,
+                length,
+                content_type,
+                chunked,
+                signed,
+            )
+        # The headers of `form` and `agent` read before (made now if not), when they are
+        # all the headers hold. A short form, the common case, is looked up here: a repeated
+        # client's request costs no further call.
+        if len(form) > _WHOLE_FORM:
+            return self._long_known_by(form, agent)
+        entry = self._known.get(form)
+        if entry is not None and entry[0] == agent:
+            return entry[1]
+        found = RequestHeaders(form, self._text(agent), None, None, None, None)
+        _keep(self._known, form, (agent, found), KNOWN_CACHE_SIZE)
+        return found
 
-    def _known_by(self, form: bytes, agent: bytes | None) -> RequestHeaders:
-        """The headers of `form` and `agent` read before (made now if not), when they are
-        all the headers hold."""
-        if len(form) <= _WHOLE_FORM:
-            entry = self._known.get(form)
-            if entry is not None and entry[0] == agent:
-                return entry[1]
-            found = RequestHeaders(form, self._text(agent), None, None, None, None)
-            _keep(self._known, form, (agent, found), KNOWN_CACHE_SIZE)
-            return found
+    def _long_known_by(self, form: bytes, agent: bytes | None) -> RequestHeaders:
+        """`read`'s cache of plain header sets for a form over `_WHOLE_FORM` bytes: found by
+        its length and ends, compared whole."""
         key = (len(form), form[:_AGENT_EDGE], form[-_AGENT_EDGE:])
         long_entry = self._long_known.get(key)
         if (

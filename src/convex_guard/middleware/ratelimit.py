@@ -196,7 +196,8 @@ class RateLimitMiddleware(StepMiddleware):
 
         A deferred bot check (`ctx.pending_bot`) is decided in the same store call.
         """
-        matched = self._matching(ctx.route)
+        route = ctx.route
+        matched = self._matches.get(route) or self._matching(route)  # a known route: no call
         pending = ctx.pending_bot
         if pending is None:
             plan = matched.plan
@@ -976,7 +977,9 @@ async def _read_payload(
         if body:
             try:
                 payload = json.loads(body)
-            except ValueError:  # not JSON (or not UTF-8): estimated from its length
+            # Not JSON (or not UTF-8), or nested past the parser's recursion limit (a body of
+            # `[`s, which request validation refuses next): estimated from its length.
+            except (ValueError, RecursionError):
                 payload = None
     return body, payload, None
 
@@ -985,7 +988,7 @@ def _prompt_estimate(body: bytes) -> float:
     """The default estimate of the prompt a request's body sends."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # as `_read_payload`
         payload = None
     return DEFAULT_ESTIMATE.prompt(payload, body)
 
