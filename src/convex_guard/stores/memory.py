@@ -25,7 +25,6 @@ from convex_guard.core.limits import (
     LimitState,
     States,
     check_count,
-    full_at,
     refund_applies,
 )
 from convex_guard.stores.alertbook import AlertBook
@@ -224,8 +223,14 @@ class MemoryStore:
             decision = entry.first(states, key, now, count, reserve, self._random)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
-        if decision[0]:
-            self._track(entry, key, now, now + decision[3])
+        if decision[0]:  # `_track`'s steps, inline: its call costs a new key more than they do
+            segment = entry.segment
+            if now >= segment.until:
+                segment = self._open_segment(entry, now)
+            segment.keys.append(key)
+            full = now + decision[3]
+            if full > segment.latest:
+                segment.latest = full
             if now >= self._next_due:
                 self._look_at_due(now)
         return LimitResult(*decision)
@@ -475,18 +480,25 @@ class MemoryStore:
         consumed since it was queued (or reserved below zero) is not full when looked at and
         joins the open segment again. Looking at two due states per new one bounds the states
         held to about twice those not yet refilled, and the work per new state is the same
-        however many states are held: no walk over them.
+        however many states are held: no walk over them. `limit`, deciding one new key at a
+        time, takes these steps inline.
         """
         segment = limit.segment
-        if now >= segment.until:  # closed: start the next, due no sooner than its end
-            width = limit.bucket_width
-            segment = limit.segment = _Segment(limit.name, (now // width + 1) * width)
-            heapq.heappush(self._segments, (segment.until, next(self._segment_ids), segment))
-            if segment.until < self._next_due:
-                self._next_due = segment.until
+        if now >= segment.until:
+            segment = self._open_segment(limit, now)
         segment.keys.append(key)
         if full > segment.latest:
             segment.latest = full
+
+    def _open_segment(self, limit: _Limit, now: float) -> _Segment:
+        """Start `limit`'s next segment (its open one is closed at `now`), due no sooner than
+        its end."""
+        width = limit.bucket_width
+        segment = limit.segment = _Segment(limit.name, (now // width + 1) * width)
+        heapq.heappush(self._segments, (segment.until, next(self._segment_ids), segment))
+        if segment.until < self._next_due:
+            self._next_due = segment.until
+        return segment
 
     def _look_at_due(self, now: float) -> None:
         """Look at (up to) two due states: drop the full ones, queue the others again."""
@@ -514,7 +526,7 @@ class MemoryStore:
             held = limit.states.get(key) if limit is not None else None
             if limit is None or held is None:
                 continue  # reset already dropped it
-            when = full_at(limit.config, held)
+            when = limit.full_at(held)
             if when > now:
                 self._track(limit, key, now, when)
                 continue
@@ -877,6 +889,7 @@ class _Limit:
         "config",
         "decide",
         "first",
+        "full_at",
         "name",
         "segment",
         "states",
@@ -896,6 +909,7 @@ class _Limit:
         self.config = config
         self.decide = config.decider
         self.first = config.first
+        self.full_at = config.full_at
         #: The width of the expiry queue's segments of these states: a 64th of the period.
         self.bucket_width = config.period / 64
 
