@@ -411,8 +411,10 @@ def _compile(config: LimitConfig) -> Decider:
         value = available - count
         if value >= 0.0:
             states[key] = (value, ts)
-            full_in = ts + period * ceil((cap - value) / rate) - now if value < cap else 0.0
-            return (True, None, value, full_in)
+            missing = cap - value
+            if missing <= rate:  # one window's tokens fill it (the usual case): no division
+                return (True, None, value, ts + period - now if missing > 0 else 0.0)
+            return (True, None, value, ts + period * ceil(missing / rate) - now)
         retry = ts + period * ceil(-value / rate) - now
         if reserve:
             return over(states, key, available, value, ts, now, retry)
@@ -455,7 +457,9 @@ def _full_at(config: LimitConfig) -> Callable[[LimitState], float]:
     def fixed_window(state: LimitState) -> float:
         value, ts = state
         missing = cap - value
-        return ts + period * ceil(missing / rate) if missing > 0 else ts
+        if missing <= rate:  # one window's tokens fill it (the usual case): no division
+            return ts + period if missing > 0 else ts
+        return ts + period * ceil(missing / rate)
 
     return fixed_window
 

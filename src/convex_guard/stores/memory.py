@@ -170,7 +170,7 @@ class MemoryStore:
         # swept). A state found gone (reset) is skipped.
         self._segments: list[tuple[float, int, _Segment]] = []
         self._segment_ids = itertools.count()
-        self._sweep = _Segment("", -math.inf)
+        self._sweep: _Segment | None = None
         self._sweep_at = 0
         self._next_due = math.inf
         self._bot_events: list[BotEvent] = []  # in timestamp order
@@ -494,48 +494,56 @@ class MemoryStore:
         """Start `limit`'s next segment (its open one is closed at `now`), due no sooner than
         its end."""
         width = limit.bucket_width
-        segment = limit.segment = _Segment(limit.name, (now // width + 1) * width)
+        segment = limit.segment = _Segment(limit, (now // width + 1) * width)
         heapq.heappush(self._segments, (segment.until, next(self._segment_ids), segment))
         if segment.until < self._next_due:
             self._next_due = segment.until
         return segment
 
     def _look_at_due(self, now: float) -> None:
-        """Look at (up to) two due states: drop the full ones, queue the others again."""
-        segment = self._sweep
-        at = self._sweep_at
-        looked = 0
-        while looked < 2:
-            if at >= len(segment.keys):
-                segments = self._segments
-                if not segments or segments[0][0] > now:
-                    self._next_due = segments[0][0] if segments else math.inf
-                    self._sweep, self._sweep_at = _Segment("", -math.inf), 0
+        """Look at (up to) two due states: drop the full ones, queue the others again.
+
+        A segment keeps the entry its states were made in. Only the store's entry of a name
+        gains states (a plan resolves its entries again once one is dropped), so a state found
+        held is in the store's entry, and dropping the last one drops that entry.
+        """
+        segment, at = self._sweep, self._sweep_at
+        for _ in range(2):
+            if segment is None or at == len(segment.keys):
+                segment, at = self._due_segment(now), 0
+                if segment is None:
+                    self._sweep = None
                     return
-                segment = heapq.heappop(segments)[2]
-                at = 0
-                if segment.latest > now:  # closed, but its last state is not full yet
-                    entry = (segment.latest, next(self._segment_ids), segment)
-                    heapq.heappush(segments, entry)
-                    segment = _Segment("", -math.inf)
-                    continue
             key = segment.keys[at]
             at += 1
-            looked += 1
-            limit = self._limits.get(segment.name)
-            held = limit.states.get(key) if limit is not None else None
-            if limit is None or held is None:
-                continue  # reset already dropped it
+            limit = segment.limit
+            states = limit.states
+            held = states.get(key)
+            if held is None:
+                continue  # reset already dropped it (or its entry was dropped)
             when = limit.full_at(held)
             if when > now:
                 self._track(limit, key, now, when)
                 continue
-            del limit.states[key]
-            if not limit.states:
-                del self._limits[segment.name]
+            del states[key]
+            if not states:
+                del self._limits[limit.name]
                 self._version = object()
         self._sweep, self._sweep_at = segment, at
         self._next_due = -math.inf
+
+    def _due_segment(self, now: float) -> _Segment | None:
+        """The next segment whose states can all be full by `now`, taken off the queue; None,
+        with `_next_due` set, if there is none yet."""
+        segments = self._segments
+        while segments and segments[0][0] <= now:
+            segment = heapq.heappop(segments)[2]
+            if segment.latest <= now:
+                return segment
+            # Closed, but its last state is not full yet: due again when that one can be.
+            heapq.heappush(segments, (segment.latest, next(self._segment_ids), segment))
+        self._next_due = segments[0][0] if segments else math.inf
+        return None
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
         # The expiry queue skips states that are gone, so it needs no update here.
@@ -899,7 +907,7 @@ class _Limit:
         self.name = name
         self.states: dict[str | None, LimitState] = {}
         #: The expiry queue's open segment of these states (this one is closed).
-        self.segment = _Segment(name, -math.inf)
+        self.segment = _Segment(self, -math.inf)
         self.use(config)
 
     def __repr__(self) -> str:
@@ -918,10 +926,10 @@ class _Segment:
     """Keys of one limit's states created within one segment's width, until `until`, and the
     latest time one of them can be full (`latest`): the expiry queue's unit."""
 
-    __slots__ = ("keys", "latest", "name", "until")
+    __slots__ = ("keys", "latest", "limit", "until")
 
-    def __init__(self, name: str, until: float) -> None:
-        self.name = name
+    def __init__(self, limit: _Limit, until: float) -> None:
+        self.limit = limit
         self.until = until
         self.keys: list[str | None] = []
         self.latest = -math.inf
