@@ -413,7 +413,7 @@ def _compile(config: LimitConfig) -> Decider:
             states[key] = (value, ts)
             missing = cap - value
             if missing <= rate:  # one window's tokens fill it (the usual case): no division
-                return (True, None, value, ts + period - now if missing > 0 else 0.0)
+                return (True, None, value, ts + period - now if missing > 0.0 else 0.0)
             return (True, None, value, ts + period * ceil(missing / rate) - now)
         retry = ts + period * ceil(-value / rate) - now
         if reserve:
@@ -449,7 +449,7 @@ def _full_at(config: LimitConfig) -> Callable[[LimitState], float]:
         def token_bucket(state: LimitState) -> float:
             value, ts = state
             missing = cap - value
-            return ts + missing * period / rate if missing > 0 else ts
+            return ts + missing * period / rate if missing > 0.0 else ts
 
         return token_bucket
     ceil = math.ceil
@@ -458,7 +458,7 @@ def _full_at(config: LimitConfig) -> Callable[[LimitState], float]:
         value, ts = state
         missing = cap - value
         if missing <= rate:  # one window's tokens fill it (the usual case): no division
-            return ts + period if missing > 0 else ts
+            return ts + period if missing > 0.0 else ts
         return ts + period * ceil(missing / rate)
 
     return fixed_window

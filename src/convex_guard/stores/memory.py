@@ -282,6 +282,7 @@ class MemoryStore:
         # Each limit's state before this call (None: new), to roll back or track.
         before: list[LimitState | None] = []
         ok = True
+        made = False  # whether a state is new (cheaper kept than found by `None in before`)
         limits_by_name = self._limits
         for (name, config, count, reserve), key in zip(specs, keys):  # noqa: B905 (same length)
             entry = limits_by_name.get(name)
@@ -292,6 +293,7 @@ class MemoryStore:
             before.append(state)
             try:
                 if state is None:  # admitted (a full state is): stored for a second slot
+                    made = True
                     decision = entry.first(states, key, now, count, reserve, self._random)
                 else:
                     decision = entry.decide(states, key, state, now, count, reserve)
@@ -303,7 +305,7 @@ class MemoryStore:
             decisions.append(decision)
         if not ok:
             self._restore(specs, keys, before)
-        elif None in before:
+        elif made:
             entries = [limits_by_name[name] for name, _, _, _ in specs]
             self._track_new(entries, keys, before, decisions, now)
         return ok, decisions, now
@@ -327,12 +329,14 @@ class MemoryStore:
         numbers: list[int] = []
         before: list[LimitState | None] = []
         ok = True
+        made = False
         floor = math.floor
         for (states, decide, first, count, reserve), key in zip(plan.steps, keys):  # noqa: B905
             state = states.get(key)
             before.append(state)
             try:
                 if state is None:  # admitted (a full state is): stored for a second slot
+                    made = True
                     decision = first(states, key, now, count, reserve, self._random)
                 else:
                     decision = decide(states, key, state, now, count, reserve)
@@ -350,7 +354,7 @@ class MemoryStore:
             numbers.append(floor(-(-reset // 1000)))
         if not ok:
             self._restore(plan.specs, keys, before)
-        elif None in before:
+        elif made:
             self._track_new(plan.entries, keys, before, decisions, now)
         return ok, decisions, numbers, now
 
