@@ -302,14 +302,15 @@ def _first(config: LimitConfig) -> FirstDecider:
     ) -> Decision:
         ts = now - random() * period
         if count == 1.0 and one_fits:
-            value = one_left
-            span = one_span
+            value, span = one_left, one_span
         elif 0.0 <= count <= cap:
             value = cap - count
             span = period * ceil((cap - value) / rate) if value < cap else 0.0
         else:
             return decider(states, key, (cap, ts), now, count, reserve)
-        if not 0.0 <= now - ts < period:  # `now` rounded onto the next window's start
+        # The phase is in [0, 1), so `now` is in the drawn window, unless rounding puts it on
+        # the next one's start (the decider's `windows`, then 1).
+        if now - ts >= period:
             ts += ((now - ts) // period) * period
         states[key] = (value, ts)
         # `available` is `cap` in any window: no token was taken yet.
