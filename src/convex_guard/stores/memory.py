@@ -165,9 +165,9 @@ class MemoryStore:
         # The expiry queue: segments of new states' keys, one open per limit name at a time
         # (`_Limit.segment`), in a heap by the time they may be looked at: (due, sequence,
         # segment). Keys only, no (name, key) pair per state: a new state costs one append
-        # and one comparison. The segment being looked at is `_sweep`, from `_sweep_at` on;
-        # `_next_due` is when a new state must look at due ones (-inf while a segment is being
-        # swept). A state found gone (reset) is skipped.
+        # and one comparison. The segment being looked at (None: none) is `_sweep`, from
+        # `_sweep_at` on; `_next_due` is when a new state must look at due ones (-inf while a
+        # segment is being swept). A state found gone (reset) is skipped.
         self._segments: list[tuple[float, int, _Segment]] = []
         self._segment_ids = itertools.count()
         self._sweep: _Segment | None = None
