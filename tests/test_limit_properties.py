@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from datetime import timedelta
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from convex_guard import ConfigurationError, FixedWindow, LimitRequest, MemoryStore, TokenBucket
@@ -172,15 +173,17 @@ def test_memory_store_decides_like_the_pure_core(steps: list[tuple[int, int]]) -
     asyncio.run(run())
 
 
+@settings(max_examples=300)
 @given(
     kind=st.sampled_from(["token bucket", "fixed window", "aligned window"]),
-    rate=st.floats(0.5, 1e6),
+    rate=st.floats(0.5, 1e6) | st.floats(0.5, 4),  # a few tokens: a count of 1 is felt
     period=st.floats(1_000, 1e8),
     capacity=st.none() | st.floats(0.5, 1e6),
     max_reserved=st.none() | st.floats(0.5, 100),
     now=st.floats(0, 4e12),
     phase=st.floats(0, 1, exclude_max=True),
-    count=st.floats(-50, 200),
+    # A request's default count of 1 (as a float and an int) has its own shortcut.
+    count=st.sampled_from([1.0, 1]) | st.floats(-50, 200),
     reserve=st.booleans(),
 )
 def test_first_decision_is_the_deciders_on_a_fresh_state(
@@ -215,3 +218,61 @@ def test_first_decision_is_the_deciders_on_a_fresh_state(
     assert config.first(states, "k", now, count, reserve, lambda: phase) == expected
     assert states == expected_states
     assert expected[0]  # a full state admits every count the decider does not refuse
+
+
+def reference_fixed_window(
+    config: FixedWindow, state: tuple[float, float], now: float, count: float
+) -> tuple[tuple[float, float], float] | None:
+    """`calculateRateLimit` for a fixed window, written plainly: the state an admitted call
+    stores and its time to full (None if denied)."""
+    cap, rate, period = config.max, config.rate, config.period
+    available, ts = state
+    windows = (now - ts) // period
+    if windows:
+        available += rate * windows
+        ts += windows * period
+    available = min(available, cap)
+    value = available - count
+    if value < 0:
+        return None
+    full_in = ts + period * math.ceil((cap - value) / rate) - now if value < cap else 0.0
+    return (value, ts), full_in
+
+
+@settings(max_examples=300)
+@given(
+    rate=st.floats(0.5, 1e6),
+    period=st.floats(1_000, 1e8),
+    capacity=st.none() | st.floats(0.5, 1e6),
+    # Tokens missing, in windows' worth: within one window's refill, more, or reserved below.
+    missing=st.floats(-1, 3) | st.sampled_from([0.0, 1.0]),
+    ts=st.floats(0, 4e12),
+    # Time since the state's window began, in periods: the same window, later or earlier.
+    windows=st.floats(-3, 30) | st.floats(0, 1, exclude_max=True),
+    count=st.sampled_from([0.0, 1.0, 2.0]) | st.floats(0, 100),
+)
+def test_fixed_window_decider_is_the_plain_formula(
+    rate: float,
+    period: float,
+    capacity: float | None,
+    missing: float,
+    ts: float,
+    windows: float,
+    count: float,
+) -> None:
+    """The compiled decider's shortcuts (the same window without a division, one window's
+    refill without a ceiling) store and answer, to the last bit, what the plain formula does,
+    in the state's window, later ones and (an aligned start ahead of `now`) earlier ones."""
+    config = FixedWindow(rate=rate, period=period, capacity=capacity)
+    assume(count <= config.max)
+    state = (config.max - min(missing, 1.0) * config.rate, ts)
+    now = ts + windows * period
+    states: dict[str | None, tuple[float, float]] = {}
+    ok, _, remaining, reset = config.decider(states, "k", state, now, count, False)
+    expected = reference_fixed_window(config, state, now, count)
+    if expected is None:
+        assert not ok and not states
+        return
+    stored, full_in = expected
+    assert ok and states == {"k": stored}
+    assert (remaining, reset) == (stored[0], full_in)

@@ -135,6 +135,11 @@ def test_full_at_tells_when_state_can_be_forgotten() -> None:
     window = FixedWindow(rate=2, period=SECOND, capacity=5)
     assert full_at(window, (0.0, 0.0)) == 3_000  # ceil(5/2) windows
     assert full_at(window, (5.0, 7.0)) == 7.0
+    # Missing no more than one window's tokens: full at the next window, however few.
+    assert full_at(window, (3.0, 7.0)) == 1_007.0
+    assert full_at(window, (4.5, 7.0)) == 1_007.0
+    assert full_at(window, (2.5, 7.0)) == 2_007.0  # 2.5 missing: two windows
+    assert full_at(window, (-1.0, 7.0)) == 3_007.0  # reserved below zero: ceil(6/2)
 
 
 # -- configuration ---------------------------------------------------------------------------

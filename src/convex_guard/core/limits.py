@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import cached_property
@@ -105,6 +105,13 @@ class _LimitBase(BaseModel):
     def decider(self) -> Decider:
         """This config's decision function, built once with its numbers bound as locals."""
         return _compile(self)  # type: ignore[arg-type]
+
+    @cached_property
+    def full_at(self) -> Callable[[LimitState], float]:
+        """`full_at(state)`: the epoch ms from which a limit in `state` is full again, so the
+        state can be forgotten. Built once, as the decider is: a store asks it of every state
+        it may forget."""
+        return _full_at(self)  # type: ignore[arg-type]
 
     def to_convex(self) -> dict[str, object]:
         """The component's own config object, so both stores are handed the same numbers."""
@@ -245,12 +252,19 @@ def _first(config: LimitConfig) -> FirstDecider:
     # A store creates a state for every new key: this spares it building the full state and
     # reading it back. The arithmetic is the decider's on `fresh(now, random)`, term for term
     # (so the numbers are the same to the last bit); any other count goes to the decider.
+    # A request's own count is 1 unless it says otherwise, and what that count leaves of a full
+    # limit is the same for every key: it is worked out here, once, not per new key.
     cap = config.max
     rate = config.rate
     period = config.period
     decider = config.decider
+    ceil = math.ceil
+    one_fits = cap >= 1.0
+    one_left = cap - 1.0
     if config.kind == "token bucket":
         per_ms = rate / period
+        # What every new key is answered for a count of 1: nothing refills in no time.
+        one_answer: Decision = (True, None, one_left, (cap - one_left) / per_ms)
 
         def token_bucket(
             states: States,
@@ -260,6 +274,9 @@ def _first(config: LimitConfig) -> FirstDecider:
             reserve: bool,
             random: Callable[[], float],
         ) -> Decision:
+            if count == 1.0 and one_fits:
+                states[key] = (one_left, now)
+                return one_answer
             if not 0.0 <= count <= cap:
                 return decider(states, key, (cap, now), now, count, reserve)
             value = cap - count  # nothing refills in no time: `available` is `cap`
@@ -272,6 +289,8 @@ def _first(config: LimitConfig) -> FirstDecider:
         return lambda states, key, now, count, reserve, random: decider(
             states, key, (cap, start), now, count, reserve
         )
+    # How long a count of 1 keeps a new window from full, from the window's start.
+    one_span = period * ceil((cap - one_left) / rate) if one_left < cap else 0.0
 
     def fixed_window(
         states: States,
@@ -282,15 +301,20 @@ def _first(config: LimitConfig) -> FirstDecider:
         random: Callable[[], float],
     ) -> Decision:
         ts = now - random() * period
-        if not 0.0 <= count <= cap:
+        if count == 1.0 and one_fits:
+            value, span = one_left, one_span
+        elif 0.0 <= count <= cap:
+            value = cap - count
+            span = period * ceil((cap - value) / rate) if value < cap else 0.0
+        else:
             return decider(states, key, (cap, ts), now, count, reserve)
-        # `ts` is at most `now`, so `windows` is not negative and `available` is `cap`.
-        windows = (now - ts) // period
-        value = cap - count
-        ts += windows * period
+        # The phase is in [0, 1), so `now` is in the drawn window, unless rounding puts it on
+        # the next one's start (the decider's `windows`, then 1).
+        if now - ts >= period:
+            ts += ((now - ts) // period) * period
         states[key] = (value, ts)
-        full_in = ts + period * math.ceil((cap - value) / rate) - now if value < cap else 0.0
-        return (True, None, value, full_in)
+        # `available` is `cap` in any window: no token was taken yet.
+        return (True, None, value, ts + span - now if value < cap else 0.0)
 
     return fixed_window
 
@@ -323,6 +347,7 @@ def _compile(config: LimitConfig) -> Decider:
     rate = config.rate
     period = config.period
     max_reserved = config.max_reserved
+    ceil = math.ceil
 
     def over(
         states: States,
@@ -378,8 +403,8 @@ def _compile(config: LimitConfig) -> Decider:
         if not 0.0 <= count <= cap:
             check_count(None, config, count, reserve)
         available, ts = state
-        windows = (now - ts) // period
-        if windows:  # a later window: its tokens added (most calls fall in the same one)
+        if not 0.0 <= now - ts < period:  # another window (most calls fall in the same one)
+            windows = (now - ts) // period
             available += rate * windows
             ts += windows * period
         if available > cap:
@@ -387,9 +412,11 @@ def _compile(config: LimitConfig) -> Decider:
         value = available - count
         if value >= 0.0:
             states[key] = (value, ts)
-            full_in = ts + period * math.ceil((cap - value) / rate) - now if value < cap else 0.0
-            return (True, None, value, full_in)
-        retry = ts + period * math.ceil(-value / rate) - now
+            missing = cap - value
+            if missing <= rate:  # one window's tokens fill it (the usual case): no division
+                return (True, None, value, ts + period - now if missing > 0.0 else 0.0)
+            return (True, None, value, ts + period * ceil(missing / rate) - now)
+        retry = ts + period * ceil(-value / rate) - now
         if reserve:
             return over(states, key, available, value, ts, now, retry)
         still = available if available > 0 else 0.0
@@ -408,10 +435,34 @@ def _until_full(config: LimitConfig, value: float, ts: float, now: float) -> flo
     return ts + config.period * math.ceil(missing / config.rate) - now
 
 
-def full_at(config: LimitConfig, state: Sequence[float]) -> float:
+def full_at(config: LimitConfig, state: LimitState) -> float:
     """The epoch ms from which the limit is full again, so its state can be forgotten."""
-    value, ts = state
-    return ts + _until_full(config, value, ts, ts)
+    return config.full_at(state)
+
+
+def _full_at(config: LimitConfig) -> Callable[[LimitState], float]:
+    # `_until_full` from the state's own time, with the config's numbers bound as locals.
+    cap = config.max
+    rate = config.rate
+    period = config.period
+    if config.kind == "token bucket":
+
+        def token_bucket(state: LimitState) -> float:
+            value, ts = state
+            missing = cap - value
+            return ts + missing * period / rate if missing > 0.0 else ts
+
+        return token_bucket
+    ceil = math.ceil
+
+    def fixed_window(state: LimitState) -> float:
+        value, ts = state
+        missing = cap - value
+        if missing <= rate:  # one window's tokens fill it (the usual case): no division
+            return ts + period if missing > 0.0 else ts
+        return ts + period * ceil(missing / rate)
+
+    return fixed_window
 
 
 def refund_applies(config: LimitConfig, state: LimitState | None, now: float, since: float) -> bool:

@@ -25,7 +25,6 @@ from convex_guard.core.limits import (
     LimitState,
     States,
     check_count,
-    full_at,
     refund_applies,
 )
 from convex_guard.stores.alertbook import AlertBook
@@ -166,12 +165,12 @@ class MemoryStore:
         # The expiry queue: segments of new states' keys, one open per limit name at a time
         # (`_Limit.segment`), in a heap by the time they may be looked at: (due, sequence,
         # segment). Keys only, no (name, key) pair per state: a new state costs one append
-        # and one comparison. The segment being looked at is `_sweep`, from `_sweep_at` on;
-        # `_next_due` is when a new state must look at due ones (-inf while a segment is being
-        # swept). A state found gone (reset) is skipped.
+        # and one comparison. The segment being looked at (None: none) is `_sweep`, from
+        # `_sweep_at` on; `_next_due` is when a new state must look at due ones (-inf while a
+        # segment is being swept). A state found gone (reset) is skipped.
         self._segments: list[tuple[float, int, _Segment]] = []
         self._segment_ids = itertools.count()
-        self._sweep = _Segment("", -math.inf)
+        self._sweep: _Segment | None = None
         self._sweep_at = 0
         self._next_due = math.inf
         self._bot_events: list[BotEvent] = []  # in timestamp order
@@ -224,8 +223,14 @@ class MemoryStore:
             decision = entry.first(states, key, now, count, reserve, self._random)
         except ConfigurationError as exc:
             raise ConfigurationError(f"{exc} (limit {name!r})") from None
-        if decision[0]:
-            self._track(entry, key, now, now + decision[3])
+        if decision[0]:  # `_track`'s steps, inline: its call costs a new key more than they do
+            segment = entry.segment
+            if now >= segment.until:
+                segment = self._open_segment(entry, now)
+            segment.keys.append(key)
+            full = now + decision[3]
+            if full > segment.latest:
+                segment.latest = full
             if now >= self._next_due:
                 self._look_at_due(now)
         return LimitResult(*decision)
@@ -277,6 +282,7 @@ class MemoryStore:
         # Each limit's state before this call (None: new), to roll back or track.
         before: list[LimitState | None] = []
         ok = True
+        made = False  # whether a state is new (cheaper kept than found by `None in before`)
         limits_by_name = self._limits
         for (name, config, count, reserve), key in zip(specs, keys):  # noqa: B905 (same length)
             entry = limits_by_name.get(name)
@@ -287,6 +293,7 @@ class MemoryStore:
             before.append(state)
             try:
                 if state is None:  # admitted (a full state is): stored for a second slot
+                    made = True
                     decision = entry.first(states, key, now, count, reserve, self._random)
                 else:
                     decision = entry.decide(states, key, state, now, count, reserve)
@@ -298,7 +305,7 @@ class MemoryStore:
             decisions.append(decision)
         if not ok:
             self._restore(specs, keys, before)
-        elif None in before:
+        elif made:
             entries = [limits_by_name[name] for name, _, _, _ in specs]
             self._track_new(entries, keys, before, decisions, now)
         return ok, decisions, now
@@ -322,12 +329,14 @@ class MemoryStore:
         numbers: list[int] = []
         before: list[LimitState | None] = []
         ok = True
+        made = False
         floor = math.floor
         for (states, decide, first, count, reserve), key in zip(plan.steps, keys):  # noqa: B905
             state = states.get(key)
             before.append(state)
             try:
                 if state is None:  # admitted (a full state is): stored for a second slot
+                    made = True
                     decision = first(states, key, now, count, reserve, self._random)
                 else:
                     decision = decide(states, key, state, now, count, reserve)
@@ -345,7 +354,7 @@ class MemoryStore:
             numbers.append(floor(-(-reset // 1000)))
         if not ok:
             self._restore(plan.specs, keys, before)
-        elif None in before:
+        elif made:
             self._track_new(plan.entries, keys, before, decisions, now)
         return ok, decisions, numbers, now
 
@@ -475,55 +484,70 @@ class MemoryStore:
         consumed since it was queued (or reserved below zero) is not full when looked at and
         joins the open segment again. Looking at two due states per new one bounds the states
         held to about twice those not yet refilled, and the work per new state is the same
-        however many states are held: no walk over them.
+        however many states are held: no walk over them. `limit`, deciding one new key at a
+        time, takes these steps inline.
         """
         segment = limit.segment
-        if now >= segment.until:  # closed: start the next, due no sooner than its end
-            width = limit.bucket_width
-            segment = limit.segment = _Segment(limit.name, (now // width + 1) * width)
-            heapq.heappush(self._segments, (segment.until, next(self._segment_ids), segment))
-            if segment.until < self._next_due:
-                self._next_due = segment.until
+        if now >= segment.until:
+            segment = self._open_segment(limit, now)
         segment.keys.append(key)
         if full > segment.latest:
             segment.latest = full
 
+    def _open_segment(self, limit: _Limit, now: float) -> _Segment:
+        """Start `limit`'s next segment (its open one is closed at `now`), due no sooner than
+        its end."""
+        width = limit.bucket_width
+        segment = limit.segment = _Segment(limit, (now // width + 1) * width)
+        heapq.heappush(self._segments, (segment.until, next(self._segment_ids), segment))
+        if segment.until < self._next_due:
+            self._next_due = segment.until
+        return segment
+
     def _look_at_due(self, now: float) -> None:
-        """Look at (up to) two due states: drop the full ones, queue the others again."""
-        segment = self._sweep
-        at = self._sweep_at
-        looked = 0
-        while looked < 2:
-            if at >= len(segment.keys):
-                segments = self._segments
-                if not segments or segments[0][0] > now:
-                    self._next_due = segments[0][0] if segments else math.inf
-                    self._sweep, self._sweep_at = _Segment("", -math.inf), 0
+        """Look at (up to) two due states: drop the full ones, queue the others again.
+
+        A segment keeps the entry its states were made in. Only the store's entry of a name
+        gains states (a plan resolves its entries again once one is dropped), so a state found
+        held is in the store's entry, and dropping the last one drops that entry.
+        """
+        segment, at = self._sweep, self._sweep_at
+        for _ in range(2):
+            if segment is None or at == len(segment.keys):
+                segment, at = self._due_segment(now), 0
+                if segment is None:
+                    self._sweep = None
                     return
-                segment = heapq.heappop(segments)[2]
-                at = 0
-                if segment.latest > now:  # closed, but its last state is not full yet
-                    entry = (segment.latest, next(self._segment_ids), segment)
-                    heapq.heappush(segments, entry)
-                    segment = _Segment("", -math.inf)
-                    continue
             key = segment.keys[at]
             at += 1
-            looked += 1
-            limit = self._limits.get(segment.name)
-            held = limit.states.get(key) if limit is not None else None
-            if limit is None or held is None:
-                continue  # reset already dropped it
-            when = full_at(limit.config, held)
+            limit = segment.limit
+            states = limit.states
+            held = states.get(key)
+            if held is None:
+                continue  # reset already dropped it (or its entry was dropped)
+            when = limit.full_at(held)
             if when > now:
                 self._track(limit, key, now, when)
                 continue
-            del limit.states[key]
-            if not limit.states:
-                del self._limits[segment.name]
+            del states[key]
+            if not states:
+                del self._limits[limit.name]
                 self._version = object()
         self._sweep, self._sweep_at = segment, at
         self._next_due = -math.inf
+
+    def _due_segment(self, now: float) -> _Segment | None:
+        """The next segment whose states can all be full by `now`, taken off the queue; None,
+        with `_next_due` set, if there is none yet."""
+        segments = self._segments
+        while segments and segments[0][0] <= now:
+            segment = heapq.heappop(segments)[2]
+            if segment.latest <= now:
+                return segment
+            # Closed, but its last state is not full yet: due again when that one can be.
+            heapq.heappush(segments, (segment.latest, next(self._segment_ids), segment))
+        self._next_due = segments[0][0] if segments else math.inf
+        return None
 
     async def reset(self, name: str, *, key: str | None = None) -> None:
         # The expiry queue skips states that are gone, so it needs no update here.
@@ -877,6 +901,7 @@ class _Limit:
         "config",
         "decide",
         "first",
+        "full_at",
         "name",
         "segment",
         "states",
@@ -886,7 +911,7 @@ class _Limit:
         self.name = name
         self.states: dict[str | None, LimitState] = {}
         #: The expiry queue's open segment of these states (this one is closed).
-        self.segment = _Segment(name, -math.inf)
+        self.segment = _Segment(self, -math.inf)
         self.use(config)
 
     def __repr__(self) -> str:
@@ -896,6 +921,7 @@ class _Limit:
         self.config = config
         self.decide = config.decider
         self.first = config.first
+        self.full_at = config.full_at
         #: The width of the expiry queue's segments of these states: a 64th of the period.
         self.bucket_width = config.period / 64
 
@@ -904,10 +930,10 @@ class _Segment:
     """Keys of one limit's states created within one segment's width, until `until`, and the
     latest time one of them can be full (`latest`): the expiry queue's unit."""
 
-    __slots__ = ("keys", "latest", "name", "until")
+    __slots__ = ("keys", "latest", "limit", "until")
 
-    def __init__(self, name: str, until: float) -> None:
-        self.name = name
+    def __init__(self, limit: _Limit, until: float) -> None:
+        self.limit = limit
         self.until = until
         self.keys: list[str | None] = []
         self.latest = -math.inf
