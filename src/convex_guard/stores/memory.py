@@ -6,12 +6,13 @@ import bisect
 import heapq
 import itertools
 import math
+import operator
 import random as _random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 from convex_guard.core.alerts import AlertRule
 from convex_guard.core.errors import ConfigurationError
@@ -530,7 +531,7 @@ class MemoryStore:
                 self._track(limit, key, now, when)
                 continue
             del states[key]
-            if not states:
+            if not states and self._limits.get(limit.name) is limit:
                 del self._limits[limit.name]
                 self._version = object()
         self._sweep, self._sweep_at = segment, at
@@ -954,6 +955,9 @@ def _forget(index: dict[str, list[float]], key: str, timestamp: float) -> None:
         del index[key]
 
 
+_ITEMS: Final = operator.itemgetter(slice(None))  # `row[:]`: a plain tuple of the row's items
+
+
 class _Rows(Generic[R]):
     """A bounded table of rows, held as plain tuples: up to `max_rows`, oldest dropped first.
 
@@ -974,8 +978,9 @@ class _Rows(Generic[R]):
         self._dropped_until = -math.inf
 
     def extend(self, rows: Iterable[R]) -> None:
-        # One C loop over the batch (`map`), no bytecode per row.
-        new = list(map(tuple, rows))
+        # One C loop over the batch (`map`), no bytecode per row; `row[:]` copies the items
+        # in one step where `tuple(row)` iterates a named tuple item by item.
+        new = list(map(_ITEMS, rows))
         kept = self._rows
         assert kept.maxlen is not None
         overflow = len(kept) + len(new) - kept.maxlen
