@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 from datetime import timedelta
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -301,13 +302,53 @@ async def test_a_planned_decision_is_the_decision_of_decide_all_with_its_field_n
         clock.now += 7_001
         ok, decisions, numbers, now = planned.decide_planned(plan, [key, None])
         assert (ok, decisions, now) == general.decide_all(specs, [key, None])
-        assert numbers == [
+        # As the field prints them (`%d`): the remaining quota rounded down, the seconds up.
+        assert [int(n) for n in numbers] == [
             n
             for _, _, remaining, reset in decisions
-            for n in (math.floor(remaining), math.ceil(reset / 1000))
+            for n in (math.floor(remaining), math.ceil(Fraction(reset) / 1000))
         ]
     assert not ok  # the window's two were spent: the bucket's token given back
     assert planned._limits["bucket"].states == general._limits["bucket"].states
+
+
+@given(st.floats(min_value=-0.5, max_value=1e15, allow_nan=False))
+def test_the_seconds_to_full_are_the_exact_ceiling_of_the_milliseconds(reset: float) -> None:
+    """The field's seconds, computed in integers from a decision's milliseconds, are the exact
+    ceiling of the quotient (0 for a rounding error below zero), never one rounded first."""
+    store = MemoryStore(clock=Clock())
+    plan = LimitPlan([("x", FixedWindow(rate=1, period=MINUTE, start=0), 1.0, False)])
+    store._resolve(plan)
+    (states, _, _, count, reserve, slot) = plan.steps[0]
+    verdict = (True, 0.0, 0.0, reset)
+    plan.steps = ((states, lambda *_: verdict, lambda *_: verdict, count, reserve, slot),)
+    plan.version = store._version
+    _, _, numbers, _ = store.decide_planned(plan, ["k"])
+    assert numbers[1] == max(0, math.ceil(Fraction(reset) / 1000))
+
+
+async def test_a_plans_slots_pick_each_limits_key_from_the_callers_values() -> None:
+    """With `slots`, each limit decides the key at its slot of the values it is handed, so
+    two limits may share a key and a value may serve none; a rollback restores those keys."""
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    window = FixedWindow(rate=1, period=MINUTE, start=0)
+    specs: list[LimitSpec] = [
+        ("per-ip", TokenBucket(rate=5, period=MINUTE), 1.0, False),
+        ("per-user", window, 1.0, False),
+    ]
+    plan = LimitPlan(specs, slots=(2, 0))
+    assert plan.keys(["u", "unused", "1.2.3.4"]) == ("1.2.3.4", "u")
+    assert store.decide_planned(plan, ["u", "unused", "1.2.3.4"])[0]
+    assert set(store._limits["per-ip"].states) == {"1.2.3.4"}
+    assert set(store._limits["per-user"].states) == {"u"}
+    before = store._limits["per-ip"].states["1.2.3.4"]
+    assert not store.decide_planned(plan, ["u", "other", "1.2.3.4"])[0]
+    assert store._limits["per-ip"].states["1.2.3.4"] == before  # given back
+    with pytest.raises(ValueError, match="2 limits need as many slots, not 1"):
+        LimitPlan(specs, slots=(0,))
+    assert LimitPlan(specs[:1], slots=(1,)).keys(["a", "b"]) == ("b",)
+    assert LimitPlan([]).keys(["a"]) == ()
 
 
 async def test_a_plan_follows_its_limits_when_the_store_drops_or_reconfigures_them() -> None:

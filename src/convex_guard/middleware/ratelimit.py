@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import operator
 import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, cast
@@ -13,6 +12,7 @@ from typing import Any, cast
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope
 
+from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.estimates import DEFAULT_ESTIMATE
 from convex_guard.core.limits import Decision, LimitResult
@@ -42,7 +42,6 @@ from convex_guard.middleware.rules import (
     RateLimitItems,
     Rule,
     closest_to_exhaustion,
-    ip_key,
     policy_item,
     ratelimit_field,
     ratelimit_template,
@@ -228,19 +227,19 @@ class RateLimitMiddleware(StepMiddleware):
     ) -> Before:
         """The fast path (see the class docstring): the route's keys, one call of the
         MemoryStore's decision core, and the two fields from its flat numbers."""
-        plan, keys = _applying(scope, ctx, matched, plan)
+        plan, values = _applying(scope, ctx, matched, plan)
         if not plan.specs:
             return None
         memory = self._memory
         assert memory is not None  # a plan is made only for a MemoryStore
         try:
-            ok, decisions, numbers, now = memory.decide_planned(plan.limits, keys)
+            ok, decisions, numbers, now = memory.decide_planned(plan.limits, values)
         except Exception:
             # Decided again by the general path, which answers by the rules' fail policies.
-            return self._decide(scope, ctx, matched, plan.rules, plan.requests(keys), None)
+            return self._decide(scope, ctx, matched, plan.rules, plan.requests(values), None)
         if not ok:
             outcome = CheckResult(False, tuple([LimitResult(*d) for d in decisions]), None, now)
-            return self._answer(scope, ctx, matched, plan.rules, plan.requests(keys), outcome)
+            return self._answer(scope, ctx, matched, plan.rules, plan.requests(values), outcome)
         ctx.limits = _Seen(ctx.limits, plan.names, decisions)
         single = plan.single
         if single is None:
@@ -261,9 +260,10 @@ class RateLimitMiddleware(StepMiddleware):
         body, payload, refusal = await _read_payload(scope, receive, ctx, matched)
         if refusal is not None:
             return refusal
-        plan, keys = _applying(scope, ctx, matched, plan)
+        plan, values = _applying(scope, ctx, matched, plan)
         if not plan.specs:
             return None
+        keys = plan.limits.keys(values)
         model = payload.get("model") if isinstance(payload, dict) else None
         model = model if isinstance(model, str) else None
         specs: list[LimitSpec] = []
@@ -732,7 +732,6 @@ class _Plan:
     fields they answer with."""
 
     __slots__ = (
-        "keys",
         "limits",
         "names",
         "policy",
@@ -752,37 +751,23 @@ class _Plan:
             [(rule.name, rule.config, cast(float, rule.count), False) for rule in rules]
         )
         self.slots = tuple([_SLOTS[cast(str, rule.key)] for rule in rules])
-        #: `keys(values)`: each rule's key, read by one C call instead of a comprehension
-        #: (whose frame costs more than the reads).
-        self.keys: Callable[[tuple[str | None, ...]], tuple[str | None, ...]] = _key_reader(
-            self.slots
-        )
-        #: The specs with the store's entries they resolve to (`MemoryStore.decide_planned`).
-        self.limits = LimitPlan(self.specs)
+        #: The specs with the store's entries they resolve to, each keyed by its slot of
+        #: `_applying`'s values (`MemoryStore.decide_planned`).
+        self.limits = LimitPlan(self.specs, self.slots)
         #: Whether token or cost rules are among them (`_reserve_now` decides such a plan).
         self.reserving = any(rule.settled for rule in rules)
         _, self.policy, self.template = _fields(rules)
         self.single = None if single is None else tuple([single[rule.name] for rule in rules])
 
-    def requests(self, keys: Sequence[str | None]) -> list[LimitRequest]:
-        """What the general path asks of the store for the same decision."""
+    def requests(self, values: tuple[str | None, ...]) -> list[LimitRequest]:
+        """What the general path asks of the store for the same decision (`values`: as
+        `_applying` answers them)."""
         return [
             LimitRequest(name, config, key, count)
-            for (name, config, count, _), key in zip(self.specs, keys, strict=True)
+            for (name, config, count, _), key in zip(
+                self.specs, self.limits.keys(values), strict=True
+            )
         ]
-
-
-def _key_reader(
-    slots: tuple[int, ...],
-) -> Callable[[tuple[str | None, ...]], tuple[str | None, ...]]:
-    """The plan's keys from `_applying`'s values, always as a tuple (an `itemgetter` of one
-    index answers the item itself, of none cannot be made)."""
-    if len(slots) > 1:
-        return operator.itemgetter(*slots)
-    if slots:
-        (slot,) = slots
-        return lambda values: (values[slot],)
-    return lambda values: ()
 
 
 class _Matched:
@@ -927,13 +912,14 @@ def _announce(ctx: GuardContext, policy: bytes, field: bytes) -> None:
 def _applying(
     scope: Scope, ctx: GuardContext, matched: _Matched, plan: _Plan
 ) -> tuple[_Plan, tuple[str | None, ...]]:
-    """The plan of the rules that apply to this caller (those whose key it has) and their
-    keys, for the fast paths."""
+    """The plan of the rules that apply to this caller (those whose key it has) and the
+    values their keys are read from (by `_SLOTS`), for the fast paths."""
     user = user_key(scope, ctx) if matched.by_user else None
-    # By `_SLOTS`: what each kind of rule is keyed by (as `Rule.resolve_key` reads it).
+    # By `_SLOTS`: what each kind of rule is keyed by (as `Rule.resolve_key` reads it; the
+    # "ip" rule's `ip_key` inline).
     values = (
         None,
-        ip_key(scope, ctx) if matched.by_ip else None,
+        (ctx.client_key or peer_ip(scope)) if matched.by_ip else None,
         user,
         ctx.api_key_id,
         ctx.fingerprint,
@@ -942,7 +928,7 @@ def _applying(
         if values[slot] is None:  # an anonymous caller: its rules do not apply
             plan = matched.without(values)
             break
-    return plan, plan.keys(values)
+    return plan, values
 
 
 def _reservations_asked(

@@ -74,7 +74,7 @@ LimitSpec = tuple[str, LimitConfig, float, bool]
 Random = Callable[[], float]
 #: What `MemoryStore.decide_planned` answers: (all admitted, each limit's decision, the
 #: numbers of each one's `RateLimit` item in order, now).
-PlannedDecision = tuple[bool, list[Decision], list[int], float]
+PlannedDecision = tuple[bool, list[Decision], list[float], float]
 R = TypeVar("R", AIRequestLog, EmbeddingRequestLog, AuthFailure, "_KeyUse")
 
 #: How many applied batch ids a MemoryStore remembers to make retries idempotent.
@@ -311,28 +311,34 @@ class MemoryStore:
             self._track_new(entries, keys, before, decisions, now)
         return ok, decisions, now
 
-    def decide_planned(self, plan: LimitPlan, keys: Sequence[str | None]) -> PlannedDecision:
-        """`decide_all` of a plan's specs, at this store's clock, with the numbers of each
+    def decide_planned(self, plan: LimitPlan, values: Sequence[str | None]) -> PlannedDecision:
+        """`decide_all` of a plan's specs, each for its key in `values` (at the plan's
+        `slots`), at this store's clock, with the numbers of each
         limit's `RateLimit` field item (draft-ietf-httpapi-ratelimit-headers): its remaining
         quota rounded down and the seconds until it is full again rounded up, both whole.
 
         The rate limiter's fast path, called for every request of a route: the plan's states
         are found by name once (again only when this store made, dropped or reconfigured a
         name since), and the field's numbers are worked out in the same pass as the decisions
-        (`-(-reset // 1000)`: the exact ceiling, where `ceil(reset / 1000)` would round the
-        quotient first; ints, which `%d` formats directly). Otherwise `decide_all`'s decision,
-        rollback and expiry queue, step for step.
+        (the remaining quota as decided, which `%d` rounds down, never being negative; the
+        seconds as `(ceil(reset) + 999) // 1000`, the exact ceiling in integers, where
+        `ceil(reset / 1000)` would round the quotient first and a float floor division costs
+        more than the decision's arithmetic). Each limit reads its key off `values` at its
+        slot, so a caller with the keys in one tuple passes that tuple as it is: the keys in
+        the plan's order are made only for a rollback or new states. Otherwise `decide_all`'s
+        decision, rollback and expiry queue, step for step.
         """
         now = _time() * 1000.0 if self._wall else self._clock()
         if plan.version is not self._version:
             self._resolve(plan)
         decisions: list[Decision] = []
-        numbers: list[int] = []
+        numbers: list[float] = []
         before: list[LimitState | None] = []
         ok = True
         made = False
-        floor = math.floor
-        for (states, decide, first, count, reserve), key in zip(plan.steps, keys):  # noqa: B905
+        ceil = math.ceil
+        for states, decide, first, count, reserve, slot in plan.steps:
+            key = values[slot]
             state = states.get(key)
             before.append(state)
             try:
@@ -342,21 +348,20 @@ class MemoryStore:
                 else:
                     decision = decide(states, key, state, now, count, reserve)
             except ConfigurationError as exc:
-                self._restore(plan.specs, keys, before)
+                self._restore(plan.specs, plan.keys(values), before)
                 name = plan.specs[len(before) - 1][0]
                 raise ConfigurationError(f"{exc} (limit {name!r})") from None
-            admitted, _, remaining, reset = decision
-            if not admitted:
+            if not decision[0]:
                 ok = False
             decisions.append(decision)
             # No clamp at zero: this store's deciders never answer a negative remaining, and a
             # reset below zero only by a rounding error, which the ceiling takes to 0.
-            numbers.append(floor(remaining))
-            numbers.append(floor(-(-reset // 1000)))
+            numbers.append(decision[2])
+            numbers.append((ceil(decision[3]) + 999) // 1000)
         if not ok:
-            self._restore(plan.specs, keys, before)
+            self._restore(plan.specs, plan.keys(values), before)
         elif made:
-            self._track_new(plan.entries, keys, before, decisions, now)
+            self._track_new(plan.entries, plan.keys(values), before, decisions, now)
         return ok, decisions, numbers, now
 
     def _resolve(self, plan: LimitPlan) -> None:
@@ -365,8 +370,10 @@ class MemoryStore:
         plan.entries = tuple(entries)
         plan.steps = tuple(
             [
-                (entry.states, entry.decide, entry.first, count, reserve)
-                for entry, (_, _, count, reserve) in zip(entries, plan.specs, strict=True)
+                (entry.states, entry.decide, entry.first, count, reserve, slot)
+                for entry, (_, _, count, reserve), slot in zip(
+                    entries, plan.specs, plan.slots, strict=True
+                )
             ]
         )
         # After all of them: making an entry gives the store a new version.
@@ -876,18 +883,35 @@ class MemoryStore:
 
 class LimitPlan:
     """Limits decided together again and again (a route's rules): what
-    `MemoryStore.decide_planned` asks of each, with the store's entries they resolve to, kept
-    between calls so that a decision looks no name up."""
+    `MemoryStore.decide_planned` asks of each, where in the caller's values its key is
+    (`slots`; by default each limit's key at its own index), with the store's entries they
+    resolve to, kept between calls so that a decision looks no name up."""
 
-    __slots__ = ("entries", "specs", "steps", "version")
+    __slots__ = ("entries", "keys", "slots", "specs", "steps", "version")
 
-    def __init__(self, specs: Sequence[LimitSpec]) -> None:
+    def __init__(self, specs: Sequence[LimitSpec], slots: Sequence[int] | None = None) -> None:
         self.specs = tuple(specs)
+        self.slots = tuple(range(len(self.specs)) if slots is None else slots)
+        if len(self.slots) != len(self.specs):
+            raise ValueError(f"{len(self.specs)} limits need as many slots, not {len(self.slots)}")
+        #: `keys(values)`: each limit's key, in order, read by one C call (an `itemgetter`).
+        self.keys = _key_reader(self.slots)
         self.entries: tuple[_Limit, ...] = ()
-        #: Per spec: its states, decider, first decider, count and reserve.
-        self.steps: tuple[tuple[States, Decider, FirstDecider, float, bool], ...] = ()
+        #: Per spec: its states, decider, first decider, count, reserve and slot.
+        self.steps: tuple[tuple[States, Decider, FirstDecider, float, bool, int], ...] = ()
         #: The store version `entries` were resolved under (none yet).
         self.version: object = None
+
+
+def _key_reader(slots: tuple[int, ...]) -> Callable[[Sequence[str | None]], tuple[str | None, ...]]:
+    """The keys at `slots` of a plan's values, always as a tuple (an `itemgetter` of one index
+    answers the item itself, of none cannot be made)."""
+    if len(slots) > 1:
+        return operator.itemgetter(*slots)
+    if slots:
+        (slot,) = slots
+        return lambda values: (values[slot],)
+    return lambda values: ()
 
 
 class _Limit:
