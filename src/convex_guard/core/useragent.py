@@ -6,7 +6,7 @@ import json
 import re
 import re._parser as _sre  # type: ignore[import-not-found]  # keys of a pattern without examples
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final, Literal, NamedTuple, get_args
@@ -619,6 +619,107 @@ def _build(
     return frozen, overrides, provenance
 
 
+def _spelled(items: Any) -> list[str] | None:
+    """The texts a parsed regex of literals, groups and alternatives matches (None if it has
+    anything else: a class, a wildcard, a repeat, an anchor inside)."""
+    texts = [""]
+    for op, av in items:
+        if op is _sre.LITERAL:
+            alternatives: list[str] | None = [chr(av)]
+        elif op is _sre.SUBPATTERN:
+            alternatives = _spelled(av[-1])
+        elif op is _sre.BRANCH:
+            alternatives = []
+            for branch in av[1]:
+                sub = _spelled(branch)
+                if sub is None:
+                    return None
+                alternatives.extend(sub)
+        else:
+            return None
+        if alternatives is None:
+            return None
+        texts = [t + a for t in texts for a in alternatives]
+        if len(texts) > _EXPANSIONS:
+            return None
+    return texts
+
+
+def _whole_agents(sources: Iterable[AgentSource]) -> dict[str, UserAgentVerdict]:
+    """The user-agents a list names whole, by their text stripped and in lower case.
+
+    A pattern anchored at both ends that spells out a few texts (device-detector's
+    ``^(?:chrome|desktop|node|…)$``, ``^Google$``) names clients that send that word and
+    nothing else: scripts, which no browser resembles. The prefilter cannot wake such a
+    pattern when its words are browser tokens ("chrome") or too weak to be keys ("desktop"),
+    so the whole user-agent is looked up instead (a short one: see `_WHOLE_LENGTH`).
+    """
+    whole: dict[str, UserAgentVerdict] = {}
+    for pattern, category in _anchored_patterns(sources):
+        if not pattern.endswith("$"):
+            continue
+        for text in _spelled(_sre.parse(pattern[1:-1])) or ():
+            key = text.strip().lower()
+            if key and len(key) < _WHOLE_LENGTH:
+                whole.setdefault(key, UserAgentVerdict(True, category, text.strip()))
+    return whole
+
+
+def _starting_agents(
+    sources: Iterable[AgentSource],
+) -> tuple[tuple[str, re.Pattern[str], UserAgentVerdict], ...]:
+    """The agents a list knows by how their user-agent begins (``^BW/``, ``^ds9``), each
+    with the text it begins with, its pattern and its verdict.
+
+    Some are too short or too weak to key ("bw", "silk"), so the prefilter never wakes
+    them: a user-agent that nothing else claimed is checked against their beginnings (one
+    `str.startswith` of them all, see `_started`).
+    """
+    found: list[tuple[str, re.Pattern[str], UserAgentVerdict]] = []
+    for pattern, category in _anchored_patterns(sources):
+        if pattern.endswith("$"):
+            continue  # a whole user-agent: `_whole_agents`
+        lead = _LITERAL_RE.match(pattern, 1)
+        if lead is None:
+            continue
+        text = re.sub(r"\\(.)", r"\1", lead[0])
+        name = text.strip(" /;:()+-_.")
+        if len(name) < 2:
+            continue
+        regex = re.compile(_lower_pattern(pattern))
+        found.append((text.lower(), regex, UserAgentVerdict(True, category, name)))
+    return tuple(found)
+
+
+def _anchored_patterns(sources: Iterable[AgentSource]) -> Iterator[tuple[str, BotCategory]]:
+    """The patterns of the lists that are anchored at the start, each with its category."""
+    for source in sources:
+        if source.kind == "names":
+            continue
+        document = _load_json(source.package, source.resource)
+        entries = document if source.entries is None else document[source.entries]
+        for entry in entries:
+            pattern: str = entry["pattern"]
+            if not pattern.startswith("^"):
+                continue
+            if source.kind == "regexes":
+                category = _category(entry["category"])
+            else:
+                tags = [_TAG_CATEGORY.get(tag, "other_bot") for tag in entry.get("tags", ())]
+                category = min(tags, key=_RANKED.index) if tags else "other_bot"
+            yield pattern, category
+
+
+def _started(lowered: str) -> UserAgentVerdict | None:
+    """The agent a list knows by how its user-agent begins (see `_starting_agents`)."""
+    if not lowered.startswith(_STARTS):
+        return None
+    for start, regex, verdict in _STARTING:
+        if lowered.startswith(start) and regex.match(lowered):
+            return verdict
+    return None
+
+
 # Names that are also plain words ("Devin", "Operator"), whatever list they come from:
 # weak evidence, like a generic word (see `_Rule.anywhere` and `classify_user_agent_uncached`).
 _COMMON_WORDS: Final = frozenset(n.lower() for n in _load_json(*CORRECTIONS)["version_required"])
@@ -639,6 +740,12 @@ _PHONE_PLATFORMS: Final = frozenset(
 # The generic words are prefilter keys too: one set test per request answers both questions.
 # So are "http" and "https", which stand alone in every URL: one substring test fewer.
 _KEYS: Final = frozenset(_INDEX) | _GENERIC_KEYS | {b"http", b"https"}
+#: How short a user-agent is looked at whole: its stripped, lower-cased text is checked against
+#: the placeholders and the agents named whole (`_WHOLE`).
+_WHOLE_LENGTH: Final = 32
+_WHOLE: Final = _whole_agents(SOURCES)
+_STARTING: Final = _starting_agents(SOURCES)
+_STARTS: Final = tuple(start for start, _, _ in _STARTING)
 _NO_RULES: Final[tuple[_Rule, ...]] = ()
 
 # AI agents by name without separators, for the last look at a user-agent no rule confirmed
@@ -914,10 +1021,13 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         ua = _fold(ua)
         raw = ua.encode("ascii", "replace")
     size = len(ua)
-    if size < 32:
+    if size < _WHOLE_LENGTH:
         stripped = ua.strip().lower()
         if len(stripped) < 4 or stripped in _PLACEHOLDERS:
             return _SUSPICIOUS
+        whole = _WHOLE.get(stripped)
+        if whole is not None:
+            return whole
     elif size > MAX_LENGTH:
         return _classify_long(ua)
     letters = raw.translate(_TOKEN_TABLE)  # `_tokens` inlined: a call costs ~10%
@@ -937,7 +1047,7 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         elif len(tokens) > 6 and tokens[0] == b"mozilla":
             return _HUMAN  # every browser; a short or odd user-agent gets the closer look
         else:
-            verdict = _disguised(lowered) or _bare(ua, tokens)
+            verdict = _disguised(lowered) or _bare(ua, tokens) or _started(lowered)
     else:
         verdict = _match_known(ua, lowered, hits)
         listed = verdict is not None and verdict.category != "http_library"
