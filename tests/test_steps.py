@@ -77,11 +77,11 @@ class Tag(StepMiddleware):
 
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> None:
         ctx.response_headers = [(b"x-tag", b"1")]
-        ctx.log_entry = LogEntry(None, 0.0)
+        ctx.log_entry = LogEntry(None)
 
     def after(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
         assert ctx.log_entry is not None
-        self.seen.append((ctx.log_entry.status, type(raised).__name__ if raised else None))
+        self.seen.append((ctx.status, type(raised).__name__ if raised else None))
 
 
 async def hello(request: Request) -> PlainTextResponse:

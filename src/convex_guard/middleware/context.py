@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -12,7 +11,7 @@ from starlette.types import ASGIApp, Receive
 
 from convex_guard.core.fingerprint import DEFAULT_FIELDS
 from convex_guard.core.headers import RequestHeaders, header_reader
-from convex_guard.core.limits import LimitConfig, LimitResult
+from convex_guard.core.limits import Decision, LimitConfig, LimitResult
 from convex_guard.core.streamusage import UsageReader
 from convex_guard.stores.base import BotAction, BotCheck, BotVerdict, KeyQuota
 
@@ -96,7 +95,12 @@ class GuardContext:
     #: A flagged request's bot check, left for the rate-limit middleware to decide in the same
     #: store call as the limits (set only when bot detection defers to it).
     pending_bot: PendingBot | None = None
-    limits: MutableMapping[str, LimitResult] = field(default_factory=dict)
+    #: The fast path's decisions not yet made `limits` entries: (rule names, decisions), set by
+    #: the rate limiter (`decide`), made into `LimitResult`s only when something reads
+    #: `limits`, which most requests never do.
+    decided: tuple[tuple[str, ...], list[Decision]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
     #: Why the guard itself answered (e.g. "rate_limited:ipAIRequests"), for the request log.
     rejected: str | None = None
     #: What a shadow rule or a guard in shadow mode would have refused the request for, in
@@ -105,8 +109,9 @@ class GuardContext:
     #: What `report_usage` recorded; None until the app reports something (most requests
     #: never do, so none pays for an empty one).
     usage: Usage | None = None
-    #: The request logger's entry while the request is in flight (None: not logged); the
-    #: runner records the response's status in it (`middleware/steps.py`).
+    #: What the request logger's row says of the request's route (None: not logged), the same
+    #: object for every request of the route; the request's own part of the row is below
+    #: (`timestamp`, `started`, `status`, `stream`, `first_output`).
     log_entry: LogEntry | None = None
     #: The request body, when a step read it before the app (`middleware/body.py`); the app
     #: gets the same bytes through `receive` below.
@@ -118,6 +123,18 @@ class GuardContext:
     #: Headers a step wants on the response (the rate limiter's `RateLimit` fields), added by
     #: the runner that ran that step, on the response start or the WebSocket accept.
     response_headers: list[tuple[bytes, bytes]] | None = None
+    #: The response's status as sent (0 until it starts), recorded by the runner that logs the
+    #: request or adds the response headers: for the log row, and for a settlement to tell a
+    #: failed response by. A WebSocket handshake's is `steps.handshake_status`'s.
+    status: int = field(default=0, init=False, repr=False, compare=False)
+    #: When a logged request was started: the store's clock (epoch ms) for its row, and
+    #: `time.perf_counter()` for its latency.
+    timestamp: float = field(default=0.0, init=False, repr=False, compare=False)
+    started: float = field(default=0.0, init=False, repr=False, compare=False)
+    #: A logged event-stream response's `UsageReader` (the runner feeds it each chunk), and the
+    #: `perf_counter` time its first output was sent.
+    stream: UsageReader | None = field(default=None, init=False, repr=False, compare=False)
+    first_output: float | None = field(default=None, init=False, repr=False, compare=False)
     # The fields below are set only by the steps that need them, which most requests never
     # reach: they stay unset until then (read them with `getattr(ctx, name, default)`), so the
     # context of every other request is built without them.
@@ -126,31 +143,56 @@ class GuardContext:
     api_key_quotas: tuple[KeyQuota, ...] = field(init=False, repr=False, compare=False)
     #: Token and budget reservations to settle when the request ends (the rate limiter's).
     reservations: list[Reservation] = field(init=False, repr=False, compare=False)
-    #: The response's status as sent, when the request has no `log_entry` to record it in:
-    #: recorded by the runner that added the response headers, for a settlement to tell a
-    #: failed response by.
-    status: int = field(init=False, repr=False, compare=False)
+    #: What `limits` answers: made on its first read.
+    _limits: MutableMapping[str, LimitResult] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    @property
+    def limits(self) -> MutableMapping[str, LimitResult]:
+        """Each rate limit's result for this request by its name (the key's own limit as
+        `apiKey`): what the rate limiter decided, for the app to read (`RateLimit` in its own
+        words, a warning near exhaustion)."""
+        found = self._limits
+        if found is None:
+            found = self._limits = {}
+        decided = self.decided
+        if decided is not None:
+            self.decided = None
+            for name, decision in zip(*decided, strict=True):
+                found[name] = LimitResult(*decision)
+        return found
+
+    @limits.setter
+    def limits(self, value: MutableMapping[str, LimitResult]) -> None:
+        self.decided = None
+        self._limits = value
+
+    def decide(self, names: tuple[str, ...], decisions: list[Decision]) -> None:
+        """Record a fast decision's results (`names[i]` decided `decisions[i]`), made into
+        `limits` entries when it is read; a decision recorded before is made into them now."""
+        if self.decided is not None:
+            self.limits  # noqa: B018 (the read makes the earlier decision's entries)
+        self.decided = (names, decisions)
 
 
 class LogEntry:
-    """One logged request in flight: what it is (`provider`, None for an embedding), when,
-    and the `note` its row's `error` carries whatever the request's outcome (a provider
+    """What a logged route's rows say of it: its `provider` (None for an embedding request)
+    and the `note` its rows' `error` carries whatever the request's outcome (a provider
     outside the logged set, logged as `other`).
 
-    For an event-stream response the runner keeps the stream's `UsageReader` in `stream` and
-    the `perf_counter` time its first output was sent in `first_output`.
+    Made once per route and shared by its requests (an object per request cost as much as
+    the rest of the log row): what differs per request is in the `GuardContext`.
     """
 
-    __slots__ = ("first_output", "note", "provider", "started", "status", "stream", "timestamp")
+    __slots__ = ("note", "provider")
 
-    def __init__(self, provider: str | None, timestamp: float, note: str | None = None) -> None:
+    def __init__(self, provider: str | None, note: str | None = None) -> None:
         self.provider = provider
-        self.timestamp = timestamp
         self.note = note
-        self.started = time.perf_counter()
-        self.status = 0
-        self.stream: UsageReader | None = None
-        self.first_output: float | None = None
+
+    def __repr__(self) -> str:
+        return f"LogEntry(provider={self.provider!r}, note={self.note!r})"
 
 
 @dataclass(slots=True)

@@ -46,10 +46,12 @@ MAX_ITEMS = 10**9
 MAX_COST = 1e9
 MAX_MODEL_LENGTH = 256
 _NOTHING_REPORTED = Usage()  # read only: what the row of a request that reported nothing says
-#: Whether a route's requests are logged, as which provider (None: embedding requests), and
-#: the note their rows' `error` carries (`RequestLoggerMiddleware._as_logged`).
-_Logged = tuple[bool, str | None, str | None]
-_NOT_LOGGED: _Logged = (False, None, None)
+#: A route's requests' `LogEntry` (which provider, None for embedding requests, and the note
+#: their rows' `error` carries), or None when they are not logged
+#: (`RequestLoggerMiddleware._as_logged`).
+_Logged = LogEntry | None
+#: The embedding routes' entry.
+_EMBEDDING = LogEntry(None)
 
 #: Gets the request's scope, returns its provider, or `None` to leave the request unlogged.
 ProviderResolver = Callable[[Scope], str | None]
@@ -221,7 +223,7 @@ class RequestLoggerMiddleware(StepMiddleware):
             _path_matcher(embeddings_path) if embeddings_path is not None else lambda _: False
         )
         # Whether each route is logged, as which provider, with which note: the same few
-        # come back.
+        # come back, each with one shared `LogEntry`.
         self._by_route: dict[Route, _Logged] = {}
         self.clock: Clock = clock or _wall_clock_ms
         # The wall clock is read inline on every request: a call through `clock` costs more.
@@ -241,21 +243,21 @@ class RequestLoggerMiddleware(StepMiddleware):
 
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> None:
         """Start timing a request that is logged (`ctx.log_entry`); others are not logged."""
-        found = self._by_route.get(ctx.route)
-        if found is None:
-            found = self._logged_as(scope, ctx.route)
-        logged, provider, note = found
-        if logged:
-            ctx.log_entry = LogEntry(
-                provider, time.time() * 1000.0 if self._wall else self.clock(), note
-            )
+        try:
+            entry = self._by_route[ctx.route]
+        except KeyError:  # a new route, or one a resolver of your own decides per request
+            entry = self._logged_as(scope, ctx.route)
+        if entry is not None:
+            ctx.log_entry = entry
+            ctx.timestamp = time.time() * 1000.0 if self._wall else self.clock()
+            ctx.started = time.perf_counter()
 
     def _logged_as(self, scope: Scope, route: Route) -> _Logged:
-        """Whether the request is logged, its provider as its row names it (None: an
-        embedding request) and the note of a provider outside the set; kept per route when
+        """The request's `LogEntry` (None: not logged): its provider as its row names it (None:
+        an embedding request) and the note of a provider outside the set; kept per route when
         that is all it depends on (the default resolver)."""
         if self._is_embedding(route[1]):
-            found: _Logged = (True, None, None)
+            found: _Logged = _EMBEDDING
         else:
             provider = self.provider
             if not isinstance(provider, _PathProvider):
@@ -268,23 +270,23 @@ class RequestLoggerMiddleware(StepMiddleware):
         """A resolved provider as its rows name it: a name outside the set is `other`, with
         the raw name (bounded, escaped) as the note its rows' `error` carries."""
         if provider is None:
-            return _NOT_LOGGED
+            return None
         known = self.providers
         if known is not None:
             unknown = provider not in known
         else:  # a custom resolver's own names, if they are names at all
             unknown = len(provider) > MAX_PROVIDER_LENGTH or not provider.isprintable()
         if unknown:
-            return True, OTHER_PROVIDER, "provider:" + printable(provider, MAX_PROVIDER_LENGTH)
-        return True, provider, None
+            return LogEntry(OTHER_PROVIDER, "provider:" + printable(provider, MAX_PROVIDER_LENGTH))
+        return LogEntry(provider)
 
     def after(self, scope: Scope, ctx: GuardContext, raised: BaseException | None) -> None:
         """Buffer the request's row: failed if the guard refused it, it erred or raised."""
         entry = ctx.log_entry
         if entry is None:
             return
-        latency = (time.perf_counter() - entry.started) * 1000.0
-        status = entry.status
+        latency = (time.perf_counter() - ctx.started) * 1000.0
+        status = ctx.status
         error = ctx.rejected
         if error is None:
             if raised is not None:
@@ -293,7 +295,7 @@ class RequestLoggerMiddleware(StepMiddleware):
                 error = f"http_{status}"
         provider = entry.provider
         if provider is None:
-            self.writer.add(self._embedding_row(ctx, entry.timestamp, latency, error))
+            self.writer.add(self._embedding_row(ctx, ctx.timestamp, latency, error))
         else:
             self.writer.add(self._ai_row(scope, ctx, provider, entry, latency, error))
 
@@ -314,7 +316,7 @@ class RequestLoggerMiddleware(StepMiddleware):
         user_id = ctx.user_id
         if user_id is not None and len(user_id) > MAX_STORED:
             user_id = user_id[:MAX_STORED]
-        first = entry.first_output  # a stream's first output
+        first = ctx.first_output  # a stream's first output
         shadow = ctx.shadow
         # Every field in order, as one tuple made the row (what `_make` does, without its
         # call and length check): the named tuple's own constructor builds that tuple and
@@ -322,7 +324,7 @@ class RequestLoggerMiddleware(StepMiddleware):
         return tuple.__new__(
             AIRequestLog,
             (
-                entry.timestamp,
+                ctx.timestamp,
                 provider,
                 usage.model or UNKNOWN_MODEL,
                 ctx.fingerprint or "",
@@ -333,7 +335,7 @@ class RequestLoggerMiddleware(StepMiddleware):
                 error,
                 usage.tokens,
                 usage.cost,
-                None if first is None else (first - entry.started) * 1000.0,
+                None if first is None else (first - ctx.started) * 1000.0,
                 shadow if shadow is None else shadow[:MAX_STORED],
             ),
         )

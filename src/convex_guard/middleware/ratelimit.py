@@ -6,7 +6,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from starlette.requests import HTTPConnection, Request
@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope
 from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.estimates import DEFAULT_ESTIMATE
-from convex_guard.core.limits import Decision, LimitResult
+from convex_guard.core.limits import LimitResult
 from convex_guard.core.logs import ThrottledLog, logger, printable
 from convex_guard.core.problem import (
     QUOTA_TITLE,
@@ -240,7 +240,7 @@ class RateLimitMiddleware(StepMiddleware):
         if not ok:
             outcome = CheckResult(False, tuple([LimitResult(*d) for d in decisions]), None, now)
             return self._answer(scope, ctx, matched, plan.rules, plan.requests(values), outcome)
-        ctx.limits = _Seen(ctx.limits, plan.names, decisions)
+        ctx.decide(plan.names, decisions)
         single = plan.single
         if single is None:
             _announce(ctx, plan.policy, plan.template % tuple(numbers))
@@ -298,7 +298,7 @@ class RateLimitMiddleware(StepMiddleware):
                 for rule, (name, config, count, _), key in zip(plan.rules, specs, keys, strict=True)
                 if rule.settled
             ]
-        ctx.limits = _Seen(ctx.limits, plan.names, decisions)
+        ctx.decide(plan.names, decisions)
         single = plan.single
         if single is None:
             _announce(ctx, plan.policy, ratelimit_field(plan.template, decisions))
@@ -567,8 +567,7 @@ class RateLimitMiddleware(StepMiddleware):
         writer = self.writer
         assert writer is not None  # set whenever a rule reserves
         usage = ctx.usage
-        entry = ctx.log_entry
-        status = entry.status if entry is not None else getattr(ctx, "status", 0)
+        status = ctx.status
         failed = raised is not None or ctx.rejected is not None or not 0 < status < 400
         # A stream cut off before its usage event counted its completion alone: the prompt's
         # estimate, from the body read on arrival, is worked out only then.
@@ -852,50 +851,6 @@ class _Matched:
 
 #: The kinds of key a caller may not have.
 _OPTIONAL = ("user", "api_key", "fingerprint")
-
-
-class _Seen(MutableMapping[str, LimitResult]):
-    """`ctx.limits` after a fast decision: the results are made only when something reads
-    them, which most requests never do (the app may, as examples/quickstart.py does)."""
-
-    __slots__ = ("_base", "_decisions", "_made", "_names")
-
-    def __init__(
-        self,
-        base: Mapping[str, LimitResult],
-        names: tuple[str, ...],
-        decisions: list[Decision],
-    ) -> None:
-        self._base = base
-        self._names = names
-        self._decisions = decisions
-        self._made: dict[str, LimitResult] | None = None
-
-    def _results(self) -> dict[str, LimitResult]:
-        made = self._made
-        if made is None:
-            made = self._made = dict(self._base)
-            for name, decision in zip(self._names, self._decisions, strict=True):
-                made[name] = LimitResult(*decision)
-        return made
-
-    def __getitem__(self, name: str) -> LimitResult:
-        return self._results()[name]
-
-    def __setitem__(self, name: str, result: LimitResult) -> None:
-        self._results()[name] = result
-
-    def __delitem__(self, name: str) -> None:
-        del self._results()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._results())
-
-    def __len__(self) -> int:
-        return len(self._results())
-
-    def __repr__(self) -> str:
-        return repr(self._results())
 
 
 def _announce(ctx: GuardContext, policy: bytes, field: bytes) -> None:

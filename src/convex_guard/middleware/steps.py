@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 from starlette.requests import ClientDisconnect
@@ -28,7 +29,6 @@ from convex_guard.core.problem import refuse
 from convex_guard.core.streamusage import UsageReader
 from convex_guard.middleware.context import (
     GuardContext,
-    LogEntry,
     Route,
     Usage,
     guard_context,
@@ -86,7 +86,7 @@ class Step(Protocol):
 class FinishingStep(Step, Protocol):
     """A step with a part after the app too: the request logger's row.
 
-    A runner with such a step records the response's status in `ctx.log_entry`, and takes a
+    A runner with such a step records the response's status in `ctx.status`, and takes a
     client gone mid-body (Starlette's `ClientDisconnect`) as the request's end: one debug line,
     not an exception for the server to log. For a `text/event-stream` response it reads the
     stream as it is sent (`core.streamusage`) and, before any `after` runs, fills what the
@@ -174,10 +174,15 @@ class StepRunner:
             headers = ctx.response_headers
             if headers is not None:
                 ctx.response_headers = None  # this runner adds them; an outer one must not
-            entry = ctx.log_entry if afters else None
-            if entry is not None or headers is not None:
-                wrapper = _ResponseSend(send, entry, headers, ctx)
-                send = wrapper.http if kind == "http" else wrapper.handshake
+            logged = ctx.log_entry is not None if afters else False
+            if logged or headers is not None:
+                send = partial(
+                    _response_send if kind == "http" else _handshake_send,
+                    send,
+                    logged,
+                    headers,
+                    ctx,
+                )
             if refusal is None:
                 replaced = ctx.receive
                 if replaced is not None:
@@ -195,9 +200,9 @@ class StepRunner:
             raised = exc
             raise
         finally:
-            logged = ctx.log_entry
-            if logged is not None and logged.stream is not None:
-                stream_usage(ctx, logged.stream, self._stream_trouble)
+            stream = ctx.stream
+            if stream is not None:
+                stream_usage(ctx, stream, self._stream_trouble)
             for position, after in afters:
                 if position < started:
                     after(scope, ctx, raised)
@@ -229,70 +234,61 @@ class Plan:
         )
 
 
-class _ResponseSend:
-    """The `send` a runner hands on when it records the status or adds headers: its `http`
-    (or `handshake`) records the status in `entry` (in `ctx` without one) and adds `headers`
-    to the response start (or the WebSocket accept).
+async def _response_send(
+    send: Send,
+    logged: bool,
+    headers: list[tuple[bytes, bytes]] | None,
+    ctx: GuardContext,
+    message: Message,
+) -> None:
+    """The `send` a runner hands on when it logs the request or adds headers (bound with
+    `partial`: one C object per request, no class of our own to build): it records the
+    status in `ctx` and adds `headers` to the response start.
 
     A logged event-stream response (`Content-Type: text/event-stream`) gets a `UsageReader`
-    in `entry.stream`, fed each body chunk after it is handed on (nothing is held back: the
-    client gets every chunk as the app sends it); other responses pay a look at their
-    content type. An object with slots, not a closure: one allocation per request instead
-    of a function and a cell per variable.
+    in `ctx.stream`, fed each body chunk after it is handed on (nothing is held back: the
+    client gets every chunk as the app sends it); other logged responses pay a look at
+    their content type.
     """
-
-    __slots__ = ("ctx", "entry", "headers", "send")
-
-    def __init__(
-        self,
-        send: Send,
-        entry: LogEntry | None,
-        headers: list[tuple[bytes, bytes]] | None,
-        ctx: GuardContext,
-    ) -> None:
-        self.send = send
-        self.entry = entry
-        self.headers = headers
-        self.ctx = ctx
-
-    async def http(self, message: Message) -> None:
-        entry = self.entry
-        if message["type"] == "http.response.start":
-            if entry is not None:
-                entry.status = message["status"]
-                # Inline: every logged response passes here. ASGI header names are
-                # lower case; a media type may be in any case.
-                for name, value in message.get("headers", ()):
-                    if name == b"content-type":
-                        if value[:17].lower() == b"text/event-stream":
-                            entry.stream = UsageReader()
-                        break
-            else:
-                self.ctx.status = message["status"]
-            headers = self.headers
-            if headers is not None:
-                message["headers"] = [*message.get("headers", ()), *headers]
-            await self.send(message)
-            return
-        await self.send(message)
-        if entry is not None:
-            reader = entry.stream
-            if reader is not None:
-                try:
-                    if reader.feed(message.get("body", b"")):
-                        entry.first_output = time.perf_counter()
-                except Exception:  # a bug in the reader must not break the app's stream
-                    logger.exception("Stream usage reader failed; the stream is not read")
-                    entry.stream = None
-
-    async def handshake(self, message: Message) -> None:  # refused before accept, or accepted
-        entry = self.entry
-        if entry is not None and not entry.status:
-            entry.status = handshake_status(message)
-        headers = self.headers
-        if headers is not None and message["type"] == "websocket.accept":
+    if message["type"] == "http.response.start":
+        ctx.status = message["status"]
+        if logged:
+            # Inline: every logged response passes here. ASGI header names are
+            # lower case; a media type may be in any case.
+            for name, value in message.get("headers", ()):
+                if name == b"content-type":
+                    if value[:17].lower() == b"text/event-stream":
+                        ctx.stream = UsageReader()
+                    break
+        if headers is not None:
             message["headers"] = [*message.get("headers", ()), *headers]
-        await self.send(message)
+        await send(message)
+        return
+    await send(message)
+    reader = ctx.stream
+    if reader is not None:
+        try:
+            if reader.feed(message.get("body", b"")):
+                ctx.first_output = time.perf_counter()
+        except Exception:  # a bug in the reader must not break the app's stream
+            logger.exception("Stream usage reader failed; the stream is not read")
+            ctx.stream = None
+
+
+async def _handshake_send(
+    send: Send,
+    logged: bool,
+    headers: list[tuple[bytes, bytes]] | None,
+    ctx: GuardContext,
+    message: Message,
+) -> None:
+    """`_response_send` for a WebSocket handshake: refused before accept, or accepted (the
+    fields go on the accept). A logged handshake's status is its first message's."""
+    if logged and not ctx.status:
+        ctx.status = handshake_status(message)
+    if headers is not None and message["type"] == "websocket.accept":
+        message["headers"] = [*message.get("headers", ()), *headers]
+    await send(message)
 
 
 def stream_usage(ctx: GuardContext, reader: UsageReader, trouble: ThrottledLog) -> None:
