@@ -74,7 +74,7 @@ LimitSpec = tuple[str, LimitConfig, float, bool]
 Random = Callable[[], float]
 #: What `MemoryStore.decide_planned` answers: (all admitted, each limit's decision, the
 #: numbers of each one's `RateLimit` item in order, now).
-PlannedDecision = tuple[bool, list[Decision], list[float], float]
+PlannedDecision = tuple[bool, list[Decision], list[int], float]
 R = TypeVar("R", AIRequestLog, EmbeddingRequestLog, AuthFailure, "_KeyUse")
 
 #: How many applied batch ids a MemoryStore remembers to make retries idempotent.
@@ -313,30 +313,31 @@ class MemoryStore:
 
     def decide_planned(self, plan: LimitPlan, values: Sequence[str | None]) -> PlannedDecision:
         """`decide_all` of a plan's specs, each for its key in `values` (at the plan's
-        `slots`), at this store's clock, with the numbers of each
-        limit's `RateLimit` field item (draft-ietf-httpapi-ratelimit-headers): its remaining
-        quota rounded down and the seconds until it is full again rounded up, both whole.
+        `slots`), at this store's clock, with the numbers of each limit's `RateLimit` field
+        item (draft-ietf-httpapi-ratelimit-headers): its remaining quota rounded down and the
+        seconds until it is full again rounded up, both whole.
 
         The rate limiter's fast path, called for every request of a route: the plan's states
         are found by name once (again only when this store made, dropped or reconfigured a
-        name since), and the field's numbers are worked out in the same pass as the decisions
-        (the remaining quota as decided, which `%d` rounds down, never being negative; the
-        seconds as `(ceil(reset) + 999) // 1000`, the exact ceiling in integers, where
-        `ceil(reset / 1000)` would round the quotient first and a float floor division costs
-        more than the decision's arithmetic). Each limit reads its key off `values` at its
-        slot, so a caller with the keys in one tuple passes that tuple as it is: the keys in
-        the plan's order are made only for a rollback or new states. Otherwise `decide_all`'s
-        decision, rollback and expiry queue, step for step.
+        name since), and the field's numbers are worked out in the same pass as the
+        decisions: the remaining quota floored to an int (`%d` formats an int in two thirds
+        of what a float costs it), the seconds as `(ceil(reset) + 999) // 1000`, the exact
+        ceiling in integers, where `ceil(reset / 1000)` would round the quotient first and a
+        float floor division costs more than the decision's arithmetic. Each limit reads its
+        key off `values` at its slot, so a caller with the keys in one tuple passes that
+        tuple as it is: the keys in the plan's order are made only for a rollback or new
+        states. Otherwise `decide_all`'s decision, rollback and expiry queue, step for step.
         """
         now = _time() * 1000.0 if self._wall else self._clock()
         if plan.version is not self._version:
             self._resolve(plan)
         decisions: list[Decision] = []
-        numbers: list[float] = []
+        numbers: list[int] = []
         before: list[LimitState | None] = []
         ok = True
         made = False
         ceil = math.ceil
+        floor = math.floor
         for states, decide, first, count, reserve, slot in plan.steps:
             key = values[slot]
             state = states.get(key)
@@ -356,7 +357,7 @@ class MemoryStore:
             decisions.append(decision)
             # No clamp at zero: this store's deciders never answer a negative remaining, and a
             # reset below zero only by a rounding error, which the ceiling takes to 0.
-            numbers.append(decision[2])
+            numbers.append(floor(decision[2]))
             numbers.append((ceil(decision[3]) + 999) // 1000)
         if not ok:
             self._restore(plan.specs, plan.keys(values), before)
