@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 
 import xxhash
 from starlette.types import Message, Send
@@ -83,6 +83,10 @@ class RequestHeaders:
     `content_type` is the last one sent. `chunked`: a `Transfer-Encoding` header was sent
     (whatever its value); `signed`: a `Signature-Input` header was (a Web Bot Auth signature
     to verify).
+
+    `verdict` is the bot check's memo: (classifier, the agent it read, its verdict). A
+    repeated client's `RequestHeaders` are shared by its requests (`HeaderReader`), so its
+    next request is answered from them without asking the classifier's cache again.
     """
 
     __slots__ = (
@@ -95,6 +99,7 @@ class RequestHeaders:
         "fingerprint_form",
         "signed",
         "user_agent",
+        "verdict",
     )
 
     def __init__(
@@ -117,6 +122,7 @@ class RequestHeaders:
         self.content_type = content_type
         self.chunked = chunked
         self.signed = signed
+        self.verdict: tuple[object, str, Any] | None = None
 
 
 class HeaderReader:

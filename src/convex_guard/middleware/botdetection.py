@@ -24,6 +24,7 @@ from convex_guard.core.useragent import (
     BOT_CATEGORIES,
     BotCategory,
     UserAgentClassifier,
+    UserAgentVerdict,
     classify_user_agent,
 )
 from convex_guard.middleware.botverify import CrawlerVerifier
@@ -173,6 +174,10 @@ class BotDetectionMiddleware(StepMiddleware):
         self.store = store
         self.policy = merged
         self.classifier = classifier
+        # The default classifier's answer on an agent never changes, so a repeated client's
+        # headers may carry it (`RequestHeaders.verdict`); a classifier of your own is asked
+        # on every request (its answers may change: a blocklist it reloads).
+        self._memoize = classifier is classify_user_agent
         self._allow_agents = [
             p if isinstance(p, re.Pattern) else re.compile(p, re.IGNORECASE)
             for p in allow_user_agents
@@ -221,7 +226,14 @@ class BotDetectionMiddleware(StepMiddleware):
             method = scope.get("method", "GET")
             signed = verifier.signature(method, _url(scope), scope["headers"])
         try:
-            verdict = self.classifier(ua)
+            # A repeated client's headers carry the verdict on its agent (see `_memoize`).
+            memo = headers.verdict
+            if memo is not None and memo[1] is ua and memo[0] is self.classifier:
+                verdict: UserAgentVerdict = memo[2]
+            else:
+                verdict = self.classifier(ua)
+                if self._memoize:
+                    headers.verdict = (self.classifier, ua, verdict)
             if verdict.is_bot and verdict.category is not None:
                 category, agent = verdict.category, verdict.name
             elif signed is not None and signed.status != "pending":
