@@ -316,6 +316,9 @@ class _Rule:
     anywhere: bool = field(init=False)  # an AI agent's own name: counts even in the device model
     trimmed: str = field(init=False)  # what containment between matches compares
     lower_name: bool = field(init=False)  # the list wrote the name in lower case
+    # The literal, trimmed as a displayed name is, is the list's name: a user-agent spelling it
+    # as listed is named by ``verdict`` itself, with no slice, strip or lookup per request.
+    as_listed: bool = field(init=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -327,6 +330,7 @@ class _Rule:
         set_(self, "trimmed", self.squashed.rstrip("/;:()+"))
         name = self.verdict.name if self.verdict is not None else None
         set_(self, "lower_name", name is not None and name.isascii() and name == name.lower())
+        set_(self, "as_listed", name is not None and self.literal.strip(" /;:()+-_.") == name)
 
 
 _LITERAL_RE: Final = re.compile(r"(?:\\[^\w]|[^\\.^$*+?{}\[\]|()])+")
@@ -714,6 +718,8 @@ def _most_specific(
     best_order = None
     for candidate in found:
         rank, text, rule, _ = candidate
+        if best is not None and rule is best[2]:
+            continue  # the same agent again, woken by another of its keys ("you" of "YouBot")
         for _, other, _, _ in found:
             if len(other) > len(text) and text in other:
                 break  # inside a longer match
@@ -721,11 +727,7 @@ def _most_specific(
             order = (rank, rule.verdict is None)
             if best is None or best_order is None or order < best_order:
                 best, best_order = candidate, order
-            elif (
-                order == best_order
-                and rule is not best[2]
-                and _tie_order(candidate, lowered) < _tie_order(best, lowered)
-            ):
+            elif order == best_order and _tie_order(candidate, lowered) < _tie_order(best, lowered):
                 best = candidate
     assert best is not None
     return best
@@ -798,8 +800,9 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
         best = _most_specific(found, lowered)
     _, _, rule, match = best
     if rule.verdict is not None:
-        if rule.lower_name and len(ua) == len(lowered):
-            # A list that writes names in lower case (isbot's): the agent's own spelling.
+        # A list that writes names in lower case (isbot's): the agent's own spelling, unless
+        # the user-agent is all lower case too ("sqlmap/1.8"), so that it is the list's.
+        if rule.lower_name and len(ua) == len(lowered) and not (rule.as_listed and ua == lowered):
             at = lowered.find(rule.literal)
             if at >= 0:
                 name = ua[at : at + len(rule.literal)].strip(" /;:()+-_.")
