@@ -319,6 +319,10 @@ class _Rule:
     # The literal, trimmed as a displayed name is, is the list's name: a user-agent spelling it
     # as listed is named by ``verdict`` itself, with no slice, strip or lookup per request.
     as_listed: bool = field(init=False)
+    simple: bool = field(init=False)  # plain and not `anywhere`: one substring test, as written
+    # What the search records when the literal confirms the rule, built once: (rank, trimmed,
+    # the rule, no regex match). Left out of comparisons, which would recurse through it.
+    entry: tuple[int, str, _Rule, None] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -331,6 +335,8 @@ class _Rule:
         name = self.verdict.name if self.verdict is not None else None
         set_(self, "lower_name", name is not None and name.isascii() and name == name.lower())
         set_(self, "as_listed", name is not None and self.literal.strip(" /;:()+-_.") == name)
+        set_(self, "simple", self.plain and not self.anywhere)
+        set_(self, "entry", (self.rank, self.trimmed, self, None))
 
 
 _LITERAL_RE: Final = re.compile(r"(?:\\[^\w]|[^\\.^$*+?{}\[\]|()])+")
@@ -764,16 +770,18 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
         masked = lowered[:start] + " " * (end - start) + lowered[end:]
     for key in hits:
         for rule in _INDEX.get(key, _NO_RULES):
+            if rule.simple:  # most rules: inlined and tested first, this loop is the bots' hot path
+                if rule.literal in masked:
+                    found.append(rule.entry)
+                continue
             text = lowered if rule.anywhere else masked
-            if rule.plain:  # most rules: inlined, this loop is the bots' hot path
+            if rule.plain:  # an AI agent's name, looked for spelled apart too
                 if rule.literal not in text:
-                    if not rule.anywhere:
-                        continue  # only AI agents' names are looked for spelled apart
                     if folded is None:
                         folded = _squash(lowered)  # an AI agent's `text` is `lowered`
                     if rule.squashed not in folded:
                         continue
-                found.append((rule.rank, rule.trimmed, rule, None))
+                found.append(rule.entry)
                 continue
             match = None
             if rule.regex is not None:
@@ -791,7 +799,7 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                     folded = _squash(lowered)
                 if not _confirm(rule, folded, rule.squashed):
                     continue
-            found.append((rule.rank, rule.trimmed, rule, None))
+            found.append(rule.entry)
     if len(found) < 2:  # most bots: one rule confirmed, nothing to compare
         if not found:
             return None
