@@ -925,16 +925,19 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         ua = _fold(ua)
         raw = ua.encode("ascii", "replace")
     size = len(ua)
-    if size < 32:
-        stripped = ua.strip().lower()
+    if size < 32:  # never a browser's shape (`_SHAPE_SIZES`): lower-cased at once, and once
+        lowered = ua.lower()
+        stripped = lowered.strip()
         if len(stripped) < 4 or stripped in _PLACEHOLDERS:
             return _SUSPICIOUS
+        letters = raw.translate(_TOKEN_TABLE)  # `_tokens` inlined: a call costs ~10%
     elif size > MAX_LENGTH:
         return _classify_long(ua)
-    letters = raw.translate(_TOKEN_TABLE)  # `_tokens` inlined: a call costs ~10%
-    if size in _SHAPE_SIZES and letters in _BROWSER_SHAPES:
-        return _HUMAN  # a mainstream browser, answered by one set lookup
-    lowered = ua.lower()
+    else:
+        letters = raw.translate(_TOKEN_TABLE)
+        if size in _SHAPE_SIZES and letters in _BROWSER_SHAPES:
+            return _HUMAN  # a mainstream browser, answered by one set lookup
+        lowered = ua.lower()
     tokens = letters.split()
     if not tokens:  # not a single ASCII letter
         return _SUSPICIOUS
