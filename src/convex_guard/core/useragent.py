@@ -293,13 +293,14 @@ def _squash(text: str) -> str:
     return text.encode("ascii", "replace").translate(None, _SEPARATORS).decode("ascii")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Rule:
     """One known agent. Most are confirmed by a substring test, a few need their regex.
 
     The prefilter has already found one of the rule's key tokens, so the confirmation runs only
     for user-agents that very likely are this agent. ``verdict`` is built once per rule: a frozen
-    dataclass costs more to construct than the whole substring test.
+    dataclass costs more to construct than the whole substring test. A rule is equal only to
+    itself: the search asks whether it has found this rule, never whether two rules are alike.
     """
 
     category: BotCategory
@@ -321,8 +322,8 @@ class _Rule:
     as_listed: bool = field(init=False)
     simple: bool = field(init=False)  # plain and not `anywhere`: one substring test, as written
     # What the search records when the literal confirms the rule, built once: (rank, trimmed,
-    # the rule, no regex match). Left out of comparisons, which would recurse through it.
-    entry: tuple[int, str, _Rule, None] = field(init=False, compare=False, repr=False)
+    # the rule, no regex match).
+    entry: tuple[int, str, _Rule, None] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -781,7 +782,8 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                         folded = _squash(lowered)  # an AI agent's `text` is `lowered`
                     if rule.squashed not in folded:
                         continue
-                found.append(rule.entry)
+                if rule.entry not in found:  # "YouBot" wakes it by "youbot" and by "you"
+                    found.append(rule.entry)
                 continue
             match = None
             if rule.regex is not None:
