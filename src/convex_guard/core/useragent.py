@@ -794,12 +794,14 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                     continue
                 found.append((rule.rank, _squash(match[0]).rstrip("/;:()+"), rule, match))
                 continue
-            if not _confirm(rule, text, rule.literal):
+            # A product token or a start is a substring first: most such rules woken fail that
+            # test, which costs less than the call.
+            if rule.literal not in text or not _confirm(rule, text, rule.literal):
                 if not rule.anywhere:
                     continue
                 if folded is None:
                     folded = _squash(lowered)
-                if not _confirm(rule, folded, rule.squashed):
+                if rule.squashed not in folded or not _confirm(rule, folded, rule.squashed):
                     continue
             found.append(rule.entry)
     if len(found) < 2:  # most bots: one rule confirmed, nothing to compare
