@@ -321,6 +321,9 @@ class _Rule:
     # as listed is named by ``verdict`` itself, with no slice, strip or lookup per request.
     as_listed: bool = field(init=False)
     simple: bool = field(init=False)  # plain and not `anywhere`: one substring test, as written
+    # How a match of this rule ranks against one of another in the user-agent (lower wins):
+    # its category's rank, then a name from a list before one read off the regex's match.
+    precedence: int = field(init=False)
     # What the search records when the literal confirms the rule, built once: (rank, trimmed,
     # the rule, no regex match).
     entry: tuple[int, str, _Rule, None] = field(init=False, repr=False)
@@ -337,6 +340,7 @@ class _Rule:
         set_(self, "lower_name", name is not None and name.isascii() and name == name.lower())
         set_(self, "as_listed", name is not None and self.literal.strip(" /;:()+-_.") == name)
         set_(self, "simple", self.plain and not self.anywhere)
+        set_(self, "precedence", 2 * self.rank + (self.verdict is None))
         set_(self, "entry", (self.rank, self.trimmed, self, None))
 
 
@@ -651,6 +655,9 @@ _PHONE_PLATFORMS: Final = frozenset(
 # So are "http" and "https", which stand alone in every URL: one substring test fewer.
 _KEYS: Final = frozenset(_INDEX) | _GENERIC_KEYS | {b"http", b"https"}
 _NO_RULES: Final[tuple[_Rule, ...]] = ()
+#: Every prefilter key to the rules it wakes, none for most generic words and "http": the
+#: search reads a hit's rules by subscript, with no default to pass.
+_WAKES: Final = {key: _INDEX.get(key, _NO_RULES) for key in _KEYS}
 
 # AI agents by name without separators, for the last look at a user-agent no rule confirmed
 # ("G.P.T.B.o.t", "Claude Bot"): a word of the text without separators that is one of these
@@ -722,20 +729,21 @@ def _most_specific(
     instance, the crawler its claim is verified as (`core.crawlers`, the first name too).
     """
     best = None
-    best_order = None
     for candidate in found:
-        rank, text, rule, _ = candidate
+        _, text, rule, _ = candidate
         if best is not None and rule is best[2]:
             continue  # the same agent again, woken by another of its keys ("you" of "YouBot")
+        size = len(text)
         for _, other, _, _ in found:
-            if len(other) > len(text) and text in other:
+            if len(other) > size and text in other:
                 break  # inside a longer match
         else:
-            order = (rank, rule.verdict is None)
-            if best is None or best_order is None or order < best_order:
-                best, best_order = candidate, order
-            elif order == best_order and _tie_order(candidate, lowered) < _tie_order(best, lowered):
+            if best is None or rule.precedence < best[2].precedence:
                 best = candidate
+            elif rule.precedence > best[2].precedence:
+                continue
+            elif _tie_order(candidate, lowered) < _tie_order(best, lowered):
+                best = candidate  # equally ranked: the first named
     assert best is not None
     return best
 
@@ -770,7 +778,7 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
         start, end = device.span(1)
         masked = lowered[:start] + " " * (end - start) + lowered[end:]
     for key in hits:
-        for rule in _INDEX.get(key, _NO_RULES):
+        for rule in _WAKES[key]:
             if rule.simple:  # most rules: inlined and tested first, this loop is the bots' hot path
                 if rule.literal in masked:
                     found.append(rule.entry)
