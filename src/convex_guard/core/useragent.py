@@ -821,12 +821,15 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
     _, _, rule, match = best
     if rule.verdict is not None:
         # A list that writes names in lower case (isbot's): the agent's own spelling, unless
-        # the user-agent is all lower case too ("sqlmap/1.8"), so that it is the list's.
+        # the user-agent spells it as listed ("sqlmap/1.8", "jsdom/24.0"), so that the
+        # rule's own verdict names it (no strip, no lookup).
         if rule.lower_name and len(ua) == len(lowered) and not (rule.as_listed and ua == lowered):
             at = lowered.find(rule.literal)
             if at >= 0:
-                name = ua[at : at + len(rule.literal)].strip(" /;:()+-_.")
-                return _verdict(rule.category, name or rule.verdict.name)
+                spelled = ua[at : at + len(rule.literal)]
+                if not (rule.as_listed and spelled == rule.literal):
+                    name = spelled.strip(" /;:()+-_.")
+                    return _verdict(rule.category, name or rule.verdict.name)
         return rule.verdict
     assert match is not None
     start, end = match.span()
