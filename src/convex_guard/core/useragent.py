@@ -728,6 +728,15 @@ def _most_specific(
     salted), so it must never decide: "Googlebot/2.1; bingbot/2.0" is Googlebot on every
     instance, the crawler its claim is verified as (`core.crawlers`, the first name too).
     """
+    if len(found) == 2:
+        # Most often of several: a name and one inside it ("Python" of "python-requests",
+        # "imagesift" of "ImagesiftBot"), answered without the loops below.
+        (_, first, _, _), (_, second, _, _) = found
+        if first != second:
+            if second in first:
+                return found[0]
+            if first in second:
+                return found[1]
     best = None
     for candidate in found:
         _, text, rule, _ = candidate
