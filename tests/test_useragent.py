@@ -14,11 +14,13 @@ import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from convex_guard.core import useragent
 from convex_guard.core.useragent import (
     _BROWSER_TEMPLATES,
     BOT_CATEGORIES,
@@ -557,3 +559,71 @@ def test_every_process_gives_the_same_verdicts() -> None:
     assert answers[0] == answers[1] == answers[2]
     named = [name for _, name in answers[0][:4]]
     assert named == ["Googlebot", "bingbot", "GPTBot", "AhrefsBot"]  # the first one named
+
+
+# --- the search's shortcuts --------------------------------------------------------------------
+
+_LITERAL_RULES = sorted(
+    {
+        id(rule): rule
+        for rules in useragent._INDEX.values()
+        for rule in rules
+        if rule.regex is None
+    }.values(),
+    key=lambda rule: (rule.literal, rule.version, rule.start),
+)
+
+
+def _most_specific_by_definition(
+    found: list[tuple[int, str, Any, Any]], lowered: str
+) -> tuple[int, str, Any, Any]:
+    """The rule `_most_specific` states, spelled out without its shortcuts: of the matches
+    lying inside no longer one, the first of the best (rank, named by its list, tie order)."""
+    survivors = [
+        entry
+        for entry in found
+        if not any(len(other[1]) > len(entry[1]) and entry[1] in other[1] for other in found)
+    ]
+    return min(
+        survivors,
+        key=lambda e: (e[0], e[2].verdict is None, useragent._tie_order(e, lowered)),
+    )
+
+
+# Names inside other names ("python" in "python-requests"), which the shortcuts answer.
+_BY_TRIMMED: dict[str, list[Any]] = {}
+for _rule in _LITERAL_RULES:
+    _BY_TRIMMED.setdefault(_rule.trimmed, []).append(_rule)
+_NESTED = [
+    (outer, inner)
+    for outer in _LITERAL_RULES
+    for part in {
+        outer.trimmed[i:j]
+        for i in range(len(outer.trimmed))
+        for j in range(i + 1, len(outer.trimmed) + 1)
+    }
+    for inner in _BY_TRIMMED.get(part, ())
+    if inner is not outer
+]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(_LITERAL_RULES).map(lambda r: [r]), st.sampled_from(_NESTED).map(list)
+        ),
+        min_size=1,
+        max_size=3,
+    ).map(lambda groups: [rule for group in groups for rule in group]),
+    st.randoms(use_true_random=False),
+)
+@settings(max_examples=400, deadline=None)
+def test_most_specific_shortcuts_choose_what_its_definition_does(
+    rules: list[Any], rng: Any
+) -> None:
+    # Agents named together, some twice (an AI agent woken by two of its keys), in any order.
+    found = [rule.entry for rule in rules + rng.sample(rules, rng.randint(0, len(rules)))]
+    rng.shuffle(found)
+    lowered = " ".join(rng.sample([r.literal for r in rules], len(rules)))
+    expected = _most_specific_by_definition(found, lowered)
+    assert useragent._most_specific(found, lowered)[2] is expected[2]

@@ -293,13 +293,14 @@ def _squash(text: str) -> str:
     return text.encode("ascii", "replace").translate(None, _SEPARATORS).decode("ascii")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class _Rule:
     """One known agent. Most are confirmed by a substring test, a few need their regex.
 
     The prefilter has already found one of the rule's key tokens, so the confirmation runs only
     for user-agents that very likely are this agent. ``verdict`` is built once per rule: a frozen
-    dataclass costs more to construct than the whole substring test.
+    dataclass costs more to construct than the whole substring test. A rule is equal only to
+    itself: the search asks whether it has found this rule, never whether two rules are alike.
     """
 
     category: BotCategory
@@ -316,6 +317,16 @@ class _Rule:
     anywhere: bool = field(init=False)  # an AI agent's own name: counts even in the device model
     trimmed: str = field(init=False)  # what containment between matches compares
     lower_name: bool = field(init=False)  # the list wrote the name in lower case
+    # The literal, trimmed as a displayed name is, is the list's name: a user-agent spelling it
+    # as listed is named by ``verdict`` itself, with no slice, strip or lookup per request.
+    as_listed: bool = field(init=False)
+    simple: bool = field(init=False)  # plain and not `anywhere`: one substring test, as written
+    # How a match of this rule ranks against one of another in the user-agent (lower wins):
+    # its category's rank, then a name from a list before one read off the regex's match.
+    precedence: int = field(init=False)
+    # What the search records when the literal confirms the rule, built once: (rank, trimmed,
+    # the rule, no regex match).
+    entry: tuple[int, str, _Rule, None] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -327,6 +338,10 @@ class _Rule:
         set_(self, "trimmed", self.squashed.rstrip("/;:()+"))
         name = self.verdict.name if self.verdict is not None else None
         set_(self, "lower_name", name is not None and name.isascii() and name == name.lower())
+        set_(self, "as_listed", name is not None and self.literal.strip(" /;:()+-_.") == name)
+        set_(self, "simple", self.plain and not self.anywhere)
+        set_(self, "precedence", 2 * self.rank + (self.verdict is None))
+        set_(self, "entry", (self.rank, self.trimmed, self, None))
 
 
 _LITERAL_RE: Final = re.compile(r"(?:\\[^\w]|[^\\.^$*+?{}\[\]|()])+")
@@ -747,6 +762,9 @@ _WHOLE: Final = _whole_agents(SOURCES)
 _STARTING: Final = _starting_agents(SOURCES)
 _STARTS: Final = tuple(start for start, _, _ in _STARTING)
 _NO_RULES: Final[tuple[_Rule, ...]] = ()
+#: Every prefilter key to the rules it wakes, none for most generic words and "http": the
+#: search reads a hit's rules by subscript, with no default to pass.
+_WAKES: Final = {key: _INDEX.get(key, _NO_RULES) for key in _KEYS}
 
 # AI agents by name without separators, for the last look at a user-agent no rule confirmed
 # ("G.P.T.B.o.t", "Claude Bot"): a word of the text without separators that is one of these
@@ -817,23 +835,31 @@ def _most_specific(
     salted), so it must never decide: "Googlebot/2.1; bingbot/2.0" is Googlebot on every
     instance, the crawler its claim is verified as (`core.crawlers`, the first name too).
     """
+    if len(found) == 2:
+        # Most often of several: a name and one inside it ("Python" of "python-requests",
+        # "imagesift" of "ImagesiftBot"), answered without the loops below.
+        (_, first, _, _), (_, second, _, _) = found
+        if first != second:
+            if second in first:
+                return found[0]
+            if first in second:
+                return found[1]
     best = None
-    best_order = None
     for candidate in found:
-        rank, text, rule, _ = candidate
+        _, text, rule, _ = candidate
+        if best is not None and rule is best[2]:
+            continue  # the same agent again, woken by another of its keys ("you" of "YouBot")
+        size = len(text)
         for _, other, _, _ in found:
-            if len(other) > len(text) and text in other:
+            if len(other) > size and text in other:
                 break  # inside a longer match
         else:
-            order = (rank, rule.verdict is None)
-            if best is None or best_order is None or order < best_order:
-                best, best_order = candidate, order
-            elif (
-                order == best_order
-                and rule is not best[2]
-                and _tie_order(candidate, lowered) < _tie_order(best, lowered)
-            ):
+            if best is None or rule.precedence < best[2].precedence:
                 best = candidate
+            elif rule.precedence > best[2].precedence:
+                continue
+            elif _tie_order(candidate, lowered) < _tie_order(best, lowered):
+                best = candidate  # equally ranked: the first named
     assert best is not None
     return best
 
@@ -868,17 +894,20 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
         start, end = device.span(1)
         masked = lowered[:start] + " " * (end - start) + lowered[end:]
     for key in hits:
-        for rule in _INDEX.get(key, _NO_RULES):
+        for rule in _WAKES[key]:
+            if rule.simple:  # most rules: inlined and tested first, this loop is the bots' hot path
+                if rule.literal in masked:
+                    found.append(rule.entry)
+                continue
             text = lowered if rule.anywhere else masked
-            if rule.plain:  # most rules: inlined, this loop is the bots' hot path
+            if rule.plain:  # an AI agent's name, looked for spelled apart too
                 if rule.literal not in text:
-                    if not rule.anywhere:
-                        continue  # only AI agents' names are looked for spelled apart
                     if folded is None:
                         folded = _squash(lowered)  # an AI agent's `text` is `lowered`
                     if rule.squashed not in folded:
                         continue
-                found.append((rule.rank, rule.trimmed, rule, None))
+                if rule.entry not in found:  # "YouBot" wakes it by "youbot" and by "you"
+                    found.append(rule.entry)
                 continue
             match = None
             if rule.regex is not None:
@@ -889,14 +918,16 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                     continue
                 found.append((rule.rank, _squash(match[0]).rstrip("/;:()+"), rule, match))
                 continue
-            if not _confirm(rule, text, rule.literal):
+            # A product token or a start is a substring first: most such rules woken fail that
+            # test, which costs less than the call.
+            if rule.literal not in text or not _confirm(rule, text, rule.literal):
                 if not rule.anywhere:
                     continue
                 if folded is None:
                     folded = _squash(lowered)
-                if not _confirm(rule, folded, rule.squashed):
+                if rule.squashed not in folded or not _confirm(rule, folded, rule.squashed):
                     continue
-            found.append((rule.rank, rule.trimmed, rule, None))
+            found.append(rule.entry)
     if len(found) < 2:  # most bots: one rule confirmed, nothing to compare
         if not found:
             return None
@@ -905,12 +936,16 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
         best = _most_specific(found, lowered)
     _, _, rule, match = best
     if rule.verdict is not None:
-        if rule.lower_name and len(ua) == len(lowered):
-            # A list that writes names in lower case (isbot's): the agent's own spelling.
+        # A list that writes names in lower case (isbot's): the agent's own spelling, unless
+        # the user-agent spells it as listed ("sqlmap/1.8", "jsdom/24.0"), so that the
+        # rule's own verdict names it (no strip, no lookup).
+        if rule.lower_name and len(ua) == len(lowered) and not (rule.as_listed and ua == lowered):
             at = lowered.find(rule.literal)
             if at >= 0:
-                name = ua[at : at + len(rule.literal)].strip(" /;:()+-_.")
-                return _verdict(rule.category, name or rule.verdict.name)
+                spelled = ua[at : at + len(rule.literal)]
+                if not (rule.as_listed and spelled == rule.literal):
+                    name = spelled.strip(" /;:()+-_.")
+                    return _verdict(rule.category, name or rule.verdict.name)
         return rule.verdict
     assert match is not None
     start, end = match.span()
@@ -1021,19 +1056,22 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         ua = _fold(ua)
         raw = ua.encode("ascii", "replace")
     size = len(ua)
-    if size < _WHOLE_LENGTH:
-        stripped = ua.strip().lower()
+    if size < _WHOLE_LENGTH:  # never a browser's shape (`_SHAPE_SIZES`): lowered at once, once
+        lowered = ua.lower()
+        stripped = lowered.strip()
         if len(stripped) < 4 or stripped in _PLACEHOLDERS:
             return _SUSPICIOUS
         whole = _WHOLE.get(stripped)
         if whole is not None:
             return whole
+        letters = raw.translate(_TOKEN_TABLE)  # `_tokens` inlined: a call costs ~10%
     elif size > MAX_LENGTH:
         return _classify_long(ua)
-    letters = raw.translate(_TOKEN_TABLE)  # `_tokens` inlined: a call costs ~10%
-    if size in _SHAPE_SIZES and letters in _BROWSER_SHAPES:
-        return _HUMAN  # a mainstream browser, answered by one set lookup
-    lowered = ua.lower()
+    else:
+        letters = raw.translate(_TOKEN_TABLE)
+        if size in _SHAPE_SIZES and letters in _BROWSER_SHAPES:
+            return _HUMAN  # a mainstream browser, answered by one set lookup
+        lowered = ua.lower()
     tokens = letters.split()
     if not tokens:  # not a single ASCII letter
         return _SUSPICIOUS
