@@ -423,8 +423,9 @@ _REPEATS: Final = (_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_R
 _EMPTY_OPS: Final = (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT)
 
 
-def _expand(items: Any) -> list[str] | None:
-    """The texts a parsed regex matches, with each variable part as a separator.
+def _expand(items: Any, *, exact: bool = False) -> list[str] | None:
+    """The texts a parsed regex matches, with each variable part as a separator; with
+    `exact`, None for a regex with any variable part, so that the texts are all it matches.
 
     Branches and optional parts are spelled out (at most ``_EXPANSIONS`` texts, else None):
     ``Google(?:bot|Other)`` is "googlebot" and "googleother", each one token, which is what
@@ -436,14 +437,16 @@ def _expand(items: Any) -> list[str] | None:
         if op is _sre.LITERAL:
             alternatives = [chr(av)]
         elif op is _sre.SUBPATTERN:
-            alternatives = _expand(av[-1])
+            alternatives = _expand(av[-1], exact=exact)
         elif op is _sre.BRANCH:
             alternatives = []
             for branch in av[1]:
-                sub = _expand(branch)
+                sub = _expand(branch, exact=exact)
                 if sub is None:
                     return None
                 alternatives.extend(sub)
+        elif exact:
+            return None  # a repeat, a class, a wildcard, an anchor inside
         elif op in _REPEATS:
             sub = _expand(av[2])
             if sub is None:
@@ -634,32 +637,6 @@ def _build(
     return frozen, overrides, provenance
 
 
-def _spelled(items: Any) -> list[str] | None:
-    """The texts a parsed regex of literals, groups and alternatives matches (None if it has
-    anything else: a class, a wildcard, a repeat, an anchor inside)."""
-    texts = [""]
-    for op, av in items:
-        if op is _sre.LITERAL:
-            alternatives: list[str] | None = [chr(av)]
-        elif op is _sre.SUBPATTERN:
-            alternatives = _spelled(av[-1])
-        elif op is _sre.BRANCH:
-            alternatives = []
-            for branch in av[1]:
-                sub = _spelled(branch)
-                if sub is None:
-                    return None
-                alternatives.extend(sub)
-        else:
-            return None
-        if alternatives is None:
-            return None
-        texts = [t + a for t in texts for a in alternatives]
-        if len(texts) > _EXPANSIONS:
-            return None
-    return texts
-
-
 def _whole_agents(sources: Iterable[AgentSource]) -> dict[str, UserAgentVerdict]:
     """The user-agents a list names whole, by their text stripped and in lower case.
 
@@ -673,7 +650,7 @@ def _whole_agents(sources: Iterable[AgentSource]) -> dict[str, UserAgentVerdict]
     for pattern, category in _anchored_patterns(sources):
         if not pattern.endswith("$"):
             continue
-        for text in _spelled(_sre.parse(pattern[1:-1])) or ():
+        for text in _expand(_sre.parse(pattern[1:-1]), exact=True) or ():
             key = text.strip().lower()
             if key and len(key) < _WHOLE_LENGTH:
                 whole.setdefault(key, UserAgentVerdict(True, category, text.strip()))
