@@ -31,6 +31,10 @@ CHROME = (
         ("Node.js", "other_bot", "Node.js"),
         ("Report Runner", "other_bot", "Report Runner"),
         ("Google", "search_engine", "Google"),  # ^Google$
+        # Agents' names no prefilter key can wake (no letters run of three, or only weak
+        # ones), sent alone: device-detector's names.
+        ("xx032_bo9vs83_2a", "other_bot", "xx032_bo9vs83_2a"),
+        ("24x7", "monitor", "24x7"),
         # Disguised: folded before it is looked up (a zero-width space, full-width letters).
         ("Chrome\u200b", "other_bot", "chrome"),
         ("\uff23\uff48\uff52\uff4f\uff4d\uff45", "other_bot", "chrome"),

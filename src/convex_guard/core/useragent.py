@@ -561,7 +561,11 @@ def _name_rule(
 
 def _build(
     sources: Iterable[AgentSource], corrections: tuple[str, str]
-) -> tuple[dict[bytes, tuple[_Rule, ...]], dict[str, BotCategory], dict[str, Any]]:
+) -> tuple[
+    dict[bytes, tuple[_Rule, ...]], dict[str, BotCategory], dict[str, Any], tuple[_Rule, ...]
+]:
+    """The prefilter's index (key token to the rules it wakes), the category overrides, the
+    lists' provenance, and the rules no key can wake (see `_whole_agents`)."""
     corrected = _load_json(*corrections)
     overrides = {k: _category(v) for k, v in corrected["category_overrides"].items()}
     version_required = {n.lower() for n in corrected["version_required"]}
@@ -602,6 +606,7 @@ def _build(
 
     index: dict[bytes, list[_Rule]] = {}
     unindexed: list[str] = []
+    unkeyed: list[_Rule] = []
     # Several lists name the same agent: one rule for it, of the most specific category any
     # list gives it (what the search would pick from the duplicates anyway), keyed by all keys.
     first: dict[tuple[str, bool, bool], int] = {}
@@ -626,6 +631,7 @@ def _build(
         if not usable:
             named = rule.verdict.name if rule.verdict else None
             unindexed.append(named or (rule.regex.pattern if rule.regex else rule.literal))
+            unkeyed.append(rule)
         for key in usable:
             index.setdefault(key.encode("ascii"), []).append(rule)
     provenance["unindexed"] = unindexed
@@ -634,19 +640,27 @@ def _build(
         key: tuple(sorted(rules, key=lambda r: _PRIORITY[r.category]))
         for key, rules in index.items()
     }
-    return frozen, overrides, provenance
+    return frozen, overrides, provenance, tuple(unkeyed)
 
 
-def _whole_agents(sources: Iterable[AgentSource]) -> dict[str, UserAgentVerdict]:
+def _whole_agents(
+    sources: Iterable[AgentSource], unkeyed: Iterable[_Rule]
+) -> dict[str, UserAgentVerdict]:
     """The user-agents a list names whole, by their text stripped and in lower case.
 
     A pattern anchored at both ends that spells out a few texts (device-detector's
     ``^(?:chrome|desktop|node|…)$``, ``^Google$``) names clients that send that word and
     nothing else: scripts, which no browser resembles. The prefilter cannot wake such a
     pattern when its words are browser tokens ("chrome") or too weak to be keys ("desktop"),
-    so the whole user-agent is looked up instead (a short one: see `_WHOLE_LENGTH`).
+    so the whole user-agent is looked up instead (a short one: see `_WHOLE_LENGTH`). So is
+    an agent's name that no key can wake (`unkeyed`: "xx032_bo9vs83_2a", "24x7"), sent alone.
     """
     whole: dict[str, UserAgentVerdict] = {}
+    for rule in unkeyed:
+        if rule.verdict is not None and rule.regex is None and not rule.version:
+            key = rule.literal.strip()
+            if key and len(key) < _WHOLE_LENGTH:
+                whole.setdefault(key, rule.verdict)
     for pattern, category in _anchored_patterns(sources):
         if not pattern.endswith("$"):
             continue
@@ -715,7 +729,7 @@ def _started(lowered: str) -> UserAgentVerdict | None:
 # Names that are also plain words ("Devin", "Operator"), whatever list they come from:
 # weak evidence, like a generic word (see `_Rule.anywhere` and `classify_user_agent_uncached`).
 _COMMON_WORDS: Final = frozenset(n.lower() for n in _load_json(*CORRECTIONS)["version_required"])
-_INDEX, _OVERRIDES, DATA_PROVENANCE = _build(SOURCES, CORRECTIONS)
+_INDEX, _OVERRIDES, DATA_PROVENANCE, _UNKEYED = _build(SOURCES, CORRECTIONS)
 # Podcast and media apps' products (OPAWG user-agents-v2, MIT; derived by
 # benchmarks/build_useragent_data.py apps, commit recorded in the file): see `_app`.
 _APP_DATA: Final = _load_json(*APPS)
@@ -735,7 +749,7 @@ _KEYS: Final = frozenset(_INDEX) | _GENERIC_KEYS | {b"http", b"https"}
 #: How short a user-agent is looked at whole: its stripped, lower-cased text is checked against
 #: the placeholders and the agents named whole (`_WHOLE`).
 _WHOLE_LENGTH: Final = 32
-_WHOLE: Final = _whole_agents(SOURCES)
+_WHOLE: Final = _whole_agents(SOURCES, _UNKEYED)
 _STARTING: Final = _starting_agents(SOURCES)
 _STARTS: Final = tuple(start for start, _, _ in _STARTING)
 _NO_RULES: Final[tuple[_Rule, ...]] = ()
