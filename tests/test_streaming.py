@@ -18,7 +18,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from convex_guard import GuardMiddleware, GuardSettings, MemoryStore, report_usage
+from convex_guard import (
+    MINUTE,
+    FixedWindow,
+    GuardMiddleware,
+    GuardSettings,
+    MemoryStore,
+    RateLimitMiddleware,
+    Rule,
+    report_usage,
+)
 from convex_guard.core.streamusage import CHARS_PER_TOKEN, UsageReader
 from convex_guard.middleware.logger import RequestLoggerMiddleware
 from convex_guard.middleware.logwriter import LogWriter
@@ -255,6 +264,25 @@ def test_the_logger_alone_reads_streams_too() -> None:
     with serve(make_app(store, stacked=True)) as running:
         _, row, _ = stream_once(running, "usage", store)
     assert row.tokens_used == 42 and row.ttft_ms is not None
+
+
+@pytest.mark.parametrize("mode", ["nousage", "usage"])
+def test_a_stack_of_middlewares_reads_a_stream_once(mode: str) -> None:
+    """The logger with a rate limiter inside it, each its own runner wrapping `send` (the
+    limiter for its fields): the logger's runner alone feeds the stream's reader, so the
+    estimate from the text sent is the text's, not twice it."""
+    store = MemoryStore()
+    inner = make_app(store, stacked=True).app  # the Starlette app
+    rule = Rule("streamed", FixedWindow(rate=1000, period=MINUTE), path=PATH)
+    limited = RateLimitMiddleware(inner, store=store, rules=[rule])
+    app = RequestLoggerMiddleware(limited, store=store, writer=LogWriter(store, interval=0.02))
+    with serve(app) as running:
+        with httpx.Client(base_url=running.url, timeout=10) as client:
+            response = client.post(PATH, params={"mode": mode})
+        assert response.status_code == 200 and "ratelimit" in response.headers
+        [row] = rows_after(store, 0)
+    expected = 42 if mode == "usage" else -(-len("".join(WORDS)) // CHARS_PER_TOKEN)
+    assert row.tokens_used == expected
 
 
 def test_a_failing_reader_leaves_the_stream_whole(

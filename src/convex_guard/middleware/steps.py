@@ -265,7 +265,9 @@ async def _response_send(
         await send(message)
         return
     await send(message)
-    reader = ctx.stream
+    # The logging runner's alone: in a stack of middlewares every runner wrapping `send`
+    # sees each chunk, and the stream's reader is the request's, fed once.
+    reader = ctx.stream if logged else None
     if reader is not None:
         try:
             if reader.feed(message.get("body", b"")):
