@@ -52,6 +52,8 @@ _NOTHING_REPORTED = Usage()  # read only: what the row of a request that reporte
 _Logged = LogEntry | None
 #: The embedding routes' entry.
 _EMBEDDING = LogEntry(None)
+#: What the per-route cache answers for a route it does not hold (None there: not logged).
+_UNSEEN = LogEntry(None, "unseen")
 
 #: Gets the request's scope, returns its provider, or `None` to leave the request unlogged.
 ProviderResolver = Callable[[Scope], str | None]
@@ -243,9 +245,8 @@ class RequestLoggerMiddleware(StepMiddleware):
 
     def before(self, scope: Scope, receive: Receive, ctx: GuardContext) -> None:
         """Start timing a request that is logged (`ctx.log_entry`); others are not logged."""
-        try:
-            entry = self._by_route[ctx.route]
-        except KeyError:  # a new route, or one a resolver of your own decides per request
+        entry = self._by_route.get(ctx.route, _UNSEEN)
+        if entry is _UNSEEN:  # a new route, or one a resolver of your own decides per request
             entry = self._logged_as(scope, ctx.route)
         if entry is not None:
             ctx.log_entry = entry
