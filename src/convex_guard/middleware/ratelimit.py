@@ -12,7 +12,6 @@ from typing import Any, cast
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope
 
-from convex_guard.core.clientip import peer_ip
 from convex_guard.core.errors import ConfigurationError
 from convex_guard.core.estimates import DEFAULT_ESTIMATE
 from convex_guard.core.limits import LimitResult
@@ -42,6 +41,7 @@ from convex_guard.middleware.rules import (
     RateLimitItems,
     Rule,
     closest_to_exhaustion,
+    ip_key,
     policy_item,
     ratelimit_field,
     ratelimit_template,
@@ -870,11 +870,10 @@ def _applying(
     """The plan of the rules that apply to this caller (those whose key it has) and the
     values their keys are read from (by `_SLOTS`), for the fast paths."""
     user = user_key(scope, ctx) if matched.by_user else None
-    # By `_SLOTS`: what each kind of rule is keyed by (as `Rule.resolve_key` reads it; the
-    # "ip" rule's `ip_key` inline).
+    # By `_SLOTS`: what each kind of rule is keyed by (as `Rule.resolve_key` reads it).
     values = (
         None,
-        (ctx.client_key or peer_ip(scope)) if matched.by_ip else None,
+        ip_key(scope, ctx) if matched.by_ip else None,
         user,
         ctx.api_key_id,
         ctx.fingerprint,
