@@ -27,6 +27,7 @@ from convex_guard import (
     RateLimitMiddleware,
     Rule,
 )
+from convex_guard.core.limits import LimitResult
 from convex_guard.core.problem import problem
 from convex_guard.middleware.body import BodyTooLarge, read_body
 from convex_guard.middleware.context import ROUTE_CACHE_SIZE, GuardContext, LogEntry, route_of
@@ -296,3 +297,21 @@ def test_each_route_of_a_guard_runs_only_the_steps_with_something_to_do() -> Non
     for route in guard._plans:
         markers = {step.marker for step in guard._plans[route].steps}
         assert BOT not in markers or RATE_LIMIT in markers
+
+
+def test_two_recorded_decisions_both_reach_limits() -> None:
+    """Two rate limiters deciding one request (stacked by hand): each one's results are in
+    `ctx.limits`, with what another middleware put there, whenever it is read."""
+    ctx = GuardContext(("GET", "/"))
+    ctx.limits["apiKey"] = LimitResult(True, None, 4.0, 10.0)
+    ctx.decide(("a",), [(True, None, 9.0, 100.0)])
+    ctx.decide(("b", "c"), [(True, None, 1.0, 5.0), (False, 30.0, 0.0, 60.0)])
+    assert {name: result.remaining for name, result in ctx.limits.items()} == {
+        "apiKey": 4.0,
+        "a": 9.0,
+        "b": 1.0,
+        "c": 0.0,
+    }
+    assert ctx.limits["c"] == LimitResult(False, 30.0, 0.0, 60.0)
+    ctx.limits = {}  # replaced by an app: nothing recorded comes back
+    assert dict(ctx.limits) == {}

@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import xxhash
 from starlette.types import Message, Send
+
+if TYPE_CHECKING:
+    from convex_guard.core.useragent import UserAgentVerdict
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -122,7 +125,7 @@ class RequestHeaders:
         self.content_type = content_type
         self.chunked = chunked
         self.signed = signed
-        self.verdict: tuple[object, str, Any] | None = None
+        self.verdict: tuple[object, str, UserAgentVerdict] | None = None
 
 
 class HeaderReader:

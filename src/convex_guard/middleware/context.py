@@ -153,15 +153,7 @@ class GuardContext:
         """Each rate limit's result for this request by its name (the key's own limit as
         `apiKey`): what the rate limiter decided, for the app to read (`RateLimit` in its own
         words, a warning near exhaustion)."""
-        found = self._limits
-        if found is None:
-            found = self._limits = {}
-        decided = self.decided
-        if decided is not None:
-            self.decided = None
-            for name, decision in zip(*decided, strict=True):
-                found[name] = LimitResult(*decision)
-        return found
+        return self._results()
 
     @limits.setter
     def limits(self, value: MutableMapping[str, LimitResult]) -> None:
@@ -172,8 +164,20 @@ class GuardContext:
         """Record a fast decision's results (`names[i]` decided `decisions[i]`), made into
         `limits` entries when it is read; a decision recorded before is made into them now."""
         if self.decided is not None:
-            self.limits  # noqa: B018 (the read makes the earlier decision's entries)
+            self._results()
         self.decided = (names, decisions)
+
+    def _results(self) -> MutableMapping[str, LimitResult]:
+        """`limits`, with the recorded decision's results made into its entries first."""
+        found = self._limits
+        if found is None:
+            found = self._limits = {}
+        decided = self.decided
+        if decided is not None:
+            self.decided = None
+            for name, decision in zip(*decided, strict=True):
+                found[name] = LimitResult(*decision)
+        return found
 
 
 class LogEntry:
