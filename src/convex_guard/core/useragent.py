@@ -6,7 +6,7 @@ import json
 import re
 import re._parser as _sre  # type: ignore[import-not-found]  # keys of a pattern without examples
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Final, Literal, NamedTuple, get_args
@@ -559,18 +559,27 @@ def _name_rule(
     return rule, keys
 
 
-def _build(
-    sources: Iterable[AgentSource], corrections: tuple[str, str]
-) -> tuple[
-    dict[bytes, tuple[_Rule, ...]], dict[str, BotCategory], dict[str, Any], tuple[_Rule, ...]
-]:
-    """The prefilter's index (key token to the rules it wakes), the category overrides, the
-    lists' provenance, and the rules no key can wake (see `_whole_agents`)."""
+class _Built(NamedTuple):
+    """What `_build` makes of the lists."""
+
+    #: The prefilter's index: each key token to the rules it wakes.
+    by_key: dict[bytes, tuple[_Rule, ...]]
+    overrides: dict[str, BotCategory]
+    provenance: dict[str, Any]
+    #: The rules no key can wake (see `_whole_agents`).
+    unkeyed: tuple[_Rule, ...]
+    #: The patterns anchored at the start, as the lists write them, with their rules'
+    #: categories (see `_whole_agents`, `_starting_agents`).
+    anchored: tuple[tuple[str, BotCategory], ...]
+
+
+def _build(sources: Iterable[AgentSource], corrections: tuple[str, str]) -> _Built:
     corrected = _load_json(*corrections)
     overrides = {k: _category(v) for k, v in corrected["category_overrides"].items()}
     version_required = {n.lower() for n in corrected["version_required"]}
 
     built: list[tuple[_Rule, set[str]]] = []
+    anchored: list[tuple[str, BotCategory]] = []
     provenance: dict[str, Any] = {}
     for source in sources:
         document = _load_json(source.package, source.resource)
@@ -582,11 +591,14 @@ def _build(
         counted = "agents" if source.kind == "names" else "patterns"
         provenance[f"{source.name}_{counted}"] = len(entries)
         for entry in entries:
-            if source.kind == "patterns":
-                built.append(_crawler_rule(entry, overrides))
-                continue
-            if source.kind == "regexes":
-                built.append(_regex_rule(entry))
+            if source.kind != "names":
+                if source.kind == "patterns":
+                    made = _crawler_rule(entry, overrides)
+                else:
+                    made = _regex_rule(entry)
+                built.append(made)
+                if entry["pattern"].startswith("^"):
+                    anchored.append((entry["pattern"], made[0].category))
                 continue
             name = entry["name"]
             lowered = name.lower()
@@ -640,11 +652,11 @@ def _build(
         key: tuple(sorted(rules, key=lambda r: _PRIORITY[r.category]))
         for key, rules in index.items()
     }
-    return frozen, overrides, provenance, tuple(unkeyed)
+    return _Built(frozen, overrides, provenance, tuple(unkeyed), tuple(anchored))
 
 
 def _whole_agents(
-    sources: Iterable[AgentSource], unkeyed: Iterable[_Rule]
+    anchored: Iterable[tuple[str, BotCategory]], unkeyed: Iterable[_Rule]
 ) -> dict[str, UserAgentVerdict]:
     """The user-agents a list names whole, by their text stripped and in lower case.
 
@@ -661,7 +673,7 @@ def _whole_agents(
             key = rule.literal.strip()
             if key and len(key) < _WHOLE_LENGTH:
                 whole.setdefault(key, rule.verdict)
-    for pattern, category in _anchored_patterns(sources):
+    for pattern, category in anchored:
         if not pattern.endswith("$"):
             continue
         for text in _expand(_sre.parse(pattern[1:-1]), exact=True) or ():
@@ -672,7 +684,7 @@ def _whole_agents(
 
 
 def _starting_agents(
-    sources: Iterable[AgentSource],
+    anchored: Iterable[tuple[str, BotCategory]],
 ) -> tuple[tuple[str, re.Pattern[str], UserAgentVerdict], ...]:
     """The agents a list knows by how their user-agent begins (``^BW/``, ``^ds9``), each
     with the text it begins with, its pattern and its verdict.
@@ -682,7 +694,7 @@ def _starting_agents(
     `str.startswith` of them all, see `_started`).
     """
     found: list[tuple[str, re.Pattern[str], UserAgentVerdict]] = []
-    for pattern, category in _anchored_patterns(sources):
+    for pattern, category in anchored:
         if pattern.endswith("$"):
             continue  # a whole user-agent: `_whole_agents`
         lead = _LITERAL_RE.match(pattern, 1)
@@ -695,25 +707,6 @@ def _starting_agents(
         regex = re.compile(_lower_pattern(pattern))
         found.append((text.lower(), regex, UserAgentVerdict(True, category, name)))
     return tuple(found)
-
-
-def _anchored_patterns(sources: Iterable[AgentSource]) -> Iterator[tuple[str, BotCategory]]:
-    """The patterns of the lists that are anchored at the start, each with its category."""
-    for source in sources:
-        if source.kind == "names":
-            continue
-        document = _load_json(source.package, source.resource)
-        entries = document if source.entries is None else document[source.entries]
-        for entry in entries:
-            pattern: str = entry["pattern"]
-            if not pattern.startswith("^"):
-                continue
-            if source.kind == "regexes":
-                category = _category(entry["category"])
-            else:
-                tags = [_TAG_CATEGORY.get(tag, "other_bot") for tag in entry.get("tags", ())]
-                category = min(tags, key=_RANKED.index) if tags else "other_bot"
-            yield pattern, category
 
 
 def _started(lowered: str) -> UserAgentVerdict | None:
@@ -729,7 +722,8 @@ def _started(lowered: str) -> UserAgentVerdict | None:
 # Names that are also plain words ("Devin", "Operator"), whatever list they come from:
 # weak evidence, like a generic word (see `_Rule.anywhere` and `classify_user_agent_uncached`).
 _COMMON_WORDS: Final = frozenset(n.lower() for n in _load_json(*CORRECTIONS)["version_required"])
-_INDEX, _OVERRIDES, DATA_PROVENANCE, _UNKEYED = _build(SOURCES, CORRECTIONS)
+_BUILT: Final = _build(SOURCES, CORRECTIONS)
+_INDEX, _OVERRIDES, DATA_PROVENANCE = _BUILT.by_key, _BUILT.overrides, _BUILT.provenance
 # Podcast and media apps' products (OPAWG user-agents-v2, MIT; derived by
 # benchmarks/build_useragent_data.py apps, commit recorded in the file): see `_app`.
 _APP_DATA: Final = _load_json(*APPS)
@@ -749,8 +743,8 @@ _KEYS: Final = frozenset(_INDEX) | _GENERIC_KEYS | {b"http", b"https"}
 #: How short a user-agent is looked at whole: its stripped, lower-cased text is checked against
 #: the placeholders and the agents named whole (`_WHOLE`).
 _WHOLE_LENGTH: Final = 32
-_WHOLE: Final = _whole_agents(SOURCES, _UNKEYED)
-_STARTING: Final = _starting_agents(SOURCES)
+_WHOLE: Final = _whole_agents(_BUILT.anchored, _BUILT.unkeyed)
+_STARTING: Final = _starting_agents(_BUILT.anchored)
 _STARTS: Final = tuple(start for start, _, _ in _STARTING)
 _NO_RULES: Final[tuple[_Rule, ...]] = ()
 #: Every prefilter key to the rules it wakes, none for most generic words and "http": the
