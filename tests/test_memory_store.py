@@ -302,8 +302,10 @@ async def test_a_planned_decision_is_the_decision_of_decide_all_with_its_field_n
         clock.now += 7_001
         ok, decisions, numbers, now = planned.decide_planned(plan, [key, None])
         assert (ok, decisions, now) == general.decide_all(specs, [key, None])
-        # As the field prints them (`%d`): the remaining quota rounded down, the seconds up.
-        assert [int(n) for n in numbers] == [
+        # As the field prints them (`%d`, of ints): the remaining quota rounded down, the
+        # seconds up.
+        assert all(type(n) is int for n in numbers)
+        assert numbers == [
             n
             for _, _, remaining, reset in decisions
             for n in (math.floor(remaining), math.ceil(Fraction(reset) / 1000))
