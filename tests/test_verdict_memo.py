@@ -4,6 +4,7 @@ answers for another agent or another classifier."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -17,6 +18,8 @@ from convex_guard import GuardMiddleware, GuardSettings, MemoryStore
 from convex_guard.core.useragent import UserAgentVerdict, classify_user_agent
 from convex_guard.middleware import botdetection
 from convex_guard.middleware.context import guard_context
+
+from .conftest import serve
 
 BROWSER = (
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -37,11 +40,16 @@ def guarded(**options: Any) -> Starlette:
 
 
 async def get(app: Starlette, agent: str, times: int) -> list[int]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        return [
-            (await client.get("/", headers={"user-agent": agent})).status_code for _ in range(times)
-        ]
+    """`times` requests with `agent` to `app` served by uvicorn, over one keep-alive
+    connection: a repeated client, as the memo serves it."""
+
+    def run() -> list[int]:
+        with serve(app) as running, httpx.Client(base_url=running.url, timeout=10) as client:
+            return [
+                client.get("/", headers={"user-agent": agent}).status_code for _ in range(times)
+            ]
+
+    return await asyncio.to_thread(run)
 
 
 class Counting:
