@@ -822,13 +822,20 @@ def _most_specific(
     """
     if len(found) == 2:
         # Most often of several: a name and one inside it ("Python" of "python-requests",
-        # "imagesift" of "ImagesiftBot"), answered without the loops below.
-        (_, first, _, _), (_, second, _, _) = found
-        if first != second:
-            if second in first:
-                return found[0]
-            if first in second:
-                return found[1]
+        # "imagesift" of "ImagesiftBot"), or two lists' rules for one name ("curl"),
+        # answered as the loops below would, without them.
+        one, two = found
+        if one[1] != two[1]:
+            if two[1] in one[1]:
+                return one
+            if one[1] in two[1]:
+                return two
+        rule_one, rule_two = one[2], two[2]
+        if rule_one is rule_two or rule_one.precedence < rule_two.precedence:
+            return one
+        if rule_one.precedence > rule_two.precedence:
+            return two
+        return two if _tie_order(two, lowered) < _tie_order(one, lowered) else one
     best = None
     for candidate in found:
         _, text, rule, _ = candidate
@@ -901,7 +908,10 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                 )
                 if match is None:
                     continue
-                found.append((rule.rank, _squash(match[0]).rstrip("/;:()+"), rule, match))
+                matched = match[0]
+                if not (matched.isalnum() and matched.isascii()):  # most matches: one word
+                    matched = _squash(matched).rstrip("/;:()+")
+                found.append((rule.rank, matched, rule, match))
                 continue
             # A product token or a start is a substring first: most such rules woken fail that
             # test, which costs less than the call.
