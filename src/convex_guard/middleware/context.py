@@ -131,8 +131,9 @@ class GuardContext:
     #: `time.perf_counter()` for its latency.
     timestamp: float = field(default=0.0, init=False, repr=False, compare=False)
     started: float = field(default=0.0, init=False, repr=False, compare=False)
-    #: A logged event-stream response's `UsageReader` (the runner feeds it each chunk), and the
-    #: `perf_counter` time its first output was sent.
+    #: A logged event-stream response's `UsageReader` (the runner feeds it each chunk, and
+    #: reads it once when the request ends), and the `perf_counter` time its first output was
+    #: sent.
     stream: UsageReader | None = field(default=None, init=False, repr=False, compare=False)
     first_output: float | None = field(default=None, init=False, repr=False, compare=False)
     # The fields below are set only by the steps that need them, which most requests never

@@ -202,6 +202,9 @@ class StepRunner:
         finally:
             stream = ctx.stream
             if stream is not None:
+                # The innermost runner to finish reads it, before its own after-steps (a
+                # settlement needs the usage); the runners outside find the usage filled.
+                ctx.stream = None
                 stream_usage(ctx, stream, self._stream_trouble)
             for position, after in afters:
                 if position < started:
