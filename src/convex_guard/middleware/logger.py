@@ -296,7 +296,7 @@ class RequestLoggerMiddleware(StepMiddleware):
                 error = f"http_{status}"
         provider = entry.provider
         if provider is None:
-            self.writer.add(self._embedding_row(ctx, ctx.timestamp, latency, error))
+            self.writer.add(self._embedding_row(ctx, latency, error))
         else:
             self.writer.add(self._ai_row(scope, ctx, provider, entry, latency, error))
 
@@ -342,7 +342,7 @@ class RequestLoggerMiddleware(StepMiddleware):
         )
 
     def _embedding_row(
-        self, ctx: GuardContext, timestamp: float, latency: float, error: str | None
+        self, ctx: GuardContext, latency: float, error: str | None
     ) -> EmbeddingRequestLog:
         usage = ctx.usage or _NOTHING_REPORTED
         return tuple.__new__(  # every field in order, as the AI row
@@ -350,7 +350,7 @@ class RequestLoggerMiddleware(StepMiddleware):
             (
                 uuid.uuid4().hex,
                 ctx.api_key_hash or NO_KEY,
-                timestamp,
+                ctx.timestamp,
                 usage.items or 0,
                 latency,
                 usage.tokens or 0,
