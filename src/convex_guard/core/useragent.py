@@ -711,7 +711,7 @@ def _starting_agents(
 
 def _started(lowered: str) -> UserAgentVerdict | None:
     """The agent a list knows by how its user-agent begins (see `_starting_agents`)."""
-    if not lowered.startswith(_STARTS):
+    if lowered[:1] not in _START_LETTERS or not lowered.startswith(_STARTS):
         return None
     for start, regex, verdict in _STARTING:
         if lowered.startswith(start) and regex.match(lowered):
@@ -744,8 +744,13 @@ _KEYS: Final = frozenset(_INDEX) | _GENERIC_KEYS | {b"http", b"https"}
 #: the placeholders and the agents named whole (`_WHOLE`).
 _WHOLE_LENGTH: Final = 32
 _WHOLE: Final = _whole_agents(_BUILT.anchored, _BUILT.unkeyed)
+#: What a short user-agent's stripped, lower-cased text alone decides: one lookup for both.
+_SHORT: Final = {**_WHOLE, **dict.fromkeys(_PLACEHOLDERS, _SUSPICIOUS)}
 _STARTING: Final = _starting_agents(_BUILT.anchored)
 _STARTS: Final = tuple(start for start, _, _ in _STARTING)
+#: Their first characters: a one-character slice is a cached string, so one set test spares
+#: most user-agents (browsers' "mozilla", "opera") the test of every start.
+_START_LETTERS: Final = frozenset(start[:1] for start in _STARTS)
 _NO_RULES: Final[tuple[_Rule, ...]] = ()
 #: Every prefilter key to the rules it wakes, none for most generic words and "http": the
 #: search reads a hit's rules by subscript, with no default to pass.
@@ -766,6 +771,17 @@ _DISGUISABLE: Final[dict[bytes, UserAgentVerdict]] = {
     and rule.squashed.isalpha()
     and rule.literal not in _COMMON_WORDS
 }
+_DISGUISABLE_NAMES: Final = frozenset(_DISGUISABLE)
+#: Every beginning and every end of those names, the whole names too. `_disguised` finds a name
+#: only in a word made of tokens joined by separators: its first token begins the name, its last
+#: ends it. A user-agent whose own tokens (its letters' runs, lower-cased) include no beginning,
+#: or no end, has no disguised name.
+_DISGUISE_HEADS: Final = frozenset(
+    name[:end] for name in _DISGUISABLE for end in range(1, len(name) + 1)
+)
+_DISGUISE_TAILS: Final = frozenset(
+    name[start:] for name in _DISGUISABLE for start in range(len(name))
+)
 
 
 #: Verdicts named after the text that matched, kept for reuse: building a frozen dataclass
@@ -955,8 +971,10 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
 
 def _disguised(lowered: str) -> UserAgentVerdict | None:
     """An AI agent's name spelled apart so that no token is a key ("G.P.T.B.o.t")."""
-    raw = lowered.encode("ascii", "replace").translate(_TOKEN_TABLE, _SEPARATORS)
-    for word in raw.split():
+    words = lowered.encode("ascii", "replace").translate(_TOKEN_TABLE, _SEPARATORS).split()
+    if _DISGUISABLE_NAMES.isdisjoint(words):  # nearly every user-agent: one set test
+        return None
+    for word in words:  # the first in the text
         verdict = _DISGUISABLE.get(word)
         if verdict is not None:
             return verdict
@@ -1051,22 +1069,22 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         ua = _fold(ua)
         raw = ua.encode("ascii", "replace")
     size = len(ua)
-    if size < _WHOLE_LENGTH:  # never a browser's shape (`_SHAPE_SIZES`): lowered at once, once
-        lowered = ua.lower()
-        stripped = lowered.strip()
-        if len(stripped) < 4 or stripped in _PLACEHOLDERS:
-            return _SUSPICIOUS
-        whole = _WHOLE.get(stripped)
-        if whole is not None:
-            return whole
+    if _WHOLE_LENGTH <= size <= MAX_LENGTH:  # most user-agents: one test
         letters = raw.translate(_TOKEN_TABLE)  # `_tokens` inlined: a call costs ~10%
-    elif size > MAX_LENGTH:
-        return _classify_long(ua)
-    else:
-        letters = raw.translate(_TOKEN_TABLE)
         if size in _SHAPE_SIZES and letters in _BROWSER_SHAPES:
             return _HUMAN  # a mainstream browser, answered by one set lookup
         lowered = ua.lower()
+    elif size < _WHOLE_LENGTH:  # never a browser's shape (`_SHAPE_SIZES`): lowered at once, once
+        lowered = ua.lower()
+        stripped = lowered.strip()
+        if len(stripped) < 4:
+            return _SUSPICIOUS
+        whole = _SHORT.get(stripped)  # a placeholder or an agent named whole
+        if whole is not None:
+            return whole
+        letters = raw.translate(_TOKEN_TABLE)
+    else:
+        return _classify_long(ua)
     tokens = letters.split()
     if not tokens:  # not a single ASCII letter
         return _SUSPICIOUS
@@ -1080,15 +1098,35 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         elif len(tokens) > 6 and tokens[0] == b"mozilla":
             return _HUMAN  # every browser; a short or odd user-agent gets the closer look
         else:
-            verdict = _disguised(lowered) or _bare(ua, tokens) or _started(lowered)
+            # No word of an ASCII user-agent begins (or none ends) an AI agent's name: nothing
+            # is spelled apart (`_DISGUISE_HEADS`), answered from the tokens already hashed.
+            spelled_apart = not (
+                ua.isascii()
+                and (_DISGUISE_HEADS.isdisjoint(tokens) or _DISGUISE_TAILS.isdisjoint(tokens))
+            )
+            disguised = _disguised(lowered) if spelled_apart else None
+            verdict = disguised or _bare(ua, tokens) or _started(lowered)
+        if verdict is None:
+            return _HUMAN
     else:
         verdict = _match_known(ua, lowered, hits)
-        listed = verdict is not None and verdict.category != "http_library"
-        verdict = verdict or _match_generic(ua, lowered, tokens) or _bare(ua, tokens)
-    if verdict is None:
-        return _HUMAN
+        if verdict is not None:
+            listed = verdict.category != "http_library"
+        else:
+            listed = False
+            verdict = _match_generic(ua, lowered, tokens) or _bare(ua, tokens)
+            if verdict is None:
+                return _HUMAN
     # A browser's user-agent (most bots send one) names no app's product: no call for it.
     if tokens[0] == b"mozilla":
+        return verdict
+    # Nor does a script whose first word is no app's, on no phone platform and not through
+    # Apple's URL loading system (most HTTP libraries and crawlers): `_app` would say no.
+    if (
+        tokens[0] not in _APP_WORDS
+        and "cfnetwork/" not in lowered
+        and _PHONE_PLATFORMS.isdisjoint(tokens)
+    ):
         return verdict
     if listed or verdict.category == "ai_crawler":
         if (verdict.name or "").lower() in _COMMON_WORDS:
@@ -1247,10 +1285,18 @@ _BROWSER_SHAPES: Final = _shapes(_BROWSER_TEMPLATES)
 _SHAPE_SIZES: Final = frozenset(map(len, _BROWSER_SHAPES))
 
 
+#: The most spaces `_BARE_RE` can match: its one ``\s`` after the version and, inside a comment,
+#: its ``\s?`` and ``[\s/]``. Counting them is far cheaper than the regex failing on a browser.
+_BARE_SPACES: Final = 3
+
+
 def _bare(ua: str, tokens: list[bytes]) -> UserAgentVerdict | None:
-    if tokens[0] != b"mozilla" or _BARE_RE.match(ua.strip()) is None:
+    if tokens[0] != b"mozilla":
         return None
-    rest = ua.strip().split(None, 1)
+    stripped = ua.strip()
+    if stripped.count(" ") > _BARE_SPACES or _BARE_RE.match(stripped) is None:
+        return None
+    rest = stripped.split(None, 1)
     name = rest[1].strip(" ()") if len(rest) > 1 else ""
     if name[:11].lower() == "compatible;":
         name = name[11:].lstrip()  # "(compatible; blogger.com)" is blogger.com
