@@ -929,9 +929,14 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                     matched = _squash(matched).rstrip("/;:()+")
                 found.append((rule.rank, matched, rule, match))
                 continue
-            # A product token or a start is a substring first: most such rules woken fail that
-            # test, which costs less than the call.
-            if rule.literal not in text or not _confirm(rule, text, rule.literal):
+            # A start or a product token, confirmed as `_confirm` would, without the call; a
+            # product token is a substring first, the test most such rules woken fail.
+            literal = rule.literal
+            if not (
+                text.startswith(literal)
+                if rule.start
+                else literal in text and _find_product(text, literal) >= 0
+            ):
                 if not rule.anywhere:
                     continue
                 if folded is None:
