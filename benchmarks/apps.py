@@ -17,6 +17,8 @@ request from a client not seen before, out of 1,000,000 addresses (the worst cas
 and limit-state caches), beside guard-1-client (the same scaffolding, one address).
 guard-8k-ua: an 8 kB user-agent on every request (its `suspicious` category allowed, so that
 it takes the same path as guard's browser).
+guard-closest: guard with `ratelimit_items="closest"`, the `RateLimit` fields carrying only the
+policy nearest exhaustion (over uvicorn, fewer header bytes for the server to check).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ VARIANTS = (
     "guard-1-client",
     "guard-1m-clients",
     "guard-8k-ua",
+    "guard-closest",
     "ratelimit",
     "asgi-ratelimit",
     "slowapi-asgi",
@@ -368,6 +371,9 @@ FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     # An agent that long is `suspicious` (only padding makes one so long): allowed here, so
     # that the row measures the same path as `guard`, with the long value carried through it.
     "guard-8k-ua": lambda: _long_user_agent(guard(bot_policy={"suspicious": "allow"})),
+    # The `RateLimit` fields with only the policy closest to exhaustion: fewer bytes for the
+    # server to check and send.
+    "guard-closest": lambda: guard(ratelimit_items="closest"),
     "ratelimit": ratelimit,
     "logger": logger,
     "fingerprint": fingerprint,
