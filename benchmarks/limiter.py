@@ -5,6 +5,15 @@ key and for 100,000 distinct keys, the ratio to `limits`' FixedWindowRateLimiter
 MemoryStorage measured in the same rounds, and the peak memory per live key. Below the table,
 the floor of state creation in Python: a bare dict storing a pair of floats under a new key and
 under a known one (what any store pays before its own bookkeeping).
+
+`--callgrind` counts instructions per decision instead (valgrind's callgrind), for one hot key
+and for 100,000 keys with one decision each: the same figure on every run, where the wall-clock
+ratio drifts with what else the machine does. Each contender makes its decisions between two
+marks (`os.getppid()`, at which callgrind dumps its counts: `--dump-before=getppid`), after a
+warm-up on keys of its own. Only the main thread is counted (`--separate-threads=yes`):
+`limits`' MemoryStorage expires keys from a timer thread that fires every 10 ms of wall time,
+walking every key, and valgrind's slowdown gives it many more firings per decision than a real
+run would; leaving that work out counts `limits` at its cheapest.
 """
 
 from __future__ import annotations
@@ -12,10 +21,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
@@ -84,11 +99,91 @@ def peak_bytes_per_key(keys: int) -> float:
     return peak / keys
 
 
+#: `--callgrind`'s cases: (keys, decisions), each decision of the second on a key not seen yet.
+CALLGRIND_CASES: dict[str, tuple[int, int]] = {
+    "1 key": (1, 20_000),
+    "100,000 keys x 1": (100_000, 100_000),
+}
+CALLGRIND_CONTENDERS = ("limits FixedWindowRateLimiter", "convex_guard MemoryStore")
+#: Decisions on keys of its own each contender makes before its first mark.
+WARM_UP = 2_000
+TOTALS = re.compile(r"^totals: (\d+)$", re.MULTILINE)
+
+
+def marked() -> None:
+    """The process callgrind watches: per case and contender, the decisions between two marks."""
+    for keys, ops in CALLGRIND_CASES.values():
+        names = ["hot"] if keys == 1 else [f"client-{i}" for i in range(keys)]
+        warm = [f"warm-{i}" for i in range(WARM_UP)]
+        _marked_limits(names, warm, ops)
+        asyncio.run(_marked_memory_store(names, warm, ops))
+
+
+def _marked_limits(names: list[str], warm: list[str], ops: int) -> None:
+    limiter = FixedWindowRateLimiter(MemoryStorage())
+    item = RateLimitItemPerMinute(HUGE)
+    for key in warm:
+        limiter.hit(item, key)
+    n = len(names)
+    os.getppid()
+    for i in range(ops):
+        limiter.hit(item, names[i % n])
+    os.getppid()
+
+
+async def _marked_memory_store(names: list[str], warm: list[str], ops: int) -> None:
+    store = MemoryStore()
+    config = FixedWindow(rate=HUGE, period=MINUTE)
+    for key in warm:
+        await store.limit("bench", config, key=key)
+    n = len(names)
+    os.getppid()
+    for i in range(ops):
+        await store.limit("bench", config, key=names[i % n])
+    os.getppid()
+
+
+def callgrind() -> None:
+    """Run `marked` under callgrind and print instructions per decision, and their ratio."""
+    with tempfile.TemporaryDirectory(prefix="limiter-callgrind-") as directory:
+        out = Path(directory) / "callgrind.out"
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", "--dump-before=getppid", "--separate-threads=yes",
+             f"--callgrind-out-file={out}", sys.executable, "-m", "benchmarks.limiter",
+             "--marked"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        # The main thread's dumps, in order: every second one holds a contender's decisions.
+        counts: list[int] = []
+        for number in range(1, 1 + 2 * len(CALLGRIND_CASES) * len(CALLGRIND_CONTENDERS)):
+            totals = TOTALS.search(Path(f"{out}.{number}-01").read_text(errors="replace"))
+            if totals is None:
+                raise RuntimeError(f"callgrind dump {number} holds no totals")
+            counts.append(int(totals[1]))
+    print("instructions per decision (callgrind, main thread)\n")
+    print(f"| case | decisions | {' | '.join(CALLGRIND_CONTENDERS)} | ratio |")
+    print(f"|---|---:|{'---:|' * len(CALLGRIND_CONTENDERS)}---:|")
+    measured = iter(counts[1::2])
+    for case, (_, ops) in CALLGRIND_CASES.items():
+        theirs, ours = (next(measured) / ops for _ in CALLGRIND_CONTENDERS)
+        print(f"| {case} | {ops:,} | {theirs:,.0f} | {ours:,.0f} | {theirs / ours:.2f}x |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--ops", type=int, default=300_000)
+    parser.add_argument(
+        "--callgrind", action="store_true", help="count instructions under callgrind instead"
+    )
+    parser.add_argument("--marked", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.marked:
+        marked()
+        return
+    if args.callgrind:
+        callgrind()
+        return
 
     many = [f"client-{i}" for i in range(100_000)]
     # (keys, decisions): one hot key; 100,000 clients making 1, 3 and 10 requests each (the
