@@ -321,6 +321,9 @@ class _Rule:
     # as listed is named by ``verdict`` itself, with no slice, strip or lookup per request.
     as_listed: bool = field(init=False)
     simple: bool = field(init=False)  # plain and not `anywhere`: one substring test, as written
+    # The verdict a match of this rule returns as it is: a list's name not written in lower
+    # case (None for the others, whose name depends on the user-agent's spelling or match).
+    fixed: UserAgentVerdict | None = field(init=False, repr=False)
     # How a match of this rule ranks against one of another in the user-agent (lower wins):
     # its category's rank, then a name from a list before one read off the regex's match.
     precedence: int = field(init=False)
@@ -340,6 +343,7 @@ class _Rule:
         set_(self, "lower_name", name is not None and name.isascii() and name == name.lower())
         set_(self, "as_listed", name is not None and self.literal.strip(" /;:()+-_.") == name)
         set_(self, "simple", self.plain and not self.anywhere)
+        set_(self, "fixed", None if self.lower_name else self.verdict)
         set_(self, "precedence", 2 * self.rank + (self.verdict is None))
         set_(self, "entry", (self.rank, self.trimmed, self, None))
 
@@ -883,6 +887,20 @@ def _tie_order(
     return (at if at >= 0 else len(lowered), rule.literal, pattern)
 
 
+def _without_device(lowered: str) -> str:
+    """``lowered`` with an Android platform comment's device model blanked out.
+
+    An Android browser names its device model, and some models are agents' names too
+    ("Expanse", "Ruby", "Nitro"): only an AI agent's name counts there. (Agents do write
+    their names elsewhere in the platform comment: "(X11; Linux x86_64; Storebot-Google/1.0)".)
+    """
+    device = _DEVICE_RE.search(lowered)
+    if device is None:
+        return lowered
+    start, end = device.span(1)
+    return lowered[:start] + " " * (end - start) + lowered[end:]
+
+
 def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdict | None:
     """Confirm the rules woken by the prefilter; the most specific match wins.
 
@@ -893,14 +911,7 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
     """
     found: list[tuple[int, str, _Rule, re.Match[str] | None]] = []
     folded: str | None = None  # `lowered` without separators, made when first needed
-    # An Android browser names its device model, and some models are agents' names too
-    # ("Expanse", "Ruby", "Nitro"): only an AI agent's name counts there. (Agents do write
-    # their names elsewhere in the platform comment: "(X11; Linux x86_64; Storebot-Google/1.0)".)
-    device = _DEVICE_RE.search(lowered) if "android" in lowered else None
-    masked = lowered
-    if device is not None:
-        start, end = device.span(1)
-        masked = lowered[:start] + " " * (end - start) + lowered[end:]
+    masked = _without_device(lowered) if "android" in lowered else lowered
     for key in hits:
         for rule in _WAKES[key]:
             if rule.simple:  # most rules: inlined and tested first, this loop is the bots' hot path
@@ -944,18 +955,19 @@ def _match_known(ua: str, lowered: str, hits: Iterable[bytes]) -> UserAgentVerdi
                 if rule.squashed not in folded or not _confirm(rule, folded, rule.squashed):
                     continue
             found.append(rule.entry)
-    if len(found) < 2:  # most bots: one rule confirmed, nothing to compare
-        if not found:
-            return None
-        best = found[0]
-    else:
-        best = _most_specific(found, lowered)
-    _, _, rule, match = best
+    if not found:
+        return None
+    # Most bots: one rule confirmed, nothing to compare.
+    best = found[0] if len(found) == 1 else _most_specific(found, lowered)
+    rule = best[2]
+    if rule.fixed is not None:  # most rules: the verdict as listed, whatever the spelling
+        return rule.fixed
+    match = best[3]
     if rule.verdict is not None:
         # A list that writes names in lower case (isbot's): the agent's own spelling, unless
         # the user-agent spells it as listed ("sqlmap/1.8", "jsdom/24.0"), so that the
         # rule's own verdict names it (no strip, no lookup).
-        if rule.lower_name and len(ua) == len(lowered) and not (rule.as_listed and ua == lowered):
+        if len(ua) == len(lowered) and not (rule.as_listed and ua == lowered):
             at = lowered.find(rule.literal)
             if at >= 0:
                 spelled = ua[at : at + len(rule.literal)]
@@ -1091,13 +1103,12 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
     else:
         return _classify_long(ua)
     tokens = letters.split()
-    if not tokens:  # not a single ASCII letter
-        return _SUSPICIOUS
     hits = _KEYS.intersection(tokens)  # one pass: a bot's keys are needed at once
     if not hits:
+        if not tokens:  # not a single ASCII letter (no tokens, no hits: tested here only)
+            return _SUSPICIOUS
         # Spelled out rather than any(...): a generator costs more than the four searches.
         # On str: CPython's search over the table's output (bytes full of spaces) is 5x slower.
-        listed = False
         if "bot" in lowered or "crawl" in lowered or "spider" in lowered:
             verdict = _match_generic(ua, lowered, tokens) or _bare(ua, tokens)
         elif len(tokens) > 6 and tokens[0] == b"mozilla":
@@ -1113,12 +1124,10 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
             verdict = disguised or _bare(ua, tokens) or _started(lowered)
         if verdict is None:
             return _HUMAN
+        known = None  # no list names the agent, only generic signs
     else:
-        verdict = _match_known(ua, lowered, hits)
-        if verdict is not None:
-            listed = verdict.category != "http_library"
-        else:
-            listed = False
+        known = verdict = _match_known(ua, lowered, hits)
+        if verdict is None:
             verdict = _match_generic(ua, lowered, tokens) or _bare(ua, tokens)
             if verdict is None:
                 return _HUMAN
@@ -1133,6 +1142,8 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         and _PHONE_PLATFORMS.isdisjoint(tokens)
     ):
         return verdict
+    # A list names the agent (an HTTP library counts as a generic sign, see `_app`).
+    listed = verdict is known and verdict.category != "http_library"
     if listed or verdict.category == "ai_crawler":
         if (verdict.name or "").lower() in _COMMON_WORDS:
             # "Spider/3.1 (iPhone; iOS 16.0)": a plain word names an app as often as an
