@@ -493,6 +493,16 @@ def test_browser_shapes_change_no_answer_only_its_speed() -> None:
     assert len(hits) >= 0.7 * len(MAINSTREAM)
 
 
+@given(st.text(alphabet="bBoOtTcCrRaAwWlLsSpPiIdDeE-_./ ;()09\t", max_size=40))
+def test_browsers_generic_words_are_found_in_their_letters_as_in_their_lower_case(
+    text: str,
+) -> None:
+    # What lets an ASCII browser skip `str.lower` (`classify_user_agent_uncached`).
+    words = text.encode("ascii").translate(useragent._TOKEN_TABLE).decode("ascii")
+    for word in ("bot", "crawl", "spider"):
+        assert (word in words) is (word in text.lower())
+
+
 @given(
     st.sampled_from(_BROWSER_TEMPLATES),
     st.lists(st.integers(0, 9), min_size=40, max_size=40),

@@ -1090,6 +1090,15 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         letters = raw.translate(_TOKEN_TABLE)  # `_tokens` inlined: a call costs ~10%
         if size in _SHAPE_SIZES and letters in _BROWSER_SHAPES:
             return _HUMAN  # a mainstream browser, answered by one set lookup
+        tokens = letters.split()
+        hits = _KEYS.intersection(tokens)  # one pass: a bot's keys are needed at once
+        if not hits and len(tokens) > 6 and tokens[0] == b"mozilla" and ua.isascii():
+            # Any other browser, answered as below but without lower-casing the user-agent:
+            # the generic words are lower-case letters, so an ASCII user-agent's lower case
+            # holds one exactly where ``letters`` does (a copy costs half of `str.lower`).
+            words = letters.decode("ascii")
+            if not ("bot" in words or "crawl" in words or "spider" in words):
+                return _HUMAN
         lowered = ua.lower()
     elif size < _WHOLE_LENGTH:  # never a browser's shape (`_SHAPE_SIZES`): lowered at once, once
         lowered = ua.lower()
@@ -1099,11 +1108,10 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
         whole = _SHORT.get(stripped)  # a placeholder or an agent named whole
         if whole is not None:
             return whole
-        letters = raw.translate(_TOKEN_TABLE)
+        tokens = raw.translate(_TOKEN_TABLE).split()
+        hits = _KEYS.intersection(tokens)
     else:
         return _classify_long(ua)
-    tokens = letters.split()
-    hits = _KEYS.intersection(tokens)  # one pass: a bot's keys are needed at once
     if not hits:
         if not tokens:  # not a single ASCII letter (no tokens, no hits: tested here only)
             return _SUSPICIOUS
