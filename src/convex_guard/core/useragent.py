@@ -1113,7 +1113,7 @@ def classify_user_agent_uncached(ua: str) -> UserAgentVerdict:
     else:
         return _classify_long(ua)
     if not hits:
-        if not tokens:  # not a single ASCII letter (no tokens, no hits: tested here only)
+        if not tokens:  # not a single ASCII letter (and so no hits: tested only here)
             return _SUSPICIOUS
         # Spelled out rather than any(...): a generator costs more than the four searches.
         # On str: CPython's search over the table's output (bytes full of spaces) is 5x slower.
