@@ -9,11 +9,12 @@ under a known one (what any store pays before its own bookkeeping).
 `--callgrind` counts instructions per decision instead (valgrind's callgrind), for one hot key
 and for 100,000 keys with one decision each: the same figure on every run, where the wall-clock
 ratio drifts with what else the machine does. Each contender makes its decisions between two
-marks (`os.getppid()`, at which callgrind dumps its counts: `--dump-before=getppid`), after a
-warm-up on keys of its own. Only the main thread is counted (`--separate-threads=yes`):
-`limits`' MemoryStorage expires keys from a timer thread that fires every 10 ms of wall time,
-walking every key, and valgrind's slowdown gives it many more firings per decision than a real
-run would; leaving that work out counts `limits` at its cheapest.
+marks (`os.getppid()`, at which callgrind dumps its counts: `--dump-before=getppid`), through
+the same functions as the wall-clock table, after a warm-up on keys of its own. Only the main
+thread is counted (`--separate-threads=yes`): `limits`' MemoryStorage expires keys from a timer
+thread that fires every 10 ms of wall time, walking every key, and valgrind's slowdown gives it
+many more firings per decision than a real run would; leaving that work out counts `limits` at
+its cheapest.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import argparse
 import asyncio
 import gc
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +36,7 @@ from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter
 
+from benchmarks.instructions import TOTALS
 from convex_guard import MINUTE, FixedWindow, MemoryStore
 
 HUGE = 10**9  # a limit that never denies: we measure the decision, not the 429 path
@@ -99,48 +100,31 @@ def peak_bytes_per_key(keys: int) -> float:
     return peak / keys
 
 
+#: The two contenders, `limits` first (the ratios are ours over theirs).
+CONTENDERS: dict[str, Callable[[list[str], int], float]] = {
+    "limits FixedWindowRateLimiter": bench_limits,
+    "convex_guard MemoryStore": bench_memory_store,
+}
 #: `--callgrind`'s cases: (keys, decisions), each decision of the second on a key not seen yet.
 CALLGRIND_CASES: dict[str, tuple[int, int]] = {
     "1 key": (1, 20_000),
     "100,000 keys x 1": (100_000, 100_000),
 }
-CALLGRIND_CONTENDERS = ("limits FixedWindowRateLimiter", "convex_guard MemoryStore")
 #: Decisions on keys of its own each contender makes before its first mark.
 WARM_UP = 2_000
-TOTALS = re.compile(r"^totals: (\d+)$", re.MULTILINE)
 
 
 def marked() -> None:
-    """The process callgrind watches: per case and contender, the decisions between two marks."""
+    """The process callgrind watches: per case, each contender's decisions between two marks,
+    after a warm-up on keys of its own."""
+    warm = [f"warm-{i}" for i in range(WARM_UP)]
     for keys, ops in CALLGRIND_CASES.values():
         names = ["hot"] if keys == 1 else [f"client-{i}" for i in range(keys)]
-        warm = [f"warm-{i}" for i in range(WARM_UP)]
-        _marked_limits(names, warm, ops)
-        asyncio.run(_marked_memory_store(names, warm, ops))
-
-
-def _marked_limits(names: list[str], warm: list[str], ops: int) -> None:
-    limiter = FixedWindowRateLimiter(MemoryStorage())
-    item = RateLimitItemPerMinute(HUGE)
-    for key in warm:
-        limiter.hit(item, key)
-    n = len(names)
-    os.getppid()
-    for i in range(ops):
-        limiter.hit(item, names[i % n])
-    os.getppid()
-
-
-async def _marked_memory_store(names: list[str], warm: list[str], ops: int) -> None:
-    store = MemoryStore()
-    config = FixedWindow(rate=HUGE, period=MINUTE)
-    for key in warm:
-        await store.limit("bench", config, key=key)
-    n = len(names)
-    os.getppid()
-    for i in range(ops):
-        await store.limit("bench", config, key=names[i % n])
-    os.getppid()
+        for bench in CONTENDERS.values():
+            bench(warm, WARM_UP)
+            os.getppid()
+            bench(names, ops)
+            os.getppid()
 
 
 def callgrind() -> None:
@@ -155,17 +139,17 @@ def callgrind() -> None:
         )  # fmt: skip
         # The main thread's dumps, in order: every second one holds a contender's decisions.
         counts: list[int] = []
-        for number in range(1, 1 + 2 * len(CALLGRIND_CASES) * len(CALLGRIND_CONTENDERS)):
+        for number in range(1, 1 + 2 * len(CALLGRIND_CASES) * len(CONTENDERS)):
             totals = TOTALS.search(Path(f"{out}.{number}-01").read_text(errors="replace"))
             if totals is None:
                 raise RuntimeError(f"callgrind dump {number} holds no totals")
             counts.append(int(totals[1]))
     print("instructions per decision (callgrind, main thread)\n")
-    print(f"| case | decisions | {' | '.join(CALLGRIND_CONTENDERS)} | ratio |")
-    print(f"|---|---:|{'---:|' * len(CALLGRIND_CONTENDERS)}---:|")
+    print(f"| case | decisions | {' | '.join(CONTENDERS)} | ratio |")
+    print(f"|---|---:|{'---:|' * len(CONTENDERS)}---:|")
     measured = iter(counts[1::2])
     for case, (_, ops) in CALLGRIND_CASES.items():
-        theirs, ours = (next(measured) / ops for _ in CALLGRIND_CONTENDERS)
+        theirs, ours = (next(measured) / ops for _ in CONTENDERS)
         print(f"| {case} | {ops:,} | {theirs:,.0f} | {ours:,.0f} | {theirs / ours:.2f}x |")
 
 
@@ -195,10 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         "100,000 keys x 3": (many, 300_000),
         "100,000 keys x 10": (many, 1_000_000),
     }
-    contenders: dict[str, Callable[[list[str], int], float]] = {
-        "limits FixedWindowRateLimiter": bench_limits,
-        "convex_guard MemoryStore": bench_memory_store,
-    }
+    contenders = CONTENDERS
     print(f"{args.rounds} interleaved rounds per case\n")
     print(f"| case | decisions | {' | '.join(contenders)} | ratio (median of per-round ratios) |")
     print(f"|---|---:|{'---:|' * len(contenders)}---:|")
