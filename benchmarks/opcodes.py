@@ -43,9 +43,15 @@ PARTS = {
     "middleware/ratelimit.py": "rate limits",
     "middleware/rules.py": "rate limits",
     "core/limits.py": "rate limits",
+    "core/estimates.py": "rate limits",
+    "stores/base.py": "stores (shared types)",
     "stores/memory.py": "rate limits",
+    "middleware/body.py": "request body",
+    "middleware/validation.py": "request body",
+    "core/bodycheck.py": "request body",
     "middleware/logger.py": "request log",
     "middleware/logwriter.py": "request log",
+    "core/streamusage.py": "request log",
 }
 
 
@@ -74,7 +80,12 @@ def count(variant: str, requests: int) -> Counter[Where]:
         if event == "opcode":
             code = frame.f_code
             module = frame.f_globals.get("__name__", "?")
-            counts[(module, code.co_filename, code.co_firstlineno, code.co_name)] += 1
+            name = code.co_name
+            if code.co_filename.startswith("<"):  # generated: a dataclass's, named by class
+                owner = frame.f_locals.get("self")
+                if owner is not None:
+                    name = f"{type(owner).__name__}.{name}"
+            counts[(module, code.co_filename, code.co_firstlineno, name)] += 1
         return tracer
 
     async def run() -> None:
@@ -108,15 +119,16 @@ def table(variants: list[str], requests: int, top: int) -> str:
         lines.append(f"{part:24}{row}")
     totals = "".join(f"{sum(parts[v].values()) / requests:12.1f}" for v in variants)
     lines.append(f"{'total':24}{totals}")
-    for name in variants:
-        counts = measured[name]
-        lines += ["", f"{name}: the {top} functions with the most opcodes per request"]
-        for (module, filename, first, function), c in counts.most_common(top):
-            if filename.startswith("<"):  # generated code (a dataclass's): named by module
-                place = f"{module}:{first}"
-            else:
-                place = "/".join(filename.replace("\\", "/").rsplit("/", 2)[-2:]) + f":{first}"
-            lines.append(f"{c / requests:9.1f}  {place} {function}")
+    if top > 0:
+        for name in variants:
+            counts = measured[name]
+            lines += ["", f"{name}: the {top} functions with the most opcodes per request"]
+            for (module, filename, first, function), c in counts.most_common(top):
+                if filename.startswith("<"):  # generated code (a dataclass's): named by module
+                    place = f"{module}:{first}"
+                else:
+                    place = "/".join(filename.replace("\\", "/").rsplit("/", 2)[-2:]) + f":{first}"
+                lines.append(f"{c / requests:9.1f}  {place} {function}")
     return "\n".join(lines)
 
 
