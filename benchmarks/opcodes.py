@@ -4,9 +4,10 @@ Run: `.venv/bin/python -m benchmarks.opcodes [--variants guard floor bare] [--to
 variant of benchmarks/apps.py answers benchmarks/cpu.py's request in-process, as
 `benchmarks.instructions --quick` drives it, under `sys.settrace` with opcode events: every
 bytecode the interpreter executes for a request is counted once, against the function it runs
-in. The counts are exact and the same on every run and machine (no valgrind, no timer), so a
-change's effect on the request path reads off one run, where callgrind's totals move by a few
-hundred instructions with memory layout alone.
+in. The request path's counts are exact and the same on every run and machine (no valgrind,
+no timer; only the log writer's background flushes, which a clock also starts, can move the
+`asyncio` and request-log rows a little), so a change's effect reads off one run, where
+callgrind's totals move by a few hundred instructions with memory layout alone.
 
 Opcodes are not instructions: one that calls into C (a dict lookup, `bytes.translate`, xxhash)
 counts once whatever the C costs. Over this project's request path the interpreter's own work
