@@ -67,8 +67,23 @@ def part_of(module: str) -> str:
     return "other"
 
 
-#: A function as counted: its module, file, first line and name.
-Where = tuple[str, str, int, str]
+#: A function as counted: its module, where it is (file and first line), its name.
+Where = tuple[str, str, str]
+
+
+def where(frame: FrameType) -> Where:
+    """The function `frame` runs, as the table names it: a generated function (a dataclass's
+    `__init__`, which has no file) by its module and its instance's class."""
+    code = frame.f_code
+    module: str = frame.f_globals.get("__name__", "?")
+    name = code.co_name
+    if code.co_filename.startswith("<"):
+        owner = frame.f_locals.get("self")
+        if owner is not None:
+            name = f"{type(owner).__name__}.{name}"
+        return module, f"{module}:{code.co_firstlineno}", name
+    place = "/".join(code.co_filename.replace("\\", "/").rsplit("/", 2)[-2:])
+    return module, f"{place}:{code.co_firstlineno}", name
 
 
 def count(variant: str, requests: int) -> Counter[Where]:
@@ -77,17 +92,17 @@ def count(variant: str, requests: int) -> Counter[Where]:
     counts: Counter[Where] = Counter()
 
     def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        # A frame's start (or a coroutine's resumption): its function is named once, and its
+        # own tracer counts each opcode against that name.
         frame.f_trace_opcodes = True
-        if event == "opcode":
-            code = frame.f_code
-            module = frame.f_globals.get("__name__", "?")
-            name = code.co_name
-            if code.co_filename.startswith("<"):  # generated: a dataclass's, named by class
-                owner = frame.f_locals.get("self")
-                if owner is not None:
-                    name = f"{type(owner).__name__}.{name}"
-            counts[(module, code.co_filename, code.co_firstlineno, name)] += 1
-        return tracer
+        key = where(frame)
+
+        def opcodes(frame: FrameType, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                counts[key] += 1
+            return opcodes
+
+        return opcodes
 
     async def run() -> None:
         await per_request_us(app, max(requests // 10, 1))
@@ -110,7 +125,7 @@ def table(variants: list[str], requests: int, top: int) -> str:
     parts: dict[str, Counter[str]] = {}
     for name, counts in measured.items():
         by_part: Counter[str] = Counter()
-        for (module, _, _, _), c in counts.items():
+        for (module, _, _), c in counts.items():
             by_part[part_of(module)] += c
         parts[name] = by_part
     names = sorted({p for by in parts.values() for p in by}, key=lambda p: -parts[variants[0]][p])
@@ -124,11 +139,7 @@ def table(variants: list[str], requests: int, top: int) -> str:
         for name in variants:
             counts = measured[name]
             lines += ["", f"{name}: the {top} functions with the most opcodes per request"]
-            for (module, filename, first, function), c in counts.most_common(top):
-                if filename.startswith("<"):  # generated code (a dataclass's): named by module
-                    place = f"{module}:{first}"
-                else:
-                    place = "/".join(filename.replace("\\", "/").rsplit("/", 2)[-2:]) + f":{first}"
+            for (_, place, function), c in counts.most_common(top):
                 lines.append(f"{c / requests:9.1f}  {place} {function}")
     return "\n".join(lines)
 
